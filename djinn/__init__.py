@@ -1,0 +1,87 @@
+"""Djinn: a semantic tensor operating system for interactive, multi-tenant GPU work.
+
+    import djinn
+    djinn.connect()                  # DJINN_SERVER, or an embedded local server (GPU if present)
+    rm = djinn.remote(model)         # weights go up once, content-addressed and shared
+    out = rm(input_ids)              # runs on the server; tensors come back as RemoteTensor handles
+    with djinn.session() as s:       # server-side state (KV cache) between calls
+        ids = s.generate(rm, prompt, max_new_tokens=64)
+"""
+from __future__ import annotations
+
+import atexit
+import threading
+
+from .config import ClientConfig, env_secret, env_server_address
+from .frontend.connection import Connection
+from .frontend.remote import RemoteModel
+from .frontend.session import Session, TokenStream
+from .frontend.tensor import RemoteTensor
+from .protocol.errors import (
+    AuthError, DjinnError, HandleNotFound, InvalidRequest, ModelNotSupported, OutOfMemory, ProtocolError,
+    RemoteExecutionError, RequestTimeout, ServerUnavailable, SessionNotFound,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "connect", "disconnect", "connection", "remote", "session", "stats",
+    "Connection", "Session", "RemoteModel", "RemoteTensor", "TokenStream", "ClientConfig",
+    "DjinnError", "ProtocolError", "AuthError", "SessionNotFound", "HandleNotFound", "OutOfMemory",
+    "ModelNotSupported", "InvalidRequest", "RemoteExecutionError", "ServerUnavailable", "RequestTimeout",
+]
+
+_conn: Connection | None = None
+_lock = threading.Lock()
+
+
+def connect(address: str | None = None, *, secret: str | None = None, device: str | None = None,
+            config: ClientConfig | None = None) -> Connection:
+    """Connect to a server (address, else $DJINN_SERVER, else an embedded local server).
+
+    `device` only applies to an embedded server ("cpu", "cuda:0"; default GPU 0 if present).
+    Replaces any previous connection of this process.
+    """
+    global _conn
+    with _lock:
+        if _conn is not None:
+            _conn.close()
+            _conn = None
+        _conn = Connection(address or env_server_address(), secret or env_secret(), config, device)
+        return _conn
+
+
+def disconnect() -> None:
+    global _conn
+    with _lock:
+        if _conn is not None:
+            _conn.close()
+            _conn = None
+
+
+def connection() -> Connection:
+    """The current connection, connecting with defaults on first use."""
+    if _conn is None or _conn.transport.dead is not None:
+        connect()
+    return _conn
+
+
+def remote(model, *, session: Session | None = None) -> RemoteModel:
+    """Make `model` (an nn.Module, or a path to a Hugging Face directory on the server) run remotely."""
+    s = session or connection().default_session()
+    if isinstance(model, str):
+        return RemoteModel.from_path(s, model)
+    return RemoteModel.from_module(s, model)
+
+
+def session(name: str | None = None) -> Session:
+    """A new server-side session (use as a context manager to close it)."""
+    return connection().session(name)
+
+
+def stats() -> dict:
+    """What the server holds: segments (text/data/stack/host bytes), sessions and models."""
+    return connection().stats()
+
+
+atexit.register(disconnect)

@@ -1,0 +1,123 @@
+"""Validated configuration. YAML files map 1:1 onto these dataclasses; env knobs are read only here."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .protocol.messages import Limits
+
+DEFAULT_ARCHITECTURES = [
+    "GPT2LMHeadModel", "GPT2Model",
+    "LlamaForCausalLM", "LlamaModel",
+    "MistralForCausalLM", "MistralModel",
+    "Qwen2ForCausalLM", "Qwen2Model",
+    "Qwen3ForCausalLM", "Qwen3Model",
+    "GPTNeoXForCausalLM", "OPTForCausalLM", "PhiForCausalLM", "Phi3ForCausalLM",
+    "GemmaForCausalLM", "Gemma2ForCausalLM", "FalconForCausalLM",
+]
+
+
+@dataclass
+class ServerConfig:
+    device: str | None = None
+    """Torch device the engine owns ("cuda:0", "cpu"). None: cuda:0 if a GPU is present, else cpu."""
+    bind: str = "127.0.0.1"
+    """Address to listen on. Anything but loopback requires `secret`."""
+    port: int = 5556
+    """TCP port; 0 picks a free one (the ready line prints the address)."""
+    secret: str | None = None
+    """Shared secret clients must present at HELLO. Also DJINN_SECRET."""
+    heartbeat_s: float = 0.5
+    """Interval at which clients are told to heartbeat."""
+    client_timeout_s: float = 10.0
+    """A client silent this long is dead: its sessions are reclaimed."""
+    session_idle_timeout_s: float = 3600.0
+    """A session with no request for this long is closed and its state freed."""
+    max_frame_bytes: int = 1 << 30
+    """Largest tensor frame accepted in one message (uploads are chunked below this)."""
+    max_frames: int = 4096
+    """Most frames in one message."""
+    max_header_bytes: int = 16 << 20
+    """Largest msgpack header."""
+    max_message_bytes: int = 2 << 30
+    """Largest whole message; zmq drops a connection that sends more (socket MAXMSGSIZE)."""
+    architectures: list[str] = field(default_factory=lambda: list(DEFAULT_ARCHITECTURES))
+    """Hugging Face model classes the server builds itself (the module path)."""
+    model_roots: list[str] = field(default_factory=list)
+    """Directories `djinn.remote("/path")` may load from. Empty: any path, but only on loopback."""
+    log_level: str = "INFO"
+    """Python logging level name."""
+
+    def limits(self) -> Limits:
+        return Limits(
+            max_frames=self.max_frames, max_frame_bytes=self.max_frame_bytes,
+            max_header_bytes=self.max_header_bytes, max_total_bytes=self.max_message_bytes,
+        )
+
+    def validate(self) -> "ServerConfig":
+        from .protocol.auth import is_loopback
+
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port {self.port} is not a TCP port; use 0-65535 (0 picks a free one)")
+        for name in ("heartbeat_s", "client_timeout_s", "session_idle_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0 seconds")
+        if self.client_timeout_s < 2 * self.heartbeat_s:
+            raise ValueError(
+                f"client_timeout_s={self.client_timeout_s} must be at least twice heartbeat_s={self.heartbeat_s}"
+            )
+        if not is_loopback(self.bind) and not self.secret:
+            raise ValueError(
+                f"bind={self.bind!r} is not loopback: set a secret (--secret or DJINN_SECRET) "
+                "or bind to 127.0.0.1"
+            )
+        if self.max_frame_bytes > self.max_message_bytes:
+            raise ValueError("max_frame_bytes must not exceed max_message_bytes")
+        return self
+
+
+@dataclass
+class ClientConfig:
+    call_timeout_s: float = 300.0
+    """Default timeout of one call; a dead server is detected sooner by heartbeats."""
+    connect_timeout_s: float = 10.0
+    """Time allowed for the HELLO exchange."""
+    heartbeat_s: float = 0.5
+    """Heartbeat interval (the server's HELLO reply may lower it)."""
+    liveness_s: float = 3.0
+    """No message from the server for this long: it is dead, pending calls fail."""
+    retries: int = 2
+    """Extra attempts for idempotent calls that time out while the server is alive."""
+    upload_chunk_bytes: int = 32 << 20
+    """Weight uploads are split into messages of about this size."""
+    upload_window: int = 4
+    """Upload messages in flight at once."""
+    embedded_start_timeout_s: float = 120.0
+    """Time allowed for an embedded local server to print its ready line."""
+
+
+def load_yaml(cls, path: str | os.PathLike | None, **overrides):
+    """Build `cls` from a YAML map (unknown keys are errors naming the key), then apply overrides."""
+    data = {}
+    if path is not None:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a map of settings, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown settings {unknown}; known: {sorted(known)}")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return cls(**data)
+
+
+def env_server_address() -> str | None:
+    return os.environ.get("DJINN_SERVER") or None
+
+
+def env_secret() -> str | None:
+    return os.environ.get("DJINN_SECRET") or None

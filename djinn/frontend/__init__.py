@@ -1,0 +1,1 @@
+"""Client side: connection, sessions, remote models and tensors, weight upload, transport."""

@@ -1,0 +1,63 @@
+"""A connection to one server: transport, default session, weight-hash cache, embedded server."""
+from __future__ import annotations
+
+from ..config import ClientConfig
+from .embedded import EmbeddedServer
+from .session import Session
+from .transport import Transport
+from .upload import HashCache
+
+
+class Connection:
+    def __init__(self, address: str | None, secret: str | None, cfg: ClientConfig | None = None,
+                 device: str | None = None):
+        self.cfg = cfg or ClientConfig()
+        self.embedded: EmbeddedServer | None = None
+        if address is None:
+            self.embedded = EmbeddedServer(device, self.cfg.embedded_start_timeout_s)
+            address = self.embedded.address
+        self.address = address
+        try:
+            self.transport = Transport(address, secret, self.cfg)
+        except Exception:
+            if self.embedded is not None:
+                self.embedded.stop()
+            raise
+        self.hashes = HashCache()
+        self._default: Session | None = None
+
+    @property
+    def info(self) -> dict:
+        return self.transport.server_info
+
+    @property
+    def device(self) -> str:
+        return self.info.get("device", "?")
+
+    def architectures(self) -> set[str] | None:
+        archs = self.info.get("architectures")
+        return set(archs) if isinstance(archs, list) else None
+
+    def default_session(self) -> Session:
+        if self._default is None or self._default.closed:
+            self._default = Session(self, name="default")
+        return self._default
+
+    def session(self, name: str | None = None) -> Session:
+        return Session(self, name)
+
+    def stats(self) -> dict:
+        return self.transport.call("stats", {}, idempotent=True)
+
+    def ping(self) -> float:
+        return self.transport.call("ping", {}, idempotent=True)["time"]
+
+    def close(self) -> None:
+        self.transport.close()
+        if self.embedded is not None:
+            self.embedded.stop()
+            self.embedded = None
+
+    def __repr__(self) -> str:
+        kind = "embedded" if self.embedded else "remote"
+        return f"Connection({self.address}, {kind}, device={self.device})"

@@ -1,0 +1,96 @@
+"""RemoteModel: a model that lives on the server; calling it runs there (module path).
+
+`djinn.remote(model)` uploads the weights the server lacks and asks the server to build the same
+Hugging Face architecture from its config. `djinn.remote("/dir/on/server")` loads a checkpoint the
+server can read, so large models never cross the wire.
+"""
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..protocol import structure
+from ..protocol.errors import ModelNotSupported
+from .upload import UploadReport, named_tensors, upload_tensors
+
+if TYPE_CHECKING:
+    from .session import Session
+
+
+class RemoteModel:
+    def __init__(self, session: "Session", model_id: str, arch: str, nbytes: int, config: dict | None,
+                 upload: UploadReport | None = None, source: str | None = None):
+        self.session = session  # the session it was remoted in; calls without a session use it
+        self.model_id = model_id
+        self.arch = arch
+        self.nbytes = nbytes
+        self.config = config
+        self.upload = upload
+        self.source = source
+        self._sessions = {session.sid}
+
+    @classmethod
+    def from_module(cls, session: "Session", module: nn.Module) -> "RemoteModel":
+        arch = type(module).__name__
+        config = getattr(module, "config", None)
+        if config is None or not hasattr(config, "to_json_string"):
+            raise ModelNotSupported(
+                f"{arch} is not a Hugging Face model the server can build; arbitrary modules take the "
+                "graph path (djinn.remote(module, path='graph'))"
+            )
+        allowed = session.conn.architectures()
+        if allowed is not None and arch not in allowed:
+            raise ModelNotSupported(f"the server cannot build {arch}; it builds {sorted(allowed)}")
+        conn = session.conn
+        hashes, report = upload_tensors(session, named_tensors(module), conn.hashes,
+                                        conn.cfg.upload_chunk_bytes, conn.cfg.upload_window)
+        gen = getattr(module, "generation_config", None)
+        info = session.call("register_model", {
+            "arch": arch,
+            "config": json.loads(config.to_json_string(use_diff=False)),
+            "attn_impl": getattr(config, "_attn_implementation", None),
+            "tensors": hashes,
+            "generation_config": gen.to_dict() if gen is not None else None,
+        })
+        return cls(session, info["model_id"], arch, info["bytes"], json.loads(config.to_json_string()),
+                   upload=report)
+
+    @classmethod
+    def from_path(cls, session: "Session", path: str) -> "RemoteModel":
+        info = session.call("load_model", {"path": path})
+        return cls(session, info["model_id"], info["arch"], info["bytes"], info.get("config"), source=path)
+
+    # -- execution -------------------------------------------------------------------------------
+    def __call__(self, *args, **kwargs) -> Any:
+        return self.forward(*args, **kwargs)
+
+    def forward(self, *args, session: "Session | None" = None, **kwargs) -> Any:
+        """Run forward on the server; tensors in the result are RemoteTensor handles."""
+        s = session or self.session
+        self._attach(s)
+        result = s.call("forward", {"model_id": self.model_id, "args": structure.pack(list(args), s._leaf),
+                                    "kwargs": structure.pack(kwargs, s._leaf)})
+        return s._unpack(result["output"])
+
+    def generate(self, input_ids: torch.Tensor, *, stream: bool = False, seed: int | None = None,
+                 session: "Session | None" = None, **kwargs):
+        """Server-side decode loop. Returns the sequences (a CPU tensor), or a TokenStream if stream=True.
+
+        Stateless: each call starts fresh. Use `s.generate(rm, ...)` to keep the KV cache between calls.
+        """
+        s = session or self.session
+        self._attach(s)
+        return s._generate(self, input_ids, stream=stream, seed=seed, use_session_kv=False, **kwargs)
+
+    def _attach(self, s: "Session") -> None:
+        if s.sid not in self._sessions:
+            s.call("attach_model", {"model_id": self.model_id, "from_sid": self.session.sid})
+            self._sessions.add(s.sid)
+
+    def __repr__(self) -> str:
+        where = self.source or "uploaded"
+        return (f"RemoteModel({self.arch}, {self.nbytes / 1e6:.1f} MB, id={self.model_id[:12]}, "
+                f"{where}, server={self.session.conn.address})")

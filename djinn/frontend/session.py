@@ -1,0 +1,155 @@
+"""Client-side session: a name for server-side state (KV caches, tensors) that outlives one call."""
+from __future__ import annotations
+
+import queue
+from collections import deque
+from typing import TYPE_CHECKING, Any, Iterator
+
+import torch
+
+from ..protocol import structure
+from ..protocol.errors import DjinnError, InvalidRequest
+from ..protocol.tensors import dtype_from_name
+from .tensor import RemoteTensor
+
+if TYPE_CHECKING:
+    from .connection import Connection
+    from .remote import RemoteModel
+
+
+class Session:
+    def __init__(self, conn: "Connection", name: str | None = None):
+        self.conn = conn
+        self.name = name
+        self.sid: str = conn.transport.call("open_session", {"name": name})["sid"]
+        self.closed = False
+        self._frees: deque[str] = deque()  # append/popleft are atomic: safe from GC finalizers
+
+    # -- calls -----------------------------------------------------------------------------------
+    def call(self, op: str, args: dict | None = None, **kw) -> Any:
+        if self.closed:
+            raise DjinnError(f"session {self.name or self.sid[:8]} is closed")
+        self._flush_frees()
+        return self.conn.transport.call(op, dict(args or {}, sid=self.sid), **kw)
+
+    def submit(self, op: str, args: dict, **kw):
+        return self.conn.transport.submit(op, dict(args, sid=self.sid), **kw)
+
+    def generate(self, rm: "RemoteModel", input_ids: torch.Tensor, *, stream: bool = False,
+                 seed: int | None = None, **kwargs):
+        """Generate on the server, continuing from (and keeping) this session's KV cache for `rm`.
+
+        `input_ids` are the tokens that follow everything this session has seen with `rm`. Returns the
+        whole sequence so far, as one long `generate` over the concatenation would.
+        """
+        rm._attach(self)
+        return self._generate(rm, input_ids, stream=stream, seed=seed, use_session_kv=True, **kwargs)
+
+    def reset(self, rm: "RemoteModel") -> None:
+        """Forget this session's KV cache for `rm`."""
+        self.call("reset_kv", {"model_id": rm.model_id})
+
+    def stats(self) -> dict:
+        return self.conn.stats()["sessions"].get(self.sid, {})
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self.call("close_session")
+        finally:
+            self.closed = True
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.conn.transport.dead is None:
+            self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"Session({self.name or self.sid[:8]!r}, {state}, server={self.conn.address})"
+
+    # -- used by RemoteModel / RemoteTensor ------------------------------------------------------
+    def _generate(self, rm, input_ids, *, stream, seed, use_session_kv, **kwargs):
+        if not isinstance(input_ids, torch.Tensor):
+            raise InvalidRequest("input_ids must be a torch.Tensor")
+        args = {"model_id": rm.model_id, "input_ids": input_ids, "kwargs": structure.pack(kwargs, self._leaf),
+                "seed": seed, "use_session_kv": use_session_kv, "stream": stream}
+        if not stream:
+            return self.call("generate", args)["sequences"]
+        if input_ids.shape[0] != 1:
+            raise InvalidRequest("stream=True supports batch size 1 (like transformers' TextStreamer)")
+        self._flush_frees()
+        q: queue.Queue = queue.Queue()
+        fut = self.conn.transport.submit("generate", dict(args, sid=self.sid), stream=q)
+        return TokenStream(q, fut)
+
+    def _leaf(self, obj: Any):
+        if isinstance(obj, RemoteTensor):
+            if obj._session is not self:
+                raise InvalidRequest("a RemoteTensor can only be used in the session that holds it")
+            return {"$h": obj.hid}
+        return NotImplemented
+
+    def _unpack(self, value: Any) -> Any:
+        def tag(name: str, v: Any):
+            if name == "$t":
+                hid, dt, shape, device = v
+                return RemoteTensor(self, hid, dtype_from_name(dt), shape, device)
+            raise InvalidRequest(f"unexpected {name} value from server")
+
+        return structure.unpack(value, tag, _model_output)
+
+    def _fetch(self, tensors: list[RemoteTensor]) -> list[torch.Tensor]:
+        return self.call("fetch", {"handles": [t.hid for t in tensors]}, idempotent=True)["tensors"]
+
+    def _release_handle(self, hid: str) -> None:
+        # Called from a GC finalizer, possibly while this thread holds a lock: only queue the id
+        # here; the session's next request sends the batch.
+        self._frees.append(hid)
+
+    def _flush_frees(self) -> None:
+        frees = []
+        while self._frees:
+            frees.append(self._frees.popleft())
+        if frees and not self.closed and self.conn.transport.dead is None:
+            try:
+                self.conn.transport.submit("free", {"sid": self.sid, "handles": frees})  # no wait
+            except DjinnError:
+                pass
+
+
+class TokenStream:
+    """Iterator of token ids as the server produces them; `.sequences` holds the result at the end."""
+
+    def __init__(self, q: queue.Queue, fut):
+        self._q, self._fut = q, fut
+        self.sequences: torch.Tensor | None = None
+
+    def __iter__(self) -> Iterator[int]:
+        while True:
+            item = self._q.get()
+            if item is None:
+                self.sequences = self._fut.result()["sequences"]  # raises the typed error, if any
+                return
+            for tok in item["tokens"]:
+                yield tok
+
+    def __repr__(self) -> str:
+        done = "done" if self.sequences is not None else "streaming"
+        return f"TokenStream({done})"
+
+
+def _model_output(name: str, fields: dict):
+    """Rebuild a transformers ModelOutput by class name, only from transformers.modeling_outputs."""
+    try:
+        from transformers import modeling_outputs
+        from transformers.utils import ModelOutput
+    except ImportError:
+        return fields
+    cls = getattr(modeling_outputs, name, None)
+    if isinstance(cls, type) and issubclass(cls, ModelOutput):
+        return cls(**fields)
+    return fields

@@ -1,0 +1,68 @@
+"""RemoteTensor: a handle to a tensor that lives in a server session.
+
+Shape, dtype and device are known locally (no round trip). Data crosses the wire only when it is
+materialized: `.cpu()`, `.tolist()`, `.item()`, `.numpy()`. The server copy is freed when the
+handle is garbage-collected (batched with the session's next request).
+"""
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .session import Session
+
+
+class RemoteTensor:
+    __slots__ = ("hid", "shape", "dtype", "device", "_session", "__weakref__")
+
+    def __init__(self, session: "Session", hid: str, dtype: torch.dtype, shape, device: str):
+        self.hid = hid
+        self.shape = torch.Size(shape)
+        self.dtype = dtype
+        self.device = device
+        self._session = session
+        weakref.finalize(self, session._release_handle, hid)
+
+    # -- metadata without a round trip --
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    ndim = property(dim)
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def __len__(self) -> int:
+        if not self.shape:
+            raise TypeError("len() of a 0-d tensor")
+        return self.shape[0]
+
+    def __iter__(self):
+        # Not iterable on purpose: iterating would fetch element by element. Materialize first.
+        raise TypeError("a RemoteTensor is not iterable; call .cpu() or .tolist() first")
+
+    # -- materialization: the only points where data crosses the wire --
+    def cpu(self) -> torch.Tensor:
+        return self._session._fetch([self])[0]
+
+    def numpy(self):
+        return self.cpu().numpy()
+
+    def tolist(self):
+        return self.cpu().tolist()
+
+    def item(self):
+        return self.cpu().item()
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.numpy()
+        return a if dtype is None else a.astype(dtype)
+
+    def __repr__(self) -> str:
+        return f"RemoteTensor(shape={list(self.shape)}, dtype={self.dtype}, device='{self.device}', remote)"

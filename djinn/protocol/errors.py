@@ -1,0 +1,96 @@
+"""Typed errors shared by client and server.
+
+Every error that crosses the wire is sent as (code, message, remote traceback) and rebuilt on the
+other side from the explicit registry below; nothing is looked up by an arbitrary name.
+"""
+from __future__ import annotations
+
+
+class DjinnError(Exception):
+    """Base class of every error Djinn raises."""
+
+    code = "djinn_error"
+
+    def __init__(self, message: str = "", *, remote_traceback: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.remote_traceback = remote_traceback
+
+    def __str__(self) -> str:
+        if self.remote_traceback:
+            return f"{self.message}\n--- remote traceback ---\n{self.remote_traceback}"
+        return self.message
+
+
+class ProtocolError(DjinnError):
+    """A message could not be decoded or breaks the wire contract (DESIGN.md section 8)."""
+
+    code = "protocol"
+
+
+class AuthError(DjinnError):
+    """The HELLO carried no secret or the wrong one."""
+
+    code = "auth"
+
+
+class SessionNotFound(DjinnError):
+    """The session does not exist, was closed or reclaimed, or belongs to another client."""
+
+    code = "session_not_found"
+
+
+class HandleNotFound(DjinnError):
+    """A tensor or model handle is unknown to this session."""
+
+    code = "handle_not_found"
+
+
+class OutOfMemory(DjinnError):
+    """The server could not find device memory for the request; the server keeps serving."""
+
+    code = "out_of_memory"
+
+
+class ModelNotSupported(DjinnError):
+    """The server cannot build this module itself (not on the architecture allow-list)."""
+
+    code = "model_not_supported"
+
+
+class InvalidRequest(DjinnError):
+    """Well-formed message with arguments the operation does not accept."""
+
+    code = "invalid_request"
+
+
+class RemoteExecutionError(DjinnError):
+    """User code failed on the server; `remote_traceback` holds the server's traceback."""
+
+    code = "remote_execution"
+
+
+class ServerUnavailable(DjinnError):
+    """The server stopped answering (no heartbeat within the liveness window) or was never reached."""
+
+    code = "server_unavailable"
+
+
+class RequestTimeout(DjinnError):
+    """A call got no reply within its timeout although the server was alive."""
+
+    code = "timeout"
+
+
+ERRORS: dict[str, type[DjinnError]] = {
+    cls.code: cls
+    for cls in (
+        DjinnError, ProtocolError, AuthError, SessionNotFound, HandleNotFound, OutOfMemory,
+        ModelNotSupported, InvalidRequest, RemoteExecutionError, ServerUnavailable, RequestTimeout,
+    )
+}
+
+
+def error_from_wire(code: str, message: str, remote_traceback: str | None) -> DjinnError:
+    cls = ERRORS.get(code, DjinnError)
+    return cls(message, remote_traceback=remote_traceback)

@@ -1,0 +1,50 @@
+"""Message kinds, the protocol version and the limits every decoder enforces (DESIGN.md section 8)."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+PROTOCOL_VERSION = 1
+
+#: The line a server prints on stdout once it listens; embedded-server launchers wait for it.
+READY_PREFIX = "djinn server ready at "
+
+#: Capabilities this build offers; exchanged at HELLO so either side can refuse a feature early.
+CAPABILITIES = ("module_path", "generate", "stream", "session_kv", "chunked_upload", "model_dir")
+
+
+class MsgType(enum.IntEnum):
+    """First frame of every message: one byte."""
+
+    HELLO = 1      # client -> server: version, secret, client id; server -> client: version, caps
+    REQUEST = 2    # client -> server: op, request id, session id, args
+    REPLY = 3      # server -> client: the result of one request
+    ERROR = 4      # server -> client: typed error for one request (or for the connection, rid = 0)
+    STREAM = 5     # server -> client: a partial result (e.g. a generated token); the REPLY follows
+    HEARTBEAT = 6  # both ways; the server answers each client heartbeat
+    BYE = 7        # client -> server: this client is going away, reclaim its sessions now
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds checked while decoding, before anything is allocated for a message."""
+
+    max_frames: int = 4096            # frames in one message (header + tensor buffers)
+    max_frame_bytes: int = 1 << 30    # one tensor frame
+    max_header_bytes: int = 16 << 20  # the msgpack header
+    max_total_bytes: int = 2 << 30    # all frames together
+    inline_bytes: int = 4096          # tensors up to this size travel inside the header (encode side)
+
+
+@dataclass
+class Message:
+    kind: MsgType
+    header: dict
+    #: Total bytes received, for accounting and logs.
+    nbytes: int = 0
+    #: Raw frames kept alive while tensors decoded with copy=False alias them.
+    frames: list = field(default_factory=list, repr=False)
+
+    @property
+    def rid(self) -> int:
+        return self.header.get("rid", 0)

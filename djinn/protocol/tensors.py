@@ -1,0 +1,94 @@
+"""Tensor <-> (dtype name, shape, raw bytes): the only way tensors cross the wire.
+
+A tensor travels as its dtype's name, its shape and its bytes in C order. Strides are not kept: a
+non-contiguous tensor arrives contiguous with the same values. The receiving side checks that the
+byte count equals numel * itemsize before it builds anything (Note [Validate before allocate]).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from .errors import ProtocolError
+
+# torch.frombuffer warns on read-only buffers (zmq frames are read-only). Every tensor built over such
+# a buffer is either cloned or only read (see decode_tensor), so the warning is noise here.
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+_CANDIDATES = [
+    "float32", "float64", "float16", "bfloat16", "complex32", "complex64", "complex128",
+    "uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "uint64", "bool",
+    "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu",
+]
+
+#: Every dtype this torch build has, by wire name. Both sides only accept names from their own table,
+#: so a dtype one side lacks is a ProtocolError naming it, never a crash.
+DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, name) for name in _CANDIDATES if isinstance(getattr(torch, name, None), torch.dtype)
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {dt: name for name, dt in DTYPES.items()}
+
+MAX_DIMS = 32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return DTYPE_NAMES[dtype]
+    except KeyError:
+        raise ProtocolError(f"dtype {dtype} cannot be sent; supported: {sorted(DTYPES)}") from None
+
+
+def dtype_from_name(name: object) -> torch.dtype:
+    if not isinstance(name, str) or name not in DTYPES:
+        raise ProtocolError(f"unknown dtype {name!r}; this side supports {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The tensor's values as a flat byte view (C order). Copies only if not contiguous or not on CPU."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    flat = t.contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def check_shape(shape: object) -> tuple[int, ...]:
+    if not isinstance(shape, (list, tuple)) or len(shape) > MAX_DIMS:
+        raise ProtocolError(f"tensor shape must be a list of at most {MAX_DIMS} ints, got {shape!r}")
+    dims = []
+    for d in shape:
+        if not isinstance(d, int) or isinstance(d, bool) or d < 0 or d > 2**62:
+            raise ProtocolError(f"tensor shape {shape!r} has an invalid dimension {d!r}")
+        dims.append(d)
+    return tuple(dims)
+
+
+def expected_nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    return math.prod(shape) * itemsize(dtype)
+
+
+def decode_tensor(dtype: object, shape: object, buf: memoryview | bytes, *, copy: bool = True) -> torch.Tensor:
+    """Build a tensor over `buf` after checking dtype, shape and byte count agree.
+
+    copy=False returns a tensor that aliases the (possibly read-only) buffer: the caller must only read
+    it and must keep the buffer alive while it does.
+    """
+    dt = dtype_from_name(dtype)
+    dims = check_shape(shape)
+    n = expected_nbytes(dt, dims)
+    buf = memoryview(buf).cast("B") if not isinstance(buf, memoryview) or buf.format != "B" else buf
+    if buf.nbytes != n:
+        raise ProtocolError(f"tensor {dtype}{list(dims)} needs {n} bytes, frame has {buf.nbytes}")
+    if n == 0:
+        return torch.empty(dims, dtype=dt)
+    t = torch.frombuffer(buf, dtype=torch.uint8).view(dt).reshape(dims)
+    return t.clone() if copy else t

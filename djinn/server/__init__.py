@@ -1,0 +1,1 @@
+"""The GPU-resident server: router (sockets), engine (device), sessions, models, execution."""

@@ -1,0 +1,93 @@
+"""Module-path execution: forward and server-side generate on models built by the registry.
+
+Runs on the engine thread only. Outputs stay on the device; the engine turns tensors into handles.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ..protocol.errors import InvalidRequest
+from .sessions import KVState, Session
+
+#: generate() keyword arguments a client may pass. Everything else is refused, so a client cannot
+#: hand the server callables, custom logits processors or assistant models.
+GENERATE_KWARGS = {
+    "max_new_tokens", "min_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p",
+    "min_p", "typical_p", "repetition_penalty", "no_repeat_ngram_size", "num_beams",
+    "eos_token_id", "pad_token_id", "bos_token_id", "attention_mask", "length_penalty",
+    "num_return_sequences", "use_cache",
+}
+
+
+def forward(module: torch.nn.Module, args: list, kwargs: dict) -> Any:
+    kwargs = dict(kwargs)
+    # A cache object cannot be returned to the client; forward calls are stateless unless asked.
+    if _accepts(module, "use_cache"):
+        kwargs.setdefault("use_cache", False)
+    with torch.no_grad():
+        return module(*args, **kwargs)
+
+
+def generate(module: torch.nn.Module, session: Session | None, model_id: str, input_ids: torch.Tensor,
+             kwargs: dict, seed: int | None, on_tokens: Callable[[torch.Tensor], None] | None) -> torch.Tensor:
+    """Run HF generate on the server. With a session, continue from (and keep) its KV cache.
+
+    With a session, `input_ids` are the tokens that follow what the session has seen; the result is
+    the whole sequence so far, exactly what one long generate call over the concatenation returns.
+    """
+    bad = sorted(set(kwargs) - GENERATE_KWARGS)
+    if bad:
+        raise InvalidRequest(f"generate does not accept {bad}; allowed: {sorted(GENERATE_KWARGS)}")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        raise InvalidRequest("generate needs input_ids as a [batch, tokens] int64 tensor")
+    kwargs = dict(kwargs)
+    streamer = _TokenStreamer(on_tokens) if on_tokens is not None else None
+    state = session.kv.get(model_id) if session is not None else None
+    if session is not None:
+        from transformers import DynamicCache
+
+        if state is None:
+            state = KVState(DynamicCache(config=module.config), input_ids[:, :0])
+        if state.ids.shape[0] != input_ids.shape[0]:
+            raise InvalidRequest(f"session cache has batch {state.ids.shape[0]}, input has {input_ids.shape[0]}")
+        input_ids = torch.cat([state.ids, input_ids], dim=1)
+        kwargs["past_key_values"] = state.cache
+        if "attention_mask" in kwargs:
+            raise InvalidRequest("attention_mask is not supported when continuing a session's cache")
+    if seed is not None:
+        torch.manual_seed(seed)  # seeds the CPU and every CUDA device, like a local torch.manual_seed
+    with torch.no_grad():
+        out = module.generate(input_ids, streamer=streamer, **kwargs)
+    if session is not None:
+        state.ids = out
+        session.kv[model_id] = state
+    return out
+
+
+class _TokenStreamer:
+    """HF streamer protocol: put() gets the prompt first, then each step's new tokens."""
+
+    def __init__(self, on_tokens: Callable[[torch.Tensor], None]):
+        self.on_tokens = on_tokens
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.on_tokens(value.reshape(-1))
+
+    def end(self) -> None:
+        pass
+
+
+def _accepts(module: torch.nn.Module, name: str) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())

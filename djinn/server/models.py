@@ -1,0 +1,230 @@
+"""Models the server builds itself (the module path, DESIGN.md section 4.1).
+
+A model is built from its Hugging Face config on the meta device, for an architecture on the
+allow-list only (never an arbitrary import), and its parameters and buffers are pointed at tensors of
+the Text segment. A model handle is (architecture, config, weight hashes): the same model remoted by
+ten sessions is built once and ref-counted.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..protocol.errors import InvalidRequest, ModelNotSupported
+from ..protocol.hashing import weight_hash
+from ..vmu.text import TextSegment
+
+log = logging.getLogger("djinn.models")
+
+
+@dataclass
+class ModelEntry:
+    model_id: str
+    arch: str
+    module: nn.Module
+    hashes: dict[str, str]  # tensor name -> weight hash
+    config: dict
+    refs: set[str] = field(default_factory=set)  # session ids using it
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in _unique_tensors(self.module))
+
+
+class ModelRegistry:
+    def __init__(self, text: TextSegment, device: torch.device, architectures: list[str]):
+        self.text = text
+        self.device = device
+        self.architectures = set(architectures)
+        self._models: dict[str, ModelEntry] = {}
+
+    def __iter__(self):
+        return iter(list(self._models.values()))
+
+    def get(self, model_id: object) -> ModelEntry:
+        entry = self._models.get(model_id) if isinstance(model_id, str) else None
+        if entry is None:
+            raise InvalidRequest(f"model {model_id!r} is not registered on this server")
+        return entry
+
+    def model_class(self, arch: object):
+        if not isinstance(arch, str) or arch not in self.architectures:
+            raise ModelNotSupported(
+                f"the server cannot build {arch!r} itself; allowed architectures: {sorted(self.architectures)}. "
+                "Other modules take the graph path."
+            )
+        import transformers
+
+        cls = getattr(transformers, arch, None)
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise ModelNotSupported(f"{arch} is allowed but this server's transformers has no such class")
+        return cls
+
+    def register(self, arch: object, config: object, attn_impl: object, tensors: object,
+                 generation_config: object = None) -> tuple[ModelEntry, bool]:
+        """Build (or find) the model whose weights are the Text entries named in `tensors`.
+
+        The caller must hold a reference on every hash (a session pin); the model takes its own.
+        Returns (entry, created).
+        """
+        cls = self.model_class(arch)
+        if not isinstance(config, dict) or not isinstance(tensors, dict):
+            raise InvalidRequest("register_model needs a config map and a map of tensor name -> hash")
+        if attn_impl is not None and attn_impl not in ("eager", "sdpa", "flash_attention_2", "flex_attention"):
+            raise InvalidRequest(f"attention implementation {attn_impl!r} is not supported")
+        missing = [h for h in tensors.values() if h not in self.text]
+        if missing:
+            raise InvalidRequest(f"{len(missing)} weights are not uploaded (first: {str(missing[0])[:12]})")
+        model_id = _model_id(arch, config, attn_impl, tensors)
+        entry = self._models.get(model_id)
+        if entry is not None:
+            return entry, False
+        module = self._build(cls, config, attn_impl, generation_config)
+        _bind_tensors(module, {name: self.text.get(h) for name, h in tensors.items()})
+        for h in tensors.values():
+            self.text.acquire(h)
+        entry = ModelEntry(model_id, arch, module, dict(tensors), config)
+        self._models[model_id] = entry
+        log.info("model %s built: %s, %d tensors, %.1f MB", model_id[:12], arch, len(tensors), entry.nbytes / 1e6)
+        return entry, True
+
+    def load_dir(self, path: str, roots: list[str], loopback: bool) -> tuple[ModelEntry, bool]:
+        """Load a Hugging Face directory (config.json + safetensors) that lives on the server."""
+        from safetensors.torch import load_file
+        from transformers import AutoConfig
+
+        p = Path(path).resolve()
+        if roots:
+            if not any(p.is_relative_to(Path(r).resolve()) for r in roots):
+                raise InvalidRequest(f"{path} is outside the server's model_roots {roots}")
+        elif not loopback:
+            raise InvalidRequest("this server loads model directories only under its configured model_roots")
+        if not (p / "config.json").is_file():
+            raise InvalidRequest(f"{path} has no config.json")
+        files = sorted(p.glob("*.safetensors"))
+        if not files:
+            raise InvalidRequest(f"{path} has no .safetensors files (pickled checkpoints are never loaded)")
+        hf_config = AutoConfig.from_pretrained(str(p), trust_remote_code=False)
+        arch = (hf_config.architectures or [None])[0]
+        self.model_class(arch)
+        config = json.loads(hf_config.to_json_string(use_diff=False))
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            state.update(load_file(str(f), device="cpu"))
+        # Build once on meta to learn the full tensor list (tied weights, non-persistent buffers).
+        module = self._build(self.model_class(arch), config, None, None)
+        hashes: dict[str, str] = {}
+        tensors: dict[str, torch.Tensor] = {}
+        rebuilt: dict[str, nn.Module] = {}
+        for name, _ in _named_tensors(module):
+            src = state.get(name)
+            if src is None:
+                src = _fill_missing(module, name, state, rebuilt)
+            h = weight_hash(src)
+            hashes[name] = h
+            if h not in tensors:
+                tensors[h] = src
+        pinned = [h for h in tensors]
+        for h, t in tensors.items():
+            self.text.add(h, t.to(self.device))
+        try:
+            return self.register(arch, config, None, hashes)
+        finally:
+            for h in pinned:
+                self.text.release(h)
+
+    def acquire(self, entry: ModelEntry, sid: str) -> None:
+        entry.refs.add(sid)
+
+    def release(self, model_id: str, sid: str) -> None:
+        entry = self._models.get(model_id)
+        if entry is None:
+            return
+        entry.refs.discard(sid)
+        if not entry.refs:
+            del self._models[model_id]
+            for h in entry.hashes.values():
+                self.text.release(h)
+            log.info("model %s freed", model_id[:12])
+
+    def _build(self, cls, config: dict, attn_impl: object, generation_config: object) -> nn.Module:
+        from transformers import AutoConfig, GenerationConfig
+
+        cfg = dict(config)
+        model_type = cfg.pop("model_type", None)
+        try:
+            hf_config = AutoConfig.for_model(model_type, **cfg)
+        except Exception as e:
+            raise InvalidRequest(f"bad config for {cls.__name__}: {e}") from None
+        kwargs = {"attn_implementation": attn_impl} if attn_impl else {}
+        with torch.device("meta"):
+            module = cls._from_config(hf_config, **kwargs)
+        if isinstance(generation_config, dict) and hasattr(module, "generation_config"):
+            module.generation_config = GenerationConfig.from_dict(generation_config)
+        return module.eval()
+
+
+def _model_id(arch, config, attn_impl, tensors) -> str:
+    blob = json.dumps([arch, config, attn_impl, sorted(tensors.items())], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _named_tensors(module: nn.Module):
+    """Every parameter and buffer by name, tied ones under each of their names."""
+    for name, p in module.named_parameters(remove_duplicate=False):
+        yield name, p
+    for name, b in module.named_buffers(remove_duplicate=False):
+        yield name, b
+
+
+def _unique_tensors(module: nn.Module):
+    seen = {}
+    for _, t in _named_tensors(module):
+        if t.device.type != "meta":
+            seen.setdefault(t.untyped_storage().data_ptr() or id(t), t)
+    return seen.values()
+
+
+def _bind_tensors(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Point every parameter and buffer of a meta-built module at the given device tensors."""
+    expected = {name for name, _ in _named_tensors(module)}
+    missing = sorted(expected - set(tensors))
+    extra = sorted(set(tensors) - expected)
+    if missing or extra:
+        raise InvalidRequest(f"tensor names do not match the architecture: missing {missing[:5]}, unexpected {extra[:5]}")
+    for name, t in tensors.items():
+        owner_name, _, attr = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        if attr in owner._parameters:
+            old = owner._parameters[attr]
+            if tuple(old.shape) != tuple(t.shape):
+                raise InvalidRequest(f"{name}: architecture wants shape {list(old.shape)}, got {list(t.shape)}")
+            owner._parameters[attr] = nn.Parameter(t, requires_grad=False)
+        elif attr in owner._buffers:
+            owner._buffers[attr] = t
+        else:
+            raise InvalidRequest(f"{name} is neither a parameter nor a buffer")
+
+
+def _fill_missing(module: nn.Module, name: str, state: dict, rebuilt: dict) -> torch.Tensor:
+    """A tensor a checkpoint does not store: a tied weight, or a buffer computed at init (rotary)."""
+    tied = getattr(module, "_tied_weights_keys", None) or {}
+    if isinstance(tied, dict) and name in tied and tied[name] in state:
+        return state[tied[name]]
+    owner_name, _, attr = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if attr in owner._buffers:
+        # Recompute init-time buffers by rebuilding this submodule on the CPU.
+        if owner_name not in rebuilt:
+            cfg = getattr(owner, "config", None) or module.config
+            with torch.device("cpu"):
+                rebuilt[owner_name] = type(owner)(config=cfg)
+        return getattr(rebuilt[owner_name], attr)
+    raise InvalidRequest(f"checkpoint has no tensor {name}")
+

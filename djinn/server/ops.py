@@ -1,0 +1,280 @@
+"""The operations a client can request: `op(engine, client_id, rid, args) -> result`.
+
+One function per op, registered in OPS. Arguments are checked here, before anything is allocated.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+import torch
+
+from ..protocol import structure
+from ..protocol.errors import InvalidRequest
+from ..protocol.messages import MsgType
+from ..protocol.tensors import dtype_name
+from . import executor
+
+log = logging.getLogger("djinn.ops")
+
+OPS: dict[str, Callable] = {}
+
+
+def op(fn: Callable) -> Callable:
+    OPS[fn.__name__] = fn
+    return fn
+
+
+@op
+def ping(engine, client_id, rid, args):
+    return {"time": time.time()}
+
+
+@op
+def open_session(engine, client_id, rid, args):
+    name = args.get("name")
+    if name is not None and (not isinstance(name, str) or len(name) > 200):
+        raise InvalidRequest("session name must be a string of at most 200 characters")
+    s = engine.sessions.open(client_id, name)
+    log.info("session %s opened by client %s%s", s.sid[:8], client_id[:8], f" name={name!r}" if name else "")
+    return {"sid": s.sid}
+
+
+@op
+def close_session(engine, client_id, rid, args):
+    s = engine.session(client_id, args)
+    engine.close_session(s, "closed by client")
+    return {}
+
+
+@op
+def has_weights(engine, client_id, rid, args):
+    """Which of these hashes the server lacks. Present ones are pinned to the session until registration."""
+    s = engine.session(client_id, args)
+    hashes = _str_list(args.get("hashes"), "hashes")
+    missing = []
+    for h in hashes:
+        if h in engine.text:
+            if h not in s.text_pins:
+                engine.text.acquire(h)
+                s.text_pins.add(h)
+        else:
+            missing.append(h)
+    return {"missing": missing}
+
+
+@op
+def upload(engine, client_id, rid, args):
+    s = engine.session(client_id, args)
+    items = args.get("items")
+    if not isinstance(items, list):
+        raise InvalidRequest("upload needs a list of items")
+    done = 0
+    for item in items:
+        if not isinstance(item, dict):
+            raise InvalidRequest("upload items must be maps")
+        finished = engine.uploads.put(s.sid, item)
+        if finished is None:
+            continue
+        h, tensor = finished
+        if h in s.text_pins:
+            continue  # the same bytes sent twice by one session: keep the one pin it has
+        engine.text.add(h, tensor)
+        s.text_pins.add(h)
+        done += 1
+    return {"stored": done}
+
+
+@op
+def register_model(engine, client_id, rid, args):
+    s = engine.session(client_id, args)
+    tensors = args.get("tensors")
+    if not isinstance(tensors, dict) or not all(isinstance(v, str) for v in tensors.values()):
+        raise InvalidRequest("register_model needs tensors: {name: hash}")
+    unpinned = sorted(set(tensors.values()) - s.text_pins)
+    if unpinned:
+        raise InvalidRequest(f"{len(unpinned)} weights were not announced or uploaded by this session")
+    entry, created = engine.models.register(args.get("arch"), args.get("config"), args.get("attn_impl"),
+                                            tensors, args.get("generation_config"))
+    _attach(engine, s, entry)
+    for h in set(tensors.values()):
+        s.text_pins.discard(h)
+        engine.text.release(h)
+    return _model_info(entry, created)
+
+
+@op
+def load_model(engine, client_id, rid, args):
+    s = engine.session(client_id, args)
+    path = args.get("path")
+    if not isinstance(path, str):
+        raise InvalidRequest("load_model needs a path string")
+    entry, created = engine.models.load_dir(path, engine.cfg.model_roots, engine.loopback)
+    _attach(engine, s, entry)
+    return dict(_model_info(entry, created), config=entry.config)
+
+
+@op
+def attach_model(engine, client_id, rid, args):
+    """Use a model this client already holds in another of its sessions (no upload, no rebuild)."""
+    s = engine.session(client_id, args)
+    other = engine.sessions.get(args.get("from_sid"), client_id)
+    mid = args.get("model_id")
+    if mid not in other.models:
+        raise InvalidRequest(f"model {mid!r} is not attached to session {other.sid[:8]}")
+    _attach(engine, s, engine.models.get(mid))
+    return {}
+
+
+@op
+def release_model(engine, client_id, rid, args):
+    s = engine.session(client_id, args)
+    mid = args.get("model_id")
+    if mid in s.models:
+        s.models.discard(mid)
+        s.kv.pop(mid, None)
+        engine.models.release(mid, s.sid)
+    return {}
+
+
+@op
+def forward(engine, client_id, rid, args):
+    s = engine.session(client_id, args)
+    entry = _model_of(engine, s, args)
+    call_args = _unpack_inputs(engine, s, args.get("args", []))
+    call_kwargs = _unpack_inputs(engine, s, args.get("kwargs", {}))
+    if not isinstance(call_args, list) or not isinstance(call_kwargs, dict):
+        raise InvalidRequest("forward needs args as a list and kwargs as a map")
+    out = executor.forward(entry.module, call_args, call_kwargs)
+    return {"output": _pack_outputs(s, out)}
+
+
+@op
+def generate(engine, client_id, rid, args):
+    s = engine.session(client_id, args)
+    entry = _model_of(engine, s, args)
+    input_ids = _unpack_inputs(engine, s, args.get("input_ids"))
+    kwargs = _unpack_inputs(engine, s, args.get("kwargs", {}))
+    seed = args.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise InvalidRequest(f"seed must be an int, got {seed!r}")
+    on_tokens = None
+    if args.get("stream"):
+        def on_tokens(tokens: torch.Tensor) -> None:
+            engine.send(client_id, MsgType.STREAM, {"rid": rid, "tokens": tokens.tolist()})
+    out = executor.generate(entry.module, s if args.get("use_session_kv") else None, entry.model_id,
+                            input_ids, kwargs, seed, on_tokens)
+    return {"sequences": out.cpu()}
+
+
+@op
+def reset_kv(engine, client_id, rid, args):
+    s = engine.session(client_id, args)
+    s.kv.pop(args.get("model_id"), None)
+    return {}
+
+
+@op
+def fetch(engine, client_id, rid, args):
+    s = engine.session(client_id, args)
+    return {"tensors": [s.tensor(h).cpu() for h in _str_list(args.get("handles"), "handles")]}
+
+
+@op
+def free(engine, client_id, rid, args):
+    s = engine.session(client_id, args)
+    for h in _str_list(args.get("handles"), "handles"):
+        s.tensors.pop(h, None)
+    return {}
+
+
+@op
+def stats(engine, client_id, rid, args):
+    now = time.monotonic()
+    sessions = {
+        s.sid: {
+            "name": s.name if s.client_id == client_id else None,
+            "mine": s.client_id == client_id,
+            "state": s.state.name,
+            "gpu_bytes": s.data_bytes,
+            "host_bytes": 0,
+            "tensors": len(s.tensors),
+            "kv_tokens": {mid: int(kv.ids.shape[1]) for mid, kv in s.kv.items()},
+            "models": sorted(s.models),
+            "idle_s": round(now - s.last_active, 3),
+        }
+        for s in engine.sessions
+    }
+    models = {
+        m.model_id: {"architecture": m.arch, "bytes": m.nbytes, "sessions": sorted(m.refs)}
+        for m in engine.models
+    }
+    data = sum(v["gpu_bytes"] for v in sessions.values())
+    return {
+        "device": str(engine.device),
+        "segments": {"text": engine.text.nbytes, "data": data, "stack": 0, "host": 0,
+                     "uploads_in_flight": engine.uploads.nbytes},
+        "text_entries": len(engine.text),
+        "sessions": sessions,
+        "models": models,
+        "requests_served": engine.requests_served,
+    }
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def _attach(engine, s, entry) -> None:
+    engine.models.acquire(entry, s.sid)
+    s.models.add(entry.model_id)
+
+
+def _model_info(entry, created: bool) -> dict:
+    return {"model_id": entry.model_id, "arch": entry.arch, "bytes": entry.nbytes, "created": created}
+
+
+def _model_of(engine, s, args):
+    mid = args.get("model_id")
+    if mid not in s.models:
+        raise InvalidRequest(f"model {mid!r} is not attached to session {s.sid[:8]}; remote it in this session")
+    return engine.models.get(mid)
+
+
+def _str_list(v: Any, what: str) -> list[str]:
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise InvalidRequest(f"{what} must be a list of strings")
+    return v
+
+
+def _unpack_inputs(engine, s, value: Any) -> Any:
+    def tag(name: str, v: Any):
+        if name == "$h":
+            return s.tensor(v)
+        raise InvalidRequest(f"clients do not send {name} values")
+
+    obj = structure.unpack(value, tag)
+    return _to_device(obj, engine.device)
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        # Always a copy: tensors decoded from the wire alias the message's frames, which are freed
+        # when the request is done, and an output may be a view of an input.
+        return obj.to(device, copy=True)
+    if isinstance(obj, list):
+        return [_to_device(v, device) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_to_device(v, device) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _pack_outputs(s, out: Any) -> Any:
+    def leaf(obj: Any):
+        if isinstance(obj, torch.Tensor):
+            return {"$t": [s.add_tensor(obj), dtype_name(obj.dtype), list(obj.shape), str(obj.device)]}
+        if any(c.__name__ == "Cache" for c in type(obj).__mro__):
+            return None  # caches stay server-side (sessions keep them for generate)
+        return NotImplemented
+
+    return structure.pack(out, leaf)

@@ -1,0 +1,121 @@
+"""`python -m djinn.server.server_main --gpu 0 [--port 5556] [--bind 127.0.0.1] [--config server.yaml]`
+
+Starts the router thread (sockets) and the engine thread (device), prints one ready line with the
+address, and shuts down cleanly on SIGINT/SIGTERM (or when --parent-pid exits, for embedded servers).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+
+from ..protocol.messages import READY_PREFIX
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m djinn.server.server_main", description=__doc__.splitlines()[0])
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--gpu", type=int, help="serve on cuda:N")
+    g.add_argument("--device", help="torch device to serve on (cpu, cuda:0); default: cuda:0 if present, else cpu")
+    p.add_argument("--port", type=int, help="TCP port (default 5556; 0 picks a free one)")
+    p.add_argument("--bind", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--config", help="YAML file of ServerConfig settings")
+    p.add_argument("--secret", help="shared secret (default: $DJINN_SECRET)")
+    p.add_argument("--client-timeout", type=float, dest="client_timeout_s", help="seconds before a silent client's sessions are reclaimed")
+    p.add_argument("--max-frame-bytes", type=int, dest="max_frame_bytes", help="largest tensor frame accepted")
+    p.add_argument("--parent-pid", type=int, help="exit when this process is gone (embedded servers)")
+    p.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING")
+    return p.parse_args(argv)
+
+
+def pick_device(args, cfg) -> "torch.device":
+    import torch
+
+    name = cfg.device
+    if args.gpu is not None:
+        name = f"cuda:{args.gpu}"
+    elif args.device:
+        name = args.device
+    if name is None:
+        name = "cuda:0" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--gpu/--device asked for {name} but this machine has no CUDA GPU; use --device cpu")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise SystemExit(f"{name} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from ..config import ServerConfig, env_secret, load_yaml
+
+    try:
+        cfg = load_yaml(ServerConfig, args.config, port=args.port, bind=args.bind,
+                        secret=args.secret or env_secret(), client_timeout_s=args.client_timeout_s,
+                        max_frame_bytes=args.max_frame_bytes, log_level=args.log_level).validate()
+    except (ValueError, TypeError) as e:
+        print(f"djinn server: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    import torch
+    import zmq
+
+    from .. import __version__
+    from .engine import Engine
+    from .router import Router
+
+    device = pick_device(args, cfg)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    info = {
+        "server": f"djinn {__version__}", "torch": torch.__version__, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "pid": os.getpid(),
+    }
+    ctx = zmq.Context()
+    inbox: queue.Queue = queue.Queue()
+    router = Router(ctx, cfg, inbox, info, stop)
+    router.start()
+    router.ready.wait()
+    if router.error is not None:
+        print(f"djinn server: cannot listen: {router.error}", file=sys.stderr)
+        return 1
+    engine = Engine(ctx, cfg, device, inbox, stop)
+    engine.start()
+    print(f"{READY_PREFIX}{router.address} (device {device}, {info['device_name']})", flush=True)
+    while not stop.is_set():
+        if args.parent_pid and not _alive(args.parent_pid):
+            logging.getLogger("djinn.server").info("parent %d is gone, shutting down", args.parent_pid)
+            stop.set()
+        if not (router.is_alive() and engine.is_alive()):
+            stop.set()
+        time.sleep(0.2)
+    engine.join(timeout=10)
+    router.join(timeout=5)
+    if not (engine.is_alive() or router.is_alive()):
+        ctx.term()
+    logging.getLogger("djinn.server").info("stopped")
+    return 0 if router.error is None else 1
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+if __name__ == "__main__":
+    sys.exit(main())

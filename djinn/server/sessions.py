@@ -1,0 +1,110 @@
+"""Sessions: the server-side state one client keeps between calls (DESIGN.md sections 1, 3).
+
+The SessionTable is owned by the engine thread. A session belongs to the client that opened it; any
+other client asking for it gets SessionNotFound, as if it did not exist.
+"""
+from __future__ import annotations
+
+import enum
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..protocol.errors import HandleNotFound, SessionNotFound
+
+log = logging.getLogger("djinn.sessions")
+
+
+class SessionState(enum.IntEnum):
+    ACTIVE = 1
+    CLOSED = 9
+
+
+@dataclass
+class KVState:
+    """A session's cache for one model: the tokens it covers and the HF cache object."""
+
+    cache: object
+    ids: torch.Tensor  # [batch, tokens seen so far], on the device
+
+    @property
+    def nbytes(self) -> int:
+        return _cache_nbytes(self.cache)
+
+
+@dataclass
+class Session:
+    sid: str
+    client_id: str
+    name: str | None
+    created: float = field(default_factory=time.monotonic)
+    last_active: float = field(default_factory=time.monotonic)
+    state: SessionState = SessionState.ACTIVE
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # handle id -> tensor (Data segment)
+    kv: dict[str, KVState] = field(default_factory=dict)            # model id -> cache
+    models: set[str] = field(default_factory=set)                   # model ids this session holds
+    text_pins: set[str] = field(default_factory=set)                # weight hashes held until registration
+
+    def add_tensor(self, t: torch.Tensor) -> str:
+        hid = secrets.token_hex(8)
+        self.tensors[hid] = t
+        return hid
+
+    def tensor(self, hid: object) -> torch.Tensor:
+        t = self.tensors.get(hid) if isinstance(hid, str) else None
+        if t is None:
+            raise HandleNotFound(f"tensor handle {hid!r} is not held by session {self.sid}")
+        return t
+
+    @property
+    def data_bytes(self) -> int:
+        unique = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self.tensors.values()}
+        return sum(unique.values()) + sum(kv.nbytes for kv in self.kv.values())
+
+
+class SessionTable:
+    def __init__(self) -> None:
+        self._sessions: dict[str, Session] = {}
+
+    def __iter__(self):
+        return iter(list(self._sessions.values()))
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def open(self, client_id: str, name: str | None) -> Session:
+        s = Session(secrets.token_hex(12), client_id, name)
+        self._sessions[s.sid] = s
+        return s
+
+    def get(self, sid: object, client_id: str) -> Session:
+        s = self._sessions.get(sid) if isinstance(sid, str) else None
+        if s is None or s.client_id != client_id:
+            raise SessionNotFound(f"session {sid!r} does not exist (closed, reclaimed, or never opened)")
+        s.last_active = time.monotonic()
+        return s
+
+    def remove(self, sid: str) -> Session | None:
+        s = self._sessions.pop(sid, None)
+        if s is not None:
+            s.state = SessionState.CLOSED
+        return s
+
+    def of_client(self, client_id: str) -> list[Session]:
+        return [s for s in self._sessions.values() if s.client_id == client_id]
+
+    def idle(self, timeout_s: float, now: float) -> list[Session]:
+        return [s for s in self._sessions.values() if now - s.last_active > timeout_s]
+
+
+def _cache_nbytes(cache: object) -> int:
+    total = 0
+    for layer in getattr(cache, "layers", []) or []:
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total

@@ -1,0 +1,83 @@
+"""Chunked weight uploads into the Text segment, verified against their content address.
+
+A tensor of any size arrives as in-order chunks (each well under the frame limit). Chunks are copied
+straight into a device buffer of the final size and hashed as they come, so a multi-GB weight never
+needs a single huge message, a second host copy, or a second pass to verify.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..protocol.errors import InvalidRequest, ProtocolError
+from ..protocol.hashing import WeightHasher
+from ..protocol.tensors import check_shape, dtype_from_name, expected_nbytes
+
+
+@dataclass
+class PartialUpload:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    total: int
+    buffer: torch.Tensor  # uint8 [total] on the device
+    hasher: WeightHasher
+    received: int = 0
+
+
+class Uploads:
+    """Owns the partial uploads of every session (engine thread only)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._partial: dict[tuple[str, str], PartialUpload] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.total for p in self._partial.values())
+
+    def put(self, sid: str, item: dict) -> tuple[str, torch.Tensor] | None:
+        """Take one chunk; return (hash, finished tensor) when the tensor is complete and verified."""
+        h, data = item.get("hash"), item.get("data")
+        offset, total = item.get("offset"), item.get("total")
+        if not isinstance(h, str) or len(h) != 64:
+            raise InvalidRequest(f"upload item needs a 64-hex-digit hash, got {h!r}")
+        if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.dim() != 1:
+            raise InvalidRequest("upload item data must be a 1-d uint8 tensor")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (offset, total)):
+            raise InvalidRequest("upload item needs integer offset and total")
+        key = (sid, h)
+        part = self._partial.get(key)
+        if part is None:
+            dtype = dtype_from_name(item.get("dtype"))
+            shape = check_shape(item.get("shape"))
+            if total != expected_nbytes(dtype, shape) or offset != 0:
+                raise InvalidRequest(
+                    f"upload of {h[:12]}: total={total} offset={offset} but {dtype}{list(shape)} is "
+                    f"{expected_nbytes(dtype, shape)} bytes starting at offset 0"
+                )
+            part = PartialUpload(dtype, shape, total, torch.empty(total, dtype=torch.uint8, device=self.device),
+                                 WeightHasher(dtype, shape))
+            self._partial[key] = part
+        if offset != part.received or offset + data.numel() > part.total:
+            self._partial.pop(key, None)
+            raise InvalidRequest(
+                f"upload of {h[:12]}: chunk at {offset} (+{data.numel()}) does not follow the "
+                f"{part.received} bytes received of {part.total}"
+            )
+        if data.numel():
+            part.hasher.update(memoryview(data.numpy()))
+            part.buffer[offset:offset + data.numel()].copy_(data)
+        part.received += data.numel()
+        if part.received < part.total:
+            return None
+        del self._partial[key]
+        if part.hasher.hexdigest() != h:
+            raise ProtocolError(f"upload of {h[:12]}: the bytes received hash to {part.hasher.hexdigest()[:12]}")
+        if part.total == 0:
+            return h, torch.empty(part.shape, dtype=part.dtype, device=self.device)
+        return h, part.buffer.view(part.dtype).reshape(part.shape)
+
+    def drop_session(self, sid: str) -> None:
+        for key in [k for k in self._partial if k[0] == sid]:
+            del self._partial[key]
