@@ -52,7 +52,7 @@ def itemsize(dtype: torch.dtype) -> int:
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The tensor's values as a flat byte view (C order). Copies only if not contiguous or not on CPU."""
-    t = t.detach()
+    t = t.detach().resolve_conj().resolve_neg()  # lazy conj/neg views cannot be viewed as bytes
     if t.device.type != "cpu":
         t = t.cpu()
     flat = t.contiguous().reshape(-1)

@@ -4,12 +4,17 @@ Runs on the engine thread only. Outputs stay on the device; the engine turns ten
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import torch
 
 from ..protocol.errors import InvalidRequest
 from .sessions import KVState, Session
+
+# transformers >= 5.2x renames generate's past_key_values to cache; the old name works (with this
+# warning) on every version we support, the new one only on recent ones.
+warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
 
 #: generate() keyword arguments a client may pass. Everything else is refused, so a client cannot
 #: hand the server callables, custom logits processors or assistant models.

@@ -1,0 +1,193 @@
+"""Tier 2: the module path end to end against a real server, for every tiny architecture.
+
+Every remote result is compared bitwise (torch.equal) with the same model run locally on the same
+device as the server (DJINN_TEST_DEVICE).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import djinn
+from djinn.frontend.remote import RemoteModel
+from djinn.frontend.tensor import RemoteTensor
+
+from ..models import TINY_BUILDERS
+
+ARCHS = sorted(TINY_BUILDERS)
+PROMPT = torch.tensor([[1, 17, 42, 99, 5, 250, 7, 64, 31, 128]])
+
+
+def _batch2() -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(3, 256, (2, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding on the second row
+    ids[1, :3] = 2
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def local_models(device):
+    return {name: build(seed=0, device=device) for name, build in TINY_BUILDERS.items()}
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request):
+    return request.param
+
+
+@pytest.fixture
+def pair(arch, local_models, conn):
+    """(local model, RemoteModel of the same weights in conn's default session)."""
+    model = local_models[arch]
+    return model, RemoteModel.from_module(conn.default_session(), model)
+
+
+def _local(model, fn):
+    with torch.no_grad():
+        return fn(model)
+
+
+def test_forward_logits_bitwise(pair, device):
+    model, rm = pair
+    out = rm(PROMPT)
+    assert isinstance(out.logits, RemoteTensor)
+    ref = _local(model, lambda m: m(PROMPT.to(device)).logits)
+    assert out.logits.shape == ref.shape and out.logits.dtype == ref.dtype
+    assert torch.equal(out.logits.cpu(), ref.cpu())
+
+
+def test_forward_batch2_attention_mask(pair, device):
+    model, rm = pair
+    ids, mask = _batch2()
+    got = rm(ids, attention_mask=mask).logits.cpu()
+    ref = _local(model, lambda m: m(ids.to(device), attention_mask=mask.to(device)).logits)
+    assert got.shape == (2, 10, 256)
+    assert torch.equal(got, ref.cpu())
+
+
+def test_greedy_generate(pair, device):
+    model, rm = pair
+    got = rm.generate(PROMPT, max_new_tokens=12, do_sample=False)
+    ref = _local(model, lambda m: m.generate(PROMPT.to(device), max_new_tokens=12, do_sample=False))
+    assert got.device.type == "cpu"
+    assert got.shape == (1, PROMPT.shape[1] + 12)
+    assert torch.equal(got, ref.cpu())
+
+
+def test_greedy_generate_batch2_attention_mask(pair, device):
+    model, rm = pair
+    ids, mask = _batch2()
+    got = rm.generate(ids, attention_mask=mask, max_new_tokens=12, pad_token_id=2)
+    ref = _local(model, lambda m: m.generate(ids.to(device), attention_mask=mask.to(device),
+                                             max_new_tokens=12, pad_token_id=2))
+    assert torch.equal(got, ref.cpu())
+
+
+def test_sampling_matches_local_seed(pair, device):
+    model, rm = pair
+    kw = dict(max_new_tokens=12, do_sample=True, top_k=20)
+    got = rm.generate(PROMPT, seed=1234, **kw)
+
+    def sample(m):
+        torch.manual_seed(1234)
+        return m.generate(PROMPT.to(device), **kw)
+
+    assert torch.equal(got, _local(model, sample).cpu())
+    assert torch.equal(rm.generate(PROMPT, seed=1234, **kw), got)  # same seed, same tokens
+    assert not torch.equal(rm.generate(PROMPT, seed=4321, **kw), got)  # another seed, other tokens
+
+
+def test_streaming_matches_generate(pair):
+    _, rm = pair
+    full = rm.generate(PROMPT, max_new_tokens=12)
+    stream = rm.generate(PROMPT, max_new_tokens=12, stream=True)
+    assert isinstance(stream, djinn.TokenStream)
+    tokens = list(stream)
+    assert all(isinstance(t, int) for t in tokens)
+    assert tokens == full[0, PROMPT.shape[1]:].tolist()
+    assert torch.equal(stream.sequences, full)
+
+
+def test_streaming_sampled_matches_non_streamed(pair):
+    _, rm = pair
+    kw = dict(max_new_tokens=10, do_sample=True, top_k=20, seed=7)
+    full = rm.generate(PROMPT, **kw)
+    stream = rm.generate(PROMPT, stream=True, **kw)
+    assert list(stream) == full[0, PROMPT.shape[1]:].tolist()
+    assert torch.equal(stream.sequences, full)
+
+
+def test_streaming_rejects_batch2(conn, local_models):
+    rm = RemoteModel.from_module(conn.default_session(), local_models["gpt2"])
+    ids, _ = _batch2()
+    with pytest.raises(djinn.InvalidRequest):
+        rm.generate(ids, max_new_tokens=2, stream=True)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_from_path_forward(conn, local_models, device, tmp_path, name):
+    model = local_models[name]
+    model.save_pretrained(tmp_path)
+    assert list(tmp_path.glob("*.safetensors"))
+    rm = RemoteModel.from_path(conn.default_session(), str(tmp_path))
+    assert rm.arch == type(model).__name__
+    ref = _local(model, lambda m: m(PROMPT.to(device)).logits)
+    assert torch.equal(rm(PROMPT).logits.cpu(), ref.cpu())
+    got = rm.generate(PROMPT, max_new_tokens=6)
+    assert torch.equal(got, _local(model, lambda m: m.generate(PROMPT.to(device), max_new_tokens=6)).cpu())
+
+
+def test_remote_tensor_as_input(conn, local_models, device):
+    """An output handle goes back in as inputs_embeds without ever being fetched."""
+    model = local_models["llama"]
+    rm = RemoteModel.from_module(conn.default_session(), model)
+    emb = rm(PROMPT, output_hidden_states=True).hidden_states[0]  # llama: the token embeddings
+    assert isinstance(emb, RemoteTensor) and emb.shape == (1, PROMPT.shape[1], 64)
+    got = rm(inputs_embeds=emb).logits.cpu()
+    ids = PROMPT.to(device)
+    ref = _local(model, lambda m: m(inputs_embeds=m.model.embed_tokens(ids)).logits)
+    assert torch.equal(got, ref.cpu())
+    assert torch.equal(got, rm(PROMPT).logits.cpu())
+
+
+def test_base_model_hidden_state(conn, local_models, device):
+    """A headless architecture (GPT2Model) runs too, and shares the LM's weights on the server."""
+    model = local_models["gpt2"]
+    rm_lm = RemoteModel.from_module(conn.default_session(), model)
+    rm_base = RemoteModel.from_module(conn.default_session(), model.transformer)
+    assert rm_base.arch == "GPT2Model" and rm_base.model_id != rm_lm.model_id
+    assert rm_base.upload.uploaded == 0  # every weight is already there
+    hidden = rm_base(PROMPT).last_hidden_state
+    ref = _local(model, lambda m: m.transformer(PROMPT.to(device)).last_hidden_state)
+    assert torch.equal(hidden.cpu(), ref.cpu())
+
+
+# -- errors ----------------------------------------------------------------------------------------
+def test_unsupported_module(conn):
+    with pytest.raises(djinn.ModelNotSupported):
+        RemoteModel.from_module(conn.default_session(), nn.Linear(4, 4))
+
+
+def test_disallowed_generate_kwarg(conn, local_models):
+    rm = RemoteModel.from_module(conn.default_session(), local_models["gpt2"])
+    with pytest.raises(djinn.InvalidRequest, match="output_scores"):
+        rm.generate(PROMPT, max_new_tokens=2, output_scores=True)
+    with pytest.raises(djinn.InvalidRequest):
+        rm.generate(PROMPT.tolist(), max_new_tokens=2)
+
+
+def test_forward_error_keeps_connection(conn, local_models, device):
+    model = local_models["llama"]
+    rm = RemoteModel.from_module(conn.default_session(), model)
+    with pytest.raises(djinn.RemoteExecutionError) as info:
+        rm(torch.zeros(2, 3, 4, dtype=torch.long))  # input_ids of the wrong rank
+    assert info.value.remote_traceback and "Traceback" in info.value.remote_traceback
+    with pytest.raises(djinn.RemoteExecutionError) as info:
+        rm(torch.randn(1, 5))  # float ids
+    assert info.value.remote_traceback
+    # the same connection and session keep working
+    ref = _local(model, lambda m: m(PROMPT.to(device)).logits)
+    assert torch.equal(rm(PROMPT).logits.cpu(), ref.cpu())
+    assert conn.ping() > 0

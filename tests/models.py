@@ -1,0 +1,43 @@
+"""Tiny Hugging Face models built from config with seeded random weights (no hub access)."""
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+VOCAB = 256
+
+
+def _build(config, seed: int, device) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    return model.to(device).eval()
+
+
+def tiny_gpt2(seed: int = 0, device="cpu"):
+    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=256,
+                     bos_token_id=1, eos_token_id=2)
+    return _build(cfg, seed, device)
+
+
+def tiny_llama(seed: int = 0, device="cpu"):
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=1, eos_token_id=2)
+    return _build(cfg, seed, device)
+
+
+def tiny_mistral(seed: int = 0, device="cpu"):
+    cfg = MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                        sliding_window=None, bos_token_id=1, eos_token_id=2)
+    return _build(cfg, seed, device)
+
+
+def tiny_qwen2(seed: int = 0, device="cpu"):
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=1, eos_token_id=2)
+    return _build(cfg, seed, device)
+
+
+TINY_BUILDERS = {"gpt2": tiny_gpt2, "llama": tiny_llama, "mistral": tiny_mistral, "qwen2": tiny_qwen2}
