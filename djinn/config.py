@@ -108,7 +108,7 @@ def load_yaml(cls, path: str | os.PathLike | None, **overrides):
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a map of settings, got {type(data).__name__}")
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - known, key=str)  # YAML keys need not be strings
     if unknown:
         raise ValueError(f"{path}: unknown settings {unknown}; known: {sorted(known)}")
     data.update({k: v for k, v in overrides.items() if v is not None})

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -34,12 +35,16 @@ class ServerProcess:
 
     def __init__(self, *extra: str, device: str = DEVICE, env: dict | None = None):
         cmd = [sys.executable, "-m", "djinn.server.server_main", "--port", "0", "--device", device, *extra]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # The log goes to a file: a pipe nobody reads would block the server once it fills up.
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True,
                                      env={**os.environ, **(env or {})})
         line = self.proc.stdout.readline()
         if not line.startswith(READY_PREFIX):
             self.proc.kill()
-            raise RuntimeError(f"server did not start: {line!r}\n{self.proc.stderr.read()}")
+            self.proc.wait()
+            self.log.seek(0)
+            raise RuntimeError(f"server did not start: {line!r}\n{self.log.read()}")
         self.address = line[len(READY_PREFIX):].split()[0]
         self.device = device
 
@@ -54,9 +59,13 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        for f in (self.proc.stdout, self.proc.stderr):
-            if f:
-                f.close()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        self.log.close()
+
+    def log_text(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
 
 
 @pytest.fixture(scope="session")

@@ -45,8 +45,12 @@ class RemoteModel:
         if allowed is not None and arch not in allowed:
             raise ModelNotSupported(f"the server cannot build {arch}; it builds {sorted(allowed)}")
         conn = session.conn
-        hashes, report = upload_tensors(session, named_tensors(module), conn.hashes,
-                                        conn.cfg.upload_chunk_bytes, conn.cfg.upload_window)
+        # Chunks must fit the frame limit the server announced at HELLO (--max-frame-bytes).
+        chunk = conn.cfg.upload_chunk_bytes
+        limit = (conn.info.get("limits") or {}).get("max_frame_bytes")
+        if isinstance(limit, int) and limit > 0:
+            chunk = min(chunk, limit)
+        hashes, report = upload_tensors(session, named_tensors(module), conn.hashes, chunk, conn.cfg.upload_window)
         gen = getattr(module, "generation_config", None)
         info = session.call("register_model", {
             "arch": arch,
@@ -87,7 +91,7 @@ class RemoteModel:
 
     def _attach(self, s: "Session") -> None:
         if s.sid not in self._sessions:
-            s.call("attach_model", {"model_id": self.model_id, "from_sid": self.session.sid})
+            s.call("attach_model", {"model_id": self.model_id})
             self._sessions.add(s.sid)
 
     def __repr__(self) -> str:

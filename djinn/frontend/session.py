@@ -151,5 +151,8 @@ def _model_output(name: str, fields: dict):
         return fields
     cls = getattr(modeling_outputs, name, None)
     if isinstance(cls, type) and issubclass(cls, ModelOutput):
-        return cls(**fields)
+        try:
+            return cls(**fields)
+        except TypeError:  # a field this transformers version lacks (client/server version skew)
+            return fields
     return fields

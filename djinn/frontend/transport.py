@@ -85,6 +85,8 @@ class Transport:
         fut.rid = rid  # type: ignore[attr-defined]
         frames = codec.encode(MsgType.REQUEST, {"rid": rid, "op": op, "args": args})
         with self._lock:
+            if self.dead is not None:  # declared dead since the check above: _fail_all may be done already
+                raise self.dead
             self._pending[rid] = _Pending(fut, stream)
         self._send(frames)
         return fut
@@ -99,8 +101,10 @@ class Transport:
             except Exception:
                 pass
         self._closing.set()
+        if self.dead is None:  # later calls raise this at once instead of using closed sockets
+            self.dead = ServerUnavailable(f"the connection to {self.address} was closed")
         self._thread.join(timeout=2)
-        self._fail_all(ServerUnavailable("connection closed"))
+        self._fail_all(self.dead)
         self._push.close(linger=0)
         self._ctx.term()
 

@@ -45,8 +45,12 @@ class UploadReport:
 
 
 def named_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """Every parameter and buffer, tied ones under each name (the server rebuilds the tying)."""
-    out = [(n, p.detach()) for n, p in module.named_parameters(remove_duplicate=False)]
+    """Every parameter and buffer, tied ones under each name (the server rebuilds the tying).
+
+    The Parameter objects themselves (not `.detach()` views, which are new objects on every call):
+    HashCache keys on the tensor object, so this is what lets a second remote of a module skip hashing.
+    """
+    out = [(n, p) for n, p in module.named_parameters(remove_duplicate=False)]
     out += [(n, b) for n, b in module.named_buffers(remove_duplicate=False)]
     return out
 

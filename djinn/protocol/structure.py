@@ -56,7 +56,10 @@ def unpack(obj: Any, tag: Callable[[str, Any], Any], model_output: Callable[[str
         return obj
     if "$tu" in obj and len(obj) == 1 and isinstance(obj["$tu"], list):
         return tuple(unpack(v, tag, model_output, _depth + 1) for v in obj["$tu"])
-    if "$d" in obj and isinstance(obj["$d"], dict) and (len(obj) == 1 or (len(obj) == 2 and "$mo" in obj)):
+    if "$d" in obj and isinstance(obj["$d"], dict) and (
+            len(obj) == 1 or (len(obj) == 2 and isinstance(obj.get("$mo"), str))):
+        if not all(isinstance(k, str) for k in obj["$d"]):  # msgpack also allows bytes keys
+            raise ProtocolError("only dicts with string keys can cross the wire")
         d = {k: unpack(v, tag, model_output, _depth + 1) for k, v in obj["$d"].items()}
         if "$mo" in obj and model_output is not None:
             return model_output(obj["$mo"], d)
@@ -65,7 +68,7 @@ def unpack(obj: Any, tag: Callable[[str, Any], Any], model_output: Callable[[str
         (name, value), = obj.items()
         if name in ("$h", "$t"):
             return tag(name, value)
-    raise ProtocolError(f"unknown tagged value with keys {sorted(obj)[:5]}")
+    raise ProtocolError(f"unknown tagged value with keys {sorted(obj, key=repr)[:5]}")  # keys: str or bytes
 
 
 def _is_model_output(obj: Any) -> bool:

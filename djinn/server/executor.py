@@ -63,8 +63,15 @@ def generate(module: torch.nn.Module, session: Session | None, model_id: str, in
             raise InvalidRequest("attention_mask is not supported when continuing a session's cache")
     if seed is not None:
         torch.manual_seed(seed)  # seeds the CPU and every CUDA device, like a local torch.manual_seed
-    with torch.no_grad():
-        out = module.generate(input_ids, streamer=streamer, **kwargs)
+    before = state.cache.get_seq_length() if state is not None else 0
+    try:
+        with torch.no_grad():
+            out = module.generate(input_ids, streamer=streamer, **kwargs)
+    except BaseException:
+        if state is not None and state.cache.get_seq_length() != before:
+            # Failed after the cache grew: it no longer matches state.ids, so it cannot be continued.
+            session.kv.pop(model_id, None)
+        raise
     if session is not None:
         state.ids = out
         session.kv[model_id] = state

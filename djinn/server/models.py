@@ -81,7 +81,7 @@ class ModelRegistry:
         missing = [h for h in tensors.values() if h not in self.text]
         if missing:
             raise InvalidRequest(f"{len(missing)} weights are not uploaded (first: {str(missing[0])[:12]})")
-        model_id = _model_id(arch, config, attn_impl, tensors)
+        model_id = _model_id(arch, config, attn_impl, tensors, generation_config)
         entry = self._models.get(model_id)
         if entry is not None:
             return entry, False
@@ -133,8 +133,13 @@ class ModelRegistry:
         pinned = [h for h in tensors]
         for h, t in tensors.items():
             self.text.add(h, t.to(self.device))
+        gen = None
+        if (p / "generation_config.json").is_file():
+            from transformers import GenerationConfig
+
+            gen = GenerationConfig.from_pretrained(str(p)).to_dict()
         try:
-            return self.register(arch, config, None, hashes)
+            return self.register(arch, config, None, hashes, gen)
         finally:
             for h in pinned:
                 self.text.release(h)
@@ -170,8 +175,11 @@ class ModelRegistry:
         return module.eval()
 
 
-def _model_id(arch, config, attn_impl, tensors) -> str:
-    blob = json.dumps([arch, config, attn_impl, sorted(tensors.items())], sort_keys=True, default=str)
+def _model_id(arch, config, attn_impl, tensors, generation_config=None) -> str:
+    # generation_config is part of the identity: it sets generate()'s defaults, so two clients whose
+    # models differ only there must not share one module (the first one's defaults would win).
+    blob = json.dumps([arch, config, attn_impl, sorted(tensors.items()), generation_config], sort_keys=True,
+                      default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 

@@ -119,10 +119,9 @@ def load_model(engine, client_id, rid, args):
 def attach_model(engine, client_id, rid, args):
     """Use a model this client already holds in another of its sessions (no upload, no rebuild)."""
     s = engine.session(client_id, args)
-    other = engine.sessions.get(args.get("from_sid"), client_id)
     mid = args.get("model_id")
-    if mid not in other.models:
-        raise InvalidRequest(f"model {mid!r} is not attached to session {other.sid[:8]}")
+    if not any(mid in other.models for other in engine.sessions.of_client(client_id)):
+        raise InvalidRequest(f"model {mid!r} is not held by any session of this client; remote it again")
     _attach(engine, s, engine.models.get(mid))
     return {}
 

@@ -49,10 +49,10 @@ class TextSegment:
         return entry.tensor
 
     def release(self, h: str) -> None:
-        entry = self._entries[h]
-        entry.refs -= 1
-        if entry.refs < 0:
+        entry = self._entries.get(h)  # a freed entry is gone: an extra release finds nothing
+        if entry is None or entry.refs <= 0:
             raise RuntimeError(f"text entry {h[:12]} released more often than acquired")
+        entry.refs -= 1
         if entry.refs == 0:
             del self._entries[h]
             self.nbytes -= entry.nbytes

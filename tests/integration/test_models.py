@@ -164,6 +164,22 @@ def test_base_model_hidden_state(conn, local_models, device):
     assert torch.equal(hidden.cpu(), ref.cpu())
 
 
+def test_generation_config_defaults_follow_local_model(conn, device):
+    """generate() without explicit lengths uses the model's own generation_config, per client model:
+    the same weights with other generation defaults must not share the first one's defaults."""
+    short, long_ = TINY_BUILDERS["llama"](seed=0, device=device), TINY_BUILDERS["llama"](seed=0, device=device)
+    short.generation_config.max_new_tokens = 3
+    long_.generation_config.max_new_tokens = 5
+    rm_short = RemoteModel.from_module(conn.session(), short)
+    rm_long = RemoteModel.from_module(conn.session(), long_)
+    assert rm_long.upload.uploaded == 0  # the weights are still shared
+    for model, rm in ((short, rm_short), (long_, rm_long)):
+        ref = _local(model, lambda m: m.generate(PROMPT.to(device)))
+        got = rm.generate(PROMPT)
+        assert got.shape == (1, PROMPT.shape[1] + model.generation_config.max_new_tokens)
+        assert torch.equal(got, ref.cpu())
+
+
 # -- errors ----------------------------------------------------------------------------------------
 def test_unsupported_module(conn):
     with pytest.raises(djinn.ModelNotSupported):

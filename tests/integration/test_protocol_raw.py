@@ -287,12 +287,12 @@ def test_other_clients_session_is_not_found(raw, good, raw_server):
         c.expect_error(codec.encode(MsgType.REQUEST, {"rid": rid, "op": op, "args": dict(args, sid=sid)}),
                        "session_not_found", rid)
         check_good(good, raw_server)
-    # Attaching the other client's model into a session of one's own is refused too.
+    # Using the other client's model from a session of one's own is refused too.
     opened = c.request(80, "open_session", {})
     assert opened.kind == MsgType.REPLY
     own = opened.header["result"]["sid"]
     c.expect_error(codec.encode(MsgType.REQUEST, {"rid": 81, "op": "attach_model", "args": {
-        "sid": own, "from_sid": sid, "model_id": good.rm.model_id}}), "session_not_found", 81)
+        "sid": own, "from_sid": sid, "model_id": good.rm.model_id}}), "invalid_request", 81)
     c.expect_error(codec.encode(MsgType.REQUEST, {"rid": 82, "op": "forward", "args": {
         "sid": own, "model_id": good.rm.model_id, "args": [ids]}}), "invalid_request", 82)
     # stats shows other clients' sessions without their names.
@@ -341,6 +341,24 @@ def test_hostile_burst_while_good_client_runs(ctx, good, raw_server):
             c.close()
     assert not t.is_alive()
     assert results and all(r is True for r in results), [r for r in results if r is not True][:3]
+    check_good(good, raw_server)
+
+
+def test_upload_is_chunked_below_the_servers_frame_limit(good, raw_server):
+    """A weight larger than --max-frame-bytes still uploads: the client splits it to fit."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    torch.manual_seed(8)
+    cfg = GPT2Config(n_layer=1, n_embd=64, n_head=4, vocab_size=8192, n_positions=64, bos_token_id=1, eos_token_id=2)
+    model = AutoModelForCausalLM.from_config(cfg).to(DEVICE).eval()
+    assert model.transformer.wte.weight.numel() * 4 > MAX_FRAME
+    s = good.conn.session("big")
+    rm = RemoteModel.from_module(s, model)
+    ids = torch.randint(0, 8192, (1, 6), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    with torch.no_grad():
+        ref = model(ids).logits.cpu()
+    assert torch.equal(rm(ids).logits.cpu(), ref)
+    s.close()
     check_good(good, raw_server)
 
 

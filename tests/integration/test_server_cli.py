@@ -6,16 +6,18 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 import torch
 
 import djinn
+from djinn.config import ClientConfig
 from djinn.frontend.connection import Connection
 from djinn.protocol.messages import READY_PREFIX
 
-from ..conftest import DEVICE, ServerProcess
+from ..conftest import DEVICE
 
 SERVER = [sys.executable, "-m", "djinn.server.server_main"]
 READY_RE = re.compile(r"^" + re.escape(READY_PREFIX) + r"(tcp://127\.0\.0\.1:(\d+)) \(device ([^,]+), (.+)\)$")
@@ -28,6 +30,14 @@ def _wait_exit(proc: subprocess.Popen, timeout_s: float) -> int | None:
         return None
 
 
+def _read_line(proc: subprocess.Popen, timeout_s: float) -> str:
+    box: list[str] = []
+    t = threading.Thread(target=lambda: box.append(proc.stdout.readline()), daemon=True)
+    t.start()
+    t.join(timeout_s)
+    return box[0] if box else ""
+
+
 def _run_cli(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "DJINN_SECRET"}
     return subprocess.run([*SERVER, *args], capture_output=True, text=True, timeout=timeout_s, env=env)
@@ -35,25 +45,30 @@ def _run_cli(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_ready_line_then_clean_exit_on_signal(sig):
-    s = ServerProcess()  # waits for the ready line
+    proc = subprocess.Popen([*SERVER, "--port", "0", "--device", DEVICE], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    conn = None
     try:
-        # The ready line names the address clients connect to.
-        assert s.address.startswith("tcp://127.0.0.1:")
-        conn = Connection(s.address, secret=None)
-        info = conn.info
-        assert info["pid"] == s.proc.pid and info["device"] == str(torch.device(DEVICE))
-        sess = conn.session("open-at-shutdown")  # shutdown with a client and a session still open
+        # The ready line names the address clients connect to, and the device.
+        line = _read_line(proc, 120).rstrip("\n")
+        m = READY_RE.match(line)
+        assert m, f"unexpected ready line {line!r}"
+        address, port, device = m.group(1), int(m.group(2)), m.group(3)
+        assert 0 < port < 65536 and device == str(torch.device(DEVICE))
+        conn = Connection(address, secret=None, cfg=ClientConfig(liveness_s=2.0))
+        assert conn.info["pid"] == proc.pid and conn.info["device"] == device
+        sess = conn.session("open-at-shutdown")  # shut down with a client and a session still open
         assert sess.sid in conn.stats()["sessions"]
 
         t0 = time.monotonic()
-        s.proc.send_signal(sig)
-        rc = _wait_exit(s.proc, 15)
+        proc.send_signal(sig)
+        rc = _wait_exit(proc, 15)
         assert rc is not None, f"server did not exit within 15s of {sig.name}"
-        assert rc == 0, s.proc.stderr.read()
         assert time.monotonic() - t0 < 10
-        err = s.proc.stderr.read()
+        err = proc.stderr.read()
+        assert rc == 0, err
         assert "Traceback" not in err, err
-        assert "stopped" in err
+        assert "stopped" in err, err
 
         # The client notices the server is gone and fails fast from then on.
         with pytest.raises(djinn.ServerUnavailable):
@@ -62,29 +77,14 @@ def test_ready_line_then_clean_exit_on_signal(sig):
         with pytest.raises(djinn.ServerUnavailable):
             conn.ping()
         assert time.monotonic() - t0 < 1.0
-        conn.close()
     finally:
-        s.stop()
-
-
-def test_ready_line_format():
-    proc = subprocess.Popen([*SERVER, "--port", "0", "--device", DEVICE], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
-    try:
-        line = proc.stdout.readline().rstrip("\n")
-        m = READY_RE.match(line)
-        assert m, line
-        assert 0 < int(m.group(2)) < 65536
-        assert m.group(3) == str(torch.device(DEVICE))
-        conn = Connection(m.group(1), secret=None)
-        try:
-            assert conn.ping() > 0
-        finally:
+        if conn is not None:
             conn.close()
-    finally:
-        proc.terminate()
-        assert _wait_exit(proc, 15) == 0
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
         proc.stdout.close()
+        proc.stderr.close()
 
 
 def test_gpu_without_cuda_exits_with_clear_message():
@@ -102,16 +102,5 @@ def test_port_in_use_exits_with_clear_message(server):
     r = _run_cli("--port", port, "--device", DEVICE)
     assert r.returncode != 0
     assert READY_PREFIX not in r.stdout
-    assert "cannot listen" in r.stderr and "Address already in use" in r.stderr, r.stderr
+    assert "cannot listen" in r.stderr and "in use" in r.stderr.lower(), r.stderr
     assert server.alive()
-
-
-@pytest.mark.parametrize("args, needle", [
-    (["--client-timeout", "0.5"], "client_timeout_s"),
-    (["--port", "70000"], "port"),
-], ids=["client_timeout_below_heartbeats", "port_out_of_range"])
-def test_bad_settings_exit_2_with_message(args, needle):
-    r = _run_cli(*args, "--device", DEVICE)
-    assert r.returncode == 2, r.stderr
-    assert needle in r.stderr and r.stderr.startswith("djinn server:"), r.stderr
-    assert "Traceback" not in r.stderr, r.stderr

@@ -103,7 +103,7 @@ def test_stateless_generate_leaves_session_cache(conn, model, device):
         assert torch.equal(rm.generate(Q1, max_new_tokens=5, session=s), ref)
         stream = rm.generate(Q1, max_new_tokens=5, session=s, stream=True)
         assert list(stream) == ref[0, Q1.shape[1]:].tolist()
-        rm(Q1).logits.shape  # a forward does not touch the cache either
+        assert rm(Q1, session=s).logits.shape == (1, Q1.shape[1], 256)  # nor does a forward
         assert _kv_tokens(conn, s) == before
         assert torch.equal(s.generate(rm, P2, max_new_tokens=8), local.generate(P2, max_new_tokens=8))
 
@@ -147,6 +147,26 @@ def test_session_cache_batch_mismatch(conn, local_models):
         assert _kv_tokens(conn, s)[rm.model_id] == P1.shape[1] + 2  # failed calls change nothing
 
 
+def test_failed_generate_leaves_no_stale_cache(conn, local_models, device):
+    """A generate that fails after the cache grew (gpt2 runs past n_positions=256 mid-decode) must not
+    leave a cache that no longer matches the session's tokens: it is dropped, like a reset."""
+    if device.type == "cuda":
+        pytest.skip("an out-of-range position index is a device-side assert on CUDA")
+    model = local_models["gpt2"]
+    long_prompt = torch.randint(3, 256, (1, 200), generator=torch.Generator().manual_seed(2))
+    with conn.session() as s:
+        rm = RemoteModel.from_module(s, model)
+        s.generate(rm, long_prompt, max_new_tokens=8)
+        assert _kv_tokens(conn, s) == {rm.model_id: 208}
+        with pytest.raises(djinn.RemoteExecutionError):
+            s.generate(rm, P1, max_new_tokens=60)  # 208 + 8 + 60 > 256 positions
+        st = conn.stats()["sessions"][s.sid]
+        assert st["kv_tokens"] == {} and st["gpu_bytes"] == 0
+        got = s.generate(rm, P2, max_new_tokens=8)  # starts over, consistently
+        assert torch.equal(got, LocalSession(model, device).generate(P2, max_new_tokens=8))
+        assert conn.stats()["sessions"][s.sid]["kv_tokens"] == {rm.model_id: got.shape[1]}
+
+
 def test_closed_session_raises(conn, local_models):
     model = local_models["llama"]
     s = conn.session("short-lived")
@@ -176,9 +196,13 @@ def test_closed_session_raises(conn, local_models):
             conn.transport.call("reset_kv", {"sid": s3.sid, "model_id": "x"})
     finally:
         other.close()
-    # the connection still works
+    # the connection still works (every session that held the model is closed: it uploads again)
     with conn.session() as s4:
-        assert RemoteModel.from_module(s4, model).upload.uploaded == 0
+        rm4 = RemoteModel.from_module(s4, model)
+        assert rm4.model_id == rm.model_id
+        with torch.no_grad():
+            ref = model(P1.to(model.device)).logits.cpu()
+        assert torch.equal(rm4(P1).logits.cpu(), ref)
 
 
 def test_remote_tensor_bound_to_its_session(conn, local_models):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import re
 
-import msgpack
 import pytest
 import torch
 
@@ -165,7 +164,8 @@ def test_inline_data_must_be_bytes():
 @pytest.mark.parametrize("desc", [["uint8", [1]], ["uint8", [1], b"\x00", 0], {"dtype": "uint8"}, "uint8", 3, []])
 def test_tensor_descriptor_shape(desc):
     for code in (EXT_TENSOR_INLINE, EXT_TENSOR_FRAME):
-        rejects([T, packb({"t": ext(code, packb(desc))}), b"\x00"], re.escape("tensor descriptor must be [dtype, shape, data]"))
+        rejects([T, packb({"t": ext(code, packb(desc))}), b"\x00"],
+                re.escape("tensor descriptor must be [dtype, shape, data]"))
 
 
 def test_tensor_descriptor_not_msgpack():

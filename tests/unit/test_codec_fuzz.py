@@ -160,11 +160,12 @@ def test_mutated_frame_list(i, frame_ops, limits):
 
 # ---- 3. well-formed msgpack, hostile tensor descriptors ------------------------------------------
 
+INT64 = st.integers(-(2**63), 2**64 - 1)  # what msgpack can carry
 dtype_names = st.one_of(st.sampled_from(sorted(DTYPES)), st.sampled_from(["float128", "", "qint8", "Float32"]),
                         st.integers(-3, 3), st.none(), st.binary(max_size=4))
 dims = st.one_of(st.integers(0, 5), st.integers(-3, -1), st.integers(2**30, 2**64 - 1), st.booleans(),
                  st.floats(allow_nan=True), st.text(max_size=2))
-shapes = st.one_of(st.lists(st.integers(0, 4), max_size=4), st.lists(dims, max_size=40), st.integers(), st.none())
+shapes = st.one_of(st.lists(st.integers(0, 4), max_size=4), st.lists(dims, max_size=40), INT64, st.none())
 refs = st.one_of(st.integers(-2, 8), st.booleans(), st.text(max_size=1), st.none(), st.floats())
 
 
@@ -179,16 +180,16 @@ def descriptor(draw):
     if kind == "raw":  # descriptor payload that is not a 3-list, or not msgpack at all
         code = draw(st.sampled_from([EXT_TENSOR_INLINE, EXT_TENSOR_FRAME]))
         return msgpack.ExtType(code, draw(st.one_of(st.binary(max_size=24), st.builds(packb, st.lists(
-            st.one_of(st.integers(), st.text(max_size=3), st.binary(max_size=3)), max_size=5)))))
+            st.one_of(INT64, st.text(max_size=3), st.binary(max_size=3)), max_size=5)))))
     dt, shape = draw(dtype_names), draw(shapes)
     if kind == "inline":
-        data = draw(st.one_of(st.binary(max_size=40), st.integers(), st.text(max_size=3)))
+        data = draw(st.one_of(st.binary(max_size=40), INT64, st.text(max_size=3)))
         return ext(EXT_TENSOR_INLINE, [dt, shape, data])
     return ext(EXT_TENSOR_FRAME, [dt, shape, draw(refs)])
 
 
 headers = st.recursive(
-    st.one_of(descriptor(), st.integers(), st.text(max_size=4), st.none()),
+    st.one_of(descriptor(), INT64, st.text(max_size=4), st.none()),
     lambda kids: st.one_of(st.lists(kids, max_size=4), st.dictionaries(st.text(max_size=3), kids, max_size=4)),
     max_leaves=8,
 )

@@ -1,0 +1,70 @@
+"""Typed errors: the wire registry maps every code back to its class, keeping message and traceback."""
+from __future__ import annotations
+
+import pytest
+
+from djinn.protocol import errors as E
+from djinn.protocol.codec import decode, encode
+from djinn.protocol.errors import ERRORS, DjinnError, error_from_wire
+from djinn.protocol.messages import MsgType
+
+EXPECTED = {
+    "djinn_error": E.DjinnError, "protocol": E.ProtocolError, "auth": E.AuthError,
+    "session_not_found": E.SessionNotFound, "handle_not_found": E.HandleNotFound,
+    "out_of_memory": E.OutOfMemory, "model_not_supported": E.ModelNotSupported,
+    "invalid_request": E.InvalidRequest, "remote_execution": E.RemoteExecutionError,
+    "server_unavailable": E.ServerUnavailable, "timeout": E.RequestTimeout,
+}
+
+
+def test_registry_is_exactly_the_error_classes():
+    assert ERRORS == EXPECTED
+    defined = {v for v in vars(E).values() if isinstance(v, type) and issubclass(v, DjinnError)}
+    assert set(ERRORS.values()) == defined
+    assert all(cls.code == code for code, cls in ERRORS.items())
+
+
+@pytest.mark.parametrize("code", sorted(EXPECTED))
+def test_error_from_wire_maps_every_code(code):
+    tb = 'Traceback (most recent call last):\n  File "x.py", line 1\nValueError: boom'
+    e = error_from_wire(code, "it broke", tb)
+    assert type(e) is EXPECTED[code]
+    assert isinstance(e, DjinnError)
+    assert e.code == code
+    assert e.message == "it broke"
+    assert e.remote_traceback == tb
+    assert e.args == ("it broke",)
+    assert str(e) == f"it broke\n--- remote traceback ---\n{tb}"
+
+
+@pytest.mark.parametrize("code", sorted(EXPECTED))
+def test_error_from_wire_without_traceback(code):
+    e = error_from_wire(code, "msg", None)
+    assert type(e) is EXPECTED[code]
+    assert e.remote_traceback is None
+    assert str(e) == "msg"
+
+
+@pytest.mark.parametrize("code", ["nope", "", "ProtocolError", "__class__", "Exception"])
+def test_unknown_code_is_a_plain_djinn_error(code):
+    e = error_from_wire(code, "m", "tb")
+    assert type(e) is DjinnError
+    assert (e.code, e.message, e.remote_traceback) == ("djinn_error", "m", "tb")
+
+
+@pytest.mark.parametrize("cls", list(EXPECTED.values()), ids=lambda c: c.__name__)
+def test_error_survives_the_wire(cls):
+    # The engine sends (code, message, traceback) in an ERROR message; the client rebuilds it.
+    sent = cls("bad thing \u2603", remote_traceback="tb line")
+    header = {"rid": 9, "code": sent.code, "message": sent.message, "traceback": sent.remote_traceback}
+    got = decode(encode(MsgType.ERROR, header))
+    assert got.kind is MsgType.ERROR and got.rid == 9
+    e = error_from_wire(got.header["code"], got.header["message"], got.header["traceback"])
+    assert type(e) is cls
+    assert (e.message, e.remote_traceback) == ("bad thing \u2603", "tb line")
+
+
+def test_errors_are_catchable_by_base_class():
+    with pytest.raises(DjinnError):
+        raise error_from_wire("out_of_memory", "oom", None)
+    assert issubclass(E.ProtocolError, Exception) and not issubclass(E.ProtocolError, ValueError)
