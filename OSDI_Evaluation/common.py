@@ -1,6 +1,7 @@
 """Shared by every benchmark: the environment record (card, versions, commit) and a server process."""
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -9,6 +10,9 @@ import torch
 
 
 def git_commit() -> str:
+    """The commit measured: $DJINN_COMMIT when run from an exported tree (no .git), else git's HEAD."""
+    if os.environ.get("DJINN_COMMIT"):
+        return os.environ["DJINN_COMMIT"]
     root = Path(__file__).resolve().parents[1]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
@@ -32,7 +36,7 @@ def environment(device: torch.device) -> dict:
         "pyzmq": zmq.__version__,
         "msgpack": ".".join(map(str, msgpack.version)),
         "cpu": platform.processor() or platform.machine(),
-        "cpu_count": __import__("os").cpu_count(),
+        "cpu_count": os.cpu_count(),
         "device": str(device),
     }
     if device.type == "cuda":
