@@ -1,17 +1,19 @@
 """Chunked weight uploads into the Text segment, verified against their content address.
 
 A tensor of any size arrives as in-order chunks (each well under the frame limit). Chunks are copied
-straight into a device buffer of the final size and hashed as they come, so a multi-GB weight never
-needs a single huge message, a second host copy, or a second pass to verify.
+straight into a device buffer of the final size and hashed as they come (whole leaves on the hashing
+pool while the copy runs, see Note [Tree hash]), so a multi-GB weight never needs a single huge
+message, a second host copy, or a second pass to verify.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 
 import torch
 
 from ..protocol.errors import InvalidRequest, ProtocolError
-from ..protocol.hashing import WeightHasher
+from ..protocol import hashing
 from ..protocol.tensors import check_shape, dtype_from_name, expected_nbytes
 
 
@@ -21,7 +23,8 @@ class PartialUpload:
     shape: tuple[int, ...]
     total: int
     buffer: torch.Tensor  # uint8 [total] on the device
-    hasher: WeightHasher
+    digests: list  # per leaf: bytes once hashed
+    partial: dict = field(default_factory=dict)  # leaf index -> sha256 of a leaf split across chunks
     received: int = 0
 
 
@@ -56,8 +59,9 @@ class Uploads:
                     f"upload of {h[:12]}: total={total} offset={offset} but {dtype}{list(shape)} is "
                     f"{expected_nbytes(dtype, shape)} bytes starting at offset 0"
                 )
+            n_leaves = -(-total // hashing.LEAF_BYTES)
             part = PartialUpload(dtype, shape, total, torch.empty(total, dtype=torch.uint8, device=self.device),
-                                 WeightHasher(dtype, shape))
+                                 [None] * n_leaves)
             self._partial[key] = part
         if offset != part.received or offset + data.numel() > part.total:
             self._partial.pop(key, None)
@@ -66,14 +70,17 @@ class Uploads:
                 f"{part.received} bytes received of {part.total}"
             )
         if data.numel():
-            part.hasher.update(memoryview(data.numpy()))
-            part.buffer[offset:offset + data.numel()].copy_(data)
+            pending = _hash_piece(part, offset, memoryview(data.numpy()))
+            part.buffer[offset:offset + data.numel()].copy_(data)  # overlaps the leaf hashing
+            for fut in pending:
+                fut.result()
         part.received += data.numel()
         if part.received < part.total:
             return None
         del self._partial[key]
-        if part.hasher.hexdigest() != h:
-            raise ProtocolError(f"upload of {h[:12]}: the bytes received hash to {part.hasher.hexdigest()[:12]}")
+        got = hashing.combine(part.dtype, part.shape, part.digests)
+        if got != h:
+            raise ProtocolError(f"upload of {h[:12]}: the bytes received hash to {got[:12]}")
         if part.total == 0:
             return h, torch.empty(part.shape, dtype=part.dtype, device=self.device)
         return h, part.buffer.view(part.dtype).reshape(part.shape)
@@ -81,3 +88,27 @@ class Uploads:
     def drop_session(self, sid: str) -> None:
         for key in [k for k in self._partial if k[0] == sid]:
             del self._partial[key]
+
+
+def _hash_piece(part: PartialUpload, offset: int, data: memoryview) -> list:
+    """Hash bytes [offset, offset+len) of a tensor: whole leaves on the pool, split leaves inline."""
+    futures = []
+    pos, end, leaf_size = offset, offset + data.nbytes, hashing.LEAF_BYTES
+    while pos < end:
+        leaf = pos // leaf_size
+        leaf_end = min((leaf + 1) * leaf_size, part.total)
+        seg_end = min(leaf_end, end)
+        view = data[pos - offset:seg_end - offset]
+        if pos == leaf * leaf_size and seg_end == leaf_end:
+            futures.append(hashing.pool().submit(_store_digest, part.digests, leaf, view))
+        else:
+            h = part.partial.setdefault(leaf, hashlib.sha256())
+            h.update(view)
+            if seg_end == leaf_end:
+                part.digests[leaf] = part.partial.pop(leaf).digest()
+        pos = seg_end
+    return futures
+
+
+def _store_digest(digests: list, leaf: int, view: memoryview) -> None:
+    digests[leaf] = hashing.leaf_digest(view)

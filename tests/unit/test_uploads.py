@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from djinn.protocol.errors import InvalidRequest, ProtocolError
-from djinn.protocol.hashing import WeightHasher, weight_hash
+from djinn.protocol import hashing
+from djinn.protocol.hashing import weight_hash
 from djinn.protocol.tensors import DTYPES, dtype_name, tensor_bytes
 from djinn.vmu.uploads import Uploads
 
@@ -41,17 +42,30 @@ def send_all(up, sid, its):
     return results[-1]
 
 
+def _tree(prefix: bytes, data: bytes, leaf: int) -> str:
+    """Note [Tree hash], written out independently of djinn.protocol.hashing."""
+    leaves = [data[i:i + leaf] for i in range(0, len(data), leaf)]
+    return hashlib.sha256(prefix + b"".join(hashlib.sha256(x).digest() for x in leaves)).hexdigest()
+
+
 def test_weight_hash_covers_dtype_shape_and_bytes():
     t = torch.arange(6, dtype=torch.int32)
-    expect = hashlib.sha256(b"int32:[6]:" + bits(t)).hexdigest()
+    expect = _tree(b"int32:[6]:", bits(t), hashing.LEAF_BYTES)
     assert weight_hash(t) == expect
     assert weight_hash(t.reshape(2, 3)) != expect
     assert weight_hash(t.view(torch.float32)) != expect
-    assert weight_hash(t.reshape(2, 3).t()) == hashlib.sha256(b"int32:[3, 2]:" + bits(t.reshape(2, 3).t())).hexdigest()
-    h = WeightHasher(torch.int32, (6,))
-    h.update(bytes(tensor_bytes(t))[:10])
-    h.update(bytes(tensor_bytes(t))[10:])
-    assert h.hexdigest() == expect
+    assert weight_hash(t.reshape(2, 3).t()) == _tree(b"int32:[3, 2]:", bits(t.reshape(2, 3).t()), hashing.LEAF_BYTES)
+    assert weight_hash(torch.empty(0, dtype=torch.int32)) == hashlib.sha256(b"int32:[0]:").hexdigest()
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 100, 1000, 4800])
+def test_multi_leaf_tree_hash_and_any_chunk_split(up, monkeypatch, chunk):
+    # Small leaves so a 4800-byte tensor spans 48 leaves, chunk splits landing inside and on leaf edges.
+    monkeypatch.setattr(hashing, "LEAF_BYTES", 100)
+    t, _ = random_tensor(torch.float32, (30, 40), seed=chunk)
+    assert weight_hash(t) == _tree(b"float32:[30, 40]:", bits(t), 100)
+    h, out = send_all(up, SID, items(t, chunk))
+    assert h == weight_hash(t) and bits(out) == bits(t)
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1000, 4800, 10_000])
@@ -97,7 +111,7 @@ def test_zero_dim_tensor(up):
     its = items(t, 3)
     assert [it["offset"] for it in its] == [0, 3, 6] and its[0]["shape"] == []
     h, out = send_all(up, SID, its)
-    assert h == weight_hash(t) == hashlib.sha256(b"float64:[]:" + bits(t)).hexdigest()
+    assert h == weight_hash(t) == _tree(b"float64:[]:", bits(t), hashing.LEAF_BYTES)
     assert out.shape == () and out.item() == 3.5
 
 
@@ -113,7 +127,7 @@ def test_out_of_order_chunk_rejected_and_partial_dropped(up):
     with pytest.raises(InvalidRequest, match=r"total=800 offset=200 but torch.int64\[100\] is 800 bytes"):
         up.put(SID, its[1])
     h, out = send_all(up, SID, its)
-    assert h == weight_hash(t) and torch.equal(out, t)
+    assert h == weight_hash(t) and bits(out) == bits(t)
 
 
 def test_repeated_chunk_rejected(up):
@@ -246,4 +260,4 @@ def test_extra_first_chunk_fields_ignored_after_start(up):
     for it in its[1:]:
         it["dtype"], it["shape"] = "garbage", "garbage"
     h, out = send_all(up, SID, its)
-    assert h == weight_hash(t) and torch.equal(out, t)
+    assert h == weight_hash(t) and bits(out) == bits(t)
