@@ -6,6 +6,7 @@
     out = rm(input_ids)              # runs on the server; tensors come back as RemoteTensor handles
     with djinn.session() as s:       # server-side state (KV cache) between calls
         ids = s.generate(rm, prompt, max_new_tokens=64)
+        run = s.start(rm, ids, breakpoints=["model.layers.6"])   # pause, read and edit, resume
 """
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import threading
 
 from .config import ClientConfig, env_secret, env_server_address
 from .frontend.connection import Connection
+from .frontend.edits import RemoteView
 from .frontend.remote import RemoteModel
+from .frontend.run import Breakpoint, Run, Stop
 from .frontend.session import Session, TokenStream
 from .frontend.tensor import RemoteTensor
 from .protocol.errors import (
@@ -26,7 +29,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "connect", "disconnect", "connection", "remote", "session", "stats",
-    "Connection", "Session", "RemoteModel", "RemoteTensor", "TokenStream", "ClientConfig",
+    "Connection", "Session", "RemoteModel", "RemoteTensor", "RemoteView", "TokenStream", "ClientConfig",
+    "Breakpoint", "Run", "Stop",
     "DjinnError", "ProtocolError", "AuthError", "SessionNotFound", "HandleNotFound", "OutOfMemory",
     "ModelNotSupported", "InvalidRequest", "RemoteExecutionError", "ServerUnavailable", "RequestTimeout",
 ]
@@ -66,12 +70,16 @@ def connection() -> Connection:
     return _conn
 
 
-def remote(model, *, session: Session | None = None) -> RemoteModel:
-    """Make `model` (an nn.Module, or a path to a Hugging Face directory on the server) run remotely."""
+def remote(model, *, session: Session | None = None, weight_budget_gb: float | None = None) -> RemoteModel:
+    """Make `model` (an nn.Module, or a path to a Hugging Face directory on the server) run remotely.
+
+    `weight_budget_gb`: the GPU memory (GiB) the model's weights may use on a CUDA server; decoder
+    layers beyond it stream from pinned host memory on every forward. None: the server's default.
+    """
     s = session or connection().default_session()
     if isinstance(model, str):
-        return RemoteModel.from_path(s, model)
-    return RemoteModel.from_module(s, model)
+        return RemoteModel.from_path(s, model, weight_budget_gb=weight_budget_gb)
+    return RemoteModel.from_module(s, model, weight_budget_gb=weight_budget_gb)
 
 
 def session(name: str | None = None) -> Session:

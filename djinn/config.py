@@ -37,6 +37,9 @@ class ServerConfig:
     """A client silent this long is dead: its sessions are reclaimed."""
     session_idle_timeout_s: float = 3600.0
     """A session with no request for this long is closed and its state freed."""
+    paused_run_timeout_s: float = 600.0
+    """A run parked at a breakpoint this long without a resume is cancelled and its paused state freed
+    (swapping it to host memory instead belongs to the VMU)."""
     max_frame_bytes: int = 1 << 30
     """Largest tensor frame accepted in one message (uploads are chunked below this)."""
     max_frames: int = 4096
@@ -49,6 +52,9 @@ class ServerConfig:
     """Hugging Face model classes the server builds itself (the module path)."""
     model_roots: list[str] = field(default_factory=list)
     """Directories `djinn.remote("/path")` may load from. Empty: any path, but only on loopback."""
+    weight_budget_gb: float | None = None
+    """Default GPU weight budget per model, in GiB (2**30 bytes), for models whose client sends none:
+    decoder layers beyond it stream from pinned host memory through a ring (CUDA only). None: no limit."""
     log_level: str = "INFO"
     """Python logging level name."""
 
@@ -63,7 +69,7 @@ class ServerConfig:
 
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port {self.port} is not a TCP port; use 0-65535 (0 picks a free one)")
-        for name in ("heartbeat_s", "client_timeout_s", "session_idle_timeout_s"):
+        for name in ("heartbeat_s", "client_timeout_s", "session_idle_timeout_s", "paused_run_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0 seconds")
         if self.client_timeout_s < 2 * self.heartbeat_s:
@@ -75,6 +81,10 @@ class ServerConfig:
                 f"bind={self.bind!r} is not loopback: set a secret (--secret or DJINN_SECRET) "
                 "or bind to 127.0.0.1"
             )
+        if self.weight_budget_gb is not None and (
+                isinstance(self.weight_budget_gb, bool) or not isinstance(self.weight_budget_gb, (int, float))
+                or not self.weight_budget_gb > 0):
+            raise ValueError(f"weight_budget_gb={self.weight_budget_gb!r} must be a number of GiB > 0, or null for no limit")
         if self.max_frame_bytes > self.max_message_bytes:
             raise ValueError("max_frame_bytes must not exceed max_message_bytes")
         return self

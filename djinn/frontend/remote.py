@@ -33,7 +33,11 @@ class RemoteModel:
         self._sessions = {session.sid}
 
     @classmethod
-    def from_module(cls, session: "Session", module: nn.Module) -> "RemoteModel":
+    def from_module(cls, session: "Session", module: nn.Module, *,
+                    weight_budget_gb: float | None = None) -> "RemoteModel":
+        """Upload what the server lacks and have it build the model. `weight_budget_gb` (GiB, CUDA
+        servers): the decoder layers beyond it stay in the server's pinned host memory and stream
+        through a ring of GPU slots on every forward (DESIGN.md section 6)."""
         arch = type(module).__name__
         config = getattr(module, "config", None)
         if config is None or not hasattr(config, "to_json_string"):
@@ -50,9 +54,12 @@ class RemoteModel:
         limit = (conn.info.get("limits") or {}).get("max_frame_bytes")
         if isinstance(limit, int) and limit > 0:
             chunk = min(chunk, limit)
-        hashes, report = upload_tensors(session, named_tensors(module), conn.hashes, chunk, conn.cfg.upload_window)
+        hashes, report = upload_tensors(session, named_tensors(module), conn.hashes, chunk, conn.cfg.upload_window,
+                                        stage="host" if weight_budget_gb is not None else None)
         gen = getattr(module, "generation_config", None)
+        budget = {"weight_budget_gb": weight_budget_gb} if weight_budget_gb is not None else {}
         info = session.call("register_model", {
+            **budget,
             "arch": arch,
             "config": json.loads(config.to_json_string(use_diff=False)),
             "attn_impl": getattr(config, "_attn_implementation", None),
@@ -63,8 +70,9 @@ class RemoteModel:
                    upload=report)
 
     @classmethod
-    def from_path(cls, session: "Session", path: str) -> "RemoteModel":
-        info = session.call("load_model", {"path": path})
+    def from_path(cls, session: "Session", path: str, *, weight_budget_gb: float | None = None) -> "RemoteModel":
+        budget = {"weight_budget_gb": weight_budget_gb} if weight_budget_gb is not None else {}
+        info = session.call("load_model", {"path": path, **budget})
         return cls(session, info["model_id"], info["arch"], info["bytes"], info.get("config"), source=path)
 
     # -- execution -------------------------------------------------------------------------------

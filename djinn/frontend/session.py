@@ -9,12 +9,17 @@ import torch
 
 from ..protocol import structure
 from ..protocol.errors import DjinnError, InvalidRequest
+from ..protocol.indexing import encode_chain
 from ..protocol.tensors import dtype_from_name
 from .tensor import RemoteTensor
 
 if TYPE_CHECKING:
     from .connection import Connection
     from .remote import RemoteModel
+    from .run import Run
+
+#: Ops that take the queued edits along and apply them before anything else.
+_CARRY_EDITS = frozenset({"resume", "fork", "fetch"})
 
 
 class Session:
@@ -24,16 +29,47 @@ class Session:
         self.sid: str = conn.transport.call("open_session", {"name": name})["sid"]
         self.closed = False
         self._frees: deque[str] = deque()  # append/popleft are atomic: safe from GC finalizers
+        self._edits: list[dict] = []       # in-place edits of remote tensors, in order (frontend/edits.py)
 
     # -- calls -----------------------------------------------------------------------------------
     def call(self, op: str, args: dict | None = None, **kw) -> Any:
         if self.closed:
             raise DjinnError(f"session {self.name or self.sid[:8]} is closed")
         self._flush_frees()
-        return self.conn.transport.call(op, dict(args or {}, sid=self.sid), **kw)
+        args = dict(args or {}, sid=self.sid)
+        if self._edits:
+            if op in _CARRY_EDITS:  # applied first, in the same request: no extra round trip
+                args["edits"] = self._take_edits()
+                kw["idempotent"] = False  # a retry would apply them twice
+            else:
+                self._flush_edits()
+        return self.conn.transport.call(op, args, **kw)
 
     def submit(self, op: str, args: dict, **kw):
+        self._flush_edits()
         return self.conn.transport.submit(op, dict(args, sid=self.sid), **kw)
+
+    def start(self, rm: "RemoteModel", *args, breakpoints=(), method: str = "forward", seed: int | None = None,
+              **kwargs) -> "Run":
+        """Start `rm(*args, **kwargs)` (or `rm.generate(input_ids, **kwargs)` with method="generate") as a
+        run that pauses at `breakpoints`: module paths, layer numbers, or `djinn.Breakpoint`s.
+
+        Returns at once; `run.wait()` gives the first Stop (or None if the run ended without one).
+        """
+        from .run import Breakpoint, Run
+
+        if method not in ("forward", "generate"):
+            raise InvalidRequest(f"method must be 'forward' or 'generate', got {method!r}")
+        if isinstance(breakpoints, (str, int, Breakpoint)):
+            breakpoints = [breakpoints]
+        specs = [Breakpoint.of(b).to_wire() for b in breakpoints]
+        rm._attach(self)
+        self._flush_frees()
+        fut = self.submit("start", {
+            "model_id": rm.model_id, "method": method, "breakpoints": specs, "seed": seed,
+            "args": structure.pack(list(args), self._leaf), "kwargs": structure.pack(kwargs, self._leaf),
+        })
+        return Run(self, rm, method, fut)
 
     def generate(self, rm: "RemoteModel", input_ids: torch.Tensor, *, stream: bool = False,
                  seed: int | None = None, **kwargs):
@@ -102,8 +138,30 @@ class Session:
 
         return structure.unpack(value, tag, _model_output)
 
-    def _fetch(self, tensors: list[RemoteTensor]) -> list[torch.Tensor]:
-        return self.call("fetch", {"handles": [t.hid for t in tensors]}, idempotent=True)["tensors"]
+    def _fetch(self, tensors: list) -> list[torch.Tensor]:
+        """Fetch RemoteTensors and RemoteViews (only a view's elements cross the wire)."""
+        handles, chains = [], []
+        for t in tensors:
+            base, chain = t._target()
+            handles.append(base.hid)
+            chains.append(encode_chain(chain) if chain else None)
+        args = {"handles": handles}
+        if any(c is not None for c in chains):
+            args["indices"] = chains
+        return self.call("fetch", args, idempotent=True)["tensors"]
+
+    def _queue_edit(self, record: dict) -> None:
+        if self.closed:
+            raise DjinnError(f"session {self.name or self.sid[:8]} is closed")
+        self._edits.append(record)
+
+    def _take_edits(self) -> list[dict]:
+        edits, self._edits = self._edits, []
+        return edits
+
+    def _flush_edits(self) -> None:
+        if self._edits:
+            self.conn.transport.call("edit", {"sid": self.sid, "edits": self._take_edits()})
 
     def _release_handle(self, hid: str) -> None:
         # Called from a GC finalizer, possibly while this thread holds a lock: only queue the id
@@ -130,7 +188,7 @@ class TokenStream:
 
     def __iter__(self) -> Iterator[int]:
         while True:
-            item = self._q.get()
+            item = self._fut.transport.next_stream_item(self._q)
             if item is None:
                 self.sequences = self._fut.result()["sequences"]  # raises the typed error, if any
                 return

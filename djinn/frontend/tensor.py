@@ -2,7 +2,8 @@
 
 Shape, dtype and device are known locally (no round trip). Data crosses the wire only when it is
 materialized: `.cpu()`, `.tolist()`, `.item()`, `.numpy()`. The server copy is freed when the
-handle is garbage-collected (batched with the session's next request).
+handle is garbage-collected (batched with the session's next request). In-place edits (`add_`,
+`t[idx] = v`, `t[idx] += v`, `copy_`) and views (`t[:, -1]`) come from `edits.Editable`.
 """
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .edits import Editable
+
 if TYPE_CHECKING:
     from .session import Session
 
 
-class RemoteTensor:
+class RemoteTensor(Editable):
     __slots__ = ("hid", "shape", "dtype", "device", "_session", "__weakref__")
 
     def __init__(self, session: "Session", hid: str, dtype: torch.dtype, shape, device: str):
@@ -25,6 +28,9 @@ class RemoteTensor:
         self.device = device
         self._session = session
         weakref.finalize(self, session._release_handle, hid)
+
+    def _target(self):
+        return self, ()
 
     # -- metadata without a round trip --
     def size(self, dim: int | None = None):

@@ -56,8 +56,11 @@ def named_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 
 def upload_tensors(session, tensors: list[tuple[str, torch.Tensor]], hashes: HashCache,
-                   chunk_bytes: int, window: int) -> tuple[dict[str, str], UploadReport]:
-    """Make every tensor present on the server (pinned to `session`); return name -> hash."""
+                   chunk_bytes: int, window: int, stage: str | None = None) -> tuple[dict[str, str], UploadReport]:
+    """Make every tensor present on the server (pinned to `session`); return name -> hash.
+
+    stage="host": the server keeps what arrives in host memory (a model with a GPU weight budget).
+    """
     by_name = {name: hashes(t) for name, t in tensors}
     unique: dict[str, torch.Tensor] = {}
     for name, t in tensors:
@@ -67,7 +70,8 @@ def upload_tensors(session, tensors: list[tuple[str, torch.Tensor]], hashes: Has
     bar = _progress(total)
     in_flight: deque = deque()
     for items, nbytes in _chunks([(h, unique[h]) for h in missing], chunk_bytes):
-        in_flight.append((session.submit("upload", {"items": items}), nbytes))
+        args = {"items": items, "stage": stage} if stage else {"items": items}
+        in_flight.append((session.submit("upload", args), nbytes))
         if len(in_flight) >= window:
             _wait_one(in_flight, bar)
     while in_flight:

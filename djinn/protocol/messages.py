@@ -10,7 +10,8 @@ PROTOCOL_VERSION = 1
 READY_PREFIX = "djinn server ready at "
 
 #: Capabilities this build offers; exchanged at HELLO so either side can refuse a feature early.
-CAPABILITIES = ("module_path", "generate", "stream", "session_kv", "chunked_upload", "model_dir")
+CAPABILITIES = ("module_path", "generate", "stream", "session_kv", "chunked_upload", "model_dir",
+                "breakpoints")
 
 
 class MsgType(enum.IntEnum):

@@ -1,19 +1,16 @@
 """The engine thread: the only thread that touches the device (DESIGN.md section 2).
 
-It takes requests from the router's queue one at a time, runs the op, and sends the reply through an
-inproc PUSH socket it owns. Every failure becomes a typed ERROR for that request; the loop goes on.
+It polls the router's socket (Note [One thread on the request path]), runs one request at a time, and
+replies on the same socket. Every failure becomes a typed ERROR for that request; the loop goes on.
 """
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 import traceback
 
 import torch
-import zmq
-
 from ..config import ServerConfig
 from ..protocol import codec
 from ..protocol.auth import is_loopback
@@ -21,54 +18,47 @@ from ..protocol.errors import DjinnError, InvalidRequest, OutOfMemory, RemoteExe
 from ..protocol.messages import MsgType
 from ..vmu.text import TextSegment
 from ..vmu.uploads import Uploads
-from . import ops
+from . import ops, run_ops  # noqa: F401  (run_ops registers the breakpoint ops)
 from .models import ModelRegistry
-from .router import OUTBOX, ClientGone, Request
+from .router import ClientGone, Request, Router
+from .runs import RunTable
 from .sessions import Session, SessionTable
 
 log = logging.getLogger("djinn.engine")
 
 
 class Engine(threading.Thread):
-    def __init__(self, ctx: zmq.Context, cfg: ServerConfig, device: torch.device, inbox: queue.Queue,
-                 stop: threading.Event):
+    def __init__(self, router: Router, cfg: ServerConfig, device: torch.device, stop: threading.Event):
         super().__init__(name="djinn-engine", daemon=True)
-        self.ctx, self.cfg, self.device, self.inbox, self.stop = ctx, cfg, device, inbox, stop
+        self.router, self.cfg, self.device, self.stop = router, cfg, device, stop
         self.loopback = is_loopback(cfg.bind)
         self.text = TextSegment()
         self.uploads = Uploads(device)
         self.models = ModelRegistry(self.text, device, cfg.architectures)
         self.sessions = SessionTable()
+        self.runs = RunTable()
         self.requests_served = 0
-        self._push: zmq.Socket | None = None
 
     # -- loop ------------------------------------------------------------------------------------
     def run(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self._push = self.ctx.socket(zmq.PUSH)
-        self._push.setsockopt(zmq.LINGER, 0)
-        self._push.setsockopt(zmq.SNDHWM, 0)
-        self._push.connect(OUTBOX)
         next_reap = time.monotonic() + 1.0
         try:
             while not self.stop.is_set():
-                try:
-                    item = self.inbox.get(timeout=0.2)
-                except queue.Empty:
-                    item = None
-                if isinstance(item, Request):
-                    self._serve(item)
-                elif isinstance(item, ClientGone):
-                    for s in self.sessions.of_client(item.client_id):
-                        self.close_session(s, f"client {item.reason}")
+                for item in self.router.poll(timeout_s=0.1):
+                    if isinstance(item, Request):
+                        self._serve(item)
+                    elif isinstance(item, ClientGone):
+                        for s in self.sessions.of_client(item.client_id):
+                            self.close_session(s, f"client {item.reason}")
                 if time.monotonic() >= next_reap:
                     self._reap_idle()
                     next_reap = time.monotonic() + 1.0
         finally:
             for s in list(self.sessions):
                 self.close_session(s, "server shutting down")
-            self._push.close(linger=0)
+            self.router.close()
 
     def _serve(self, req: Request) -> None:
         rid, op = req.header["rid"], req.header["op"]
@@ -96,8 +86,7 @@ class Engine(threading.Thread):
 
     # -- helpers for ops -------------------------------------------------------------------------
     def send(self, client_id: str, kind: MsgType, header: dict) -> None:
-        frames = codec.encode(kind, header)
-        self._push.send_multipart([client_id.encode(), *frames], copy=False)
+        self.router.send(client_id, codec.encode(kind, header))
 
     def _send_error(self, client_id: str, rid: int, e: DjinnError) -> None:
         header = {"rid": rid, "code": e.code, "message": e.message, "traceback": e.remote_traceback}
@@ -112,6 +101,7 @@ class Engine(threading.Thread):
     def close_session(self, s: Session, reason: str) -> None:
         if self.sessions.remove(s.sid) is None:
             return
+        self.runs.cancel_session(s, f"session closed ({reason})")  # unwinds their threads, frees the Stack
         for mid in s.models:
             self.models.release(mid, s.sid)
         for h in s.text_pins:
@@ -125,5 +115,6 @@ class Engine(threading.Thread):
         log.info("session %s closed (%s), freed %.1f MB of data", s.sid[:8], reason, freed / 1e6)
 
     def _reap_idle(self) -> None:
+        self.runs.reap(time.monotonic(), self.cfg.paused_run_timeout_s)
         for s in self.sessions.idle(self.cfg.session_idle_timeout_s, time.monotonic()):
             self.close_session(s, f"idle for {self.cfg.session_idle_timeout_s:.0f}s")

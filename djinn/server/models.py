@@ -18,7 +18,8 @@ from torch import nn
 
 from ..protocol.errors import InvalidRequest, ModelNotSupported
 from ..protocol.hashing import weight_hash
-from ..vmu.text import TextSegment
+from ..vmu.text import DEVICE, HOST, TextSegment
+from . import streaming
 
 log = logging.getLogger("djinn.models")
 
@@ -31,9 +32,12 @@ class ModelEntry:
     hashes: dict[str, str]  # tensor name -> weight hash
     config: dict
     refs: set[str] = field(default_factory=set)  # session ids using it
+    streamed: streaming.StreamedModel | None = None  # set when it runs under a GPU weight budget
 
     @property
     def nbytes(self) -> int:
+        if self.streamed is not None:  # ring views share one storage: count the weights, not the views
+            return self.streamed.plan.total_bytes
         return sum(t.numel() * t.element_size() for t in _unique_tensors(self.module))
 
 
@@ -67,12 +71,14 @@ class ModelRegistry:
         return cls
 
     def register(self, arch: object, config: object, attn_impl: object, tensors: object,
-                 generation_config: object = None) -> tuple[ModelEntry, bool]:
+                 generation_config: object = None, weight_budget: int | None = None) -> tuple[ModelEntry, bool]:
         """Build (or find) the model whose weights are the Text entries named in `tensors`.
 
         The caller must hold a reference on every hash (a session pin); the model takes its own.
-        Returns (entry, created).
+        With `weight_budget` (bytes, CUDA only) the decoder layers that do not fit stream from pinned
+        host memory (djinn/server/streaming.py). Returns (entry, created).
         """
+        streaming.check_device(self.device, weight_budget)
         cls = self.model_class(arch)
         if not isinstance(config, dict) or not isinstance(tensors, dict):
             raise InvalidRequest("register_model needs a config map and a map of tensor name -> hash")
@@ -81,23 +87,35 @@ class ModelRegistry:
         missing = [h for h in tensors.values() if h not in self.text]
         if missing:
             raise InvalidRequest(f"{len(missing)} weights are not uploaded (first: {str(missing[0])[:12]})")
-        model_id = _model_id(arch, config, attn_impl, tensors, generation_config)
+        model_id = _model_id(arch, config, attn_impl, tensors, generation_config, weight_budget)
         entry = self._models.get(model_id)
         if entry is not None:
             return entry, False
         module = self._build(cls, config, attn_impl, generation_config)
-        _bind_tensors(module, {name: self.text.get(h) for name, h in tensors.items()})
+        streamed = None
+        if weight_budget is None:
+            _bind_tensors(module, {name: self.text.to_device(h, self.device) for name, h in tensors.items()})
+        else:
+            streamed = streaming.stream_from_text(module, tensors, self.text, self.device, weight_budget)
         for h in tensors.values():
             self.text.acquire(h)
-        entry = ModelEntry(model_id, arch, module, dict(tensors), config)
+        entry = ModelEntry(model_id, arch, module, dict(tensors), config, streamed=streamed)
         self._models[model_id] = entry
         log.info("model %s built: %s, %d tensors, %.1f MB", model_id[:12], arch, len(tensors), entry.nbytes / 1e6)
+        if streamed is not None:
+            plan = streamed.plan
+            log.info("model %s streams %d of %d layers (%.2f GB per forward) through a %.2f GB ring; budget %.2f GiB",
+                     model_id[:12], len(plan.streamed), len(plan.layer_bytes), plan.streamed_bytes / 1e9,
+                     plan.ring_bytes / 1e9, plan.budget / 2**30)
         return entry, True
 
-    def load_dir(self, path: str, roots: list[str], loopback: bool) -> tuple[ModelEntry, bool]:
+    def load_dir(self, path: str, roots: list[str], loopback: bool,
+                 weight_budget: int | None = None) -> tuple[ModelEntry, bool]:
         """Load a Hugging Face directory (config.json + safetensors) that lives on the server."""
         from safetensors.torch import load_file
         from transformers import AutoConfig
+
+        streaming.check_device(self.device, weight_budget)
 
         p = Path(path).resolve()
         if roots:
@@ -131,15 +149,17 @@ class ModelRegistry:
             if h not in tensors:
                 tensors[h] = src
         pinned = [h for h in tensors]
+        # With a budget, weights stay on the host until the plan says which layers are resident.
+        residency = HOST if weight_budget is not None else DEVICE
         for h, t in tensors.items():
-            self.text.add(h, t.to(self.device))
+            self.text.add(h, t if residency == HOST else t.to(self.device), residency)
         gen = None
         if (p / "generation_config.json").is_file():
             from transformers import GenerationConfig
 
             gen = GenerationConfig.from_pretrained(str(p)).to_dict()
         try:
-            return self.register(arch, config, None, hashes, gen)
+            return self.register(arch, config, None, hashes, gen, weight_budget)
         finally:
             for h in pinned:
                 self.text.release(h)
@@ -156,6 +176,8 @@ class ModelRegistry:
             del self._models[model_id]
             for h in entry.hashes.values():
                 self.text.release(h)
+            if entry.streamed is not None:  # after the releases: only entries others still use are copied out
+                entry.streamed.close(self.text)
             log.info("model %s freed", model_id[:12])
 
     def _build(self, cls, config: dict, attn_impl: object, generation_config: object) -> nn.Module:
@@ -175,11 +197,14 @@ class ModelRegistry:
         return module.eval()
 
 
-def _model_id(arch, config, attn_impl, tensors, generation_config=None) -> str:
+def _model_id(arch, config, attn_impl, tensors, generation_config=None, weight_budget=None) -> str:
     # generation_config is part of the identity: it sets generate()'s defaults, so two clients whose
     # models differ only there must not share one module (the first one's defaults would win).
-    blob = json.dumps([arch, config, attn_impl, sorted(tensors.items()), generation_config], sort_keys=True,
-                      default=str)
+    # So is a weight budget: a streamed module and a resident one are different modules.
+    parts = [arch, config, attn_impl, sorted(tensors.items()), generation_config]
+    if weight_budget is not None:
+        parts.append({"weight_budget": weight_budget})
+    blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 

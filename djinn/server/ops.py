@@ -12,9 +12,10 @@ import torch
 
 from ..protocol import structure
 from ..protocol.errors import InvalidRequest
+from ..protocol.indexing import apply_chain, decode_chain
 from ..protocol.messages import MsgType
 from ..protocol.tensors import dtype_name
-from . import executor
+from . import executor, streaming
 
 log = logging.getLogger("djinn.ops")
 
@@ -71,16 +72,18 @@ def upload(engine, client_id, rid, args):
     if not isinstance(items, list):
         raise InvalidRequest("upload needs a list of items")
     done = 0
+    # A model with a GPU weight budget stages its uploads on the host (DESIGN.md section 10).
+    residency = streaming.upload_residency(engine.device, args.get("stage"), engine.cfg.weight_budget_gb)
     for item in items:
         if not isinstance(item, dict):
             raise InvalidRequest("upload items must be maps")
-        finished = engine.uploads.put(s.sid, item)
+        finished = engine.uploads.put(s.sid, item, host=residency != "device")
         if finished is None:
             continue
         h, tensor = finished
         if h in s.text_pins:
             continue  # the same bytes sent twice by one session: keep the one pin it has
-        engine.text.add(h, tensor)
+        engine.text.add(h, tensor, residency)
         s.text_pins.add(h)
         done += 1
     return {"stored": done}
@@ -95,8 +98,9 @@ def register_model(engine, client_id, rid, args):
     unpinned = sorted(set(tensors.values()) - s.text_pins)
     if unpinned:
         raise InvalidRequest(f"{len(unpinned)} weights were not announced or uploaded by this session")
+    budget = streaming.budget_bytes(args.get("weight_budget_gb"), engine.cfg.weight_budget_gb)
     entry, created = engine.models.register(args.get("arch"), args.get("config"), args.get("attn_impl"),
-                                            tensors, args.get("generation_config"))
+                                            tensors, args.get("generation_config"), budget)
     _attach(engine, s, entry)
     for h in set(tensors.values()):
         s.text_pins.discard(h)
@@ -110,7 +114,8 @@ def load_model(engine, client_id, rid, args):
     path = args.get("path")
     if not isinstance(path, str):
         raise InvalidRequest("load_model needs a path string")
-    entry, created = engine.models.load_dir(path, engine.cfg.model_roots, engine.loopback)
+    budget = streaming.budget_bytes(args.get("weight_budget_gb"), engine.cfg.weight_budget_gb)
+    entry, created = engine.models.load_dir(path, engine.cfg.model_roots, engine.loopback, budget)
     _attach(engine, s, entry)
     return dict(_model_info(entry, created), config=entry.config)
 
@@ -176,8 +181,14 @@ def reset_kv(engine, client_id, rid, args):
 
 @op
 def fetch(engine, client_id, rid, args):
+    """Tensors (or basic-index views, one index chain per handle) to the client, after its queued edits."""
     s = engine.session(client_id, args)
-    return {"tensors": [s.tensor(h).cpu() for h in _str_list(args.get("handles"), "handles")]}
+    engine.runs.apply_edits(s, args.get("edits"))
+    handles = _str_list(args.get("handles"), "handles")
+    indices = args.get("indices") or [None] * len(handles)
+    if not isinstance(indices, list) or len(indices) != len(handles):
+        raise InvalidRequest("indices must be a list with one index chain (or null) per handle")
+    return {"tensors": [_read(s.tensor(h), i) for h, i in zip(handles, indices)]}
 
 
 @op
@@ -202,17 +213,21 @@ def stats(engine, client_id, rid, args):
             "kv_tokens": {mid: int(kv.ids.shape[1]) for mid, kv in s.kv.items()},
             "models": sorted(s.models),
             "idle_s": round(now - s.last_active, 3),
+            "paused_bytes": engine.runs.paused_bytes(s.sid),
+            "runs": engine.runs.describe(s.sid, now) if s.client_id == client_id else {},
         }
         for s in engine.sessions
     }
     models = {
-        m.model_id: {"architecture": m.arch, "bytes": m.nbytes, "sessions": sorted(m.refs)}
+        m.model_id: {"architecture": m.arch, "bytes": m.nbytes, "sessions": sorted(m.refs),
+                     **({"streaming": m.streamed.stats()} if m.streamed is not None else {})}
         for m in engine.models
     }
+    text_bytes, host_bytes = streaming.segment_bytes(engine.text, engine.models)
     data = sum(v["gpu_bytes"] for v in sessions.values())
     return {
         "device": str(engine.device),
-        "segments": {"text": engine.text.nbytes, "data": data, "stack": 0, "host": 0,
+        "segments": {"text": text_bytes, "data": data, "stack": engine.runs.stack_bytes(), "host": host_bytes,
                      "uploads_in_flight": engine.uploads.nbytes},
         "text_entries": len(engine.text),
         "sessions": sessions,
@@ -236,6 +251,18 @@ def _model_of(engine, s, args):
     if mid not in s.models:
         raise InvalidRequest(f"model {mid!r} is not attached to session {s.sid[:8]}; remote it in this session")
     return engine.models.get(mid)
+
+
+def _read(t: torch.Tensor, chain: Any) -> torch.Tensor:
+    if chain is not None:
+        try:
+            t = apply_chain(t, decode_chain(chain))
+        except (IndexError, RuntimeError) as e:
+            raise InvalidRequest(f"index {chain} does not fit shape {list(t.shape)}: {e}") from None
+    out = t.cpu()
+    # On a CPU server .cpu() is the tensor itself, and its bytes leave later, from the router thread:
+    # copy, since an edit or a resumed run may change them in place meanwhile.
+    return out.clone() if out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() else out
 
 
 def _str_list(v: Any, what: str) -> list[str]:

@@ -1,14 +1,13 @@
 """`python -m djinn.server.server_main --gpu 0 [--port 5556] [--bind 127.0.0.1] [--config server.yaml]`
 
-Starts the router thread (sockets) and the engine thread (device), prints one ready line with the
-address, and shuts down cleanly on SIGINT/SIGTERM (or when --parent-pid exits, for embedded servers).
+Binds the router's socket, starts the engine thread (device and request socket), prints one ready
+line with the address, and shuts down cleanly on SIGINT/SIGTERM (or when --parent-pid exits, for embedded servers).
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
-import queue
 import signal
 import sys
 import threading
@@ -27,7 +26,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", help="YAML file of ServerConfig settings")
     p.add_argument("--secret", help="shared secret (default: $DJINN_SECRET)")
     p.add_argument("--client-timeout", type=float, dest="client_timeout_s", help="seconds before a silent client's sessions are reclaimed")
+    p.add_argument("--paused-run-timeout", type=float, dest="paused_run_timeout_s",
+                   help="seconds a run may stay paused at a breakpoint before it is cancelled (default 600)")
     p.add_argument("--max-frame-bytes", type=int, dest="max_frame_bytes", help="largest tensor frame accepted")
+    p.add_argument("--weight-budget-gb", type=float, dest="weight_budget_gb",
+                   help="default GPU weight budget per model in GiB; larger models stream layers (CUDA only)")
     p.add_argument("--parent-pid", type=int, help="exit when this process is gone (embedded servers)")
     p.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING")
     return p.parse_args(argv)
@@ -59,7 +62,9 @@ def main(argv=None) -> int:
     try:
         cfg = load_yaml(ServerConfig, args.config, port=args.port, bind=args.bind,
                         secret=args.secret or env_secret(), client_timeout_s=args.client_timeout_s,
-                        max_frame_bytes=args.max_frame_bytes, log_level=args.log_level).validate()
+                        paused_run_timeout_s=args.paused_run_timeout_s,
+                        max_frame_bytes=args.max_frame_bytes, weight_budget_gb=args.weight_budget_gb,
+                        log_level=args.log_level).validate()
     except (ValueError, TypeError) as e:
         print(f"djinn server: {e}", file=sys.stderr)
         return 2
@@ -73,6 +78,11 @@ def main(argv=None) -> int:
     from .router import Router
 
     device = pick_device(args, cfg)
+    if cfg.weight_budget_gb is not None and device.type != "cuda":
+        print(f"djinn server: weight_budget_gb={cfg.weight_budget_gb} needs a CUDA device (weight streaming keeps "
+              f"layers in pinned host memory and copies them to the GPU); this server runs on {device}: "
+              "drop the setting or serve on a GPU", file=sys.stderr)
+        return 2
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -82,29 +92,26 @@ def main(argv=None) -> int:
         "pid": os.getpid(),
     }
     ctx = zmq.Context()
-    inbox: queue.Queue = queue.Queue()
-    router = Router(ctx, cfg, inbox, info, stop)
-    router.start()
-    router.ready.wait()
-    if router.error is not None:
-        print(f"djinn server: cannot listen: {router.error}", file=sys.stderr)
+    try:
+        router = Router(ctx, cfg, info)
+    except zmq.ZMQError as e:
+        print(f"djinn server: cannot listen on {cfg.bind}:{cfg.port}: {e}", file=sys.stderr)
         return 1
-    engine = Engine(ctx, cfg, device, inbox, stop)
+    engine = Engine(router, cfg, device, stop)
     engine.start()
     print(f"{READY_PREFIX}{router.address} (device {device}, {info['device_name']})", flush=True)
     while not stop.is_set():
         if args.parent_pid and not _alive(args.parent_pid):
             logging.getLogger("djinn.server").info("parent %d is gone, shutting down", args.parent_pid)
             stop.set()
-        if not (router.is_alive() and engine.is_alive()):
+        if not engine.is_alive():
             stop.set()
         time.sleep(0.2)
     engine.join(timeout=10)
-    router.join(timeout=5)
-    if not (engine.is_alive() or router.is_alive()):
+    if not engine.is_alive():
         ctx.term()
     logging.getLogger("djinn.server").info("stopped")
-    return 0 if router.error is None else 1
+    return 0
 
 
 def _alive(pid: int) -> bool:

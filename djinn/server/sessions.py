@@ -20,6 +20,7 @@ log = logging.getLogger("djinn.sessions")
 
 class SessionState(enum.IntEnum):
     ACTIVE = 1
+    PAUSED = 2  # one of its runs is parked at a breakpoint (djinn/server/runs.py)
     CLOSED = 9
 
 
@@ -47,6 +48,7 @@ class Session:
     kv: dict[str, KVState] = field(default_factory=dict)            # model id -> cache
     models: set[str] = field(default_factory=set)                   # model ids this session holds
     text_pins: set[str] = field(default_factory=set)                # weight hashes held until registration
+    stack: dict[str, torch.Tensor] = field(default_factory=dict)    # handle -> stop tensor of a parked run (RunTable's)
 
     def add_tensor(self, t: torch.Tensor) -> str:
         hid = secrets.token_hex(8)
@@ -55,6 +57,8 @@ class Session:
 
     def tensor(self, hid: object) -> torch.Tensor:
         t = self.tensors.get(hid) if isinstance(hid, str) else None
+        if t is None and isinstance(hid, str):
+            t = self.stack.get(hid)
         if t is None:
             raise HandleNotFound(f"tensor handle {hid!r} is not held by session {self.sid}")
         return t

@@ -39,8 +39,12 @@ class Uploads:
     def nbytes(self) -> int:
         return sum(p.total for p in self._partial.values())
 
-    def put(self, sid: str, item: dict) -> tuple[str, torch.Tensor] | None:
-        """Take one chunk; return (hash, finished tensor) when the tensor is complete and verified."""
+    def put(self, sid: str, item: dict, host: bool = False) -> tuple[str, torch.Tensor] | None:
+        """Take one chunk; return (hash, finished tensor) when the tensor is complete and verified.
+
+        `host`: assemble a new tensor in (pageable) host memory instead of on the device: weights of a
+        model with a GPU weight budget are staged there until the plan says which are resident.
+        """
         h, data = item.get("hash"), item.get("data")
         offset, total = item.get("offset"), item.get("total")
         if not isinstance(h, str) or len(h) != 64:
@@ -60,7 +64,8 @@ class Uploads:
                     f"{expected_nbytes(dtype, shape)} bytes starting at offset 0"
                 )
             n_leaves = -(-total // hashing.LEAF_BYTES)
-            part = PartialUpload(dtype, shape, total, torch.empty(total, dtype=torch.uint8, device=self.device),
+            device = torch.device("cpu") if host else self.device
+            part = PartialUpload(dtype, shape, total, torch.empty(total, dtype=torch.uint8, device=device),
                                  [None] * n_leaves)
             self._partial[key] = part
         if offset != part.received or offset + data.numel() > part.total:
@@ -82,7 +87,7 @@ class Uploads:
         if got != h:
             raise ProtocolError(f"upload of {h[:12]}: the bytes received hash to {got[:12]}")
         if part.total == 0:
-            return h, torch.empty(part.shape, dtype=part.dtype, device=self.device)
+            return h, torch.empty(part.shape, dtype=part.dtype, device=part.buffer.device)
         return h, part.buffer.view(part.dtype).reshape(part.shape)
 
     def drop_session(self, sid: str) -> None:

@@ -1,0 +1,173 @@
+"""In-place edits of remote tensors, recorded on the client: `stop.activation[:, -1] += steer`.
+
+`t.add_(v)`, `t[idx] += v`, `t[idx] = local`, `t.copy_(local)` append an edit record to the session's
+queue. The session ships the queue with its next resume, fork or fetch, or as an `edit` op before any
+other request, so edits apply on the server in the order they were written, and before anything reads
+or runs on from the edited tensor. `t[idx]` is a RemoteView: a basic-indexing view descriptor whose
+shape is known locally, which can be edited or fetched (`t[:, -1].cpu()` moves only that slice).
+This is a small explicit record, not lazy ops: arbitrary ops on RemoteTensors (`t.norm(dim=-1)`)
+belong to the lazy-op SRG (DESIGN.md section 4.3).
+"""
+from __future__ import annotations
+
+import numbers
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..protocol.errors import InvalidRequest
+from ..protocol.indexing import encode_chain, normalize
+
+if TYPE_CHECKING:
+    from .session import Session
+    from .tensor import RemoteTensor
+
+
+class Editable:
+    """In-place edit methods shared by RemoteTensor and RemoteView (both return self, like torch)."""
+
+    __slots__ = ()
+
+    # Subclasses provide `shape`, `dtype` and `_target() -> (RemoteTensor, index chain)`.
+    shape: torch.Size
+    dtype: torch.dtype
+
+    def __getitem__(self, index) -> "RemoteView":
+        base, chain = self._target()
+        return RemoteView(base, chain + (normalize(index),), _view_shape(self.shape, index))
+
+    def __setitem__(self, index, value) -> None:
+        view = self[index]
+        if isinstance(value, RemoteView) and value._same_as(view):
+            return  # `t[i] += v` ends with `t[i] = t[i]`: the add was recorded already
+        view.copy_(value)
+
+    def add_(self, other):
+        return self._record("add", other)
+
+    def sub_(self, other):
+        return self._record("sub", other)
+
+    def mul_(self, other):
+        return self._record("mul", other)
+
+    def copy_(self, src):
+        return self._record("copy", src)
+
+    def fill_(self, value):
+        if not isinstance(value, numbers.Number):
+            raise TypeError(f"fill_ takes a number, got {type(value).__name__}")
+        return self._record("copy", value)
+
+    def zero_(self):
+        return self._record("copy", 0)
+
+    __iadd__ = add_
+    __isub__ = sub_
+    __imul__ = mul_
+
+    def _record(self, op: str, value: Any):
+        base, chain = self._target()
+        record = {"h": base.hid, "i": encode_chain(chain), "op": op, "v": _wire_value(base._session, value, self.shape)}
+        base._session._queue_edit(record)
+        return self
+
+    def _ref(self) -> dict:
+        base, chain = self._target()
+        return {"h": base.hid, "i": encode_chain(chain)}
+
+
+class RemoteView(Editable):
+    """`remote[index]`: a view of a RemoteTensor by basic indexing. No server call until it is edited
+    (the edit is queued) or read (`.cpu()` fetches just the view)."""
+
+    __slots__ = ("base", "chain", "shape")
+
+    def __init__(self, base: "RemoteTensor", chain: tuple, shape: torch.Size):
+        self.base, self.chain, self.shape = base, chain, shape
+
+    def _target(self):
+        return self.base, self.chain
+
+    def _same_as(self, other: "RemoteView") -> bool:
+        return self.base is other.base and encode_chain(self.chain) == encode_chain(other.chain)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base.dtype
+
+    @property
+    def device(self) -> str:
+        return self.base.device
+
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def cpu(self) -> torch.Tensor:
+        return self.base._session._fetch([self])[0]
+
+    def tolist(self):
+        return self.cpu().tolist()
+
+    def item(self):
+        return self.cpu().item()
+
+    def numpy(self):
+        return self.cpu().numpy()
+
+    def __repr__(self) -> str:
+        idx = "".join(_index_repr(i) for i in self.chain)
+        return f"RemoteView(<{self.base.hid[:8]}>{idx}, shape={list(self.shape)}, dtype={self.dtype}, remote)"
+
+
+def _view_shape(shape: torch.Size, index) -> torch.Size:
+    # A meta tensor computes the view's shape (and raises IndexError for an index that does not fit)
+    # exactly as torch would, without data.
+    return torch.empty(shape, device="meta")[normalize(index)].shape
+
+
+def _wire_value(session: "Session", value: Any, shape: torch.Size) -> Any:
+    if isinstance(value, Editable):
+        base, _ = value._target()
+        if base._session is not session:
+            raise InvalidRequest("a RemoteTensor can only be used in the session that holds it")
+        _check_broadcast(value.shape, shape)
+        return value._ref()
+    if isinstance(value, torch.Tensor):
+        _check_broadcast(value.shape, shape)
+        # A snapshot: torch would apply the edit now, so a later change to `value` must not leak in.
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)  # numpy scalars included: msgpack knows only Python numbers
+    if isinstance(value, numbers.Real):
+        return float(value)
+    raise TypeError(f"cannot edit a remote tensor with a {type(value).__name__}: use a number, a tensor or a "
+                    "RemoteTensor of the same session")
+
+
+def _check_broadcast(src: torch.Size, dst: torch.Size) -> None:
+    try:
+        ok = torch.broadcast_shapes(src, dst) == dst
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise InvalidRequest(f"an edit's value of shape {list(src)} does not broadcast to the target's {list(dst)}")
+
+
+def _index_repr(index: tuple) -> str:
+    def one(i):
+        if i is Ellipsis:
+            return "..."
+        if isinstance(i, slice):
+            return ":".join("" if v is None else str(v) for v in (i.start, i.stop)) + (
+                f":{i.step}" if i.step is not None else "")
+        return str(i)
+    return "[" + ", ".join(one(i) for i in index) + "]"

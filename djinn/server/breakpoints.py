@@ -1,0 +1,400 @@
+"""Runs: a forward or generate call that pauses at module breakpoints (DESIGN.md section 7).
+
+Note [Run hand-off]: a Run executes its model call on a worker thread of its own (`WORKERS`), so the
+call's Python stack, and with it the step's activations and KV cache, survives a pause where it is: no
+copy, no recompute. The engine thread and a run thread never run at the same time. The engine passes the baton
+(`start`, `resume`, `cancel`) and blocks until the run thread parks at its next breakpoint or ends;
+a parked run thread blocks until the engine passes the baton back. So only one thread drives the
+device at any moment (section 2), and every other session is served while a run is parked.
+
+Breakpoints are forward (pre-)hooks registered on the target modules for the life of one run; the
+executor has no breakpoint branches. The module is shared by every session using the model, so a
+hook acts only on the thread of the run that registered it (`_current`): another session's forward
+through the same module passes through it untouched.
+"""
+from __future__ import annotations
+
+import enum
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..protocol.errors import InvalidRequest
+from . import edits, executor
+
+WHERE = ("before", "after")
+MAX_BREAKPOINTS = 256
+
+_current = threading.local()  # .run: the Run whose worker thread this is (None elsewhere)
+
+
+class RunState(enum.IntEnum):
+    RUNNING = 1    # its thread holds the baton (only ever seen from inside the run)
+    PAUSED = 2     # parked at a breakpoint: its stop's tensors are readable and editable
+    FINISHED = 3
+    FAILED = 4
+    CANCELLED = 5  # by the client, a closed session, a dead client or the paused-run timeout
+
+
+class _Cancelled(BaseException):
+    """Raised out of a breakpoint hook to unwind a cancelled run's forward. A BaseException so that
+    model code catching Exception cannot swallow it; it never leaves the run thread."""
+
+
+@dataclass(frozen=True)
+class BreakpointSpec:
+    path: str                 # module path; "" is the model itself
+    where: str = "after"      # "after": the module's output; "before": its input
+    step: int | None = None   # forward call of the model to stop in (0 = prefill); None: every one
+
+
+@dataclass
+class StopPoint:
+    """Where a paused run stands: what the client sees as a Stop."""
+
+    spec: BreakpointSpec
+    step: int
+    hit: int                      # this run's n-th pause (0-based); fork replays up to it
+    tensors: list[torch.Tensor]   # every tensor the stop exposes, the activation first; edits address them
+    outputs: Any                  # the module's output ("after"), or None ("before")
+
+    @property
+    def activation(self) -> torch.Tensor:
+        return self.tensors[0]
+
+
+@dataclass
+class Call:
+    """What a run executes: all a fork needs to execute it again."""
+
+    module: nn.Module
+    method: str               # "forward" | "generate"
+    args: list                # device tensors and values; never mutated by the call
+    kwargs: dict
+    seed: int | None
+    device: torch.device
+
+    @property
+    def sampling(self) -> bool:
+        return self.method == "generate" and bool(self.kwargs.get("do_sample"))
+
+
+@dataclass(frozen=True)
+class LoggedEdit:
+    """An edit applied at a stop, kept so that a fork can apply it at the same point."""
+
+    position: int  # index into StopPoint.tensors
+    chain: tuple
+    op: str
+    value: Any
+
+
+@dataclass
+class Replay:
+    """For a fork: the parent's edits by hit, and the hit to park at (where the parent is parked).
+
+    Note [Fork replays the prefix]: a parked run's state is a Python call stack on its own thread,
+    which cannot be cloned. A fork therefore re-executes the same call from the stored inputs (same
+    seed and RNG state), applies the parent's logged edits at each earlier stop without parking, and
+    parks at the parent's current stop after applying the edits made there so far. Execution on one
+    device is deterministic, so the fork's state at that stop equals the parent's, bitwise; the price
+    is recomputing the prefix (OSDI_Evaluation/exp3_whitebox_debugging measures it).
+    """
+
+    log: dict[int, list[LoggedEdit]]
+    pause_hit: int
+    rng: tuple | None
+
+
+class Run:
+    def __init__(self, run_id: str, session, model_id: str, call: Call, specs: list[BreakpointSpec],
+                 replay: Replay | None = None):
+        self.run_id, self.session, self.model_id, self.call, self.specs = run_id, session, model_id, call, specs
+        self.state = RunState.RUNNING
+        self.stop: StopPoint | None = None
+        self.stop_hids: list[str] = []  # the stop's tensors as Stack handles (set by the run table)
+        self.output: Any = None
+        self.error: BaseException | None = None
+        self.error_traceback: str | None = None
+        self.calls = 0                  # forward calls of the model so far; the current step is calls - 1
+        self.hits = 0
+        self.cache: Any = None          # the KV cache generate passes to the model (accounted while paused)
+        self.log: dict[int, list[LoggedEdit]] = {}
+        self.paused_since: float | None = None
+        self.timing: dict[str, float] = {}
+        self._replay = replay
+        self.rng0 = replay.rng if replay else None  # RNG state at the start of a sampling run
+        self._rng_run = self.rng0                   # the run's RNG while parked (see _advance)
+        self._cancel = False
+        self._to_run = threading.Semaphore(0)
+        self._to_engine = threading.Semaphore(0)
+        self._hooks: list = []
+
+    # -- engine thread -----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Run until the first stop or the end. With no breakpoint there is nothing to park: the call
+        runs on the engine thread itself, at the cost of a plain forward or generate."""
+        if not self.specs:
+            self.timing = {"release": time.perf_counter()}
+            self._main()
+            self._to_engine.acquire()
+            self.timing["back"] = time.perf_counter()
+            return
+        self._register_hooks()
+        self._advance(lambda: WORKERS.submit(self._main, keep=self.call.device.type == "cuda"))
+
+    def resume(self) -> None:
+        assert self.state == RunState.PAUSED, self.state
+        self._advance(self._to_run.release)
+
+    def cancel(self) -> None:
+        """Unwind a parked run's thread (it raises _Cancelled out of its hook) and wait until it ended."""
+        if self.state == RunState.PAUSED:
+            self._cancel = True
+            self._advance(self._to_run.release)
+
+    def _advance(self, release) -> None:
+        # Sampling draws from torch's global generators, which other sessions also use while this run
+        # is parked: swap the run's RNG state in and out, so its tokens do not depend on them.
+        swap = self.call.sampling
+        if swap:
+            engine_rng = _rng_state(self.call.device)
+            if self._rng_run is not None:
+                _set_rng_state(self._rng_run, self.call.device)
+        self.state, self.stop, self.paused_since = RunState.RUNNING, None, None
+        self.timing = {"release": time.perf_counter()}
+        release()
+        self._to_engine.acquire()  # Note [Run hand-off]: the run thread has the device until here
+        self.timing["back"] = time.perf_counter()
+        if swap:
+            self._rng_run = _rng_state(self.call.device)
+            _set_rng_state(engine_rng, self.call.device)
+        if self.state == RunState.PAUSED:
+            self.paused_since = time.monotonic()
+
+    # -- run thread --------------------------------------------------------------------------------
+    def _main(self) -> None:
+        self.timing["wake"] = time.perf_counter()
+        _current.run = self
+        try:
+            if self.call.device.type == "cuda":
+                torch.cuda.set_device(self.call.device)
+            self.output = self._execute()
+            self.state = RunState.FINISHED
+        except _Cancelled:
+            self.state = RunState.CANCELLED
+        except BaseException as e:  # handed to the engine, which raises it as the request's error
+            self.error, self.error_traceback = e, traceback.format_exc()
+            self.state = RunState.FAILED
+        finally:
+            for h in self._hooks:
+                h.remove()
+            self._hooks.clear()
+            self.stop, self.cache = None, None
+            _current.run = None
+            self.timing["park"] = time.perf_counter()
+            self._to_engine.release()
+
+    def _execute(self) -> Any:
+        c = self.call
+        if c.seed is not None:
+            torch.manual_seed(c.seed)  # as generate(seed=) does: the CPU and every CUDA device
+        if c.sampling and self.rng0 is None:
+            self.rng0 = _rng_state(c.device)
+        if c.method == "forward":
+            return executor.forward(c.module, c.args, c.kwargs)
+        return executor.generate(c.module, None, self.model_id, c.args[0], c.kwargs, None, None)
+
+    def _register_hooks(self) -> None:
+        root = self.call.module
+        # First of all pre-hooks, so that a "before" breakpoint on the model itself sees the new step.
+        self._hooks.append(root.register_forward_pre_hook(self._count_call, with_kwargs=True, prepend=True))
+        for spec in self.specs:
+            target = root.get_submodule(spec.path)
+            if spec.where == "before":
+                self._hooks.append(target.register_forward_pre_hook(self._before_hook(spec), with_kwargs=True))
+            else:
+                self._hooks.append(target.register_forward_hook(self._after_hook(spec)))
+
+    def _count_call(self, module, args, kwargs):
+        if getattr(_current, "run", None) is self:
+            self.calls += 1
+            for v in kwargs.values():
+                if _is_cache(v):
+                    self.cache = v
+        return None
+
+    def _before_hook(self, spec: BreakpointSpec):
+        def hook(module, args, kwargs):
+            if getattr(_current, "run", None) is self:
+                first = _tensors((args, kwargs))[:1]
+                self._hit(spec, first, None)
+            return None  # edits are in place: the module reads the edited tensor
+        return hook
+
+    def _after_hook(self, spec: BreakpointSpec):
+        def hook(module, args, output):
+            if getattr(_current, "run", None) is self:
+                self._hit(spec, _tensors(output), output)
+            return None
+        return hook
+
+    def _hit(self, spec: BreakpointSpec, tensors: list[torch.Tensor], outputs: Any) -> None:
+        if self._cancel:
+            raise _Cancelled()  # model code swallowed the first one (a bare except): raise again
+        step = self.calls - 1
+        if spec.step is not None and spec.step != step:
+            return
+        if not tensors:
+            side = "input" if spec.where == "before" else "output"
+            raise InvalidRequest(f"breakpoint at {spec.path or '<model>'} ({spec.where}): the module's {side} holds no tensor")
+        hit = self.hits
+        self.hits += 1
+        stop = StopPoint(spec, step, hit, tensors, outputs)
+        if self._replay is not None and hit <= self._replay.pause_hit:
+            for e in self._replay.log.get(hit, []):
+                edits.apply_value(stop.tensors[e.position], e.chain, e.op, e.value)
+                self.log.setdefault(hit, []).append(e)
+            if hit < self._replay.pause_hit:
+                return  # the parent stopped here earlier; the fork only re-applies its edits
+        self.stop, self.state = stop, RunState.PAUSED
+        self.timing["park"] = time.perf_counter()
+        self._to_engine.release()
+        self._to_run.acquire()  # parked: the engine serves others until it passes the baton back
+        self.timing["wake"] = time.perf_counter()
+        if self._cancel:
+            raise _Cancelled()
+
+
+class _Workers:
+    """Run threads, kept between CUDA runs. A thread's first model call pays the CUDA libraries'
+    per-thread set-up (handles, workspaces): on an H200 a 7B-shape fp16 generate of 16 tokens took 2.5x
+    as long on a fresh thread as on one that had run it before (exp3_whitebox_debugging/results). A
+    paused run holds its worker; an ended one hands it back. CPU runs do not keep theirs: an idle thread
+    keeps an OpenMP team, and libgomp, seeing more threads than cores, stops spinning, which slows every
+    CPU forward of the server (section 10, "Breakpoints")."""
+
+    MAX_IDLE = 8
+
+    def __init__(self) -> None:
+        self._idle: queue.SimpleQueue = queue.SimpleQueue()  # of job queues; SimpleQueue is thread-safe
+        self._count = 0
+
+    def submit(self, job, keep: bool) -> None:
+        try:
+            jobs = self._idle.get_nowait()
+        except queue.Empty:
+            jobs = queue.SimpleQueue()
+            self._count += 1
+            threading.Thread(target=self._loop, args=(jobs,), name=f"djinn-run-{self._count}", daemon=True).start()
+        jobs.put((job, keep))
+
+    def _loop(self, jobs: queue.SimpleQueue) -> None:
+        while True:
+            job, keep = jobs.get()
+            job()  # never raises: Run._main keeps every error for the engine
+            # The job handed the baton back as its last act: from here on this thread runs alongside the
+            # engine, so it touches nothing but the idle queue.
+            if not keep or self._idle.qsize() >= self.MAX_IDLE:
+                return
+            self._idle.put(jobs)
+
+
+WORKERS = _Workers()
+
+
+# -- breakpoint specs ------------------------------------------------------------------------------
+def parse_breakpoints(module: nn.Module, raw: Any, method: str) -> list[BreakpointSpec]:
+    """Wire breakpoints ({path | layer, where, step}) -> specs with resolved, existing module paths."""
+    if not isinstance(raw, list) or len(raw) > MAX_BREAKPOINTS:
+        raise InvalidRequest(f"breakpoints must be a list of at most {MAX_BREAKPOINTS}")
+    specs = []
+    for b in raw:
+        if not isinstance(b, dict):
+            raise InvalidRequest(f"a breakpoint is {{path or layer, where, step}}, got {b!r:.80}")
+        path, layer, where, step = b.get("path"), b.get("layer"), b.get("where", "after"), b.get("step")
+        if (path is None) == (layer is None):
+            raise InvalidRequest("a breakpoint needs exactly one of path and layer")
+        if layer is not None:
+            path = _layer_path(module, layer)
+        if not isinstance(path, str) or len(path) > 500:
+            raise InvalidRequest(f"breakpoint path must be a module path string, got {path!r:.80}")
+        try:
+            module.get_submodule(path)
+        except AttributeError:
+            raise InvalidRequest(f"{type(module).__name__} has no module {path!r}; "
+                                 f"its decoder layers are {decoder_layers_path(module)}.0 ...") from None
+        if where not in WHERE:
+            raise InvalidRequest(f"where must be one of {WHERE}, got {where!r}")
+        if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
+            raise InvalidRequest(f"step must be an int >= 0 (0 is the prefill), got {step!r}")
+        if method == "forward" and step not in (None, 0):
+            raise InvalidRequest(f"step={step}: a forward run has only step 0; steps count generate's forward calls")
+        specs.append(BreakpointSpec(path, where, step))
+    return specs
+
+
+def decoder_layers_path(module: nn.Module) -> str | None:
+    """The module path of the model's decoder stack ("model.layers", "transformer.h"): the ModuleList of
+    config.num_hidden_layers identical blocks, else the longest such list."""
+    want = getattr(getattr(module, "config", None), "num_hidden_layers", None)
+    best: tuple[int, str] | None = None
+    for name, m in module.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(c) for c in m}) == 1:
+            if len(m) == want:
+                return name
+            if best is None or len(m) > best[0]:
+                best = (len(m), name)
+    return best[1] if best else None
+
+
+def _layer_path(module: nn.Module, layer: Any) -> str:
+    if not isinstance(layer, int) or isinstance(layer, bool):
+        raise InvalidRequest(f"layer must be an int, got {layer!r}")
+    stack = decoder_layers_path(module)
+    if stack is None:
+        raise InvalidRequest(f"{type(module).__name__} has no decoder layer stack; give a module path instead")
+    n = len(module.get_submodule(stack))
+    if not -n <= layer < n:
+        raise InvalidRequest(f"layer={layer} is out of range: {type(module).__name__} has {n} layers at {stack}")
+    return f"{stack}.{layer % n}"
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def _tensors(obj: Any, out: list | None = None, seen: set | None = None) -> list[torch.Tensor]:
+    """Tensors of a module's output (or (args, kwargs)) in order, each once: tuples, lists, dicts and
+    ModelOutputs (which are dicts) are walked; caches and other objects are not."""
+    out = [] if out is None else out
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        if id(obj) not in seen:
+            seen.add(id(obj))
+            out.append(obj)
+    elif isinstance(obj, (tuple, list)):
+        for v in obj:
+            _tensors(v, out, seen)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _tensors(v, out, seen)
+    return out
+
+
+def _is_cache(v: Any) -> bool:
+    return any(c.__name__ == "Cache" for c in type(v).__mro__)
+
+
+def _rng_state(device: torch.device) -> tuple:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)

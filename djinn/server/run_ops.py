@@ -1,0 +1,82 @@
+"""The breakpoint ops (DESIGN.md sections 7 and 10): start, resume, fork, cancel_run, edit.
+
+Registered in ops.OPS like every other op; they live here to keep ops.py about plain calls. start,
+resume and fork reply when the run parks at a breakpoint or ends, with server-side timings.
+"""
+from __future__ import annotations
+
+import time
+
+from ..protocol.errors import InvalidRequest
+from .breakpoints import Call, parse_breakpoints
+from .ops import _model_of, _unpack_inputs, op
+
+METHODS = ("forward", "generate")
+
+
+@op
+def start(engine, client_id, rid, args):
+    t0 = time.perf_counter()
+    s = engine.session(client_id, args)
+    entry = _model_of(engine, s, args)
+    if getattr(entry, "streamed", None) is not None and args.get("breakpoints"):
+        # The ring's slots are shared by every forward through the model: while one run is parked,
+        # another session's forward would overwrite the slots the parked run resumes into.
+        raise InvalidRequest("breakpoints on a model that streams its weights (weight_budget_gb) are not "
+                             "supported yet; remote it without a weight budget to debug it")
+    method = args.get("method", "forward")
+    if method not in METHODS:
+        raise InvalidRequest(f"method must be one of {METHODS}, got {method!r}")
+    call_args = _unpack_inputs(engine, s, args.get("args", []))
+    call_kwargs = _unpack_inputs(engine, s, args.get("kwargs", {}))
+    if not isinstance(call_args, list) or not isinstance(call_kwargs, dict):
+        raise InvalidRequest("start needs args as a list and kwargs as a map")
+    if method == "generate" and len(call_args) != 1:
+        raise InvalidRequest(f"a generate run takes one positional argument (input_ids), got {len(call_args)}")
+    seed = args.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise InvalidRequest(f"seed must be an int, got {seed!r}")
+    specs = parse_breakpoints(entry.module, args.get("breakpoints", []), method)
+    call = Call(entry.module, method, call_args, call_kwargs, seed, engine.device)
+    run = engine.runs.start(s, entry.model_id, call, specs)
+    return engine.runs.reply(s, run, t0)
+
+
+@op
+def resume(engine, client_id, rid, args):
+    t0 = time.perf_counter()
+    s = engine.session(client_id, args)
+    run = engine.runs.paused(engine.runs.get(s, args.get("run")))
+    engine.runs.apply_edits(s, args.get("edits"))
+    t_edits = time.perf_counter()
+    engine.runs.resume(run)
+    return engine.runs.reply(s, run, t0, t_edits)
+
+
+@op
+def fork(engine, client_id, rid, args):
+    """A copy of a paused run, parked at the same stop (Note [Fork replays the prefix])."""
+    t0 = time.perf_counter()
+    s = engine.session(client_id, args)
+    parent = engine.runs.paused(engine.runs.get(s, args.get("run")))
+    engine.runs.apply_edits(s, args.get("edits"))
+    t_edits = time.perf_counter()
+    child = engine.runs.fork(parent)
+    return engine.runs.reply(s, child, t0, t_edits)
+
+
+@op
+def cancel_run(engine, client_id, rid, args):
+    s = engine.session(client_id, args)
+    why = engine.runs.ended(s, args.get("run"))
+    if why is not None:
+        return {"ended": why}  # cancelling an ended run is a no-op, e.g. after the paused-run timeout
+    engine.runs.cancel(engine.runs.get(s, args.get("run")), "cancelled by the client")
+    return {"ended": "cancelled by the client"}
+
+
+@op
+def edit(engine, client_id, rid, args):
+    s = engine.session(client_id, args)
+    engine.runs.apply_edits(s, args.get("edits"))
+    return {}

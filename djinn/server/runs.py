@@ -1,0 +1,225 @@
+"""The run table: every live Run, who owns it, what its pause holds, and when it is given up.
+
+Owned by the engine thread. A paused run's stop tensors are handles in its session's Stack map
+(`Session.stack`) while it is parked there, and only then: resuming, cancelling or ending the run
+drops them. An ended run leaves a short tombstone, so a late resume is told why it cannot continue.
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+from ..protocol import structure
+from ..protocol.errors import InvalidRequest, RemoteExecutionError
+from ..protocol.tensors import dtype_name
+from . import edits
+from .breakpoints import BreakpointSpec, Call, LoggedEdit, Replay, Run, RunState
+from .sessions import Session, SessionState, _cache_nbytes
+
+log = logging.getLogger("djinn.runs")
+
+MAX_TOMBSTONES = 1024
+
+
+class RunTable:
+    def __init__(self) -> None:
+        self._runs: dict[str, Run] = {}
+        self._ended: OrderedDict[str, tuple[str, str]] = OrderedDict()  # run id -> (session id, why)
+
+    def __iter__(self):
+        return iter(list(self._runs.values()))
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def start(self, s: Session, model_id: str, call: Call, specs: list[BreakpointSpec]) -> Run:
+        run = Run(secrets.token_hex(6), s, model_id, call, specs)
+        self._runs[run.run_id] = run
+        run.start()
+        self._settle(run)
+        return run
+
+    def resume(self, run: Run) -> None:
+        self._leave_stop(run)
+        run.resume()
+        self._settle(run)
+
+    def fork(self, parent: Run) -> Run:
+        """A new run that re-executes the parent's call, re-applies the parent's edits at each earlier
+        stop, and parks where the parent is parked (Note [Fork replays the prefix])."""
+        stop = parent.stop
+        log_copy = {hit: list(es) for hit, es in parent.log.items()}
+        child = Run(secrets.token_hex(6), parent.session, parent.model_id, parent.call, parent.specs,
+                    Replay(log_copy, stop.hit, parent.rng0))
+        self._runs[child.run_id] = child
+        child.start()
+        if child.state == RunState.PAUSED and child.stop.hit == stop.hit and child.stop.spec == stop.spec:
+            self._settle(child)
+            return child
+        why = "fork did not reach its parent's stop"
+        if child.state == RunState.PAUSED:
+            self.cancel(child, why)
+        else:
+            self._settle(child, why)
+        raise RemoteExecutionError(f"fork of run {parent.run_id} did not reach the parent's stop at "
+                                   f"{stop.spec.path} (hit {stop.hit}): the model call is not deterministic")
+
+    def cancel(self, run: Run, why: str) -> None:
+        if run.run_id not in self._runs:
+            return
+        self._leave_stop(run)
+        run.cancel()
+        self._settle(run, why)
+
+    def cancel_session(self, s: Session, why: str) -> None:
+        for run in self.of_session(s.sid):
+            self.cancel(run, why)
+
+    def reap(self, now: float, timeout_s: float) -> None:
+        """Cancel runs parked longer than timeout_s. Their Stack state is freed, not swapped: moving
+        paused state to host memory belongs to the VMU (DESIGN.md section 3)."""
+        for run in self:
+            if run.paused_since is not None and now - run.paused_since > timeout_s:
+                log.info("run %s paused for more than %.0fs: cancelled, %.1f MB freed", run.run_id, timeout_s,
+                         self.paused_bytes_of(run) / 1e6)
+                self.cancel(run, f"paused for more than {timeout_s:g}s without a resume (paused_run_timeout_s)")
+
+    def get(self, s: Session, run_id: Any) -> Run:
+        run = self._runs.get(run_id) if isinstance(run_id, str) else None
+        if run is not None and run.session is s:
+            return run
+        why = self.ended(s, run_id)
+        if why is not None:
+            raise InvalidRequest(f"run {run_id} has ended: {why}")
+        raise InvalidRequest(f"run {run_id!r} does not exist in session {s.sid[:8]}")
+
+    def ended(self, s: Session, run_id: Any) -> str | None:
+        """Why this session's run ended, if it did (recently)."""
+        ended = self._ended.get(run_id) if isinstance(run_id, str) else None
+        return ended[1] if ended is not None and ended[0] == s.sid else None
+
+    def paused(self, run: Run) -> Run:
+        if run.state != RunState.PAUSED:
+            raise InvalidRequest(f"run {run.run_id} is not paused (it is {run.state.name.lower()})")
+        return run
+
+    # -- edits -------------------------------------------------------------------------------------
+    def apply_edits(self, s: Session, records: Any) -> None:
+        """Apply edit records in order. Edits of a paused stop's tensors are logged for forks."""
+        if not records:
+            return
+        owners = {hid: (run, pos) for run in self.of_session(s.sid) if run.stop is not None
+                  for pos, hid in enumerate(run.stop_hids)}
+        for e in edits.decode(records):
+            value = edits.apply(e, s.tensor(e.hid), s.tensor)
+            if e.hid in owners:
+                run, pos = owners[e.hid]
+                run.log.setdefault(run.stop.hit, []).append(LoggedEdit(pos, e.chain, e.op, value))
+
+    # -- replies and accounting --------------------------------------------------------------------
+    def reply(self, s: Session, run: Run, t0: float, edits_done: float | None = None) -> dict:
+        """The result of start, resume and fork: where the run stands, with server-side timings."""
+        out: dict[str, Any] = {"run": run.run_id, "state": run.state.name.lower()}
+        if run.state == RunState.PAUSED:
+            st = run.stop
+            hids = dict(zip(map(id, st.tensors), run.stop_hids))
+
+            def leaf(obj: Any):
+                if isinstance(obj, torch.Tensor):
+                    return _handle(hids[id(obj)], obj) if id(obj) in hids else None
+                if any(c.__name__ == "Cache" for c in type(obj).__mro__):
+                    return None
+                return NotImplemented
+
+            out["stop"] = {
+                "path": st.spec.path, "where": st.spec.where, "step": st.step, "hit": st.hit,
+                "activation": _handle(run.stop_hids[0], st.activation),
+                "outputs": structure.pack(st.outputs, leaf) if st.outputs is not None else None,
+                "paused_bytes": self.paused_bytes_of(run),
+            }
+        elif run.state == RunState.FINISHED:
+            out["output"] = _pack_output(s, run.output, run.call.method)
+            run.output = None
+        t = run.timing
+        now = time.perf_counter()
+        out["timing"] = {
+            "server_us": round((now - t0) * 1e6, 1),
+            "edits_us": round(((edits_done or t0) - t0) * 1e6, 1),
+            # engine -> run thread and back: the cost of a pause on top of the model's own compute
+            "handoff_us": round(((t["wake"] - t["release"]) + (t["back"] - t["park"])) * 1e6, 1),
+            "compute_us": round((t["park"] - t["wake"]) * 1e6, 1),
+        }
+        return out
+
+    def of_session(self, sid: str) -> list[Run]:
+        return [r for r in self._runs.values() if r.session.sid == sid]
+
+    def paused_bytes_of(self, run: Run) -> int:
+        if run.stop is None:
+            return 0
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in run.stop.tensors}
+        return sum(storages.values()) + (_cache_nbytes(run.cache) if run.cache is not None else 0)
+
+    def paused_bytes(self, sid: str) -> int:
+        return sum(self.paused_bytes_of(r) for r in self.of_session(sid))
+
+    def stack_bytes(self) -> int:
+        return sum(self.paused_bytes_of(r) for r in self._runs.values())
+
+    def describe(self, sid: str, now: float) -> dict:
+        out = {}
+        for r in self.of_session(sid):
+            d: dict[str, Any] = {"state": r.state.name, "method": r.call.method, "model_id": r.model_id}
+            if r.stop is not None:
+                d.update(path=r.stop.spec.path, where=r.stop.spec.where, step=r.stop.step, hit=r.stop.hit,
+                         paused_s=round(now - r.paused_since, 3), paused_bytes=self.paused_bytes_of(r))
+            out[r.run_id] = d
+        return out
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _settle(self, run: Run, why: str | None = None) -> None:
+        """After the run thread handed the baton back: expose a new stop, or retire an ended run."""
+        s = run.session
+        if run.state == RunState.PAUSED:
+            run.stop_hids = [secrets.token_hex(8) for _ in run.stop.tensors]
+            s.stack.update(zip(run.stop_hids, run.stop.tensors))
+        else:
+            self._runs.pop(run.run_id, None)
+            self._ended[run.run_id] = (s.sid, why or run.state.name.lower())
+            while len(self._ended) > MAX_TOMBSTONES:
+                self._ended.popitem(last=False)
+            run.log.clear()
+        if s.state != SessionState.CLOSED:
+            paused = any(r.state == RunState.PAUSED for r in self.of_session(s.sid))
+            s.state = SessionState.PAUSED if paused else SessionState.ACTIVE
+        if run.state == RunState.FAILED and why is None:
+            err, run.error = run.error, None
+            if isinstance(err, Exception):
+                raise err
+            raise RemoteExecutionError(f"run {run.run_id} failed: {err!r}", remote_traceback=run.error_traceback)
+
+    def _leave_stop(self, run: Run) -> None:
+        for hid in run.stop_hids:
+            run.session.stack.pop(hid, None)
+        run.stop_hids = []
+
+
+def _handle(hid: str, t: torch.Tensor) -> dict:
+    return {"$t": [hid, dtype_name(t.dtype), list(t.shape), str(t.device)]}
+
+
+def _pack_output(s: Session, out: Any, method: str) -> Any:
+    if method == "generate":
+        return out.cpu()  # the sequences travel as a local tensor, as rm.generate returns them
+
+    def leaf(obj: Any):
+        if isinstance(obj, torch.Tensor):
+            return _handle(s.add_tensor(obj), obj)
+        if any(c.__name__ == "Cache" for c in type(obj).__mro__):
+            return None
+        return NotImplemented
+
+    return structure.pack(out, leaf)
