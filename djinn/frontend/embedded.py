@@ -11,14 +11,14 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 
 from ..protocol.errors import ServerUnavailable
 from ..protocol.messages import READY_PREFIX
 
 
 class EmbeddedServer:
-    def __init__(self, device: str | None = None, timeout_s: float = 120.0, extra_args: list[str] | None = None):
+    def __init__(self, device: str | None = None, timeout_s: float = 120.0, extra_args: list[str] | None = None,
+                 env: dict[str, str] | None = None):
         self.log = tempfile.NamedTemporaryFile(prefix="djinn-server-", suffix=".log", delete=False)
         cmd = [sys.executable, "-m", "djinn.server.server_main", "--port", "0", "--bind", "127.0.0.1",
                "--parent-pid", str(os.getpid())]
@@ -26,7 +26,7 @@ class EmbeddedServer:
             cmd += ["--device", device]
         cmd += extra_args or []
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                     start_new_session=True)
+                                     start_new_session=True, env={**os.environ, **env} if env else None)
         self.address = self._wait_ready(timeout_s)
 
     def _wait_ready(self, timeout_s: float) -> str:
@@ -36,16 +36,23 @@ class EmbeddedServer:
         reader.join(timeout_s)
         line = box[0] if box else ""
         if not line.startswith(READY_PREFIX):
+            tail = self.log_tail()
             self.stop()
-            raise ServerUnavailable(f"the embedded djinn server did not start within {timeout_s:.0f}s:\n{self.log_tail()}")
+            raise ServerUnavailable(f"the embedded djinn server did not start within {timeout_s:.0f}s:\n{tail}")
         return line[len(READY_PREFIX):].split()[0]
 
-    def log_tail(self, lines: int = 30) -> str:
+    def log_text(self) -> str:
         try:
             with open(self.log.name) as f:
-                return "".join(f.readlines()[-lines:])
+                return f.read()
         except OSError:
             return ""
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "".join(self.log_text().splitlines(keepends=True)[-lines:])
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
 
     def stop(self, timeout_s: float = 10.0) -> None:
         if self.proc.poll() is None:
@@ -58,16 +65,12 @@ class EmbeddedServer:
         if self.proc.stdout:
             self.proc.stdout.close()
         self.log.close()
+        try:
+            os.unlink(self.log.name)
+        except OSError:
+            pass
 
     def __repr__(self) -> str:
         state = "running" if self.proc.poll() is None else f"exited {self.proc.returncode}"
         return f"EmbeddedServer({self.address}, pid={self.proc.pid}, {state})"
 
-
-def wait_until(predicate, timeout_s: float, interval_s: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return predicate()

@@ -44,11 +44,7 @@ def start(engine, client_id, rid, args):
 
 @op
 def resume(engine, client_id, rid, args):
-    t0 = time.perf_counter()
-    s = engine.session(client_id, args)
-    run = engine.runs.paused(engine.runs.get(s, args.get("run")))
-    engine.runs.apply_edits(s, args.get("edits"))
-    t_edits = time.perf_counter()
+    s, run, t0, t_edits = _paused_with_edits(engine, client_id, args)
     engine.runs.resume(run)
     return engine.runs.reply(s, run, t0, t_edits)
 
@@ -56,13 +52,18 @@ def resume(engine, client_id, rid, args):
 @op
 def fork(engine, client_id, rid, args):
     """A copy of a paused run, parked at the same stop (Note [Fork replays the prefix])."""
-    t0 = time.perf_counter()
-    s = engine.session(client_id, args)
-    parent = engine.runs.paused(engine.runs.get(s, args.get("run")))
-    engine.runs.apply_edits(s, args.get("edits"))
-    t_edits = time.perf_counter()
+    s, parent, t0, t_edits = _paused_with_edits(engine, client_id, args)
     child = engine.runs.fork(parent)
     return engine.runs.reply(s, child, t0, t_edits)
+
+
+def _paused_with_edits(engine, client_id, args):
+    """The paused run a resume/fork names, after applying the edits it carries; with the timings."""
+    t0 = time.perf_counter()
+    s = engine.session(client_id, args)
+    run = engine.runs.paused(engine.runs.get(s, args.get("run")))
+    engine.runs.apply_edits(s, args.get("edits"))
+    return s, run, t0, time.perf_counter()
 
 
 @op

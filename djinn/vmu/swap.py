@@ -130,20 +130,7 @@ class Swapper:
             return None
         region = self.pool.view(alloc)
         host = tuple(_host_view(region, s) for s in slots)
-        start, end = self._events()
-        t0 = time.perf_counter()
-        if self.stream is not None:
-            self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with self._on_side():
-            if start is not None:
-                start.record()
-            for h, t in zip(host, tensors):
-                h.copy_(t, non_blocking=True)
-                if self.stream is not None:
-                    t.record_stream(self.stream)
-            if end is not None:
-                end.record()
-        wall = None if end is not None else time.perf_counter() - t0
+        start, end, wall = self._copy(host, tensors, device_side=tensors)
         return SwapHandle("out", HostCopy(alloc, slots), host, tuple(tensors), start, end, wall)
 
     def swap_in(self, host: HostCopy) -> SwapHandle | None:
@@ -155,6 +142,13 @@ class Swapper:
         except torch.OutOfMemoryError:
             return None
         region = self.pool.view(host.alloc)
+        start, end, wall = self._copy(dst, [_host_view(region, s) for s in host.slots], device_side=dst)
+        return SwapHandle("in", host, dst, (), start, end, wall)
+
+    def _copy(self, dsts, srcs, *, device_side):
+        """dst.copy_(src) for each pair on the side stream, after the compute stream's pending work;
+        `device_side` tensors are marked used by that stream (Note [Swap stream ordering]).
+        Returns (start event, end event, wall seconds when there is no stream)."""
         start, end = self._events()
         t0 = time.perf_counter()
         if self.stream is not None:
@@ -162,14 +156,15 @@ class Swapper:
         with self._on_side():
             if start is not None:
                 start.record()
-            for d, s in zip(dst, host.slots):
-                d.copy_(_host_view(region, s), non_blocking=True)
-                if self.stream is not None:
-                    d.record_stream(self.stream)
+            for d, s in zip(dsts, srcs):
+                d.copy_(s, non_blocking=True)
+            if self.stream is not None:
+                for t in device_side:
+                    t.record_stream(self.stream)
             if end is not None:
                 end.record()
         wall = None if end is not None else time.perf_counter() - t0
-        return SwapHandle("in", host, dst, (), start, end, wall)
+        return start, end, wall
 
     def release(self, host: HostCopy) -> None:
         """Return a swapped-out copy's region to the pool (after its swap-in is done, or to discard it)."""
