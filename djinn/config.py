@@ -55,6 +55,19 @@ class ServerConfig:
     weight_budget_gb: float | None = None
     """Default GPU weight budget per model, in GiB (2**30 bytes), for models whose client sends none:
     decoder layers beyond it stream from pinned host memory through a ring (CUDA only). None: no limit."""
+    policy: str = "signal"
+    """Scheduling policy for sessions' KV caches: signal, lru, recompute or resident (DESIGN.md section 5)."""
+    swap_on_io_wait: bool = False
+    """signal policy: swap out every session that signals IO_WAIT, not only while memory is wanted."""
+    prefetch_margin_s: float = 0.05
+    """signal policy: a prefetch is planned to finish this long before the session's announced return."""
+    host_pool_gb: float = 4.0
+    """Pinned host memory for swapped KV caches, in GiB, allocated once at start (0: no swapping)."""
+    data_budget_gb: float | None = None
+    """GPU bytes sessions' KV caches and tensors may hold, in GiB. None: what the device has free,
+    less a 1 GiB reserve for activations."""
+    swap_bw_gbps: float | None = None
+    """Swap bandwidth the scheduler assumes until it has measured one (GB/s). None: 25 on CUDA, 4 on CPU."""
     log_level: str = "INFO"
     """Python logging level name."""
 
@@ -85,6 +98,16 @@ class ServerConfig:
                 isinstance(self.weight_budget_gb, bool) or not isinstance(self.weight_budget_gb, (int, float))
                 or not self.weight_budget_gb > 0):
             raise ValueError(f"weight_budget_gb={self.weight_budget_gb!r} must be a number of GiB > 0, or null for no limit")
+        from .scheduler.policies import POLICIES
+
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy={self.policy!r} is not a scheduling policy; choose one of {sorted(POLICIES)}")
+        for name in ("host_pool_gb", "data_budget_gb", "swap_bw_gbps", "prefetch_margin_s"):
+            v = getattr(self, name)
+            if v is None and name in ("data_budget_gb", "swap_bw_gbps"):
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (v == 0 and name == "swap_bw_gbps"):
+                raise ValueError(f"{name}={v!r} must be a number >= 0" + (", or null" if name != "host_pool_gb" else ""))
         if self.max_frame_bytes > self.max_message_bytes:
             raise ValueError("max_frame_bytes must not exceed max_message_bytes")
         return self

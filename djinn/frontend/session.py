@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import queue
 from collections import deque
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
@@ -80,6 +81,25 @@ class Session:
         """
         rm._attach(self)
         return self._generate(rm, input_ids, stream=stream, seed=seed, use_session_kv=True, **kwargs)
+
+    def signal(self, kind: str, eta_s: float | None = None) -> str:
+        """Tell the server what this session does next: "IO_WAIT" (it waits on a tool or a user, for
+        about `eta_s` seconds if known) or "COMPUTE" (it is back). While it waits the server may move
+        its KV cache to host memory and bring it back before `eta_s` is up. Returns the KV's state."""
+        kind = kind.upper() if isinstance(kind, str) else kind
+        if kind not in ("IO_WAIT", "COMPUTE"):
+            raise InvalidRequest(f"signal kind must be 'IO_WAIT' or 'COMPUTE', got {kind!r}")
+        return self.call("signal", {"kind": kind, "eta_s": eta_s})["state"]
+
+    @contextmanager
+    def io_wait(self, eta_s: float | None = None):
+        """`with session.io_wait(eta_s=12): run_tool()`: IO_WAIT on entry, COMPUTE on exit."""
+        self.signal("IO_WAIT", eta_s)
+        try:
+            yield self
+        finally:
+            if not self.closed and self.conn.transport.dead is None:
+                self.signal("COMPUTE")
 
     def reset(self, rm: "RemoteModel") -> None:
         """Forget this session's KV cache for `rm`."""

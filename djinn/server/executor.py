@@ -8,6 +8,7 @@ import warnings
 from typing import Any, Callable
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..protocol.errors import InvalidRequest
 from .sessions import KVState, Session
@@ -36,17 +37,16 @@ def forward(module: torch.nn.Module, args: list, kwargs: dict) -> Any:
 
 
 def generate(module: torch.nn.Module, session: Session | None, model_id: str, input_ids: torch.Tensor,
-             kwargs: dict, seed: int | None, on_tokens: Callable[[torch.Tensor], None] | None) -> torch.Tensor:
+             kwargs: dict, seed: int | None, on_tokens: Callable[[torch.Tensor], None] | None,
+             step_hook: Callable[[], None] | None = None) -> torch.Tensor:
     """Run HF generate on the server. With a session, continue from (and keep) its KV cache.
 
     With a session, `input_ids` are the tokens that follow what the session has seen; the result is
     the whole sequence so far, exactly what one long generate call over the concatenation returns.
+    A session whose cache the scheduler dropped (recompute policy) has an empty cache and its token
+    ids: generate prefills them all again. `step_hook` is called after every step (tasks.StepTask).
     """
-    bad = sorted(set(kwargs) - GENERATE_KWARGS)
-    if bad:
-        raise InvalidRequest(f"generate does not accept {bad}; allowed: {sorted(GENERATE_KWARGS)}")
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
-        raise InvalidRequest("generate needs input_ids as a [batch, tokens] int64 tensor")
+    check_generate(input_ids, kwargs)
     kwargs = dict(kwargs)
     streamer = _TokenStreamer(on_tokens) if on_tokens is not None else None
     state = session.kv.get(model_id) if session is not None else None
@@ -61,6 +61,8 @@ def generate(module: torch.nn.Module, session: Session | None, model_id: str, in
         kwargs["past_key_values"] = state.cache
         if "attention_mask" in kwargs:
             raise InvalidRequest("attention_mask is not supported when continuing a session's cache")
+    if step_hook is not None:
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_StepCriterion(step_hook)])
     if seed is not None:
         torch.manual_seed(seed)  # seeds the CPU and every CUDA device, like a local torch.manual_seed
     before = state.cache.get_seq_length() if state is not None else 0
@@ -76,6 +78,37 @@ def generate(module: torch.nn.Module, session: Session | None, model_id: str, in
         state.ids = out
         session.kv[model_id] = state
     return out
+
+
+def check_generate(input_ids: Any, kwargs: dict) -> None:
+    bad = sorted(set(kwargs) - GENERATE_KWARGS)
+    if bad:
+        raise InvalidRequest(f"generate does not accept {bad}; allowed: {sorted(GENERATE_KWARGS)}")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        raise InvalidRequest("generate needs input_ids as a [batch, tokens] int64 tensor")
+
+
+def new_tokens(module: torch.nn.Module, prompt_tokens: int, kwargs: dict) -> int:
+    """Most tokens a generate call may add (for the scheduler's memory estimate)."""
+    if kwargs.get("max_new_tokens") is not None:
+        return int(kwargs["max_new_tokens"])
+    gc = getattr(module, "generation_config", None)
+    if kwargs.get("max_length") is not None:
+        return max(0, int(kwargs["max_length"]) - prompt_tokens)
+    if gc is not None and gc.max_new_tokens is not None:
+        return int(gc.max_new_tokens)
+    return max(0, int(getattr(gc, "max_length", 20) or 20) - prompt_tokens)
+
+
+class _StepCriterion(StoppingCriteria):
+    """A stopping criterion that stops nothing: it hands the device back to the engine between steps."""
+
+    def __init__(self, hook: Callable[[], None]):
+        self.hook = hook
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        self.hook()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 class _TokenStreamer:

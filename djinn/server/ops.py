@@ -15,7 +15,10 @@ from ..protocol.errors import InvalidRequest
 from ..protocol.indexing import apply_chain, decode_chain
 from ..protocol.messages import MsgType
 from ..protocol.tensors import dtype_name
+from ..vmu.data import aligned, kv_bytes_per_token
 from . import executor, streaming
+from .dispatch import Job
+from .sessions import SessionState
 
 log = logging.getLogger("djinn.ops")
 
@@ -136,8 +139,8 @@ def release_model(engine, client_id, rid, args):
     s = engine.session(client_id, args)
     mid = args.get("model_id")
     if mid in s.models:
+        engine.data.forget_model(s, mid)
         s.models.discard(mid)
-        s.kv.pop(mid, None)
         engine.models.release(mid, s.sid)
     return {}
 
@@ -151,11 +154,14 @@ def forward(engine, client_id, rid, args):
     if not isinstance(call_args, list) or not isinstance(call_kwargs, dict):
         raise InvalidRequest("forward needs args as a list and kwargs as a map")
     out = executor.forward(entry.module, call_args, call_kwargs)
-    return {"output": _pack_outputs(s, out)}
+    result = {"output": _pack_outputs(s, out)}
+    engine.data.sync(s)
+    return result
 
 
 @op
 def generate(engine, client_id, rid, args):
+    """A job for the dispatcher: it runs one decode step at a time among other sessions' (dispatch.py)."""
     s = engine.session(client_id, args)
     entry = _model_of(engine, s, args)
     input_ids = _unpack_inputs(engine, s, args.get("input_ids"))
@@ -163,19 +169,59 @@ def generate(engine, client_id, rid, args):
     seed = args.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise InvalidRequest(f"seed must be an int, got {seed!r}")
+    if not isinstance(kwargs, dict):
+        raise InvalidRequest("generate needs kwargs as a map")
+    executor.check_generate(input_ids, kwargs)
     on_tokens = None
     if args.get("stream"):
         def on_tokens(tokens: torch.Tensor) -> None:
             engine.send(client_id, MsgType.STREAM, {"rid": rid, "tokens": tokens.tolist()})
-    out = executor.generate(entry.module, s if args.get("use_session_kv") else None, entry.model_id,
-                            input_ids, kwargs, seed, on_tokens)
-    return {"sequences": out.cpu()}
+    use_kv = bool(args.get("use_session_kv"))
+    mid = entry.model_id
+    held = s.kv.get(mid)
+    seen = int(held.ids.shape[1]) if held is not None else 0
+    need = 0
+    if use_kv:  # the session's KV once this call is done: the other models' as they are, this one's grown
+        batch, prompt = int(input_ids.shape[0]), seen + int(input_ids.shape[1])
+        this_now = engine.data.kv_bytes_of(s, mid)
+        grown = aligned_kv(entry, (prompt + executor.new_tokens(entry.module, prompt, kwargs)) * batch)
+        need = max(0, engine.data.gpu_bytes(s.sid) - this_now) + grown
+
+    def body(step_hook):
+        if use_kv:
+            kv = s.kv.get(mid)
+            if kv is not None and kv.cache.get_seq_length() == 0 and kv.ids.shape[1]:
+                engine.data.recomputing(s, int(kv.ids.shape[1]))  # dropped by the recompute policy
+        out = executor.generate(entry.module, s if use_kv else None, mid, input_ids, kwargs, seed, on_tokens,
+                                step_hook)
+        return {"sequences": out.cpu()}
+
+    sampling = bool(kwargs.get("do_sample", getattr(entry.module.generation_config, "do_sample", False)))
+    return Job(s, mid, need, body, sampling, engine.device, uses_kv=use_kv)
+
+
+@op
+def signal(engine, client_id, rid, args):
+    """IO_WAIT(eta_s) while the application waits on a tool or a user; COMPUTE when it is back."""
+    s = engine.session(client_id, args)
+    kind, eta = args.get("kind"), args.get("eta_s")
+    if kind not in ("IO_WAIT", "COMPUTE"):
+        raise InvalidRequest(f"signal kind must be 'IO_WAIT' or 'COMPUTE', got {kind!r}")
+    if eta is not None and (isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta < 1e7):
+        raise InvalidRequest(f"eta_s must be a number of seconds >= 0 (or null), got {eta!r}")
+    now = time.monotonic()
+    if kind == "IO_WAIT":
+        engine.data.io_wait(s.sid, now, None if eta is None else float(eta))
+    else:
+        engine.data.compute(s.sid, now)
+    engine.dispatch.dirty = True
+    return {"state": engine.data.mem(s.sid).state.name}
 
 
 @op
 def reset_kv(engine, client_id, rid, args):
     s = engine.session(client_id, args)
-    s.kv.pop(args.get("model_id"), None)
+    engine.data.forget_model(s, args.get("model_id"))
     return {}
 
 
@@ -196,6 +242,7 @@ def free(engine, client_id, rid, args):
     s = engine.session(client_id, args)
     for h in _str_list(args.get("handles"), "handles"):
         s.tensors.pop(h, None)
+    engine.data.sync(s)
     return {}
 
 
@@ -206,9 +253,9 @@ def stats(engine, client_id, rid, args):
         s.sid: {
             "name": s.name if s.client_id == client_id else None,
             "mine": s.client_id == client_id,
-            "state": s.state.name,
-            "gpu_bytes": s.data_bytes,
-            "host_bytes": 0,
+            **engine.data.stats(s.sid),
+            "paused": s.state == SessionState.PAUSED,
+            "job": engine.dispatch.describe(s.sid, now) if s.client_id == client_id else None,
             "tensors": len(s.tensors),
             "kv_tokens": {mid: int(kv.ids.shape[1]) for mid, kv in s.kv.items()},
             "models": sorted(s.models),
@@ -225,10 +272,13 @@ def stats(engine, client_id, rid, args):
     }
     text_bytes, host_bytes = streaming.segment_bytes(engine.text, engine.models)
     data = sum(v["gpu_bytes"] for v in sessions.values())
+    swapped = sum(v["host_bytes"] for v in sessions.values())
     return {
         "device": str(engine.device),
-        "segments": {"text": text_bytes, "data": data, "stack": engine.runs.stack_bytes(), "host": host_bytes,
+        "segments": {"text": text_bytes, "data": data, "stack": engine.runs.stack_bytes(), "host": host_bytes + swapped,
                      "uploads_in_flight": engine.uploads.nbytes},
+        "scheduler": {"policy": engine.policy.name, "queued": engine.dispatch.queue_length(),
+                      "decisions": engine.dispatch.decisions, **engine.data.summary()},
         "text_entries": len(engine.text),
         "sessions": sessions,
         "models": models,
@@ -240,6 +290,15 @@ def stats(engine, client_id, rid, args):
 def _attach(engine, s, entry) -> None:
     engine.models.acquire(entry, s.sid)
     s.models.add(entry.model_id)
+
+
+def aligned_kv(entry, tokens: int) -> int:
+    """GPU bytes of a KV cache of `tokens` tokens (summed over the batch) for this model, as the Data
+    segment counts them: per layer, keys and values each rounded up to the allocator's granule."""
+    dtype = next((p.dtype for p in entry.module.parameters() if p.is_floating_point()), torch.float32)
+    per_token = kv_bytes_per_token(entry.module.config, dtype)
+    layers = max(1, getattr(entry.module.config, "num_hidden_layers", 1) or 1)
+    return 2 * layers * aligned(per_token * tokens // (2 * layers)) if tokens else 0
 
 
 def _model_info(entry, created: bool) -> dict:

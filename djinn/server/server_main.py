@@ -31,6 +31,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-frame-bytes", type=int, dest="max_frame_bytes", help="largest tensor frame accepted")
     p.add_argument("--weight-budget-gb", type=float, dest="weight_budget_gb",
                    help="default GPU weight budget per model in GiB; larger models stream layers (CUDA only)")
+    p.add_argument("--policy", help="KV scheduling policy: signal (default), lru, recompute, resident")
+    p.add_argument("--swap-on-io-wait", action="store_const", const=True, dest="swap_on_io_wait",
+                   help="signal policy: swap out every session that signals IO_WAIT")
+    p.add_argument("--host-pool-gb", type=float, dest="host_pool_gb", help="pinned host pool for swapped KV (GiB)")
+    p.add_argument("--data-budget-gb", type=float, dest="data_budget_gb",
+                   help="GPU GiB for sessions' KV caches and tensors (default: what is free)")
     p.add_argument("--parent-pid", type=int, help="exit when this process is gone (embedded servers)")
     p.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING")
     return p.parse_args(argv)
@@ -64,7 +70,8 @@ def main(argv=None) -> int:
                         secret=args.secret or env_secret(), client_timeout_s=args.client_timeout_s,
                         paused_run_timeout_s=args.paused_run_timeout_s,
                         max_frame_bytes=args.max_frame_bytes, weight_budget_gb=args.weight_budget_gb,
-                        log_level=args.log_level).validate()
+                        policy=args.policy, swap_on_io_wait=args.swap_on_io_wait, host_pool_gb=args.host_pool_gb,
+                        data_budget_gb=args.data_budget_gb, log_level=args.log_level).validate()
     except (ValueError, TypeError) as e:
         print(f"djinn server: {e}", file=sys.stderr)
         return 2

@@ -79,6 +79,9 @@ class SessionTable:
     def __len__(self) -> int:
         return len(self._sessions)
 
+    def __contains__(self, sid: object) -> bool:
+        return sid in self._sessions
+
     def open(self, client_id: str, name: str | None) -> Session:
         s = Session(secrets.token_hex(12), client_id, name)
         self._sessions[s.sid] = s

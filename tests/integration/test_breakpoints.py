@@ -132,12 +132,12 @@ def test_stops_at_paths_in_order_and_reads_bitwise(pair):
         assert torch.equal(stop.activation.cpu(), ref.cpu())
         assert torch.equal(stop.activation[0, -1].cpu(), ref[0, -1].cpu())   # only a slice crosses
         assert torch.equal(stop.activation[:, 2:6][0].cpu(), ref[:, 2:6][0].cpu())  # a chain of views
-        assert session_stats(s.conn, s)["state"] == "PAUSED"
+        assert session_stats(s.conn, s)["paused"] is True
         stop = run.resume()
     assert seen == [(f"{layers}.0", "after", 0, 0), (f"{layers}.1", "before", 0, 1), ("lm_head", "after", 0, 2)]
     assert run.state == "finished" and run.wait() is None
     assert torch.equal(run.output.logits.cpu(), ref_logits)  # no edits: bitwise the uninterrupted run
-    assert session_stats(s.conn, s)["state"] == "ACTIVE"
+    assert session_stats(s.conn, s)["paused"] is False
 
 
 def test_generate_steps(pair):
@@ -306,7 +306,7 @@ def test_other_clients_run_while_paused(local_models, conn, server):
         for _ in range(3):
             assert torch.equal(rm2(IDS).logits.cpu(), local_forward(model)[0])
             assert torch.equal(rm2.generate(IDS, max_new_tokens=4), local_generate(model, max_new_tokens=4)[0])
-        assert other.stats()["sessions"][s.sid]["state"] == "PAUSED"  # visible to others, not its details
+        assert other.stats()["sessions"][s.sid]["paused"] is True  # visible to others, not its details
         assert other.stats()["sessions"][s.sid]["runs"] == {}
     finally:
         other.close()
@@ -325,7 +325,7 @@ def test_resume_and_cancel_free_the_stop(local_models, conn):
         stop = run.wait()
         st = session_stats(conn, s)
         kv = 2 * 2 * (1 * 2 * (P + 2) * 16 * 4)  # layers x (k, v) x [batch, kv heads, tokens, head dim] fp32
-        assert st["state"] == "PAUSED" and st["paused_bytes"] == 64 * 4 + kv
+        assert st["paused"] is True and st["paused_bytes"] == 64 * 4 + kv
         assert st["runs"][run.run_id] == {"state": "PAUSED", "method": "generate", "model_id": rm.model_id,
                                           "path": "model.layers.1", "where": "after", "step": 2, "hit": 0,
                                           "paused_s": st["runs"][run.run_id]["paused_s"], "paused_bytes": 64 * 4 + kv}
@@ -338,7 +338,7 @@ def test_resume_and_cancel_free_the_stop(local_models, conn):
         run.cancel()
         assert run.state == "cancelled" and not stop.live
         st = session_stats(conn, s)
-        assert (st["state"], st["paused_bytes"], st["runs"]) == ("ACTIVE", 0, {})
+        assert (st["paused"], st["paused_bytes"], st["runs"]) == (False, 0, {})
         assert conn.stats()["segments"]["stack"] == 0
         with pytest.raises(djinn.HandleNotFound):
             stop.activation.cpu()
@@ -367,7 +367,7 @@ def test_paused_run_timeout_frees_its_state(local_models):
         while session_stats(c, s)["runs"] and time.monotonic() < deadline:
             time.sleep(0.1)
         st = session_stats(c, s)
-        assert (st["state"], st["paused_bytes"], st["runs"]) == ("ACTIVE", 0, {})
+        assert (st["paused"], st["paused_bytes"], st["runs"]) == (False, 0, {})
         assert c.stats()["segments"]["stack"] == 0
         with pytest.raises(djinn.InvalidRequest, match=r"paused for more than 1s without a resume"):
             run.resume()

@@ -1,0 +1,213 @@
+"""Multi-tenant dispatch: which session's generate runs, waits or moves, one decode step at a time.
+
+DESIGN.md section 5. The engine hands every generate to the `Dispatcher`. Each one becomes a `Job`: a
+request of one session with the GPU bytes its KV will need. The scheduler policy (djinn/scheduler)
+decides from a `View` of all sessions which jobs start, which wait, and which idle sessions' caches go
+to host memory (or are dropped) to make room; the dispatcher executes that through the Data segment
+(djinn/vmu/data.py) and then steps every started job by one decode step, round robin
+(djinn/server/tasks.py). So a session waits for memory, never for another session's tool call, swap,
+prefetch or whole generate.
+
+Note [Per-session order]
+    A client may pipeline requests on one session. Everything but the control ops (ping, stats,
+    signal, closing) that arrives while the session has a job waits in the session's `deferred`
+    queue and is served, in order, when the job ends: a fetch after a generate sees its result, and a
+    second generate continues from the first's cache.
+
+Note [When to schedule]
+    `schedule` is pure and cheap, but it is called only when its inputs changed (`dirty`): a job
+    arrived or ended, a swap completed, a signal came, a session closed, or the time a policy asked
+    to be woken at (`Decision.wake_at`, a planned prefetch) has come.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..protocol.errors import SessionNotFound
+from ..scheduler import schedule
+from ..scheduler.types import MemoryView, SessionState, SessionView, View
+from .router import Request
+from .tasks import StepTask
+
+log = logging.getLogger("djinn.dispatch")
+
+#: Ops served at once, even while the session has a job (Note [Per-session order]).
+CONTROL_OPS = frozenset({"ping", "stats", "signal", "open_session", "close_session"})
+
+
+@dataclass
+class Job:
+    """One generate of one session, from arrival to reply."""
+
+    session: Any
+    model_id: str
+    need: int                       # GPU bytes of the session's KV once the job is done
+    body: Callable                  # body(step_hook) -> reply result
+    sampling: bool
+    device: Any
+    uses_kv: bool = True            # False: no session cache, no memory to schedule; starts at once
+    req: Request | None = None      # set by submit
+    arrival: int = 0
+    t_arrive: float = 0.0
+    task: StepTask | None = None
+    t_start: float | None = None
+    queued_reason: str | None = None
+
+
+@dataclass
+class _SessionQueue:
+    job: Job | None = None
+    deferred: deque = field(default_factory=deque)
+
+
+class Dispatcher:
+    def __init__(self, engine, policy):
+        self.engine, self.policy = engine, policy
+        self.data = engine.data
+        self._q: dict[str, _SessionQueue] = {}
+        self._running: list[Job] = []       # started jobs, in round-robin order
+        self._arrivals = itertools.count()
+        self.dirty = False
+        self.wake_at: float | None = None
+        self.decisions = 0
+
+    # -- arrivals --------------------------------------------------------------------------------
+    def busy(self, sid: Any) -> bool:
+        q = self._q.get(sid) if isinstance(sid, str) else None
+        return q is not None and (q.job is not None or bool(q.deferred))
+
+    def defer(self, sid: str, req: Request) -> None:
+        self._q[sid].deferred.append(req)
+
+    def submit(self, job: Job, req: Request) -> None:
+        job.req, job.arrival, job.t_arrive = req, next(self._arrivals), time.monotonic()
+        q = self._q.setdefault(job.session.sid, _SessionQueue())
+        assert q.job is None, "a session runs one job at a time (Note [Per-session order])"
+        q.job = job
+        if job.uses_kv:
+            self.data.request_arrived(job.session.sid)
+            self.dirty = True
+        else:
+            self._start(job)
+
+    # -- the engine's step ---------------------------------------------------------------------------
+    def runnable(self) -> bool:
+        return bool(self._running)
+
+    def due(self, now: float) -> bool:
+        return self.dirty or (self.wake_at is not None and now >= self.wake_at)
+
+    def schedule(self, now: float) -> None:
+        view = self.view(now)
+        decision = schedule(self.policy, view)
+        self.decisions += 1
+        self.dirty, self.wake_at = False, decision.wake_at
+        sessions = {s.sid: s for s in self.engine.sessions}
+        for a in decision.swap_out:
+            self.data.swap_out(sessions[a.sid])
+        for a in decision.drop:
+            self.data.drop(sessions[a.sid], self.engine.fresh_cache(sessions[a.sid]))
+        for a in decision.prefetch:
+            self.data.prefetch(sessions[a.sid])
+        for a in (*decision.admit, *decision.run):
+            job = self._q[a.sid].job
+            if job.task is None:
+                self._start(job)
+        for a in decision.queue:
+            job = self._q[a.sid].job
+            job.queued_reason = a.reason
+            m = self.data.mem(a.sid)
+            if m.state.needs_prefill:
+                m.state = SessionState.QUEUED
+
+    def step(self) -> None:
+        """Every started job takes one step; ended ones reply and let their session's next request in."""
+        for job in list(self._running):
+            if job.task.advance():
+                self._finish(job)
+
+    def view(self, now: float) -> View:
+        mem = self.data.memory_view()
+        rows = []
+        for s in self.engine.sessions:
+            m = self.data.mem(s.sid)
+            q = self._q.get(s.sid)
+            job = q.job if q is not None and q.job is not None and q.job.uses_kv else None
+            gpu = self.data.gpu_bytes(s.sid)
+            if job is not None and job.task is not None:
+                gpu = max(gpu, job.need)  # a running job holds its reservation
+            rows.append(SessionView(
+                s.sid, m.state, gpu, self.data.host_bytes(s.sid), s.last_active, job is not None,
+                job.arrival if job else 0, job.need if job else 0, m.io_wait_since, m.io_eta_s))
+        used = mem.gpu_used + sum(max(0, r.gpu_bytes - self.data.gpu_bytes(r.sid)) for r in rows)
+        mem = MemoryView(max(mem.gpu_capacity, used), used, mem.host_capacity, mem.host_used, mem.host_largest_free)
+        return View(now, tuple(rows), mem, self.data.swap_bw)
+
+    # -- sessions ----------------------------------------------------------------------------------
+    def drop_session(self, sid: str, why: str) -> None:
+        """The session closed: unwind its job, fail its queued requests."""
+        q = self._q.pop(sid, None)
+        if q is None:
+            return
+        err = SessionNotFound(f"session {sid[:8]} closed ({why}) before this request ran")
+        if q.job is not None:
+            if q.job.task is not None:
+                q.job.task.cancel()
+                self._running.remove(q.job)
+            self.engine.reply_error(q.job.req, err)
+        for req in q.deferred:
+            self.engine.reply_error(req, err)
+        self.dirty = True
+
+    def queue_length(self) -> int:
+        return sum(1 for q in self._q.values() if q.job is not None and q.job.task is None)
+
+    def describe(self, sid: str, now: float) -> dict | None:
+        q = self._q.get(sid)
+        if q is None or q.job is None:
+            return None
+        j = q.job
+        if j.task is None:
+            return {"op": "generate", "waiting_s": round(now - j.t_arrive, 3), "why": j.queued_reason}
+        return {"op": "generate", "running_s": round(now - j.t_start, 3), "steps": j.task.steps}
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _start(self, job: Job) -> None:
+        now = time.monotonic()
+        job.t_start = now
+        waited = now - job.t_arrive
+        if job.uses_kv:
+            m = self.data.mem(job.session.sid)
+            if m.state.needs_prefill:
+                m.state = SessionState.ACTIVE
+            m.counters.queue_s += waited
+            self.data.totals.queue_s += waited
+        job.task = StepTask(job.body, job.device, job.sampling)
+        self._running.append(job)
+
+    def _finish(self, job: Job) -> None:
+        self._running.remove(job)
+        s = job.session
+        q = self._q.get(s.sid)
+        if q is not None:
+            q.job = None
+        t = job.task
+        if t.error is None:
+            self.engine.reply(job.req, t.result)
+        else:
+            self.engine.reply_exception(job.req, t.error, t.error_traceback)
+        s.last_active = time.monotonic()
+        if s.sid in self.engine.sessions:
+            self.data.sync(s)
+        self.dirty = True
+        if q is not None:
+            while q.deferred and q.job is None:
+                self.engine.serve(q.deferred.popleft(), in_order=True)
+            if q.job is None and not q.deferred:
+                self._q.pop(s.sid, None)
+

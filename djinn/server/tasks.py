@@ -1,0 +1,104 @@
+"""Step tasks: a generate that gives the device back to the engine after every decode step.
+
+DESIGN.md section 5: many sessions' requests interleave at decode-step granularity, so no session
+waits for another's whole generate. Hugging Face `generate` is one long call, so it runs on a worker
+thread (breakpoints.WORKERS, which keeps CUDA threads warm) and parks after each step in a stopping
+criterion that never stops anything; the engine lets one task take one step at a time
+(Note [Step hand-off]). Sampling tasks keep their own RNG state, so a seeded generate gives the same
+tokens whatever runs between its steps.
+
+Note [Step hand-off]
+    Exactly one thread runs at a time: the engine blocks in `advance` while the task's thread runs a
+    step, and the task thread blocks in the criterion while the engine runs. So the device, the
+    session's cache and the router socket (a streaming task sends its tokens itself) are never touched
+    by two threads at once, as with breakpoint runs (Note [Run hand-off]).
+"""
+from __future__ import annotations
+
+import threading
+import traceback
+from typing import Any, Callable
+
+import torch
+
+from .breakpoints import WORKERS, _rng_state, _set_rng_state
+
+
+class Cancelled(BaseException):
+    """Raised inside a task's thread to unwind it (session closed, server stopping)."""
+
+
+class StepTask:
+    """Runs `body(step_hook)` on a worker thread, one step per `advance()`.
+
+    `body` must call `step_hook()` between steps (executor.generate passes it to HF generate as a
+    stopping criterion). When it returns, `result` holds its value; when it raises, `error` and
+    `error_traceback` hold the exception.
+    """
+
+    def __init__(self, body: Callable[[Callable[[], None]], Any], device: torch.device, sampling: bool):
+        self.body, self.device, self.sampling = body, device, sampling
+        self.done = False
+        self.steps = 0
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.error_traceback: str | None = None
+        self._cancel = False
+        self._started = False
+        self._rng: tuple | None = None
+        self._to_task = threading.Semaphore(0)
+        self._to_engine = threading.Semaphore(0)
+
+    # -- engine thread ---------------------------------------------------------------------------
+    def advance(self) -> bool:
+        """Let the task run one step (the first call also runs its set-up and prefill). True when done."""
+        if self.done:
+            return True
+        engine_rng = None
+        if self.sampling:
+            engine_rng = _rng_state(self.device)
+            if self._rng is not None:
+                _set_rng_state(self._rng, self.device)
+        if not self._started:
+            self._started = True
+            WORKERS.submit(self._main, keep=self.device.type == "cuda")
+        else:
+            self._to_task.release()
+        self._to_engine.acquire()  # Note [Step hand-off]
+        if engine_rng is not None:
+            self._rng = _rng_state(self.device)
+            _set_rng_state(engine_rng, self.device)
+        return self.done
+
+    def cancel(self) -> None:
+        """Unwind the task (it raises Cancelled at its next step) and wait until its thread let go."""
+        if self.done:
+            return
+        if not self._started:
+            self.done = True
+            self.error = Cancelled()
+            return
+        self._cancel = True
+        while not self.advance():
+            pass
+
+    # -- task thread -----------------------------------------------------------------------------
+    def _main(self) -> None:
+        try:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            self.result = self.body(self._step)
+        except BaseException as e:  # handed to the engine, which replies with it
+            self.error, self.error_traceback = e, traceback.format_exc()
+        finally:
+            self.done = True
+            self._to_engine.release()
+
+    def _step(self) -> None:
+        self.steps += 1
+        if self._cancel:
+            raise Cancelled()
+        self._to_engine.release()
+        self._to_task.acquire()
+        if self._cancel:
+            raise Cancelled()
