@@ -3,6 +3,7 @@
     import djinn
     djinn.connect()                  # DJINN_SERVER, or an embedded local server (GPU if present)
     rm = djinn.remote(model)         # weights go up once, content-addressed and shared
+    rm = djinn.remote(config, seed=0, dtype=torch.float16)   # or built on the server, random weights
     out = rm(input_ids)              # runs on the server; tensors come back as RemoteTensor handles
     with djinn.session() as s:       # server-side state (KV cache) between calls
         ids = s.generate(rm, prompt, max_new_tokens=64)
@@ -16,7 +17,7 @@ import threading
 from .config import ClientConfig, env_secret, env_server_address
 from .frontend.connection import Connection
 from .frontend.edits import RemoteView
-from .frontend.remote import RemoteModel
+from .frontend.remote import RemoteModel, is_config
 from .frontend.run import Breakpoint, Run, Stop
 from .frontend.session import Session, TokenStream
 from .frontend.tensor import RemoteTensor
@@ -70,13 +71,21 @@ def connection() -> Connection:
     return _conn
 
 
-def remote(model, *, session: Session | None = None, weight_budget_gb: float | None = None) -> RemoteModel:
-    """Make `model` (an nn.Module, or a path to a Hugging Face directory on the server) run remotely.
+def remote(model, *, session: Session | None = None, weight_budget_gb: float | None = None,
+           seed: int | None = None, dtype=None) -> RemoteModel:
+    """Make `model` run remotely: an nn.Module (its weights go up), a path to a Hugging Face directory
+    on the server, or a transformers config, which the server builds with random weights drawn after
+    `torch.manual_seed(seed)` (default 0) on its device, in `dtype` (RemoteModel.from_config).
 
     `weight_budget_gb`: the GPU memory (GiB) the model's weights may use on a CUDA server; decoder
     layers beyond it stream from pinned host memory on every forward. None: the server's default.
     """
     s = session or connection().default_session()
+    if is_config(model):
+        return RemoteModel.from_config(s, model, seed=0 if seed is None else seed, dtype=dtype,
+                                       weight_budget_gb=weight_budget_gb)
+    if seed is not None or dtype is not None:  # a module's or checkpoint's weights are what they are
+        raise InvalidRequest("seed and dtype apply only when remoting a config (random weights)")
     if isinstance(model, str):
         return RemoteModel.from_path(s, model, weight_budget_gb=weight_budget_gb)
     return RemoteModel.from_module(s, model, weight_budget_gb=weight_budget_gb)

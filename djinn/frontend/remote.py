@@ -2,7 +2,8 @@
 
 `djinn.remote(model)` uploads the weights the server lacks and asks the server to build the same
 Hugging Face architecture from its config. `djinn.remote("/dir/on/server")` loads a checkpoint the
-server can read, so large models never cross the wire.
+server can read, and `djinn.remote(config, seed=0)` has the server build the model with seeded random
+weights on its device (djinn/server/init_ops.py), so large models never cross the wire.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import torch
 from torch import nn
 
 from ..protocol import structure
-from ..protocol.errors import ModelNotSupported
+from ..protocol.errors import InvalidRequest, ModelNotSupported
+from ..protocol.tensors import DTYPE_NAMES
 from .upload import UploadReport, named_tensors, upload_tensors
 
 if TYPE_CHECKING:
@@ -45,9 +47,7 @@ class RemoteModel:
                 f"{arch} is not a Hugging Face model the server can build; arbitrary modules take the "
                 "graph path (djinn.remote(module, path='graph'))"
             )
-        allowed = session.conn.architectures()
-        if allowed is not None and arch not in allowed:
-            raise ModelNotSupported(f"the server cannot build {arch}; it builds {sorted(allowed)}")
+        _check_allowed(session, arch)
         conn = session.conn
         # Chunks must fit the frame limit the server announced at HELLO (--max-frame-bytes).
         chunk = conn.cfg.upload_chunk_bytes
@@ -68,6 +68,39 @@ class RemoteModel:
         })
         return cls(session, info["model_id"], arch, info["bytes"], json.loads(config.to_json_string()),
                    upload=report)
+
+    @classmethod
+    def from_config(cls, session: "Session", config, *, seed: int = 0, dtype: torch.dtype | None = None,
+                    weight_budget_gb: float | None = None) -> "RemoteModel":
+        """Have the server build the model of this transformers config with random weights drawn after
+        `torch.manual_seed(seed)` on its device, in `dtype` (None: `config.dtype`, else float32). Only the
+        config crosses the wire. Locally the same bits come from (on the server's device and stack):
+
+            torch.manual_seed(seed)
+            with torch.device(device):
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype)   # dtype omitted if None
+
+        The class is `config.architectures[0]` if set, else the config type's causal-LM class; then the
+        recipe's line is `getattr(transformers, arch)._from_config(config, dtype=dtype)`. The same
+        (class, config, dtype, seed) asked by any session or client is built once and shared.
+        """
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise InvalidRequest(f"seed must be an int, got {seed!r}")
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise InvalidRequest(f"dtype must be a torch.dtype or None, got {dtype!r}")
+        arch = _config_arch(config)
+        _check_allowed(session, arch)
+        budget = {"weight_budget_gb": weight_budget_gb} if weight_budget_gb is not None else {}
+        info = session.call("init_model", {
+            **budget,
+            "arch": arch,
+            "config": json.loads(config.to_json_string(use_diff=False)),
+            "attn_impl": getattr(config, "_attn_implementation", None),  # not in the JSON: sent apart
+            "dtype": None if dtype is None else DTYPE_NAMES.get(dtype, str(dtype)),  # the server validates
+            "seed": seed,
+        })
+        return cls(session, info["model_id"], info["arch"], info["bytes"], info.get("config"),
+                   source=f"random init, seed {seed}")
 
     @classmethod
     def from_path(cls, session: "Session", path: str, *, weight_budget_gb: float | None = None) -> "RemoteModel":
@@ -106,3 +139,38 @@ class RemoteModel:
         where = self.source or "uploaded"
         return (f"RemoteModel({self.arch}, {self.nbytes / 1e6:.1f} MB, id={self.model_id[:12]}, "
                 f"{where}, server={self.session.conn.address})")
+
+
+def _check_allowed(session: "Session", arch: str) -> None:
+    """Refuse before any upload or build what the server said at HELLO it cannot build."""
+    allowed = session.conn.architectures()
+    if allowed is not None and arch not in allowed:
+        raise ModelNotSupported(f"the server cannot build {arch}; it builds {sorted(allowed)}")
+
+
+def is_config(obj: Any) -> bool:
+    """A transformers PretrainedConfig (imported only when transformers is already loaded)."""
+    import sys
+
+    mod = sys.modules.get("transformers")
+    return mod is not None and isinstance(obj, mod.PretrainedConfig)
+
+
+def _config_arch(config) -> str:
+    """The class to build: the config's first `architectures` entry, else what AutoModelForCausalLM
+    builds for this config type (the documented local recipe)."""
+    if not is_config(config):
+        raise InvalidRequest(f"from_config needs a transformers PretrainedConfig, got {type(config).__name__}")
+    named = getattr(config, "architectures", None)
+    if named:
+        return named[0]
+    from transformers import AutoModelForCausalLM
+
+    try:
+        cls = AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        raise ModelNotSupported(f"{type(config).__name__} has no causal-LM class; set config.architectures "
+                                "to the class to build") from None
+    if isinstance(cls, (list, tuple)):  # some config types map to several classes; the first is the default
+        cls = cls[0]
+    return cls.__name__

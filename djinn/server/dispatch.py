@@ -151,6 +151,7 @@ class Dispatcher:
     # -- sessions ----------------------------------------------------------------------------------
     def drop_session(self, sid: str, why: str) -> None:
         """The session closed: unwind its job, fail its queued requests."""
+        self.dirty = True  # its memory is free for others
         q = self._q.pop(sid, None)
         if q is None:
             return
@@ -162,7 +163,6 @@ class Dispatcher:
             self.engine.reply_error(q.job.req, err)
         for req in q.deferred:
             self.engine.reply_error(req, err)
-        self.dirty = True
 
     def queue_length(self) -> int:
         return sum(1 for q in self._q.values() if q.job is not None and q.job.task is None)

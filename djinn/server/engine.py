@@ -22,7 +22,7 @@ from ..scheduler.policies import get_policy
 from ..vmu.data import GIB, DataSegment
 from ..vmu.text import TextSegment
 from ..vmu.uploads import Uploads
-from . import ops, run_ops  # noqa: F401  (run_ops registers the breakpoint ops)
+from . import init_ops, ops, run_ops  # noqa: F401  (run_ops and init_ops register their ops)
 from .dispatch import CONTROL_OPS, Dispatcher, Job
 from .models import ModelRegistry
 from .router import ClientGone, Request, Router
@@ -58,26 +58,35 @@ class Engine(threading.Thread):
         next_reap = time.monotonic() + 1.0
         try:
             while not self.stop.is_set():
-                for item in self.router.poll(timeout_s=self._poll_timeout()):
-                    if isinstance(item, Request):
-                        self.serve(item)
-                    elif isinstance(item, ClientGone):
-                        for s in self.sessions.of_client(item.client_id):
-                            self.close_session(s, f"client {item.reason}")
-                if self.data.poll():
-                    self.dispatch.dirty = True
-                now = time.monotonic()
-                if self.dispatch.due(now):
-                    self.dispatch.schedule(now)
-                self.dispatch.step()
-                if now >= next_reap:
-                    self._reap_idle()
-                    next_reap = now + 1.0
+                try:
+                    next_reap = self._turn(next_reap)
+                except Exception:  # a bug in scheduling must not take every session down with the server
+                    log.exception("engine loop step failed; serving on")
+                    time.sleep(0.01)
         finally:
             for s in list(self.sessions):
                 self.close_session(s, "server shutting down")
             self.data.close_all()
             self.router.close()
+
+    def _turn(self, next_reap: float) -> float:
+        """One turn of the loop: take requests, finish swaps, schedule, step every running generate."""
+        for item in self.router.poll(timeout_s=self._poll_timeout()):
+            if isinstance(item, Request):
+                self.serve(item)
+            elif isinstance(item, ClientGone):
+                for s in self.sessions.of_client(item.client_id):
+                    self.close_session(s, f"client {item.reason}")
+        if self.data.poll():
+            self.dispatch.dirty = True
+        now = time.monotonic()
+        if self.dispatch.due(now):
+            self.dispatch.schedule(now)
+        self.dispatch.step()
+        if now >= next_reap:
+            self._reap_idle()
+            next_reap = now + 1.0
+        return next_reap
 
     def _poll_timeout(self) -> float:
         """0 while generates step; 1 ms while swaps are in flight; else up to a planned wake-up."""

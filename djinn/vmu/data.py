@@ -63,6 +63,7 @@ class SessionMemory:
     names: list[tuple[str, KVName]] = field(default_factory=list)
     handle: SwapHandle | None = None
     swapped_in_wait: bool = False  # swapped out since the session's last request: the next one is a hit or miss
+    returned: bool = False         # COMPUTE came while the KV was away: ACTIVE (not IO_WAIT) once back
     counters: Counters = field(default_factory=Counters)
 
 
@@ -107,10 +108,10 @@ class DataSegment:
             if m.handle is not None:
                 m.handle.wait()
                 if m.handle.direction == "in":
-                    self.pool.release(m.host)
+                    self.swapper.release(m.host)
                 m.handle = None
             if m.host is not None and m.state in (SessionState.SWAPPING_OUT, SessionState.SWAPPED):
-                self.pool.release(m.host)
+                self.swapper.release(m.host)
             m.host = None
         self._tensor_bytes.pop(s.sid, None)
         self.acct.close_session(s.sid)
@@ -137,7 +138,7 @@ class DataSegment:
     # -- signals ---------------------------------------------------------------------------------
     def io_wait(self, sid: str, now: float, eta_s: float | None) -> None:
         m = self.mem(sid)
-        m.io_wait_since, m.io_eta_s = now, eta_s
+        m.io_wait_since, m.io_eta_s, m.returned = now, eta_s, False
         if m.state == SessionState.ACTIVE:
             m.state = SessionState.IO_WAIT
 
@@ -145,7 +146,8 @@ class DataSegment:
         """The session is back: resident, it is ACTIVE; away, it is due now (the policy prefetches it)."""
         m = self.mem(sid)
         if m.state.in_host_tier and m.io_wait_since is not None:
-            m.io_eta_s = max(0.0, now - m.io_wait_since)
+            m.io_eta_s = max(0.0, now - m.io_wait_since)  # due now: the policy prefetches it
+            m.returned = True
             return
         m.io_wait_since = m.io_eta_s = None
         if m.state == SessionState.IO_WAIT:
@@ -155,6 +157,7 @@ class DataSegment:
         """A request implies COMPUTE; it tells whether the last swap-out was undone in time."""
         m = self.mem(sid)
         m.io_wait_since = m.io_eta_s = None
+        m.returned = False
         if m.state == SessionState.IO_WAIT:
             m.state = SessionState.ACTIVE
         if m.swapped_in_wait:
@@ -227,7 +230,7 @@ class DataSegment:
         if m.state == SessionState.SWAPPED:
             m.names = [(i, n) for i, n in m.names if i != mid]
             if not m.names:
-                self.pool.release(m.host)
+                self.swapper.release(m.host)
                 m.host, m.state = None, SessionState.NEW
         elif not s.kv and m.state in (SessionState.ACTIVE, SessionState.IO_WAIT, SessionState.DROPPED):
             m.state = SessionState.NEW
@@ -261,8 +264,11 @@ class DataSegment:
                 for mid, tensors in by_model.items():
                     if mid in s.kv:
                         restore_cache(s.kv[mid].cache, tensors)
-                self.pool.release(m.host)
+                self.swapper.release(m.host)
                 m.host, m.names = None, []
+                if m.returned:
+                    m.io_wait_since = m.io_eta_s = None
+                    m.returned = False
                 m.state = SessionState.IO_WAIT if m.io_wait_since is not None else SessionState.ACTIVE
                 self._set(sid, HOST, 0)
                 self.sync(s)

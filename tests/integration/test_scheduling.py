@@ -1,0 +1,255 @@
+"""Tier 2: the scheduler in a real server. KV caches swapped to host during IO_WAIT and brought back,
+dropped and recomputed, queued; generates of several sessions interleaved; accounting back to zero.
+
+Sizes: the tiny Llama's cache holds 4 tensors (2 layers, keys and values) of 128 bytes per token each,
+and the Data segment counts each tensor rounded up to 512 bytes (djinn/vmu/data.py): 16 tokens are
+4 x 2048 B, 27 or 28 tokens 4 x 3584 B. A budget of `KV_ONE` (15 KiB) holds one session of up to 28
+tokens, but not two of 16.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from djinn.frontend.connection import Connection
+from djinn.frontend.remote import RemoteModel
+from djinn.protocol import structure
+from djinn.protocol.errors import InvalidRequest, SessionNotFound
+
+from ..models import tiny_llama
+from .test_sessions import LocalSession
+
+GIB = 1 << 30
+KV_ONE = 15 * 1024
+GEN = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+P1 = torch.tensor([[1, 17, 42, 99, 5, 250, 7, 64]])
+P2 = torch.tensor([[33, 8, 190]])
+Q1 = torch.tensor([[1, 200, 3, 150, 9, 12, 19, 4]])
+Q2 = torch.tensor([[77, 4]])
+
+
+def submit_generate(s, rm, ids, **kw):
+    """A session generate sent without waiting for its reply (a Future)."""
+    rm._attach(s)
+    return s.submit("generate", {"model_id": rm.model_id, "input_ids": ids, "use_session_kv": True,
+                                 "kwargs": structure.pack(kw, s._leaf)})
+
+
+def gb(n: int) -> str:
+    return f"{n / GIB:.12g}"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(seed=3)
+
+
+def local_turns(model, device, *prompts) -> list[torch.Tensor]:
+    ls = LocalSession(model.to(device), device)
+    return [ls.generate(p, **GEN) for p in prompts]
+
+
+def sstats(conn: Connection, s) -> dict:
+    return conn.stats()["sessions"][s.sid]
+
+
+def wait_for(pred, timeout_s: float = 10.0):
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.01)
+    raise AssertionError("condition not met in time")
+
+
+def test_swapped_during_io_wait_and_back_continues_bitwise(start_server, model, device):
+    srv = start_server("--policy", "signal", "--swap-on-io-wait")
+    conn = Connection(srv.address, None)
+    try:
+        a, b = conn.session("away"), conn.session("stays")
+        rm = RemoteModel.from_module(a, model)
+        ref = local_turns(model, device, P1, P2)
+        assert torch.equal(a.generate(rm, P1, **GEN), ref[0])
+        assert torch.equal(b.generate(rm, P1, **GEN), ref[0])
+        kv = sstats(conn, a)["gpu_bytes"]
+        assert kv == 4 * 2048      # 15 tokens of 128 B per tensor, each rounded up to 2048
+        assert a.signal("IO_WAIT", eta_s=30.0) in ("IO_WAIT", "SWAPPING_OUT", "SWAPPED")
+        st = wait_for(lambda: (x := sstats(conn, a))["state"] == "SWAPPED" and x)
+        assert (st["gpu_bytes"], st["host_bytes"], st["swaps_out"]) == (0, kv, 1)
+        assert conn.stats()["scheduler"]["host_pool"]["used"] == kv
+        out = a.generate(rm, P2, **GEN)            # a miss: brought back on demand, then continued
+        assert torch.equal(out, ref[1])
+        assert torch.equal(out, b.generate(rm, P2, **GEN))   # the session that never left
+        st = sstats(conn, a)
+        assert (st["state"], st["swaps_in"], st["prefetch_misses"], st["host_bytes"]) == ("ACTIVE", 1, 1, 0)
+        assert st["bytes_moved"] == 2 * 4 * 15 * 128  # the cache holds 15 tokens (the last is not fed back)
+        one_long = model.to(device)
+        with torch.no_grad():   # and one long local generate over the same tokens
+            ids = torch.cat([ref[0], P2], dim=1).to(device)
+            assert torch.equal(out, one_long.generate(ids, **GEN).cpu())
+    finally:
+        conn.close()
+
+
+def test_prefetched_by_eta_is_a_hit(start_server, model, device):
+    srv = start_server("--policy", "signal", "--swap-on-io-wait")
+    conn = Connection(srv.address, None)
+    try:
+        s = conn.session()
+        rm = RemoteModel.from_module(s, model)
+        ref = local_turns(model, device, P1, P2)
+        s.generate(rm, P1, **GEN)
+        with s.io_wait(eta_s=0.6):
+            wait_for(lambda: sstats(conn, s)["state"] == "SWAPPED")
+            # Planned: back on the device before the announced return, without a request.
+            wait_for(lambda: sstats(conn, s)["state"] == "IO_WAIT", timeout_s=5.0)
+        assert torch.equal(s.generate(rm, P2, **GEN), ref[1])
+        st = sstats(conn, s)
+        assert (st["swaps_out"], st["swaps_in"], st["prefetch_hits"], st["prefetch_misses"]) == (1, 1, 1, 0)
+    finally:
+        conn.close()
+
+
+def test_compute_signal_brings_a_swapped_session_back(start_server, model):
+    srv = start_server("--policy", "signal", "--swap-on-io-wait")
+    conn = Connection(srv.address, None)
+    try:
+        s = conn.session()
+        rm = RemoteModel.from_module(s, model)
+        s.generate(rm, P1, **GEN)
+        s.signal("IO_WAIT", eta_s=60)
+        wait_for(lambda: sstats(conn, s)["state"] == "SWAPPED")
+        s.signal("COMPUTE")               # back early: due now
+        wait_for(lambda: sstats(conn, s)["state"] == "ACTIVE")
+        with pytest.raises(InvalidRequest, match="signal kind"):
+            s.call("signal", {"kind": "NAP"})
+        with pytest.raises(InvalidRequest, match="eta_s"):
+            s.call("signal", {"kind": "IO_WAIT", "eta_s": -1})
+    finally:
+        conn.close()
+
+
+def test_lru_swaps_the_idle_session_to_make_room(start_server, model, device):
+    srv = start_server("--policy", "lru", "--data-budget-gb", gb(KV_ONE))
+    conn = Connection(srv.address, None)
+    try:
+        a, b = conn.session("a"), conn.session("b")
+        rm = RemoteModel.from_module(a, model)
+        ra, rb = local_turns(model, device, P1, P2), local_turns(model, device, Q1, Q2)
+        assert torch.equal(a.generate(rm, P1, **GEN), ra[0])
+        assert torch.equal(b.generate(rm, Q1, **GEN), rb[0])   # a goes to host to make room
+        assert sstats(conn, a)["state"] == "SWAPPED"
+        assert torch.equal(a.generate(rm, P2, **GEN), ra[1])   # b goes, a comes back (a miss)
+        assert torch.equal(b.generate(rm, Q2, **GEN), rb[1])
+        sa, sb = sstats(conn, a), sstats(conn, b)
+        assert (sa["swaps_out"], sa["swaps_in"], sa["prefetch_misses"]) == (2, 1, 1)
+        assert (sb["swaps_out"], sb["swaps_in"]) == (1, 1)
+        assert conn.stats()["scheduler"]["policy"] == "lru"
+    finally:
+        conn.close()
+
+
+def test_recompute_drops_and_prefills_again(start_server, model, device):
+    srv = start_server("--policy", "recompute", "--data-budget-gb", gb(KV_ONE))
+    conn = Connection(srv.address, None)
+    try:
+        a, b = conn.session("a"), conn.session("b")
+        rm = RemoteModel.from_module(a, model)
+        ra = local_turns(model, device, P1, P2)
+        a.generate(rm, P1, **GEN)
+        b.generate(rm, Q1, **GEN)
+        st = sstats(conn, a)
+        assert (st["state"], st["drops"], st["gpu_bytes"]) == ("DROPPED", 1, 0)
+        out = a.generate(rm, P2, **GEN)   # prefills all 16 seen tokens again, then the new ones
+        assert torch.equal(out, ra[1])     # the same greedy tokens as if never dropped
+        sched = conn.stats()["scheduler"]
+        assert sched["recomputed_tokens"] == 16 and sched["swaps_out"] == 0 and sched["drops"] >= 2
+    finally:
+        conn.close()
+
+
+def test_resident_queues_until_memory_frees(start_server, model):
+    srv = start_server("--policy", "resident", "--data-budget-gb", gb(KV_ONE))
+    conn = Connection(srv.address, None)
+    try:
+        a, b, c = conn.session("a"), conn.session("b"), conn.session("c")
+        rm = RemoteModel.from_module(a, model)
+        a.generate(rm, P1, **GEN)
+        done: dict = {}
+
+        def second():
+            done["out"] = b.generate(rm, Q1, **GEN)
+
+        t = threading.Thread(target=second)
+        t.start()
+        job = wait_for(lambda: sstats(conn, b).get("job"))
+        assert job["why"] == "no_memory" and sstats(conn, b)["state"] == "QUEUED"
+        fut = submit_generate(c, rm, Q2, **GEN)
+        wait_for(lambda: (sstats(conn, c).get("job") or {}).get("why") == "behind")
+        a.close()                        # frees a's cache: b runs, then c
+        t.join(10)
+        assert done["out"].shape == (1, 16)
+        assert fut.result(10)["sequences"].shape[1] == 10
+        assert conn.stats()["scheduler"]["swaps_out"] == 0
+        assert sstats(conn, b)["queue_s"] > 0
+    finally:
+        conn.close()
+
+
+def test_closing_a_session_fails_its_queued_request(start_server, model):
+    srv = start_server("--policy", "resident", "--data-budget-gb", gb(KV_ONE))
+    c1, c2 = Connection(srv.address, None), Connection(srv.address, None)
+    try:
+        a, b = c1.session(), c2.session()
+        rm = RemoteModel.from_module(a, model)
+        a.generate(rm, P1, **GEN)
+        fut = submit_generate(b, RemoteModel.from_module(b, model), Q1, **GEN)
+        wait_for(lambda: sstats(c2, b).get("job"))
+        c2.transport.call("close_session", {"sid": b.sid})
+        with pytest.raises(SessionNotFound, match="closed"):
+            fut.result(10)
+        assert c1.ping()                  # the server serves on
+    finally:
+        c1.close()
+        c2.close()
+
+
+def test_generates_of_sessions_interleave_by_step(server, model):
+    """A short generate submitted after a long one finishes first: they share the engine step by step."""
+    conn = Connection(server.address, None)
+    try:
+        a, b = conn.session(), conn.session()
+        rm = RemoteModel.from_module(a, model)
+        long = submit_generate(a, rm, P1, **dict(GEN, max_new_tokens=200, min_new_tokens=200))
+        wait_for(lambda: (sstats(conn, a).get("job") or {}).get("steps", 0) > 2)
+        short = b.generate(rm, Q1, **GEN)
+        assert short.shape == (1, 16)
+        assert (sstats(conn, a).get("job") or {}).get("steps", 0) < 200  # still running
+        assert long.result(30)["sequences"].shape == (1, 208)
+    finally:
+        conn.close()
+
+
+def test_accounting_returns_to_zero_after_sessions_close(start_server, model):
+    srv = start_server("--policy", "signal", "--swap-on-io-wait")
+    conn = Connection(srv.address, None)
+    try:
+        sessions = [conn.session() for _ in range(3)]
+        rm = RemoteModel.from_module(sessions[0], model)
+        for i, s in enumerate(sessions):
+            s.generate(rm, P1, **GEN)
+            s.forward_out = rm(P1, session=s)  # a tensor held by the session
+        sessions[0].signal("IO_WAIT", eta_s=60)
+        wait_for(lambda: sstats(conn, sessions[0])["state"] == "SWAPPED")
+        st = conn.stats()
+        assert st["segments"]["data"] > 0 and st["scheduler"]["host_pool"]["used"] > 0
+        for s in sessions:
+            s.close()
+        st = conn.stats()
+        assert (st["segments"]["data"], st["scheduler"]["data_bytes"], st["scheduler"]["host_pool"]["used"]) == (0, 0, 0)
+    finally:
+        conn.close()
