@@ -118,18 +118,23 @@ def bench_first_step(device, context: int, reps: int, seg: DataSegment) -> dict:
     for _ in range(3):
         step(copy_of(base))  # warm the kernels for this shape
     never, prefetched, miss, swap_in_s = [], [], [], []
-    ref_logits = None
+    same_logits = {"never_vs_never": True, "prefetched_vs_never": True}
     for _ in range(reps):
         t, ref_logits = step(copy_of(base))
         never.append(t)
+        _, again = step(copy_of(base))
+        same_logits["never_vs_never"] &= torch.equal(again, ref_logits)
         s = session("step", copy_of(base), context, device)
+        before = [t.clone() for t in _tensors(s)]
         seg.sync(s)
         timed_swap(seg, s, "out")
         secs, _ = timed_swap(seg, s, "in")  # the prefetch, done before the request
         swap_in_s.append(secs)
+        assert all(torch.equal(a, b) for a, b in zip(_tensors(s), before)), "the swap round trip changed the cache"
+        del before
         t, out = step(s.kv["m"].cache)
         prefetched.append(t)
-        assert torch.equal(out, ref_logits), "decode after a swap round trip is not bitwise-equal"
+        same_logits["prefetched_vs_never"] &= torch.equal(out, ref_logits)
         # A miss: the request finds the cache on the host and waits for the swap-in.
         timed_swap(seg, s, "out")
         torch.cuda.synchronize(device)
@@ -148,7 +153,10 @@ def bench_first_step(device, context: int, reps: int, seg: DataSegment) -> dict:
             "prefetched_vs_never": round(med["prefetched"] / med["never"], 4),
             "miss_vs_never": round(med["miss"] / med["never"], 3),
             "swap_in_ms_median": round(statistics.median(swap_in_s) * 1e3, 3),
-            "bitwise_equal": True, "reps": reps}
+            "cache_bitwise_after_round_trip": True,
+            # The fp16 7B decode step itself is not always bitwise repeatable on these GPUs (exp2 saw
+            # the same for 13B): equal logits are reported, not required; the cache's bits are checked.
+            "logits_equal": same_logits, "reps": reps}
 
 
 def peak(device, direction: str) -> float:
