@@ -280,7 +280,7 @@ class _Workers:
     keeps an OpenMP team, and libgomp, seeing more threads than cores, stops spinning, which slows every
     CPU forward of the server (section 10, "Breakpoints")."""
 
-    MAX_IDLE = 8
+    MAX_IDLE = 64  # every concurrent generate (a StepTask) holds one: keep a warm thread per tenant
 
     def __init__(self) -> None:
         self._idle: queue.SimpleQueue = queue.SimpleQueue()  # of job queues; SimpleQueue is thread-safe
