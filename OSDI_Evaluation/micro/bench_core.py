@@ -42,6 +42,21 @@ def bench_round_trip(conn, n: int) -> dict:
     return {"calls": n, "p50_us": pct(lat, 50), "p99_us": pct(lat, 99), "mean_us": statistics.fmean(lat)}
 
 
+def bench_signal(conn, n: int) -> dict:
+    """IO_WAIT / COMPUTE acks on an idle server (target p99 <= 1 ms on loopback, issue 4)."""
+    s = conn.session("signals")
+    lat = []
+    try:
+        for i in range(n):
+            t = time.perf_counter()
+            s.signal("IO_WAIT" if i % 2 == 0 else "COMPUTE", eta_s=5.0 if i % 2 == 0 else None)
+            lat.append((time.perf_counter() - t) * 1e6)
+    finally:
+        s.close()
+    lat = lat[n // 10:]  # the first tenth warms up
+    return {"calls": len(lat), "p50_us": pct(lat, 50), "p99_us": pct(lat, 99), "target_p99_us": 1000}
+
+
 def gpt2_small(seed: int, device):
     from transformers import AutoModelForCausalLM, GPT2Config
 
@@ -137,6 +152,8 @@ def main() -> int:
         results = {"environment": environment(device), "device": str(device)}
         results["round_trip"] = bench_round_trip(conn, 500 if args.quick else 5000)
         print(f"round trip: p50 {results['round_trip']['p50_us']:.0f} us, p99 {results['round_trip']['p99_us']:.0f} us")
+        results["signal"] = bench_signal(conn, 500 if args.quick else 5000)
+        print(f"signal ack: p50 {results['signal']['p50_us']:.0f} us, p99 {results['signal']['p99_us']:.0f} us")
         results["forward"] = [bench_forward(conn, "tiny-gpt2", tiny_gpt2(device), device, 32, 20 if args.quick else 200)]
         if not args.quick:
             results["upload"] = bench_upload(conn, device, seed=int(time.time()))
