@@ -2,13 +2,17 @@
 
     python OSDI_Evaluation/exp1_semantic_scheduler/run_exp1.py [--device cuda:0] [--policies ...] [--agents ...]
     python OSDI_Evaluation/exp1_semantic_scheduler/run_exp1.py --tiny          # CPU, well under 60 s
+    python OSDI_Evaluation/exp1_semantic_scheduler/run_exp1.py --merge a.json b.json [--name exp1_h100]
 
 An agent workload generator run against a real server (a subprocess on loopback) under each KV
 scheduling policy (DESIGN.md section 5). For each policy and each agent count N, a FRESH server starts
-with that policy and the same --data-budget-gb / --host-pool-gb, the model is provisioned once
-(RemoteModel.from_config when the client has it: the server builds it with seeded random weights;
-else RemoteModel.from_module of a locally built copy, uploaded once and deduplicated for every other
-agent), and N agent threads run, each its own client (Connection) with its own session:
+with that policy and the same --data-budget-gb / --host-pool-gb (--server-per policy, the --tiny
+default, keeps one server per policy and takes each row's counters as differences), the model is
+provisioned once (RemoteModel.from_config when the client has it: the server builds it with seeded
+random weights; else RemoteModel.from_module of a locally built copy, uploaded once and deduplicated
+for every other agent) and warmed up (one stateless generate of the full context; then one short
+stateless generate per agent client, all at once, so the server has a warm worker thread per agent),
+and N agent threads run, each its own client (Connection) with its own session:
 
     agent i arrives at a Poisson time (exponential gaps, --arrival-rate per second, seeded);
     turn 1 sends a random prompt of --context tokens, each later turn --tool-tokens new tokens (the tool
@@ -44,6 +48,19 @@ matplotlib does not import). Output: --out, else $OUT, else results/ next to thi
 
 Policy names: signal, lru, recompute, resident, and signal-always (signal with --swap-on-io-wait: every
 IO_WAIT session is swapped out, not only while memory is wanted).
+
+Time: on an H200 a server start takes ~15 s and from_config of the 13B shape ~9 s; one turn of one agent
+~3 s (eager decode, ~90 ms a step). The sessions' decode steps interleave one at a time, unbatched, so
+N agents busy at once make each turn ~N times slower. The full default grid (4 policies x 6 N, a
+fresh server per row, 3 turns with 10-20 s waits; resident rows past what fits wait --turn-timeout, see
+below) takes well over 30 minutes: where one job is limited (10 minutes), run one policy per job with
+--server-per policy and --name exp1_<card>_<policy>, then --merge the files.
+
+Failures under `resident` (and `lru`/`signal` when the host pool cannot take a victim): the scheduler
+serves requests first come first served and queues every later request that needs memory behind the
+first one waiting for it, so an agent that already holds KV and asks to grow it (its next turn) waits
+behind a new agent's admission that only its own KV could make room for: nothing moves until the new
+agent's turn times out (--turn-timeout) and it closes its session. Those turns are counted as failures.
 """
 from __future__ import annotations
 
@@ -84,10 +101,10 @@ GPU_TIER = ("ACTIVE", "IO_WAIT")
 # Mode defaults; an explicit flag always wins.
 FULL = dict(device="cuda:0", model="llama2-13b", dtype="float16", context=2048, new_tokens=32, tool_tokens=64,
             wait_min=10.0, wait_max=20.0, turns=3, agents="1,2,4,8,12,16", arrival_rate=0.5, budget_agents=4.0,
-            host_pool_gb=48.0, turn_timeout=120.0, sample_s=0.25)
+            host_pool_gb=48.0, turn_timeout=120.0, sample_s=0.25, server_per="row")
 TINY = dict(device="cpu", model="tiny", dtype="float32", context=64, new_tokens=8, tool_tokens=16,
             wait_min=0.3, wait_max=0.6, turns=2, agents="1,2,4", arrival_rate=8.0, budget_agents=2.0,
-            host_pool_gb=0.01, turn_timeout=10.0, sample_s=0.05)
+            host_pool_gb=0.01, turn_timeout=5.0, sample_s=0.05, server_per="policy")
 
 
 # -- arguments ------------------------------------------------------------------------------------
@@ -118,16 +135,27 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the default data budget holds this many agents' final KV (full: 4; tiny: 2)")
     p.add_argument("--host-pool-gb", type=float, dest="host_pool_gb", help="server --host-pool-gb (full: 48)")
     p.add_argument("--turn-timeout", type=float, dest="turn_timeout",
-                   help="seconds a generate may take before it counts as a failure (full: 120; tiny: 10)")
+                   help="seconds a generate may take before it counts as a failure (full: 120; tiny: 5)")
     p.add_argument("--sample-s", type=float, dest="sample_s", help="stats() sampling period during a run")
     p.add_argument("--slo-factor", type=float, default=2.0, dest="slo_factor",
                    help="SLO: P99 turn latency <= this x the single-agent P99")
     p.add_argument("--slo-base", choices=["resident", "min"], default="resident", dest="slo_base",
                    help="single-agent P99 of the resident policy (default), or the minimum over policies")
+    p.add_argument("--server-per", choices=["row", "policy"], dest="server_per",
+                   help="a fresh server for every (policy, N) (full default), or one per policy whose rows run "
+                        "one after another, counters taken as differences (tiny default: a CPU server start and "
+                        "provisioning take ~4 s, 12 of them would not fit in a minute)")
+    p.add_argument("--provision", choices=["auto", "config", "module"], default="auto",
+                   help="RemoteModel.from_config (server-side random init), from_module (upload a local copy), "
+                        "or auto: from_config when this client has it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--server-arg", action="append", default=[], dest="server_args",
                    help="extra server flag (repeatable), e.g. --server-arg=--prefetch-margin ...")
     p.add_argument("--out", help="output directory (default $OUT, else results/ next to this script)")
+    p.add_argument("--name", help="base name of the JSON and PNG (default exp1_<card>, exp1_tiny with --tiny)")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="run nothing: combine the rows of these result files (e.g. one per policy, each run "
+                        "within a job's time limit) into one, with the headline and plot over all of them")
     args = p.parse_args(argv)
     for k, v in (TINY if args.tiny else FULL).items():
         if getattr(args, k) is None:
@@ -181,9 +209,11 @@ class Provisioner:
     else from_module of one local copy (uploaded to a fresh server once; other agents' has_weights finds
     every weight there and register_model answers the same model id)."""
 
-    def __init__(self, cfg, dtype: torch.dtype, device: torch.device, seed: int):
+    def __init__(self, cfg, dtype: torch.dtype, device: torch.device, seed: int, how: str = "auto"):
         self.cfg, self.dtype, self.seed = cfg, dtype, seed
-        self.via = "from_config" if hasattr(RemoteModel, "from_config") else "from_module"
+        if how == "auto":
+            how = "config" if hasattr(RemoteModel, "from_config") else "module"
+        self.via = f"from_{how}"
         self.local = None
         self.hashes = None
         if self.via == "from_module":
@@ -299,7 +329,7 @@ class Monitor(threading.Thread):
         self.stop_evt = threading.Event()
         self.t0: float | None = None
         self.timeline: list = []
-        self.max = {"swapped": 0, "host_tier": 0, "gpu_resident": 0, "queued": 0, "data_bytes": 0,
+        self.max = {"swapped": 0, "host_tier": 0, "gpu_resident": 0, "with_kv": 0, "queued": 0, "data_bytes": 0,
                     "host_pool_used": 0}
         self.errors = 0
 
@@ -316,6 +346,7 @@ class Monitor(threading.Thread):
             sch = st["scheduler"]
             now = {"swapped": states.count("SWAPPED"), "host_tier": sum(x in HOST_TIER for x in states),
                    "gpu_resident": sum(x in GPU_TIER for x in states), "queued": sch.get("queued", 0),
+                   "with_kv": sum(x in GPU_TIER or x in HOST_TIER for x in states),
                    "data_bytes": sch.get("data_bytes", 0), "host_pool_used": sch["host_pool"]["used"]}
             for k, v in now.items():
                 self.max[k] = max(self.max[k], v)
@@ -339,33 +370,92 @@ def lat_summary(xs: list[float]) -> dict:
             "mean": r(statistics.fmean(xs)) if xs else None, "max": r(max(xs)) if xs else None}
 
 
-def run_row(policy: str, n: int, args, cfg, dtype, provision: Provisioner, server_flags: list) -> dict:
+COUNTERS = ("swaps_out", "swaps_in", "bytes_moved", "prefetch_hits", "prefetch_misses", "drops",
+            "recomputed_tokens", "queue_s")
+
+
+class ServerRun:
+    """One server with one policy, a control client holding the model (so it stays provisioned), and a
+    warm-up: one stateless generate of the full context (kernels for the prefill shape, lazy imports)."""
+
+    def __init__(self, policy: str, args, provision: Provisioner, server_flags: list, vocab: int):
+        t = time.perf_counter()
+        self.policy = policy
+        self.server = start_server(args.device, *POLICY_FLAGS[policy], *server_flags, *args.server_args)
+        self.start_s = round(time.perf_counter() - t, 3)
+        self.rows = 0
+        try:
+            self.ctrl = Connection(self.server.address, None)
+            self.cs = self.ctrl.session("exp1-control")
+            t = time.perf_counter()
+            self.rm = provision(self.cs)
+            self.provision_s = round(time.perf_counter() - t, 3)
+            t = time.perf_counter()
+            ids = torch.randint(3, vocab, (1, args.context), generator=torch.Generator().manual_seed(10**6))
+            self.rm.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)
+            self.warmup_s = round(time.perf_counter() - t, 3)
+        except BaseException:
+            self.close()
+            raise
+
+    def agent_sessions(self) -> list[str]:
+        return [sid for sid in self.ctrl.stats()["sessions"] if sid != self.cs.sid]
+
+    def close(self) -> None:
+        try:
+            if getattr(self, "ctrl", None) is not None:
+                self.ctrl.close()
+        finally:
+            self.server.stop()
+
+
+def _warm_agents(agents: list, short: torch.Tensor) -> None:
+    """One short stateless generate per agent client, all at once (no KV is kept): the server has as
+    many warm worker threads as agents and every client has made its first call before the clock starts."""
+    def one(rm):
+        rm.generate(short, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)
+
+    threads = [threading.Thread(target=one, args=(rm,), daemon=True) for _, _, rm in agents]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+
+
+def run_row(srv: ServerRun, n: int, args, cfg, provision: Provisioner) -> dict:
+    """N agents against `srv`. Counters are the change in the server's totals over this row (the whole
+    totals on a fresh server)."""
     plans = workload(args, n, cfg.vocab_size)
     t_row = time.perf_counter()
-    server = start_server(args.device, *POLICY_FLAGS[policy], *server_flags, *args.server_args)
     conns: list[Connection] = []
     results = [AgentResult(p.index, p.arrival_s) for p in plans]
-    row: dict = {"policy": policy, "agents": n}
+    row: dict = {"policy": srv.policy, "agents": n, "fresh_server": srv.rows == 0,
+                 "server_start_s": srv.start_s if srv.rows == 0 else 0.0,
+                 "provision_s": srv.provision_s if srv.rows == 0 else 0.0,
+                 "warmup_s": srv.warmup_s if srv.rows == 0 else 0.0}
+    srv.rows += 1
     try:
+        deadline = time.monotonic() + 5
+        left = srv.agent_sessions()
+        while left and time.monotonic() < deadline:  # earlier rows' sessions (reused server) are gone
+            time.sleep(0.05)
+            left = srv.agent_sessions()
+        row["leftover_sessions"] = len(left)
+        before = srv.ctrl.stats()["scheduler"]
         ccfg = ClientConfig(call_timeout_s=args.turn_timeout)
-        ctrl = Connection(server.address, None)
-        conns.append(ctrl)
-        cs = ctrl.session("exp1-control")
-        t = time.perf_counter()
-        rm0 = provision(cs)  # the model stays provisioned (this session holds it) for the whole run
-        row["provision_s"] = round(time.perf_counter() - t, 3)
         agents = []
         t = time.perf_counter()
-        for p in plans:  # set up every client before the clock starts; arrivals are what is timed
-            c = Connection(server.address, None, ccfg)
+        for p in plans:  # every client is set up before the clock starts; arrivals are what is timed
+            c = Connection(srv.server.address, None, ccfg)
             conns.append(c)
             s = c.session(f"agent-{p.index}")
             rm = provision(s)
-            if rm.model_id != rm0.model_id:
-                raise RuntimeError(f"agent {p.index} got model {rm.model_id}, not the shared {rm0.model_id}")
+            if rm.model_id != srv.rm.model_id:
+                raise RuntimeError(f"agent {p.index} got model {rm.model_id}, not the shared {srv.rm.model_id}")
             agents.append((c, s, rm))
+        _warm_agents(agents, torch.randint(3, cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(7)))
         row["setup_s"] = round(time.perf_counter() - t, 3)
-        mon = Monitor(ctrl, {cs.sid}, args.sample_s)
+        mon = Monitor(srv.ctrl, {srv.cs.sid}, args.sample_s)
         mon.start()
         go, t0_box = threading.Event(), []
         threads = [threading.Thread(target=run_agent, name=f"agent-{p.index}", daemon=True,
@@ -386,20 +476,20 @@ def run_row(policy: str, n: int, args, cfg, dtype, provision: Provisioner, serve
                 r.failure = {"turn": len(r.turns), "at_s": round(wall, 3), "error": "agent did not finish in time"}
         mon.stop_evt.set()
         mon.join(5)
-        final = ctrl.stats()["scheduler"]
+        after = srv.ctrl.stats()["scheduler"]
+        final = dict(after, **{k: after[k] - before[k] for k in COUNTERS})
         row.update(_row_numbers(results, final, mon, wall, args))
-        row["server_alive"] = server.alive()
+        row["server_alive"] = srv.server.alive()
         if row["failures"]:
-            row["server_log_tail"] = server.log_tail(20)
+            row["server_log_tail"] = srv.server.log_tail(20)
     except Exception as e:  # a row that could not run at all: recorded, the experiment goes on
-        row.update({"error": f"{type(e).__name__}: {e}"[:1000], "failures": n, "server_log_tail": server.log_tail(30)})
+        row.update({"error": f"{type(e).__name__}: {e}"[:1000], "failures": n, "server_log_tail": srv.server.log_tail(30)})
     finally:
         for c in conns:
             try:
                 c.close()
             except Exception:
                 pass
-        server.stop()
     row["row_s"] = round(time.perf_counter() - t_row, 2)
     row["workload"] = {"arrivals_s": [round(p.arrival_s, 3) for p in plans],
                        "waits_s": [[round(w, 3) for w in p.waits] for p in plans]}
@@ -431,7 +521,8 @@ def _row_numbers(results: list[AgentResult], final: dict, mon: Monitor, wall: fl
         "data_budget_bytes": final.get("data_budget"), "host_pool_bytes": final.get("host_pool", {}).get("capacity"),
         "swap_bw_measured": final.get("swap_bw"),
         "max_swapped_sessions": mon.max["swapped"], "max_host_tier_sessions": mon.max["host_tier"],
-        "max_gpu_resident_sessions": mon.max["gpu_resident"], "max_queued": mon.max["queued"],
+        "max_gpu_resident_sessions": mon.max["gpu_resident"], "max_sessions_with_kv": mon.max["with_kv"],
+        "max_queued": mon.max["queued"],
         "max_data_bytes": mon.max["data_bytes"], "max_host_pool_used": mon.max["host_pool_used"],
         "monitor_samples": len(mon.timeline), "monitor_errors": mon.errors,
         "timeline_cols": ["t_s", "gpu_resident", "host_tier", "queued", "data_bytes"], "timeline": mon.timeline,
@@ -477,9 +568,9 @@ def headline(rows: list[dict], args) -> dict:
            "max_agents_within_slo": max_n, "agents_within_slo": ok_ns,
            "note": "max_agents_within_slo: the largest N with P99 <= SLO and zero failures, every smaller N "
                    "meeting it too; agents_within_slo lists every N that met it"}
-    if "signal" in max_n and "resident" in max_n:
-        out["density_ratio_signal_over_resident"] = (round(max_n["signal"] / max_n["resident"], 3)
-                                                     if max_n["resident"] else None)
+    out["density_ratio_signal_over_resident"] = (round(max_n["signal"] / max_n["resident"], 3)
+                                                 if max_n.get("signal") is not None and max_n.get("resident") else None)
+    out["recompute_vs_signal_at_signal_max"] = None
     n = max_n.get("signal")
     if n and ("recompute", n) in by and ("signal", n) in by:
         sp, rp = by[("signal", n)].get("p99_s"), by[("recompute", n)].get("p99_s")
@@ -519,8 +610,7 @@ def plot(results: dict, path: Path) -> str | None:
         if bad:
             axes[0].scatter(*zip(*bad), marker="x", s=80, color=line.get_color())
         axes[1].plot(xs, [r["tokens_per_s"] for r in rs], marker="o", label=p)
-        axes[2].plot(xs, [r["max_gpu_resident_sessions"] + r["max_host_tier_sessions"] for r in rs], marker="o",
-                     label=p)
+        axes[2].plot(xs, [r["max_sessions_with_kv"] for r in rs], marker="o", label=p)
     if hl.get("slo_p99_s"):
         axes[0].axhline(hl["slo_p99_s"], color="grey", ls="--", label=f"SLO ({hl['slo_factor']:g}x single agent)")
     axes[0].set_yscale("log")
@@ -528,10 +618,11 @@ def plot(results: dict, path: Path) -> str | None:
     axes[0].set_title("P99 turn latency vs agents (x: had failures)")
     axes[1].set_ylabel("generated tokens/s (all agents)")
     axes[1].set_title("throughput")
-    axes[2].set_ylabel("max KV on GPU + max KV on host (sessions)")
-    axes[2].set_title("sessions holding KV (sampled)")
+    axes[2].set_ylabel("most sessions holding KV at once (GPU or host)")
+    axes[2].set_title("density (sampled from stats())")
     for ax in axes:
         ax.set_xlabel("agents N")
+        ax.set_xticks(results["args"]["agent_list"])
         ax.legend(fontsize=7)
     a = results["args"]
     fig.suptitle(f"exp1 on {results['environment'].get('gpu', results['environment']['device'])}: {a['model']} "
@@ -557,8 +648,51 @@ def print_table(rows: list[dict]) -> None:
               f"{'yes' if r.get('within_slo') else 'no':>4}", flush=True)
 
 
+WORKLOAD_KEYS = ("model", "dtype", "context", "new_tokens", "tool_tokens", "turns", "wait_min", "wait_max",
+                 "arrival_rate", "seed", "host_pool_gb", "data_budget_gb", "budget_agents")
+
+
+def merge(args) -> int:
+    """Combine result files: rows of later files replace the same (policy, N) of earlier ones."""
+    files = [json.loads(Path(f).read_text()) for f in args.merge]
+    base = files[0]
+    rows: dict = {}
+    mismatch = []
+    for f, res in zip(args.merge, files):
+        diff = {k: (base["args"].get(k), res["args"].get(k)) for k in WORKLOAD_KEYS
+                if base["args"].get(k) != res["args"].get(k)}
+        if diff or res["environment"].get("gpu") != base["environment"].get("gpu"):
+            mismatch.append({"file": f, "differs": diff, "gpu": res["environment"].get("gpu")})
+        for r in res["rows"]:
+            rows[(r["policy"], r["agents"])] = r
+    order = list(POLICY_FLAGS)
+    policies = sorted({p for p, _ in rows}, key=order.index)
+    agents = sorted({n for _, n in rows})
+    merged_args = argparse.Namespace(**dict(base["args"], policy_list=policies, agent_list=agents,
+                                            slo_factor=args.slo_factor, slo_base=args.slo_base))
+    out = dict(base, args=vars(merged_args), argv=list(sys.argv[1:]),
+               rows=sorted(rows.values(), key=lambda r: (order.index(r["policy"]), r["agents"])),
+               merged_from=[{"file": f, "commit": r["environment"].get("commit"), "argv": r.get("argv"),
+                             "gpu": r["environment"].get("gpu")} for f, r in zip(args.merge, files)],
+               merge_mismatches=mismatch)
+    out["headline"] = headline(out["rows"], merged_args)
+    out_dir = Path(args.out or os.environ.get("OUT") or Path(__file__).parent / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{args.name or 'exp1_' + card(base['environment'], base.get('tiny', False))}.json"
+    print_table(out["rows"])
+    if mismatch:
+        print(f"WARNING: the files differ in workload or card: {mismatch}", flush=True)
+    fig = plot(out, path.with_suffix(".png"))
+    out["plot"] = fig or "matplotlib not importable: no plot"
+    path.write_text(json.dumps(out, indent=2, default=str))
+    print(f"headline: {out['headline']}\nwrote {path}", flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.merge:
+        return merge(args)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     cfg = model_config(args.model)
@@ -574,8 +708,8 @@ def main(argv=None) -> int:
         server_flags += ["--data-budget-gb", repr(budget_gb)]
     t0 = time.perf_counter()
     env = environment(device)
-    provision = Provisioner(cfg, dtype, device, args.seed)
-    name = f"exp1_{card(env, args.tiny)}"
+    provision = Provisioner(cfg, dtype, device, args.seed, args.provision)
+    name = args.name or f"exp1_{card(env, args.tiny)}"
     path = out_dir / f"{name}.json"
     results = {
         "experiment": "exp1_semantic_scheduler", "tiny": args.tiny, "environment": env,
@@ -594,8 +728,19 @@ def main(argv=None) -> int:
           f"{budget_gb:.4g} GiB (~{results['data_budget_agents']} agents), host pool {args.host_pool_gb:g} GiB, "
           f"model via {provision.via}", flush=True)
     for policy in args.policy_list:
+        srv = None
         for n in args.agent_list:
-            row = run_row(policy, n, args, cfg, dtype, provision, server_flags)
+            if srv is None or args.server_per == "row":
+                if srv is not None:
+                    srv.close()
+                try:
+                    srv = ServerRun(policy, args, provision, server_flags, cfg.vocab_size)
+                except Exception as e:  # recorded; the next row tries a fresh server
+                    srv = None
+                    row = {"policy": policy, "agents": n, "error": f"server/provision: {type(e).__name__}: {e}"[:1000],
+                           "failures": n, "row_s": 0.0}
+            if srv is not None:
+                row = run_row(srv, n, args, cfg, provision)
             results["rows"].append(row)
             print(f"[{policy} N={n}] p50 {row.get('p50_s')} s, p99 {row.get('p99_s')} s, "
                   f"{row.get('tokens_per_s')} tok/s, swaps {row.get('swaps_out')}/{row.get('swaps_in')}, "
@@ -605,6 +750,8 @@ def main(argv=None) -> int:
             results["headline"] = headline(results["rows"], args)
             results["wall_s"] = round(time.perf_counter() - t0, 2)
             path.write_text(json.dumps(results, indent=2, default=str))  # after each row: a crash keeps it
+        if srv is not None:
+            srv.close()
     results["headline"] = headline(results["rows"], args)
     print_table(results["rows"])
     hl = results["headline"]

@@ -46,6 +46,7 @@ log = logging.getLogger("djinn.init_ops")
 
 #: Dtypes weights can be initialized in: normal_/uniform_ have no integer, bool or fp8 kernels.
 INIT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+ATTN_IMPLS = (None, "eager", "sdpa", "flash_attention_2", "flex_attention")  # what register accepts
 
 
 @op
@@ -57,6 +58,8 @@ def init_model(engine, client_id, rid, args):
     cls = engine.models.model_class(arch)  # ModelNotSupported before anything is built
     if not isinstance(config, dict):
         raise InvalidRequest("init_model needs the config as a map")
+    if attn_impl not in ATTN_IMPLS:  # checked by register too, but only after the build
+        raise InvalidRequest(f"attention implementation {attn_impl!r} is not supported")
     dtype = _dtype(args.get("dtype"))
     seed = _seed(args.get("seed", 0))
     budget = streaming.budget_bytes(args.get("weight_budget_gb"), engine.cfg.weight_budget_gb)

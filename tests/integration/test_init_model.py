@@ -148,6 +148,8 @@ def test_bad_requests_are_typed_and_server_keeps_serving(conn, device):
         s.call("init_model", init_args(llama_config(), arch="GPT2LMHeadModel"))
     with pytest.raises(InvalidRequest, match="config"):
         s.call("init_model", dict(init_args(llama_config()), config=[1, 2]))
+    with pytest.raises(InvalidRequest, match="attention"):
+        s.call("init_model", dict(init_args(llama_config()), attn_impl="fast"))
     with pytest.raises(InvalidRequest, match="dtype"):
         RemoteModel.from_config(s, llama_config(), dtype="float16")
     with pytest.raises(InvalidRequest, match="PretrainedConfig"):

@@ -200,6 +200,30 @@ def test_resident_queues_until_memory_frees(start_server, model):
         conn.close()
 
 
+def test_a_resident_session_grows_while_an_admission_waits(start_server, model):
+    """Regression: a session holding KV queued behind an admission that only its memory could satisfy,
+    and the server deadlocked (Note [Running sessions go first])."""
+    per_session = 4 * 9216           # 71 cached tokens x 128 B per tensor, rounded up to 9216
+    srv = start_server("--policy", "resident", "--data-budget-gb", gb(2 * per_session + 6 * 4096))
+    conn = Connection(srv.address, None)
+    try:
+        a0, a1, a2 = conn.session(), conn.session(), conn.session()
+        rm = RemoteModel.from_module(a0, model)
+        prompt = torch.arange(3, 67).unsqueeze(0)
+        a0.generate(rm, prompt, **GEN)
+        a1.generate(rm, prompt, **GEN)
+        waiting = submit_generate(a2, rm, prompt, **GEN)          # does not fit: waits for memory
+        wait_for(lambda: (sstats(conn, a2).get("job") or {}).get("why") == "no_memory")
+        out = a0.call("generate", {"model_id": rm.model_id, "input_ids": torch.arange(3, 19).unsqueeze(0),
+                                   "use_session_kv": True, "kwargs": structure.pack(GEN, a0._leaf)},
+                      timeout=10)["sequences"]
+        assert out.shape == (1, 96)                                 # grew into the free memory
+        a1.close()
+        assert waiting.result(10)["sequences"].shape == (1, 72)
+    finally:
+        conn.close()
+
+
 def test_closing_a_session_fails_its_queued_request(start_server, model):
     srv = start_server("--policy", "resident", "--data-budget-gb", gb(KV_ONE))
     c1, c2 = Connection(srv.address, None), Connection(srv.address, None)

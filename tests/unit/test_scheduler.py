@@ -295,9 +295,10 @@ def test_first_come_first_served_but_requests_needing_nothing_never_wait():
     going = SessionView("going", S.ACTIVE, gpu_bytes=K, pending=True, arrival=3, need_bytes=K)
     grow = SessionView("grow", S.ACTIVE, gpu_bytes=K, pending=True, arrival=4, need_bytes=K + 10)
     d = schedule(get_policy("resident"), view(0.0, [grow, going, small, big], capacity=3 * K))
-    assert d.queue == (Action("big", 0, Reason.NO_MEMORY), Action("small", 0, Reason.BEHIND, "big"),
-                       Action("grow", 0, Reason.BEHIND, "big"))
-    assert d.run == (Action("going", 0, Reason.FITS),)   # holds its KV already: not held up by "big"
+    assert d.queue == (Action("big", 0, Reason.NO_MEMORY), Action("small", 0, Reason.BEHIND, "big"))
+    # Sessions holding KV are not held up by "big" (Note [Running sessions go first]): "big" can only
+    # ever run once they finish, so queueing them behind it would deadlock.
+    assert d.run == (Action("going", 0, Reason.FITS), Action("grow", 10, Reason.FITS))
     d = schedule(get_policy("resident"), view(0.0, [grow, going, small], capacity=3 * K))
     assert d.admit == (Action("small", K // 2, Reason.FITS),) and d.run == (
         Action("going", 0, Reason.FITS), Action("grow", 10, Reason.FITS))

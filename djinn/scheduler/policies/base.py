@@ -92,7 +92,16 @@ def pick(victims: Iterable[SessionView], shortfall: int) -> list[SessionView] | 
 
 
 class PolicyBase:
-    """The request pass. Subclasses set `name` and override `make_room` (and `ahead`)."""
+    """The request pass. Subclasses set `name` and override `make_room` (and `ahead`).
+
+    Note [Running sessions go first]
+        Requests are first come, first served, except that a session whose KV is already on the GPU
+        is never held up behind a request that waits for memory: it may take memory that is free
+        even while an earlier admission or prefetch waits. The waiting request may need exactly the
+        memory those sessions hold, and only letting them go on ends them (resident) or makes them
+        idle victims (lru, signal, recompute); holding them behind it deadlocks (exp1 found it under
+        `resident`). vLLM's scheduler does the same: running requests before waiting ones.
+    """
 
     name = "base"
 
@@ -120,7 +129,8 @@ class PolicyBase:
             kind, need, reason = "admit", s.need_bytes, Reason.FITS
         if need == 0:  # takes no memory: never waits, not even behind an earlier request
             return plan.take(kind, s, 0, reason)
-        if plan.blocked is not None:
+        if plan.blocked is not None and kind != "run":
+            # Note [Running sessions go first]
             return plan.queue(s, Reason.BEHIND, plan.blocked)
         if need > plan.gpu_free:
             self.make_room(plan, s, need)
