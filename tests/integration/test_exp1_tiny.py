@@ -38,14 +38,6 @@ def test_exp1_tiny(tmp_path):
                     "prefetch_misses", "prefetch_hit_rate", "queue_s_total", "queue_s_mean_per_turn", "drops",
                     "recomputed_tokens", "failures", "wall_s", "max_swapped_sessions", "within_slo"):
             assert key in r, (p, n, key)
-        if p == "resident" and n == 4:
-            # The resident policy deadlocks here (a server bug, reported with exp1): agents 0 and 1 hold
-            # the whole budget and wait on tools; agent 2's admission waits for memory; agents 0 and 1's
-            # next turns need a little more KV and queue behind it (first come first served), so nothing
-            # moves until agents 2 and 3 time out (--turn-timeout) and close. Once fixed, this row has no
-            # failures and the assertion still holds.
-            assert all("RequestTimeout" in f["error"] for f in r["failure_list"]), r["failure_list"]
-            continue
         assert r["failures"] == 0, (p, n, r["failure_list"], r.get("server_log_tail"))
         assert r["turns"] == n * TURNS and r["new_tokens"] == n * TURNS * NEW
         assert all(a["kv_tokens"] == res["final_tokens_per_agent"] for a in r["agents_detail"])
@@ -55,7 +47,9 @@ def test_exp1_tiny(tmp_path):
     for p in POLICIES:
         for n in (1, 2):
             assert rows[(p, n)]["swaps_out"] == 0 and rows[(p, n)]["drops"] == 0, (p, n)
-    # resident never moves or drops a KV.
+    # resident never moves or drops a KV: at N=4 the agents beyond the budget wait for memory (and, since
+    # sessions holding KV are not held up behind them, nothing deadlocks: every turn completed above).
+    assert rows[("resident", 4)]["queue_s_total"] > 0
     assert all(rows[("resident", n)]["swaps_out"] == 0 and rows[("resident", n)]["drops"] == 0 for n in AGENTS)
     # signal swaps waiting agents out at N=4 and brings every one back before it closes (or it closes
     # while away: at most one swap-out more than swap-ins).
