@@ -26,7 +26,7 @@ class ServerConfig:
     device: str | None = None
     """Torch device the engine owns ("cuda:0", "cpu"). None: cuda:0 if a GPU is present, else cpu."""
     bind: str = "127.0.0.1"
-    """Address to listen on. Anything but loopback requires `secret`."""
+    """Address to listen on. Anything but loopback requires `secret` or CurveZMQ keys (or both)."""
     port: int = 5556
     """TCP port; 0 picks a free one (the ready line prints the address)."""
     secret: str | None = None
@@ -68,8 +68,56 @@ class ServerConfig:
     less a 1 GiB reserve for activations."""
     swap_bw_gbps: float | None = None
     """Swap bandwidth the scheduler assumes until it has measured one (GB/s). None: 25 on CUDA, 4 on CPU."""
+    drain_timeout_s: float = 30.0
+    """On SIGTERM/SIGINT the server stops taking new work and lets running generates finish for up to
+    this long, then cancels the rest and tells every client it is going away."""
+    metrics_port: int | None = None
+    """Serve Prometheus metrics at http://metrics_bind:PORT/metrics (0 picks a free port; None: off)."""
+    metrics_bind: str = "127.0.0.1"
+    """Address of the metrics endpoint (it has no authentication: keep it on loopback or a private net)."""
+    log_format: str = "text"
+    """"text", or "json": one JSON object per line (timestamp, level, logger, message)."""
+    fault_injection: bool = False
+    """Tests only: a request may carry `_fault: "oom" | "device_error"` to fail inside the engine as a
+    CUDA out-of-memory or a sticky device error would (tests/integration/test_restart.py)."""
     log_level: str = "INFO"
     """Python logging level name."""
+    curve_secret_key: str | None = None
+    """CurveZMQ: path to the server's secret certificate (NAME.key_secret from `djinn keys`). With
+    `curve_allowed_dir` the socket encrypts every connection and admits only allowed client keys
+    (docs/SECURITY.md). May be combined with `secret`."""
+    curve_allowed_dir: str | None = None
+    """CurveZMQ: directory of the allowed clients' public certificates (*.key), read at start."""
+    quota_gpu_gb: float | None = None
+    """Per-session quota, in GiB: the session's Data segment on the GPU (its KV caches plus the tensors
+    it holds; weights are shared and never count). A generate whose KV would pass it, or a forward
+    whose new outputs would, fails with QuotaExceeded and changes nothing. None: no limit."""
+    quota_host_gb: float | None = None
+    """Per-session quota, in GiB, of swapped KV in the pinned host pool. A session whose KV is larger is
+    never swapped out: it stays on the GPU (the scheduler picks other victims). None: no limit."""
+    fast_decode: str = "auto"
+    """The decode fast path (batched across sessions, CUDA graphs; djinn/server/fastpath.py): auto (on
+    for CUDA devices), on, off. Results match eager decode to rounding; a generate with
+    deterministic=True, or one the path does not support, runs eagerly (stats say why)."""
+    fast_decode_pool_gb: float = 4.0
+    """GPU GiB of each fast-path model's KV pool (allocated at its first fast generate); it holds
+    pool / (layers x 2 x kv heads x fast_decode_max_len x head dim x dtype size) concurrent sessions."""
+    fast_decode_max_len: int = 4096
+    """Longest sequence (prompt + new tokens) the fast path takes; rounded up to a power of two."""
+    fast_decode_graphs: bool = True
+    """Replay decode steps as CUDA graphs (CUDA only); false: run them eagerly (debugging)."""
+    max_sessions_per_client: int = 1024
+    """Open sessions one client may hold; the next open_session fails with QuotaExceeded. Every
+    schedule looks at all sessions, so one client opening thousands would slow everyone."""
+    max_runs_per_session: int = 64
+    """Live breakpoint runs (paused or forked) one session may hold; each parks a thread."""
+    upload_in_flight_gb: float = 8.0
+    """GiB of partial uploads one session may have reserved at once: a tensor's whole size is reserved
+    at its first chunk. Larger than any single weight of the models in BASELINES.md."""
+    quota_queued_requests: int | None = None
+    """Per-session quota of requests that wait behind the session's running generate (plus that
+    generate itself); a request beyond it fails with QuotaExceeded at once. Frees never count. None:
+    no limit."""
 
     def limits(self) -> Limits:
         return Limits(
@@ -82,16 +130,21 @@ class ServerConfig:
 
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port {self.port} is not a TCP port; use 0-65535 (0 picks a free one)")
-        for name in ("heartbeat_s", "client_timeout_s", "session_idle_timeout_s", "paused_run_timeout_s"):
+        for name in ("heartbeat_s", "client_timeout_s", "session_idle_timeout_s", "paused_run_timeout_s",
+                     "drain_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0 seconds")
         if self.client_timeout_s < 2 * self.heartbeat_s:
             raise ValueError(
                 f"client_timeout_s={self.client_timeout_s} must be at least twice heartbeat_s={self.heartbeat_s}"
             )
-        if not is_loopback(self.bind) and not self.secret:
+        from .protocol.auth import check_server_curve
+
+        curve = check_server_curve(self.curve_secret_key, self.curve_allowed_dir)
+        if not is_loopback(self.bind) and not self.secret and not curve:
             raise ValueError(
-                f"bind={self.bind!r} is not loopback: set a secret (--secret or DJINN_SECRET) "
+                f"bind={self.bind!r} is not loopback: set a secret (--secret or DJINN_SECRET) and/or CurveZMQ keys "
+                "(--curve-secret-key and --curve-allowed-dir, see docs/SECURITY.md) "
                 "or bind to 127.0.0.1"
             )
         if self.weight_budget_gb is not None and (
@@ -99,6 +152,11 @@ class ServerConfig:
                 or not self.weight_budget_gb > 0):
             raise ValueError(f"weight_budget_gb={self.weight_budget_gb!r} must be a number of GiB > 0, or null for no limit")
         from .scheduler.policies import POLICIES
+
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"log_format={self.log_format!r} must be 'text' or 'json'")
+        if self.metrics_port is not None and not (isinstance(self.metrics_port, int) and 0 <= self.metrics_port <= 65535):
+            raise ValueError(f"metrics_port={self.metrics_port!r} is not a TCP port (0-65535), or null for no endpoint")
 
         if self.policy not in POLICIES:
             raise ValueError(f"policy={self.policy!r} is not a scheduling policy; choose one of {sorted(POLICIES)}")
@@ -110,6 +168,27 @@ class ServerConfig:
                 raise ValueError(f"{name}={v!r} must be a number >= 0" + (", or null" if name != "host_pool_gb" else ""))
         if self.max_frame_bytes > self.max_message_bytes:
             raise ValueError("max_frame_bytes must not exceed max_message_bytes")
+        for name in ("quota_gpu_gb", "quota_host_gb"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0):
+                raise ValueError(f"{name}={v!r} must be a number of GiB >= 0, or null for no limit")
+        if self.fast_decode not in ("auto", "on", "off"):
+            raise ValueError(f"fast_decode={self.fast_decode!r} must be auto, on or off")
+        for name in ("fast_decode_pool_gb", "fast_decode_max_len"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"{name}={v!r} must be a number > 0")
+        for name in ("max_sessions_per_client", "max_runs_per_session"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r} must be an int >= 1")
+        v = self.upload_in_flight_gb
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise ValueError(f"upload_in_flight_gb={v!r} must be a number of GiB > 0")
+        q = self.quota_queued_requests
+        if q is not None and (isinstance(q, bool) or not isinstance(q, int) or q < 1):
+            raise ValueError(f"quota_queued_requests={q!r} must be an int >= 1 (the running request counts), "
+                             "or null for no limit")
         return self
 
 
@@ -131,6 +210,18 @@ class ClientConfig:
     """Upload messages in flight at once."""
     embedded_start_timeout_s: float = 120.0
     """Time allowed for an embedded local server to print its ready line."""
+    server_public_key: str | None = None
+    """CurveZMQ: the server's public key, as its certificate file (NAME.key) or the 40-character z85
+    key. With `client_secret_key` the connection is encrypted and authenticated (docs/SECURITY.md)."""
+    client_secret_key: str | None = None
+    """CurveZMQ: path to this client's secret certificate (NAME.key_secret from `djinn keys`); its
+    public .key file must be in the server's curve_allowed_dir."""
+
+    def validate(self) -> "ClientConfig":
+        from .protocol.auth import check_client_curve
+
+        check_client_curve(self.server_public_key, self.client_secret_key)
+        return self
 
 
 def load_yaml(cls, path: str | os.PathLike | None, **overrides):

@@ -1,6 +1,9 @@
 """A connection to one server: transport, default session, weight-hash cache, embedded server."""
 from __future__ import annotations
 
+import dataclasses
+import logging
+
 from ..config import ClientConfig
 from .embedded import EmbeddedServer
 from .session import Session
@@ -10,10 +13,19 @@ from .upload import HashCache
 
 class Connection:
     def __init__(self, address: str | None, secret: str | None, cfg: ClientConfig | None = None,
-                 device: str | None = None):
+                 device: str | None = None, *, server_public_key: str | None = None,
+                 client_secret_key: str | None = None):
         self.cfg = cfg or ClientConfig()
+        keys = {k: v for k, v in (("server_public_key", server_public_key), ("client_secret_key", client_secret_key))
+                if v is not None}
+        if keys:  # CurveZMQ (docs/SECURITY.md); arguments win over the config's fields
+            self.cfg = dataclasses.replace(self.cfg, **keys)
         self.embedded: EmbeddedServer | None = None
         if address is None:
+            if self.cfg.server_public_key or self.cfg.client_secret_key:  # it listens on loopback without Curve
+                logging.getLogger("djinn.client").warning(
+                    "no server address: CurveZMQ keys are ignored for the embedded local server")
+                self.cfg = dataclasses.replace(self.cfg, server_public_key=None, client_secret_key=None)
             self.embedded = EmbeddedServer(device, self.cfg.embedded_start_timeout_s)
             address = self.embedded.address
         self.address = address
@@ -39,7 +51,7 @@ class Connection:
         return set(archs) if isinstance(archs, list) else None
 
     def default_session(self) -> Session:
-        if self._default is None or self._default.closed:
+        if self._default is None or self._default.closed or self._default.lost:
             self._default = Session(self, name="default")
         return self._default
 

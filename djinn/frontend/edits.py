@@ -17,14 +17,17 @@ import torch
 
 from ..protocol.errors import InvalidRequest
 from ..protocol.indexing import encode_chain, normalize
+from . import lazy
+from .lazy import LazyOps
 
 if TYPE_CHECKING:
     from .session import Session
     from .tensor import RemoteTensor
 
 
-class Editable:
-    """In-place edit methods shared by RemoteTensor and RemoteView (both return self, like torch)."""
+class Editable(LazyOps):
+    """In-place edit methods shared by RemoteTensor and RemoteView (both return self, like torch).
+    Other tensor ops come from LazyOps (frontend/lazy.py): they are recorded and run at materialization."""
 
     __slots__ = ()
 
@@ -33,8 +36,11 @@ class Editable:
     dtype: torch.dtype
 
     def __getitem__(self, index) -> "RemoteView":
+        # Tensor indices stay a TypeError (tests/integration/test_breakpoints.py pins it): use the lazy
+        # ops index_select / gather / take_along_dim instead.
+        items = normalize(index)
         base, chain = self._target()
-        return RemoteView(base, chain + (normalize(index),), _view_shape(self.shape, index))
+        return RemoteView(base, chain + (items,), _view_shape(self.shape, index))
 
     def __setitem__(self, index, value) -> None:
         view = self[index]
@@ -68,8 +74,16 @@ class Editable:
 
     def _record(self, op: str, value: Any):
         base, chain = self._target()
+        if base._meta is not None or _is_pending(value):  # in place on a pending tensor: part of its graph
+            return self._lazy_inplace(op, value)
+        lazy.before_edit(base._session)  # Note [Lazy order]
         record = {"h": base.hid, "i": encode_chain(chain), "op": op, "v": _wire_value(base._session, value, self.shape)}
         base._session._queue_edit(record)
+        return self
+
+    def _lazy_inplace(self, op: str, value: Any):
+        fn = {"add": torch.Tensor.add_, "sub": torch.Tensor.sub_, "mul": torch.Tensor.mul_, "copy": _copy_}[op]
+        lazy.apply(fn, (self, value))
         return self
 
     def _ref(self) -> dict:
@@ -110,6 +124,8 @@ class RemoteView(Editable):
         return self.shape.numel()
 
     def cpu(self) -> torch.Tensor:
+        if self.base._meta is not None:
+            return lazy.materialize_view(self)
         return self.base._session._fetch([self])[0]
 
     def tolist(self):
@@ -123,7 +139,17 @@ class RemoteView(Editable):
 
     def __repr__(self) -> str:
         idx = "".join(_index_repr(i) for i in self.chain)
-        return f"RemoteView(<{self.base.hid[:8]}>{idx}, shape={list(self.shape)}, dtype={self.dtype}, remote)"
+        return f"RemoteView(<{(self.base._hid or 'pending')[:8]}>{idx}, shape={list(self.shape)}, dtype={self.dtype}, remote)"
+
+
+def _copy_(t: torch.Tensor, v: Any) -> torch.Tensor:
+    return t.fill_(v) if not isinstance(v, torch.Tensor) else t.copy_(v)
+
+
+def _is_pending(v: Any) -> bool:
+    if isinstance(v, RemoteView):
+        return v.base._meta is not None
+    return getattr(v, "_meta", None) is not None and isinstance(v, Editable)
 
 
 def _view_shape(shape: torch.Size, index) -> torch.Size:

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 
 class RemoteModel:
+    path = "module"  # the server builds and runs the module itself (DESIGN.md section 4.1)
+
     def __init__(self, session: "Session", model_id: str, arch: str, nbytes: int, config: dict | None,
                  upload: UploadReport | None = None, source: str | None = None):
         self.session = session  # the session it was remoted in; calls without a session use it

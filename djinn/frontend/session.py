@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 
 from ..protocol import structure
-from ..protocol.errors import DjinnError, InvalidRequest
+from ..protocol.errors import DjinnError, InvalidRequest, SessionLost
 from ..protocol.indexing import encode_chain
 from ..protocol.tensors import dtype_from_name
 from .tensor import RemoteTensor
@@ -27,15 +27,28 @@ class Session:
     def __init__(self, conn: "Connection", name: str | None = None):
         self.conn = conn
         self.name = name
+        self._generation = conn.transport.generation  # the server boot it lives in (transport.py)
         self.sid: str = conn.transport.call("open_session", {"name": name})["sid"]
         self.closed = False
         self._frees: deque[str] = deque()  # append/popleft are atomic: safe from GC finalizers
         self._edits: list[dict] = []       # in-place edits of remote tensors, in order (frontend/edits.py)
 
     # -- calls -----------------------------------------------------------------------------------
-    def call(self, op: str, args: dict | None = None, **kw) -> Any:
+    @property
+    def lost(self) -> bool:
+        """The server restarted since this session was opened: its server-side state is gone."""
+        return self.conn.transport.generation != self._generation
+
+    def _check_alive(self) -> None:
         if self.closed:
             raise DjinnError(f"session {self.name or self.sid[:8]} is closed")
+        if self.lost:
+            raise SessionLost(f"session {self.name or self.sid[:8]} was lost when the server at "
+                              f"{self.conn.address} restarted (its KV caches, tensors and runs are gone); "
+                              "open a new session and remote the model again")
+
+    def call(self, op: str, args: dict | None = None, **kw) -> Any:
+        self._check_alive()
         self._flush_frees()
         args = dict(args or {}, sid=self.sid)
         if self._edits:
@@ -47,6 +60,7 @@ class Session:
         return self.conn.transport.call(op, args, **kw)
 
     def submit(self, op: str, args: dict, **kw):
+        self._check_alive()
         self._flush_edits()
         return self.conn.transport.submit(op, dict(args, sid=self.sid), **kw)
 
@@ -111,6 +125,9 @@ class Session:
     def close(self) -> None:
         if self.closed:
             return
+        if self.lost:  # nothing left to close on the server
+            self.closed = True
+            return
         try:
             self.call("close_session")
         finally:
@@ -120,7 +137,7 @@ class Session:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.conn.transport.dead is None:
+        if self.conn.transport.dead is None or self.lost:
             self.close()
 
     def __repr__(self) -> str:
@@ -128,11 +145,14 @@ class Session:
         return f"Session({self.name or self.sid[:8]!r}, {state}, server={self.conn.address})"
 
     # -- used by RemoteModel / RemoteTensor ------------------------------------------------------
-    def _generate(self, rm, input_ids, *, stream, seed, use_session_kv, **kwargs):
+    def _generate(self, rm, input_ids, *, stream, seed, use_session_kv, deterministic: bool = False, **kwargs):
+        # deterministic=True: the eager path, bitwise-equal to a local generate, never the batched fast path.
         if not isinstance(input_ids, torch.Tensor):
             raise InvalidRequest("input_ids must be a torch.Tensor")
         args = {"model_id": rm.model_id, "input_ids": input_ids, "kwargs": structure.pack(kwargs, self._leaf),
                 "seed": seed, "use_session_kv": use_session_kv, "stream": stream}
+        if deterministic:
+            args["deterministic"] = True
         if not stream:
             return self.call("generate", args)["sequences"]
         if input_ids.shape[0] != 1:

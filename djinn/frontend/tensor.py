@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import lazy
 from .edits import Editable
 
 if TYPE_CHECKING:
@@ -19,15 +20,37 @@ if TYPE_CHECKING:
 
 
 class RemoteTensor(Editable):
-    __slots__ = ("hid", "shape", "dtype", "device", "_session", "__weakref__")
+    """A server tensor handle, or a pending one: the result of lazy ops not yet run (frontend/lazy.py),
+    which gets its handle when the session's pending graph is flushed."""
+
+    __slots__ = ("_hid", "_meta", "shape", "dtype", "device", "_session", "__weakref__")
 
     def __init__(self, session: "Session", hid: str, dtype: torch.dtype, shape, device: str):
-        self.hid = hid
+        self._hid = hid
+        self._meta = None
         self.shape = torch.Size(shape)
         self.dtype = dtype
         self.device = device
         self._session = session
         weakref.finalize(self, session._release_handle, hid)
+
+    @classmethod
+    def pending(cls, session: "Session", meta: torch.Tensor) -> "RemoteTensor":
+        t = cls.__new__(cls)
+        t._hid, t._meta, t._session = None, meta, session
+        t.shape, t.dtype, t.device = meta.shape, meta.dtype, session.conn.device
+        return t
+
+    def _bind(self, hid: str) -> None:
+        self._hid, self._meta = hid, None
+        weakref.finalize(self, self._session._release_handle, hid)
+
+    @property
+    def hid(self) -> str:
+        """The server handle; a pending tensor's graph is flushed first (one request)."""
+        if self._meta is not None:
+            lazy.flush(self._session)
+        return self._hid
 
     def _target(self):
         return self, ()
@@ -55,6 +78,8 @@ class RemoteTensor(Editable):
 
     # -- materialization: the only points where data crosses the wire --
     def cpu(self) -> torch.Tensor:
+        if self._meta is not None:
+            return lazy.materialize(self)  # the pending chain and this fetch: one round trip
         return self._session._fetch([self])[0]
 
     def numpy(self):
@@ -71,4 +96,5 @@ class RemoteTensor(Editable):
         return a if dtype is None else a.astype(dtype)
 
     def __repr__(self) -> str:
-        return f"RemoteTensor(shape={list(self.shape)}, dtype={self.dtype}, device='{self.device}', remote)"
+        state = "pending" if self._meta is not None else "remote"
+        return f"RemoteTensor(shape={list(self.shape)}, dtype={self.dtype}, device='{self.device}', {state})"

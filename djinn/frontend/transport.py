@@ -7,7 +7,15 @@ costs no thread hand-off on the client (each cross-thread wake costs tens of mic
 virtual machines). A keeper thread, which waits on the socket's file descriptor without holding the
 lock, routes messages nobody is waiting for, sends app-level HEARTBEATs (how the server knows this
 client is alive) and watches the socket monitor: when the connection drops (server killed, or no ZMTP
-heartbeat answer for `liveness_s`) every pending call fails with ServerUnavailable.
+heartbeat answer for `liveness_s`) every pending call fails with SessionLost (a ServerUnavailable).
+
+Note [Reconnect after a restart]
+    The DEALER keeps reconnecting to the address by itself. When the monitor reports the connection
+    back, the transport says HELLO again with the same client id; the reply's `boot` id tells whether
+    this is the same server process (a network blip) or a new one (a restart by the supervisor). On a
+    new boot the `generation` goes up: sessions opened before raise SessionLost on use (their state is
+    gone), while the connection itself works again for new sessions. A server that said BYE (a clean
+    shutdown) is reconnected to the same way if it comes back.
 """
 from __future__ import annotations
 
@@ -27,7 +35,10 @@ from zmq.utils.monitor import recv_monitor_message
 
 from ..config import ClientConfig
 from ..protocol import codec
-from ..protocol.errors import DjinnError, ProtocolError, RequestTimeout, ServerUnavailable, error_from_wire
+from ..protocol.auth import apply_client_curve, check_client_curve, handshake_error, handshake_failed_events
+from ..protocol.errors import (
+    DjinnError, ProtocolError, RequestTimeout, ServerUnavailable, SessionLost, error_from_wire,
+)
 from ..protocol.messages import PROTOCOL_VERSION, MsgType
 
 log = logging.getLogger("djinn.client")
@@ -61,6 +72,8 @@ class Transport:
     def __init__(self, address: str, secret: str | None, cfg: ClientConfig | None = None):
         self.address = address
         self.cfg = cfg or ClientConfig()
+        curve = check_client_curve(self.cfg.server_public_key, self.cfg.client_secret_key)  # before any socket
+        self._curve = curve is not None
         self.client_id = secrets.token_hex(16)
         self.server_info: dict = {}
         self._ctx = zmq.Context()
@@ -74,7 +87,13 @@ class Transport:
         dealer.setsockopt(zmq.RCVHWM, 0)
         dealer.setsockopt(zmq.HEARTBEAT_IVL, int(self.cfg.heartbeat_s * 1000))
         dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(self.cfg.liveness_s * 1000))
-        self._monitor = dealer.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        if curve is not None:  # CurveZMQ client (docs/SECURITY.md)
+            apply_client_curve(dealer, curve)
+        # The DEALER's pipe exists from connect() on and survives reconnects; libzmq drops it only after a
+        # refused handshake (a protocol error: it never reconnects then). A send must fail then, not block.
+        dealer.setsockopt(zmq.SNDTIMEO, 0)
+        self._monitor = dealer.get_monitor_socket(
+            zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | handshake_failed_events())
         dealer.connect(address)
         self._poller = zmq.Poller()
         self._poller.register(dealer, zmq.POLLIN)
@@ -83,6 +102,9 @@ class Transport:
         self._closing = threading.Event()
         self._pumping = 0  # callers driving the socket now (guarded by _lock)
         self.dead: DjinnError | None = None
+        self.generation = 0  # Note [Reconnect after a restart]
+        self._secret = secret
+        self._lost = False
         self._thread = threading.Thread(target=self._keeper, name="djinn-client-keeper", daemon=True)
         self._thread.start()
         self._hello(secret)
@@ -169,21 +191,35 @@ class Transport:
         fut = Call(self, rid)
         with self._lock:
             self._pending[rid] = _Pending(fut)
-        self._send(codec.encode(MsgType.HELLO, {"rid": rid, "version": PROTOCOL_VERSION, "secret": secret,
-                                                "client_id": self.client_id}))
         try:
+            self._send(codec.encode(MsgType.HELLO, {"rid": rid, "version": PROTOCOL_VERSION, "secret": secret,
+                                                    "client_id": self.client_id}))
             self.server_info = fut.result(timeout=self.cfg.connect_timeout_s)
+            self.boot = self.server_info.get("boot")
         except FutureTimeout:
+            dead = self.dead  # declared dead by the keeper just before the HELLO future was failed
             self.close()
+            if dead is not None:
+                raise dead from None
+            hint = ("; with CurveZMQ keys set, a refused Curve handshake can look the same: check "
+                    "server_public_key and that this client's .key is in the server's curve_allowed_dir"
+                    if self._curve else "")
             raise ServerUnavailable(f"no djinn server answered at {self.address} within "
-                                    f"{self.cfg.connect_timeout_s:.0f}s") from None
+                                    f"{self.cfg.connect_timeout_s:.0f}s{hint}") from None
         except DjinnError:
             self.close()
             raise
 
     def _send(self, frames: list) -> None:
         with self._io:
-            self._dealer.send_multipart(frames, copy=False)
+            try:
+                self._dealer.send_multipart(frames, copy=False)
+            except zmq.Again:  # no connection left: libzmq gave up on it after a refused handshake
+                self._check_monitor()  # says why
+                if self.dead is None:
+                    self.dead = handshake_error(0, 0, self.address, self._curve)
+                    self._fail_all(self.dead)
+                raise self.dead from None
             self._drain()  # libzmq's FD is edge-triggered: after any socket op, take what is there
 
     def _drop(self, fut: Future) -> None:
@@ -205,12 +241,49 @@ class Transport:
     def _check_monitor(self) -> None:
         while self._monitor.poll(0):
             event = recv_monitor_message(self._monitor)
-            if event["event"] == zmq.EVENT_DISCONNECTED and self.dead is None and not self._closing.is_set():
-                self.dead = ServerUnavailable(
-                    f"the connection to the djinn server at {self.address} dropped (server stopped, "
-                    f"or no heartbeat answer for {self.cfg.liveness_s:.0f}s); its sessions may be lost"
-                )
+            if self._closing.is_set():
+                continue
+            if event["event"] & handshake_failed_events() and not self.server_info and self.dead is None:
+                # Refused before HELLO (Curve key or mechanism): no message will ever come, so fail now.
+                self.dead = handshake_error(event["event"], event["value"], self.address, self._curve)
                 self._fail_all(self.dead)
+            elif event["event"] == zmq.EVENT_DISCONNECTED and self.dead is None:
+                self._connection_lost(
+                    f"the connection to the djinn server at {self.address} dropped (server stopped or "
+                    f"restarted, or no heartbeat answer for {self.cfg.liveness_s:.0f}s): calls in flight are "
+                    "lost, and the server-side state of this client's sessions may be too")
+            elif event["event"] == zmq.EVENT_CONNECTED and self._lost:
+                self._rehello()
+
+    def _connection_lost(self, why: str) -> None:
+        self._lost = True
+        self.dead = SessionLost(why)
+        self._fail_all(self.dead)
+
+    def _rehello(self) -> None:
+        """With the socket lock held: HELLO again on a restored connection (Note [Reconnect after a restart])."""
+        rid = next(self._rids)
+        fut = Future()
+        with self._lock:
+            self._pending[rid] = _Pending(fut)
+        fut.add_done_callback(self._rehello_done)
+        self._dealer.send_multipart(codec.encode(MsgType.HELLO, {
+            "rid": rid, "version": PROTOCOL_VERSION, "secret": self._secret, "client_id": self.client_id}))
+
+    def _rehello_done(self, fut: Future) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            log.error("reconnect to %s refused: %s", self.address, fut.exception())
+            return
+        info = fut.result()
+        restarted = info.get("boot") != self.boot
+        self.server_info, self.boot = info, info.get("boot")
+        if restarted:
+            self.generation += 1
+            log.warning("reconnected to %s: the server restarted, sessions opened before are lost", self.address)
+        else:
+            log.warning("reconnected to %s (same server)", self.address)
+        self._lost = False
+        self.dead = None
 
     def _keeper(self) -> None:
         """Routes what nobody waits for, heartbeats, watches the monitor (Note [Callers do their own IO])."""
@@ -246,6 +319,11 @@ class Transport:
             log.error("undecodable message from server: %s", e)
             return
         if msg.kind == MsgType.HEARTBEAT:  # app-level heartbeats are still answered; we don't need them
+            return
+        if msg.kind == MsgType.BYE:  # the server is shutting down cleanly
+            if self.dead is None:
+                self._connection_lost(f"the djinn server at {self.address} shut down "
+                                      f"({msg.header.get('reason', 'no reason given')})")
             return
         with self._lock:
             pending = self._pending.get(msg.rid)

@@ -94,11 +94,20 @@ def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS, *, copy: bool
             raise ProtocolError(f"tensor refers to frame {ref!r}, message has {len(views)} frames")
         return decode_tensor(dt, shape, views[ref], copy=copy)
 
+    containers = [0]
+
+    def count(obj):
+        containers[0] += 1
+        if containers[0] > limits.max_containers:
+            raise ProtocolError(f"header has more than {limits.max_containers} maps and arrays")
+        return obj
+
     try:
         header = msgpack.unpackb(
             views[1], raw=False, ext_hook=ext_hook, strict_map_key=True,
             max_bin_len=limits.max_header_bytes, max_str_len=limits.max_header_bytes,
             max_array_len=1 << 20, max_map_len=1 << 20, max_ext_len=1 << 16,
+            object_hook=count, list_hook=count,
         )
     except ProtocolError:
         raise

@@ -76,10 +76,39 @@ class ServerUnavailable(DjinnError):
     code = "server_unavailable"
 
 
+class SessionLost(ServerUnavailable):
+    """The connection dropped (the server stopped, crashed or restarted): calls in flight are lost, and
+    so is the server-side state (KV caches, tensors, runs) of the sessions opened before it."""
+
+    code = "session_lost"
+
+
+class ShuttingDown(DjinnError):
+    """The server is draining before it stops: it finishes what runs but takes no new work."""
+
+    code = "shutting_down"
+
+
+class QuotaExceeded(DjinnError):
+    """The request would take its session past a per-session quota (quota_gpu_gb, quota_host_gb,
+    quota_queued_requests in the server config). Only this request fails; the session and every
+    other session go on."""
+
+    code = "quota_exceeded"
+
+
 class RequestTimeout(DjinnError):
     """A call got no reply within its timeout although the server was alive."""
 
     code = "timeout"
+
+
+class CaptureError(DjinnError):
+    """A module's forward or a lazy op could not be recorded as an SRG (DESIGN.md section 4): an op
+    outside the allow-list, control flow on tensor values, a write to a weight. The message names the
+    op and the module path (or the user's source line)."""
+
+    code = "capture"
 
 
 ERRORS: dict[str, type[DjinnError]] = {
@@ -87,6 +116,7 @@ ERRORS: dict[str, type[DjinnError]] = {
     for cls in (
         DjinnError, ProtocolError, AuthError, SessionNotFound, HandleNotFound, OutOfMemory,
         ModelNotSupported, InvalidRequest, RemoteExecutionError, ServerUnavailable, RequestTimeout,
+        SessionLost, ShuttingDown, QuotaExceeded, CaptureError,
     )
 }
 

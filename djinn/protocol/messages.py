@@ -23,7 +23,7 @@ class MsgType(enum.IntEnum):
     ERROR = 4      # server -> client: typed error for one request (or for the connection, rid = 0)
     STREAM = 5     # server -> client: a partial result (e.g. a generated token); the REPLY follows
     HEARTBEAT = 6  # both ways; the server answers each client heartbeat
-    BYE = 7        # client -> server: this client is going away, reclaim its sessions now
+    BYE = 7        # client -> server: going away, reclaim my sessions; server -> client: shutting down
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,9 @@ class Limits:
     max_header_bytes: int = 16 << 20  # the msgpack header
     max_total_bytes: int = 2 << 30    # all frames together
     inline_bytes: int = 4096          # tensors up to this size travel inside the header (encode side)
+    # Maps and arrays in one header. Bytes alone do not bound the decoded size: an empty map is one
+    # byte on the wire and ~64 in Python, so a header of 15 MiB of them would decode to ~1 GB.
+    max_containers: int = 1 << 18
 
 
 @dataclass

@@ -14,6 +14,13 @@ Note [Per-session order]
     queue and is served, in order, when the job ends: a fetch after a generate sees its result, and a
     second generate continues from the first's cache.
 
+Note [Queue quota and ownership]
+    Only the session's own client may queue behind its job: a request naming another client's session
+    is answered at once (SessionNotFound, as for any session it does not own), so it can neither wait
+    in, nor fill, nor learn anything from that session's queue. With `quota_queued_requests` (N), a
+    session holds at most N requests here, its job included; one more fails at once with
+    QuotaExceeded, and the ones already queued go on. A free only releases memory: it is never refused.
+
 Note [When to schedule]
     `schedule` is pure and cheap, but it is called only when its inputs changed (`dirty`): a job
     arrived or ended, a swap completed, a signal came, a session closed, or the time a policy asked
@@ -24,13 +31,15 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..protocol.errors import SessionNotFound
+from ..protocol.errors import QuotaExceeded, SessionNotFound
 from ..scheduler import schedule
 from ..scheduler.types import MemoryView, SessionState, SessionView, View
+from ..vmu.data import GIB
 from .router import Request
 from .tasks import StepTask
 
@@ -38,6 +47,30 @@ log = logging.getLogger("djinn.dispatch")
 
 #: Ops served at once, even while the session has a job (Note [Per-session order]).
 CONTROL_OPS = frozenset({"ping", "stats", "signal", "open_session", "close_session"})
+
+#: Ops that queue behind a job without counting against quota_queued_requests: they only free memory.
+UNCOUNTED_OPS = frozenset({"free"})
+
+#: Policies that make room by swapping to the host pool (recompute drops, resident moves nothing).
+SWAPPING_POLICIES = frozenset({"signal", "lru"})
+
+
+@dataclass(frozen=True)
+class Quotas:
+    """Per-session limits from the server config (None: no limit): Data-segment bytes on the GPU,
+    swapped KV bytes in the host pool, requests queued behind (and including) the session's job."""
+
+    gpu_bytes: int | None = None
+    host_bytes: int | None = None
+    queued_requests: int | None = None
+
+    @classmethod
+    def from_config(cls, cfg) -> "Quotas":
+        def nbytes(gb):
+            return None if gb is None else int(gb * GIB)
+
+        return cls(nbytes(getattr(cfg, "quota_gpu_gb", None)), nbytes(getattr(cfg, "quota_host_gb", None)),
+                   getattr(cfg, "quota_queued_requests", None))
 
 
 @dataclass
@@ -57,6 +90,7 @@ class Job:
     task: StepTask | None = None
     t_start: float | None = None
     queued_reason: str | None = None
+    make_task: Callable | None = None  # the decode fast path's task (fast_task.py); None: a StepTask
 
 
 @dataclass
@@ -69,6 +103,9 @@ class Dispatcher:
     def __init__(self, engine, policy):
         self.engine, self.policy = engine, policy
         self.data = engine.data
+        self.quotas = Quotas.from_config(engine.cfg)
+        if self.data.host_quota is None:
+            self.data.host_quota = self.quotas.host_bytes  # Note [Host quota] in djinn/vmu/data.py
         self._q: dict[str, _SessionQueue] = {}
         self._running: list[Job] = []       # started jobs, in round-robin order
         self._arrivals = itertools.count()
@@ -82,7 +119,33 @@ class Dispatcher:
         return q is not None and (q.job is not None or bool(q.deferred))
 
     def defer(self, sid: str, req: Request) -> None:
-        self._q[sid].deferred.append(req)
+        """Queue a request behind its session's job (Note [Queue quota and ownership])."""
+        if not self._owned(sid, req.client_id):
+            self.engine.serve(req, in_order=True)  # fails at once: not a session of this client
+            return
+        q = self._q[sid]
+        limit = self.quotas.queued_requests
+        if limit is not None and req.header.get("op") not in UNCOUNTED_OPS and self.queued(sid) + 1 > limit:
+            self.engine.requests_served += 1
+            self.engine.reply_error(req, QuotaExceeded(
+                f"session {sid[:8]} already has {self.queued(sid)} request(s) queued or running "
+                f"(quota_queued_requests={limit}): {req.header.get('op')} refused; wait for a reply first"))
+            return
+        q.deferred.append(req)
+
+    def queued(self, sid: str) -> int:
+        """Requests of the session queued or running here, its job included (frees not counted)."""
+        q = self._q.get(sid)
+        if q is None:
+            return 0
+        return (q.job is not None) + sum(1 for r in q.deferred if r.header.get("op") not in UNCOUNTED_OPS)
+
+    def _owned(self, sid: str, client_id: str) -> bool:
+        try:
+            self.engine.sessions.get(sid, client_id)
+        except SessionNotFound:
+            return False
+        return True
 
     def submit(self, job: Job, req: Request) -> None:
         job.req, job.arrival, job.t_arrive = req, next(self._arrivals), time.monotonic()
@@ -99,12 +162,22 @@ class Dispatcher:
     def runnable(self) -> bool:
         return bool(self._running)
 
+    def active(self) -> bool:
+        """Some job runs or waits."""
+        return any(q.job is not None for q in self._q.values())
+
     def due(self, now: float) -> bool:
         return self.dirty or (self.wake_at is not None and now >= self.wake_at)
 
     def schedule(self, now: float) -> None:
         view = self.view(now)
-        decision = schedule(self.policy, view)
+        try:
+            decision = schedule(self.policy, view)
+        except Exception:
+            # A bad view is a bug (arguments are checked in ops); retrying every turn would flood the log
+            # and slow every other request, so try again in a second, when something may have changed.
+            self.dirty, self.wake_at = False, now + 1.0
+            raise
         self.decisions += 1
         self.dirty, self.wake_at = False, decision.wake_at
         sessions = {s.sid: s for s in self.engine.sessions}
@@ -126,13 +199,27 @@ class Dispatcher:
                 m.state = SessionState.QUEUED
 
     def step(self) -> None:
-        """Every started job takes one step; ended ones reply and let their session's next request in."""
+        """Every started job takes one step; ended ones reply and let their session's next request in.
+        Fast-path jobs take theirs together: one batched step per model pool, before the tasks look."""
+        self._step_pools()
         for job in list(self._running):
             if job.task.advance():
                 self._finish(job)
 
+    def _step_pools(self) -> None:
+        pools = {id(j.task.pool): j.task.pool for j in self._running if getattr(j.task, "row", None) is not None}
+        for pool in pools.values():
+            try:
+                pool.step()
+            except Exception as e:  # fails the rows of this pool only (e.g. out of memory capturing a graph)
+                tb = traceback.format_exc()
+                for job in self._running:
+                    if getattr(job.task, "pool", None) is pool and job.task.row is not None:
+                        job.task.fail(e, tb)
+
     def view(self, now: float) -> View:
         mem = self.data.memory_view()
+        hide = self.data.host_quota is not None and self.policy.name in SWAPPING_POLICIES
         rows = []
         for s in self.engine.sessions:
             m = self.data.mem(s.sid)
@@ -141,6 +228,8 @@ class Dispatcher:
             gpu = self.data.gpu_bytes(s.sid)
             if job is not None and job.task is not None:
                 gpu = max(gpu, job.need)  # a running job holds its reservation
+            elif job is None and hide and gpu and m.state.resident and not self.data.swappable(s.sid, gpu):
+                gpu = 0  # over its host quota: not a victim (Note [Host quota]); still counted as used
             rows.append(SessionView(
                 s.sid, m.state, gpu, self.data.host_bytes(s.sid), s.last_active, job is not None,
                 job.arrival if job else 0, job.need if job else 0, m.io_wait_since, m.io_eta_s))
@@ -174,7 +263,8 @@ class Dispatcher:
         j = q.job
         if j.task is None:
             return {"op": "generate", "waiting_s": round(now - j.t_arrive, 3), "why": j.queued_reason}
-        return {"op": "generate", "running_s": round(now - j.t_start, 3), "steps": j.task.steps}
+        return {"op": "generate", "running_s": round(now - j.t_start, 3), "steps": j.task.steps,
+                "decode": "fast" if j.make_task is not None else "eager"}
 
     # -- internals ---------------------------------------------------------------------------------
     def _start(self, job: Job) -> None:
@@ -187,7 +277,7 @@ class Dispatcher:
                 m.state = SessionState.ACTIVE
             m.counters.queue_s += waited
             self.data.totals.queue_s += waited
-        job.task = StepTask(job.body, job.device, job.sampling)
+        job.task = job.make_task() if job.make_task is not None else StepTask(job.body, job.device, job.sampling)
         self._running.append(job)
 
     def _finish(self, job: Job) -> None:

@@ -16,7 +16,7 @@ import torch
 from ..config import ServerConfig
 from ..protocol import codec
 from ..protocol.auth import is_loopback
-from ..protocol.errors import DjinnError, InvalidRequest, OutOfMemory, RemoteExecutionError
+from ..protocol.errors import DjinnError, InvalidRequest, OutOfMemory, RemoteExecutionError, ShuttingDown
 from ..protocol.messages import MsgType
 from ..scheduler.policies import get_policy
 from ..vmu.data import GIB, DataSegment
@@ -24,12 +24,34 @@ from ..vmu.text import TextSegment
 from ..vmu.uploads import Uploads
 from . import init_ops, ops, run_ops  # noqa: F401  (run_ops and init_ops register their ops)
 from .dispatch import CONTROL_OPS, Dispatcher, Job
+from .metrics import Metrics
 from .models import ModelRegistry
 from .router import ClientGone, Request, Router
 from .runs import RunTable
 from .sessions import Session, SessionTable
 
 log = logging.getLogger("djinn.engine")
+
+#: Ops a draining server still serves: they start no new device work.
+DRAIN_OPS = frozenset({"ping", "stats", "signal", "close_session", "free"})
+
+#: CUDA errors after which the context is unusable (every later call fails the same way).
+_STICKY = ("device-side assert", "illegal memory access", "unspecified launch failure",
+           "illegal instruction", "misaligned address", "uncorrectable ECC")
+
+
+def _sticky_device_error(e: BaseException) -> bool:
+    text = str(e)
+    return any(s in text for s in _STICKY)
+
+
+def _inject(fault: object) -> None:
+    """config.fault_injection: fail as the real fault would, where it would be seen."""
+    if fault == "oom":
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
+    if fault == "device_error":
+        raise RuntimeError("CUDA error: device-side assert triggered (injected)")
+    raise InvalidRequest(f"unknown fault {fault!r}; fault_injection knows 'oom' and 'device_error'")
 
 
 class Engine(threading.Thread):
@@ -38,7 +60,7 @@ class Engine(threading.Thread):
         self.router, self.cfg, self.device, self.stop = router, cfg, device, stop
         self.loopback = is_loopback(cfg.bind)
         self.text = TextSegment()
-        self.uploads = Uploads(device)
+        self.uploads = Uploads(device, int(cfg.upload_in_flight_gb * 2**30))
         self.models = ModelRegistry(self.text, device, cfg.architectures)
         self.sessions = SessionTable()
         self.runs = RunTable()
@@ -50,6 +72,14 @@ class Engine(threading.Thread):
         self.policy = get_policy(cfg.policy, **options)
         self.dispatch = Dispatcher(self, self.policy)
         self.requests_served = 0
+        self.metrics = Metrics()
+        self.metrics_port: int | None = None
+        if cfg.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(cfg.metrics_bind, cfg.metrics_port)
+            log.info("metrics at http://%s:%d/metrics", cfg.metrics_bind, self.metrics_port)
+        self.draining = False
+        self.drain = True  # on stop, let running work finish first (server_main clears it when orphaned)
+        self.fatal: str | None = None  # a sticky device error: the process must be replaced
 
     # -- loop ------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -58,16 +88,35 @@ class Engine(threading.Thread):
         next_reap = time.monotonic() + 1.0
         try:
             while not self.stop.is_set():
-                try:
-                    next_reap = self._turn(next_reap)
-                except Exception:  # a bug in scheduling must not take every session down with the server
-                    log.exception("engine loop step failed; serving on")
-                    time.sleep(0.01)
+                next_reap = self._guarded_turn(next_reap)
+            self._drain()
         finally:
             for s in list(self.sessions):
                 self.close_session(s, "server shutting down")
             self.data.close_all()
+            self.router.bye_all()
             self.router.close()
+            self.metrics.close()
+
+    def _guarded_turn(self, next_reap: float) -> float:
+        try:
+            return self._turn(next_reap)
+        except Exception:  # a bug in scheduling must not take every session down with the server
+            log.exception("engine loop step failed; serving on")
+            time.sleep(0.01)
+            return next_reap
+
+    def _drain(self) -> None:
+        """Stopping: take no new work, let running and queued generates finish (bounded), then stop."""
+        if self.fatal or not self.drain:
+            return  # the device is unusable, or nobody is left to wait for
+        self.draining = True
+        deadline = time.monotonic() + self.cfg.drain_timeout_s
+        next_reap = time.monotonic() + 1.0
+        while self.dispatch.active() and time.monotonic() < deadline:
+            next_reap = self._guarded_turn(next_reap)
+        if self.dispatch.active():
+            log.warning("drain timed out after %.0f s; cancelling what still runs", self.cfg.drain_timeout_s)
 
     def _turn(self, next_reap: float) -> float:
         """One turn of the loop: take requests, finish swaps, schedule, step every running generate."""
@@ -84,9 +133,24 @@ class Engine(threading.Thread):
             self.dispatch.schedule(now)
         self.dispatch.step()
         if now >= next_reap:
-            self._reap_idle()
             next_reap = now + 1.0
+            self._reap_idle()
+            self._publish_metrics()
         return next_reap
+
+    def _publish_metrics(self) -> None:
+        seg = self.data.acct.segments()
+        totals = self.data.totals
+        self.metrics.publish(
+            gauges={"sessions": len(self.sessions), "requests_queued": self.dispatch.queue_length(),
+                    "generates_running": len(self.dispatch._running), "models": sum(1 for _ in self.models),
+                    "data_bytes": seg["data"], "host_swapped_bytes": seg["host"],
+                    "stack_bytes": self.runs.stack_bytes(), "host_pool_capacity_bytes": self.data.pool.capacity,
+                    "data_budget_bytes": self.data.capacity(), "swap_bandwidth_bytes_per_second": self.data.swap_bw},
+            counters={"requests_total": self.requests_served, "swaps_out_total": totals.swaps_out,
+                      "swaps_in_total": totals.swaps_in, "swap_bytes_total": totals.bytes_moved,
+                      "prefetch_hits_total": totals.prefetch_hits, "prefetch_misses_total": totals.prefetch_misses,
+                      "kv_drops_total": totals.drops, "queue_seconds_total": totals.queue_s})
 
     def _poll_timeout(self) -> float:
         """0 while generates step; 1 ms while swaps are in flight; else up to a planned wake-up."""
@@ -102,6 +166,11 @@ class Engine(threading.Thread):
         """One request: served now, handed to the dispatcher as a job, or deferred behind its session's job."""
         rid, op = req.header["rid"], req.header["op"]
         args = req.header.get("args", {})
+        if not in_order:
+            req.t0 = time.perf_counter()  # for the latency histogram (metrics.py)
+        if self.draining and op not in DRAIN_OPS:
+            self.reply_error(req, ShuttingDown(f"the server is stopping: {op} not started"))
+            return
         if (not in_order and op not in CONTROL_OPS and isinstance(args, dict)
                 and self.dispatch.busy(args.get("sid"))):
             self.dispatch.defer(args["sid"], req)  # Note [Per-session order]
@@ -112,6 +181,8 @@ class Engine(threading.Thread):
                 raise InvalidRequest(f"unknown op {op!r}; known: {sorted(ops.OPS)}")
             if not isinstance(args, dict):
                 raise InvalidRequest(f"args of {op} must be a map")
+            if self.cfg.fault_injection and args.get("_fault"):
+                _inject(args["_fault"])
             result = handler(self, req.client_id, rid, args)
         except Exception as e:
             self.reply_exception(req, e, traceback.format_exc())
@@ -129,8 +200,14 @@ class Engine(threading.Thread):
 
     def reply(self, req: Request, result) -> None:
         self.send(req.client_id, MsgType.REPLY, {"rid": req.header["rid"], "result": result})
+        self._observe(req, None)
+
+    def _observe(self, req: Request, code: str | None) -> None:
+        if req.t0 is not None:
+            self.metrics.observe(str(req.header["op"]), time.perf_counter() - req.t0, code)
 
     def reply_error(self, req: Request, e: DjinnError) -> None:
+        self._observe(req, e.code)
         rid = req.header["rid"]
         header = {"rid": rid, "code": e.code, "message": e.message, "traceback": e.remote_traceback}
         try:
@@ -142,6 +219,14 @@ class Engine(threading.Thread):
         op = req.header["op"]
         if isinstance(e, DjinnError):
             err = e
+        elif ((self.device.type == "cuda" or self.cfg.fault_injection) and isinstance(e, RuntimeError)
+              and _sticky_device_error(e)):
+            # The CUDA context is broken for every later call: fail this request, then stop so the
+            # supervisor replaces the process (clients get SessionLost and reconnect).
+            self.fatal = str(e).splitlines()[0][:300]
+            log.critical("sticky device error in %s: %s; stopping for a restart", op, self.fatal)
+            self.stop.set()
+            err = RemoteExecutionError(f"{op} failed with a fatal device error; the server restarts: {self.fatal}")
         elif isinstance(e, torch.OutOfMemoryError):
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -80,12 +80,26 @@ def generate(module: torch.nn.Module, session: Session | None, model_id: str, in
     return out
 
 
+# Integer arguments and their ranges. They size the scheduler's memory estimate (`new_tokens`), so a
+# negative or absurd value must be refused here: a negative one once made every schedule fail.
+MAX_GENERATE_TOKENS = 1 << 20
+_INT_RANGES = {
+    "max_new_tokens": (0, MAX_GENERATE_TOKENS), "min_new_tokens": (0, MAX_GENERATE_TOKENS),
+    "max_length": (1, MAX_GENERATE_TOKENS), "num_beams": (1, 64), "num_return_sequences": (1, 64),
+    "top_k": (0, 1 << 24), "no_repeat_ngram_size": (0, 1 << 16),
+}
+
+
 def check_generate(input_ids: Any, kwargs: dict) -> None:
     bad = sorted(set(kwargs) - GENERATE_KWARGS)
     if bad:
         raise InvalidRequest(f"generate does not accept {bad}; allowed: {sorted(GENERATE_KWARGS)}")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         raise InvalidRequest("generate needs input_ids as a [batch, tokens] int64 tensor")
+    for name, (lo, hi) in _INT_RANGES.items():
+        v = kwargs.get(name)
+        if v is not None and (type(v) is not int or not lo <= v <= hi):
+            raise InvalidRequest(f"generate: {name} must be an int in [{lo}, {hi}], got {v!r}")
 
 
 def new_tokens(module: torch.nn.Module, prompt_tokens: int, kwargs: dict) -> int:

@@ -33,6 +33,7 @@ class ModelEntry:
     config: dict
     refs: set[str] = field(default_factory=set)  # session ids using it
     streamed: streaming.StreamedModel | None = None  # set when it runs under a GPU weight budget
+    fast: object = None  # its decode pool (fastpath.DecodePool), made at its first fast generate
 
     @property
     def nbytes(self) -> int:
@@ -164,6 +165,27 @@ class ModelRegistry:
             for h in pinned:
                 self.text.release(h)
 
+    def register_weights(self, tensors: object) -> tuple[ModelEntry, bool]:
+        """A graph-path model (DESIGN.md section 4.2): only its weights, no code. The server never builds
+        the module; SRGs name these weights by hash (djinn/server/graph_ops.py). Same pinning contract
+        as `register`: the caller holds a reference on every hash."""
+        if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tensors.items()):
+            raise InvalidRequest("register_graph needs tensors: {name: hash}")
+        missing = [h for h in tensors.values() if h not in self.text]
+        if missing:
+            raise InvalidRequest(f"{len(missing)} weights are not uploaded (first: {str(missing[0])[:12]})")
+        model_id = _model_id(GRAPH_ARCH, {}, None, tensors)
+        entry = self._models.get(model_id)
+        if entry is not None:
+            return entry, False
+        table = WeightTable({name: self.text.to_device(h, self.device) for name, h in tensors.items()}, tensors)
+        for h in tensors.values():
+            self.text.acquire(h)
+        entry = ModelEntry(model_id, GRAPH_ARCH, table, dict(tensors), {})
+        self._models[model_id] = entry
+        log.info("graph model %s registered: %d tensors, %.1f MB", model_id[:12], len(tensors), entry.nbytes / 1e6)
+        return entry, True
+
     def acquire(self, entry: ModelEntry, sid: str) -> None:
         entry.refs.add(sid)
 
@@ -195,6 +217,24 @@ class ModelRegistry:
         if isinstance(generation_config, dict) and hasattr(module, "generation_config"):
             module.generation_config = GenerationConfig.from_dict(generation_config)
         return module.eval()
+
+
+GRAPH_ARCH = "graph"
+
+
+class WeightTable(nn.Module):
+    """The weights of a graph-path model, as buffers (so accounting and stats see them), by hash."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], hashes: dict[str, str]):
+        super().__init__()
+        self.by_hash: dict[str, torch.Tensor] = {}
+        for i, (name, t) in enumerate(tensors.items()):
+            if hashes[name] not in self.by_hash:
+                self.register_buffer(f"w{i}", t, persistent=False)
+                self.by_hash[hashes[name]] = t
+
+    def forward(self, *args, **kwargs):
+        raise ModelNotSupported("this model runs on the graph path only (its module code stays on the client)")
 
 
 def _model_id(arch, config, attn_impl, tensors, generation_config=None, weight_budget=None) -> str:

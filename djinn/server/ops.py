@@ -1,6 +1,26 @@
 """The operations a client can request: `op(engine, client_id, rid, args) -> result`.
 
 One function per op, registered in OPS. Arguments are checked here, before anything is allocated.
+
+Note [Isolation]
+    Every handle an op takes is resolved through the calling client's own session: the session id
+    through `engine.session` (another client's session does not exist for it), tensor handles through
+    `Session.tensor` (that session's tensors and paused-stop tensors only), run ids through
+    `RunTable.get` (that session's runs only), and model ids through `_model_of` (attached to that
+    session) or, for attach_model, the models this client holds in one of its sessions. A foreign id is
+    answered exactly like one that never existed. Session, tensor, stop and run ids come from the
+    secrets module (96, 64, 64 and 96 bits). Model ids are content addresses, not secrets: knowing one
+    gives nothing, since every use checks that the session holds the model.
+
+Note [Session quotas]
+    quota_gpu_gb caps a session's Data segment on the GPU: its KV caches plus the tensors it holds
+    (`engine.data.acct.session(sid)["data"]`); weights are shared and never count. A generate on the
+    session's KV is refused before it is queued when its `need` (the session's KV once it is done, as
+    the scheduler reserves it) plus the held tensors would pass the quota; a forward (or a finished
+    forward run) whose new outputs would pass it has those outputs freed at once and fails. Either way
+    the reply is QuotaExceeded and the session holds what it held before. quota_host_gb is the Data
+    segment's (Note [Host quota] in djinn/vmu/data.py); quota_queued_requests the dispatcher's (Note
+    [Queue quota and ownership] in djinn/server/dispatch.py). `stats` shows each session's limits and use.
 """
 from __future__ import annotations
 
@@ -11,13 +31,16 @@ from typing import Any, Callable
 import torch
 
 from ..protocol import structure
-from ..protocol.errors import InvalidRequest
+from ..protocol.errors import InvalidRequest, OutOfMemory, QuotaExceeded
 from ..protocol.indexing import apply_chain, decode_chain
 from ..protocol.messages import MsgType
 from ..protocol.tensors import dtype_name
+from ..vmu.accounting import DATA, HOST
 from ..vmu.data import aligned, kv_bytes_per_token
 from . import executor, streaming
 from .dispatch import Job
+from .fast_task import FastTask, pool_for
+from .fastpath import unsupported
 from .sessions import SessionState
 
 log = logging.getLogger("djinn.ops")
@@ -40,7 +63,7 @@ def open_session(engine, client_id, rid, args):
     name = args.get("name")
     if name is not None and (not isinstance(name, str) or len(name) > 200):
         raise InvalidRequest("session name must be a string of at most 200 characters")
-    s = engine.sessions.open(client_id, name)
+    s = engine.sessions.open(client_id, name, engine.cfg.max_sessions_per_client)
     log.info("session %s opened by client %s%s", s.sid[:8], client_id[:8], f" name={name!r}" if name else "")
     return {"sid": s.sid}
 
@@ -127,7 +150,7 @@ def load_model(engine, client_id, rid, args):
 def attach_model(engine, client_id, rid, args):
     """Use a model this client already holds in another of its sessions (no upload, no rebuild)."""
     s = engine.session(client_id, args)
-    mid = args.get("model_id")
+    mid = _model_id(args)
     if not any(mid in other.models for other in engine.sessions.of_client(client_id)):
         raise InvalidRequest(f"model {mid!r} is not held by any session of this client; remote it again")
     _attach(engine, s, engine.models.get(mid))
@@ -137,7 +160,7 @@ def attach_model(engine, client_id, rid, args):
 @op
 def release_model(engine, client_id, rid, args):
     s = engine.session(client_id, args)
-    mid = args.get("model_id")
+    mid = _model_id(args)
     if mid in s.models:
         engine.data.forget_model(s, mid)
         s.models.discard(mid)
@@ -153,9 +176,14 @@ def forward(engine, client_id, rid, args):
     call_kwargs = _unpack_inputs(engine, s, args.get("kwargs", {}))
     if not isinstance(call_args, list) or not isinstance(call_kwargs, dict):
         raise InvalidRequest("forward needs args as a list and kwargs as a map")
+    held = set(s.tensors)
     out = executor.forward(entry.module, call_args, call_kwargs)
     result = {"output": _pack_outputs(s, out)}
     engine.data.sync(s)
+    err = over_gpu_quota(engine, s, held, "forward")
+    if err is not None:
+        del out, result  # the outputs are freed now, not when the error's traceback goes
+        raise err
     return result
 
 
@@ -184,8 +212,14 @@ def generate(engine, client_id, rid, args):
     if use_kv:  # the session's KV once this call is done: the other models' as they are, this one's grown
         batch, prompt = int(input_ids.shape[0]), seen + int(input_ids.shape[1])
         this_now = engine.data.kv_bytes_of(s, mid)
-        grown = aligned_kv(entry, (prompt + executor.new_tokens(entry.module, prompt, kwargs)) * batch)
+        new = executor.new_tokens(entry.module, prompt, kwargs)
+        grown = aligned_kv(entry, (prompt + new) * batch)
         need = max(0, engine.data.gpu_bytes(s.sid) - this_now) + grown
+        check_gpu_quota(engine, s, need, "generate")  # Note [Session quotas]: before anything is queued
+        capacity = engine.data.capacity()
+        if need > capacity:  # it could never be admitted; queued, it would wait forever (and others behind it)
+            raise OutOfMemory(f"generate needs {need / 2**20:.3f} MiB of KV ({prompt} + {new} tokens x batch "
+                              f"{batch}); the Data segment holds at most {capacity / 2**20:.3f} MiB")
 
     def body(step_hook):
         if use_kv:
@@ -197,7 +231,38 @@ def generate(engine, client_id, rid, args):
         return {"sequences": out.cpu()}
 
     sampling = bool(kwargs.get("do_sample", getattr(entry.module.generation_config, "do_sample", False)))
-    return Job(s, mid, need, body, sampling, engine.device, uses_kv=use_kv)
+    why = _why_eager(engine, entry, s, input_ids, kwargs, args.get("deterministic", False), use_kv)
+    s.decode["eager" if why else "fast"] += 1
+    s.eager_why = why or s.eager_why
+    make_task = None
+    if why is None:
+        pool = pool_for(engine, entry)
+        max_new = executor.new_tokens(entry.module, (seen if use_kv else 0) + int(input_ids.shape[1]), kwargs)
+
+        def make_task():  # at start: the scheduler has brought the session's KV back (or dropped it) by now
+            kv = s.kv.get(mid) if use_kv else None
+            if kv is not None and kv.cache.get_seq_length() == 0 and kv.ids.shape[1]:
+                engine.data.recomputing(s, int(kv.ids.shape[1]))  # dropped by the recompute policy
+            return FastTask(pool, s if use_kv else None, mid, input_ids, kwargs, seed, on_tokens, max_new)
+    return Job(s, mid, need, body, sampling, engine.device, uses_kv=use_kv, make_task=make_task)
+
+
+def _why_eager(engine, entry, s, input_ids, kwargs: dict, deterministic, use_kv: bool) -> str | None:
+    """None if this generate takes the decode fast path (fastpath.py), else why it does not."""
+    if not isinstance(deterministic, bool):
+        raise InvalidRequest(f"deterministic must be true or false, got {deterministic!r}")
+    mode = engine.cfg.fast_decode
+    if mode == "off" or (mode == "auto" and engine.device.type != "cuda"):
+        return f"fast_decode={mode} on {engine.device.type}"
+    if deterministic:
+        return "deterministic=True"
+    if getattr(entry, "streamed", None) is not None:
+        return "the model streams its weights"
+    held = s.kv.get(entry.model_id) if use_kv else None
+    seen = int(held.ids.shape[1]) if held is not None else 0
+    prompt = seen + int(input_ids.shape[1])
+    total = prompt + executor.new_tokens(entry.module, prompt, kwargs)
+    return unsupported(entry.module, int(input_ids.shape[0]), kwargs, total, engine.cfg.fast_decode_max_len)
 
 
 @op
@@ -221,7 +286,7 @@ def signal(engine, client_id, rid, args):
 @op
 def reset_kv(engine, client_id, rid, args):
     s = engine.session(client_id, args)
-    engine.data.forget_model(s, args.get("model_id"))
+    engine.data.forget_model(s, _model_id(args))
     return {}
 
 
@@ -262,12 +327,15 @@ def stats(engine, client_id, rid, args):
             "idle_s": round(now - s.last_active, 3),
             "paused_bytes": engine.runs.paused_bytes(s.sid),
             "runs": engine.runs.describe(s.sid, now) if s.client_id == client_id else {},
+            "quota": _quota_stats(engine, s, s.client_id == client_id),
+            "decode": dict(s.decode, eager_why=s.eager_why) if s.client_id == client_id else None,
         }
         for s in engine.sessions
     }
     models = {
         m.model_id: {"architecture": m.arch, "bytes": m.nbytes, "sessions": sorted(m.refs),
-                     **({"streaming": m.streamed.stats()} if m.streamed is not None else {})}
+                     **({"streaming": m.streamed.stats()} if m.streamed is not None else {}),
+                     **({"fast_decode": m.fast.stats()} if m.fast is not None else {})}
         for m in engine.models
     }
     text_bytes, host_bytes = streaming.segment_bytes(engine.text, engine.models)
@@ -276,13 +344,56 @@ def stats(engine, client_id, rid, args):
     return {
         "device": str(engine.device),
         "segments": {"text": text_bytes, "data": data, "stack": engine.runs.stack_bytes(), "host": host_bytes + swapped,
-                     "uploads_in_flight": engine.uploads.nbytes},
+                     "uploads_in_flight": engine.uploads.nbytes,
+                     "decode_pools": sum(m.fast.nbytes for m in engine.models if m.fast is not None)},
         "scheduler": {"policy": engine.policy.name, "queued": engine.dispatch.queue_length(),
                       "decisions": engine.dispatch.decisions, **engine.data.summary()},
+        "quotas": vars(engine.dispatch.quotas).copy(),
         "text_entries": len(engine.text),
         "sessions": sessions,
         "models": models,
         "requests_served": engine.requests_served,
+    }
+
+
+# -- quotas (Note [Session quotas]) --------------------------------------------------------------
+def check_gpu_quota(engine, s, kv_need: int, what: str) -> None:
+    """Raise QuotaExceeded if the session's KV of `kv_need` bytes plus its held tensors would pass
+    its GPU quota (before anything is allocated)."""
+    limit = engine.dispatch.quotas.gpu_bytes
+    if limit is None:
+        return
+    tensors = engine.data.tensor_bytes(s.sid)
+    if kv_need + tensors > limit:
+        raise QuotaExceeded(f"{what} would hold {kv_need} bytes of KV cache plus {tensors} bytes of tensors in "
+                            f"session {s.sid[:8]}, over its GPU quota of {limit} bytes (quota_gpu_gb); free "
+                            "tensors, reset the cache or ask for fewer tokens")
+
+
+def over_gpu_quota(engine, s, held: set, what: str) -> QuotaExceeded | None:
+    """After a call added outputs to the session (its tensors were `held` before): if the session is now
+    over its GPU quota, free the new outputs and return the error to raise; else None."""
+    limit = engine.dispatch.quotas.gpu_bytes
+    if limit is None:
+        return None
+    used = engine.data.acct.session(s.sid)[DATA]
+    new = [h for h in s.tensors if h not in held]
+    if used <= limit or not new:
+        return None
+    for h in new:
+        del s.tensors[h]
+    engine.data.sync(s)
+    return QuotaExceeded(f"the outputs of {what} would take session {s.sid[:8]} to {used} bytes on the GPU, over "
+                         f"its quota of {limit} bytes (quota_gpu_gb); they were freed. Free tensors you hold, "
+                         "or ask for less (e.g. fewer positions, no hidden states)")
+
+
+def _quota_stats(engine, s, mine: bool) -> dict:
+    q, used = engine.dispatch.quotas, engine.data.acct.session(s.sid)
+    return {
+        "gpu_bytes": {"limit": q.gpu_bytes, "used": used[DATA]},
+        "host_bytes": {"limit": q.host_bytes, "used": used[HOST]},
+        "queued_requests": {"limit": q.queued_requests, "used": engine.dispatch.queued(s.sid) if mine else None},
     }
 
 
@@ -305,8 +416,15 @@ def _model_info(entry, created: bool) -> dict:
     return {"model_id": entry.model_id, "arch": entry.arch, "bytes": entry.nbytes, "created": created}
 
 
-def _model_of(engine, s, args):
+def _model_id(args) -> str:
     mid = args.get("model_id")
+    if not isinstance(mid, str):
+        raise InvalidRequest(f"model_id must be a string, got {type(mid).__name__}")
+    return mid
+
+
+def _model_of(engine, s, args):
+    mid = _model_id(args)
     if mid not in s.models:
         raise InvalidRequest(f"model {mid!r} is not attached to session {s.sid[:8]}; remote it in this session")
     return engine.models.get(mid)
@@ -363,3 +481,6 @@ def _pack_outputs(s, out: Any) -> Any:
         return NotImplemented
 
     return structure.pack(out, leaf)
+
+
+from . import graph_ops  # noqa: E402,F401  (registers register_graph, run_graph, graph_stats)

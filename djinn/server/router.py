@@ -21,7 +21,7 @@ import zmq
 
 from ..config import ServerConfig
 from ..protocol import codec
-from ..protocol.auth import check_secret
+from ..protocol.auth import check_secret, start_server_curve
 from ..protocol.errors import AuthError, DjinnError, ProtocolError
 from ..protocol.messages import CAPABILITIES, PROTOCOL_VERSION, Message, MsgType
 
@@ -32,6 +32,7 @@ log = logging.getLogger("djinn.router")
 class Request:
     client_id: str
     msg: Message
+    t0: float | None = None  # when the engine first saw it (perf_counter), for the latency histogram
 
     @property
     def header(self) -> dict:
@@ -69,11 +70,20 @@ class Router:
         host = f"[{cfg.bind}]" if ":" in cfg.bind else cfg.bind
         if ":" in cfg.bind:
             sock.setsockopt(zmq.IPV6, 1)
-        if cfg.port == 0:
-            port = sock.bind_to_random_port(f"tcp://{host}")
-        else:
-            sock.bind(f"tcp://{host}:{cfg.port}")
-            port = cfg.port
+        # CurveZMQ (docs/SECURITY.md): a ZAP authenticator on this context admits only the allowed client
+        # keys; it must run before bind, and is stopped in close(). Refused handshakes never reach poll().
+        self._zap = None
+        try:
+            if cfg.curve_secret_key:
+                self._zap = start_server_curve(ctx, sock, cfg.curve_secret_key, cfg.curve_allowed_dir)
+            if cfg.port == 0:
+                port = sock.bind_to_random_port(f"tcp://{host}")
+            else:
+                sock.bind(f"tcp://{host}:{cfg.port}")
+                port = cfg.port
+        except BaseException:
+            self.close()
+            raise
         self.address = f"tcp://{host}:{port}"
 
     def poll(self, timeout_s: float) -> list:
@@ -100,8 +110,20 @@ class Router:
         if client is not None:  # a client that went away just misses its reply
             self.sock.send_multipart([client.identity, *frames], copy=False)
 
+    def bye_all(self) -> None:
+        """Tell every connected client that the server is going away (they fail fast, then reconnect)."""
+        frames = codec.encode(MsgType.BYE, {"reason": "server shutting down"})
+        for client in list(self._by_id.values()):
+            try:
+                self.sock.send_multipart([client.identity, *frames], copy=False)
+            except zmq.ZMQError:
+                pass
+
     def close(self) -> None:
-        self.sock.close(linger=0)
+        self.sock.close(linger=200)  # long enough for the goodbyes to leave
+        if self._zap is not None:  # before the context is terminated, or term() waits on its socket
+            self._zap.stop()
+            self._zap = None
 
     # -- inbound ---------------------------------------------------------------------------------
     def _receive(self, frames: list) -> None:
@@ -137,7 +159,7 @@ class Router:
         h = msg.header
         try:
             version = h.get("version")
-            if version != PROTOCOL_VERSION:
+            if type(version) is not int or version != PROTOCOL_VERSION:  # 1.0 and True are not 1
                 raise ProtocolError(f"client speaks protocol {version!r}, server speaks {PROTOCOL_VERSION}")
             check_secret(self.cfg.secret, h.get("secret"))
             client_id = h.get("client_id")
@@ -150,6 +172,13 @@ class Router:
         old = self._by_id.get(client_id)
         if old is not None:
             self._by_identity.pop(old.identity, None)
+        prev = self._by_identity.get(identity)
+        if prev is not None and prev.client_id != client_id:
+            # This connection spoke as another client before: that client is gone (its sessions are
+            # reclaimed), and its entry must not keep this identity, or reaping it later would
+            # de-authenticate the live client.
+            self._by_id.pop(prev.client_id, None)
+            self._events.append(ClientGone(prev.client_id, "its connection said HELLO as another client"))
         client = _Client(client_id, identity)
         self._by_identity[identity] = client
         self._by_id[client_id] = client
@@ -168,8 +197,10 @@ class Router:
                 self._events.append(ClientGone(client.client_id, f"silent for {self.cfg.client_timeout_s:.0f}s"))
 
     def _forget(self, client: _Client) -> None:
-        self._by_id.pop(client.client_id, None)
-        self._by_identity.pop(client.identity, None)
+        if self._by_id.get(client.client_id) is client:
+            del self._by_id[client.client_id]
+        if self._by_identity.get(client.identity) is client:  # the identity may have a new owner now
+            del self._by_identity[client.identity]
 
     # -- outbound --------------------------------------------------------------------------------
     def _send_error(self, identity: bytes, rid: int, e: DjinnError) -> None:
@@ -182,10 +213,19 @@ def _rid(msg: Message) -> int:
     return rid if isinstance(rid, int) and not isinstance(rid, bool) else 0
 
 
+_SALVAGE_BYTES = 64 << 10
+
+
 def _salvage_rid(frames: list) -> int:
-    """Best effort: the request id of a message that failed to decode, so its caller is answered."""
+    """Best effort: the request id of a message that failed to decode, so its caller is answered.
+    Only small headers are re-parsed, with small container limits: a header that failed for its size
+    must not be decoded in full here after all."""
+    if len(frames) < 3 or len(frames[2]) > _SALVAGE_BYTES:
+        return 0
     try:
-        header = msgpack.unpackb(frames[2].bytes, raw=False, ext_hook=lambda c, d: None, strict_map_key=False)
+        header = msgpack.unpackb(frames[2].bytes, raw=False, ext_hook=lambda c, d: None, strict_map_key=False,
+                                 max_array_len=256, max_map_len=256, max_str_len=_SALVAGE_BYTES,
+                                 max_bin_len=_SALVAGE_BYTES, max_ext_len=_SALVAGE_BYTES)
         rid = header.get("rid", 0) if isinstance(header, dict) else 0
         return rid if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid < 2**63 else 0
     except Exception:

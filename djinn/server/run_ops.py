@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import time
 
-from ..protocol.errors import InvalidRequest
+from ..protocol.errors import InvalidRequest, QuotaExceeded
 from .breakpoints import Call, parse_breakpoints
-from .ops import _model_of, _unpack_inputs, op
+from .ops import _model_of, _unpack_inputs, op, over_gpu_quota
 
 METHODS = ("forward", "generate")
 
@@ -36,25 +36,51 @@ def start(engine, client_id, rid, args):
     seed = args.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise InvalidRequest(f"seed must be an int, got {seed!r}")
+    _check_run_limit(engine, s)
     specs = parse_breakpoints(entry.module, args.get("breakpoints", []), method)
     call = Call(entry.module, method, call_args, call_kwargs, seed, engine.device)
+    held = set(s.tensors)
     run = engine.runs.start(s, entry.model_id, call, specs)
-    return engine.runs.reply(s, run, t0)
+    return _reply(engine, s, run, held, t0)
 
 
 @op
 def resume(engine, client_id, rid, args):
     s, run, t0, t_edits = _paused_with_edits(engine, client_id, args)
+    held = set(s.tensors)
     engine.runs.resume(run)
-    return engine.runs.reply(s, run, t0, t_edits)
+    return _reply(engine, s, run, held, t0, t_edits)
 
 
 @op
 def fork(engine, client_id, rid, args):
     """A copy of a paused run, parked at the same stop (Note [Fork replays the prefix])."""
     s, parent, t0, t_edits = _paused_with_edits(engine, client_id, args)
+    _check_run_limit(engine, s)
+    held = set(s.tensors)
     child = engine.runs.fork(parent)
-    return engine.runs.reply(s, child, t0, t_edits)
+    return _reply(engine, s, child, held, t0, t_edits)
+
+
+def _check_run_limit(engine, s) -> None:
+    """Each live run parks a thread (and its stack): bound them per session (max_runs_per_session)."""
+    limit = engine.cfg.max_runs_per_session
+    live = sum(1 for r in engine.runs if r.session is s)
+    if live >= limit:
+        raise QuotaExceeded(f"session {s.sid[:8]} already has {live} live runs (max_runs_per_session={limit}); "
+                            "resume or cancel one first")
+
+
+def _reply(engine, s, run, held: set, t0: float, t_edits: float | None = None) -> dict:
+    """The run's reply; a finished forward's outputs become session tensors, charged to the session's
+    Data segment and held to its GPU quota (Note [Session quotas] in ops.py)."""
+    reply = engine.runs.reply(s, run, t0, t_edits)
+    engine.data.sync(s)
+    err = over_gpu_quota(engine, s, held, f"run {run.run_id}")
+    if err is not None:
+        del reply
+        raise err
+    return reply
 
 
 def _paused_with_edits(engine, client_id, args):

@@ -36,7 +36,7 @@ class RunTable:
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self, s: Session, model_id: str, call: Call, specs: list[BreakpointSpec]) -> Run:
-        run = Run(secrets.token_hex(6), s, model_id, call, specs)
+        run = Run(secrets.token_hex(12), s, model_id, call, specs)
         self._runs[run.run_id] = run
         run.start()
         self._settle(run)
@@ -52,7 +52,7 @@ class RunTable:
         stop, and parks where the parent is parked (Note [Fork replays the prefix])."""
         stop = parent.stop
         log_copy = {hit: list(es) for hit, es in parent.log.items()}
-        child = Run(secrets.token_hex(6), parent.session, parent.model_id, parent.call, parent.specs,
+        child = Run(secrets.token_hex(12), parent.session, parent.model_id, parent.call, parent.specs,
                     Replay(log_copy, stop.hit, parent.rng0))
         self._runs[child.run_id] = child
         child.start()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -25,6 +26,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bind", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--config", help="YAML file of ServerConfig settings")
     p.add_argument("--secret", help="shared secret (default: $DJINN_SECRET)")
+    p.add_argument("--curve-secret-key", dest="curve_secret_key",
+                   help="CurveZMQ: the server's secret certificate (NAME.key_secret from `djinn keys`)")
+    p.add_argument("--curve-allowed-dir", dest="curve_allowed_dir",
+                   help="CurveZMQ: directory of allowed client public certificates (*.key)")
     p.add_argument("--client-timeout", type=float, dest="client_timeout_s", help="seconds before a silent client's sessions are reclaimed")
     p.add_argument("--paused-run-timeout", type=float, dest="paused_run_timeout_s",
                    help="seconds a run may stay paused at a breakpoint before it is cancelled (default 600)")
@@ -38,6 +43,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-budget-gb", type=float, dest="data_budget_gb",
                    help="GPU GiB for sessions' KV caches and tensors (default: what is free)")
     p.add_argument("--parent-pid", type=int, help="exit when this process is gone (embedded servers)")
+    p.add_argument("--no-supervise", action="store_true",
+                   help="run the server in this process, with no supervisor to restart it when it dies")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by the supervisor
+    p.add_argument("--metrics-port", type=int, dest="metrics_port",
+                   help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics (0: a free port)")
+    p.add_argument("--drain-timeout", type=float, dest="drain_timeout_s",
+                   help="seconds a stopping server lets running generates finish (default 30)")
+    p.add_argument("--quota-gpu-gb", type=float, dest="quota_gpu_gb",
+                   help="per-session cap on GPU GiB (KV caches and named tensors); exceeding it is QuotaExceeded")
+    p.add_argument("--quota-host-gb", type=float, dest="quota_host_gb",
+                   help="per-session cap on pinned host GiB held by its swapped-out state")
+    p.add_argument("--quota-queued-requests", type=int, dest="quota_queued_requests",
+                   help="per-session cap on requests waiting in the engine queue")
+    p.add_argument("--fast-decode", dest="fast_decode", choices=["auto", "on", "off"],
+                   help="batched, CUDA-graph decode for Llama-family models (auto: on CUDA devices)")
+    p.add_argument("--fast-decode-pool-gb", type=float, dest="fast_decode_pool_gb",
+                   help="GPU GiB of each fast-path model's KV pool (default 4)")
+    p.add_argument("--fast-decode-max-len", type=int, dest="fast_decode_max_len",
+                   help="longest sequence the fast path takes (default 4096)")
+    p.add_argument("--log-format", dest="log_format", help="text (default) or json (one object per line)")
     p.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING")
     return p.parse_args(argv)
 
@@ -67,16 +92,30 @@ def main(argv=None) -> int:
 
     try:
         cfg = load_yaml(ServerConfig, args.config, port=args.port, bind=args.bind,
-                        secret=args.secret or env_secret(), client_timeout_s=args.client_timeout_s,
+                        secret=args.secret or env_secret(), curve_secret_key=args.curve_secret_key,
+                        curve_allowed_dir=args.curve_allowed_dir, client_timeout_s=args.client_timeout_s,
                         paused_run_timeout_s=args.paused_run_timeout_s,
                         max_frame_bytes=args.max_frame_bytes, weight_budget_gb=args.weight_budget_gb,
                         policy=args.policy, swap_on_io_wait=args.swap_on_io_wait, host_pool_gb=args.host_pool_gb,
-                        data_budget_gb=args.data_budget_gb, log_level=args.log_level).validate()
+                        data_budget_gb=args.data_budget_gb, drain_timeout_s=args.drain_timeout_s,
+                        metrics_port=args.metrics_port, quota_gpu_gb=args.quota_gpu_gb,
+                        quota_host_gb=args.quota_host_gb, quota_queued_requests=args.quota_queued_requests,
+                        fast_decode=args.fast_decode, fast_decode_pool_gb=args.fast_decode_pool_gb,
+                        fast_decode_max_len=args.fast_decode_max_len, log_format=args.log_format, log_level=args.log_level).validate()
     except (ValueError, TypeError) as e:
         print(f"djinn server: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
+    if cfg.log_format == "json":
+        from .metrics import JsonFormatter
+
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
+    if not args.worker and not args.no_supervise:
+        from .supervisor import Supervisor
+
+        return Supervisor(list(sys.argv[1:] if argv is None else argv), cfg.drain_timeout_s).run()
     import torch
     import zmq
 
@@ -96,7 +135,7 @@ def main(argv=None) -> int:
     info = {
         "server": f"djinn {__version__}", "torch": torch.__version__, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "pid": os.getpid(),
+        "pid": os.getpid(), "boot": secrets.token_hex(8),  # a new boot id: clients see a restart
     }
     ctx = zmq.Context()
     try:
@@ -110,13 +149,17 @@ def main(argv=None) -> int:
     while not stop.is_set():
         if args.parent_pid and not _alive(args.parent_pid):
             logging.getLogger("djinn.server").info("parent %d is gone, shutting down", args.parent_pid)
+            engine.drain = False  # nobody to drain for: the supervisor (or embedding process) was killed
             stop.set()
         if not engine.is_alive():
             stop.set()
         time.sleep(0.2)
-    engine.join(timeout=10)
+    engine.join(timeout=cfg.drain_timeout_s + 10)
     if not engine.is_alive():
         ctx.term()
+    if engine.fatal:
+        logging.getLogger("djinn.server").error("stopped: the device is unusable (%s)", engine.fatal)
+        return 3  # supervisor.EXIT_FATAL_DEVICE: restart in a fresh process
     logging.getLogger("djinn.server").info("stopped")
     return 0
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..protocol.errors import HandleNotFound, SessionNotFound
+from ..protocol.errors import HandleNotFound, QuotaExceeded, SessionNotFound
 
 log = logging.getLogger("djinn.sessions")
 
@@ -49,6 +49,8 @@ class Session:
     models: set[str] = field(default_factory=set)                   # model ids this session holds
     text_pins: set[str] = field(default_factory=set)                # weight hashes held until registration
     stack: dict[str, torch.Tensor] = field(default_factory=dict)    # handle -> stop tensor of a parked run (RunTable's)
+    decode: dict[str, int] = field(default_factory=lambda: {"fast": 0, "eager": 0})  # generates per path
+    eager_why: str | None = None                                    # why the last eager generate was not fast
 
     def add_tensor(self, t: torch.Tensor) -> str:
         hid = secrets.token_hex(8)
@@ -82,7 +84,10 @@ class SessionTable:
     def __contains__(self, sid: object) -> bool:
         return sid in self._sessions
 
-    def open(self, client_id: str, name: str | None) -> Session:
+    def open(self, client_id: str, name: str | None, limit: int | None = None) -> Session:
+        if limit is not None and sum(1 for s in self._sessions.values() if s.client_id == client_id) >= limit:
+            raise QuotaExceeded(f"this client already has {limit} open sessions (max_sessions_per_client); "
+                                "close some first")
         s = Session(secrets.token_hex(12), client_id, name)
         self._sessions[s.sid] = s
         return s

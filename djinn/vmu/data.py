@@ -13,6 +13,13 @@ Note [What the scheduler moves]
     the scheduler never moves them, so a handle is always readable without a swap-in. Bytes are
     counted rounded up to the pool's alignment (512, also the CUDA caching allocator's granule), so
     the scheduler's arithmetic matches what the pool and the allocator hand out.
+
+Note [Host quota]
+    `host_quota` (bytes, from the server's quota_host_gb; None: no limit) caps what one session may hold
+    in the host pool. `swap_out` refuses (returns False, moves nothing) a session whose KV would take
+    it past the quota, so that session stays on the GPU, counted against the GPU budget as before. The
+    dispatcher also hides such a session from the policies' victim lists (`swappable`), so a request
+    that needs room gets it from sessions that can move instead of waiting for one that never will.
 """
 from __future__ import annotations
 
@@ -69,7 +76,7 @@ class SessionMemory:
 
 class DataSegment:
     def __init__(self, device: torch.device, host_pool_bytes: int, budget_bytes: int | None,
-                 swap_bw: float, reserve_bytes: int = GIB):
+                 swap_bw: float, reserve_bytes: int = GIB, host_quota: int | None = None):
         self.device = device
         self.pool = HostPool(host_pool_bytes)
         self.swapper = Swapper(self.pool, device)
@@ -77,6 +84,7 @@ class DataSegment:
         self.budget = budget_bytes
         self.reserve = reserve_bytes
         self.swap_bw = float(swap_bw)
+        self.host_quota = host_quota  # Note [Host quota]
         self.totals = Counters()
         self._mem: dict[str, SessionMemory] = {}
         self._tensor_bytes: dict[str, int] = {}
@@ -131,6 +139,14 @@ class DataSegment:
         """Bytes of KV the scheduler may move, charged on the GPU (Note [What the scheduler moves])."""
         return self.acct.session(sid)[DATA] - self._tensor_bytes.get(sid, 0)
 
+    def tensor_bytes(self, sid: str) -> int:
+        """Bytes of the tensors the session holds (handles), charged to its Data segment on the GPU."""
+        return self._tensor_bytes.get(sid, 0)
+
+    def swappable(self, sid: str, nbytes: int) -> bool:
+        """Whether `nbytes` more of the session's KV may go to the host pool (Note [Host quota])."""
+        return self.host_quota is None or self.host_bytes(sid) + nbytes <= self.host_quota
+
     def host_bytes(self, sid: str) -> int:
         m = self._mem.get(sid)
         return m.host.alloc.nbytes if m is not None and m.host is not None else 0
@@ -179,10 +195,14 @@ class DataSegment:
                 tensors.append(t)
         if not tensors:
             return False
+        nbytes = sum(aligned(t.numel() * t.element_size()) for t in tensors)
+        if not self.swappable(s.sid, nbytes):  # Note [Host quota]: it stays on the GPU
+            log.info("swap-out of session %s refused: %d bytes of KV exceed its host quota of %d bytes",
+                     s.sid[:8], nbytes, self.host_quota)
+            return False
         handle = self.swapper.swap_out(tensors)
         if handle is None:
-            log.warning("swap-out of session %s: the host pool has no block of %d bytes", s.sid[:8],
-                        sum(aligned(t.numel() * t.element_size()) for t in tensors))
+            log.warning("swap-out of session %s: the host pool has no block of %d bytes", s.sid[:8], nbytes)
             return False
         del tensors
         for kv in s.kv.values():

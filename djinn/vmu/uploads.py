@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..protocol.errors import InvalidRequest, ProtocolError
+from ..protocol.errors import InvalidRequest, ProtocolError, QuotaExceeded
 from ..protocol import hashing
 from ..protocol.tensors import check_shape, dtype_from_name, expected_nbytes
 
@@ -31,8 +31,9 @@ class PartialUpload:
 class Uploads:
     """Owns the partial uploads of every session (engine thread only)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, max_in_flight_bytes: int | None = None):
         self.device = device
+        self.max_in_flight_bytes = max_in_flight_bytes  # per session: the buffer is reserved at chunk one
         self._partial: dict[tuple[str, str], PartialUpload] = {}
 
     @property
@@ -63,6 +64,13 @@ class Uploads:
                     f"upload of {h[:12]}: total={total} offset={offset} but {dtype}{list(shape)} is "
                     f"{expected_nbytes(dtype, shape)} bytes starting at offset 0"
                 )
+            cap = self.max_in_flight_bytes
+            if cap is not None:
+                reserved = sum(p.total for (k, _), p in self._partial.items() if k == sid)
+                if reserved + total > cap:
+                    raise QuotaExceeded(f"upload of {h[:12]} ({total} bytes) would make {reserved + total} bytes "
+                                        f"of unfinished uploads in this session; the limit is {cap} "
+                                        "(upload_in_flight_gb): finish the uploads in flight first")
             n_leaves = -(-total // hashing.LEAF_BYTES)
             device = torch.device("cpu") if host else self.device
             part = PartialUpload(dtype, shape, total, torch.empty(total, dtype=torch.uint8, device=device),

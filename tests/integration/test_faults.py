@@ -227,7 +227,7 @@ def _long_generation_model():
 
 
 def test_server_killed_pending_and_later_calls_fail_fast(start_server):
-    srv = start_server()
+    srv = start_server("--no-supervise")  # nothing restarts it (test_restart.py covers the supervisor)
     idle = Connection(srv.address, secret=None)
     busy = Connection(srv.address, secret=None)
     watcher = Connection(srv.address, secret=None)  # never calls: must notice from heartbeats alone

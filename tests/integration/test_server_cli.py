@@ -38,6 +38,19 @@ def _read_line(proc: subprocess.Popen, timeout_s: float) -> str:
     return box[0] if box else ""
 
 
+def _parent_pid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def _run_cli(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "DJINN_SECRET"}
     return subprocess.run([*SERVER, *args], capture_output=True, text=True, timeout=timeout_s, env=env)
@@ -56,7 +69,9 @@ def test_ready_line_then_clean_exit_on_signal(sig):
         address, port, device = m.group(1), int(m.group(2)), m.group(3)
         assert 0 < port < 65536 and device == str(torch.device(DEVICE))
         conn = Connection(address, secret=None, cfg=ClientConfig(liveness_s=2.0))
-        assert conn.info["pid"] == proc.pid and conn.info["device"] == device
+        # The command runs a supervisor; the worker serving us is its child and exits with it.
+        worker = conn.info["pid"]
+        assert _parent_pid(worker) == proc.pid and conn.info["device"] == device
         sess = conn.session("open-at-shutdown")  # shut down with a client and a session still open
         assert sess.sid in conn.stats()["sessions"]
 
@@ -69,6 +84,7 @@ def test_ready_line_then_clean_exit_on_signal(sig):
         assert rc == 0, err
         assert "Traceback" not in err, err
         assert "stopped" in err, err
+        assert not _pid_alive(worker), "the worker outlived its supervisor"
 
         # The client notices the server is gone and fails fast from then on.
         with pytest.raises(djinn.ServerUnavailable):

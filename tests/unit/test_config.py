@@ -34,7 +34,8 @@ def test_non_loopback_bind_needs_secret(bind):
     with pytest.raises(ValueError) as info:
         ServerConfig(bind=bind).validate()
     msg = str(info.value)
-    assert msg == (f"bind={bind!r} is not loopback: set a secret (--secret or DJINN_SECRET) or bind to 127.0.0.1")
+    assert msg == (f"bind={bind!r} is not loopback: set a secret (--secret or DJINN_SECRET) and/or CurveZMQ keys "
+                   "(--curve-secret-key and --curve-allowed-dir, see docs/SECURITY.md) or bind to 127.0.0.1")
     assert ServerConfig(bind=bind, secret="s3cret").validate().secret == "s3cret"
 
 

@@ -14,6 +14,8 @@ EXPECTED = {
     "out_of_memory": E.OutOfMemory, "model_not_supported": E.ModelNotSupported,
     "invalid_request": E.InvalidRequest, "remote_execution": E.RemoteExecutionError,
     "server_unavailable": E.ServerUnavailable, "timeout": E.RequestTimeout,
+    "quota_exceeded": E.QuotaExceeded, "session_lost": E.SessionLost, "shutting_down": E.ShuttingDown,
+    "capture": E.CaptureError,
 }
 
 

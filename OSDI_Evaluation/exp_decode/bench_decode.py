@@ -1,0 +1,307 @@
+"""Decode speed: the fast path (djinn/server/fastpath.py) against Hugging Face eager generate.
+
+For each model shape (Llama-2-7B and 13B, fp16, seeded random weights), in one job:
+  * HBM bandwidth (a device copy) and the floor it sets: (weights + KV read) / bandwidth per step;
+  * HF `generate` eager, batch 1: ms/token of decode (prefill excluded) and its greedy tokens;
+  * the fast path in this process (DecodePool on the same module): ms/token at batch 1 and the
+    aggregate tokens/s of 1..64 rows in one step, plus greedy-token agreement with HF eager;
+  * the fast path behind a real server (loopback): 1..64 concurrent sessions, each its own client
+    connection and generate call; per-session and aggregate tokens/s, and the remote overhead per
+    token at one session (remote ms/token minus in-process ms/token).
+
+    python OSDI_Evaluation/exp_decode/bench_decode.py --shapes 7b,13b --out results/decode_h200.json
+    python OSDI_Evaluation/exp_decode/bench_decode.py --tiny --device cpu --out /tmp/decode_cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from OSDI_Evaluation.common import environment, start_server  # noqa: E402
+
+SHAPES = {
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000),
+    "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                num_key_value_heads=40, vocab_size=32000),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256),
+}
+TARGETS = {"7b": {"tok_s_batch1": 110, "x_eager": 7}, "13b": {"tok_s_batch1": 70},
+           "aggregate_32_x_one": 10, "remote_overhead_ms_p50": 0.3}
+
+
+def config(shape: str):
+    from transformers import LlamaConfig
+
+    # No eos: random weights would stop at arbitrary points and every path must make the same count.
+    return LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, bos_token_id=None, eos_token_id=None,
+                       pad_token_id=None)
+
+
+def build_local(shape: str, device: torch.device, dtype: torch.dtype, seed: int):
+    """The server's init_model recipe (djinn/server/init_ops.py), so both hold the same bits."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(config(shape), dtype=dtype)
+    return model.eval()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def hbm_gbps(device) -> float | None:
+    if device.type != "cuda":
+        return None
+    x = torch.empty(1 << 31, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    sync(device)
+    return 2 * x.numel() * 10 / (time.perf_counter() - t0) / 1e9
+
+
+def kv_bytes_per_token(model) -> int:
+    c = model.config
+    head = c.hidden_size // c.num_attention_heads
+    return c.num_hidden_layers * 2 * c.num_key_value_heads * head * next(model.parameters()).element_size()
+
+
+def eager(model, prompt: torch.Tensor, new: int, device) -> dict:
+    kw = dict(do_sample=False, attention_mask=torch.ones_like(prompt))
+    with torch.no_grad():
+        model.generate(prompt, max_new_tokens=2, **kw)  # warm-up
+        sync(device)
+        t0 = time.perf_counter()
+        model.generate(prompt, max_new_tokens=1, **kw)
+        sync(device)
+        t1 = time.perf_counter()
+        out = model.generate(prompt, max_new_tokens=new, **kw)
+        sync(device)
+        t2 = time.perf_counter()
+    ms = ((t2 - t1) - (t1 - t0)) / (new - 1) * 1e3
+    return {"ms_per_token": ms, "tok_s": 1e3 / ms, "prefill_s": t1 - t0, "tokens": out[0, prompt.shape[1]:].tolist()}
+
+
+def inproc(model, prompts: list[torch.Tensor], steps: int, device, pool_gb: float, max_len: int) -> dict:
+    """DecodePool in this process: prefill each prompt, join all rows, time `steps` batched steps."""
+    from transformers import DynamicCache
+
+    from djinn.server.fastpath import DecodePool, Row, Sampler
+
+    pool = DecodePool(model, device, int(pool_gb * 2**30), max_len)
+    rows, firsts = [], []
+    for p in prompts:
+        cache = DynamicCache(config=model.config)
+        with torch.inference_mode():
+            out = model(p, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        first = int(out.logits[0, -1].argmax())
+        firsts.append(first)
+        row = Row(first, p.shape[1], p.shape[1], steps + 3, Sampler(False), frozenset())
+        pool.join(row, cache)
+        rows.append(row)
+    for _ in range(2):  # captures the graph of this bucket (and the next length bucket's, if crossed)
+        pool.step()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        pool.step()
+    sync(device)
+    dt = (time.perf_counter() - t0) / steps
+    res = {"rows": len(rows), "ms_per_step": dt * 1e3, "aggregate_tok_s": len(rows) / dt,
+           "tokens_row0": [firsts[0], *rows[0].new]}
+    del pool
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return res
+
+
+def remote_round(address: str, model_id_cfg, prompts, new: int) -> dict:
+    """N sessions, each on its own connection and thread, generate at once; wall times per session."""
+    from djinn.frontend.connection import Connection
+
+    conns = [Connection(address, secret=None) for _ in prompts]
+    try:
+        sessions = [c.session() for c in conns]
+        rms = [model_id_cfg(s) for s in sessions]
+        times, outs, errors = [0.0] * len(prompts), [None] * len(prompts), []
+        barrier = threading.Barrier(len(prompts))
+
+        def run(i):
+            try:
+                barrier.wait()
+                t0 = time.perf_counter()
+                outs[i] = rms[i].generate(prompts[i], max_new_tokens=new, do_sample=False, session=sessions[i])
+                times[i] = time.perf_counter() - t0
+            except Exception as e:
+                errors.append(repr(e))
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        if errors:
+            raise RuntimeError(errors[0])
+        paths = [c.stats()["sessions"][s.sid]["decode"] for c, s in zip(conns, sessions)]
+        return {"sessions": len(prompts), "wall_s": wall, "per_session_tok_s": [new / t for t in times],
+                "aggregate_tok_s": len(prompts) * new / wall, "tokens_row0": outs[0][0].tolist(),
+                "fast": sum(p["fast"] for p in paths), "eager": sum(p["eager"] for p in paths)}
+    finally:
+        for c in conns:
+            c.close()
+
+
+def bench_shape(shape: str, args, device, dtype) -> dict:
+    from djinn.frontend.remote import RemoteModel
+
+    print(f"[{shape}] building the local model", flush=True)
+    model = build_local(shape, device, dtype, args.seed)
+    weights = sum(t.numel() * t.element_size() for t in model.parameters())
+    kvt = kv_bytes_per_token(model)
+    g = torch.Generator().manual_seed(1)
+    vocab = model.config.vocab_size
+    conc = [n for n in args.concurrency if n <= args.max_sessions]
+    prompts = [torch.randint(0, vocab, (1, args.prompt), generator=g).to(device) for _ in range(max(conc))]
+    res: dict = {"shape": shape, "weight_bytes": weights, "kv_bytes_per_token": kvt, "prompt": args.prompt,
+                 "new_tokens": args.new_tokens}
+    bw = hbm_gbps(device)
+    if bw:
+        ctx = args.prompt + args.new_tokens // 2
+        res["hbm_gbps"] = bw
+        res["floor_ms_per_token"] = {n: (weights + n * ctx * kvt) / (bw * 1e9) * 1e3 for n in conc}
+    print(f"[{shape}] HF eager generate", flush=True)
+    res["eager"] = eager(model, prompts[0], args.eager_tokens, device)
+    print(f"[{shape}] eager {res['eager']['tok_s']:.1f} tok/s", flush=True)
+    res["inproc"] = []
+    for n in conc:
+        r = inproc(model, prompts[:n], args.steps, device, args.pool_gb, args.max_len)
+        res["inproc"].append(r)
+        print(f"[{shape}] in-process fast path, {n} rows: {r['ms_per_step']:.2f} ms/step, "
+              f"{r['aggregate_tok_s']:.0f} tok/s", flush=True)
+    one = res["inproc"][0]
+    k = min(len(one["tokens_row0"]), len(res["eager"]["tokens"]))
+    res["greedy_match_inproc_vs_eager"] = _prefix(one["tokens_row0"][:k], res["eager"]["tokens"][:k])
+    res["greedy_compared"] = k
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    print(f"[{shape}] starting a server", flush=True)
+    srv = start_server(str(device), "--fast-decode", "on", "--fast-decode-pool-gb", str(args.pool_gb),
+                       "--fast-decode-max-len", str(args.max_len), "--log-level", "WARNING")
+    from djinn.frontend.connection import Connection
+
+    holder = Connection(srv.address, secret=None)  # keeps the model (and its decode pool) between rounds
+    try:
+        def remote(s):
+            return RemoteModel.from_config(s, config(shape), seed=args.seed, dtype=dtype)
+
+        remote(holder.session("holder"))
+
+        res["remote"] = []
+        for n in conc:
+            remote_round(srv.address, remote, [p.cpu() for p in prompts[:n]], args.new_tokens)  # warm-up
+            r = remote_round(srv.address, remote, [p.cpu() for p in prompts[:n]], args.new_tokens)
+            r["per_session_tok_s_p50"] = sorted(r["per_session_tok_s"])[len(r["per_session_tok_s"]) // 2]
+            res["remote"].append(r)
+            print(f"[{shape}] remote, {n} sessions: {r['per_session_tok_s_p50']:.1f} tok/s per session, "
+                  f"{r['aggregate_tok_s']:.0f} aggregate (fast {r['fast']}, eager {r['eager']})", flush=True)
+        # Remote overhead per token at one session: decode ms/token through the server minus in-process.
+        few = remote_timed(srv.address, remote, prompts[0].cpu(), 2)
+        many = remote_timed(srv.address, remote, prompts[0].cpu(), args.new_tokens)
+        remote_ms = (many - few) / (args.new_tokens - 2) * 1e3
+        res["remote_ms_per_token_batch1"] = remote_ms
+        res["remote_overhead_ms_per_token"] = remote_ms - one["ms_per_step"]
+        toks = res["remote"][0]["tokens_row0"][args.prompt:]
+        k2 = min(len(toks), len(res["eager"]["tokens"]))
+        res["greedy_match_remote_vs_eager"] = _prefix(toks[:k2], res["eager"]["tokens"][:k2])
+    finally:
+        holder.close()
+        srv.stop()
+    one_remote = res["remote"][0]["aggregate_tok_s"]
+    res["aggregate_x_one_session"] = {r["sessions"]: r["aggregate_tok_s"] / one_remote for r in res["remote"]}
+    res["fast_x_eager_batch1"] = 1e3 / one["ms_per_step"] / res["eager"]["tok_s"]
+    return res
+
+
+def remote_timed(address, remote, prompt, new: int, reps: int = 3) -> float:
+    """Median seconds of one session's generate of `new` tokens (after one warm-up)."""
+    from djinn.frontend.connection import Connection
+
+    c = Connection(address, secret=None)
+    try:
+        s = c.session()
+        rm = remote(s)
+        rm.generate(prompt, max_new_tokens=new, do_sample=False, session=s)
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            rm.generate(prompt, max_new_tokens=new, do_sample=False, session=s)
+            ts.append(time.perf_counter() - t0)
+        return sorted(ts)[len(ts) // 2]
+    finally:
+        c.close()
+
+
+def _prefix(a: list, b: list) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="7b,13b")
+    p.add_argument("--tiny", action="store_true", help="the tiny shape on the CPU: checks the script runs")
+    p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--concurrency", default="1,4,16,32,64")
+    p.add_argument("--max-sessions", type=int, default=64)
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--eager-tokens", type=int, default=32)
+    p.add_argument("--steps", type=int, default=64, help="timed steps in process")
+    p.add_argument("--pool-gb", type=float, default=14.0)
+    p.add_argument("--max-len", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    args.concurrency = [int(x) for x in args.concurrency.split(",")]
+    if args.tiny:
+        args.shapes, args.pool_gb = "tiny", min(args.pool_gb, 0.05)
+        args.prompt, args.new_tokens, args.eager_tokens, args.steps = 16, 16, 8, 8
+    device = torch.device(args.device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    out = {"env": environment(device), "targets": TARGETS, "args": vars(args), "shapes": {}}
+    for shape in args.shapes.split(","):
+        out["shapes"][shape] = bench_shape(shape, args, device, dtype)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=1))
+    print(json.dumps({s: {k: v for k, v in r.items() if k in ("fast_x_eager_batch1", "remote_overhead_ms_per_token",
+                                                                 "greedy_match_inproc_vs_eager", "greedy_compared")}
+                      for s, r in out["shapes"].items()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

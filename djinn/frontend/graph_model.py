@@ -1,0 +1,121 @@
+"""The graph path on the client (DESIGN.md section 4.2): any nn.Module, captured once per input signature.
+
+`GraphModel.from_module` uploads the module's weights through the usual path (content-addressed, shared
+in the Text segment) and registers them as a graph-path model. A call flattens its arguments, looks up
+its signature (srg/tree.py, Note [Input signature]); a new signature is captured (srg/capture.py), and
+the graph travels once: the server caches it by signature (Note [Graph cache] in server/graph_ops.py),
+so a repeated call ships only its inputs and the signature.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..protocol import structure
+from ..protocol.errors import ModelNotSupported
+from ..srg.capture import Captured, capture_module, is_leaf_spec
+from ..srg.render import render
+from ..srg.tree import flatten, unflatten
+from .remote import RemoteModel
+from .tensor import RemoteTensor
+from .upload import named_tensors, upload_tensors
+
+if TYPE_CHECKING:
+    from .session import Session
+
+
+def leaf_key(x: Any):
+    if isinstance(x, torch.Tensor):
+        return ("$T", x.dtype, tuple(x.shape))
+    if isinstance(x, RemoteTensor):
+        return ("$R", x.dtype, tuple(x.shape))
+    return None
+
+
+class GraphModel(RemoteModel):
+    path = "graph"
+
+    def __init__(self, session: "Session", model_id: str, module: nn.Module, hashes: dict[str, str],
+                 nbytes: int, upload=None):
+        super().__init__(session, model_id, type(module).__name__, nbytes, None, upload=upload, source="graph path")
+        self.module = module            # the code stays here: captures run it over meta tensors
+        self.hashes = hashes
+        self._captures: dict[Any, Captured] = {}
+        self._server_has: set[str] = set()
+        self._use_cache = _accepts(module, "use_cache")
+        self._submodules = list(module.modules())  # for the training flags in the signature
+        #: captures: graphs recorded; calls; graphs_sent: calls that carried their graph
+        self.counters = {"captures": 0, "calls": 0, "graphs_sent": 0}
+
+    @classmethod
+    def from_module(cls, session: "Session", module: nn.Module, **_) -> "GraphModel":
+        conn = session.conn
+        chunk = conn.cfg.upload_chunk_bytes
+        limit = (conn.info.get("limits") or {}).get("max_frame_bytes")
+        if isinstance(limit, int) and limit > 0:
+            chunk = min(chunk, limit)
+        hashes, report = upload_tensors(session, named_tensors(module), conn.hashes, chunk, conn.cfg.upload_window)
+        info = session.call("register_graph", {"tensors": hashes})
+        return cls(session, info["model_id"], module, hashes, info["bytes"], upload=report)
+
+    # -- calls ---------------------------------------------------------------------------------------
+    def forward(self, *args, session: "Session | None" = None, seed: int | None = None, **kwargs) -> Any:
+        """Run the module's forward on the server through its SRG; tensors come back as RemoteTensors.
+        `seed`: torch.manual_seed on the server first (for random ops such as dropout)."""
+        s = session or self.session
+        self._attach(s)
+        cap, leaves = self._capture(args, kwargs)
+        self.counters["calls"] += 1
+        inputs = structure.pack(leaves, s._leaf)
+        res = self._run(s, cap, {"model_id": self.model_id, "inputs": inputs, "seed": seed})
+        outs = s._unpack(res["outputs"])
+        return unflatten(cap.out_spec, outs, cap.out_protos, is_leaf_spec)
+
+    def explain(self, *args, **kwargs) -> str:
+        """The SRG this call runs, as text: ops grouped by module with lifecycle, cost class and sizes."""
+        cap, _ = self._capture(args, kwargs)
+        return render(cap.graph, f"SRG {self.arch} {cap.sig[:12]}")
+
+    def generate(self, *args, **kwargs):
+        raise ModelNotSupported("generate runs on the module path (djinn.remote(model) for a Hugging Face model "
+                                "the server can build); the graph path runs forward")
+
+    def _capture(self, args: tuple, kwargs: dict) -> tuple[Captured, list]:
+        if self._use_cache and "use_cache" not in kwargs:
+            kwargs = dict(kwargs, use_cache=False)  # as on the module path: no cache objects unless asked
+        leaves: list = []
+        spec = flatten((tuple(args), dict(kwargs)), leaves, leaf_key, [])
+        key = (spec, tuple([m.training for m in self._submodules]))
+        cap = self._captures.get(key)
+        if cap is None:
+            cap = capture_module(self.module, args, kwargs, self.hashes, leaf_key,
+                                 lambda x: isinstance(x, RemoteTensor))
+            self._captures[key] = cap
+            self.counters["captures"] += 1
+        return cap, leaves
+
+    def _run(self, s: "Session", cap: Captured, args: dict) -> dict:
+        send = cap.sig not in self._server_has
+        res = s.call("run_graph", dict(args, sig=cap.sig, **({"graph": cap.wire} if send else {})))
+        if res.get("missing"):  # evicted on the server: send it again (Note [Graph cache])
+            send = True
+            res = s.call("run_graph", dict(args, sig=cap.sig, graph=cap.wire))
+        if send:
+            self.counters["graphs_sent"] += 1
+        self._server_has.add(cap.sig)
+        return res
+
+    def __repr__(self) -> str:
+        return (f"GraphModel({self.arch}, {self.nbytes / 1e6:.1f} MB, id={self.model_id[:12]}, "
+                f"{len(self._captures)} graphs, server={self.session.conn.address})")
+
+
+def _accepts(module: nn.Module, name: str) -> bool:
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params

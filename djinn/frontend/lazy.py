@@ -1,0 +1,221 @@
+"""Lazy tensor ops (DESIGN.md section 4.3): ops on RemoteTensors are recorded, not run.
+
+`(out.logits[:, -1] / t).softmax(-1).topk(5)` records select, div, _softmax and topk into the session's
+pending SRG, with the same Recorder as the graph path (srg/capture.py), over meta tensors: shapes and
+dtypes are known at once, and a shape error raises where it is written, as in torch. The results are
+pending RemoteTensors. Materializing one (`.cpu()`, `.tolist()`, `.item()`, `.numpy()`, `bool()`) flushes
+the whole pending graph as one `run_graph` request: one round trip for a whole chain. Every pending
+tensor still alive becomes a session handle in that same request; intermediates nobody holds stay on
+the server's Stack and are freed. An error while the graph runs on the server (an index out of range,
+say) raises at materialization, naming the op and the file:line where the user wrote it.
+
+Note [Lazy order]
+    Pending ops read the session's tensors when they run, at the flush. An in-place edit of a concrete
+    RemoteTensor (frontend/edits.py) is applied before the next request's work, so writing one while
+    ops are pending flushes them first: the ops see the tensor as it was when they were written.
+    In-place ops on pending tensors (`y = x * 2; y[:, 0].add_(1)`) are recorded in the graph itself.
+"""
+from __future__ import annotations
+
+import os
+import weakref
+from typing import Any
+
+import torch
+
+from ..protocol.errors import InvalidRequest
+from ..srg.capture import Recorder, user_site
+from ..srg.graph import Lifecycle, signature
+
+_SKIP = (os.sep + "djinn" + os.sep, os.sep + "torch" + os.sep)
+_META = torch.device("meta")
+
+
+class _Pending:
+    """One session's pending lazy graph."""
+
+    def __init__(self) -> None:
+        self.rec = Recorder(lazy=True)
+        self.live: list[weakref.ref] = []          # pending RemoteTensors, in creation order
+        self.handles: dict[str, torch.Tensor] = {}  # handle id -> its meta input
+        self.keep: list = []                        # concrete RemoteTensors used: alive until the flush
+
+
+_STATE: "weakref.WeakKeyDictionary[Any, _Pending]" = weakref.WeakKeyDictionary()
+_KNOWN: "weakref.WeakKeyDictionary[Any, set]" = weakref.WeakKeyDictionary()  # signatures the server holds
+
+
+def pending(session) -> bool:
+    st = _STATE.get(session)
+    return st is not None and bool(st.rec.graph.nodes)
+
+
+def _session_of(obj: Any):
+    from .edits import RemoteView
+    from .tensor import RemoteTensor
+
+    if isinstance(obj, RemoteTensor):
+        return obj._session
+    if isinstance(obj, RemoteView):
+        return obj.base._session
+    if isinstance(obj, (list, tuple)):
+        for x in obj:
+            s = _session_of(x)
+            if s is not None:
+                return s
+    if isinstance(obj, dict):
+        return _session_of(list(obj.values()))
+    return None
+
+
+def apply(func, args: tuple, kwargs: dict | None = None) -> Any:
+    """Record `func(*args, **kwargs)` where some arguments are RemoteTensors; return pending results."""
+    from .edits import RemoteView
+    from .tensor import RemoteTensor
+
+    kwargs = kwargs or {}
+    session = _session_of((args, kwargs))
+    st = _STATE.get(session)
+    if st is None:
+        st = _STATE[session] = _Pending()
+    rec = st.rec
+    rec.where = user_site(_SKIP)
+
+    def to_meta(x):
+        if isinstance(x, RemoteTensor):
+            if x._session is not session:
+                raise InvalidRequest("a RemoteTensor can only be used in the session that holds it")
+            if x._meta is not None:
+                return x._meta
+            m = st.handles.get(x._hid)
+            if m is None:
+                m = st.handles[x._hid] = torch.empty(tuple(x.shape), dtype=x.dtype, device=_META)
+                rec.add_input(m, {"$h": x._hid}, Lifecycle.DATA)
+                st.keep.append(x)
+            return m
+        if isinstance(x, RemoteView):
+            base = to_meta(x.base)
+            with rec:
+                for index in x.chain:
+                    base = base[index]
+            return base
+        if isinstance(x, (list, tuple)):
+            return type(x)(to_meta(v) for v in x)
+        if isinstance(x, dict):
+            return {k: to_meta(v) for k, v in x.items()}
+        return x
+
+    margs, mkw = to_meta(tuple(args)), to_meta(kwargs)
+    with rec:
+        out = func(*margs, **mkw)
+    return _wrap(out, session, st)
+
+
+def _wrap(out: Any, session, st: _Pending) -> Any:
+    from .tensor import RemoteTensor
+
+    if isinstance(out, torch.Tensor):
+        if st.rec.ref_of(out) is None:
+            raise InvalidRequest("a lazy op returned a tensor the recorder did not produce")
+        t = RemoteTensor.pending(session, out)
+        st.live.append(weakref.ref(t))
+        return t
+    if isinstance(out, tuple) and hasattr(out, "_fields") or type(out).__module__ == "torch.return_types":
+        return type(out)([_wrap(v, session, st) for v in out])
+    if isinstance(out, (list, tuple)):
+        return type(out)(_wrap(v, session, st) for v in out)
+    return out
+
+
+def flush(session, fetch: tuple = ()) -> list[torch.Tensor]:
+    """Run the session's pending graph in one request; bind every live pending tensor to a handle and
+    return the data of `fetch` (pending RemoteTensors)."""
+    st = _STATE.pop(session, None)
+    if st is None or not st.rec.graph.nodes:
+        return []
+    live = [t for t in (r() for r in st.live) if t is not None and t._meta is not None]
+    g = st.rec.graph
+    g.outputs = [st.rec.ref_of(t._meta) for t in live]
+    for r in g.outputs:
+        g.nodes[r.node].lifecycle = Lifecycle.DATA
+    wire = g.to_wire()
+    sig = signature(wire)
+    known = _KNOWN.setdefault(session, set())
+    index = {id(t): k for k, t in enumerate(live)}
+    args = {"sig": sig, "inputs": st.rec.input_values, "fetch": [index[id(t)] for t in fetch]}
+    if sig not in known:
+        args["graph"] = wire
+    res = session.call("run_graph", args)
+    if res.get("missing"):
+        res = session.call("run_graph", dict(args, graph=wire))
+    known.add(sig)
+    for t, packed in zip(live, res["outputs"]):
+        t._bind(packed["$t"][0])
+    return res["tensors"]
+
+
+def materialize(t) -> torch.Tensor:
+    """A pending RemoteTensor's value (flushes the pending graph)."""
+    return flush(t._session, (t,))[0]
+
+
+def materialize_view(view) -> torch.Tensor:
+    """A view of a pending tensor: record the indexing, then flush."""
+    y = apply(lambda x: x, (view,))
+    return materialize(y)
+
+
+def before_edit(session) -> None:
+    """Note [Lazy order]: pending ops run before an edit of a concrete tensor is applied."""
+    if pending(session):
+        flush(session)
+
+
+# -- the op surface ---------------------------------------------------------------------------------
+_OPERATORS = """__add__ __radd__ __sub__ __rsub__ __mul__ __rmul__ __truediv__ __rtruediv__ __floordiv__
+__rfloordiv__ __mod__ __pow__ __rpow__ __matmul__ __rmatmul__ __neg__ __pos__ __abs__ __invert__ __and__
+__or__ __xor__ __lt__ __le__ __gt__ __ge__ __eq__ __ne__""".split()
+
+
+class LazyOps:
+    """Tensor operations on remote tensors, recorded lazily (mixed into RemoteTensor and RemoteView)."""
+
+    __slots__ = ()
+    __hash__ = object.__hash__
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        return apply(func, args, kwargs)
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        attr = getattr(torch.Tensor, name, None)
+        if attr is None:
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+        if callable(attr):
+            return lambda *a, **k: apply(attr, (self,) + a, k)
+        return apply(lambda x: getattr(x, name), (self,))  # properties: .T, .mT, .real
+
+    def __bool__(self) -> bool:
+        return bool(self.item())
+
+    def __float__(self) -> float:
+        return float(self.item())
+
+    def __int__(self) -> int:
+        return int(self.item())
+
+
+def _operator(name: str):
+    fn = getattr(torch.Tensor, name)
+
+    def method(self, *args):
+        return apply(fn, (self,) + args)
+
+    method.__name__ = name
+    return method
+
+
+for _name in _OPERATORS:
+    setattr(LazyOps, _name, _operator(_name))

@@ -1,0 +1,292 @@
+"""The decode fast path: Llama-family decode steps over an engine-owned KV pool, batched across
+sessions and, on CUDA, replayed as CUDA graphs.
+
+Eager Hugging Face decode is bound by the host: one step launches hundreds of small kernels from
+Python (BASELINES.md "Decode"). Here one step of every session that decodes with the same model is a
+single batched call, and on CUDA that call is a captured graph per (batch bucket, length bucket).
+
+Note [Decode pool]
+    Each model that takes the fast path gets one pool `kv[layer, k|v, slot, kv_head, position, dim]`,
+    allocated once (its size is `fast_decode_pool_gb`, its rows `fast_decode_max_len` positions).
+    Active rows are kept in slots 0..n-1 with no holes: a row that leaves has the last row's KV moved
+    into its slot. So a step over n rows reads the contiguous view `kv[:, :, :B, :, :Lb]` (B, Lb the
+    buckets at or above n and the longest row) and CUDA graphs can be captured on fixed addresses.
+    Slots past n in a bucket are free: the step writes garbage there, which the next join overwrites.
+
+Note [Fast path and the session cache]
+    The session's KV stays a Hugging Face DynamicCache between calls (so swap, recompute, breakpoints
+    and the eager path see what they always saw). A call prefills its new tokens eagerly into that
+    cache, copies the cache into a pool slot (one device copy), decodes in the pool, and appends the
+    generated tokens' KV back to the cache when it leaves. As with HF generate, the cache ends one
+    token short of the sequence: the last token generated has not been fed.
+
+Note [Fast path numerics]
+    The step reuses the model's own modules (norms, projections, rotary embedding, MLP), so only
+    attention differs from HF's: it runs over the padded length bucket with a mask. Results therefore
+    match eager decode to rounding, not bitwise; `deterministic=True` asks for the eager path.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("djinn.fastpath")
+
+SUPPORTED_ARCHS = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"})
+STATIC_ROPE = frozenset({"default", "linear", "llama3"})
+#: generate() arguments the fast path implements; any other one sends the call to the eager path.
+FAST_KWARGS = frozenset({"max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p",
+                         "eos_token_id", "pad_token_id", "use_cache"})
+MIN_LEN_BUCKET = 64
+
+
+def unsupported(module: torch.nn.Module, batch: int, kwargs: dict, total_len: int, max_len: int) -> str | None:
+    """Why this generate cannot take the fast path (None: it can)."""
+    arch = type(module).__name__
+    if arch not in SUPPORTED_ARCHS:
+        return f"{arch} has no fast decode step"
+    cfg = module.config
+    rope = getattr(getattr(module.model, "rotary_emb", None), "rope_type", None)
+    if rope not in STATIC_ROPE:
+        return f"rope type {rope!r} changes with the length"
+    window = getattr(cfg, "sliding_window", None)
+    if window is not None and getattr(cfg, "use_sliding_window", True) and window < total_len:
+        return f"sliding window {window} < {total_len} tokens"
+    if batch != 1:
+        return f"input batch {batch} (the fast path batches sessions, one row each)"
+    extra = sorted(set(kwargs) - FAST_KWARGS)
+    if extra:
+        return f"generate arguments {extra}"
+    if kwargs.get("use_cache") is False:
+        return "use_cache=False"
+    if total_len > max_len:
+        return f"{total_len} tokens > fast_decode_max_len {max_len}"
+    return None
+
+
+def _bucket(n: int, cap: int, floor: int = 1) -> int:
+    b = floor
+    while b < n:
+        b *= 2
+    return min(b, cap)
+
+
+@dataclass
+class Sampler:
+    """One session's sampling settings (HF defaults from the model's generation config)."""
+
+    do_sample: bool
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
+
+    @classmethod
+    def build(cls, module: torch.nn.Module, kwargs: dict, seed: int | None, device: torch.device) -> "Sampler":
+        gc = module.generation_config
+
+        def pick(name, default):
+            v = kwargs.get(name)
+            if v is None:
+                v = getattr(gc, name, None)
+            return default if v is None else v
+
+        s = cls(bool(pick("do_sample", False)), float(pick("temperature", 1.0)), int(pick("top_k", 0)),
+                float(pick("top_p", 1.0)))
+        if s.do_sample:
+            s.generator = torch.Generator(device)
+            s.generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        return s
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """Next token ids [rows] from logits [rows, vocab]."""
+        if not self.do_sample:
+            return logits.argmax(-1)
+        scores = logits.float() / max(self.temperature, 1e-5)
+        if self.top_k and self.top_k < scores.shape[-1]:
+            kth = torch.topk(scores, self.top_k, dim=-1).values[..., -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if self.top_p < 1.0:
+            sorted_scores, order = torch.sort(scores, descending=False, dim=-1)
+            cum = sorted_scores.softmax(-1).cumsum(-1)
+            drop = cum <= (1 - self.top_p)
+            drop[..., -1:] = False
+            scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        probs = scores.softmax(-1)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+
+
+@dataclass
+class Row:
+    """One session's generate while it holds a pool slot."""
+
+    token: int                   # the next token to feed
+    pos: int                     # its position (= tokens already in the slot's KV)
+    start: int                   # the slot's KV length when it joined (copied from the session cache)
+    remaining: int               # tokens still to generate
+    sampler: Sampler
+    eos: frozenset
+    on_token: Callable[[int], None] | None = None
+    new: list = field(default_factory=list)  # tokens generated in the pool (the prefill's first excluded)
+    slot: int = -1
+    done: bool = False
+
+
+class DecodePool:
+    """Owns one model's pool (Note [Decode pool]), its rows and its captured step graphs."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device, pool_bytes: int, max_len: int,
+                 graphs: bool | None = None):
+        self.module, self.device = module, device
+        cfg = module.config
+        self.layers = module.model.layers
+        attn = self.layers[0].self_attn
+        self.head_dim = attn.head_dim
+        self.kv_heads = cfg.num_key_value_heads
+        self.heads = cfg.num_attention_heads
+        self.dtype = next(module.parameters()).dtype
+        self.max_len = _bucket(max_len, 1 << 30, MIN_LEN_BUCKET)  # a power of two: buckets tile it
+        per_slot = len(self.layers) * 2 * self.kv_heads * self.max_len * self.head_dim * self.dtype.itemsize
+        self.slots = int(pool_bytes // per_slot)
+        if self.slots < 1:
+            raise ValueError(f"fast_decode_pool_gb holds no slot of {per_slot / 2**30:.2f} GiB "
+                             f"({self.max_len} positions)")
+        self.kv = torch.zeros(len(self.layers), 2, self.slots, self.kv_heads, self.max_len, self.head_dim,
+                              dtype=self.dtype, device=device)
+        self.ids = torch.zeros(self.slots, dtype=torch.long, device=device)
+        self.pos = torch.zeros(self.slots, dtype=torch.long, device=device)
+        self.rows: list[Row] = []
+        self.use_graphs = device.type == "cuda" if graphs is None else graphs
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._mempool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self.steps = 0
+        self.rows_stepped = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+    def free_slots(self) -> int:
+        return self.slots - len(self.rows)
+
+    # -- rows join and leave ------------------------------------------------------------------------
+    def join(self, row: Row, cache: Any) -> None:
+        """Copy the session cache (KV of positions 0..row.start-1) into the next slot."""
+        assert len(self.rows) < self.slots
+        row.slot = len(self.rows)
+        n = row.start
+        for i, layer in enumerate(cache.layers):
+            self.kv[i, 0, row.slot, :, :n].copy_(layer.keys[0])
+            self.kv[i, 1, row.slot, :, :n].copy_(layer.values[0])
+        self.rows.append(row)
+
+    def leave(self, row: Row, cache: Any) -> None:
+        """Append the KV the row made in the pool to the session cache; give its slot up."""
+        a, b = row.start, row.pos
+        if b > a:
+            for i in range(len(self.layers)):
+                k = self.kv[i, 0, row.slot, :, a:b].unsqueeze(0).clone()
+                v = self.kv[i, 1, row.slot, :, a:b].unsqueeze(0).clone()
+                cache.update(k, v, i)
+        self.drop(row)
+
+    def drop(self, row: Row) -> None:
+        """Give the slot up without saving (the row was cancelled); the last row moves into it."""
+        if row not in self.rows:
+            return
+        last = self.rows[-1]
+        if last is not row:
+            self.kv[:, :, row.slot, :, :last.pos].copy_(self.kv[:, :, last.slot, :, :last.pos])
+            last.slot = row.slot
+            self.rows[row.slot] = last
+        self.rows.pop()
+        row.slot = -1
+
+    # -- one step for every row ----------------------------------------------------------------------
+    def step(self) -> None:
+        """Feed every row its token, sample its next one; rows that are finished are marked done."""
+        rows = [r for r in self.rows if not r.done]
+        if not rows:
+            return
+        n = len(self.rows)
+        longest = max(r.pos for r in self.rows) + 1
+        B = _bucket(n, self.slots)
+        L = _bucket(longest, self.max_len, MIN_LEN_BUCKET)
+        # One host-to-device copy each for tokens and positions (done rows still in a slot feed a
+        # harmless token at their position), one device-to-host copy for every greedy row's token.
+        self.ids[:n].copy_(torch.tensor([r.token for r in self.rows], dtype=torch.long))
+        self.pos[:n].copy_(torch.tensor([r.pos for r in self.rows], dtype=torch.long))
+        logits = self._run(B, L)[:n]
+        greedy = logits.argmax(-1).tolist() if any(not r.sampler.do_sample for r in rows) else None
+        self.steps += 1
+        self.rows_stepped += len(rows)
+        for r in rows:
+            tok = int(r.sampler(logits[r.slot:r.slot + 1])[0]) if r.sampler.do_sample else greedy[r.slot]
+            r.pos += 1
+            r.token = tok
+            r.new.append(tok)
+            r.remaining -= 1
+            if r.on_token is not None:
+                r.on_token(tok)
+            if r.remaining <= 0 or tok in r.eos:
+                r.done = True
+
+    def _run(self, B: int, L: int) -> torch.Tensor:
+        if not self.use_graphs:
+            return self._forward(B, L)
+        key = (B, L)
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._graphs[key] = self._capture(B, L)
+        graph, out = entry
+        graph.replay()
+        return out
+
+    def _capture(self, B: int, L: int):
+        # Warm-up steps write the same KV the real step writes (same ids and positions): harmless.
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward(B, L)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._mempool, capture_error_mode="thread_local"):
+            out = self._forward(B, L)
+        log.info("captured a decode step graph: batch %d, length %d", B, L)
+        return graph, out
+
+    @torch.inference_mode()
+    def _forward(self, B: int, L: int) -> torch.Tensor:
+        """One decode step for slots 0..B-1 over positions 0..L-1; logits [B, vocab]."""
+        m = self.module.model
+        ids, pos = self.ids[:B], self.pos[:B]
+        h = m.embed_tokens(ids)[:, None, :]                                    # [B, 1, hidden]
+        cos, sin = m.rotary_emb(h, pos[:, None])
+        mask = (torch.arange(L, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
+        rows = torch.arange(B, device=self.device)
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(B, 1, self.heads, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(B, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(x).view(B, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            kc, vc = self.kv[i, 0], self.kv[i, 1]                             # [slots, kv_heads, max_len, dim]
+            kc[rows, :, pos] = k[:, :, 0]
+            vc[rows, :, pos] = v[:, :, 0]
+            o = F.scaled_dot_product_attention(q, kc[:B, :, :L], vc[:B, :, :L], attn_mask=mask,
+                                               scale=attn.scaling, enable_gqa=self.heads != self.kv_heads)
+            h = h + attn.o_proj(o.transpose(1, 2).reshape(B, 1, self.heads * self.head_dim))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.module.lm_head(m.norm(h)[:, -1])
+
+    def stats(self) -> dict:
+        return {"slots": self.slots, "rows": len(self.rows), "max_len": self.max_len, "bytes": self.nbytes,
+                "graphs": sorted(self._graphs), "steps": self.steps, "rows_stepped": self.rows_stepped}

@@ -1,0 +1,167 @@
+"""Graph-path ops (DESIGN.md section 4.2-4.3): register_graph, run_graph, graph_stats.
+
+Registered in ops.OPS like every other op. A graph arrives once per (client, signature) and is checked
+and compiled then (djinn/server/interpreter.py); later calls send the signature and their inputs only.
+
+Note [Graph cache]
+    Compiled graphs are cached per client id and signature, LRU, at most MAX_GRAPHS in all. Per client,
+    not shared: a graph can carry a tenant's constants, and the signature is the client's own claim (a
+    client that lies about it only confuses its own cache). A call naming a signature the server does
+    not hold (evicted, or a restarted server) is answered {"missing": true} and the client sends it again
+    with the graph: no error, one extra round trip.
+"""
+from __future__ import annotations
+
+import time
+import weakref
+from collections import OrderedDict
+
+import torch
+
+from ..protocol.errors import InvalidRequest
+from ..srg.graph import from_wire
+from .interpreter import Compiled, Interpreter, compile_graph
+from .models import GRAPH_ARCH
+from .ops import _attach, _model_info, _model_of, _pack_outputs, _read, _unpack_inputs, op, over_gpu_quota
+
+MAX_GRAPHS = 1024
+
+
+class GraphStore:
+    def __init__(self) -> None:
+        self._graphs: OrderedDict[tuple[str, str], Compiled] = OrderedDict()
+        self.counters: dict[str, dict[str, int]] = {}
+
+    def count(self, client_id: str, what: str) -> None:
+        c = self.counters.setdefault(client_id, {"compiled": 0, "hits": 0, "missing": 0, "runs": 0})
+        c[what] += 1
+
+    def get(self, key: tuple[str, str]) -> Compiled | None:
+        c = self._graphs.get(key)
+        if c is not None:
+            self._graphs.move_to_end(key)
+        return c
+
+    def put(self, key: tuple[str, str], c: Compiled) -> None:
+        self._graphs[key] = c
+        while len(self._graphs) > MAX_GRAPHS:
+            self._graphs.popitem(last=False)
+
+    def held(self, client_id: str) -> int:
+        return sum(1 for k in self._graphs if k[0] == client_id)
+
+
+# One store per engine, kept beside it so the engine needs no field for it.
+_STORES: "weakref.WeakKeyDictionary[object, GraphStore]" = weakref.WeakKeyDictionary()
+
+
+def graph_store(engine) -> GraphStore:
+    store = _STORES.get(engine)
+    if store is None:
+        store = _STORES[engine] = GraphStore()
+    return store
+
+
+@op
+def register_graph(engine, client_id, rid, args):
+    """A graph-path model: its weights (uploaded and pinned by this session), no code."""
+    s = engine.session(client_id, args)
+    tensors = args.get("tensors")
+    if not isinstance(tensors, dict) or not all(isinstance(v, str) for v in tensors.values()):
+        raise InvalidRequest("register_graph needs tensors: {name: hash}")
+    unpinned = sorted(set(tensors.values()) - s.text_pins)
+    if unpinned:
+        raise InvalidRequest(f"{len(unpinned)} weights were not announced or uploaded by this session")
+    entry, created = engine.models.register_weights(tensors)
+    _attach(engine, s, entry)
+    for h in set(tensors.values()):
+        s.text_pins.discard(h)
+        engine.text.release(h)
+    return _model_info(entry, created)
+
+
+@op
+def run_graph(engine, client_id, rid, args):
+    """{sig, graph?, model_id?, inputs, seed?, fetch?, edits?} -> {outputs: [$t], tensors, graph} or {missing}."""
+    t0 = time.perf_counter()
+    s = engine.session(client_id, args)
+    engine.runs.apply_edits(s, args.get("edits"))  # queued edits first: read-your-writes
+    store = graph_store(engine)
+    sig = args.get("sig")
+    if not isinstance(sig, str) or not 0 < len(sig) <= 64:
+        raise InvalidRequest("run_graph needs sig, the graph's signature string")
+    key = (client_id, sig)
+    compiled = store.get(key)
+    status = "cached"
+    if compiled is None:
+        wire = args.get("graph")
+        if wire is None:
+            store.count(client_id, "missing")
+            return {"missing": True}
+        compiled = compile_graph(from_wire(wire), engine.device)
+        store.put(key, compiled)
+        store.count(client_id, "compiled")
+        status = "compiled"
+    else:
+        store.count(client_id, "hits")
+    weights = _weights(engine, s, args, compiled)
+    inputs = _unpack_inputs(engine, s, args.get("inputs", []))
+    _check_inputs(compiled, inputs)
+    seed = args.get("seed")
+    if seed is not None:
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise InvalidRequest(f"seed must be an int, got {seed!r}")
+        torch.manual_seed(seed)  # random ops are seeded on the server, like a local manual_seed
+    fetch = args.get("fetch") or []
+    n_out = len(compiled.graph.outputs)
+    if not isinstance(fetch, list) or not all(type(k) is int and 0 <= k < n_out for k in fetch):
+        raise InvalidRequest(f"fetch must list output indices below {n_out}")
+    held = set(s.tensors)
+    t1 = time.perf_counter()
+    outs = Interpreter(compiled).run(inputs, weights)
+    t2 = time.perf_counter()
+    store.count(client_id, "runs")
+    result = {"outputs": _pack_outputs(s, outs), "tensors": [_read(outs[k], None) for k in fetch],
+              "graph": status, "timing": {"interpret_us": round((t2 - t1) * 1e6), "server_us": 0}}
+    engine.data.sync(s)
+    err = over_gpu_quota(engine, s, held, "run_graph")
+    if err is not None:
+        del outs, result
+        raise err
+    result["timing"]["server_us"] = round((time.perf_counter() - t0) * 1e6)
+    return result
+
+
+@op
+def graph_stats(engine, client_id, rid, args):
+    """This client's graph cache: graphs held, compiled (graphs received), hits, missing, runs."""
+    store = graph_store(engine)
+    c = dict(store.counters.get(client_id, {"compiled": 0, "hits": 0, "missing": 0, "runs": 0}))
+    return dict(c, held=store.held(client_id))
+
+
+def _weights(engine, s, args, compiled: Compiled) -> list[torch.Tensor]:
+    if not compiled.weights:
+        return []
+    if args.get("model_id") is None:
+        raise InvalidRequest("this graph uses weights: name the graph model (model_id) that holds them")
+    entry = _model_of(engine, s, args)  # attached to this session (Note [Isolation] in ops.py)
+    if entry.arch != GRAPH_ARCH:
+        raise InvalidRequest(f"model {entry.model_id[:12]} is not a graph-path model")
+    table = entry.module.by_hash
+    try:
+        return [table[h] for _, h in compiled.weights]
+    except KeyError as e:
+        raise InvalidRequest(f"the graph uses weight {str(e.args[0])[:12]}, which model "
+                             f"{entry.model_id[:12]} does not hold") from None
+
+
+def _check_inputs(c: Compiled, inputs) -> None:
+    if not isinstance(inputs, list) or len(inputs) != len(c.inputs):
+        raise InvalidRequest(f"the graph takes {len(c.inputs)} inputs, got "
+                             f"{len(inputs) if isinstance(inputs, list) else type(inputs).__name__}")
+    for k, (i, t) in enumerate(zip(c.inputs, inputs)):
+        m = c.graph.nodes[i].outs[0]
+        if not isinstance(t, torch.Tensor) or t.dtype != m.dtype or tuple(t.shape) != m.shape:
+            got = f"{t.dtype}{list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise InvalidRequest(f"graph input {k} must be {m.dtype}{list(m.shape)}, got {got}")

@@ -1,0 +1,188 @@
+"""The SRG interpreter (DESIGN.md section 4, graph path): check a graph once, then run it per call.
+
+`compile_graph` turns a decoded graph (srg.from_wire has checked its structure) into a plan: every op
+resolved through the allow-list (srg.ops.ALLOWED, never a lookup by an arbitrary name), no in-place
+write reaching a weight (Note [Weights are read-only] in srg/capture.py), then a dry run over meta
+tensors that checks every node's declared shapes and dtypes before any device memory is touched. A
+graph that passes runs with real tensors on the engine thread; `Interpreter.run_node` is the one
+override point per node (breakpoints and streaming hook in there, as with torch.fx's Interpreter).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..protocol.errors import InvalidRequest, RemoteExecutionError
+from ..srg import ops as srg_ops
+from ..srg.capture import op_info
+from ..srg.graph import CONST, DEVICE, IN, WEIGHT, Graph, Ref
+
+_META = torch.device("meta")
+
+
+@dataclass
+class Compiled:
+    graph: Graph
+    fns: list                        # per node: OpOverload, or None for $in / $w / $c
+    args: list                       # per node: positional args with the device substituted
+    kwargs: list
+    inputs: list[int]                # "$in" node indices, in input order
+    weights: list[tuple[int, str]]   # ("$w" node, hash)
+    consts: dict[int, torch.Tensor]  # "$c" node -> tensor on the device
+    frees: list[list[int]]           # after node i, drop these nodes' outputs (last use)
+    clone_out: list[bool]            # outputs that view a weight are copied (weights stay read-only)
+    ops: list[int] = field(default_factory=list)  # the op nodes in order
+
+
+def compile_graph(g: Graph, device: torch.device) -> Compiled:
+    n = len(g.nodes)
+    fns: list = [None] * n
+    roots = list(range(n))
+    inputs, weights = [], []
+    consts: dict[int, torch.Tensor] = {}
+    for i, node in enumerate(g.nodes):
+        where = f"node {i} ({node.op}{' in ' + node.module if node.module else ''}{' at ' + node.where if node.where else ''})"
+        if node.op == IN:
+            inputs.append(i)
+            continue
+        if node.op == WEIGHT:
+            weights.append((i, node.args[0]))
+            continue
+        if node.op == CONST:
+            c = node.args[0]
+            m = node.outs[0]
+            if c.dtype != m.dtype or tuple(c.shape) != m.shape:
+                raise InvalidRequest(f"{where}: constant does not match its declared {m.dtype}{list(m.shape)}")
+            consts[i] = c.to(device)
+            continue
+        fn = srg_ops.ALLOWED.get(node.op)
+        if fn is None:
+            raise InvalidRequest(f"{where}: op {node.op!r} is not allowed on the graph path")
+        fns[i] = fn
+        info = op_info(fn)
+        for pos in info.writes:
+            a = node.args[pos] if pos < len(node.args) else None
+            if isinstance(a, Ref) and g.nodes[roots[a.node]].op == WEIGHT:
+                raise InvalidRequest(f"{where} writes to a weight in place; weights are read-only")
+        if node.op == "aten.batch_norm.default" and len(node.args) > 5 and node.args[5]:
+            for pos in (3, 4):
+                a = node.args[pos]
+                if isinstance(a, Ref) and g.nodes[roots[a.node]].op == WEIGHT:
+                    raise InvalidRequest(f"{where}: batch norm in training mode updates running stats that are "
+                                         "weights; weights are read-only")
+        for k, src in enumerate(info.view_of):
+            if src is not None and src < len(node.args) and isinstance(node.args[src], Ref):
+                roots[i] = roots[node.args[src].node]
+    args = [_sub_device(node.args, device) for node in g.nodes]
+    kwargs = [_sub_device(node.kwargs, device) for node in g.nodes]
+    _dry_run(g, fns, args, kwargs)
+    last: dict[int, int] = {}
+    for i, node in enumerate(g.nodes):
+        for r in _refs(node.args) + _refs(node.kwargs):
+            last[r.node] = i
+    keep = {r.node for r in g.outputs}
+    frees: list[list[int]] = [[] for _ in range(n)]
+    for j, i in last.items():
+        if j not in keep:
+            frees[i].append(j)
+    clone = [g.nodes[roots[r.node]].op == WEIGHT for r in g.outputs]
+    ops = [i for i in range(n) if fns[i] is not None]
+    return Compiled(g, fns, args, kwargs, inputs, weights, consts, frees, clone, ops)
+
+
+def _dry_run(g: Graph, fns: list, args: list, kwargs: list) -> None:
+    """Every op over meta tensors, checking declared outputs: shapes are checked before any allocation."""
+    env: list = [None] * len(g.nodes)
+    for i, node in enumerate(g.nodes):
+        if fns[i] is None:
+            m = node.outs[0]
+            env[i] = (torch.empty_strided(m.shape, m.stride, dtype=m.dtype, device=_META),)
+            continue
+        try:
+            out = fns[i](*_resolve(args[i], env, _META), **_resolve(kwargs[i], env, _META))
+        except Exception as e:
+            raise InvalidRequest(f"graph node {i} ({node.op}{' in ' + node.module if node.module else ''}) does "
+                                 f"not run on its inputs: {type(e).__name__}: {str(e)[:300]}") from None
+        outs = tuple(out) if isinstance(out, (list, tuple)) else (out,)
+        if len(outs) != len(node.outs) or any(
+                not isinstance(t, torch.Tensor) or t.dtype != m.dtype or tuple(t.shape) != m.shape
+                for t, m in zip(outs, node.outs)):
+            got = [(str(t.dtype), list(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__ for t in outs]
+            raise InvalidRequest(f"graph node {i} ({node.op}) declares outputs "
+                                 f"{[(str(m.dtype), list(m.shape)) for m in node.outs]} but gives {got}")
+        env[i] = outs
+
+
+def _sub_device(v: Any, device: torch.device) -> Any:
+    if v is DEVICE:
+        return device
+    if isinstance(v, (list, tuple)):
+        return type(v)(_sub_device(x, device) for x in v)
+    if isinstance(v, dict):
+        return {k: _sub_device(x, device) for k, x in v.items()}
+    return v
+
+
+def _refs(v: Any) -> list[Ref]:
+    if isinstance(v, Ref):
+        return [v]
+    if isinstance(v, (list, tuple)):
+        return [r for x in v for r in _refs(x)]
+    if isinstance(v, dict):
+        return [r for x in v.values() for r in _refs(x)]
+    return []
+
+
+def _resolve(v: Any, env: list, device: torch.device | None = None) -> Any:
+    if isinstance(v, Ref):
+        return env[v.node][v.k]
+    if isinstance(v, torch.device) and device is not None:
+        return device
+    if isinstance(v, tuple):
+        return tuple(_resolve(x, env, device) for x in v)
+    if isinstance(v, list):
+        return [_resolve(x, env, device) for x in v]
+    if isinstance(v, dict):
+        return {k: _resolve(x, env, device) for k, x in v.items()}
+    return v
+
+
+class Interpreter:
+    """Runs a compiled graph. Subclass and override `run_node` to observe or change one node."""
+
+    def __init__(self, c: Compiled):
+        self.c = c
+
+    def run(self, inputs: list[torch.Tensor], weights: list[torch.Tensor]) -> list[torch.Tensor]:
+        c = self.c
+        env: list = [None] * len(c.graph.nodes)
+        for i, t in zip(c.inputs, inputs):
+            env[i] = (t,)
+        for (i, _), t in zip(c.weights, weights):
+            env[i] = (t,)
+        for i, t in c.consts.items():
+            env[i] = (t,)
+        frees = c.frees
+        with torch.no_grad():
+            for i in c.ops:
+                try:
+                    env[i] = self.run_node(i, env)
+                except torch.OutOfMemoryError:
+                    raise  # the engine turns it into a typed OutOfMemory
+                except Exception as e:
+                    node = c.graph.nodes[i]
+                    site = (f" in module '{node.module}'" if node.module else "") + (f" at {node.where}" if node.where else "")
+                    raise RemoteExecutionError(f"graph node {i} ({node.op}{site}) failed: {type(e).__name__}: "
+                                               f"{str(e)[:500]}") from None
+                for j in frees[i]:
+                    env[j] = None
+        return [env[r.node][r.k].clone() if cl else env[r.node][r.k]
+                for r, cl in zip(c.graph.outputs, c.clone_out)]
+
+    def run_node(self, i: int, env: list) -> tuple:
+        """The override point: run node i given the outputs of earlier nodes; return its outputs."""
+        c = self.c
+        out = c.fns[i](*_resolve(c.args[i], env), **_resolve(c.kwargs[i], env))
+        return tuple(out) if isinstance(out, (list, tuple)) else (out,)

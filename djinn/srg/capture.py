@@ -1,0 +1,495 @@
+"""Capture: run code once over meta tensors under a dispatch mode and record its aten ops as an SRG.
+
+`Recorder` is the one mechanism for both the graph path (`capture_module`: a module's forward, once per
+input signature) and lazy ops (djinn/frontend/lazy.py: ops on RemoteTensors). It is a
+`TorchDispatchMode` (every aten op, after autograd and composite decomposition) plus a
+`TorchFunctionMode` that records a few composites whole (Note [Composite ops] in srg/ops.py), plus
+global module hooks for the module path each op ran under. Parameters and buffers are meta tensors
+named by their content hash; nothing is computed on real data except known values.
+
+Note [Known values]
+    Meta tensors have no data, so `t.item()`, `bool(t)` and `if t.all():` cannot be answered, and code
+    like transformers' mask helpers does exactly that (`padding_mask.all()` to skip the causal mask).
+    A value that depends only on constants and shapes (arange, ones, a literal) is the same on every
+    call with this input signature, so the recorder also computes such small tensors for real on the
+    CPU and answers `.item()` from them; Python control flow on them is then captured correctly. A
+    value that depends on an input or a weight is not known: reading it is a CaptureError naming the
+    op and the module path (data-dependent control flow cannot be captured).
+
+Note [Weights are read-only]
+    An in-place op whose target is a weight, or a view of one, would change the Text segment that
+    other tenants share. The recorder refuses it at capture (naming the weight and the module), and
+    the server refuses it again when it checks a graph (srg/graph.py is not trusted to be honest).
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch.nn.modules import module as nn_module
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ..protocol.errors import CaptureError
+from . import ops as srg_ops
+from .graph import CONST, DECODE, IN, MAX_CONST_BYTES, PREFILL, WEIGHT, Graph, Lifecycle, Node, Ref, TensorMeta
+from .tree import flatten, is_cache, unflatten
+
+_KNOWN_MAX_ELEMENTS = 1 << 16   # Note [Known values]: bigger tensors are never computed on the client
+_META = torch.device("meta")
+_CPU = torch.device("cpu")
+_ITEM = torch.ops.aten._local_scalar_dense.default
+_UNKNOWN = object()
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    name: str
+    allowed: bool
+    cost: str
+    random: bool
+    mutable: bool
+    view_of: tuple      # per return: index of the positional argument it aliases, or None
+    writes: tuple       # positional argument indices the op writes to
+
+
+_INFO: dict[Any, OpInfo] = {}
+
+
+def op_info(func) -> OpInfo:
+    info = _INFO.get(func)
+    if info is None:
+        name = str(func)
+        schema = func._schema
+        sets = [a.alias_info for a in schema.arguments]
+        view_of = []
+        for r in schema.returns:
+            idx = None
+            if r.alias_info is not None:
+                for i, a in enumerate(sets):
+                    if a is not None and a.before_set == r.alias_info.before_set:
+                        idx = i
+                        break
+            view_of.append(idx)
+        writes = tuple(i for i, a in enumerate(sets) if a is not None and a.is_write)
+        info = OpInfo(name, name in srg_ops.ALLOWED, srg_ops.cost_class(name), srg_ops.is_random(name),
+                      schema.is_mutable, tuple(view_of), writes)
+        _INFO[func] = info
+    return info
+
+
+class Recorder:
+    """Records aten ops on meta tensors into `self.graph`. Use as a context manager (reentrant per op
+    for lazy recording). Inputs and weight slots are declared before the code runs."""
+
+    def __init__(self, *, lazy: bool = False):
+        self.graph = Graph()
+        self.lazy = lazy                      # real tensors become inputs (uploaded) instead of constants
+        self.refs: dict[int, tuple[Ref, torch.Tensor]] = {}   # id(meta tensor) -> (ref, tensor kept alive)
+        self.known: dict[int, torch.Tensor] = {}              # Note [Known values]
+        self.roots: list[int] = []            # node -> the node whose storage it views (itself if none)
+        self.slots: dict[int, tuple[str, str, torch.Tensor]] = {}  # id(meta weight) -> (name, hash, meta)
+        self.input_values: list[Any] = []     # what the k-th input is (a tensor, a handle, ...)
+        self.module_paths: dict[int, str] = {}
+        self.stack: list[str] = []
+        self.where = ""
+        self.muted = 0
+        self.ops_recorded = 0
+        self._thread = threading.get_ident()
+        self._modes: list = []
+
+    # -- declarations ------------------------------------------------------------------------------
+    def add_input(self, meta: torch.Tensor, value: Any, lifecycle: Lifecycle = Lifecycle.STACK) -> Ref:
+        ref = self._node(IN, (), {}, [meta], lifecycle)
+        self.input_values.append(value)
+        return ref
+
+    def add_weight_slot(self, meta: torch.Tensor, name: str, h: str) -> None:
+        self.slots[id(meta)] = (name, h, meta)
+
+    def ref_of(self, t: torch.Tensor) -> Ref | None:
+        e = self.refs.get(id(t))
+        if e is not None and e[1] is t:
+            return e[0]
+        return None
+
+    # -- context ---------------------------------------------------------------------------------
+    def __enter__(self) -> "Recorder":
+        fm, dm = _FunctionMode(self), _DispatchMode(self)
+        fm.__enter__()
+        dm.__enter__()
+        hooks = [nn_module.register_module_forward_pre_hook(self._pre_hook),
+                 nn_module.register_module_forward_hook(self._post_hook, always_call=True)]
+        self._modes.append((fm, dm, hooks))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fm, dm, hooks = self._modes.pop()
+        for h in hooks:
+            h.remove()
+        dm.__exit__(*exc)
+        fm.__exit__(*exc)
+
+    def _pre_hook(self, module, args):
+        if threading.get_ident() == self._thread:
+            parent = self.stack[-1] if self.stack else ""
+            self.stack.append(self.module_paths.get(id(module), f"{parent}.<{type(module).__name__}>".lstrip(".")))
+
+    def _post_hook(self, module, args, output):
+        if threading.get_ident() == self._thread and self.stack:
+            self.stack.pop()
+
+    @property
+    def path(self) -> str:
+        return self.stack[-1] if self.stack else ""
+
+    def _site(self, op: str) -> str:
+        where = f"module '{self.path}'" if self.path else "the top-level module" if not self.lazy else ""
+        if self.where:
+            where = f"{where} at {self.where}".strip()
+        return f"{op} in {where}" if where else op
+
+    # -- recording -------------------------------------------------------------------------------
+    def _node(self, op: str, args: tuple, kwargs: dict, outs: list[torch.Tensor], lifecycle: Lifecycle,
+              cost: str = "memory", view_of: tuple = ()) -> Ref:
+        idx = len(self.graph.nodes)
+        self.graph.nodes.append(Node(op, args, kwargs, [TensorMeta.of(t) for t in outs], self.path,
+                                     lifecycle, cost, self.where))
+        root = idx
+        for k, src in enumerate(view_of):
+            if src is not None:
+                root = self.roots[src]
+        self.roots.append(root)
+        for k, t in enumerate(outs):
+            self.refs[id(t)] = (Ref(idx, k), t)
+        return Ref(idx, 0)
+
+    def _convert(self, v: Any, consts_ok: bool = True):
+        """One argument -> (wire value, meta value, known value or _UNKNOWN)."""
+        if isinstance(v, torch.Tensor):
+            e = self.refs.get(id(v))
+            if e is not None and e[1] is v:
+                return e[0], v, self.known.get(id(v), _UNKNOWN)
+            slot = self.slots.get(id(v))
+            if slot is not None and slot[2] is v:
+                name, h, meta = slot
+                ref = self._node(WEIGHT, (h,), {"name": name}, [meta], Lifecycle.TEXT)
+                return ref, meta, _UNKNOWN
+            if v.device.type == "meta":
+                raise CaptureError(f"{self._site('a meta tensor')} was not produced by the capture")
+            real = v.detach()
+            meta = torch.empty_strided(real.shape, real.stride(), dtype=real.dtype, device=_META)
+            if self.lazy:  # a local tensor mixed into remote ones: it is uploaded with the flush
+                ref = self.add_input(meta, real.to(_CPU, copy=True), Lifecycle.STACK)
+                return ref, meta, _UNKNOWN
+            nbytes = real.numel() * real.element_size()
+            if nbytes > MAX_CONST_BYTES:
+                raise CaptureError(f"{self._site('a tensor')} of {nbytes} bytes is neither a parameter nor a buffer; "
+                                   "register it as a buffer so it is uploaded once with the weights")
+            ref = self._node(CONST, (real.to(_CPU).contiguous(),), {}, [meta], Lifecycle.STACK)
+            self.known[id(meta)] = real.to(_CPU)
+            return ref, meta, real.to(_CPU)
+        if isinstance(v, (list, tuple)):
+            parts = [self._convert(x) for x in v]
+            known = [p[2] for p in parts]
+            return ([p[0] for p in parts], type(v)(p[1] for p in parts) if isinstance(v, tuple) else [p[1] for p in parts],
+                    _UNKNOWN if any(k is _UNKNOWN for k in known) else known)
+        if isinstance(v, torch.device):
+            return v, _META, _CPU
+        return v, v, v
+
+    def dispatch(self, func, args: tuple, kwargs: dict):
+        if func.namespace != "aten":  # prim.device and friends: metadata queries, not ops
+            return func(*args, **kwargs)
+        if func is _ITEM:
+            known = self.known.get(id(args[0]), _UNKNOWN)
+            if known is _UNKNOWN:
+                raise CaptureError(
+                    f"control flow on a tensor's value ({self._site('.item() / bool(tensor)')}): the value depends "
+                    "on an input or a weight, so it is not known until the graph runs and cannot be captured")
+            return known.item()
+        info = op_info(func)
+        if self.muted:
+            margs = [self._convert_muted(a) for a in args]
+            mkw = {k: self._convert_muted(v) for k, v in kwargs.items()}
+            return func(*margs, **mkw)
+        if not info.allowed:
+            raise CaptureError(f"{self._site(info.name)}: this aten op is not on the graph path's allow-list")
+        conv = [self._convert(a) for a in args]
+        kconv = {k: self._convert(v) for k, v in kwargs.items()}
+        for i in info.writes:
+            self._check_write(info.name, conv[i][0] if i < len(conv) else None)
+        try:
+            out = self._meta_call(func, info, conv, kconv)
+        except CaptureError:
+            raise
+        except Exception as e:
+            raise CaptureError(f"{self._site(info.name)} failed: {type(e).__name__}: {e}") from None
+        outs = _tensor_outputs(out, info.name, self)
+        view_of = tuple(conv[i][0].node if (i is not None and i < len(conv) and isinstance(conv[i][0], Ref))
+                        else None for i in info.view_of) if info.view_of else ()
+        life = Lifecycle.STACK
+        if view_of and all(v is not None for v in view_of):
+            life = min(self.graph.nodes[self.roots[v]].lifecycle for v in view_of)
+            life = Lifecycle.TEXT if life == Lifecycle.TEXT else Lifecycle.STACK
+        self._node(info.name, tuple(c[0] for c in conv), {k: c[0] for k, c in kconv.items()}, outs, life,
+                   info.cost, view_of)
+        self.ops_recorded += 1
+        if info.random:
+            self.graph.random = True
+        self._propagate(func, info, conv, kconv, out, outs)
+        return out
+
+    def _meta_call(self, func, info: OpInfo, conv, kconv):
+        """Run the op on meta tensors. Note [Meta memo]: many meta kernels are Python (torch._refs) and
+        cost ~100 us; an op that neither aliases nor writes gives outputs fully determined by its
+        arguments' dtypes, shapes and strides and its other arguments, so repeated layers reuse them."""
+        margs = [c[1] for c in conv]
+        mkw = {k: c[1] for k, c in kconv.items()}
+        if info.mutable or info.random or any(v is not None for v in info.view_of):
+            return func(*margs, **mkw)
+        try:
+            key = (func, _memo_key(margs), _memo_key(mkw))
+            hash(key)
+        except TypeError:
+            return func(*margs, **mkw)
+        hit = _MEMO.get(key)
+        if hit is None:
+            out = func(*margs, **mkw)
+            outs = out if isinstance(out, (list, tuple)) else (out,)
+            if all(isinstance(t, torch.Tensor) for t in outs):
+                _MEMO[key] = (type(out) if isinstance(out, (list, tuple)) else None,
+                              [(tuple(t.shape), tuple(t.stride()), t.dtype) for t in outs])
+                if len(_MEMO) > 100_000:
+                    _MEMO.clear()
+            return out
+        kind, metas = hit
+        outs = [torch.empty_strided(sh, st, dtype=dt, device=_META) for sh, st, dt in metas]
+        return outs[0] if kind is None else kind(outs)
+
+    def _convert_muted(self, v):
+        if isinstance(v, torch.Tensor) and v.device.type != "meta":
+            return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=_META)
+        if isinstance(v, torch.device):
+            return _META
+        if isinstance(v, (list, tuple)):
+            return type(v)(self._convert_muted(x) for x in v)
+        return v
+
+    def _check_write(self, op: str, target: Any) -> None:
+        if isinstance(target, Ref):
+            root = self.graph.nodes[self.roots[target.node]]
+            if root.op == WEIGHT:
+                raise CaptureError(f"{self._site(op)} writes to the weight '{root.kwargs.get('name')}' in place: "
+                                   "weights are read-only on the graph path (Note [Weights are read-only]); "
+                                   "use module.eval() or clone it first")
+
+    def _propagate(self, func, info: OpInfo, conv, kconv, out, outs: list) -> None:
+        """Note [Known values]: compute small shape-only values for real."""
+        tensor_args = [c for c in list(conv) + list(kconv.values()) if _has_tensor(c[1])]
+        all_known = all(c[2] is not _UNKNOWN for c in tensor_args) and not info.random
+        if all_known and sum(t.numel() for t in outs) <= _KNOWN_MAX_ELEMENTS:
+            try:
+                real = func(*[c[2] for c in conv], **{k: c[2] for k, c in kconv.items()})
+            except Exception:
+                real = None
+            if real is not None:
+                reals = real if isinstance(real, (list, tuple)) else [real]
+                for m, r in zip(outs, reals):
+                    if isinstance(r, torch.Tensor):
+                        self.known[id(m)] = r
+                return
+        if info.writes and self.known:  # an unknown write: every alias of the target is unknown now
+            for i in info.writes:
+                ref = conv[i][0] if i < len(conv) else None
+                if isinstance(ref, Ref):
+                    root = self.roots[ref.node]
+                    for tid, (r, _) in list(self.refs.items()):
+                        if tid in self.known and self.roots[r.node] == root:
+                            del self.known[tid]
+
+    def function(self, func, args: tuple, kwargs: dict):
+        """Note [Composite ops]: record these calls whole."""
+        name = srg_ops.composite(func)
+        if name is None or self.muted:
+            return func(*args, **kwargs)
+        pos, kw = srg_ops.composite_args(name, func, args, kwargs)
+        conv = [self._convert(a) for a in pos]
+        kconv = {k: self._convert(v) for k, v in kw.items()}
+        if name.endswith("batch_norm.default") and pos[5]:
+            for i in (3, 4):
+                self._check_write(name, conv[i][0])
+        self.muted += 1
+        try:
+            out = func(*args, **kwargs)
+        except Exception as e:
+            raise CaptureError(f"{self._site(name)} failed: {type(e).__name__}: {e}") from None
+        finally:
+            self.muted -= 1
+        outs = _tensor_outputs(out, name, self)
+        self._node(name, tuple(c[0] for c in conv), {k: c[0] for k, c in kconv.items()}, outs,
+                   Lifecycle.STACK, srg_ops.cost_class(name))
+        self.ops_recorded += 1
+        if name.endswith("scaled_dot_product_attention.default") and pos[4]:
+            self.graph.random = True
+        return out
+
+
+_MEMO: dict = {}  # Note [Meta memo]
+
+
+def _memo_key(v):
+    if isinstance(v, torch.Tensor):
+        return (v.dtype, tuple(v.shape), tuple(v.stride()))
+    if isinstance(v, (list, tuple)):
+        return tuple(_memo_key(x) for x in v)
+    if isinstance(v, dict):
+        return tuple((k, _memo_key(x)) for k, x in v.items())
+    if isinstance(v, float):
+        return ("f", v)  # 1 and 1.0 pick different overload behaviour (dtype promotion)
+    return v
+
+
+def _has_tensor(v) -> bool:
+    if isinstance(v, torch.Tensor):
+        return True
+    return isinstance(v, (list, tuple)) and any(_has_tensor(x) for x in v)
+
+
+def _tensor_outputs(out: Any, name: str, rec: Recorder) -> list[torch.Tensor]:
+    outs = out if isinstance(out, (list, tuple)) else [out]
+    if not all(isinstance(t, torch.Tensor) for t in outs):
+        raise CaptureError(f"{rec._site(name)} returned a non-tensor value; it cannot be captured")
+    return list(outs)
+
+
+class _DispatchMode(TorchDispatchMode):
+    def __init__(self, rec: Recorder):
+        super().__init__()
+        self.rec = rec
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return self.rec.dispatch(func, args, kwargs or {})
+
+
+class _FunctionMode(TorchFunctionMode):
+    def __init__(self, rec: Recorder):
+        super().__init__()
+        self.rec = rec
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _COMPOSITES:
+            return self.rec.function(func, args, kwargs or {})
+        return func(*args, **(kwargs or {}))
+
+
+_COMPOSITES = frozenset({torch.nn.functional.scaled_dot_product_attention, torch.nn.functional.batch_norm,
+                         torch.batch_norm})
+
+
+# -- module capture -----------------------------------------------------------------------------------
+def leaf_key(x: Any):
+    """Tensor leaves of a call's arguments (tree.flatten's is_leaf)."""
+    if isinstance(x, torch.Tensor):
+        return ("$T", x.dtype, tuple(x.shape))
+    return None
+
+
+def is_leaf_spec(spec: Any) -> bool:
+    return type(spec) is tuple and len(spec) == 3 and spec[0] in ("$T", "$R")
+
+
+@dataclass
+class Captured:
+    """One capture: the graph, its wire form and signature, and the output structure around its outputs."""
+    graph: Graph
+    wire: dict
+    sig: str
+    out_spec: Any
+    out_protos: list
+    ops: int
+    seconds: float
+
+
+def capture_module(module: torch.nn.Module, args: tuple, kwargs: dict, hashes: dict[str, str],
+                   leaf: Callable[[Any], Any] = leaf_key, data_leaf: Callable[[Any], bool] = lambda x: False
+                   ) -> Captured:
+    """Record `module(*args, **kwargs)` as an SRG. `hashes`: parameter/buffer name -> weight hash.
+    `leaf(x)` keys a tensor-like leaf (local tensors, RemoteTensors); `data_leaf(x)` says it is
+    session state (a handle), which makes its input node Data."""
+    t0 = time.perf_counter()
+    leaves: list = []
+    protos: list = []
+    spec = flatten((tuple(args), dict(kwargs)), leaves, leaf, protos)
+    cache_leaves = _cache_leaf_ids(args, kwargs, leaf)
+    rec = Recorder()
+    rec.module_paths = {id(m): name for name, m in module.named_modules()}
+    metas = []
+    for x in leaves:
+        meta = torch.empty(tuple(x.shape), dtype=x.dtype, device=_META)
+        data = data_leaf(x) or id(x) in cache_leaves
+        rec.add_input(meta, x, Lifecycle.DATA if data else Lifecycle.STACK)
+        metas.append(meta)
+    params: dict[str, torch.Tensor] = {}
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        meta = torch.empty_strided(tuple(t.shape), t.stride(), dtype=t.dtype, device=_META)
+        params[name] = meta
+        if name not in hashes:
+            raise CaptureError(f"weight {name!r} has no hash (was the module changed after djinn.remote?)")
+        rec.add_weight_slot(meta, name, hashes[name])
+    call_args, call_kwargs = unflatten(spec, metas, protos, is_leaf_spec)
+    rec.graph.phase = DECODE if _has_past(call_args, call_kwargs) else PREFILL
+    with torch.no_grad(), rec:
+        out = torch.func.functional_call(module, params, tuple(call_args), call_kwargs, strict=False,
+                                         tie_weights=True)
+    out_leaves: list = []
+    out_protos: list = []
+    out_spec = flatten(out, out_leaves, leaf_key, out_protos)
+    for t in out_leaves:
+        ref = rec.ref_of(t)
+        if ref is None:
+            raise CaptureError(f"{type(module).__name__} returned a tensor the capture did not produce")
+        rec.graph.outputs.append(ref)
+        node = rec.graph.nodes[ref.node]
+        if node.lifecycle != Lifecycle.TEXT:
+            node.lifecycle = Lifecycle.DATA
+    wire = rec.graph.to_wire()
+    from .graph import signature
+
+    return Captured(rec.graph, wire, signature(wire), out_spec, out_protos, rec.ops_recorded,
+                    time.perf_counter() - t0)
+
+
+def _cache_leaf_ids(args, kwargs, leaf) -> set[int]:
+    ids: set[int] = set()
+    for v in list(args) + list(kwargs.values()):
+        if is_cache(v):
+            for layer in v.layers:
+                ids.update(id(t) for t in vars(layer).values() if leaf(t) is not None)
+    return ids
+
+
+def _has_past(args, kwargs) -> bool:
+    """Phase: a call that continues a KV cache with tokens in it is a decode step; anything else prefill."""
+    for v in list(args) + list(kwargs.values()):
+        if is_cache(v):
+            for layer in v.layers:
+                keys = getattr(layer, "keys", None)
+                if keys is not None and keys.dim() >= 2 and keys.shape[-2] > 0:
+                    return True
+    return False
+
+
+def user_site(skip_prefixes: tuple[str, ...]) -> str:
+    """'file.py:12' of the first frame outside djinn and torch (where the user wrote the op)."""
+    f = sys._getframe(1)
+    while f is not None:
+        fn = f.f_code.co_filename
+        if not any(p in fn for p in skip_prefixes):
+            return f"{fn.rsplit('/', 1)[-1]}:{f.f_lineno}"
+        f = f.f_back
+    return "?"

@@ -1,0 +1,233 @@
+"""Tier 2: the decode fast path (issue 7) on a real server, CPU: several sessions batched into one
+step with ragged lengths give the same greedy tokens as a local generate; deterministic=True takes
+the eager path; per-session sampling; breakpoints still work; a swapped session continues on it."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import djinn
+from djinn.frontend.connection import Connection
+from djinn.frontend.run import Breakpoint
+
+from ..conftest import DEVICE
+from ..models import VOCAB, tiny_gpt2, tiny_llama, tiny_mistral, tiny_qwen2
+
+
+@pytest.fixture(scope="module")
+def fast_server():
+    from ..conftest import ServerProcess
+
+    s = ServerProcess("--fast-decode", "on", "--fast-decode-pool-gb", "0.01", "--fast-decode-max-len", "256")
+    yield s
+    s.stop()
+
+
+def _local(model, ids, n):
+    """HF eager greedy generate on the server's device (the reference the fast path must match)."""
+    model, ids = model.to(DEVICE), ids.to(DEVICE)
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=n, do_sample=False, attention_mask=torch.ones_like(ids)).cpu()
+
+
+def _prompts(k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (1, 3 + 4 * i), generator=g) for i in range(k)]
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_mistral, tiny_qwen2], ids=["llama", "mistral", "qwen2"])
+def test_concurrent_sessions_share_steps_and_match_local_greedy(fast_server, build):
+    model = build().eval()
+    conn = Connection(fast_server.address, secret=None)
+    try:
+        sessions = [conn.session(f"s{i}") for i in range(4)]
+        rm = djinn.remote(model, session=sessions[0])
+        prompts = _prompts(4)
+        news = [40, 15, 25, 60]  # rows leave at different steps: the pool compacts around them
+        outs: dict[int, torch.Tensor] = {}
+        errors: list = []
+
+        def run(i):
+            try:
+                outs[i] = sessions[i].generate(rm, prompts[i], max_new_tokens=news[i], do_sample=False)
+            except Exception as e:  # surfaced below
+                errors.append(e)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+        for i in range(4):
+            assert torch.equal(outs[i], _local(model, prompts[i], news[i])), i
+        st = conn.stats()
+        fast = st["models"][rm.model_id]["fast_decode"]
+        assert fast["rows"] == 0 and fast["steps"] > 0
+        assert fast["rows_stepped"] > fast["steps"], "no step ever batched two sessions"
+        assert all(st["sessions"][s.sid]["decode"]["fast"] == 1 for s in sessions)
+    finally:
+        conn.close()
+
+
+def test_session_continues_across_calls_on_the_fast_path(fast_server):
+    model = tiny_llama(seed=1).eval()
+    conn = Connection(fast_server.address, secret=None)
+    try:
+        s = conn.session()
+        rm = djinn.remote(model, session=s)
+        a, b = _prompts(2, seed=3)
+        out1 = s.generate(rm, a, max_new_tokens=6, do_sample=False)
+        out2 = s.generate(rm, b, max_new_tokens=7, do_sample=False)
+        assert torch.equal(out1, _local(model, a, 6))
+        assert torch.equal(out2, _local(model, torch.cat([out1, b], 1), 7))  # one long local generate
+        assert conn.stats()["sessions"][s.sid]["kv_tokens"][rm.model_id] == out2.shape[1]
+    finally:
+        conn.close()
+
+
+def test_deterministic_takes_the_eager_path_bitwise(fast_server):
+    model = tiny_llama(seed=2).eval()
+    conn = Connection(fast_server.address, secret=None)
+    try:
+        s = conn.session()
+        rm = djinn.remote(model, session=s)
+        (ids,) = _prompts(1, seed=4)
+        out = s.generate(rm, ids, max_new_tokens=5, do_sample=True, seed=7, deterministic=True)
+        torch.manual_seed(7)
+        model, dev_ids = model.to(DEVICE), ids.to(DEVICE)
+        with torch.no_grad():
+            ref = model.generate(dev_ids, max_new_tokens=5, do_sample=True, attention_mask=torch.ones_like(dev_ids)).cpu()
+        assert torch.equal(out, ref)
+        d = conn.stats()["sessions"][s.sid]["decode"]
+        assert d["eager"] == 1 and d["fast"] == 0 and d["eager_why"] == "deterministic=True"
+    finally:
+        conn.close()
+
+
+def test_unsupported_models_and_arguments_fall_back_and_say_why(fast_server):
+    conn = Connection(fast_server.address, secret=None)
+    try:
+        s = conn.session()
+        gpt2 = tiny_gpt2().eval()
+        rm = djinn.remote(gpt2, session=s)
+        (ids,) = _prompts(1, seed=5)
+        assert torch.equal(s.generate(rm, ids, max_new_tokens=4, do_sample=False), _local(gpt2, ids, 4))
+        assert "GPT2LMHeadModel has no fast decode step" in conn.stats()["sessions"][s.sid]["decode"]["eager_why"]
+        llama = tiny_llama().eval()
+        s2 = conn.session()
+        rl = djinn.remote(llama, session=s2)
+        out = s2.generate(rl, ids, max_new_tokens=4, do_sample=False, repetition_penalty=1.3)
+        llama, dev_ids = llama.to(DEVICE), ids.to(DEVICE)
+        with torch.no_grad():
+            ref = llama.generate(dev_ids, max_new_tokens=4, do_sample=False, repetition_penalty=1.3,
+                                 attention_mask=torch.ones_like(dev_ids)).cpu()
+        assert torch.equal(out, ref)
+        assert "repetition_penalty" in conn.stats()["sessions"][s2.sid]["decode"]["eager_why"]
+    finally:
+        conn.close()
+
+
+def test_seeded_sampling_per_session_is_repeatable(fast_server):
+    model = tiny_llama(seed=3).eval()
+    conn = Connection(fast_server.address, secret=None)
+    try:
+        s = conn.session()
+        rm = djinn.remote(model, session=s)
+        (ids,) = _prompts(1, seed=6)
+        kw = dict(max_new_tokens=10, do_sample=True, temperature=0.8, top_k=20, top_p=0.9)
+        a = rm.generate(ids, seed=11, **kw)
+        b = rm.generate(ids, seed=11, **kw)
+        c = rm.generate(ids, seed=12, **kw)
+        assert torch.equal(a, b) and a.shape == (1, ids.shape[1] + 10)
+        assert not torch.equal(a, c)
+        assert ((a >= 0) & (a < VOCAB)).all()
+    finally:
+        conn.close()
+
+
+def test_breakpoints_still_work_next_to_fast_sessions(fast_server):
+    model = tiny_llama(seed=4).eval()
+    conn = Connection(fast_server.address, secret=None)
+    try:
+        s = conn.session()
+        rm = djinn.remote(model, session=s)
+        (ids,) = _prompts(1, seed=8)
+        run = s.start(rm, ids, method="generate", max_new_tokens=4, do_sample=False,
+                      breakpoints=[Breakpoint(layer=1, step=2)])
+        stop = run.wait(60)
+        assert stop is not None and stop.step == 2
+        other = conn.session()
+        assert torch.equal(other.generate(rm, ids, max_new_tokens=6, do_sample=False), _local(model, ids, 6))
+        assert run.resume() is None
+        assert torch.equal(run.output, _local(model, ids, 4))
+    finally:
+        conn.close()
+
+
+def test_a_long_sequence_falls_back_to_eager(fast_server):
+    model = tiny_llama(seed=5).eval()
+    conn = Connection(fast_server.address, secret=None)
+    try:
+        s = conn.session()
+        rm = djinn.remote(model, session=s)
+        ids = torch.randint(0, VOCAB, (1, 250), generator=torch.Generator().manual_seed(9))
+        assert torch.equal(s.generate(rm, ids, max_new_tokens=10, do_sample=False), _local(model, ids, 10))
+        assert "fast_decode_max_len 256" in conn.stats()["sessions"][s.sid]["decode"]["eager_why"]
+    finally:
+        conn.close()
+
+
+def _wait_for(pred, timeout_s=30.0):
+    import time
+
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.01)
+    raise AssertionError("condition not met in time")
+
+
+def test_swapped_session_continues_on_the_fast_path(start_server):
+    srv = start_server("--fast-decode", "on", "--fast-decode-pool-gb", "0.01", "--fast-decode-max-len", "256",
+                       "--policy", "signal", "--swap-on-io-wait")
+    model = tiny_llama(seed=6).eval()
+    conn = Connection(srv.address, secret=None)
+    try:
+        s = conn.session()
+        rm = djinn.remote(model, session=s)
+        a, b = _prompts(2, seed=10)
+        out1 = s.generate(rm, a, max_new_tokens=6, do_sample=False)
+        s.signal("IO_WAIT", eta_s=30.0)
+        st = _wait_for(lambda: (x := conn.stats()["sessions"][s.sid])["state"] == "SWAPPED" and x)
+        assert st["host_bytes"] > 0 and st["gpu_bytes"] == 0
+        out2 = s.generate(rm, b, max_new_tokens=7, do_sample=False)  # swapped in, then the fast path
+        assert torch.equal(out2, _local(model, torch.cat([out1, b], 1), 7))
+        st = conn.stats()["sessions"][s.sid]
+        assert st["swaps_in"] == 1 and st["decode"]["fast"] == 2
+    finally:
+        conn.close()
+
+
+def test_recomputed_session_continues_on_the_fast_path(start_server):
+    # A Data budget of about one session's KV: the second session's generate drops the first's cache.
+    srv = start_server("--fast-decode", "on", "--fast-decode-pool-gb", "0.01", "--fast-decode-max-len", "256",
+                       "--policy", "recompute", "--data-budget-gb", str(22_000 / 2**30))
+    model = tiny_llama(seed=7).eval()
+    conn = Connection(srv.address, secret=None)
+    try:
+        s1, s2 = conn.session(), conn.session()
+        rm = djinn.remote(model, session=s1)
+        a, b, c = _prompts(3, seed=11)
+        out1 = s1.generate(rm, a, max_new_tokens=5, do_sample=False)
+        s2.generate(rm, b, max_new_tokens=30, do_sample=False)  # needs 20 KiB: s1 (4 KiB) must go
+        assert conn.stats()["sessions"][s1.sid]["state"] == "DROPPED"
+        out2 = s1.generate(rm, c, max_new_tokens=5, do_sample=False)  # prefills everything again
+        assert torch.equal(out2, _local(model, torch.cat([out1, c], 1), 5))
+        assert conn.stats()["scheduler"]["recomputed_tokens"] == out1.shape[1]
+    finally:
+        conn.close()

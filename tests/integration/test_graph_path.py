@@ -1,0 +1,216 @@
+"""Tier 2: the graph path (DESIGN.md section 4.2) against a real server: a zoo of modules the server
+cannot build, and tiny GPT-2 / Llama forced onto it, each bitwise-equal to local execution."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import djinn
+from djinn.frontend.graph_model import GraphModel
+from djinn.frontend.remote import RemoteModel
+from djinn.frontend.tensor import RemoteTensor
+
+from ..models import tiny_gpt2, tiny_llama
+
+PROMPT = torch.tensor([[1, 17, 42, 99, 5, 250, 7, 64, 31, 128]])
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(x + self.bn2(self.conv2(y)))  # residual
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.blocks = nn.Sequential(Block(8), Block(8))
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.blocks(self.stem(x))
+        if x.shape[-1] > 4:  # Python control flow on a shape: part of the input signature
+            x = nn.functional.max_pool2d(x, 2)
+        return self.head(x.mean(dim=(2, 3)))
+
+
+class InPlaceViews(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.register_buffer("offset", torch.arange(8, dtype=torch.float32) / 8)
+
+    def forward(self, x):
+        y = self.lin(x).clone()
+        y[:, :4].mul_(2.0)            # in place through a view
+        y.t()[0].add_(self.offset[0])  # a view of a view
+        z = y.view(-1, 2, 4).transpose(1, 2).contiguous()
+        z.add_(self.offset.view(2, 4).t())
+        y.relu_()
+        return y, z.sum(-1)
+
+
+class DictOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(6, 12)
+        self.ln = nn.LayerNorm(12)
+
+    def forward(self, x, scale: float = 1.0):
+        h = self.ln(self.enc(x)) * scale
+        return {"hidden": h, "pooled": h.max(dim=1).values, "probs": h.softmax(-1), "n": x.shape[0]}
+
+
+def _seeded(cls, seed=0):
+    torch.manual_seed(seed)
+    m = cls().eval()
+    for mod in m.modules():  # non-trivial batch-norm statistics
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.5, 0.5)
+            mod.running_var.uniform_(0.5, 1.5)
+    return m
+
+
+def _local(m, *args, **kwargs):
+    with torch.no_grad():
+        return m(*args, **kwargs)
+
+
+@pytest.fixture
+def session(conn):
+    return conn.default_session()
+
+
+def test_mlp_auto_graph_path(session):
+    m = _seeded(MLP)
+    rm = djinn.remote(m, session=session)  # the server cannot build an MLP: the graph path, automatically
+    assert isinstance(rm, GraphModel) and rm.path == "graph"
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(1))
+    out = rm(x)
+    assert isinstance(out, RemoteTensor) and out.shape == (5, 4)
+    assert torch.equal(out.cpu(), _local(m, x))
+
+
+def test_cnn_batchnorm_residual(session):
+    m = _seeded(SmallCNN)
+    rm = djinn.remote(m, session=session)
+    for size in (8, 4):  # two input signatures, two graphs (the pooling branch differs)
+        x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
+        assert torch.equal(rm(x).cpu(), _local(m, x))
+    assert rm.counters["captures"] == 2
+
+
+def test_inplace_and_views(session):
+    m = _seeded(InPlaceViews)
+    rm = djinn.remote(m, session=session)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(2))
+    y, z = rm(x)
+    ry, rz = _local(m, x)
+    assert torch.equal(y.cpu(), ry) and torch.equal(z.cpu(), rz)
+
+
+def test_dict_output_and_python_scalars(session):
+    m = _seeded(DictOut)
+    rm = djinn.remote(m, session=session)
+    x = torch.randn(4, 3, 6, generator=torch.Generator().manual_seed(3))
+    got = rm(x, scale=0.5)
+    ref = _local(m, x, scale=0.5)
+    assert set(got) == set(ref) and got["n"] == 4
+    for k in ("hidden", "pooled", "probs"):
+        assert torch.equal(got[k].cpu(), ref[k]), k
+    rm(x, scale=2.0)  # another scalar: another signature
+    assert rm.counters["captures"] == 2
+
+
+@pytest.mark.parametrize("build", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
+def test_hf_forced_graph_equals_local_and_module_path(session, build):
+    model = build(seed=0)
+    rg = djinn.remote(model, session=session, path="graph")
+    rmod = djinn.remote(model, session=session)
+    assert isinstance(rg, GraphModel) and type(rmod) is RemoteModel
+    got = rg(PROMPT)
+    ref = _local(model, PROMPT).logits
+    assert type(got).__name__ == type(_local(model, PROMPT)).__name__
+    assert torch.equal(got.logits.cpu(), ref)
+    assert torch.equal(got.logits.cpu(), rmod(PROMPT).logits.cpu())
+
+
+def test_graph_reused_by_signature(conn, session):
+    m = _seeded(MLP)
+    rm = djinn.remote(m, session=session)
+    x1, x2 = torch.randn(5, 16), torch.randn(5, 16)
+    before = conn.transport.call("graph_stats", {})
+    a = rm(x1).cpu()
+    b = rm(x2).cpu()
+    after = conn.transport.call("graph_stats", {})
+    assert rm.counters == {"captures": 1, "calls": 2, "graphs_sent": 1}
+    assert after["compiled"] - before["compiled"] == 1 and after["hits"] - before["hits"] == 1
+    assert torch.equal(a, _local(m, x1)) and torch.equal(b, _local(m, x2))
+    rm(torch.randn(7, 16))  # a new shape: a new capture
+    assert rm.counters["captures"] == 2
+
+
+def test_remote_tensor_input_and_output_handles(session):
+    m1, m2 = _seeded(MLP), _seeded(MLP, seed=1)
+    m2.fc1 = nn.Linear(4, 32)
+    torch.manual_seed(5)
+    m2.fc1.reset_parameters()
+    r1, r2 = djinn.remote(m1, session=session), djinn.remote(m2, session=session)
+    x = torch.randn(2, 16)
+    h = r1(x)  # stays on the server
+    assert torch.equal(r2(h).cpu(), _local(m2, _local(m1, x)))
+
+
+def test_dropout_seeded_on_server(session):
+    m = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5)).train()
+    rm = djinn.remote(m, session=session)
+    x = torch.randn(4, 8)
+    torch.manual_seed(11)
+    ref = _local(m, x)
+    assert torch.equal(rm(x, seed=11).cpu(), ref)
+
+
+def test_data_dependent_control_flow_is_a_capture_error(session):
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.lin(x)
+            return y * 2 if y.sum() > 0 else y
+
+    rm = djinn.remote(Branchy(), session=session)
+    with pytest.raises(djinn.CaptureError, match=r"value.*lin|module ''|top-level"):
+        rm(torch.randn(2, 4))
+
+
+def test_weight_write_refused(session):
+    class Bad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            self.lin.weight.add_(1.0)
+            return self.lin(x)
+
+    rm = djinn.remote(Bad(), session=session)
+    with pytest.raises(djinn.CaptureError, match="lin.weight"):
+        rm(torch.randn(2, 4))

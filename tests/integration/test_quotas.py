@@ -1,0 +1,261 @@
+"""Tier 2: per-session quotas from the server config (issue 8): GPU Data bytes, swapped host bytes, and
+requests queued behind a running generate. A request past a quota fails with QuotaExceeded, changes
+nothing in its session, and every other session runs on, bitwise-equal to local execution.
+
+Sizes (as in test_scheduling.py): the tiny Llama's cache is 4 tensors (2 layers, keys and values) of
+128 bytes per token, each rounded up to 512 bytes; its logits are 256 float32 per position (1 KiB).
+"""
+from __future__ import annotations
+
+import gc
+import time
+
+import pytest
+import torch
+import yaml
+
+import djinn
+from djinn.frontend.connection import Connection
+from djinn.frontend.remote import RemoteModel
+from djinn.protocol.errors import QuotaExceeded, SessionNotFound
+from djinn.server.sessions import KVState, Session
+from djinn.vmu.data import DataSegment
+
+from ..conftest import ServerProcess
+from ..models import tiny_llama
+from .test_scheduling import submit_generate
+from .test_sessions import LocalSession
+
+GIB = 1 << 30
+GEN = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+P1 = torch.tensor([[1, 17, 42, 99, 5, 250, 7, 64]])
+P2 = torch.tensor([[33, 8, 190]])
+P3 = torch.tensor([[77, 4]])
+LONG = torch.arange(3, 27).unsqueeze(0)  # 24 tokens
+
+
+def kv(tokens: int) -> int:
+    """Data bytes of the tiny Llama's cache of `tokens` tokens."""
+    return 4 * -(-128 * tokens // 512) * 512
+
+
+def start(tmp_path, name: str, **settings) -> ServerProcess:
+    """A private server configured through a YAML file (`--config`; keys map 1:1 onto ServerConfig)."""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    return ServerProcess("--config", str(path))
+
+
+def gib(nbytes: int) -> float:
+    return nbytes / GIB  # exact: a power-of-two divisor, so the server's int(gb * 2**30) gives nbytes back
+
+
+@pytest.fixture(scope="module")
+def model(device):
+    return tiny_llama(seed=3, device=device)
+
+
+def sstats(conn: Connection, s) -> dict:
+    return conn.stats()["sessions"][s.sid]
+
+
+def local_turns(model, device, *turns) -> list[torch.Tensor]:
+    ls = LocalSession(model, device)
+    return [ls.generate(p, **kw) for p, kw in turns]
+
+
+# -- GPU quota -------------------------------------------------------------------------------------
+QUOTA_GPU = 16 * 1024
+
+
+@pytest.fixture(scope="module")
+def gpu_server(tmp_path_factory):
+    srv = start(tmp_path_factory.mktemp("quota"), "gpu", quota_gpu_gb=gib(QUOTA_GPU))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def gpu_conn(gpu_server):
+    c = Connection(gpu_server.address, secret=None)
+    yield c
+    c.close()
+
+
+def test_generate_over_the_gpu_quota_is_refused_others_run_on(gpu_conn, model, device):
+    c = gpu_conn
+    big, ok = c.session("big"), c.session("ok")
+    rm = RemoteModel.from_module(big, model)
+    assert kv(8 + 40) > QUOTA_GPU >= kv(8 + 8 + 3 + 8)
+    with pytest.raises(djinn.QuotaExceeded) as info:
+        big.generate(rm, P1, max_new_tokens=40, do_sample=False, pad_token_id=0)
+    assert info.value.code == "quota_exceeded" and "quota_gpu_gb" in info.value.message
+    st = sstats(c, big)
+    assert (st["kv_tokens"], st["gpu_bytes"], st["job"]) == ({}, 0, None)  # nothing was allocated or queued
+    assert st["quota"]["gpu_bytes"] == {"limit": QUOTA_GPU, "used": 0}
+    assert c.stats()["quotas"] == {"gpu_bytes": QUOTA_GPU, "host_bytes": None, "queued_requests": None}
+
+    # Another session on the same server: bitwise local, turn after turn, while it stays within the quota.
+    ref = local_turns(model, device, (P1, GEN), (P2, GEN))
+    assert torch.equal(ok.generate(rm, P1, **GEN), ref[0])
+    assert torch.equal(ok.generate(rm, P2, **GEN), ref[1])
+    held = sstats(c, ok)
+    assert held["gpu_bytes"] == kv(26) and held["quota"]["gpu_bytes"] == {"limit": QUOTA_GPU, "used": kv(26)}
+    # Its next turn would pass the quota: refused, and its cache is as it was.
+    assert kv(27 + 2 + 8) > QUOTA_GPU
+    with pytest.raises(djinn.QuotaExceeded):
+        ok.generate(rm, P3, **GEN)
+    assert sstats(c, ok)["kv_tokens"] == {rm.model_id: 27} and sstats(c, ok)["gpu_bytes"] == kv(26)
+    # The refused session still works within its quota, from scratch as a fresh local cache would.
+    assert torch.equal(big.generate(rm, P1, **GEN), ref[0])
+    # And stateless generates are not session data: no quota.
+    with torch.no_grad():
+        want = model.generate(P1.to(device), max_new_tokens=40, do_sample=False, pad_token_id=0).cpu()
+    assert torch.equal(rm.generate(P1, max_new_tokens=40, do_sample=False, pad_token_id=0, session=big), want)
+
+
+def test_forward_outputs_over_the_gpu_quota_are_freed(gpu_conn, model, device):
+    c = gpu_conn
+    s = c.session("fwd")
+    rm = RemoteModel.from_module(s, model)
+    with torch.no_grad():
+        ref = model(P1.to(device)).logits.cpu()
+    assert 24 * 1024 > QUOTA_GPU  # a forward over 24 tokens has 24 KiB of logits
+    with pytest.raises(djinn.QuotaExceeded):
+        rm(LONG)
+    st = sstats(c, s)
+    assert (st["tensors"], st["gpu_bytes"]) == (0, 0)
+    # Outputs that fit are kept; one more that would not fit is freed, the held ones are untouched.
+    a, b = rm(P1), rm(P1)
+    st = sstats(c, s)
+    assert (st["tensors"], st["gpu_bytes"]) == (2, 2 * 8 * 1024) and 2 * 8 * 1024 == QUOTA_GPU
+    with pytest.raises(djinn.QuotaExceeded) as info:
+        rm(P3)
+    assert "freed" in info.value.message
+    st = sstats(c, s)
+    assert (st["tensors"], st["gpu_bytes"]) == (2, QUOTA_GPU)
+    assert st["quota"]["gpu_bytes"] == {"limit": QUOTA_GPU, "used": QUOTA_GPU}
+    assert torch.equal(a.logits.cpu(), ref) and torch.equal(b.logits.cpu(), ref)
+    # A finished breakpoint run's outputs are held to the quota the same way.
+    run = s.start(rm, P3, breakpoints=[])
+    with pytest.raises(djinn.QuotaExceeded):
+        run.wait()
+    assert sstats(c, s)["tensors"] == 2
+    # Freeing a handle makes room again.
+    del b
+    gc.collect()
+    out = rm(P3)
+    st = sstats(c, s)
+    assert (st["tensors"], st["gpu_bytes"]) == (2, 8 * 1024 + 2 * 1024)
+    with torch.no_grad():
+        assert torch.equal(out.logits.cpu(), model(P3.to(device)).logits.cpu())
+    # Another session of the same server is unaffected by this one's use.
+    with c.session("other") as o:
+        assert torch.equal(rm(P1, session=o).logits.cpu(), ref)
+
+
+# -- queued requests -------------------------------------------------------------------------------
+def test_pipelined_requests_over_the_queue_quota_are_refused(tmp_path, model, device):
+    srv = start(tmp_path, "queue", quota_queued_requests=2)
+    c = Connection(srv.address, secret=None)
+    intruder = Connection(srv.address, secret=None)
+    try:
+        s, other = c.session("pipelined"), c.session("other")
+        rm = RemoteModel.from_module(s, model)
+        long = dict(GEN, max_new_tokens=200)
+        ref = local_turns(model, device, (P1, long), (P2, GEN))
+        futs = [submit_generate(s, rm, P1, **long)]  # the running job: 1 of 2
+        # Another client naming this session neither waits in its queue nor uses up its quota.
+        for _ in range(3):
+            with pytest.raises(SessionNotFound):
+                intruder.transport.call("fetch", {"sid": s.sid, "handles": []})
+        futs += [submit_generate(s, rm, P2, **GEN)]                   # queued behind it: 2 of 2
+        futs += [submit_generate(s, rm, P3, **GEN) for _ in range(2)]  # one too many, twice
+        futs += [s.submit("fetch", {"handles": []})]
+        for f in futs[2:]:
+            with pytest.raises(QuotaExceeded) as info:
+                f.result(timeout=60)
+            assert "quota_queued_requests=2" in info.value.message
+        assert not futs[0].done()  # refused at once, while the job still ran
+        st = sstats(c, s)
+        assert st["quota"]["queued_requests"] == {"limit": 2, "used": 2}
+        # Another session runs meanwhile, bitwise local.
+        assert torch.equal(other.generate(rm, P1, **GEN), local_turns(model, device, (P1, GEN))[0])
+        # The accepted ones complete in order, bitwise local.
+        assert torch.equal(futs[0].result(timeout=120)["sequences"], ref[0])
+        assert torch.equal(futs[1].result(timeout=120)["sequences"], ref[1])
+        st = sstats(c, s)
+        assert st["quota"]["queued_requests"]["used"] == 0 and st["kv_tokens"] == {rm.model_id: ref[1].shape[1]}
+        # Within the quota again, pipelining works.
+        pair = [submit_generate(s, rm, P3, **GEN), s.submit("fetch", {"handles": []})]
+        pair[0].result(timeout=60)
+        assert pair[1].result(timeout=60) == {"tensors": []}
+    finally:
+        intruder.close()
+        c.close()
+        srv.stop()
+
+
+# -- host quota ------------------------------------------------------------------------------------
+def test_session_over_the_host_quota_is_not_swapped_out(tmp_path, model, device):
+    quota = kv(15)  # the small session's cache fits; the big one's does not
+    srv = start(tmp_path, "host", policy="signal", swap_on_io_wait=True, quota_host_gb=gib(quota))
+    c = Connection(srv.address, secret=None)
+    try:
+        small, big = c.session("small"), c.session("big")
+        rm = RemoteModel.from_module(small, model)
+        ref_small = local_turns(model, device, (P1, GEN), (P2, GEN))
+        ref_big = local_turns(model, device, (LONG, GEN), (P2, GEN))
+        assert torch.equal(small.generate(rm, P1, **GEN), ref_small[0])
+        assert torch.equal(big.generate(rm, LONG, **GEN), ref_big[0])
+        assert sstats(c, big)["gpu_bytes"] == kv(31) > quota
+        big.signal("IO_WAIT", eta_s=30.0)
+        small.signal("IO_WAIT", eta_s=30.0)
+        deadline = time.monotonic() + 10
+        while sstats(c, small)["state"] != "SWAPPED" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        st_small, st_big = sstats(c, small), sstats(c, big)
+        assert (st_small["state"], st_small["host_bytes"]) == ("SWAPPED", quota)
+        assert st_small["quota"]["host_bytes"] == {"limit": quota, "used": quota}
+        assert (st_big["state"], st_big["host_bytes"], st_big["swaps_out"]) == ("IO_WAIT", 0, 0)
+        assert st_big["gpu_bytes"] == kv(31)  # it stays on the GPU
+        assert torch.equal(big.generate(rm, P2, **GEN), ref_big[1])
+        assert torch.equal(small.generate(rm, P2, **GEN), ref_small[1])  # swapped back, continues bitwise
+        assert sstats(c, small)["swaps_in"] == 1
+    finally:
+        c.close()
+        srv.stop()
+
+
+def test_data_segment_refuses_a_swap_out_over_the_host_quota():
+    """The Data segment's own check (Note [Host quota]): swap_out returns False and moves nothing."""
+    from transformers import DynamicCache
+
+    model = tiny_llama(seed=1)  # on the CPU, like the segment
+    seg = DataSegment(torch.device("cpu"), 1 << 20, budget_bytes=None, swap_bw=1e9, host_quota=kv(10) - 1)
+    s = Session("a", "client", None)
+    cache = DynamicCache(config=model.config)
+    ids = torch.arange(3, 13).unsqueeze(0)
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+    s.kv["m"] = KVState(cache, ids)
+    seg.sync(s)
+    assert seg.gpu_bytes("a") == kv(10) and not seg.swappable("a", kv(10))
+    assert seg.swap_out(s) is False
+    assert seg.mem("a").state.name == "ACTIVE" and seg.host_bytes("a") == 0 and seg.pool.used == 0
+    assert s.kv["m"].cache.layers[0].keys is not None
+    seg.host_quota = kv(10)
+    assert seg.swap_out(s) is True and seg.poll() == ["a"] and seg.host_bytes("a") == kv(10)
+    seg.close(s)
+    seg.close_all()
+
+
+def test_quota_settings_are_validated(tmp_path):
+    from djinn.config import ServerConfig
+
+    assert ServerConfig().quota_gpu_gb is None and ServerConfig().quota_queued_requests is None
+    ServerConfig(quota_gpu_gb=0.5, quota_host_gb=0, quota_queued_requests=1).validate()
+    for bad in (dict(quota_gpu_gb=-1), dict(quota_host_gb="1"), dict(quota_gpu_gb=True),
+                dict(quota_queued_requests=0), dict(quota_queued_requests=1.5)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ServerConfig(**bad).validate()
