@@ -180,6 +180,11 @@ def bench_shape(shape: str, args, device, dtype) -> dict:
     vocab = model.config.vocab_size
     conc = [n for n in args.concurrency if n <= args.max_sessions]
     prompts = [torch.randint(0, vocab, (1, args.prompt), generator=g).to(device) for _ in range(max(conc))]
+    if args.pool_gb is None:  # every row of the largest round, plus two spare slots
+        from djinn.server.fastpath import MIN_LEN_BUCKET, _bucket
+
+        per_slot = kvt * _bucket(args.max_len, 1 << 30, MIN_LEN_BUCKET)
+        args.pool_gb = (max(conc) + 2) * per_slot / 2**30
     res: dict = {"shape": shape, "weight_bytes": weights, "kv_bytes_per_token": kvt, "prompt": args.prompt,
                  "new_tokens": args.new_tokens}
     bw = hbm_gbps(device)
@@ -281,19 +286,21 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--eager-tokens", type=int, default=32)
     p.add_argument("--steps", type=int, default=64, help="timed steps in process")
-    p.add_argument("--pool-gb", type=float, default=14.0)
-    p.add_argument("--max-len", type=int, default=512)
+    p.add_argument("--pool-gb", type=float, default=None, help="default: room for the largest round")
+    p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     args = p.parse_args()
     args.concurrency = [int(x) for x in args.concurrency.split(",")]
     if args.tiny:
-        args.shapes, args.pool_gb = "tiny", min(args.pool_gb, 0.05)
+        args.shapes = "tiny"
         args.prompt, args.new_tokens, args.eager_tokens, args.steps = 16, 16, 8, 8
     device = torch.device(args.device)
+    pool_gb = args.pool_gb
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     out = {"env": environment(device), "targets": TARGETS, "args": vars(args), "shapes": {}}
     for shape in args.shapes.split(","):
+        args.pool_gb = pool_gb
         out["shapes"][shape] = bench_shape(shape, args, device, dtype)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=1))

@@ -3,14 +3,13 @@ step with ragged lengths give the same greedy tokens as a local generate; determ
 the eager path; per-session sampling; breakpoints still work; a swapped session continues on it."""
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
 import djinn
 from djinn.frontend.connection import Connection
 from djinn.frontend.run import Breakpoint
+from djinn.protocol import structure
 
 from ..conftest import DEVICE
 from ..models import VOCAB, tiny_gpt2, tiny_llama, tiny_mistral, tiny_qwen2
@@ -46,21 +45,13 @@ def test_concurrent_sessions_share_steps_and_match_local_greedy(fast_server, bui
         rm = djinn.remote(model, session=sessions[0])
         prompts = _prompts(4)
         news = [40, 15, 25, 60]  # rows leave at different steps: the pool compacts around them
-        outs: dict[int, torch.Tensor] = {}
-        errors: list = []
-
-        def run(i):
-            try:
-                outs[i] = sessions[i].generate(rm, prompts[i], max_new_tokens=news[i], do_sample=False)
-            except Exception as e:  # surfaced below
-                errors.append(e)
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        assert not errors, errors
+        for s in sessions:
+            rm._attach(s)
+        # Sent back to back from one thread: the engine reads them in one poll, so they share steps.
+        futures = [s.submit("generate", {
+            "model_id": rm.model_id, "input_ids": p, "kwargs": structure.pack({"max_new_tokens": n, "do_sample": False}, s._leaf),
+            "seed": None, "use_session_kv": True, "stream": False}) for s, p, n in zip(sessions, prompts, news)]
+        outs = [f.result(120)["sequences"] for f in futures]
         for i in range(4):
             assert torch.equal(outs[i], _local(model, prompts[i], news[i])), i
         st = conn.stats()
