@@ -11,6 +11,7 @@ from djinn.frontend.graph_model import GraphModel
 from djinn.frontend.remote import RemoteModel
 from djinn.frontend.tensor import RemoteTensor
 
+from ..conftest import DEVICE
 from ..models import tiny_gpt2, tiny_llama
 
 PROMPT = torch.tensor([[1, 17, 42, 99, 5, 250, 7, 64, 31, 128]])
@@ -88,8 +89,18 @@ def _seeded(cls, seed=0):
 
 
 def _local(m, *args, **kwargs):
+    """The reference: the same module run eagerly on the server's device, results back on the CPU."""
+    import copy
+
+    from torch.utils._pytree import tree_map
+
+    dev = torch.device(DEVICE)
+    if dev.type != "cpu":
+        m = copy.deepcopy(m).to(dev)
+        args, kwargs = tree_map(lambda t: t.to(dev) if isinstance(t, torch.Tensor) else t, (args, kwargs))
     with torch.no_grad():
-        return m(*args, **kwargs)
+        out = m(*args, **kwargs)
+    return tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) else t, out) if dev.type != "cpu" else out
 
 
 @pytest.fixture
