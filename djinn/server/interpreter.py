@@ -184,5 +184,41 @@ class Interpreter:
     def run_node(self, i: int, env: list) -> tuple:
         """The override point: run node i given the outputs of earlier nodes; return its outputs."""
         c = self.c
-        out = c.fns[i](*_resolve(c.args[i], env), **_resolve(c.kwargs[i], env))
+        args, kwargs = _resolve(c.args[i], env), _resolve(c.kwargs[i], env)
+        check_indices(c.graph.nodes[i].op, args)
+        out = c.fns[i](*args, **kwargs)
         return tuple(out) if isinstance(out, (list, tuple)) else (out,)
+
+
+#: Ops that read or write at positions given by an index tensor: (index argument, dim argument or None
+#: for "a list of per-dim indices", data argument). An index out of range is a CUDA device-side assert,
+#: which poisons the process for every tenant, so on CUDA the range is checked before the kernel runs.
+_INDEXED = {"index_select": (2, 1, 0), "gather": (2, 1, 0), "scatter": (2, 1, 0), "scatter_add": (2, 1, 0),
+            "index_add": (2, 1, 0), "index_copy": (2, 1, 0), "index_fill": (2, 1, 0),
+            "embedding": (1, 0, 0), "index": (1, None, 0), "_unsafe_index": (1, None, 0),
+            "index_put": (1, None, 0), "_unsafe_index_put": (1, None, 0)}
+
+
+def check_indices(op: str, args: tuple) -> None:
+    """Raise IndexError for an index out of range, before a CUDA kernel would assert on it."""
+    spec = _INDEXED.get(op.split(".")[1] if op.count(".") >= 2 else op)
+    if spec is None:
+        return
+    ia, da, xa = spec
+    if len(args) <= max(ia, xa) or not isinstance(args[xa], torch.Tensor):
+        return
+    x, idx = args[xa], args[ia]
+    if da is None:  # a list of per-dim indices (None: the whole dim)
+        pairs = [(t, k) for k, t in enumerate(idx or ()) if isinstance(t, torch.Tensor)]
+    elif op.split(".")[1] == "embedding":
+        pairs = [(idx, 0)]
+    else:
+        pairs = [(idx, args[da] if isinstance(args[da], int) else 0)]
+    for t, dim in pairs:
+        if t.dtype in (torch.bool, torch.uint8) or t.numel() == 0 or not -x.dim() <= dim < max(1, x.dim()):
+            continue
+        n = x.shape[dim] if x.dim() else 1
+        lo = 0 if op.split(".")[1] == "embedding" else -n
+        if bool(((t < lo) | (t >= n)).any()):
+            bad = t[(t < lo) | (t >= n)].flatten()[0].item()
+            raise IndexError(f"index {bad} is out of bounds for dimension {dim} with size {n}")
