@@ -318,6 +318,9 @@ class Recorder:
         if name is None or self.muted:
             return func(*args, **kwargs)
         pos, kw = srg_ops.composite_args(name, func, args, kwargs)
+        if name == srg_ops._DROPOUT and (not pos[2] or pos[1] == 0.0 or dict(zip(
+                ("input", "p", "training", "inplace"), args), **kwargs).get("inplace")):
+            return func(*args, **kwargs)  # the identity, or in place: recorded op by op
         conv = [self._convert(a) for a in pos]
         kconv = {k: self._convert(v) for k, v in kw.items()}
         if name.endswith("batch_norm.default") and pos[5]:
@@ -334,7 +337,7 @@ class Recorder:
         self._node(name, tuple(c[0] for c in conv), {k: c[0] for k, c in kconv.items()}, outs,
                    Lifecycle.STACK, srg_ops.cost_class(name))
         self.ops_recorded += 1
-        if name.endswith("scaled_dot_product_attention.default") and pos[4]:
+        if (name.endswith("scaled_dot_product_attention.default") and pos[4]) or name == srg_ops._DROPOUT:
             self.graph.random = True
         return out
 
@@ -388,7 +391,7 @@ class _FunctionMode(TorchFunctionMode):
 
 
 _COMPOSITES = frozenset({torch.nn.functional.scaled_dot_product_attention, torch.nn.functional.batch_norm,
-                         torch.batch_norm})
+                         torch.batch_norm, torch.nn.functional.dropout})
 
 
 # -- module capture -----------------------------------------------------------------------------------

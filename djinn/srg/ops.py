@@ -48,7 +48,7 @@ upsample_nearest2d upsample_bilinear2d _unsafe_index new_empty new_zeros new_one
 zeros_like ones_like full_like empty_like rand_like randn_like lift_fresh_copy
 """
 _FACTORIES = "arange empty empty_strided full ones zeros scalar_tensor eye linspace"
-_RANDOM = "rand randn randint randperm bernoulli native_dropout normal uniform multinomial"
+_RANDOM = "rand randn randint randperm bernoulli native_dropout dropout normal uniform multinomial"
 _COMPUTE = """
 mm addmm bmm baddbmm matmul convolution _convolution linear scaled_dot_product_attention
 _scaled_dot_product_flash_attention_for_cpu _scaled_dot_product_efficient_attention
@@ -100,6 +100,7 @@ ALLOWED: dict[str, torch._ops.OpOverload] = _build_allowed()
 #: Composite functions recorded whole (Note [Composite ops]): python function -> (aten name, arg order).
 _SDPA = "aten.scaled_dot_product_attention.default"
 _BN = "aten.batch_norm.default"
+_DROPOUT = "aten.dropout.default"
 
 
 def composite(func) -> str | None:
@@ -107,6 +108,8 @@ def composite(func) -> str | None:
         return _SDPA
     if func is F.batch_norm or func is torch.batch_norm:
         return _BN
+    if func is F.dropout:  # whole: CUDA runs a fused kernel with its own use of the RNG, the CPU another
+        return _DROPOUT
     return None
 
 
@@ -118,6 +121,9 @@ def composite_args(name: str, func, args: tuple, kwargs: dict) -> tuple[tuple, d
         pos = tuple(bound.get(n, d) for n, d in zip(names[:6], (None, None, None, None, 0.0, False)))
         kw = {k: bound[k] for k in ("scale", "enable_gqa") if bound.get(k) is not None}
         return pos, kw
+    if name == _DROPOUT:  # F.dropout(input, p=0.5, training=True, inplace=False)
+        b = dict(zip(("input", "p", "training", "inplace"), args), **kwargs)
+        return (b["input"], float(b.get("p", 0.5)), bool(b.get("training", True))), {}
     if func is torch.batch_norm:
         return tuple(args), dict(kwargs)
     # F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
