@@ -87,7 +87,12 @@ class FastTask:
         gc = module.generation_config
         eos = self.kwargs.get("eos_token_id", gc.eos_token_id)
         self.eos = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
-        first = int(self.sampler(out.logits[:, -1])[0])
+        self.min_new = int(self.kwargs.get("min_new_tokens") or 0)
+        logits = out.logits[:, -1]
+        if self.min_new > 0 and self.eos:  # HF's MinNewTokensLengthLogitsProcessor
+            logits = logits.clone()
+            logits[:, list(self.eos)] = float("-inf")
+        first = int(self.sampler(logits)[0])
         self._first = first
         self._emit(first)
         if self.max_new <= 1 or first in self.eos:
@@ -99,7 +104,8 @@ class FastTask:
         if self.pool.free_slots() == 0:
             return  # every slot is taken: wait for a row to leave (next turn)
         n = self._full.shape[1]
-        self.row = Row(self._first, n, n, self.max_new - 1, self.sampler, self.eos, on_token=self._emit)
+        self.row = Row(self._first, n, n, self.max_new - 1, self.sampler, self.eos, on_token=self._emit,
+                       ban_eos=max(0, self.min_new - 1))
         self.pool.join(self.row, self._state.cache)
 
     def _finish(self) -> None:

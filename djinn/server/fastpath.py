@@ -39,8 +39,8 @@ log = logging.getLogger("djinn.fastpath")
 SUPPORTED_ARCHS = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"})
 STATIC_ROPE = frozenset({"default", "linear", "llama3"})
 #: generate() arguments the fast path implements; any other one sends the call to the eager path.
-FAST_KWARGS = frozenset({"max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p",
-                         "eos_token_id", "pad_token_id", "use_cache"})
+FAST_KWARGS = frozenset({"max_new_tokens", "min_new_tokens", "max_length", "do_sample", "temperature", "top_k",
+                         "top_p", "eos_token_id", "pad_token_id", "use_cache"})
 MIN_LEN_BUCKET = 64
 
 
@@ -131,6 +131,7 @@ class Row:
     sampler: Sampler
     eos: frozenset
     on_token: Callable[[int], None] | None = None
+    ban_eos: int = 0             # steps in which eos may not be sampled yet (min_new_tokens, as HF does)
     new: list = field(default_factory=list)  # tokens generated in the pool (the prefill's first excluded)
     slot: int = -1
     done: bool = False
@@ -221,6 +222,12 @@ class DecodePool:
         self.ids[:n].copy_(torch.tensor([r.token for r in self.rows], dtype=torch.long))
         self.pos[:n].copy_(torch.tensor([r.pos for r in self.rows], dtype=torch.long))
         logits = self._run(B, L)[:n]
+        banned = [r for r in rows if r.ban_eos > 0 and r.eos]
+        if banned:
+            logits = logits.clone()
+            for r in banned:
+                logits[r.slot, list(r.eos)] = float("-inf")
+                r.ban_eos -= 1
         greedy = logits.argmax(-1).tolist() if any(not r.sampler.do_sample for r in rows) else None
         self.steps += 1
         self.rows_stepped += len(rows)

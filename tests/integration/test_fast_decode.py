@@ -222,3 +222,25 @@ def test_recomputed_session_continues_on_the_fast_path(start_server):
         assert conn.stats()["scheduler"]["recomputed_tokens"] == out1.shape[1]
     finally:
         conn.close()
+
+
+def test_min_new_tokens_holds_eos_back_like_hf(fast_server):
+    # A model whose eos is its most likely token: without min_new_tokens it stops at once.
+    model = tiny_llama(seed=8).eval()
+    conn = Connection(fast_server.address, secret=None)
+    try:
+        s = conn.session()
+        rm = djinn.remote(model, session=s)
+        (ids,) = _prompts(1, seed=12)
+        eager = _local(model, ids, 12)
+        eos = int(eager[0, ids.shape[1] + 1])  # the second greedy token: eos from then on
+        out = rm.generate(ids, max_new_tokens=12, min_new_tokens=6, eos_token_id=eos, do_sample=False)
+        dev_model, dev_ids = model.to(DEVICE), ids.to(DEVICE)
+        with torch.no_grad():
+            ref = dev_model.generate(dev_ids, max_new_tokens=12, min_new_tokens=6, eos_token_id=eos,
+                                     do_sample=False, attention_mask=torch.ones_like(dev_ids)).cpu()
+        assert torch.equal(out, ref)
+        assert ref.shape[1] >= ids.shape[1] + 6
+        assert conn.stats()["sessions"][s.sid]["decode"]["fast"] == 1
+    finally:
+        conn.close()
