@@ -310,6 +310,12 @@ def run_agent(plan: AgentPlan, conn: Connection, s, rm, args, t0_box: list, go: 
         res.done_s = time.perf_counter() - t0_box[0] if t0_box else None
 
 
+def _fast_steps(conn: Connection) -> int:
+    """Session-steps the server's decode fast path has run so far (all models)."""
+    models = conn.stats()["models"].values()
+    return sum(m.get("fast_decode", {}).get("rows_stepped", 0) for m in models)
+
+
 def _session_counters(conn: Connection, sid: str) -> dict | None:
     keys = ("swaps_out", "swaps_in", "bytes_moved", "prefetch_hits", "prefetch_misses", "drops",
             "recomputed_tokens", "queue_s")
@@ -442,6 +448,7 @@ def run_row(srv: ServerRun, n: int, args, cfg, provision: Provisioner) -> dict:
             left = srv.agent_sessions()
         row["leftover_sessions"] = len(left)
         before = srv.ctrl.stats()["scheduler"]
+        fast_before = _fast_steps(srv.ctrl)
         ccfg = ClientConfig(call_timeout_s=args.turn_timeout)
         agents = []
         t = time.perf_counter()
@@ -479,6 +486,7 @@ def run_row(srv: ServerRun, n: int, args, cfg, provision: Provisioner) -> dict:
         after = srv.ctrl.stats()["scheduler"]
         final = dict(after, **{k: after[k] - before[k] for k in COUNTERS})
         row.update(_row_numbers(results, final, mon, wall, args))
+        row["fast_decode_rows_stepped"] = _fast_steps(srv.ctrl) - fast_before  # 0: every turn decoded eagerly
         row["server_alive"] = srv.server.alive()
         if row["failures"]:
             row["server_log_tail"] = srv.server.log_tail(20)
