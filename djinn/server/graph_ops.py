@@ -22,7 +22,8 @@ from ..protocol.errors import InvalidRequest
 from ..srg.graph import from_wire
 from .interpreter import Compiled, Interpreter, compile_graph
 from .models import GRAPH_ARCH
-from .ops import _attach, _model_info, _model_of, _pack_outputs, _read, _unpack_inputs, op, over_gpu_quota
+from .ops import (_attach, _model_info, _model_of, _pack_outputs, _read, _unpack_inputs, op, over_gpu_quota,
+                  pinned_tensors)
 
 MAX_GRAPHS = 1024
 
@@ -66,12 +67,7 @@ def graph_store(engine) -> GraphStore:
 def register_graph(engine, client_id, rid, args):
     """A graph-path model: its weights (uploaded and pinned by this session), no code."""
     s = engine.session(client_id, args)
-    tensors = args.get("tensors")
-    if not isinstance(tensors, dict) or not all(isinstance(v, str) for v in tensors.values()):
-        raise InvalidRequest("register_graph needs tensors: {name: hash}")
-    unpinned = sorted(set(tensors.values()) - s.text_pins)
-    if unpinned:
-        raise InvalidRequest(f"{len(unpinned)} weights were not announced or uploaded by this session")
+    tensors = pinned_tensors(s, args, "register_graph")
     entry, created = engine.models.register_weights(tensors)
     _attach(engine, s, entry)
     for h in set(tensors.values()):

@@ -118,12 +118,7 @@ def upload(engine, client_id, rid, args):
 @op
 def register_model(engine, client_id, rid, args):
     s = engine.session(client_id, args)
-    tensors = args.get("tensors")
-    if not isinstance(tensors, dict) or not all(isinstance(v, str) for v in tensors.values()):
-        raise InvalidRequest("register_model needs tensors: {name: hash}")
-    unpinned = sorted(set(tensors.values()) - s.text_pins)
-    if unpinned:
-        raise InvalidRequest(f"{len(unpinned)} weights were not announced or uploaded by this session")
+    tensors = pinned_tensors(s, args, "register_model")
     budget = streaming.budget_bytes(args.get("weight_budget_gb"), engine.cfg.weight_budget_gb)
     entry, created = engine.models.register(args.get("arch"), args.get("config"), args.get("attn_impl"),
                                             tensors, args.get("generation_config"), budget)
@@ -410,6 +405,17 @@ def aligned_kv(entry, tokens: int) -> int:
     per_token = kv_bytes_per_token(entry.module.config, dtype)
     layers = max(1, getattr(entry.module.config, "num_hidden_layers", 1) or 1)
     return 2 * layers * aligned(per_token * tokens // (2 * layers)) if tokens else 0
+
+
+def pinned_tensors(s, args: dict, op_name: str) -> dict:
+    """The {name: weight hash} map of a register op, each hash announced or uploaded by this session."""
+    tensors = args.get("tensors")
+    if not isinstance(tensors, dict) or not all(isinstance(v, str) for v in tensors.values()):
+        raise InvalidRequest(f"{op_name} needs tensors: {{name: hash}}")
+    unpinned = sorted(set(tensors.values()) - s.text_pins)
+    if unpinned:
+        raise InvalidRequest(f"{len(unpinned)} weights were not announced or uploaded by this session")
+    return tensors
 
 
 def _model_info(entry, created: bool) -> dict:

@@ -15,6 +15,7 @@ import threading
 import time
 
 from ..protocol.messages import READY_PREFIX
+from .supervisor import _alive
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -162,16 +163,6 @@ def main(argv=None) -> int:
         return 3  # supervisor.EXIT_FATAL_DEVICE: restart in a fresh process
     logging.getLogger("djinn.server").info("stopped")
     return 0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from djinn.protocol import structure
 
 from ..conftest import DEVICE
 from ..models import VOCAB, tiny_gpt2, tiny_llama, tiny_mistral, tiny_qwen2
+from .test_scheduling import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -171,18 +172,6 @@ def test_a_long_sequence_falls_back_to_eager(fast_server):
         conn.close()
 
 
-def _wait_for(pred, timeout_s=30.0):
-    import time
-
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.01)
-    raise AssertionError("condition not met in time")
-
-
 def test_swapped_session_continues_on_the_fast_path(start_server):
     srv = start_server("--fast-decode", "on", "--fast-decode-pool-gb", "0.01", "--fast-decode-max-len", "256",
                        "--policy", "signal", "--swap-on-io-wait")
@@ -194,7 +183,7 @@ def test_swapped_session_continues_on_the_fast_path(start_server):
         a, b = _prompts(2, seed=10)
         out1 = s.generate(rm, a, max_new_tokens=6, do_sample=False)
         s.signal("IO_WAIT", eta_s=30.0)
-        st = _wait_for(lambda: (x := conn.stats()["sessions"][s.sid])["state"] == "SWAPPED" and x)
+        st = wait_for(lambda: (x := conn.stats()["sessions"][s.sid])["state"] == "SWAPPED" and x)
         assert st["host_bytes"] > 0 and st["gpu_bytes"] == 0
         out2 = s.generate(rm, b, max_new_tokens=7, do_sample=False)  # swapped in, then the fast path
         assert torch.equal(out2, _local(model, torch.cat([out1, b], 1), 7))
