@@ -30,7 +30,7 @@ from .protocol.errors import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "connect", "disconnect", "connection", "remote", "session", "stats", "explain",
+    "connect", "disconnect", "connection", "remote", "session", "restore_session", "stats", "explain",
     "Connection", "Session", "RemoteModel", "GraphModel", "CaptureError", "RemoteTensor", "RemoteView", "TokenStream", "ClientConfig",
     "Breakpoint", "Run", "Stop",
     "DjinnError", "ProtocolError", "AuthError", "SessionNotFound", "HandleNotFound", "OutOfMemory",
@@ -126,9 +126,15 @@ def explain(model, *args, **kwargs) -> str:
     return render(cap.graph, f"SRG {type(model).__name__}")
 
 
-def session(name: str | None = None) -> Session:
-    """A new server-side session (use as a context manager to close it)."""
-    return connection().session(name)
+def session(name: str | None = None, *, checkpoint: bool = False) -> Session:
+    """A new server-side session (use as a context manager to close it). checkpoint=True: the server
+    saves it to host memory if it shuts down; `djinn.restore_session(s.checkpoint_token)` brings it back."""
+    return connection().session(name, checkpoint=checkpoint)
+
+
+def restore_session(token: str, name: str | None = None) -> Session:
+    """A new session holding a checkpointed session's state (after the server restarted)."""
+    return connection().restore_session(token, name)
 
 
 def stats() -> dict:

@@ -106,6 +106,9 @@ class ServerConfig:
     """Longest sequence (prompt + new tokens) the fast path takes; rounded up to a power of two."""
     fast_decode_graphs: bool = True
     """Replay decode steps as CUDA graphs (CUDA only); false: run them eagerly (debugging)."""
+    checkpoint_dir: str | None = None
+    """Where sessions that asked for it are written when the server shuts down gracefully, to be
+    restored after a restart (djinn/server/checkpoint.py). None: /dev/shm/djinn-checkpoints (host memory)."""
     max_sessions_per_client: int = 1024
     """Open sessions one client may hold; the next open_session fails with QuotaExceeded. Every
     schedule looks at all sessions, so one client opening thousands would slow everyone."""

@@ -55,8 +55,24 @@ class Connection:
             self._default = Session(self, name="default")
         return self._default
 
-    def session(self, name: str | None = None) -> Session:
-        return Session(self, name)
+    def session(self, name: str | None = None, *, checkpoint: bool = False) -> Session:
+        """A new server-side session. checkpoint=True: saved to the server's host memory if it shuts
+        down; `session.checkpoint_token` restores it (restore_session) after the restart."""
+        return Session(self, name, checkpoint=checkpoint)
+
+    def restore_session(self, token: str, name: str | None = None) -> Session:
+        """A new session holding a checkpointed session's KV caches, token ids and tensors (its
+        tensors are in `session.restored_tensors`). Remote the model again to continue generating."""
+        from ..protocol.tensors import dtype_from_name
+        from .tensor import RemoteTensor
+
+        args = {"token": token} if name is None else {"token": token, "name": name}
+        reply = self.transport.call("restore_session", args)
+        s = Session(self, reply.get("name"), _restored=reply)
+        s.kv_tokens = dict(reply["kv_tokens"])
+        s.restored_tensors = {hid: RemoteTensor(s, hid, dtype_from_name(m["dtype"]), m["shape"], self.info["device"])
+                              for hid, m in reply["tensors"].items()}
+        return s
 
     def stats(self) -> dict:
         return self.transport.call("stats", {}, idempotent=True)

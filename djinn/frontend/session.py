@@ -24,11 +24,21 @@ _CARRY_EDITS = frozenset({"resume", "fork", "fetch"})
 
 
 class Session:
-    def __init__(self, conn: "Connection", name: str | None = None):
+    def __init__(self, conn: "Connection", name: str | None = None, *, checkpoint: bool = False,
+                 _restored: dict | None = None):
         self.conn = conn
         self.name = name
         self._generation = conn.transport.generation  # the server boot it lives in (transport.py)
-        self.sid: str = conn.transport.call("open_session", {"name": name})["sid"]
+        if _restored is None:
+            args = {"name": name, "checkpoint": True} if checkpoint else {"name": name}
+            reply = conn.transport.call("open_session", args)
+        else:
+            reply = _restored
+        self.sid: str = reply["sid"]
+        #: With checkpoint=True: the token that restores this session after a server restart.
+        self.checkpoint_token: str | None = reply.get("checkpoint_token")
+        self.kv_tokens: dict[str, int] = {}            # a restored session: tokens of KV per model id
+        self.restored_tensors: dict[str, RemoteTensor] = {}   # a restored session: its tensors by handle
         self.closed = False
         self._frees: deque[str] = deque()  # append/popleft are atomic: safe from GC finalizers
         self._edits: list[dict] = []       # in-place edits of remote tensors, in order (frontend/edits.py)
@@ -95,6 +105,12 @@ class Session:
         """
         rm._attach(self)
         return self._generate(rm, input_ids, stream=stream, seed=seed, use_session_kv=True, **kwargs)
+
+    def checkpoint_on_shutdown(self, on: bool = True) -> str | None:
+        """Ask the server to write this session (KV caches, token ids, tensors) to host memory if it
+        shuts down; returns the token for `conn.restore_session(token)` after the restart."""
+        self.checkpoint_token = self.call("set_checkpoint", {"on": on})["token"]
+        return self.checkpoint_token
 
     def signal(self, kind: str, eta_s: float | None = None) -> str:
         """Tell the server what this session does next: "IO_WAIT" (it waits on a tool or a user, for

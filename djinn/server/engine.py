@@ -91,6 +91,10 @@ class Engine(threading.Thread):
                 next_reap = self._guarded_turn(next_reap)
             self._drain()
         finally:
+            if self.drain and not self.fatal:  # a graceful stop: sessions that asked are saved first
+                from .checkpoint import save_all
+
+                save_all(self)
             for s in list(self.sessions):
                 self.close_session(s, "server shutting down")
             self.data.close_all()

@@ -25,6 +25,7 @@ Note [Session quotas]
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from typing import Any, Callable
 
@@ -63,9 +64,14 @@ def open_session(engine, client_id, rid, args):
     name = args.get("name")
     if name is not None and (not isinstance(name, str) or len(name) > 200):
         raise InvalidRequest("session name must be a string of at most 200 characters")
+    checkpoint = args.get("checkpoint", False)
+    if not isinstance(checkpoint, bool):
+        raise InvalidRequest(f"checkpoint must be true or false, got {checkpoint!r}")
     s = engine.sessions.open(client_id, name, engine.cfg.max_sessions_per_client)
     log.info("session %s opened by client %s%s", s.sid[:8], client_id[:8], f" name={name!r}" if name else "")
-    return {"sid": s.sid}
+    if checkpoint:  # Note [Checkpoint tokens] in checkpoint.py
+        s.checkpoint_token = secrets.token_hex(16)
+    return {"sid": s.sid, "checkpoint_token": s.checkpoint_token}
 
 
 @op
@@ -490,3 +496,4 @@ def _pack_outputs(s, out: Any) -> Any:
 
 
 from . import graph_ops  # noqa: E402,F401  (registers register_graph, run_graph, graph_stats)
+from . import checkpoint  # noqa: E402,F401  (registers set_checkpoint, restore_session)

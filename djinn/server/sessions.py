@@ -50,7 +50,8 @@ class Session:
     text_pins: set[str] = field(default_factory=set)                # weight hashes held until registration
     stack: dict[str, torch.Tensor] = field(default_factory=dict)    # handle -> stop tensor of a parked run (RunTable's)
     decode: dict[str, int] = field(default_factory=lambda: {"fast": 0, "eager": 0})  # generates per path
-    eager_why: str | None = None                                    # why the last eager generate was not fast
+    eager_why: str | None = None
+    checkpoint_token: str | None = None  # written to host memory at shutdown (djinn/server/checkpoint.py)                                    # why the last eager generate was not fast
 
     def add_tensor(self, t: torch.Tensor) -> str:
         hid = secrets.token_hex(8)

@@ -1,0 +1,187 @@
+"""Session checkpoints: sessions that asked are written to host memory when the server shuts down.
+
+A client marks a session (`conn.session(name, checkpoint=True)` or `s.checkpoint_on_shutdown()`) and
+gets a token back. When the server stops gracefully (SIGTERM/SIGINT, after the drain), each marked
+session's KV caches, token ids and tensors are written to `checkpoint_dir` (default
+/dev/shm/djinn-checkpoints: host memory) as one safetensors file named by the token. After a restart,
+`conn.restore_session(token)` opens a new session holding that state; the file is removed once restored.
+
+Note [Checkpoint tokens]
+    The token is 128 random bits handed only to the session's client, and it is the whole capability:
+    whoever has it may restore the session, from any connection (a client process that restarted too
+    keeps working if it kept the token). Files are created 0600 in a 0700 directory. safetensors holds
+    tensors and a string map only: nothing in a checkpoint is ever unpickled or executed.
+
+Note [What a checkpoint holds]
+    The session's name, and per model id its token ids and KV cache tensors (wherever they were: on
+    the device, or swapped to the host pool), and its tensor handles. Not its runs (a paused breakpoint
+    lives on a thread) and not the models: after a restart the client remotes its model again (the
+    same weights give the same model id) and the restored KV continues where it was. Restored caches
+    are plain DynamicCache layers, which is exact for every model whose cache has full-attention layers.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ..protocol.errors import InvalidRequest, SessionNotFound
+from ..protocol.tensors import dtype_name
+from ..scheduler.types import SessionState
+from ..vmu.swap import cache_tensors
+from .ops import op
+from .sessions import KVState
+
+log = logging.getLogger("djinn.checkpoint")
+
+FORMAT = "djinn-session-checkpoint/1"
+_TOKEN = re.compile(r"^[0-9a-f]{32}$")
+_KV_KEY = re.compile(r"^kv/([0-9a-zA-Z_:.-]{1,200})/(\d{1,6})/([a-z_]{1,40})$")
+
+
+def directory(cfg) -> Path:
+    if cfg.checkpoint_dir:
+        return Path(cfg.checkpoint_dir)
+    shm = Path("/dev/shm")
+    return (shm if shm.is_dir() else Path(tempfile.gettempdir())) / "djinn-checkpoints"
+
+
+# -- ops -----------------------------------------------------------------------------------------------
+@op
+def set_checkpoint(engine, client_id, rid, args):
+    """{sid, on}: write this session to host memory if the server shuts down; returns its token."""
+    s = engine.session(client_id, args)
+    on = args.get("on", True)
+    if not isinstance(on, bool):
+        raise InvalidRequest(f"on must be true or false, got {on!r}")
+    if on and s.checkpoint_token is None:
+        s.checkpoint_token = secrets.token_hex(16)  # Note [Checkpoint tokens]
+    elif not on:
+        s.checkpoint_token = None
+    return {"token": s.checkpoint_token}
+
+
+@op
+def restore_session(engine, client_id, rid, args):
+    """{token, name?}: a new session holding a checkpoint's state (Note [What a checkpoint holds])."""
+    token = args.get("token")
+    if not isinstance(token, str) or not _TOKEN.match(token):
+        raise InvalidRequest("restore_session needs the 32-hex-digit token that checkpointing returned")
+    path = directory(engine.cfg) / f"{token}.safetensors"
+    if not path.is_file():
+        raise SessionNotFound(f"no checkpoint {token[:8]}... on this server (restored already, or never written)")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise InvalidRequest(f"checkpoint {token[:8]}... is not a {FORMAT} file")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    name = args.get("name", meta.get("name") or None)
+    if name is not None and (not isinstance(name, str) or len(name) > 200):
+        raise InvalidRequest("session name must be a string of at most 200 characters")
+    s = engine.sessions.open(client_id, name, engine.cfg.max_sessions_per_client)
+    try:
+        _install(engine, s, tensors)
+    except BaseException:
+        engine.close_session(s, "restore failed")
+        raise
+    engine.data.sync(s)
+    path.unlink(missing_ok=True)  # restored once: the state lives in the session now
+    log.info("session %s restored from checkpoint %s... for client %s", s.sid[:8], token[:8], client_id[:8])
+    return {"sid": s.sid, "name": name, "kv_tokens": {mid: int(kv.ids.shape[1]) for mid, kv in s.kv.items()},
+            "tensors": {hid: {"dtype": dtype_name(t.dtype), "shape": list(t.shape)} for hid, t in s.tensors.items()}}
+
+
+# -- shutdown ------------------------------------------------------------------------------------------
+def save_all(engine, timeout_s: float = 10.0) -> int:
+    """Write every session that asked (the engine calls this while stopping, after the drain)."""
+    marked = [s for s in engine.sessions if s.checkpoint_token is not None]
+    if not marked:
+        return 0
+    deadline = time.monotonic() + timeout_s
+    while engine.data.busy() and time.monotonic() < deadline:  # let swaps in flight land first
+        engine.data.poll()
+        time.sleep(0.001)
+    saved = 0
+    for s in marked:
+        try:
+            path = save(engine, s)
+        except Exception:  # one session's failure must not cost the others theirs
+            log.exception("checkpoint of session %s failed", s.sid[:8])
+            continue
+        saved += 1
+        log.info("session %s checkpointed to %s", s.sid[:8], path)
+    return saved
+
+
+def save(engine, s) -> Path:
+    from safetensors.torch import save_file
+
+    d = directory(engine.cfg)
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = d / f"{s.checkpoint_token}.safetensors"
+    tmp = path.with_suffix(".tmp")
+    meta = {"format": FORMAT, "name": s.name or "", "created": str(time.time()), "models": json.dumps(sorted(s.kv))}
+    save_file(state(engine.data, s), str(tmp), metadata=meta)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)  # a restore never sees half a file
+    return path
+
+
+def state(data, s) -> dict[str, torch.Tensor]:
+    """The session's token ids, KV tensors and tensor handles as contiguous CPU tensors."""
+    out: dict[str, torch.Tensor] = {}
+    for mid, kv in s.kv.items():
+        out[f"ids/{mid}"] = kv.ids.detach().cpu().contiguous()
+    m = data.mem(s.sid)
+    if m.state == SessionState.SWAPPED and m.host is not None:  # the KV is in the host pool
+        region = data.pool.view(m.host.alloc)
+        for (mid, (layer, attr)), slot in zip(m.names, m.host.slots):
+            t = region[slot.offset:slot.offset + slot.nbytes].view(slot.dtype).reshape(slot.shape)
+            out[f"kv/{mid}/{layer}/{attr}"] = t.clone()
+    else:
+        for mid, kv in s.kv.items():
+            for (layer, attr), t in cache_tensors(kv.cache).items():
+                out[f"kv/{mid}/{layer}/{attr}"] = t.detach().cpu().contiguous()
+    for hid, t in s.tensors.items():
+        out[f"t/{hid}"] = t.detach().cpu().contiguous()
+    return out
+
+
+def _install(engine, s, tensors: dict[str, torch.Tensor]) -> None:
+    from transformers import DynamicCache
+
+    dev = engine.device
+    layers: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    for key, t in tensors.items():
+        if key.startswith("ids/"):
+            continue
+        if key.startswith("t/"):
+            s.tensors[key[2:]] = t.to(dev)
+            continue
+        m = _KV_KEY.match(key)
+        if m is None:
+            raise InvalidRequest(f"checkpoint holds an unexpected tensor {key[:80]!r}")
+        layers.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[m.group(3)] = t
+    for key, ids in tensors.items():
+        if not key.startswith("ids/"):
+            continue
+        mid = key[4:]
+        cache = DynamicCache()
+        order = sorted(layers.get(mid, {}))
+        if order != list(range(len(order))):
+            raise InvalidRequest(f"checkpoint layers of model {mid[:12]} are not 0..n-1")
+        for i in order:  # in order: DynamicCache appends them
+            kv = layers[mid][i]
+            if "keys" not in kv or "values" not in kv:
+                raise InvalidRequest(f"checkpoint layer {i} of model {mid[:12]} lacks keys or values")
+            cache.update(kv["keys"].to(dev), kv["values"].to(dev), i)
+        s.kv[mid] = KVState(cache, ids.to(dev))

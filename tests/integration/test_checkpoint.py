@@ -1,0 +1,108 @@
+"""Tier 2: sessions that asked are checkpointed to host memory when the server shuts down and restored
+after the restart, continuing bitwise where they were (issue 8, djinn/server/checkpoint.py)."""
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+
+import djinn
+from djinn.frontend.connection import Connection
+from djinn.frontend.remote import RemoteModel
+
+from ..conftest import DEVICE
+from ..models import VOCAB, tiny_llama
+from .test_restart import wait_for
+from .test_scheduling import wait_for as wait_value
+
+GEN = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+A = torch.tensor([[1, 17, 42, 99, 5]])
+B = torch.tensor([[7, 64, 31]])
+
+
+def _local(model, ids, **kw):
+    m, i = model.to(DEVICE), ids.to(DEVICE)
+    with torch.no_grad():
+        return m.generate(i, attention_mask=torch.ones_like(i), **kw).cpu()
+
+
+def _restart(srv, start_server, conn, *flags: str):
+    """Stop the server gracefully (SIGTERM: drain, checkpoint, exit), start a new one on the same port."""
+    worker = conn.info["pid"]
+    srv.proc.send_signal(signal.SIGTERM)
+    assert srv.proc.wait(60) == 0
+    new = start_server("--port", srv.address.rsplit(":", 1)[1], *flags)
+    assert wait_for(lambda: conn.transport.generation == 1 and conn.transport.dead is None, 60), "no reconnect"
+    assert conn.info["pid"] != worker
+    return new
+
+
+@pytest.mark.parametrize("swapped", [False, True], ids=["resident", "swapped"])
+def test_checkpointed_session_continues_after_a_restart(start_server, tmp_path, swapped):
+    flags = ("--checkpoint-dir", str(tmp_path), "--policy", "signal", "--swap-on-io-wait")
+    srv = start_server(*flags)
+    model = tiny_llama(seed=9).eval()
+    conn = Connection(srv.address, None)
+    try:
+        s = conn.session("agent", checkpoint=True)
+        plain = conn.session("not-saved")
+        assert s.checkpoint_token and plain.checkpoint_token is None
+        rm = RemoteModel.from_module(s, model)
+        out1 = s.generate(rm, A, **GEN)
+        logits = rm(out1, session=s).logits  # a tensor handle the session holds
+        if swapped:
+            s.signal("IO_WAIT", eta_s=60.0)
+            wait_value(lambda: conn.stats()["sessions"][s.sid]["state"] == "SWAPPED")
+        _restart(srv, start_server, conn, *flags)
+        files = list(tmp_path.iterdir())
+        assert [f.name for f in files] == [f"{s.checkpoint_token}.safetensors"]  # only the one that asked
+        assert files[0].stat().st_mode & 0o777 == 0o600
+        with pytest.raises(djinn.SessionLost):
+            s.generate(rm, B, **GEN)
+
+        s2 = conn.restore_session(s.checkpoint_token)
+        assert s2.name == "agent" and s2.kv_tokens == {rm.model_id: out1.shape[1]}
+        (restored,) = s2.restored_tensors.values()
+        assert torch.equal(restored.cpu(), _logits(model, out1))
+        rm2 = RemoteModel.from_module(s2, model)  # the same weights: the same model id and its KV
+        assert rm2.model_id == rm.model_id
+        out2 = s2.generate(rm2, B, **GEN)
+        assert torch.equal(out2, _local(model, torch.cat([out1, B], 1), **GEN))  # one long generate
+        assert not list(tmp_path.iterdir())  # restored once: the file is gone
+        with pytest.raises(djinn.SessionNotFound, match="no checkpoint"):
+            conn.restore_session(s.checkpoint_token)
+    finally:
+        conn.close()
+
+
+def _logits(model, ids):
+    m, i = model.to(DEVICE), ids.to(DEVICE)
+    with torch.no_grad():
+        return m(i).logits.cpu()
+
+
+def test_checkpoint_can_be_asked_for_later_and_withdrawn(start_server, tmp_path):
+    srv = start_server("--checkpoint-dir", str(tmp_path))
+    conn = Connection(srv.address, None)
+    try:
+        keep, drop = conn.session("keep"), conn.session("drop")
+        token = keep.checkpoint_on_shutdown()
+        assert len(token) == 32 and keep.checkpoint_on_shutdown() == token  # asking twice: the same token
+        drop.checkpoint_on_shutdown()
+        assert drop.checkpoint_on_shutdown(False) is None
+        _restart(srv, start_server, conn, "--checkpoint-dir", str(tmp_path))
+        assert [f.name for f in tmp_path.iterdir()] == [f"{token}.safetensors"]
+        s = conn.restore_session(token, name="renamed")
+        assert s.name == "renamed" and s.kv_tokens == {} and s.restored_tensors == {}
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("token, err", [("../../etc/passwd", djinn.InvalidRequest), ("x" * 32, djinn.InvalidRequest),
+                                        (7, djinn.InvalidRequest), ("0" * 32, djinn.SessionNotFound)])
+def test_bad_tokens_are_typed_errors(conn, token, err):
+    with pytest.raises(err):
+        conn.restore_session(token)
+    assert conn.ping() is not None
