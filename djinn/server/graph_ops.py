@@ -22,7 +22,7 @@ from ..protocol.errors import InvalidRequest
 from ..srg.graph import from_wire
 from .interpreter import Compiled, Interpreter, compile_graph
 from .models import GRAPH_ARCH
-from .ops import (_attach, _model_info, _model_of, _pack_outputs, _read, _unpack_inputs, op, over_gpu_quota,
+from .ops import (_model_info, _model_of, _pack_outputs, _read, _unpack_inputs, adopt, op, over_gpu_quota,
                   pinned_tensors)
 
 MAX_GRAPHS = 1024
@@ -69,10 +69,7 @@ def register_graph(engine, client_id, rid, args):
     s = engine.session(client_id, args)
     tensors = pinned_tensors(s, args, "register_graph")
     entry, created = engine.models.register_weights(tensors)
-    _attach(engine, s, entry)
-    for h in set(tensors.values()):
-        s.text_pins.discard(h)
-        engine.text.release(h)
+    adopt(engine, s, entry, tensors)
     return _model_info(entry, created)
 
 

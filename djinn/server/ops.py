@@ -128,10 +128,7 @@ def register_model(engine, client_id, rid, args):
     budget = streaming.budget_bytes(args.get("weight_budget_gb"), engine.cfg.weight_budget_gb)
     entry, created = engine.models.register(args.get("arch"), args.get("config"), args.get("attn_impl"),
                                             tensors, args.get("generation_config"), budget)
-    _attach(engine, s, entry)
-    for h in set(tensors.values()):
-        s.text_pins.discard(h)
-        engine.text.release(h)
+    adopt(engine, s, entry, tensors)
     return _model_info(entry, created)
 
 
@@ -422,6 +419,15 @@ def pinned_tensors(s, args: dict, op_name: str) -> dict:
     if unpinned:
         raise InvalidRequest(f"{len(unpinned)} weights were not announced or uploaded by this session")
     return tensors
+
+
+def adopt(engine, s, entry, tensors: dict) -> None:
+    """Attach a just-registered model to the session; the model now holds the weights the session
+    had pinned for it, so the session's pins are let go."""
+    _attach(engine, s, entry)
+    for h in set(tensors.values()):
+        s.text_pins.discard(h)
+        engine.text.release(h)
 
 
 def _model_info(entry, created: bool) -> dict:
