@@ -68,9 +68,11 @@ def main(argv=None) -> int:
               torch.equal(out.logits.cpu(), ref_logits.cpu()))
         check(f"{name} greedy generate equal to local",
               torch.equal(rm.generate(prompt, max_new_tokens=16, do_sample=False), ref_greedy.cpu()))
+        # deterministic=True: the eager path, which draws HF's random stream (on a GPU the default
+        # decode fast path samples with its own seeded generator: repeatable, not HF's draws).
         check(f"{name} sampled generate (seed 123) equal to local",
-              torch.equal(rm.generate(prompt, max_new_tokens=16, do_sample=True, top_k=50, seed=123),
-                          ref_sampled.cpu()))
+              torch.equal(rm.generate(prompt, max_new_tokens=16, do_sample=True, top_k=50, seed=123,
+                                      deterministic=True), ref_sampled.cpu()))
 
     print("\ntwo sessions sharing one copy of the llama weights")
     text_before = djinn.stats()["segments"]["text"]
@@ -102,7 +104,9 @@ def main(argv=None) -> int:
         other = b.generate(rb, prompt, max_new_tokens=12)
         check("session b's cache is its own", torch.equal(other, r1.cpu()))
         sa = djinn.stats()["sessions"][a.sid]
-        print(f"  session a holds {sa['gpu_bytes'] / 1e3:.1f} kB of KV ({sa['kv_tokens']} tokens)")
+        print(f"  session a holds {sa['gpu_bytes'] / 1e3:.1f} kB of KV ({sa['kv_tokens']} tokens); its generates "
+              f"took the decode fast path {sa['decode']['fast']}x, eager {sa['decode']['eager']}x"
+              + (f" ({sa['decode']['eager_why']})" if sa['decode']['eager_why'] else ""))
 
     st = djinn.stats()
     seg = st["segments"]

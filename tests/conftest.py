@@ -42,8 +42,10 @@ def device() -> torch.device:
 
 @pytest.fixture(scope="session")
 def server():
-    """One shared server for tests that do not kill or reconfigure it."""
-    s = ServerProcess()
+    """One shared server for tests that do not kill or reconfigure it. On a GPU it runs generate on
+    the eager path, whose contract these suites check bitwise (seeded sampling included); the decode
+    fast path, the default on CUDA, has its own suite (test_fast_decode.py)."""
+    s = ServerProcess(*(() if DEVICE == "cpu" else ("--fast-decode", "off")))
     yield s
     s.stop()
 
