@@ -99,9 +99,10 @@ class ServerConfig:
     """The decode fast path (batched across sessions, CUDA graphs; djinn/server/fastpath.py): auto (on
     for CUDA devices), on, off. Results match eager decode to rounding; a generate with
     deterministic=True, or one the path does not support, runs eagerly (stats say why)."""
-    fast_decode_pool_gb: float = 4.0
+    fast_decode_pool_gb: float | None = None
     """GPU GiB of each fast-path model's KV pool (allocated at its first fast generate); it holds
-    pool / (layers x 2 x kv heads x fast_decode_max_len x head dim x dtype size) concurrent sessions."""
+    pool / (layers x 2 x kv heads x fast_decode_max_len x head dim x dtype size) concurrent sessions.
+    None: a quarter of the device's free memory then, at most 64 sessions' worth."""
     fast_decode_max_len: int = 4096
     """Longest sequence (prompt + new tokens) the fast path takes; rounded up to a power of two."""
     fast_decode_graphs: bool = True
@@ -179,6 +180,8 @@ class ServerConfig:
             raise ValueError(f"fast_decode={self.fast_decode!r} must be auto, on or off")
         for name in ("fast_decode_pool_gb", "fast_decode_max_len"):
             v = getattr(self, name)
+            if v is None and name == "fast_decode_pool_gb":
+                continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise ValueError(f"{name}={v!r} must be a number > 0")
         for name in ("max_sessions_per_client", "max_runs_per_session"):

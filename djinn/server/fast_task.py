@@ -18,15 +18,34 @@ from .sessions import KVState
 from .tasks import Cancelled
 
 
+#: Rows an automatically sized pool holds at most.
+AUTO_SLOTS = 64
+
+
 def pool_for(engine, entry) -> DecodePool:
-    """The model's pool, made on first use (Note [Decode pool])."""
+    """The model's pool, made on first use (Note [Decode pool]). Raises ValueError when not even one
+    row fits (the generate then runs eagerly)."""
     pool = getattr(entry, "fast", None)
     if pool is None:
         cfg = engine.cfg
-        pool = DecodePool(entry.module, engine.device, int(cfg.fast_decode_pool_gb * 2**30),
-                          cfg.fast_decode_max_len, graphs=None if cfg.fast_decode_graphs else False)
+        pool = DecodePool(entry.module, engine.device, pool_bytes(engine, entry.module), cfg.fast_decode_max_len,
+                          graphs=None if cfg.fast_decode_graphs else False)
         entry.fast = pool
     return pool
+
+
+def pool_bytes(engine, module) -> int:
+    """fast_decode_pool_gb, or by default a quarter of the device's free memory (1 GiB on the CPU),
+    at most AUTO_SLOTS rows."""
+    cfg = engine.cfg
+    if cfg.fast_decode_pool_gb is not None:
+        return int(cfg.fast_decode_pool_gb * 2**30)
+    if engine.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(engine.device)
+        budget = free // 4
+    else:
+        budget = 1 << 30
+    return min(budget, AUTO_SLOTS * DecodePool.slot_bytes(module, cfg.fast_decode_max_len))
 
 
 class FastTask:

@@ -151,7 +151,7 @@ class DecodePool:
         self.heads = cfg.num_attention_heads
         self.dtype = next(module.parameters()).dtype
         self.max_len = _bucket(max_len, 1 << 30, MIN_LEN_BUCKET)  # a power of two: buckets tile it
-        per_slot = len(self.layers) * 2 * self.kv_heads * self.max_len * self.head_dim * self.dtype.itemsize
+        per_slot = self.slot_bytes(module, max_len)
         self.slots = int(pool_bytes // per_slot)
         if self.slots < 1:
             raise ValueError(f"fast_decode_pool_gb holds no slot of {per_slot / 2**30:.2f} GiB "
@@ -166,6 +166,15 @@ class DecodePool:
         self._mempool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.steps = 0
         self.rows_stepped = 0
+
+    @staticmethod
+    def slot_bytes(module: torch.nn.Module, max_len: int) -> int:
+        """Bytes of one session's row: every layer's K and V for the (rounded) longest sequence."""
+        cfg = module.config
+        head_dim = module.model.layers[0].self_attn.head_dim
+        itemsize = next(module.parameters()).dtype.itemsize
+        return (len(module.model.layers) * 2 * cfg.num_key_value_heads * _bucket(max_len, 1 << 30, MIN_LEN_BUCKET)
+                * head_dim * itemsize)
 
     @property
     def nbytes(self) -> int:

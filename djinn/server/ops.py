@@ -230,11 +230,15 @@ def generate(engine, client_id, rid, args):
 
     sampling = bool(kwargs.get("do_sample", getattr(entry.module.generation_config, "do_sample", False)))
     why = _why_eager(engine, entry, s, input_ids, kwargs, args.get("deterministic", False), use_kv)
+    if why is None:
+        try:
+            pool = pool_for(engine, entry)
+        except (ValueError, torch.OutOfMemoryError) as e:  # no room for a pool: decode eagerly
+            why = f"no decode pool: {e}"
     s.decode["eager" if why else "fast"] += 1
     s.eager_why = why or s.eager_why
     make_task = None
     if why is None:
-        pool = pool_for(engine, entry)
         max_new = executor.new_tokens(entry.module, (seen if use_kv else 0) + int(input_ids.shape[1]), kwargs)
 
         def make_task():  # at start: the scheduler has brought the session's KV back (or dropped it) by now

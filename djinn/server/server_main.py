@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fast-decode", dest="fast_decode", choices=["auto", "on", "off"],
                    help="batched, CUDA-graph decode for Llama-family models (auto: on CUDA devices)")
     p.add_argument("--fast-decode-pool-gb", type=float, dest="fast_decode_pool_gb",
-                   help="GPU GiB of each fast-path model's KV pool (default 4)")
+                   help="GPU GiB of each fast-path model's KV pool (default: a quarter of free memory, <= 64 rows)")
     p.add_argument("--fast-decode-max-len", type=int, dest="fast_decode_max_len",
                    help="longest sequence the fast path takes (default 4096)")
     p.add_argument("--checkpoint-dir", dest="checkpoint_dir",

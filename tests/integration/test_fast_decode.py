@@ -233,3 +233,18 @@ def test_min_new_tokens_holds_eos_back_like_hf(fast_server):
         assert conn.stats()["sessions"][s.sid]["decode"]["fast"] == 1
     finally:
         conn.close()
+
+
+def test_a_pool_too_small_for_one_row_means_eager_and_says_why(start_server):
+    srv = start_server("--fast-decode", "on", "--fast-decode-pool-gb", "0.000001")
+    model = tiny_llama(seed=10).eval()
+    conn = Connection(srv.address, secret=None)
+    try:
+        s = conn.session()
+        rm = djinn.remote(model, session=s)
+        (ids,) = _prompts(1, seed=13)
+        assert torch.equal(s.generate(rm, ids, max_new_tokens=5, do_sample=False), _local(model, ids, 5))
+        why = conn.stats()["sessions"][s.sid]["decode"]["eager_why"]
+        assert why.startswith("no decode pool: fast_decode_pool_gb holds no slot"), why
+    finally:
+        conn.close()
