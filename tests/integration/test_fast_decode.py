@@ -248,3 +248,26 @@ def test_a_pool_too_small_for_one_row_means_eager_and_says_why(start_server):
         assert why.startswith("no decode pool: fast_decode_pool_gb holds no slot"), why
     finally:
         conn.close()
+
+
+def test_closing_a_session_mid_generate_frees_its_row_and_others_finish(fast_server):
+    model = tiny_llama(seed=11).eval()
+    conn = Connection(fast_server.address, secret=None)
+    try:
+        doomed, other = conn.session(), conn.session()
+        rm = djinn.remote(model, session=doomed)
+        rm._attach(other)
+        a, b = _prompts(2, seed=14)
+        futs = [s.submit("generate", {"model_id": rm.model_id, "input_ids": p, "seed": None, "stream": False,
+                                      "use_session_kv": True,
+                                      "kwargs": structure.pack({"max_new_tokens": n, "do_sample": False}, s._leaf)})
+                for s, p, n in ((doomed, a, 200), (other, b, 60))]
+        wait_for(lambda: (conn.stats()["sessions"][doomed.sid].get("job") or {}).get("steps", 0) > 3)
+        doomed.close()
+        with pytest.raises(djinn.SessionNotFound):
+            futs[0].result(60)
+        assert torch.equal(futs[1].result(60)["sequences"], _local(model, b, 60))
+        st = conn.stats()["models"][rm.model_id]["fast_decode"]
+        assert st["rows"] == 0
+    finally:
+        conn.close()
