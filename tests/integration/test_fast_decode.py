@@ -271,3 +271,19 @@ def test_closing_a_session_mid_generate_frees_its_row_and_others_finish(fast_ser
         assert st["rows"] == 0
     finally:
         conn.close()
+
+
+def test_streaming_on_the_fast_path(fast_server):
+    model = tiny_llama(seed=12).eval()
+    conn = Connection(fast_server.address, secret=None)
+    try:
+        s = conn.session()
+        rm = djinn.remote(model, session=s)
+        (ids,) = _prompts(1, seed=15)
+        stream = s.generate(rm, ids, max_new_tokens=9, do_sample=False, stream=True)
+        tokens = list(stream)
+        ref = _local(model, ids, 9)
+        assert tokens == ref[0, ids.shape[1]:].tolist() and torch.equal(stream.sequences, ref)
+        assert conn.stats()["sessions"][s.sid]["decode"]["fast"] == 1
+    finally:
+        conn.close()
