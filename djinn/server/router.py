@@ -8,6 +8,13 @@ from its app-level HEARTBEAT messages; they wait in the socket while the engine 
 counted when drained, and a client is only declared gone after the socket is drained, so a long op
 never makes a live client look dead. A client silent for `client_timeout_s` is reclaimed, at once on
 BYE. Replies are addressed by client id (from HELLO), not by socket identity.
+
+Note [Client id and key]
+    A HELLO with a live client id takes that client's sessions over (how a client reconnects). With
+    CurveZMQ on, the id is bound to the public key that first presented it (libzmq's ZAP handler puts
+    the key in each message's User-Id), so a tenant with another allowed key who learned the id is
+    refused with AuthError and the holder keeps its sessions. Once the holder is reclaimed (BYE or
+    silence) its sessions are closed and the id is free again.
 """
 from __future__ import annotations
 
@@ -49,6 +56,7 @@ class ClientGone:
 class _Client:
     client_id: str
     identity: bytes
+    key: str | None = None  # the CurveZMQ public key (z85) its HELLO came with; None without Curve
     last_seen: float = field(default_factory=time.monotonic)
 
 
@@ -138,7 +146,7 @@ class Router:
             self._send_error(identity, _salvage_rid(frames), e)
             return
         if msg.kind == MsgType.HELLO:
-            self._hello(identity, msg)
+            self._hello(identity, msg, _curve_key(frames[1]) if self._zap is not None else None)
         elif client is None:
             self._send_error(identity, msg.rid, AuthError("send HELLO before any other message"))
         elif msg.kind == MsgType.HEARTBEAT:
@@ -154,7 +162,7 @@ class Router:
         else:
             self._send_error(identity, _rid(msg), ProtocolError(f"clients do not send {msg.kind.name}"))
 
-    def _hello(self, identity: bytes, msg: Message) -> None:
+    def _hello(self, identity: bytes, msg: Message, key: str | None) -> None:
         sock = self.sock
         h = msg.header
         try:
@@ -170,6 +178,13 @@ class Router:
             self._send_error(identity, _rid(msg), e)
             return
         old = self._by_id.get(client_id)
+        if old is not None and old.key != key:
+            # Note [Client id and key]: a live client id is taken over (reconnect) only by the key that
+            # holds it; another allowed tenant who learned the id gets what an unknown id would not.
+            log.warning("refused HELLO: client %s is held by another Curve key", client_id[:8])
+            self._send_error(identity, _rid(msg), AuthError(
+                "this client id is in use by another CurveZMQ key; pick a new id (djinn.connect does)"))
+            return
         if old is not None:
             self._by_identity.pop(old.identity, None)
         prev = self._by_identity.get(identity)
@@ -179,7 +194,7 @@ class Router:
             # de-authenticate the live client.
             self._by_id.pop(prev.client_id, None)
             self._events.append(ClientGone(prev.client_id, "its connection said HELLO as another client"))
-        client = _Client(client_id, identity)
+        client = _Client(client_id, identity, key)
         self._by_identity[identity] = client
         self._by_id[client_id] = client
         reply = dict(self.server_info, version=PROTOCOL_VERSION, capabilities=list(CAPABILITIES),
@@ -206,6 +221,14 @@ class Router:
     def _send_error(self, identity: bytes, rid: int, e: DjinnError) -> None:
         header = {"rid": rid, "code": e.code, "message": e.message, "traceback": e.remote_traceback}
         self.sock.send_multipart([identity, *codec.encode(MsgType.ERROR, header)])
+
+
+def _curve_key(frame) -> str | None:
+    """The client's CurveZMQ public key (z85), which the ZAP handler set as the message's User-Id."""
+    try:
+        return frame.get("User-Id")
+    except (zmq.ZMQError, AttributeError):
+        return None
 
 
 def _rid(msg: Message) -> int:

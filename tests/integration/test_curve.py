@@ -258,3 +258,58 @@ def test_config_validation(keys, tmp_path):
             ClientConfig(**kw).validate()
         with pytest.raises(ValueError):  # before any socket or thread is made
             Connection("tcp://127.0.0.1:1", secret=None, cfg=ClientConfig(**kw))
+
+
+def test_client_id_is_bound_to_its_curve_key(start_server, keys, tmp_path, device):
+    """Another allowed key that learned a live client id cannot take that client's sessions over
+    (router Note [Client id and key]); the holder keeps working and can still reconnect with its id."""
+    from djinn.protocol import codec
+    from djinn.protocol.auth import apply_client_curve, check_client_curve
+    from djinn.protocol.messages import PROTOCOL_VERSION, MsgType
+
+    both = tmp_path / "both"
+    both.mkdir()
+    shutil.copy(keys["allowed"] / "client-alice.key", both)
+    shutil.copy(keys["bob_public"], both)
+    s = start_server("--curve-secret-key", str(keys["server_secret"]), "--curve-allowed-dir", str(both),
+                     env=_env_without_secret())
+    alice = _alice(s.address, keys)
+    ctx = zmq.Context()
+    try:
+        sess = alice.session("alice")
+        model = tiny_gpt2(seed=2, device=device)
+        rm = RemoteModel.from_module(sess, model)
+
+        def hello_as_alice(secret_key: Path) -> object:
+            d = ctx.socket(zmq.DEALER)
+            d.setsockopt(zmq.LINGER, 0)
+            apply_client_curve(d, check_client_curve(str(keys["server_public"]), str(secret_key)))
+            d.connect(s.address)
+            try:
+                d.send_multipart(codec.encode(MsgType.HELLO, {"rid": 1, "version": PROTOCOL_VERSION, "secret": None,
+                                                              "client_id": alice.transport.client_id}))
+                assert d.poll(10_000), "no reply to HELLO"
+                return codec.decode(d.recv_multipart())
+            finally:
+                d.close()
+
+        reply = hello_as_alice(keys["bob"])
+        assert reply.kind == MsgType.ERROR and reply.header["code"] == "auth", reply.header
+        assert "another CurveZMQ key" in reply.header["message"]
+        # Alice's session is untouched and answers on her own connection.
+        assert alice.stats()["sessions"][sess.sid]["mine"] is True
+        with torch.no_grad():
+            ref = model(PROMPT.to(device)).logits.cpu()
+        assert torch.equal(rm(PROMPT).logits.cpu(), ref)
+        # Bob with an id of his own is served; alice's key may still reconnect with her id.
+        bob = Connection(s.address, secret=None, server_public_key=str(keys["server_public"]),
+                         client_secret_key=str(keys["bob"]))
+        try:
+            assert bob.ping() > 0 and bob.stats()["sessions"][sess.sid]["mine"] is False
+        finally:
+            bob.close()
+        reply = hello_as_alice(keys["alice"])
+        assert reply.kind == MsgType.HELLO and reply.header["reconnected"] is True, reply.header
+    finally:
+        ctx.term()
+        alice.close()
