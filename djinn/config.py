@@ -107,6 +107,10 @@ class ServerConfig:
     """Longest sequence (prompt + new tokens) the fast path takes; rounded up to a power of two."""
     fast_decode_graphs: bool = True
     """Replay decode steps as CUDA graphs (CUDA only); false: run them eagerly (debugging)."""
+    fast_decode_capture: str = "lazy"
+    """When decode step graphs are captured: lazy (each (batch, length) bucket's at its first step; that
+    step waits for the capture) or all (every bucket's when the model's pool is made, at its first fast
+    generate, so no later step waits; stats report the seconds it took)."""
     checkpoint_dir: str | None = None
     """Where sessions that asked for it are written when the server shuts down gracefully, to be
     restored after a restart (djinn/server/checkpoint.py). None: /dev/shm/djinn-checkpoints (host memory)."""
@@ -178,6 +182,8 @@ class ServerConfig:
                 raise ValueError(f"{name}={v!r} must be a number of GiB >= 0, or null for no limit")
         if self.fast_decode not in ("auto", "on", "off"):
             raise ValueError(f"fast_decode={self.fast_decode!r} must be auto, on or off")
+        if self.fast_decode_capture not in ("lazy", "all"):
+            raise ValueError(f"fast_decode_capture={self.fast_decode_capture!r} must be lazy or all")
         for name in ("fast_decode_pool_gb", "fast_decode_max_len"):
             v = getattr(self, name)
             if v is None and name == "fast_decode_pool_gb":

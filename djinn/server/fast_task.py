@@ -8,6 +8,7 @@ in fastpath.py). Everything runs on the engine thread: there is no worker thread
 """
 from __future__ import annotations
 
+import logging
 import traceback
 from typing import Any, Callable
 
@@ -17,6 +18,8 @@ from .fastpath import DecodePool, Row, Sampler
 from .sessions import KVState
 from .tasks import Cancelled
 
+
+log = logging.getLogger("djinn.fastpath")
 
 #: Rows an automatically sized pool holds at most.
 AUTO_SLOTS = 64
@@ -30,6 +33,10 @@ def pool_for(engine, entry) -> DecodePool:
         cfg = engine.cfg
         pool = DecodePool(entry.module, engine.device, pool_bytes(engine, entry.module), cfg.fast_decode_max_len,
                           graphs=None if cfg.fast_decode_graphs else False)
+        if cfg.fast_decode_capture == "all":
+            n = pool.capture_all()
+            log.info("fast path for %s: captured %d step graphs in %.1f s", type(entry.module).__name__, n,
+                     pool.capture_s)
         entry.fast = pool
     return pool
 

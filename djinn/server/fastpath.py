@@ -28,6 +28,7 @@ Note [Fast path numerics]
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -166,6 +167,7 @@ class DecodePool:
         self._mempool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.steps = 0
         self.rows_stepped = 0
+        self.capture_s = 0.0   # seconds spent capturing step graphs, all buckets together
 
     @staticmethod
     def slot_bytes(module: torch.nn.Module, max_len: int) -> int:
@@ -262,7 +264,38 @@ class DecodePool:
         graph.replay()
         return out
 
+    def buckets(self) -> list[tuple[int, int]]:
+        """Every (batch, length) bucket a step can use: powers of two up to the slots and max_len."""
+        bs, b = [], 1
+        while b < self.slots:
+            bs.append(b)
+            b *= 2
+        bs.append(self.slots)
+        ls, n = [], MIN_LEN_BUCKET
+        while n < self.max_len:
+            ls.append(n)
+            n *= 2
+        ls.append(self.max_len)
+        return [(B, L) for B in bs for L in ls]
+
+    def capture_all(self, progress: Callable[[int, int], None] | None = None) -> int:
+        """Capture every bucket's step graph now (fast_decode_capture=all), so no step waits on a capture.
+        Only on an empty pool: the warm-up steps write KV at position 0 of every slot they cover."""
+        if not self.use_graphs:
+            return 0
+        if self.rows:
+            raise RuntimeError("capture_all needs an empty pool (its warm-up steps write into every slot)")
+        todo = [k for k in self.buckets() if k not in self._graphs]
+        self.ids.zero_()
+        self.pos.zero_()
+        for i, (B, L) in enumerate(todo):
+            self._graphs[(B, L)] = self._capture(B, L)
+            if progress is not None:
+                progress(i + 1, len(todo))
+        return len(todo)
+
     def _capture(self, B: int, L: int):
+        t0 = time.perf_counter()
         # Warm-up steps write the same KV the real step writes (same ids and positions): harmless.
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -273,6 +306,8 @@ class DecodePool:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._mempool, capture_error_mode="thread_local"):
             out = self._forward(B, L)
+        torch.cuda.synchronize(self.device)
+        self.capture_s += time.perf_counter() - t0
         log.info("captured a decode step graph: batch %d, length %d", B, L)
         return graph, out
 
@@ -305,4 +340,5 @@ class DecodePool:
 
     def stats(self) -> dict:
         return {"slots": self.slots, "rows": len(self.rows), "max_len": self.max_len, "bytes": self.nbytes,
-                "graphs": sorted(self._graphs), "steps": self.steps, "rows_stepped": self.rows_stepped}
+                "graphs": sorted(self._graphs),
+                "capture_s": round(self.capture_s, 3), "steps": self.steps, "rows_stepped": self.rows_stepped}

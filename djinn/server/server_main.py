@@ -63,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="GPU GiB of each fast-path model's KV pool (default: a quarter of free memory, <= 64 rows)")
     p.add_argument("--fast-decode-max-len", type=int, dest="fast_decode_max_len",
                    help="longest sequence the fast path takes (default 4096)")
+    p.add_argument("--fast-decode-capture", dest="fast_decode_capture", choices=["lazy", "all"],
+                   help="capture decode graphs per bucket at first use (lazy, default) or all when a pool is made")
     p.add_argument("--checkpoint-dir", dest="checkpoint_dir",
                    help="where sessions that asked are saved at shutdown (default /dev/shm/djinn-checkpoints)")
     p.add_argument("--log-format", dest="log_format", help="text (default) or json (one object per line)")
@@ -104,7 +106,8 @@ def main(argv=None) -> int:
                         metrics_port=args.metrics_port, quota_gpu_gb=args.quota_gpu_gb,
                         quota_host_gb=args.quota_host_gb, quota_queued_requests=args.quota_queued_requests,
                         fast_decode=args.fast_decode, fast_decode_pool_gb=args.fast_decode_pool_gb,
-                        fast_decode_max_len=args.fast_decode_max_len, checkpoint_dir=args.checkpoint_dir,
+                        fast_decode_max_len=args.fast_decode_max_len,
+                        fast_decode_capture=args.fast_decode_capture, checkpoint_dir=args.checkpoint_dir,
                         log_format=args.log_format, log_level=args.log_level).validate()
     except (ValueError, TypeError) as e:
         print(f"djinn server: {e}", file=sys.stderr)

@@ -13,10 +13,12 @@ pytestmark = pytest.mark.gpu
 DEV = torch.device("cuda:0")
 
 
-def _run(model, prompts, news, graphs: bool):
+def _run(model, prompts, news, graphs: bool, capture_all: bool = False):
     from transformers import DynamicCache
 
     pool = DecodePool(model, DEV, 64 << 20, 256, graphs=graphs)
+    if capture_all:
+        assert pool.capture_all() == len(pool.buckets())
     rows, caches, firsts = [], [], []
     for p, n in zip(prompts, news):
         cache = DynamicCache(config=model.config)
@@ -53,3 +55,18 @@ def test_graphs_replay_the_eager_step_bitwise_and_match_hf_greedy(dtype):
                 ref = model.generate(p, max_new_tokens=n, do_sample=False, attention_mask=torch.ones_like(p))
             assert torch.equal(seq, ref.cpu())
             assert cache.get_seq_length() == seq.shape[1] - 1
+
+
+def test_capture_all_up_front_gives_the_same_tokens_and_captures_nothing_later():
+    """fast_decode_capture=all: every bucket's graph is captured on the empty pool (its warm-up writes
+    into every slot), then rows join and decode with no further capture, equal to lazily captured graphs."""
+    model = tiny_llama(seed=1).to(DEV).eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, VOCAB, (1, 4 + 9 * i), generator=g).to(DEV) for i in range(4)]
+    news = [15, 40, 9, 70]
+    upfront, _, pool = _run(model, prompts, news, graphs=True, capture_all=True)
+    lazy, _, lazy_pool = _run(model, prompts, news, graphs=True)
+    assert pool.stats()["graphs"] == sorted(pool.buckets()) and pool.stats()["capture_s"] > 0
+    assert set(lazy_pool.stats()["graphs"]) < set(pool.buckets())
+    for a, b in zip(upfront, lazy):
+        assert torch.equal(a, b)

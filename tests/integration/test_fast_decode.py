@@ -20,7 +20,9 @@ from .test_scheduling import wait_for
 def fast_server():
     from ..conftest import ServerProcess
 
-    s = ServerProcess("--fast-decode", "on", "--fast-decode-pool-gb", "0.01", "--fast-decode-max-len", "256")
+    # capture=all: on a GPU server every bucket is captured before the first row joins (no-op on the CPU)
+    s = ServerProcess("--fast-decode", "on", "--fast-decode-pool-gb", "0.01", "--fast-decode-max-len", "256",
+                      "--fast-decode-capture", "all")
     yield s
     s.stop()
 

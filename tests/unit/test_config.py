@@ -179,3 +179,9 @@ def test_check_secret():
     for given in (None, "", "S", "s ", 5, b"s"):
         with pytest.raises(AuthError, match=r"^wrong or missing secret \(set DJINN_SECRET"):
             check_secret("s", given)
+
+
+def test_fast_decode_capture_values():
+    assert ServerConfig(fast_decode_capture="all").validate().fast_decode_capture == "all"
+    with pytest.raises(ValueError, match="fast_decode_capture='eager' must be lazy or all"):
+        ServerConfig(fast_decode_capture="eager").validate()

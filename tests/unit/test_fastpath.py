@@ -17,6 +17,17 @@ def test_buckets(n, cap, floor, want):
     assert _bucket(n, cap, floor) == want
 
 
+def test_pool_buckets_cover_every_step_shape():
+    """capture_all captures pool.buckets(): exactly the (batch, length) pairs a step can ask for."""
+    model = tiny_llama().eval()
+    pool = DecodePool(model, torch.device("cpu"), DecodePool.slot_bytes(model, 256) * 5, 200)
+    assert pool.slots == 5 and pool.max_len == 256
+    want = {(_bucket(n, pool.slots), _bucket(length, pool.max_len, MIN_LEN_BUCKET))
+            for n in range(1, pool.slots + 1) for length in range(1, pool.max_len + 1)}
+    assert sorted(want) == pool.buckets() == [(B, L) for B in (1, 2, 4, 5) for L in (64, 128, 256)]
+    assert pool.capture_all() == 0 and pool.stats()["graphs"] == []  # no CUDA graphs on the CPU
+
+
 def test_unsupported_reasons():
     llama, gpt2 = tiny_llama(), tiny_gpt2()
     assert unsupported(llama, 1, {"max_new_tokens": 3}, 10, 256) is None
