@@ -5,6 +5,7 @@ queue. The session ships the queue with its next resume, fork or fetch, or as an
 other request, so edits apply on the server in the order they were written, and before anything reads
 or runs on from the edited tensor. `t[idx]` is a RemoteView: a basic-indexing view descriptor whose
 shape is known locally, which can be edited or fetched (`t[:, -1].cpu()` moves only that slice).
+Indices by value (`t[idx_tensor]`, `t[mask] = 0`) are lazy ops instead (Note [Advanced indices]).
 This is a small explicit record, not lazy ops: arbitrary ops on RemoteTensors (`t.norm(dim=-1)`)
 belong to the lazy-op SRG (DESIGN.md section 4.3).
 """
@@ -35,14 +36,20 @@ class Editable(LazyOps):
     shape: torch.Size
     dtype: torch.dtype
 
-    def __getitem__(self, index) -> "RemoteView":
-        # Tensor indices stay a TypeError (tests/integration/test_breakpoints.py pins it): use the lazy
-        # ops index_select / gather / take_along_dim instead.
+    def __getitem__(self, index):
+        if _by_value(index):  # Note [Advanced indices]
+            return lazy.apply(torch.Tensor.__getitem__, (self, _as_tensors(index, read=True)))
         items = normalize(index)
         base, chain = self._target()
         return RemoteView(base, chain + (items,), _view_shape(self.shape, index))
 
     def __setitem__(self, index, value) -> None:
+        if _by_value(index):  # Note [Advanced indices]
+            lazy.apply(torch.Tensor.__setitem__, (self, _as_tensors(index), value))
+            base, _ = self._target()
+            if base._meta is None:  # a concrete tensor: applied now, so a plain fetch of it sees the change
+                lazy.flush(base._session)
+            return
         view = self[index]
         if isinstance(value, RemoteView) and value._same_as(view):
             return  # `t[i] += v` ends with `t[i] = t[i]`: the add was recorded already
@@ -84,6 +91,9 @@ class Editable(LazyOps):
     def _lazy_inplace(self, op: str, value: Any):
         fn = {"add": torch.Tensor.add_, "sub": torch.Tensor.sub_, "mul": torch.Tensor.mul_, "copy": _copy_}[op]
         lazy.apply(fn, (self, value))
+        base, _ = self._target()
+        if base._meta is None:  # a concrete tensor: applied now, so a plain fetch of it sees the change
+            lazy.flush(base._session)
         return self
 
     def _ref(self) -> dict:
@@ -140,6 +150,37 @@ class RemoteView(Editable):
     def __repr__(self) -> str:
         idx = "".join(_index_repr(i) for i in self.chain)
         return f"RemoteView(<{(self.base._hid or 'pending')[:8]}>{idx}, shape={list(self.shape)}, dtype={self.dtype}, remote)"
+
+
+def _by_value(index) -> bool:
+    """Note [Advanced indices]: an index with a tensor (local or remote), a bool or a list in it selects
+    by value, as in torch: reading gives a copy, not a view, so it is a lazy op (aten.index on the
+    server, which checks the indices are in range) rather than a RemoteView. Writing is index_put_,
+    recorded in the session's pending graph; on a concrete tensor that graph is flushed at once, the
+    same read-your-writes order as a queued edit."""
+    items = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(i, (torch.Tensor, Editable, list, bool)) for i in items)
+
+
+def _as_tensors(index, read: bool = False) -> tuple:
+    """List and bool items as local tensors (uploaded with the flush): torch would make them into
+    tensors on the indexed tensor's device, here the capture's meta device, where they have no data.
+    A read through a boolean mask has as many rows as the mask has True values: a local mask becomes
+    its nonzero() indices here; a remote one is known only on the server, so that read is refused."""
+    items = index if isinstance(index, tuple) else (index,)
+    out: list = []
+    for i in items:
+        if isinstance(i, (list, bool)):
+            i = torch.tensor(i)
+        if read and isinstance(i, Editable) and i.dtype in (torch.bool, torch.uint8):
+            raise TypeError("reading a remote tensor through a remote boolean mask gives a shape known only "
+                            "on the server: use torch.where(mask, t, fill) or masked_fill, or fetch the mask "
+                            "with .cpu() first")
+        if read and isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8):
+            out.extend(i.bool().nonzero(as_tuple=True) if i.dim() else (i,))
+            continue
+        out.append(i)
+    return tuple(out)
 
 
 def _copy_(t: torch.Tensor, v: Any) -> torch.Tensor:

@@ -98,7 +98,7 @@ def run_graph(engine, client_id, rid, args):
     else:
         store.count(client_id, "hits")
     weights = _weights(engine, s, args, compiled)
-    inputs = _unpack_inputs(engine, s, args.get("inputs", []))
+    inputs = _unpack_inputs(engine, s, args.get("inputs", []), alias_handles=True)
     _check_inputs(compiled, inputs)
     seed = args.get("seed")
     if seed is not None:

@@ -470,27 +470,38 @@ def _str_list(v: Any, what: str) -> list[str]:
     return v
 
 
-def _unpack_inputs(engine, s, value: Any) -> Any:
+def _unpack_inputs(engine, s, value: Any, alias_handles: bool = False) -> Any:
+    """Wire inputs -> device tensors. `alias_handles`: a handle input is the session's tensor itself,
+    not a copy, so an in-place op a graph recorded on it (`h[idx] = v`, `h.add_(pending)`) lands in it,
+    as it would locally (run_graph); a handle in a weight's storage is still copied (weights are
+    read-only for every tenant). Otherwise every input is a copy."""
+    handles: set[int] = set()
+
     def tag(name: str, v: Any):
         if name == "$h":
-            return s.tensor(v)
+            t = s.tensor(v)
+            if alias_handles and not engine.text.holds_storage(t):  # a view of a weight stays a copy
+                handles.add(id(t))
+            return t
         raise InvalidRequest(f"clients do not send {name} values")
 
     obj = structure.unpack(value, tag)
-    return _to_device(obj, engine.device)
+    return _to_device(obj, engine.device, handles)
 
 
-def _to_device(obj: Any, device: torch.device) -> Any:
+def _to_device(obj: Any, device: torch.device, keep: set[int] = frozenset()) -> Any:
     if isinstance(obj, torch.Tensor):
-        # Always a copy: tensors decoded from the wire alias the message's frames, which are freed
-        # when the request is done, and an output may be a view of an input.
+        if id(obj) in keep:
+            return obj
+        # A copy: tensors decoded from the wire alias the message's frames, which are freed when the
+        # request is done, and an output may be a view of an input.
         return obj.to(device, copy=True)
     if isinstance(obj, list):
-        return [_to_device(v, device) for v in obj]
+        return [_to_device(v, device, keep) for v in obj]
     if isinstance(obj, tuple):
-        return tuple(_to_device(v, device) for v in obj)
+        return tuple(_to_device(v, device, keep) for v in obj)
     if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
+        return {k: _to_device(v, device, keep) for k, v in obj.items()}
     return obj
 
 

@@ -37,6 +37,7 @@ class TextSegment:
     def __init__(self) -> None:
         self._entries: dict[str, TextEntry] = {}
         self._bytes = {r: 0 for r in RESIDENCIES}
+        self._storages: dict[int, int] = {}  # storage data_ptr -> entries on it (holds_storage)
 
     def __contains__(self, h: str) -> bool:
         return h in self._entries
@@ -77,6 +78,7 @@ class TextSegment:
         if entry is None:
             entry = self._entries[h] = TextEntry(tensor, residency=residency)
             self._bytes[residency] += entry.nbytes
+            self._track(entry.tensor, +1)
         entry.refs += 1
         return entry.tensor
 
@@ -93,6 +95,19 @@ class TextSegment:
         if entry.refs == 0:
             del self._entries[h]
             self._bytes[entry.residency] -= entry.nbytes
+            self._track(entry.tensor, -1)
+
+    def holds_storage(self, t: torch.Tensor) -> bool:
+        """Whether `t` lives in a weight's storage (a view of it): such a tensor must never be written."""
+        return t.untyped_storage().data_ptr() in self._storages
+
+    def _track(self, t: torch.Tensor, k: int) -> None:
+        ptr = t.untyped_storage().data_ptr()
+        n = self._storages.get(ptr, 0) + k
+        if n > 0:
+            self._storages[ptr] = n
+        else:
+            self._storages.pop(ptr, None)
 
     def refs(self, h: str) -> int:
         entry = self._entries.get(h)
@@ -114,5 +129,7 @@ class TextSegment:
             raise ValueError(f"text entry {h[:12]}: cannot rehome {entry.tensor.dtype}{list(entry.tensor.shape)} "
                              f"as {tensor.dtype}{list(tensor.shape)}")
         self._bytes[entry.residency] -= entry.nbytes
+        self._track(entry.tensor, -1)
         entry.tensor, entry.residency = tensor, residency
         self._bytes[residency] += entry.nbytes
+        self._track(tensor, +1)

@@ -84,9 +84,41 @@ def test_tensor_index_and_bool(remote_out):
     idx = torch.tensor([0, 3, 9])
     got = out.logits[0].index_select(0, idx).argmax(-1)
     assert torch.equal(got.cpu(), ref[0][idx.to(ref.device)].argmax(-1).cpu())
-    with pytest.raises(TypeError, match="not supported on a remote tensor"):
-        out.logits[idx]  # tensor indices: use index_select / gather
     assert bool((out.logits.max() > -1e9)) is True
+
+
+def test_indices_by_value_read_and_write_like_torch(conn, remote_out):
+    """Note [Advanced indices]: tensor, remote-tensor, bool-mask and list indices read copies and write
+    with index_put_, equal to local torch; out-of-range indices fail on the server, which keeps serving."""
+    out, ref = remote_out
+    idx = torch.tensor([0, 3, 9])
+    ridx = out.logits[0, :, :4].argmax(-1)                     # a pending remote index tensor
+    lidx = idx.to(ref.device)
+    assert torch.equal(out.logits[0, idx].cpu(), ref[0, lidx].cpu())
+    assert torch.equal(out.logits[:, idx, 2:5].cpu(), ref[:, lidx, 2:5].cpu())
+    assert torch.equal(out.logits[0, [1, 4]].cpu(), ref[0, [1, 4]].cpu())
+    assert torch.equal(out.logits[0][ridx].cpu(), ref[0][ref[0, :, :4].argmax(-1)].cpu())
+    mask = ref.cpu() > 0                                       # a local bool mask: its nonzero() rows
+    assert torch.equal(out.logits[mask].cpu(), ref[ref > 0].cpu())
+    assert torch.equal(out.logits[0, mask[0, :, 0]].cpu(), ref[0, mask[0, :, 0].to(ref.device)].cpu())
+    with pytest.raises(TypeError, match="remote boolean mask"):
+        out.logits[out.logits > 0]                             # rows known only on the server
+    # Writes on a pending tensor are part of its graph; on a concrete one they apply at once.
+    x = out.logits.clone()
+    x[0, idx] = 0.5
+    x[x < -1] = -1.0
+    loc = ref.clone()
+    loc[0, lidx] = 0.5
+    loc[loc < -1] = -1.0
+    assert torch.equal(x.cpu(), loc.cpu())
+    h = out.logits
+    h[0, idx] = torch.ones(3, 256)
+    loc2 = ref.clone()
+    loc2[0, lidx] = torch.ones(3, 256, device=ref.device)
+    assert torch.equal(h.cpu(), loc2.cpu())                    # a plain fetch of the handle sees the write
+    with pytest.raises(djinn.RemoteExecutionError, match="out of bounds"):
+        out.logits[0, torch.tensor([10_000])].cpu()
+    assert torch.equal(out.logits[0, idx].cpu(), loc2[0, lidx].cpu())
 
 
 def test_error_raises_at_materialization_naming_op_and_line(remote_out):
@@ -104,3 +136,15 @@ def test_shape_error_raises_where_written(remote_out):
     out, _ = remote_out
     with pytest.raises(djinn.CaptureError, match="aten.mm|aten.matmul|mm"):
         out.logits[0] @ torch.randn(3, 3)
+
+
+def test_inplace_on_a_concrete_tensor_with_a_pending_value_lands_in_it(remote_out):
+    """`h.add_(pending)`: the in-place op is recorded in the pending graph with h as an input; the server
+    runs it on h itself (not a copy of its input), so a later fetch of h sees the change."""
+    out, ref = remote_out
+    h = out.logits
+    h.add_(out.logits.softmax(-1))
+    loc = ref.clone()
+    loc.add_(ref.softmax(-1))
+    assert torch.equal(h.cpu(), loc.cpu())       # a plain fetch sees it
+    assert torch.equal((h * 1).cpu(), loc.cpu())

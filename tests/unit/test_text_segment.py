@@ -116,3 +116,20 @@ def test_acquire_and_get_unknown_hash(seg):
     with pytest.raises(KeyError):
         seg.get("f" * 64)
     assert len(seg) == 0 and seg.nbytes == 0
+
+
+def test_holds_storage_tracks_entries_and_their_views(seg):
+    w = torch.arange(12.0)
+    other = torch.zeros(4)
+    seg.add("a", w)
+    assert seg.holds_storage(w) and seg.holds_storage(w[3:].view(3, 3)) and seg.holds_storage(w.view(3, 4).T)
+    assert not seg.holds_storage(other) and not seg.holds_storage(w.clone())
+    seg.add("b", w[:6])  # a second entry on the same storage: the storage stays tracked until both go
+    seg.release("a")
+    assert seg.holds_storage(w)
+    seg.release("b")
+    assert not seg.holds_storage(w)
+    seg.add("c", w)
+    moved = w.clone()
+    seg.rehome("c", moved, "host")
+    assert seg.holds_storage(moved) and not seg.holds_storage(w)
