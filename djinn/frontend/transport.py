@@ -2,9 +2,12 @@
 
 Note [Callers do their own IO]: a thread waiting for its reply takes the socket lock and polls the
 DEALER itself, routing whatever arrives (its own reply, other calls' replies, stream tokens) to the
-right futures; it releases the lock every few milliseconds so other threads can send. A call thus
-costs no thread hand-off on the client (each cross-thread wake costs tens of microseconds on these
-virtual machines). A keeper thread, which waits on the socket's file descriptor without holding the
+right futures. A call thus costs no thread hand-off on the client (each cross-thread wake costs tens
+of microseconds on these virtual machines). Only one waiter polls at a time; the others sleep on a
+condition until its round ends (a round ends when input arrives, after at most `_POLL_S`, or at once
+when another thread wants the socket to send: it writes to a wake pipe the poll also watches). So a
+waiting caller costs ~20 wake-ups a second, not 500 (RELIABILITY.md finding J), and a send waits for
+no poll. A keeper thread, which waits on the socket's file descriptor without holding the
 lock, routes messages nobody is waiting for, sends app-level HEARTBEATs (how the server knows this
 client is alive) and watches the socket monitor: when the connection drops (server killed, or no ZMTP
 heartbeat answer for `liveness_s`) every pending call fails with SessionLost (a ServerUnavailable).
@@ -21,6 +24,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
+import os
 import queue
 import secrets
 import select
@@ -43,7 +48,7 @@ from ..protocol.messages import PROTOCOL_VERSION, MsgType
 
 log = logging.getLogger("djinn.client")
 
-_SLICE_S = 0.002  # longest a waiting caller holds the socket lock in one go
+_POLL_S = 0.05  # longest poll round (Note [Callers do their own IO]); input or a wake ends it sooner
 
 
 class Call(Future):
@@ -98,6 +103,15 @@ class Transport:
         self._poller = zmq.Poller()
         self._poller.register(dealer, zmq.POLLIN)
         self._poller.register(self._monitor, zmq.POLLIN)
+        # Note [Callers do their own IO]: waiters that are not polling sleep on _cv; a thread that wants
+        # the socket while a waiter polls it writes to the wake pipe, which ends that poll round.
+        self._cv = threading.Condition()
+        self._polling = False  # a waiter is in a poll round (guarded by _cv)
+        self._want_io = 0      # threads waiting for the socket lock to send (guarded by _cv)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._poller.register(self._wake_r, zmq.POLLIN)
         self._fd = dealer.getsockopt(zmq.FD)
         self._closing = threading.Event()
         self._pumping = 0  # callers driving the socket now (guarded by _lock)
@@ -143,19 +157,33 @@ class Transport:
     def pump_until(self, done, timeout: float | None = None) -> None:
         """Drive the socket until done() is true, the timeout passes, or the server is declared dead."""
         deadline = None if timeout is None else time.monotonic() + timeout
+
+        def left() -> float:
+            return _POLL_S if deadline is None else min(_POLL_S, deadline - time.monotonic())
+
         with self._lock:
             self._pumping += 1  # the keeper stays off the socket while someone drives it
         try:
-            while not done() and self.dead is None:
-                left = _SLICE_S if deadline is None else min(_SLICE_S, deadline - time.monotonic())
-                if left <= 0:
-                    return
-                if self._io.acquire(timeout=left):
-                    try:
-                        if not done():
-                            self._poll(left)
-                    finally:
-                        self._io.release()
+            while True:
+                with self._cv:  # wait for a turn: nobody polling and nobody waiting to send
+                    while not done() and self.dead is None and (self._polling or self._want_io):
+                        if left() <= 0:
+                            return
+                        self._cv.wait(left())
+                    if done() or self.dead is not None or left() <= 0:
+                        return
+                    self._polling = True
+                try:
+                    if self._io.acquire(timeout=left()):  # the keeper or a sender holds it briefly
+                        try:
+                            if not done():
+                                self._poll(max(0.0, left()))
+                        finally:
+                            self._io.release()
+                finally:
+                    with self._cv:
+                        self._polling = False
+                        self._cv.notify_all()
         finally:
             with self._lock:
                 self._pumping -= 1
@@ -174,7 +202,7 @@ class Transport:
             self.dead = ServerUnavailable(f"the connection to {self.address} was closed")
         self._thread.join(timeout=2)
         self._fail_all(self.dead)
-        with self._io:
+        with self._locked_io():
             if bye:
                 try:
                     self._dealer.send_multipart(codec.encode(MsgType.BYE, {}))
@@ -184,6 +212,8 @@ class Transport:
             self._monitor.close(linger=0)
             self._dealer.close(linger=500 if bye else 0)  # let the BYE leave
         self._ctx.term()
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
 
     # -- internals -------------------------------------------------------------------------------
     def _hello(self, secret: str | None) -> None:
@@ -210,8 +240,25 @@ class Transport:
             self.close()
             raise
 
+    def _locked_io(self):
+        """The socket lock, for a send: a waiter polling the socket is woken to let go of it at once."""
+        if not self._io.acquire(blocking=False):
+            with self._cv:
+                self._want_io += 1  # no waiter starts a new round until this thread is done
+            try:
+                try:
+                    os.write(self._wake_w, b"w")
+                except OSError:  # BlockingIOError: the pipe is full, so a wake is pending anyway
+                    pass
+                self._io.acquire()
+            finally:
+                with self._cv:
+                    self._want_io -= 1
+                    self._cv.notify_all()
+        return _Held(self)
+
     def _send(self, frames: list) -> None:
-        with self._io:
+        with self._locked_io():
             try:
                 self._dealer.send_multipart(frames, copy=False)
             except zmq.Again:  # no connection left: libzmq gave up on it after a refused handshake
@@ -228,15 +275,26 @@ class Transport:
 
     def _poll(self, timeout_s: float) -> None:
         """With the socket lock held: wait up to timeout_s for input and route all of it."""
-        events = dict(self._poller.poll(max(0, int(timeout_s * 1000))))
+        # Rounded up: a round of under a millisecond must still wait, not spin until the deadline.
+        events = dict(self._poller.poll(max(0, math.ceil(timeout_s * 1000))))
+        if self._wake_r in events:
+            try:
+                os.read(self._wake_r, 4096)
+            except BlockingIOError:
+                pass
         if self._dealer in events:
             self._drain()
         if self._monitor in events:
             self._check_monitor()
 
     def _drain(self) -> None:
+        routed = False
         while self._dealer.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             self._route(self._dealer.recv_multipart(copy=False))
+            routed = True
+        if routed:  # a waiter sleeping on _cv may have its reply now
+            with self._cv:
+                self._cv.notify_all()
 
     def _check_monitor(self) -> None:
         while self._monitor.poll(0):
@@ -355,3 +413,20 @@ class Transport:
                 p.future.set_exception(err)
             if p.stream is not None:
                 p.stream.put(None)
+        with self._cv:
+            self._cv.notify_all()
+
+
+class _Held:
+    """Releases the socket lock taken by Transport._locked_io (a context manager)."""
+
+    __slots__ = ("t",)
+
+    def __init__(self, t: Transport):
+        self.t = t
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc) -> None:
+        self.t._io.release()
