@@ -180,6 +180,10 @@ class Recorder:
                 ref = self._node(WEIGHT, (h,), {"name": name}, [meta], Lifecycle.TEXT)
                 return ref, meta, _UNKNOWN
             if v.device.type == "meta":
+                if v.numel() == 0:  # e.g. a cache layer's torch.tensor([]) placeholder: no data to miss
+                    ref = self._node(CONST, (torch.empty_strided(v.shape, v.stride(), dtype=v.dtype),), {}, [v],
+                                     Lifecycle.STACK)
+                    return ref, v, _UNKNOWN
                 raise CaptureError(f"{self._site('a meta tensor')} was not produced by the capture")
             real = v.detach()
             meta = torch.empty_strided(real.shape, real.stride(), dtype=real.dtype, device=_META)

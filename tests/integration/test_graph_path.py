@@ -162,6 +162,32 @@ def test_hf_forced_graph_equals_local_and_module_path(session, build):
     assert torch.equal(got.logits.cpu(), rmod(PROMPT).logits.cpu())
 
 
+@pytest.mark.parametrize("build", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
+def test_hf_kv_cache_across_calls_on_the_graph_path(session, build):
+    """A manual greedy decode loop on the graph path: the cache a call returns holds RemoteTensors (the
+    KV stays on the server, captured as Data) and goes into the next call; logits bitwise-equal local."""
+    import copy
+    import warnings
+
+    model = build(seed=3)
+    rg = djinn.remote(model, session=session, path="graph")
+    local = copy.deepcopy(model).to(DEVICE).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers >= 5.25 renames past_key_values
+        out = rg(PROMPT, use_cache=True)
+        with torch.no_grad():
+            ref = local(PROMPT.to(DEVICE), use_cache=True)
+        for step in range(3):
+            assert torch.equal(out.logits.cpu(), ref.logits.cpu()), step
+            keys = out.past_key_values.layers[0].keys
+            assert isinstance(keys, RemoteTensor) and keys.shape[-2] == PROMPT.shape[1] + step
+            nxt = ref.logits[:, -1:].argmax(-1).cpu()
+            out = rg(nxt, past_key_values=out.past_key_values, use_cache=True)
+            with torch.no_grad():
+                ref = local(nxt.to(DEVICE), past_key_values=ref.past_key_values, use_cache=True)
+    assert torch.equal(out.logits.cpu(), ref.logits.cpu())
+
+
 def test_graph_reused_by_signature(conn, session):
     m = _seeded(MLP)
     rm = djinn.remote(m, session=session)
