@@ -242,20 +242,25 @@ class Transport:
 
     def _locked_io(self):
         """The socket lock, for a send: a waiter polling the socket is woken to let go of it at once."""
-        if not self._io.acquire(blocking=False):
-            with self._cv:
-                self._want_io += 1  # no waiter starts a new round until this thread is done
-            try:
-                try:
-                    os.write(self._wake_w, b"w")
-                except OSError:  # BlockingIOError: the pipe is full, so a wake is pending anyway
-                    pass
-                self._io.acquire()
-            finally:
-                with self._cv:
-                    self._want_io -= 1
-                    self._cv.notify_all()
+        self._take_io()
         return _Held(self)
+
+    def _take_io(self, timeout: float = -1) -> bool:
+        """Take the socket lock ahead of waiters' next poll rounds, ending the current round now."""
+        if self._io.acquire(blocking=False):
+            return True
+        with self._cv:
+            self._want_io += 1  # no waiter starts a new round until this thread is done
+        try:
+            try:
+                os.write(self._wake_w, b"w")
+            except OSError:  # BlockingIOError: the pipe is full, so a wake is pending anyway
+                pass
+            return self._io.acquire(timeout=timeout)
+        finally:
+            with self._cv:
+                self._want_io -= 1
+                self._cv.notify_all()
 
     def _send(self, frames: list) -> None:
         with self._locked_io():
@@ -353,7 +358,10 @@ class Transport:
                 select.select([] if self._pumping else [self._fd], [], [], 0.05)
             except (OSError, ValueError):
                 return  # the socket was closed under us: closing
-            if self._closing.is_set() or not self._io.acquire(timeout=0.5):
+            # A heartbeat that is due takes the socket ahead of waiters (their poll rounds would
+            # otherwise keep winning the lock); otherwise the keeper only uses a free socket.
+            beat_due = time.monotonic() >= next_beat and self.dead is None
+            if self._closing.is_set() or not (self._take_io(0.5) if beat_due else self._io.acquire(blocking=False)):
                 continue
             try:
                 if self._closing.is_set():
