@@ -74,6 +74,19 @@ class GraphModel(RemoteModel):
         outs = s._unpack(res["outputs"])
         return unflatten(cap.out_spec, outs, cap.out_protos, is_leaf_spec)
 
+    def _start(self, s: "Session", args: tuple, kwargs: dict, specs: list, seed: int | None):
+        """session.start on the graph path: the capture, run as a Run that pauses at module calls
+        (server/graph_runs.py). The graph always travels with a start (a run is rare next to calls)."""
+        from .run import Run
+
+        cap, leaves = self._capture(args, kwargs)
+        self.counters["calls"] += 1
+        fut = s.submit("start", {"sig": cap.sig, "graph": cap.wire, "model_id": self.model_id, "seed": seed,
+                                 "inputs": structure.pack(leaves, s._leaf), "breakpoints": specs})
+        self._server_has.add(cap.sig)
+        return Run(s, self, "forward", fut,
+                   rebuild=lambda outs: unflatten(cap.out_spec, list(outs), cap.out_protos, is_leaf_spec))
+
     def explain(self, *args, **kwargs) -> str:
         """The SRG this call runs, as text: ops grouped by module with lifecycle, cost class and sizes."""
         cap, _ = self._capture(args, kwargs)

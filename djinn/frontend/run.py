@@ -12,7 +12,7 @@ from __future__ import annotations
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..protocol.errors import DjinnError, InvalidRequest, RequestTimeout
 from .tensor import RemoteTensor
@@ -101,7 +101,7 @@ class Stop:
         if not self.live:
             raise InvalidRequest(f"{self!r} is not where its run is paused; fork from run.wait()'s stop")
         reply = self.run.session.call("fork", {"run": self.run.run_id})
-        return Run(self.run.session, self.run.model, self.run.method, reply=reply)
+        return Run(self.run.session, self.run.model, self.run.method, reply=reply, rebuild=self.run._rebuild)
 
     def __repr__(self) -> str:
         a = self.activation
@@ -115,8 +115,9 @@ class Run:
     cancelled, failed."""
 
     def __init__(self, session: "Session", rm: "RemoteModel", method: str, future: Future | None = None,
-                 reply: dict | None = None):
+                 reply: dict | None = None, rebuild: Callable[[Any], Any] | None = None):
         self.session, self.model, self.method = session, rm, method
+        self._rebuild = rebuild  # graph path: the graph's outputs -> the module's output structure
         self.run_id: str | None = None
         self.state = "starting"
         self.stop: Stop | None = None
@@ -194,6 +195,8 @@ class Run:
         self.stop = Stop(self, reply["stop"]) if self.state == "paused" else None
         if self.state == "finished":
             self._output = self.session._unpack(reply["output"])
+            if self._rebuild is not None:
+                self._output = self._rebuild(self._output)
 
     def __enter__(self) -> "Run":
         return self

@@ -90,6 +90,10 @@ class Session:
         specs = [Breakpoint.of(b).to_wire() for b in breakpoints]
         rm._attach(self)
         self._flush_frees()
+        if getattr(rm, "path", None) == "graph":
+            if method != "forward":
+                raise InvalidRequest("the graph path runs forward only: start(rm, *args) without method")
+            return rm._start(self, args, kwargs, specs, seed)
         fut = self.submit("start", {
             "model_id": rm.model_id, "method": method, "breakpoints": specs, "seed": seed,
             "args": structure.pack(list(args), self._leaf), "kwargs": structure.pack(kwargs, self._leaf),

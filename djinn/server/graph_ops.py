@@ -83,20 +83,9 @@ def run_graph(engine, client_id, rid, args):
     sig = args.get("sig")
     if not isinstance(sig, str) or not 0 < len(sig) <= 64:
         raise InvalidRequest("run_graph needs sig, the graph's signature string")
-    key = (client_id, sig)
-    compiled = store.get(key)
-    status = "cached"
+    compiled, status = compiled_for(engine, client_id, sig, args.get("graph"))
     if compiled is None:
-        wire = args.get("graph")
-        if wire is None:
-            store.count(client_id, "missing")
-            return {"missing": True}
-        compiled = compile_graph(from_wire(wire), engine.device)
-        store.put(key, compiled)
-        store.count(client_id, "compiled")
-        status = "compiled"
-    else:
-        store.count(client_id, "hits")
+        return {"missing": True}
     weights = _weights(engine, s, args, compiled)
     inputs = _unpack_inputs(engine, s, args.get("inputs", []), alias_handles=True)
     _check_inputs(compiled, inputs)
@@ -123,6 +112,24 @@ def run_graph(engine, client_id, rid, args):
         raise err
     result["timing"]["server_us"] = round((time.perf_counter() - t0) * 1e6)
     return result
+
+
+def compiled_for(engine, client_id: str, sig: str, wire) -> tuple[Compiled | None, str]:
+    """This client's compiled graph for `sig` (Note [Graph cache]), compiling `wire` if it is new;
+    (None, "missing") when the server holds no such graph and none was sent."""
+    store = graph_store(engine)
+    key = (client_id, sig)
+    compiled = store.get(key)
+    if compiled is not None:
+        store.count(client_id, "hits")
+        return compiled, "cached"
+    if wire is None:
+        store.count(client_id, "missing")
+        return None, "missing"
+    compiled = compile_graph(from_wire(wire), engine.device)
+    store.put(key, compiled)
+    store.count(client_id, "compiled")
+    return compiled, "compiled"
 
 
 @op

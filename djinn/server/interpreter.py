@@ -164,9 +164,10 @@ class Interpreter:
             env[i] = (t,)
         for i, t in c.consts.items():
             env[i] = (t,)
-        frees = c.frees
+        frees = self.frees()
         with torch.no_grad():
             for i in c.ops:
+                self.before_node(i, env)
                 try:
                     env[i] = self.run_node(i, env)
                 except torch.OutOfMemoryError:
@@ -178,8 +179,16 @@ class Interpreter:
                                                f"{str(e)[:500]}") from None
                 for j in frees[i]:
                     env[j] = None
+            self.before_node(len(c.graph.nodes), env)
         return [env[r.node][r.k].clone() if cl else env[r.node][r.k]
                 for r, cl in zip(c.graph.outputs, c.clone_out)]
+
+    def frees(self) -> list:
+        """Per op node, the earlier nodes whose outputs are dead after it (dropped from the env)."""
+        return self.c.frees
+
+    def before_node(self, i: int, env: list) -> None:
+        """Called before op node i runs, and with i = len(nodes) after the last (breakpoints hook here)."""
 
     def run_node(self, i: int, env: list) -> tuple:
         """The override point: run node i given the outputs of earlier nodes; return its outputs."""

@@ -9,6 +9,8 @@ import time
 
 from ..protocol.errors import InvalidRequest, QuotaExceeded
 from .breakpoints import Call, parse_breakpoints
+from .graph_ops import _check_inputs, _weights, compiled_for
+from .graph_runs import GraphModule
 from .ops import _model_of, _unpack_inputs, op, over_gpu_quota
 
 METHODS = ("forward", "generate")
@@ -18,6 +20,8 @@ METHODS = ("forward", "generate")
 def start(engine, client_id, rid, args):
     t0 = time.perf_counter()
     s = engine.session(client_id, args)
+    if "sig" in args:
+        return _start_graph(engine, client_id, s, args, t0)
     entry = _model_of(engine, s, args)
     if getattr(entry, "streamed", None) is not None and args.get("breakpoints"):
         # The ring's slots are shared by every forward through the model: while one run is parked,
@@ -41,6 +45,30 @@ def start(engine, client_id, rid, args):
     call = Call(entry.module, method, call_args, call_kwargs, seed, engine.device)
     held = set(s.tensors)
     run = engine.runs.start(s, entry.model_id, call, specs)
+    return _reply(engine, s, run, held, t0)
+
+
+def _start_graph(engine, client_id, s, args, t0: float) -> dict:
+    """A graph-path forward as a run (server/graph_runs.py): {sig, graph?, model_id?, inputs, seed?,
+    breakpoints}; the reply is start's, its output the graph's outputs in order."""
+    sig = args.get("sig")
+    if not isinstance(sig, str) or not 0 < len(sig) <= 64:
+        raise InvalidRequest("start needs sig, the graph's signature string")
+    compiled, _ = compiled_for(engine, client_id, sig, args.get("graph"))
+    if compiled is None:
+        raise InvalidRequest("the server holds no graph with this signature: send it with the start")
+    weights = _weights(engine, s, args, compiled)
+    inputs = _unpack_inputs(engine, s, args.get("inputs", []), alias_handles=True)
+    _check_inputs(compiled, inputs)
+    seed = args.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise InvalidRequest(f"seed must be an int, got {seed!r}")
+    _check_run_limit(engine, s)
+    module = GraphModule(compiled, weights)
+    specs = parse_breakpoints(module, args.get("breakpoints", []), "forward")
+    call = Call(module, "forward", inputs, {}, seed, engine.device)
+    held = set(s.tensors)
+    run = engine.runs.start(s, args.get("model_id") or "graph", call, specs)
     return _reply(engine, s, run, held, t0)
 
 

@@ -36,7 +36,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..protocol.errors import CaptureError
 from . import ops as srg_ops
-from .graph import CONST, DECODE, IN, MAX_CONST_BYTES, PREFILL, WEIGHT, Graph, Lifecycle, Node, Ref, TensorMeta
+from .graph import (CONST, DECODE, IN, MAX_CONST_BYTES, PREFILL, WEIGHT, Graph, Lifecycle, ModuleCall, Node, Ref,
+                    TensorMeta)
 from .tree import flatten, is_cache, unflatten
 
 _KNOWN_MAX_ELEMENTS = 1 << 16   # Note [Known values]: bigger tensors are never computed on the client
@@ -99,6 +100,8 @@ class Recorder:
         self.where = ""
         self.muted = 0
         self.ops_recorded = 0
+        self.record_calls = False             # Note [Module calls] (module captures)
+        self._open_calls: list[tuple[str, int, tuple]] = []
         self._thread = threading.get_ident()
         self._modes: list = []
 
@@ -138,10 +141,32 @@ class Recorder:
         if threading.get_ident() == self._thread:
             parent = self.stack[-1] if self.stack else ""
             self.stack.append(self.module_paths.get(id(module), f"{parent}.<{type(module).__name__}>".lstrip(".")))
+            if self.record_calls:
+                self._open_calls.append((self.stack[-1], len(self.graph.nodes), self._refs_in(args)))
 
     def _post_hook(self, module, args, output):
         if threading.get_ident() == self._thread and self.stack:
-            self.stack.pop()
+            path = self.stack.pop()
+            if self.record_calls and self._open_calls:
+                p, start, ins = self._open_calls.pop()
+                if p and p == path and id(module) in self.module_paths:  # named submodules only
+                    self.graph.calls.append(ModuleCall(p, start, len(self.graph.nodes), ins, self._refs_in(output)))
+
+    def _refs_in(self, obj) -> tuple:
+        """Refs of the recorded tensors in a module's arguments or output (tuples, lists, dicts)."""
+        out: list[Ref] = []
+        stack = [obj]
+        while stack and len(out) < 64:
+            x = stack.pop(0)
+            if isinstance(x, torch.Tensor):
+                r = self.ref_of(x)
+                if r is not None:
+                    out.append(r)
+            elif isinstance(x, (list, tuple)):
+                stack[:0] = list(x)
+            elif isinstance(x, dict):
+                stack[:0] = list(x.values())
+        return tuple(out)
 
     @property
     def path(self) -> str:
@@ -448,6 +473,7 @@ def capture_module(module: torch.nn.Module, args: tuple, kwargs: dict, hashes: d
     spec = flatten((tuple(args), dict(kwargs)), leaves, leaf, protos)
     cache_leaves = _cache_leaf_ids(args, kwargs, leaf)
     rec = Recorder()
+    rec.record_calls = True
     rec.module_paths = {id(m): name for name, m in module.named_modules()}
     metas = []
     for x in leaves:

@@ -15,11 +15,18 @@ memory format / layout. `outputs` are Refs; the client keeps the structure aroun
 Note [SRG wire form]
     {"v": 1, "phase": str, "random": bool, "paths": [module paths],
      "nodes": [[op, args, kwargs, outs, [path index, lifecycle, cost, where]], ...],
-     "outputs": [[node, k], ...]}
+     "outputs": [[node, k], ...],
+     "calls": [[path index, start, end, [[node, k], ...], [[node, k], ...]], ...]}   (optional)
     outs entries are [dtype name, shape, strides]. Refs are {"$n": [node, k]}; a dtype {"$dt": name};
     a device {"$dev": 0} (always the server's device: graphs are captured device-free); a memory format
     {"$mf": name}; a layout {"$ly": name}. `from_wire` checks all of it (limits, types, refs to earlier
     nodes only, known dtypes) before anything is built; the server then checks ops and shapes.
+
+Note [Module calls]
+    `calls` records each submodule call of a module capture: its path, the nodes it ran (start <= i <
+    end), the tensors it was called with and the tensors it returned, in the order the calls ended
+    (inner before outer). The server fires breakpoints at these boundaries on the graph path
+    (server/graph_runs.py); they carry no computation, so a graph without them runs the same.
 """
 from __future__ import annotations
 
@@ -91,12 +98,23 @@ class Node:
     where: str = ""  # the user's source line (lazy ops); "" for module captures
 
 
+@dataclass(frozen=True)
+class ModuleCall:
+    """Note [Module calls]: one submodule call of a captured forward."""
+    path: str
+    start: int
+    end: int
+    ins: tuple[Ref, ...]
+    outs: tuple[Ref, ...]
+
+
 @dataclass
 class Graph:
     nodes: list[Node] = field(default_factory=list)
     outputs: list[Ref] = field(default_factory=list)
     phase: str = NONE
     random: bool = False
+    calls: list[ModuleCall] = field(default_factory=list)
 
     @property
     def inputs(self) -> list[int]:
@@ -110,8 +128,11 @@ class Graph:
             nodes.append([n.op, [_enc(a) for a in n.args], {k: _enc(v) for k, v in n.kwargs.items()},
                           [[dtype_name(m.dtype), list(m.shape), list(m.stride)] for m in n.outs],
                           [p, int(n.lifecycle), n.cost, n.where]])
+        calls = [[paths.setdefault(c.path, len(paths)), c.start, c.end, [[r.node, r.k] for r in c.ins],
+                  [[r.node, r.k] for r in c.outs]] for c in self.calls]
         return {"v": VERSION, "phase": self.phase, "random": self.random, "paths": list(paths),
-                "nodes": nodes, "outputs": [[r.node, r.k] for r in self.outputs]}
+                "nodes": nodes, "outputs": [[r.node, r.k] for r in self.outputs],
+                **({"calls": calls} if calls else {})}
 
     def signature(self) -> str:
         return signature(self.to_wire())
@@ -250,6 +271,21 @@ def from_wire(w: Any) -> Graph:
     for o in outputs:
         r = _dec({"$n": o}, len(nodes), n_outs)
         g.outputs.append(r)
+    calls = w.get("calls", [])
+    if not isinstance(calls, list) or len(calls) > MAX_NODES:
+        raise InvalidRequest("graph calls must be a list")
+    for k, c in enumerate(calls):
+        if not isinstance(c, list) or len(c) != 5:
+            raise InvalidRequest(f"graph call {k} must be [path, start, end, ins, outs]")
+        p, start, end, ins, outs = c
+        if (type(p) is not int or not 0 <= p < len(paths) or type(start) is not int or type(end) is not int
+                or not 0 <= start <= end <= len(nodes)):
+            raise InvalidRequest(f"graph call {k}: bad path index or node range")
+        if not isinstance(ins, list) or not isinstance(outs, list) or len(ins) + len(outs) > MAX_ARGS:
+            raise InvalidRequest(f"graph call {k}: ins and outs must be short lists")
+        # A call's inputs exist when it starts; its outputs when it ends.
+        g.calls.append(ModuleCall(paths[p], start, end, tuple(_dec({"$n": r}, start, n_outs) for r in ins),
+                                  tuple(_dec({"$n": r}, end, n_outs) for r in outs)))
     return g
 
 

@@ -251,3 +251,75 @@ def test_weight_write_refused(session):
     rm = djinn.remote(Bad(), session=session)
     with pytest.raises(djinn.CaptureError, match="lin.weight"):
         rm(torch.randn(2, 4))
+
+
+# -- breakpoints on the graph path (server/graph_runs.py) ------------------------------------------------
+def _hooked_local(m, args, path, edit=None):
+    """Local reference: the module's output at `path` (and the model output), optionally edited in place
+    by a forward hook, as a breakpoint edit does on the server."""
+    import copy
+
+    m = copy.deepcopy(m).to(DEVICE)
+    seen = []
+
+    def hook(mod, a, out):
+        t = out[0] if isinstance(out, tuple) else out
+        if edit is not None:
+            edit(t)
+        seen.append(t.detach().clone())
+
+    h = m.get_submodule(path).register_forward_hook(hook)
+    with torch.no_grad():
+        out = m(*[a.to(DEVICE) for a in args])
+    h.remove()
+    return seen[0].cpu(), out
+
+
+def test_breakpoints_read_and_steer_any_module(conn, session):
+    m = _seeded(MLP)
+    rm = djinn.remote(m, session=session)
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(6))
+    run = session.start(rm, x, breakpoints=["fc1", djinn.Breakpoint("fc2", where="before")])
+    stop = run.wait()
+    ref_fc1, _ = _hooked_local(m, (x,), "fc1")
+    assert stop.path == "fc1" and torch.equal(stop.activation.cpu(), ref_fc1)
+    stop.activation[:, :4] += 2.5                      # steering: in place, later nodes read it
+    stop2 = run.resume()
+    assert stop2.path == "fc2" and stop2.where == "before"
+    assert torch.equal(stop2.activation.cpu(), torch.relu(ref_fc1 + torch.nn.functional.pad(
+        torch.full((5, 4), 2.5), (0, 28))))
+    assert run.resume() is None and run.state == "finished"
+
+    def steer(t):
+        t[:, :4] += 2.5
+
+    _, ref = _hooked_local(m, (x,), "fc1", steer)
+    assert torch.equal(run.output.cpu(), ref.cpu())
+    # With no edits a run's output is the plain call's, and another session is served while one is paused.
+    run = session.start(rm, x, breakpoints=["fc1"])
+    run.wait()
+    other = conn.session("bystander")
+    assert torch.equal(djinn.remote(m, session=other)(x).cpu(), _local(m, x))
+    assert run.resume() is None and torch.equal(run.output.cpu(), _local(m, x))
+
+
+@pytest.mark.parametrize("build", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
+def test_hf_model_on_the_graph_path_stops_at_a_layer_steers_and_forks(session, build):
+    model = build(seed=4)
+    rg = djinn.remote(model, session=session, path="graph")
+    layer_path = "transformer.h.1" if build is tiny_gpt2 else "model.layers.1"
+    run = session.start(rg, PROMPT, breakpoints=[1])   # decoder layer 1, by number
+    stop = run.wait()
+    ref_act, _ = _hooked_local(model, (PROMPT,), layer_path)
+    assert stop.path == layer_path and torch.equal(stop.activation.cpu(), ref_act)
+    steer = torch.randn(ref_act.shape[-1], generator=torch.Generator().manual_seed(8))
+    fork = stop.fork()                                  # the same stop, to try another edit
+    stop.activation[:, -1] += steer
+    fork.stop.activation[:, -1] -= steer
+    assert run.resume() is None and fork.resume() is None
+    for run_, sign in ((run, 1), (fork, -1)):
+        def edit(t, sign=sign):
+            t[:, -1] += sign * steer.to(t.device)
+
+        _, ref = _hooked_local(model, (PROMPT,), layer_path, edit)
+        assert torch.equal(run_.output.logits.cpu(), ref.logits.cpu()), sign

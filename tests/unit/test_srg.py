@@ -193,3 +193,18 @@ def test_known_values_answer_shape_only_control_flow():
     m = M()
     g = capture_module(m, (torch.randn(2, 4),), {}, _names(m)).graph
     assert any(n.op == "aten.addmm.default" for n in g.nodes)
+
+
+def test_module_calls_recorded_and_checked():
+    """Note [Module calls]: each named submodule call with its node range, input and output refs (inner
+    calls end first); from_wire refuses calls whose refs or ranges do not fit."""
+    m = _mlp()
+    cap = capture_module(m, (torch.randn(2, 16),), {}, _names(m))
+    calls = [(c.path, c.start, c.end, [r.node for r in c.ins], [r.node for r in c.outs]) for c in cap.graph.calls]
+    assert calls == [("0", 1, 5, [0], [4]), ("1", 5, 6, [4], [5]), ("2", 6, 10, [5], [9])]
+    assert from_wire(_wire_roundtrip(cap.wire)).calls == cap.graph.calls
+    for bad, match in (([0, 1, 99, [], []], "node range"), ([0, 3, 5, [[4, 0]], []], "not an output of an earlier"),
+                       ([0, 1, 5, [], [[7, 0]]], "not an output of an earlier"), ([9, 1, 5, [], []], "path index")):
+        w = _mutate(cap.wire, lambda w: w.__setitem__("calls", [bad]))
+        with pytest.raises(InvalidRequest, match=match):
+            from_wire(w)
