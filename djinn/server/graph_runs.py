@@ -16,7 +16,11 @@ from bisect import bisect_left
 import torch
 from torch import nn
 
+from ..protocol.errors import InvalidRequest
 from .interpreter import Compiled, Interpreter
+
+MAX_PATHS = 1 << 14  # skeleton modules a graph run may ask for (each is a small Python object)
+MAX_DEPTH = 64       # dots in a module path (the skeleton is built recursively)
 
 
 class GraphModule(nn.Module):
@@ -25,10 +29,13 @@ class GraphModule(nn.Module):
     def __init__(self, compiled: Compiled, weights: list[torch.Tensor]):
         super().__init__()
         self._compiled, self._weights = compiled, weights
+        paths = {call.path for call in compiled.graph.calls}
+        if len(paths) > MAX_PATHS or any(p.count(".") >= MAX_DEPTH for p in paths):
+            raise InvalidRequest(f"a graph run takes at most {MAX_PATHS} module paths, each at most {MAX_DEPTH} deep")
         tree: dict = {}
-        for call in compiled.graph.calls:
+        for path in paths:
             node = tree
-            for name in call.path.split("."):
+            for name in path.split("."):
                 node = node.setdefault(name, {})
         for name, sub in tree.items():
             self.add_module(name, _skeleton(sub))

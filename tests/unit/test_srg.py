@@ -208,3 +208,16 @@ def test_module_calls_recorded_and_checked():
         w = _mutate(cap.wire, lambda w: w.__setitem__("calls", [bad]))
         with pytest.raises(InvalidRequest, match=match):
             from_wire(w)
+
+
+def test_graph_run_refuses_absurd_module_trees():
+    from djinn.server.graph_runs import MAX_DEPTH, GraphModule
+    from djinn.srg.graph import ModuleCall
+
+    m = _mlp()
+    cap = capture_module(m, (torch.randn(2, 16),), {}, _names(m))
+    c = compile_graph(from_wire(_wire_roundtrip(cap.wire)), torch.device("cpu"))
+    assert isinstance(GraphModule(c, []).get_submodule("2"), nn.Module)
+    c.graph.calls.append(ModuleCall(".".join(["a"] * (MAX_DEPTH + 1)), 0, 0, (), ()))
+    with pytest.raises(InvalidRequest, match="at most"):
+        GraphModule(c, [])
