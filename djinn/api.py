@@ -19,15 +19,7 @@ from .protocol.errors import (
 )
 
 
-__all__ = [
-    "connect", "disconnect", "connection", "remote", "session", "restore_session", "stats", "explain",
-    "Connection", "Session", "RemoteModel", "GraphModel", "CaptureError", "RemoteTensor", "RemoteView", "TokenStream", "ClientConfig",
-    "Breakpoint", "Run", "Stop",
-    "DjinnError", "ProtocolError", "AuthError", "SessionNotFound", "HandleNotFound", "OutOfMemory",
-    "ModelNotSupported", "InvalidRequest", "RemoteExecutionError", "ServerUnavailable", "RequestTimeout",
-    "QuotaExceeded",
-    "SessionLost", "ShuttingDown",
-]
+# The public names are listed once, in djinn/__init__.py (__all__).
 
 _conn: Connection | None = None
 _lock = threading.Lock()
