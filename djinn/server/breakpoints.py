@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..protocol.errors import InvalidRequest
+from ..srg.tree import tensor_leaves
 from . import edits, executor
 
 WHERE = ("before", "after")
@@ -233,7 +234,7 @@ class Run:
     def _before_hook(self, spec: BreakpointSpec):
         def hook(module, args, kwargs):
             if getattr(_current, "run", None) is self:
-                first = _tensors((args, kwargs))[:1]
+                first = tensor_leaves((args, kwargs))[:1]
                 self._hit(spec, first, None)
             return None  # edits are in place: the module reads the edited tensor
         return hook
@@ -241,7 +242,7 @@ class Run:
     def _after_hook(self, spec: BreakpointSpec):
         def hook(module, args, output):
             if getattr(_current, "run", None) is self:
-                self._hit(spec, _tensors(output), output)
+                self._hit(spec, tensor_leaves(output), output)
             return None
         return hook
 
@@ -367,24 +368,6 @@ def _layer_path(module: nn.Module, layer: Any) -> str:
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-def _tensors(obj: Any, out: list | None = None, seen: set | None = None) -> list[torch.Tensor]:
-    """Tensors of a module's output (or (args, kwargs)) in order, each once: tuples, lists, dicts and
-    ModelOutputs (which are dicts) are walked; caches and other objects are not."""
-    out = [] if out is None else out
-    seen = set() if seen is None else seen
-    if isinstance(obj, torch.Tensor):
-        if id(obj) not in seen:
-            seen.add(id(obj))
-            out.append(obj)
-    elif isinstance(obj, (tuple, list)):
-        for v in obj:
-            _tensors(v, out, seen)
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            _tensors(v, out, seen)
-    return out
-
-
 def _is_cache(v: Any) -> bool:
     return any(c.__name__ == "Cache" for c in type(v).__mro__)
 

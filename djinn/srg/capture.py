@@ -36,9 +36,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..protocol.errors import CaptureError
 from . import ops as srg_ops
-from .graph import (CONST, DECODE, IN, MAX_CONST_BYTES, PREFILL, WEIGHT, Graph, Lifecycle, ModuleCall, Node, Ref,
-                    TensorMeta)
-from .tree import flatten, is_cache, unflatten
+from .graph import (CONST, DECODE, IN, MAX_ARGS, MAX_CONST_BYTES, PREFILL, WEIGHT, Graph, Lifecycle, ModuleCall, Node,
+                    Ref, TensorMeta)
+from .tree import flatten, is_cache, tensor_leaves, unflatten
 
 _KNOWN_MAX_ELEMENTS = 1 << 16   # Note [Known values]: bigger tensors are never computed on the client
 _META = torch.device("meta")
@@ -153,20 +153,11 @@ class Recorder:
                     self.graph.calls.append(ModuleCall(p, start, len(self.graph.nodes), ins, self._refs_in(output)))
 
     def _refs_in(self, obj) -> tuple:
-        """Refs of the recorded tensors in a module's arguments or output (tuples, lists, dicts)."""
-        out: list[Ref] = []
-        stack = [obj]
-        while stack and len(out) < 64:
-            x = stack.pop(0)
-            if isinstance(x, torch.Tensor):
-                r = self.ref_of(x)
-                if r is not None:
-                    out.append(r)
-            elif isinstance(x, (list, tuple)):
-                stack[:0] = list(x)
-            elif isinstance(x, dict):
-                stack[:0] = list(x.values())
-        return tuple(out)
+        """Refs of the recorded tensors in a module's arguments or output, in the order a breakpoint
+        sees them (tree.tensor_leaves), at most MAX_ARGS // 2 a side so that from_wire's bound on a
+        call's ins and outs together always holds (a stop exposes the first ones)."""
+        refs = (self.ref_of(t) for t in tensor_leaves(obj))
+        return tuple(r for r in refs if r is not None)[:MAX_ARGS // 2]
 
     @property
     def path(self) -> str:

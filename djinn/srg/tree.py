@@ -21,6 +21,25 @@ from ..protocol.errors import CaptureError
 _SCALARS = (type(None), bool, int, float, str, torch.dtype, torch.device)
 
 
+def tensor_leaves(obj: Any, out: list | None = None, seen: set | None = None) -> list[torch.Tensor]:
+    """Tensors of a module's output (or (args, kwargs)) in order, each once: tuples, lists, dicts and
+    ModelOutputs (which are dicts) are walked; caches and other objects are not. What a breakpoint
+    exposes at a module call, on the module path and on the graph path alike."""
+    out = [] if out is None else out
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        if id(obj) not in seen:
+            seen.add(id(obj))
+            out.append(obj)
+    elif isinstance(obj, (tuple, list)):
+        for v in obj:
+            tensor_leaves(v, out, seen)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            tensor_leaves(v, out, seen)
+    return out
+
+
 def is_cache(obj: Any) -> bool:
     return hasattr(obj, "layers") and any(c.__name__ == "Cache" for c in type(obj).__mro__)
 

@@ -221,3 +221,30 @@ def test_graph_run_refuses_absurd_module_trees():
     c.graph.calls.append(ModuleCall(".".join(["a"] * (MAX_DEPTH + 1)), 0, 0, (), ()))
     with pytest.raises(InvalidRequest, match="at most"):
         GraphModule(c, [])
+
+
+def test_module_calls_with_many_tensors_still_pass_from_wire():
+    """A submodule called with 40 tensors that returns 40: its recorded call keeps at most MAX_ARGS // 2
+    refs a side (the first ones, which a stop exposes), so the graph is not refused as a whole."""
+    from djinn.srg.graph import MAX_ARGS
+
+    class Many(nn.Module):
+        def forward(self, *xs):
+            return tuple(x * 2 for x in xs)
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.many = Many()
+
+        def forward(self, x):
+            return sum(self.many(*[x + k for k in range(40)]))
+
+    m = Outer()
+    x = torch.randn(3)
+    cap = capture_module(m, (x,), {}, _names(m))
+    (call,) = [c for c in cap.graph.calls if c.path == "many"]
+    assert len(call.ins) == len(call.outs) == MAX_ARGS // 2
+    g = from_wire(_wire_roundtrip(cap.wire))
+    out = Interpreter(compile_graph(g, torch.device("cpu"))).run([x], [])
+    assert torch.equal(out[0], m(x))
