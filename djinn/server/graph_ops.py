@@ -22,7 +22,7 @@ from ..protocol.errors import InvalidRequest
 from ..srg.graph import from_wire
 from .interpreter import Compiled, Interpreter, compile_graph
 from .models import GRAPH_ARCH
-from .ops import (_model_info, _model_of, _pack_outputs, _read, _unpack_inputs, adopt, op, over_gpu_quota,
+from .ops import (_model_info, _model_of, _pack_outputs, _read, _seed, _unpack_inputs, adopt, op, over_gpu_quota,
                   pinned_tensors)
 
 MAX_GRAPHS = 1024
@@ -80,19 +80,11 @@ def run_graph(engine, client_id, rid, args):
     s = engine.session(client_id, args)
     engine.runs.apply_edits(s, args.get("edits"))  # queued edits first: read-your-writes
     store = graph_store(engine)
-    sig = args.get("sig")
-    if not isinstance(sig, str) or not 0 < len(sig) <= 64:
-        raise InvalidRequest("run_graph needs sig, the graph's signature string")
-    compiled, status = compiled_for(engine, client_id, sig, args.get("graph"))
+    compiled, status, weights, inputs = graph_call(engine, client_id, s, args, "run_graph")
     if compiled is None:
         return {"missing": True}
-    weights = _weights(engine, s, args, compiled)
-    inputs = _unpack_inputs(engine, s, args.get("inputs", []), alias_handles=True)
-    _check_inputs(compiled, inputs)
-    seed = args.get("seed")
+    seed = _seed(args)
     if seed is not None:
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise InvalidRequest(f"seed must be an int, got {seed!r}")
         torch.manual_seed(seed)  # random ops are seeded on the server, like a local manual_seed
     fetch = args.get("fetch") or []
     n_out = len(compiled.graph.outputs)
@@ -112,6 +104,21 @@ def run_graph(engine, client_id, rid, args):
         raise err
     result["timing"]["server_us"] = round((time.perf_counter() - t0) * 1e6)
     return result
+
+
+def graph_call(engine, client_id: str, s, args: dict, what: str) -> tuple[Compiled | None, str, list, list]:
+    """What run_graph and a graph-path start share: (compiled graph, cache status, its weights, its
+    inputs, handles aliased); the graph None when the server holds none with `sig` and none was sent."""
+    sig = args.get("sig")
+    if not isinstance(sig, str) or not 0 < len(sig) <= 64:
+        raise InvalidRequest(f"{what} needs sig, the graph's signature string")
+    compiled, status = compiled_for(engine, client_id, sig, args.get("graph"))
+    if compiled is None:
+        return None, status, [], []
+    weights = _weights(engine, s, args, compiled)
+    inputs = _unpack_inputs(engine, s, args.get("inputs", []), alias_handles=True)
+    _check_inputs(compiled, inputs)
+    return compiled, status, weights, inputs
 
 
 def compiled_for(engine, client_id: str, sig: str, wire) -> tuple[Compiled | None, str]:

@@ -192,9 +192,7 @@ def generate(engine, client_id, rid, args):
     entry = _model_of(engine, s, args)
     input_ids = _unpack_inputs(engine, s, args.get("input_ids"))
     kwargs = _unpack_inputs(engine, s, args.get("kwargs", {}))
-    seed = args.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise InvalidRequest(f"seed must be an int, got {seed!r}")
+    seed = _seed(args)
     if not isinstance(kwargs, dict):
         raise InvalidRequest("generate needs kwargs as a map")
     executor.check_generate(input_ids, kwargs)
@@ -468,6 +466,14 @@ def _str_list(v: Any, what: str) -> list[str]:
     if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
         raise InvalidRequest(f"{what} must be a list of strings")
     return v
+
+
+def _seed(args: dict) -> int | None:
+    """A request's optional `seed`: None or an int (not a bool)."""
+    seed = args.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise InvalidRequest(f"seed must be an int, got {seed!r}")
+    return seed
 
 
 def _unpack_inputs(engine, s, value: Any, alias_handles: bool = False) -> Any:

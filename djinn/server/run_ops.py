@@ -9,9 +9,9 @@ import time
 
 from ..protocol.errors import InvalidRequest, QuotaExceeded
 from .breakpoints import Call, parse_breakpoints
-from .graph_ops import _check_inputs, _weights, compiled_for
+from .graph_ops import graph_call
 from .graph_runs import GraphModule
-from .ops import _model_of, _unpack_inputs, op, over_gpu_quota
+from .ops import _model_of, _seed, _unpack_inputs, op, over_gpu_quota
 
 METHODS = ("forward", "generate")
 
@@ -37,9 +37,7 @@ def start(engine, client_id, rid, args):
         raise InvalidRequest("start needs args as a list and kwargs as a map")
     if method == "generate" and len(call_args) != 1:
         raise InvalidRequest(f"a generate run takes one positional argument (input_ids), got {len(call_args)}")
-    seed = args.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise InvalidRequest(f"seed must be an int, got {seed!r}")
+    seed = _seed(args)
     _check_run_limit(engine, s)
     specs = parse_breakpoints(entry.module, args.get("breakpoints", []), method)
     call = Call(entry.module, method, call_args, call_kwargs, seed, engine.device)
@@ -51,18 +49,10 @@ def start(engine, client_id, rid, args):
 def _start_graph(engine, client_id, s, args, t0: float) -> dict:
     """A graph-path forward as a run (server/graph_runs.py): {sig, graph?, model_id?, inputs, seed?,
     breakpoints}; the reply is start's, its output the graph's outputs in order."""
-    sig = args.get("sig")
-    if not isinstance(sig, str) or not 0 < len(sig) <= 64:
-        raise InvalidRequest("start needs sig, the graph's signature string")
-    compiled, _ = compiled_for(engine, client_id, sig, args.get("graph"))
+    compiled, _, weights, inputs = graph_call(engine, client_id, s, args, "start")
     if compiled is None:
         raise InvalidRequest("the server holds no graph with this signature: send it with the start")
-    weights = _weights(engine, s, args, compiled)
-    inputs = _unpack_inputs(engine, s, args.get("inputs", []), alias_handles=True)
-    _check_inputs(compiled, inputs)
-    seed = args.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise InvalidRequest(f"seed must be an int, got {seed!r}")
+    seed = _seed(args)
     _check_run_limit(engine, s)
     module = GraphModule(compiled, weights)
     specs = parse_breakpoints(module, args.get("breakpoints", []), "forward")
