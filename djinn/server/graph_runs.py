@@ -62,24 +62,20 @@ class _HookedInterpreter(Interpreter):
         self.gm = gm
         graph = self.c.graph
         ops = self.c.ops
-        # Each call's boundary fires before the first op at or after it (or at the end): afters of calls
-        # ending there first (inner before outer, as recorded), then befores (outer before inner).
+        # A call's before fires ahead of the first op at or after its start, its after ahead of the first
+        # op at or after its end (or at the end); at one op, in the order the capture's hooks fired.
         hooked = [c for c in graph.calls if _has_hooks(gm.get_submodule(c.path))]
-        self.events: dict[int, list] = {}
         end = len(graph.nodes)
 
         def at(b: int) -> int:
             k = bisect_left(ops, b)
             return ops[k] if k < len(ops) else end
 
-        for c in hooked:
-            self.events.setdefault(at(c.end), []).append((0, c.end, "after", c))
-        for c in sorted(hooked, key=lambda c: c.start):
-            self.events.setdefault(at(c.start), []).append((1, c.start, "before", c))
-        for evs in self.events.values():
-            # By boundary; at one boundary the afters of calls that ran ops, then befores, then the
-            # afters of calls that ran none (a module's before precedes its own after).
-            evs.sort(key=lambda e: (e[1], 0 if e[2] == "after" and e[3].start < e[3].end else 1 + (e[2] == "after")))
+        events = sorted([(c.opened, at(c.start), "before", c) for c in hooked] +
+                        [(c.closed, at(c.end), "after", c) for c in hooked], key=lambda e: e[0])
+        self.events: dict[int, list] = {}
+        for _, i, kind, c in events:
+            self.events.setdefault(i, []).append((kind, c))
         self.keep = {r.node for c in hooked for r in (*c.ins, *c.outs)}
 
     def frees(self) -> list:
@@ -88,7 +84,7 @@ class _HookedInterpreter(Interpreter):
         return [[j for j in f if j not in self.keep] for f in self.c.frees]
 
     def before_node(self, i: int, env: list) -> None:
-        for _, _, kind, call in self.events.get(i, ()):
+        for kind, call in self.events.get(i, ()):
             module = self.gm.get_submodule(call.path)
             args = tuple(env[r.node][r.k] for r in call.ins)
             if kind == "before":

@@ -101,7 +101,8 @@ class Recorder:
         self.muted = 0
         self.ops_recorded = 0
         self.record_calls = False             # Note [Module calls] (module captures)
-        self._open_calls: list[tuple[str, int, tuple]] = []
+        self._open_calls: list[tuple[str, int, tuple, int]] = []
+        self._hook_events = 0                 # one counter for pre-hooks and hooks (ModuleCall order)
         self._thread = threading.get_ident()
         self._modes: list = []
 
@@ -142,15 +143,18 @@ class Recorder:
             parent = self.stack[-1] if self.stack else ""
             self.stack.append(self.module_paths.get(id(module), f"{parent}.<{type(module).__name__}>".lstrip(".")))
             if self.record_calls:
-                self._open_calls.append((self.stack[-1], len(self.graph.nodes), self._refs_in(args)))
+                self._hook_events += 1
+                self._open_calls.append((self.stack[-1], len(self.graph.nodes), self._refs_in(args), self._hook_events))
 
     def _post_hook(self, module, args, output):
         if threading.get_ident() == self._thread and self.stack:
             path = self.stack.pop()
             if self.record_calls and self._open_calls:
-                p, start, ins = self._open_calls.pop()
+                p, start, ins, opened = self._open_calls.pop()
+                self._hook_events += 1
                 if p and p == path and id(module) in self.module_paths:  # named submodules only
-                    self.graph.calls.append(ModuleCall(p, start, len(self.graph.nodes), ins, self._refs_in(output)))
+                    self.graph.calls.append(ModuleCall(p, start, len(self.graph.nodes), ins, self._refs_in(output),
+                                                       opened, self._hook_events))
 
     def _refs_in(self, obj) -> tuple:
         """Refs of the recorded tensors in a module's arguments or output, in the order a breakpoint

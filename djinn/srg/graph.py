@@ -16,7 +16,8 @@ Note [SRG wire form]
     {"v": 1, "phase": str, "random": bool, "paths": [module paths],
      "nodes": [[op, args, kwargs, outs, [path index, lifecycle, cost, where]], ...],
      "outputs": [[node, k], ...],
-     "calls": [[path index, start, end, [[node, k], ...], [[node, k], ...]], ...]}   (optional)
+     "calls": [[path index, start, end, [[node, k], ...], [[node, k], ...], opened, closed], ...]}
+                                                                                  (optional)
     outs entries are [dtype name, shape, strides]. Refs are {"$n": [node, k]}; a dtype {"$dt": name};
     a device {"$dev": 0} (always the server's device: graphs are captured device-free); a memory format
     {"$mf": name}; a layout {"$ly": name}. `from_wire` checks all of it (limits, types, refs to earlier
@@ -24,9 +25,11 @@ Note [SRG wire form]
 
 Note [Module calls]
     `calls` records each submodule call of a module capture: its path, the nodes it ran (start <= i <
-    end), the tensors it was called with and the tensors it returned, in the order the calls ended
-    (inner before outer). The server fires breakpoints at these boundaries on the graph path
-    (server/graph_runs.py); they carry no computation, so a graph without them runs the same.
+    end), the tensors it was called with and the tensors it returned, and when it opened and closed on
+    one counter of hook events. Node ranges alone cannot order calls that open or close with no node
+    between them (a wrapper and its first child); the counter is the order nn.Module hooks fire in.
+    The server fires breakpoints at these boundaries on the graph path (server/graph_runs.py); they
+    carry no computation, so a graph without them runs the same.
 """
 from __future__ import annotations
 
@@ -106,6 +109,8 @@ class ModuleCall:
     end: int
     ins: tuple[Ref, ...]
     outs: tuple[Ref, ...]
+    opened: int   # Note [Module calls]: when its pre-hook and its hook fired, on one counter
+    closed: int
 
 
 @dataclass
@@ -129,7 +134,7 @@ class Graph:
                           [[dtype_name(m.dtype), list(m.shape), list(m.stride)] for m in n.outs],
                           [p, int(n.lifecycle), n.cost, n.where]])
         calls = [[paths.setdefault(c.path, len(paths)), c.start, c.end, [[r.node, r.k] for r in c.ins],
-                  [[r.node, r.k] for r in c.outs]] for c in self.calls]
+                  [[r.node, r.k] for r in c.outs], c.opened, c.closed] for c in self.calls]
         return {"v": VERSION, "phase": self.phase, "random": self.random, "paths": list(paths),
                 "nodes": nodes, "outputs": [[r.node, r.k] for r in self.outputs],
                 **({"calls": calls} if calls else {})}
@@ -275,17 +280,19 @@ def from_wire(w: Any) -> Graph:
     if not isinstance(calls, list) or len(calls) > MAX_NODES:
         raise InvalidRequest("graph calls must be a list")
     for k, c in enumerate(calls):
-        if not isinstance(c, list) or len(c) != 5:
-            raise InvalidRequest(f"graph call {k} must be [path, start, end, ins, outs]")
-        p, start, end, ins, outs = c
+        if not isinstance(c, list) or len(c) != 7:
+            raise InvalidRequest(f"graph call {k} must be [path, start, end, ins, outs, opened, closed]")
+        p, start, end, ins, outs, opened, closed = c
         if (type(p) is not int or not 0 <= p < len(paths) or type(start) is not int or type(end) is not int
                 or not 0 <= start <= end <= len(nodes)):
             raise InvalidRequest(f"graph call {k}: bad path index or node range")
+        if type(opened) is not int or type(closed) is not int or not 0 <= opened < closed <= 4 * MAX_NODES:
+            raise InvalidRequest(f"graph call {k}: bad hook order")
         if not isinstance(ins, list) or not isinstance(outs, list) or len(ins) + len(outs) > MAX_ARGS:
             raise InvalidRequest(f"graph call {k}: ins and outs must be short lists")
         # A call's inputs exist when it starts; its outputs when it ends.
         g.calls.append(ModuleCall(paths[p], start, end, tuple(_dec({"$n": r}, start, n_outs) for r in ins),
-                                  tuple(_dec({"$n": r}, end, n_outs) for r in outs)))
+                                  tuple(_dec({"$n": r}, end, n_outs) for r in outs), opened, closed))
     return g
 
 

@@ -203,8 +203,11 @@ def test_module_calls_recorded_and_checked():
     calls = [(c.path, c.start, c.end, [r.node for r in c.ins], [r.node for r in c.outs]) for c in cap.graph.calls]
     assert calls == [("0", 1, 5, [0], [4]), ("1", 5, 6, [4], [5]), ("2", 6, 10, [5], [9])]
     assert from_wire(_wire_roundtrip(cap.wire)).calls == cap.graph.calls
-    for bad, match in (([0, 1, 99, [], []], "node range"), ([0, 3, 5, [[4, 0]], []], "not an output of an earlier"),
-                       ([0, 1, 5, [], [[7, 0]]], "not an output of an earlier"), ([9, 1, 5, [], []], "path index")):
+    for bad, match in (([0, 1, 99, [], [], 1, 2], "node range"),
+                       ([0, 3, 5, [[4, 0]], [], 1, 2], "not an output of an earlier"),
+                       ([0, 1, 5, [], [[7, 0]], 1, 2], "not an output of an earlier"),
+                       ([9, 1, 5, [], [], 1, 2], "path index"), ([0, 1, 5, [], [], 2, 2], "hook order"),
+                       ([0, 1, 5, [], []], "must be")):
         w = _mutate(cap.wire, lambda w: w.__setitem__("calls", [bad]))
         with pytest.raises(InvalidRequest, match=match):
             from_wire(w)
@@ -218,7 +221,7 @@ def test_graph_run_refuses_absurd_module_trees():
     cap = capture_module(m, (torch.randn(2, 16),), {}, _names(m))
     c = compile_graph(from_wire(_wire_roundtrip(cap.wire)), torch.device("cpu"))
     assert isinstance(GraphModule(c, []).get_submodule("2"), nn.Module)
-    c.graph.calls.append(ModuleCall(".".join(["a"] * (MAX_DEPTH + 1)), 0, 0, (), ()))
+    c.graph.calls.append(ModuleCall(".".join(["a"] * (MAX_DEPTH + 1)), 0, 0, (), (), 1, 2))
     with pytest.raises(InvalidRequest, match="at most"):
         GraphModule(c, [])
 
@@ -248,3 +251,28 @@ def test_module_calls_with_many_tensors_still_pass_from_wire():
     g = from_wire(_wire_roundtrip(cap.wire))
     out = Interpreter(compile_graph(g, torch.device("cpu"))).run([x], [])
     assert torch.equal(out[0], m(x))
+
+
+def test_graph_module_fires_hooks_in_module_order():
+    """Nested calls that start (or end) at the same node: befores fire outer first, afters inner first,
+    as nn.Module hooks would; a call that ran no op fires its before ahead of its after."""
+    from djinn.server.graph_runs import GraphModule
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.Identity()), nn.ReLU()).eval()
+    names = _names(m)
+    x = torch.randn(2, 4)
+    c = compile_graph(from_wire(_wire_roundtrip(capture_module(m, (x,), {}, names).wire)), torch.device("cpu"))
+    by_hash = {names[n]: t for n, t in m.named_parameters()}
+    gm = GraphModule(c, [by_hash[h] for _, h in c.weights])
+    order, local = [], []
+    for target, log in ((gm, order), (m, local)):
+        for path in ("0", "0.0", "0.1", "1"):
+            sub = target.get_submodule(path)
+            sub.register_forward_pre_hook(lambda mod, a, p=path, log=log: log.append(("before", p)))
+            sub.register_forward_hook(lambda mod, a, o, p=path, log=log: log.append(("after", p)))
+    out = gm(x)
+    with torch.no_grad():
+        ref = m(x)
+    assert torch.equal(out[0], ref)
+    assert order == local
