@@ -46,9 +46,7 @@ class Editable(LazyOps):
     def __setitem__(self, index, value) -> None:
         if _by_value(index):  # Note [Advanced indices]
             lazy.apply(torch.Tensor.__setitem__, (self, _as_tensors(index), value))
-            base, _ = self._target()
-            if base._meta is None:  # a concrete tensor: applied now, so a plain fetch of it sees the change
-                lazy.flush(base._session)
+            self._flush_if_concrete()
             return
         view = self[index]
         if isinstance(value, RemoteView) and value._same_as(view):
@@ -91,10 +89,15 @@ class Editable(LazyOps):
     def _lazy_inplace(self, op: str, value: Any):
         fn = {"add": torch.Tensor.add_, "sub": torch.Tensor.sub_, "mul": torch.Tensor.mul_, "copy": _copy_}[op]
         lazy.apply(fn, (self, value))
-        base, _ = self._target()
-        if base._meta is None:  # a concrete tensor: applied now, so a plain fetch of it sees the change
-            lazy.flush(base._session)
+        self._flush_if_concrete()
         return self
+
+    def _flush_if_concrete(self) -> None:
+        """After a lazily recorded in-place op: on a concrete tensor it runs now, so a plain fetch of the
+        tensor sees it (on a pending one it stays part of the pending graph)."""
+        base, _ = self._target()
+        if base._meta is None:
+            lazy.flush(base._session)
 
     def _ref(self) -> dict:
         base, chain = self._target()

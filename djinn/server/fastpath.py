@@ -278,7 +278,7 @@ class DecodePool:
         ls.append(self.max_len)
         return [(B, L) for B in bs for L in ls]
 
-    def capture_all(self, progress: Callable[[int, int], None] | None = None) -> int:
+    def capture_all(self) -> int:
         """Capture every bucket's step graph now (fast_decode_capture=all), so no step waits on a capture.
         Only on an empty pool: the warm-up steps write KV at position 0 of every slot they cover."""
         if not self.use_graphs:
@@ -288,10 +288,8 @@ class DecodePool:
         todo = [k for k in self.buckets() if k not in self._graphs]
         self.ids.zero_()
         self.pos.zero_()
-        for i, (B, L) in enumerate(todo):
+        for B, L in todo:
             self._graphs[(B, L)] = self._capture(B, L)
-            if progress is not None:
-                progress(i + 1, len(todo))
         return len(todo)
 
     def _capture(self, B: int, L: int):
