@@ -639,7 +639,7 @@ def plot(results: dict, path: Path) -> str | None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return str(path)
+    return path.name  # next to the JSON: the results are read where they are copied to, not where they ran
 
 
 def print_table(rows: list[dict]) -> None:

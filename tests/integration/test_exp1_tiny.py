@@ -70,4 +70,4 @@ def test_exp1_tiny(tmp_path):
         assert key in hl, key
     assert hl["slo_base_policy"] == "resident" and hl["slo_p99_s"] == round(2 * rows[("resident", 1)]["p99_s"], 4)
     assert set(hl["max_agents_within_slo"]) == set(POLICIES)
-    assert res["plot"]  # a PNG path, or the note that matplotlib is missing
+    assert res["plot"]  # the PNG's name next to the JSON, or the note that matplotlib is missing
