@@ -64,8 +64,19 @@ class ServerConfig:
     host_pool_gb: float = 4.0
     """Pinned host memory for swapped KV caches, in GiB, allocated once at start (0: no swapping)."""
     data_budget_gb: float | None = None
-    """GPU bytes sessions' KV caches and tensors may hold, in GiB. None: what the device has free,
-    less a 1 GiB reserve for activations."""
+    """GiB of each model's KV pool (its Data segment: fixed-size KV blocks allocated once, at the
+    model's first use of KV). None: on CUDA what the device has free after the weights and the
+    measured Stack reserve (djinn/server/kv_pools.py); on the CPU 2 GiB (committed only as written)."""
+    kv_block_tokens: int = 16
+    """Tokens per KV block (every layer's keys and values for them): the unit of allocation, swap,
+    prefix sharing and copy on write."""
+    kv_pool_max_tokens: int = 1 << 20
+    """Most tokens one model's pool holds, whatever the device has (keeps tiny models' pools small)."""
+    max_prefill_tokens: int = 4096
+    """Largest number of new tokens (batch x length) one forward, generate or run may feed at once.
+    The Stack reserve is measured by a forward of this size, so a larger request is refused."""
+    stack_margin_gb: float = 1.0
+    """GiB left free on CUDA beyond the measured Stack (CUDA context, cuBLAS workspaces, rounding)."""
     swap_bw_gbps: float | None = None
     """Swap bandwidth the scheduler assumes until it has measured one (GB/s). None: 25 on CUDA, 4 on CPU."""
     drain_timeout_s: float = 30.0
@@ -99,10 +110,9 @@ class ServerConfig:
     """The decode fast path (batched across sessions, CUDA graphs; djinn/server/fastpath.py): auto (on
     for CUDA devices), on, off. Results match eager decode to rounding; a generate with
     deterministic=True, or one the path does not support, runs eagerly (stats say why)."""
-    fast_decode_pool_gb: float | None = None
-    """GPU GiB of each fast-path model's KV pool (allocated at its first fast generate); it holds
-    pool / (layers x 2 x kv heads x fast_decode_max_len x head dim x dtype size) concurrent sessions.
-    None: a quarter of the device's free memory then, at most 64 sessions' worth."""
+    fast_decode_max_batch: int | None = None
+    """Rows (sessions) one batched decode step holds; more wait for a row. Its workspace is part of
+    the Stack reserve. None: as many as 4 GiB of workspace allows at fast_decode_max_len, at most 64."""
     fast_decode_max_len: int = 4096
     """Longest sequence (prompt + new tokens) the fast path takes; rounded up to a power of two."""
     fast_decode_graphs: bool = True
@@ -184,12 +194,16 @@ class ServerConfig:
             raise ValueError(f"fast_decode={self.fast_decode!r} must be auto, on or off")
         if self.fast_decode_capture not in ("lazy", "all"):
             raise ValueError(f"fast_decode_capture={self.fast_decode_capture!r} must be lazy or all")
-        for name in ("fast_decode_pool_gb", "fast_decode_max_len"):
+        if isinstance(self.stack_margin_gb, bool) or not isinstance(self.stack_margin_gb, (int, float)) \
+                or self.stack_margin_gb < 0:
+            raise ValueError(f"stack_margin_gb={self.stack_margin_gb!r} must be a number of GiB >= 0")
+        for name in ("fast_decode_max_batch", "fast_decode_max_len", "kv_block_tokens", "kv_pool_max_tokens",
+                     "max_prefill_tokens"):
             v = getattr(self, name)
-            if v is None and name == "fast_decode_pool_gb":
+            if v is None and name == "fast_decode_max_batch":
                 continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise ValueError(f"{name}={v!r} must be a number > 0")
+            if isinstance(v, bool) or not isinstance(v, int) or not v > 0:
+                raise ValueError(f"{name}={v!r} must be an int > 0")
         for name in ("max_sessions_per_client", "max_runs_per_session"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:

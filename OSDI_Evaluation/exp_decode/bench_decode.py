@@ -98,22 +98,26 @@ def eager(model, prompt: torch.Tensor, new: int, device) -> dict:
     return {"ms_per_token": ms, "tok_s": 1e3 / ms, "prefill_s": t1 - t0, "tokens": out[0, prompt.shape[1]:].tolist()}
 
 
-def inproc(model, prompts: list[torch.Tensor], steps: int, device, pool_gb: float, max_len: int) -> dict:
-    """DecodePool in this process: prefill each prompt, join all rows, time `steps` batched steps."""
-    from transformers import DynamicCache
-
+def inproc(model, prompts: list[torch.Tensor], steps: int, device, max_len: int) -> dict:
+    """DecodePool in this process over a KV block pool of its own: prefill each prompt into its blocks,
+    join all rows, time `steps` batched steps."""
     from djinn.server.fastpath import DecodePool, Row, Sampler
+    from djinn.server.paged_cache import PagedCache
+    from djinn.vmu.kv_pool import KVPool, KVShape
 
-    pool = DecodePool(model, device, int(pool_gb * 2**30), max_len)
+    bt = 16
+    kv = KVPool(KVShape.of_module(model), len(prompts) * -(-max_len // bt) + 1, bt, device)
+    pool = DecodePool(model, kv, len(prompts), max_len)
     rows, firsts = [], []
     for p in prompts:
-        cache = DynamicCache(config=model.config)
+        table = kv.new_table(1)
+        assert kv.reserve(table, min(max_len, p.shape[1] + steps + 3))
         with torch.inference_mode():
-            out = model(p, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(p, past_key_values=PagedCache(kv, table), use_cache=True, logits_to_keep=1)
         first = int(out.logits[0, -1].argmax())
         firsts.append(first)
         row = Row(first, p.shape[1], p.shape[1], steps + 3, Sampler(False), frozenset())
-        pool.join(row, cache)
+        pool.join(row, table)
         rows.append(row)
     for _ in range(2):  # captures the graph of this bucket (and the next length bucket's, if crossed)
         pool.step()
@@ -125,7 +129,7 @@ def inproc(model, prompts: list[torch.Tensor], steps: int, device, pool_gb: floa
     dt = (time.perf_counter() - t0) / steps
     res = {"rows": len(rows), "ms_per_step": dt * 1e3, "aggregate_tok_s": len(rows) / dt,
            "tokens_row0": [firsts[0], *rows[0].new]}
-    del pool
+    del pool, kv
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return res
@@ -180,11 +184,6 @@ def bench_shape(shape: str, args, device, dtype) -> dict:
     vocab = model.config.vocab_size
     conc = [n for n in args.concurrency if n <= args.max_sessions]
     prompts = [torch.randint(0, vocab, (1, args.prompt), generator=g).to(device) for _ in range(max(conc))]
-    if args.pool_gb is None:  # every row of the largest round, plus two spare slots
-        from djinn.server.fastpath import MIN_LEN_BUCKET, _bucket
-
-        per_slot = kvt * _bucket(args.max_len, 1 << 30, MIN_LEN_BUCKET)
-        args.pool_gb = (max(conc) + 2) * per_slot / 2**30
     res: dict = {"shape": shape, "weight_bytes": weights, "kv_bytes_per_token": kvt, "prompt": args.prompt,
                  "new_tokens": args.new_tokens}
     bw = hbm_gbps(device)
@@ -197,7 +196,7 @@ def bench_shape(shape: str, args, device, dtype) -> dict:
     print(f"[{shape}] eager {res['eager']['tok_s']:.1f} tok/s", flush=True)
     res["inproc"] = []
     for n in conc:
-        r = inproc(model, prompts[:n], args.steps, device, args.pool_gb, args.max_len)
+        r = inproc(model, prompts[:n], args.steps, device, args.max_len)
         res["inproc"].append(r)
         print(f"[{shape}] in-process fast path, {n} rows: {r['ms_per_step']:.2f} ms/step, "
               f"{r['aggregate_tok_s']:.0f} tok/s", flush=True)
@@ -210,7 +209,7 @@ def bench_shape(shape: str, args, device, dtype) -> dict:
         torch.cuda.empty_cache()
 
     print(f"[{shape}] starting a server", flush=True)
-    srv = start_server(str(device), "--fast-decode", "on", "--fast-decode-pool-gb", str(args.pool_gb),
+    srv = start_server(str(device), "--fast-decode", "on", "--fast-decode-max-batch", str(max(conc)),
                        "--fast-decode-max-len", str(args.max_len), "--log-level", "WARNING")
     from djinn.frontend.connection import Connection
 
@@ -286,7 +285,6 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--eager-tokens", type=int, default=32)
     p.add_argument("--steps", type=int, default=64, help="timed steps in process")
-    p.add_argument("--pool-gb", type=float, default=None, help="default: room for the largest round")
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
@@ -296,11 +294,9 @@ def main() -> int:
         args.shapes = "tiny"
         args.prompt, args.new_tokens, args.eager_tokens, args.steps = 16, 16, 8, 8
     device = torch.device(args.device)
-    pool_gb = args.pool_gb
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     out = {"env": environment(device), "targets": TARGETS, "args": vars(args), "shapes": {}}
     for shape in args.shapes.split(","):
-        args.pool_gb = pool_gb
         out["shapes"][shape] = bench_shape(shape, args, device, dtype)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=1))

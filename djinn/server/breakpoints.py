@@ -80,6 +80,7 @@ class Call:
     kwargs: dict
     seed: int | None
     device: torch.device
+    kv_pool: Any = None       # generate: the model's KV pool; each execution reserves a scratch table
 
     @property
     def sampling(self) -> bool:
@@ -210,7 +211,22 @@ class Run:
             self.rng0 = _rng_state(c.device)
         if c.method == "forward":
             return executor.forward(c.module, c.args, c.kwargs)
-        return executor.generate(c.module, None, self.model_id, c.args[0], c.kwargs, None, None)
+        if c.kv_pool is None:
+            return executor.generate(c.module, None, c.args[0], c.kwargs, None, None, continues=False)
+        from .sessions import KVState
+
+        ids = c.args[0]
+        state = KVState.empty(c.kv_pool, ids[:, :0])
+        tokens = int(ids.shape[1]) + executor.new_tokens(c.module, int(ids.shape[1]), c.kwargs)
+        if not c.kv_pool.reserve(state.table, tokens):
+            from ..protocol.errors import OutOfMemory
+
+            raise OutOfMemory(f"a generate run needs {tokens} tokens of KV x batch {ids.shape[0]}; the model's "
+                              "KV pool has too few free blocks now")
+        try:
+            return executor.generate(c.module, state, ids, c.kwargs, None, None, continues=False)
+        finally:
+            c.kv_pool.release(state.table)  # on the run thread, while the engine waits (Note [Run hand-off])
 
     def _register_hooks(self) -> None:
         root = self.call.module

@@ -16,8 +16,10 @@ Note [What a checkpoint holds]
     The session's name, and per model id its token ids and KV cache tensors (wherever they were: on
     the device, or swapped to the host pool), and its tensor handles. Not its runs (a paused breakpoint
     lives on a thread) and not the models: after a restart the client remotes its model again (the
-    same weights give the same model id) and the restored KV continues where it was. Restored caches
-    are plain DynamicCache layers, which is exact for every model whose cache has full-attention layers.
+    same weights give the same model id) and the restored KV continues where it was. The KV is stored
+    per layer as [batch, kv_heads, tokens, head_dim] keys and values (independent of the block size);
+    a restored session keeps it in host memory (`Session.restored_kv`) until its first call with the
+    model, which writes it into blocks of the model's pool (`install_restored`).
 """
 from __future__ import annotations
 
@@ -34,8 +36,6 @@ import torch
 
 from ..protocol.errors import InvalidRequest, SessionNotFound
 from ..protocol.tensors import dtype_name
-from ..scheduler.types import SessionState
-from ..vmu.swap import cache_tensors
 from .ops import op
 from .sessions import KVState
 
@@ -96,7 +96,8 @@ def restore_session(engine, client_id, rid, args):
     engine.data.sync(s)
     path.unlink(missing_ok=True)  # restored once: the state lives in the session now
     log.info("session %s restored from checkpoint %s... for client %s", s.sid[:8], token[:8], client_id[:8])
-    return {"sid": s.sid, "name": name, "kv_tokens": {mid: int(kv.ids.shape[1]) for mid, kv in s.kv.items()},
+    kv_tokens = {mid: int(ids.shape[1]) for mid, (ids, _) in s.restored_kv.items()}
+    return {"sid": s.sid, "name": name, "kv_tokens": kv_tokens,
             "tensors": {hid: {"dtype": dtype_name(t.dtype), "shape": list(t.shape)} for hid, t in s.tensors.items()}}
 
 
@@ -141,24 +142,19 @@ def state(data, s) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for mid, kv in s.kv.items():
         out[f"ids/{mid}"] = kv.ids.detach().cpu().contiguous()
-    m = data.mem(s.sid)
-    if m.state == SessionState.SWAPPED and m.host is not None:  # the KV is in the host pool
-        region = data.pool.view(m.host.alloc)
-        for (mid, (layer, attr)), slot in zip(m.names, m.host.slots):
-            t = region[slot.offset:slot.offset + slot.nbytes].view(slot.dtype).reshape(slot.shape)
-            out[f"kv/{mid}/{layer}/{attr}"] = t.clone()
-    else:
-        for mid, kv in s.kv.items():
-            for (layer, attr), t in cache_tensors(kv.cache).items():
-                out[f"kv/{mid}/{layer}/{attr}"] = t.detach().cpu().contiguous()
+        for layer, (k, v) in enumerate(data.kv_layers(s, mid)):
+            out[f"kv/{mid}/{layer}/keys"] = k
+            out[f"kv/{mid}/{layer}/values"] = v
+    for mid, (ids, layers) in s.restored_kv.items():  # restored, never used since: saved as it came
+        out[f"ids/{mid}"] = ids
+        for layer, kv in layers.items():
+            out[f"kv/{mid}/{layer}/keys"], out[f"kv/{mid}/{layer}/values"] = kv["keys"], kv["values"]
     for hid, t in s.tensors.items():
         out[f"t/{hid}"] = t.detach().cpu().contiguous()
     return out
 
 
 def _install(engine, s, tensors: dict[str, torch.Tensor]) -> None:
-    from transformers import DynamicCache
-
     dev = engine.device
     layers: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
     for key, t in tensors.items():
@@ -168,20 +164,20 @@ def _install(engine, s, tensors: dict[str, torch.Tensor]) -> None:
             s.tensors[key[2:]] = t.to(dev)
             continue
         m = _KV_KEY.match(key)
-        if m is None:
+        if m is None or m.group(3) not in ("keys", "values"):
             raise InvalidRequest(f"checkpoint holds an unexpected tensor {key[:80]!r}")
         layers.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[m.group(3)] = t
     for key, ids in tensors.items():
         if not key.startswith("ids/"):
             continue
         mid = key[4:]
-        cache = DynamicCache()
-        order = sorted(layers.get(mid, {}))
-        if order != list(range(len(order))):
+        got = layers.get(mid, {})
+        if sorted(got) != list(range(len(got))):
             raise InvalidRequest(f"checkpoint layers of model {mid[:12]} are not 0..n-1")
-        for i in order:  # in order: DynamicCache appends them
-            kv = layers[mid][i]
-            if "keys" not in kv or "values" not in kv:
-                raise InvalidRequest(f"checkpoint layer {i} of model {mid[:12]} lacks keys or values")
-            cache.update(kv["keys"].to(dev), kv["values"].to(dev), i)
-        s.kv[mid] = KVState(cache, ids.to(dev))
+        for i, kv in got.items():
+            if "keys" not in kv or "values" not in kv or kv["keys"].shape != kv["values"].shape \
+                    or kv["keys"].dim() != 4 or kv["keys"].shape[0] != ids.shape[0]:
+                raise InvalidRequest(f"checkpoint layer {i} of model {mid[:12]} lacks keys or values of one shape")
+        if len({kv["keys"].shape[2] for kv in got.values()}) > 1:
+            raise InvalidRequest(f"checkpoint layers of model {mid[:12]} hold different numbers of tokens")
+        s.restored_kv[mid] = (ids, got)

@@ -36,7 +36,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..protocol.errors import QuotaExceeded, SessionNotFound
+from ..protocol.errors import OutOfMemory, QuotaExceeded, SessionNotFound
 from ..scheduler import schedule
 from ..scheduler.types import MemoryView, SessionState, SessionView, View
 from ..vmu.data import GIB
@@ -91,6 +91,8 @@ class Job:
     t_start: float | None = None
     queued_reason: str | None = None
     make_task: Callable | None = None  # the decode fast path's task (fast_task.py); None: a StepTask
+    reserve: Callable[[], bool] | None = None  # at start: reserve its KV blocks (False: none free yet)
+    release: Callable[[], None] | None = None  # at the end: give back the blocks it did not write
 
 
 @dataclass
@@ -108,6 +110,7 @@ class Dispatcher:
             self.data.host_quota = self.quotas.host_bytes  # Note [Host quota] in djinn/vmu/data.py
         self._q: dict[str, _SessionQueue] = {}
         self._running: list[Job] = []       # started jobs, in round-robin order
+        self._no_blocks: list[Job] = []     # jobs without a session KV that wait for free blocks
         self._arrivals = itertools.count()
         self.dirty = False
         self.wake_at: float | None = None
@@ -184,13 +187,19 @@ class Dispatcher:
         for a in decision.swap_out:
             self.data.swap_out(sessions[a.sid])
         for a in decision.drop:
-            self.data.drop(sessions[a.sid], self.engine.fresh_cache(sessions[a.sid]))
+            self.data.drop(sessions[a.sid])
         for a in decision.prefetch:
-            self.data.prefetch(sessions[a.sid])
+            if not self.data.prefetch(sessions[a.sid]):
+                self._fail_waiting(a.sid, OutOfMemory(
+                    f"session {a.sid[:8]}: its KV could not come back from host memory, the KV pool has too "
+                    "few free blocks; the session's KV stays in host memory, try again"))
         for a in (*decision.admit, *decision.run):
             job = self._q[a.sid].job
             if job.task is None:
                 self._start(job)
+        for job in list(self._no_blocks):
+            self._no_blocks.remove(job)
+            self._start(job)
         for a in decision.queue:
             job = self._q[a.sid].job
             job.queued_reason = a.reason
@@ -249,6 +258,10 @@ class Dispatcher:
             if q.job.task is not None:
                 q.job.task.cancel()
                 self._running.remove(q.job)
+            if q.job in self._no_blocks:
+                self._no_blocks.remove(q.job)
+            if q.job.release is not None:
+                q.job.release()
             self.engine.reply_error(q.job.req, err)
         for req in q.deferred:
             self.engine.reply_error(req, err)
@@ -267,7 +280,24 @@ class Dispatcher:
                 "decode": "fast" if j.make_task is not None else "eager"}
 
     # -- internals ---------------------------------------------------------------------------------
+    def _fail_waiting(self, sid: str, err: Exception) -> None:
+        """A request that cannot start (a failed prefetch) fails now, typed, instead of waiting in a loop."""
+        q = self._q.get(sid)
+        job = q.job if q is not None else None
+        if job is None or job.task is not None:
+            return
+        job.task = _Failed(err)
+        job.t_start = time.monotonic()
+        self._running.append(job)
+
     def _start(self, job: Job) -> None:
+        if job.reserve is not None and not job.reserve():
+            # Its blocks are not free yet (the scheduler's bytes span every model's pool, the blocks are
+            # per model; or a job without session KV, which the scheduler does not see): wait.
+            job.queued_reason = "no free KV blocks in the model's pool"
+            if not job.uses_kv and job not in self._no_blocks:
+                self._no_blocks.append(job)
+            return
         now = time.monotonic()
         job.t_start = now
         waited = now - job.t_arrive
@@ -275,6 +305,7 @@ class Dispatcher:
             m = self.data.mem(job.session.sid)
             if m.state.needs_prefill:
                 m.state = SessionState.ACTIVE
+            self.data.sync(job.session)  # its reservation is charged from now on
             m.counters.queue_s += waited
             self.data.totals.queue_s += waited
         job.task = job.make_task() if job.make_task is not None else StepTask(job.body, job.device, job.sampling)
@@ -282,6 +313,8 @@ class Dispatcher:
 
     def _finish(self, job: Job) -> None:
         self._running.remove(job)
+        if job.release is not None:
+            job.release()
         s = job.session
         q = self._q.get(s.sid)
         if q is not None:
@@ -301,3 +334,22 @@ class Dispatcher:
             if q.job is None and not q.deferred:
                 self._q.pop(s.sid, None)
 
+
+
+class _Failed:
+    """The task of a job that failed before it could start: done at once, with its error."""
+
+    path = "none"
+    steps = 0
+    result = None
+    error_traceback = None
+    done = True
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def advance(self) -> bool:
+        return True
+
+    def cancel(self) -> None:
+        pass

@@ -64,10 +64,8 @@ class Engine(threading.Thread):
         self.models = ModelRegistry(self.text, device, cfg.architectures)
         self.sessions = SessionTable()
         self.runs = RunTable()
-        self.data = DataSegment(
-            device, int(cfg.host_pool_gb * GIB),
-            None if cfg.data_budget_gb is None else int(cfg.data_budget_gb * GIB),
-            (cfg.swap_bw_gbps or (25.0 if device.type == "cuda" else 4.0)) * 1e9)
+        self.data = DataSegment(device, int(cfg.host_pool_gb * GIB),
+                                (cfg.swap_bw_gbps or (25.0 if device.type == "cuda" else 4.0)) * 1e9)
         options = {"margin_s": cfg.prefetch_margin_s, "always": cfg.swap_on_io_wait} if cfg.policy == "signal" else {}
         self.policy = get_policy(cfg.policy, **options)
         self.dispatch = Dispatcher(self, self.policy)
@@ -246,11 +244,11 @@ class Engine(threading.Thread):
     def session(self, client_id: str, args: dict) -> Session:
         return self.sessions.get(args.get("sid"), client_id)
 
-    def fresh_cache(self, s: Session):
-        """For the Data segment's drop: an empty cache for each of the session's models."""
-        from transformers import DynamicCache
-
-        return lambda mid: DynamicCache(config=self.models.get(mid).module.config)
+    def release_model(self, mid: str, sid: str) -> None:
+        """The session lets go of a model; the last one out frees it, and its KV pool with it."""
+        self.models.release(mid, sid)
+        if mid not in {m.model_id for m in self.models}:
+            self.data.drop_pool(mid)
 
     def close_session(self, s: Session, reason: str) -> None:
         if self.sessions.remove(s.sid) is None:
@@ -259,7 +257,7 @@ class Engine(threading.Thread):
         self.runs.cancel_session(s, f"session closed ({reason})")  # unwinds their threads, frees the Stack
         counters = self.data.close(s)                              # waits for a swap in flight, frees host
         for mid in s.models:
-            self.models.release(mid, s.sid)
+            self.release_model(mid, s.sid)
         for h in s.text_pins:
             self.text.release(h)
         self.uploads.drop_session(s.sid)

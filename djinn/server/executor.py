@@ -36,47 +36,45 @@ def forward(module: torch.nn.Module, args: list, kwargs: dict) -> Any:
         return module(*args, **kwargs)
 
 
-def generate(module: torch.nn.Module, session: Session | None, model_id: str, input_ids: torch.Tensor,
-             kwargs: dict, seed: int | None, on_tokens: Callable[[torch.Tensor], None] | None,
-             step_hook: Callable[[], None] | None = None) -> torch.Tensor:
-    """Run HF generate on the server. With a session, continue from (and keep) its KV cache.
+def generate(module: torch.nn.Module, state: KVState | None, input_ids: torch.Tensor, kwargs: dict,
+             seed: int | None, on_tokens: Callable[[torch.Tensor], None] | None,
+             step_hook: Callable[[], None] | None = None, continues: bool = True) -> torch.Tensor:
+    """Run HF generate on the server over `state`'s KV blocks (None: HF's own cache, graph models only).
 
-    With a session, `input_ids` are the tokens that follow what the session has seen; the result is
-    the whole sequence so far, exactly what one long generate call over the concatenation returns.
-    A session whose cache the scheduler dropped (recompute policy) has an empty cache and its token
-    ids: generate prefills them all again. `step_hook` is called after every step (tasks.StepTask).
+    With `continues`, `input_ids` are the tokens that follow what the state has seen (a session's
+    KV); the result is the whole sequence so far, exactly what one long generate call over the
+    concatenation returns. A state whose KV the scheduler dropped (recompute policy) has an empty
+    table and its token ids: generate prefills them all again. The caller reserved the blocks for
+    every token this call may add (dispatch admission). `step_hook` is called after every step.
     """
     check_generate(input_ids, kwargs)
     kwargs = dict(kwargs)
     streamer = _TokenStreamer(on_tokens) if on_tokens is not None else None
-    state = session.kv.get(model_id) if session is not None else None
-    if session is not None:
-        from transformers import DynamicCache
-
-        if state is None:
-            state = KVState(DynamicCache(config=module.config), input_ids[:, :0])
+    if state is not None:
         if state.ids.shape[0] != input_ids.shape[0]:
             raise InvalidRequest(f"session cache has batch {state.ids.shape[0]}, input has {input_ids.shape[0]}")
-        input_ids = torch.cat([state.ids, input_ids], dim=1)
+        if continues:
+            input_ids = torch.cat([state.ids, input_ids], dim=1)
+            if "attention_mask" in kwargs:
+                raise InvalidRequest("attention_mask is not supported when continuing a session's cache")
         kwargs["past_key_values"] = state.cache
-        if "attention_mask" in kwargs:
-            raise InvalidRequest("attention_mask is not supported when continuing a session's cache")
     if step_hook is not None:
         kwargs["stopping_criteria"] = StoppingCriteriaList([_StepCriterion(step_hook)])
     if seed is not None:
         torch.manual_seed(seed)  # seeds the CPU and every CUDA device, like a local torch.manual_seed
-    before = state.cache.get_seq_length() if state is not None else 0
+    before = state.table.length if state is not None else 0
     try:
         with torch.no_grad():
             out = module.generate(input_ids, streamer=streamer, **kwargs)
     except BaseException:
-        if state is not None and state.cache.get_seq_length() != before:
-            # Failed after the cache grew: it no longer matches state.ids, so it cannot be continued.
-            session.kv.pop(model_id, None)
+        if state is not None:
+            # Positions from `before` on belong to a sequence that did not happen: the KV of the tokens
+            # the state has seen is untouched (writes go to later positions only), so it goes on from there.
+            state.cache.abort_forward()
+            state.table.length = before
         raise
-    if session is not None:
+    if state is not None:
         state.ids = out
-        session.kv[model_id] = state
     return out
 
 

@@ -6,19 +6,20 @@ Python (BASELINES.md "Decode"). Here one step of every session that decodes with
 single batched call, and on CUDA that call is a captured graph per (batch bucket, length bucket).
 
 Note [Decode pool]
-    Each model that takes the fast path gets one pool `kv[layer, k|v, slot, kv_head, position, dim]`,
-    allocated once (its size is `fast_decode_pool_gb`, its rows `fast_decode_max_len` positions).
-    Active rows are kept in slots 0..n-1 with no holes: a row that leaves has the last row's KV moved
-    into its slot. So a step over n rows reads the contiguous view `kv[:, :, :B, :, :Lb]` (B, Lb the
-    buckets at or above n and the longest row) and CUDA graphs can be captured on fixed addresses.
-    Slots past n in a bucket are free: the step writes garbage there, which the next join overwrites.
+    Each model that takes the fast path gets one `DecodePool`: the rows of its batched step. It owns
+    no KV: every row reads and writes its session's blocks in the model's KV pool (djinn/vmu/kv_pool.py)
+    through `tables[slot, j]`, the block id of the row's j-th block, so joining and leaving the batch
+    copies a few block ids, never KV. Active rows are kept in slots 0..n-1 with no holes (a row that
+    leaves has the last row's ids moved into its slot), and a step over n rows runs the graph of the
+    buckets at or above n and the longest row. Slots past n point at the scratch block (Note [Scratch
+    block]): the step writes garbage there, never into a session's blocks. CUDA graphs are captured on
+    fixed addresses: the pool's tensor, the tables, ids and positions.
 
 Note [Fast path and the session cache]
-    The session's KV stays a Hugging Face DynamicCache between calls (so swap, recompute, breakpoints
-    and the eager path see what they always saw). A call prefills its new tokens eagerly into that
-    cache, copies the cache into a pool slot (one device copy), decodes in the pool, and appends the
-    generated tokens' KV back to the cache when it leaves. As with HF generate, the cache ends one
-    token short of the sequence: the last token generated has not been fed.
+    The session's KV is its block table; the eager path (a PagedCache over the same table) prefills a
+    call's new tokens, the row decodes into the blocks the dispatcher reserved for the call's new
+    tokens, and leaving sets the table's length. As with HF generate, the table ends one token short of
+    the sequence: the last token generated has not been fed.
 
 Note [Fast path numerics]
     The step reuses the model's own modules (norms, projections, rotary embedding, MLP), so only
@@ -139,11 +140,11 @@ class Row:
 
 
 class DecodePool:
-    """Owns one model's pool (Note [Decode pool]), its rows and its captured step graphs."""
+    """The batched decode step of one model (Note [Decode pool]): its rows and captured step graphs."""
 
-    def __init__(self, module: torch.nn.Module, device: torch.device, pool_bytes: int, max_len: int,
-                 graphs: bool | None = None):
-        self.module, self.device = module, device
+    def __init__(self, module: torch.nn.Module, kv_pool, rows: int, max_len: int, graphs: bool | None = None):
+        self.module, self.kv_pool = module, kv_pool
+        self.device = kv_pool.device
         cfg = module.config
         self.layers = module.model.layers
         attn = self.layers[0].self_attn
@@ -151,71 +152,55 @@ class DecodePool:
         self.kv_heads = cfg.num_key_value_heads
         self.heads = cfg.num_attention_heads
         self.dtype = next(module.parameters()).dtype
+        self.bt = kv_pool.block_tokens
         self.max_len = _bucket(max_len, 1 << 30, MIN_LEN_BUCKET)  # a power of two: buckets tile it
-        per_slot = self.slot_bytes(module, max_len)
-        self.slots = int(pool_bytes // per_slot)
+        self.slots = int(rows)
         if self.slots < 1:
-            raise ValueError(f"fast_decode_pool_gb holds no slot of {per_slot / 2**30:.2f} GiB "
-                             f"({self.max_len} positions)")
-        self.kv = torch.zeros(len(self.layers), 2, self.slots, self.kv_heads, self.max_len, self.head_dim,
-                              dtype=self.dtype, device=device)
-        self.ids = torch.zeros(self.slots, dtype=torch.long, device=device)
-        self.pos = torch.zeros(self.slots, dtype=torch.long, device=device)
+            raise ValueError(f"a decode pool needs at least one row, got {rows}")
+        self.kv = kv_pool.kv                                        # [blocks, layers, k|v, bt, heads, dim]
+        width = -(-self.max_len // self.bt)
+        self.tables = torch.zeros(self.slots, width, dtype=torch.long, device=self.device)  # 0: scratch
+        self.ids = torch.zeros(self.slots, dtype=torch.long, device=self.device)
+        self.pos = torch.zeros(self.slots, dtype=torch.long, device=self.device)
         self.rows: list[Row] = []
-        self.use_graphs = device.type == "cuda" if graphs is None else graphs
+        self.use_graphs = self.device.type == "cuda" if graphs is None else graphs
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._mempool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.steps = 0
         self.rows_stepped = 0
         self.capture_s = 0.0   # seconds spent capturing step graphs, all buckets together
 
-    @staticmethod
-    def slot_bytes(module: torch.nn.Module, max_len: int) -> int:
-        """Bytes of one session's row: every layer's K and V for the (rounded) longest sequence."""
-        cfg = module.config
-        head_dim = module.model.layers[0].self_attn.head_dim
-        itemsize = next(module.parameters()).dtype.itemsize
-        return (len(module.model.layers) * 2 * cfg.num_key_value_heads * _bucket(max_len, 1 << 30, MIN_LEN_BUCKET)
-                * head_dim * itemsize)
-
-    @property
-    def nbytes(self) -> int:
-        return self.kv.numel() * self.kv.element_size()
-
     def free_slots(self) -> int:
         return self.slots - len(self.rows)
 
     # -- rows join and leave ------------------------------------------------------------------------
-    def join(self, row: Row, cache: Any) -> None:
-        """Copy the session cache (KV of positions 0..row.start-1) into the next slot."""
-        assert len(self.rows) < self.slots
+    def join(self, row: Row, table) -> None:
+        """Point the next slot at the table's blocks (reserved up to the row's last position)."""
+        assert len(self.rows) < self.slots and table.batch == 1
+        if self.kv_pool.blocks_for(row.start + row.remaining) > len(table.rows[0]):
+            raise RuntimeError("a fast-path row joined with fewer blocks than its tokens need")
         row.slot = len(self.rows)
-        n = row.start
-        for i, layer in enumerate(cache.layers):
-            self.kv[i, 0, row.slot, :, :n].copy_(layer.keys[0])
-            self.kv[i, 1, row.slot, :, :n].copy_(layer.values[0])
+        ids = table.rows[0]
+        self.tables[row.slot].zero_()
+        self.tables[row.slot, :len(ids)].copy_(torch.tensor(ids, dtype=torch.long))
         self.rows.append(row)
 
-    def leave(self, row: Row, cache: Any) -> None:
-        """Append the KV the row made in the pool to the session cache; give its slot up."""
-        a, b = row.start, row.pos
-        if b > a:
-            for i in range(len(self.layers)):
-                k = self.kv[i, 0, row.slot, :, a:b].unsqueeze(0).clone()
-                v = self.kv[i, 1, row.slot, :, a:b].unsqueeze(0).clone()
-                cache.update(k, v, i)
+    def leave(self, row: Row, table) -> None:
+        """The row's KV is in its blocks up to its position: the table says so; its slot is given up."""
+        table.length = row.pos
         self.drop(row)
 
     def drop(self, row: Row) -> None:
-        """Give the slot up without saving (the row was cancelled); the last row moves into it."""
+        """Give the slot up; the last row moves into it, and the freed slot points at scratch again."""
         if row not in self.rows:
             return
         last = self.rows[-1]
         if last is not row:
-            self.kv[:, :, row.slot, :, :last.pos].copy_(self.kv[:, :, last.slot, :, :last.pos])
-            last.slot = row.slot
-            self.rows[row.slot] = last
+            self.tables[row.slot].copy_(self.tables[last.slot])
+            last.slot, self.rows[row.slot] = row.slot, last
         self.rows.pop()
+        self.tables[len(self.rows)].zero_()
+        self.pos[len(self.rows)] = 0
         row.slot = -1
 
     # -- one step for every row ----------------------------------------------------------------------
@@ -314,10 +299,15 @@ class DecodePool:
         """One decode step for slots 0..B-1 over positions 0..L-1; logits [B, vocab]."""
         m = self.module.model
         ids, pos = self.ids[:B], self.pos[:B]
+        nb = -(-L // self.bt)
+        Lg = nb * self.bt
         h = m.embed_tokens(ids)[:, None, :]                                    # [B, 1, hidden]
         cos, sin = m.rotary_emb(h, pos[:, None])
-        mask = (torch.arange(L, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
+        mask = (torch.arange(Lg, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
         rows = torch.arange(B, device=self.device)
+        tbl = self.tables[:B, :nb]                                             # [B, nb] block ids
+        blk = self.tables[rows, pos // self.bt]                                # [B] block of each row's token
+        off = pos % self.bt
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         for i, layer in enumerate(self.layers):
@@ -327,16 +317,18 @@ class DecodePool:
             k = attn.k_proj(x).view(B, 1, self.kv_heads, self.head_dim).transpose(1, 2)
             v = attn.v_proj(x).view(B, 1, self.kv_heads, self.head_dim).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            kc, vc = self.kv[i, 0], self.kv[i, 1]                             # [slots, kv_heads, max_len, dim]
-            kc[rows, :, pos] = k[:, :, 0]
-            vc[rows, :, pos] = v[:, :, 0]
-            o = F.scaled_dot_product_attention(q, kc[:B, :, :L], vc[:B, :, :L], attn_mask=mask,
+            kl, vl = self.kv[:, i, 0], self.kv[:, i, 1]                       # [blocks, bt, kv_heads, dim]
+            kl[blk, off] = k[:, :, 0]
+            vl[blk, off] = v[:, :, 0]
+            kc = kl[tbl].view(B, Lg, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, kv_heads, Lg, dim]
+            vc = vl[tbl].view(B, Lg, self.kv_heads, self.head_dim).transpose(1, 2)
+            o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask,
                                                scale=attn.scaling, enable_gqa=self.heads != self.kv_heads)
             h = h + attn.o_proj(o.transpose(1, 2).reshape(B, 1, self.heads * self.head_dim))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.module.lm_head(m.norm(h)[:, -1])
 
     def stats(self) -> dict:
-        return {"slots": self.slots, "rows": len(self.rows), "max_len": self.max_len, "bytes": self.nbytes,
+        return {"slots": self.slots, "rows": len(self.rows), "max_len": self.max_len,
                 "graphs": sorted(self._graphs),
                 "capture_s": round(self.capture_s, 3), "steps": self.steps, "rows_stepped": self.rows_stepped}

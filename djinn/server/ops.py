@@ -37,12 +37,12 @@ from ..protocol.indexing import apply_chain, decode_chain
 from ..protocol.messages import MsgType
 from ..protocol.tensors import dtype_name
 from ..vmu.accounting import DATA, HOST
-from ..vmu.data import aligned, kv_bytes_per_token
 from . import executor, streaming
 from .dispatch import Job
 from .fast_task import FastTask, pool_for
+from .kv_pools import pool_for as kv_pool_for
 from .fastpath import unsupported
-from .sessions import SessionState
+from .sessions import KVState, SessionState, install_restored
 
 log = logging.getLogger("djinn.ops")
 
@@ -161,8 +161,9 @@ def release_model(engine, client_id, rid, args):
     mid = _model_id(args)
     if mid in s.models:
         engine.data.forget_model(s, mid)
+        s.restored_kv.pop(mid, None)
         s.models.discard(mid)
-        engine.models.release(mid, s.sid)
+        engine.release_model(mid, s.sid)
     return {}
 
 
@@ -174,6 +175,7 @@ def forward(engine, client_id, rid, args):
     call_kwargs = _unpack_inputs(engine, s, args.get("kwargs", {}))
     if not isinstance(call_args, list) or not isinstance(call_kwargs, dict):
         raise InvalidRequest("forward needs args as a list and kwargs as a map")
+    check_prefill(engine, call_kwargs.get("input_ids", call_args[0] if call_args else None), "forward")
     held = set(s.tensors)
     out = executor.forward(entry.module, call_args, call_kwargs)
     result = {"output": _pack_outputs(s, out)}
@@ -187,7 +189,11 @@ def forward(engine, client_id, rid, args):
 
 @op
 def generate(engine, client_id, rid, args):
-    """A job for the dispatcher: it runs one decode step at a time among other sessions' (dispatch.py)."""
+    """A job for the dispatcher: it runs one decode step at a time among other sessions' (dispatch.py).
+
+    Its KV is blocks of the model's pool: the session's table (use_session_kv) or a scratch table
+    released when it ends. Admission reserves the blocks for every token it may add (`need`, so the
+    scheduler's bytes are the pool's blocks); the end gives back the ones it did not write."""
     s = engine.session(client_id, args)
     entry = _model_of(engine, s, args)
     input_ids = _unpack_inputs(engine, s, args.get("input_ids"))
@@ -196,34 +202,55 @@ def generate(engine, client_id, rid, args):
     if not isinstance(kwargs, dict):
         raise InvalidRequest("generate needs kwargs as a map")
     executor.check_generate(input_ids, kwargs)
+    check_prefill(engine, input_ids, "generate")
     on_tokens = None
     if args.get("stream"):
         def on_tokens(tokens: torch.Tensor) -> None:
             engine.send(client_id, MsgType.STREAM, {"rid": rid, "tokens": tokens.tolist()})
     use_kv = bool(args.get("use_session_kv"))
     mid = entry.model_id
-    held = s.kv.get(mid)
+    kv_pool = kv_pool_for(engine, entry)
+    install_restored(engine, s, entry, kv_pool)
+    held = s.kv.get(mid) if use_kv else None
     seen = int(held.ids.shape[1]) if held is not None else 0
-    need = 0
-    if use_kv:  # the session's KV once this call is done: the other models' as they are, this one's grown
-        batch, prompt = int(input_ids.shape[0]), seen + int(input_ids.shape[1])
-        this_now = engine.data.kv_bytes_of(s, mid)
-        new = executor.new_tokens(entry.module, prompt, kwargs)
-        grown = aligned_kv(entry, (prompt + new) * batch)
-        need = max(0, engine.data.gpu_bytes(s.sid) - this_now) + grown
-        check_gpu_quota(engine, s, need, "generate")  # Note [Session quotas]: before anything is queued
-        capacity = engine.data.capacity()
-        if need > capacity:  # it could never be admitted; queued, it would wait forever (and others behind it)
-            raise OutOfMemory(f"generate needs {need / 2**20:.3f} MiB of KV ({prompt} + {new} tokens x batch "
-                              f"{batch}); the Data segment holds at most {capacity / 2**20:.3f} MiB")
+    batch, prompt = int(input_ids.shape[0]), seen + int(input_ids.shape[1])
+    new = executor.new_tokens(entry.module, prompt, kwargs)
+    tokens = prompt + new
+    grown = kv_pool.bytes_for(tokens, batch)
+    # The session's KV once this call is done: the other models' as they are, this one's grown.
+    need = max(0, engine.data.gpu_bytes(s.sid) - engine.data.kv_bytes_of(s, mid)) + grown if use_kv else grown
+    check_gpu_quota(engine, s, need, "generate")  # Note [Session quotas]: before anything is queued
+    capacity = kv_pool.alloc.total * kv_pool.block_bytes
+    if grown > capacity:  # it could never be admitted; queued, it would wait forever (and others behind it)
+        raise OutOfMemory(f"generate needs {grown / 2**20:.3f} MiB of KV ({prompt} + {new} tokens x batch "
+                          f"{batch}); the model's KV pool holds at most {capacity / 2**20:.3f} MiB")
+    box: dict[str, Any] = {}
+
+    def reserve() -> bool:  # at start: the scheduler has brought the session's KV back (or dropped it)
+        state = s.kv.get(mid) if use_kv else None
+        if state is None:
+            state = KVState.empty(kv_pool, input_ids[:, :0])
+            if use_kv:
+                s.kv[mid] = state
+        if not kv_pool.reserve(state.table, tokens):
+            return False
+        if use_kv and state.table.length == 0 and state.ids.shape[1]:
+            engine.data.recomputing(s, int(state.ids.shape[1]))  # dropped by the recompute policy
+        box["state"] = state
+        return True
+
+    def release() -> None:  # at the end, or when the job is dropped: blocks it reserved and did not write
+        state = box.pop("state", None)
+        if state is None:
+            return
+        if use_kv and s.kv.get(mid) is state:
+            kv_pool.trim(state.table)
+        else:
+            kv_pool.release(state.table)
 
     def body(step_hook):
-        if use_kv:
-            kv = s.kv.get(mid)
-            if kv is not None and kv.cache.get_seq_length() == 0 and kv.ids.shape[1]:
-                engine.data.recomputing(s, int(kv.ids.shape[1]))  # dropped by the recompute policy
-        out = executor.generate(entry.module, s if use_kv else None, mid, input_ids, kwargs, seed, on_tokens,
-                                step_hook)
+        out = executor.generate(entry.module, box["state"], input_ids, kwargs, seed, on_tokens, step_hook,
+                                continues=use_kv)
         return {"sequences": out.cpu()}
 
     sampling = bool(kwargs.get("do_sample", getattr(entry.module.generation_config, "do_sample", False)))
@@ -231,20 +258,27 @@ def generate(engine, client_id, rid, args):
     if why is None:
         try:
             pool = pool_for(engine, entry)
-        except (ValueError, torch.OutOfMemoryError) as e:  # no room for a pool: decode eagerly
+        except (ValueError, torch.OutOfMemoryError) as e:  # no room for a decode pool: decode eagerly
             why = f"no decode pool: {e}"
     s.decode["eager" if why else "fast"] += 1
     s.eager_why = why or s.eager_why
     make_task = None
     if why is None:
-        max_new = executor.new_tokens(entry.module, (seen if use_kv else 0) + int(input_ids.shape[1]), kwargs)
+        def make_task():
+            return FastTask(pool, box["state"], input_ids, kwargs, seed, on_tokens, new, engine.cfg.max_prefill_tokens,
+                            continues=use_kv)
+    return Job(s, mid, need, body, sampling, engine.device, uses_kv=use_kv, make_task=make_task,
+               reserve=reserve, release=release)
 
-        def make_task():  # at start: the scheduler has brought the session's KV back (or dropped it) by now
-            kv = s.kv.get(mid) if use_kv else None
-            if kv is not None and kv.cache.get_seq_length() == 0 and kv.ids.shape[1]:
-                engine.data.recomputing(s, int(kv.ids.shape[1]))  # dropped by the recompute policy
-            return FastTask(pool, s if use_kv else None, mid, input_ids, kwargs, seed, on_tokens, max_new)
-    return Job(s, mid, need, body, sampling, engine.device, uses_kv=use_kv, make_task=make_task)
+
+def check_prefill(engine, input_ids: Any, what: str) -> None:
+    """Note [Stack reserve] in kv_pools.py: no call feeds more new tokens at once than were measured."""
+    if isinstance(input_ids, torch.Tensor) and input_ids.dim() >= 1:
+        n = input_ids.numel() if input_ids.dim() <= 2 else int(input_ids.shape[0]) * int(input_ids.shape[1])
+        limit = engine.cfg.max_prefill_tokens
+        if n > limit:
+            raise InvalidRequest(f"{what} feeds {n} tokens at once (batch x length), over max_prefill_tokens="
+                                 f"{limit}; split the input or start the server with a larger --max-prefill-tokens")
 
 
 def _why_eager(engine, entry, s, input_ids, kwargs: dict, deterministic, use_kv: bool) -> str | None:
@@ -318,11 +352,12 @@ def stats(engine, client_id, rid, args):
         s.sid: {
             "name": s.name if s.client_id == client_id else None,
             "mine": s.client_id == client_id,
-            **engine.data.stats(s.sid),
+            **engine.data.stats(s.sid, s),
             "paused": s.state == SessionState.PAUSED,
             "job": engine.dispatch.describe(s.sid, now) if s.client_id == client_id else None,
             "tensors": len(s.tensors),
-            "kv_tokens": {mid: int(kv.ids.shape[1]) for mid, kv in s.kv.items()},
+            "kv_tokens": {**{mid: int(ids.shape[1]) for mid, (ids, _) in s.restored_kv.items()},
+                          **{mid: int(kv.ids.shape[1]) for mid, kv in s.kv.items()}},
             "models": sorted(s.models),
             "idle_s": round(now - s.last_active, 3),
             "paused_bytes": engine.runs.paused_bytes(s.sid),
@@ -335,7 +370,9 @@ def stats(engine, client_id, rid, args):
     models = {
         m.model_id: {"architecture": m.arch, "bytes": m.nbytes, "sessions": sorted(m.refs),
                      **({"streaming": m.streamed.stats()} if m.streamed is not None else {}),
-                     **({"fast_decode": m.fast.stats()} if m.fast is not None else {})}
+                     **({"fast_decode": m.fast.stats()} if m.fast is not None else {}),
+                     **({"kv_pool": engine.data.pools[m.model_id].plan.as_dict()}
+                        if m.model_id in engine.data.pools else {})}
         for m in engine.models
     }
     text_bytes, host_bytes = streaming.segment_bytes(engine.text, engine.models)
@@ -345,7 +382,8 @@ def stats(engine, client_id, rid, args):
         "device": str(engine.device),
         "segments": {"text": text_bytes, "data": data, "stack": engine.runs.stack_bytes(), "host": host_bytes + swapped,
                      "uploads_in_flight": engine.uploads.nbytes,
-                     "decode_pools": sum(m.fast.nbytes for m in engine.models if m.fast is not None)},
+                     "kv_pools": sum(p.nbytes for p in engine.data.pools.values())},
+        "kv": engine.data.kv_summary(),
         "scheduler": {"policy": engine.policy.name, "queued": engine.dispatch.queue_length(),
                       "decisions": engine.dispatch.decisions, **engine.data.summary()},
         "quotas": vars(engine.dispatch.quotas).copy(),
@@ -401,15 +439,6 @@ def _quota_stats(engine, s, mine: bool) -> dict:
 def _attach(engine, s, entry) -> None:
     engine.models.acquire(entry, s.sid)
     s.models.add(entry.model_id)
-
-
-def aligned_kv(entry, tokens: int) -> int:
-    """GPU bytes of a KV cache of `tokens` tokens (summed over the batch) for this model, as the Data
-    segment counts them: per layer, keys and values each rounded up to the allocator's granule."""
-    dtype = next((p.dtype for p in entry.module.parameters() if p.is_floating_point()), torch.float32)
-    per_token = kv_bytes_per_token(entry.module.config, dtype)
-    layers = max(1, getattr(entry.module.config, "num_hidden_layers", 1) or 1)
-    return 2 * layers * aligned(per_token * tokens // (2 * layers)) if tokens else 0
 
 
 def pinned_tensors(s, args: dict, op_name: str) -> dict:

@@ -11,7 +11,9 @@ from ..protocol.errors import InvalidRequest, QuotaExceeded
 from .breakpoints import Call, parse_breakpoints
 from .graph_ops import graph_call
 from .graph_runs import GraphModule
-from .ops import _model_of, _seed, _unpack_inputs, op, over_gpu_quota
+from . import executor
+from .kv_pools import pool_for as kv_pool_for
+from .ops import _model_of, _seed, _unpack_inputs, check_prefill, op, over_gpu_quota
 
 METHODS = ("forward", "generate")
 
@@ -40,7 +42,12 @@ def start(engine, client_id, rid, args):
     seed = _seed(args)
     _check_run_limit(engine, s)
     specs = parse_breakpoints(entry.module, args.get("breakpoints", []), method)
-    call = Call(entry.module, method, call_args, call_kwargs, seed, engine.device)
+    kv_pool = None
+    if method == "generate":
+        executor.check_generate(call_args[0], call_kwargs)
+        check_prefill(engine, call_args[0], "a generate run")
+        kv_pool = kv_pool_for(engine, entry)
+    call = Call(entry.module, method, call_args, call_kwargs, seed, engine.device, kv_pool)
     held = set(s.tensors)
     run = engine.runs.start(s, entry.model_id, call, specs)
     return _reply(engine, s, run, held, t0)

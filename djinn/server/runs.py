@@ -19,7 +19,7 @@ from ..protocol.errors import InvalidRequest, RemoteExecutionError
 from ..protocol.tensors import dtype_name
 from . import edits
 from .breakpoints import BreakpointSpec, Call, LoggedEdit, Replay, Run, RunState
-from .sessions import Session, SessionState, _cache_nbytes
+from .sessions import Session, SessionState
 
 log = logging.getLogger("djinn.runs")
 
@@ -161,7 +161,7 @@ class RunTable:
         if run.stop is None:
             return 0
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in run.stop.tensors}
-        return sum(storages.values()) + (_cache_nbytes(run.cache) if run.cache is not None else 0)
+        return sum(storages.values()) + _cache_bytes(run.cache)
 
     def paused_bytes(self, sid: str) -> int:
         return sum(self.paused_bytes_of(r) for r in self.of_session(sid))
@@ -223,3 +223,15 @@ def _pack_output(s: Session, out: Any, method: str) -> Any:
         return NotImplemented
 
     return structure.pack(out, leaf)
+
+
+def _cache_bytes(cache: Any) -> int:
+    """Bytes of KV a paused run's cache holds: its blocks (a paged cache) or its tensors."""
+    if cache is None:
+        return 0
+    table, pool = getattr(cache, "table", None), getattr(cache, "pool", None)
+    if table is not None and pool is not None:
+        return table.blocks * pool.block_bytes
+    return sum(t.numel() * t.element_size() for layer in getattr(cache, "layers", []) or []
+               for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+               if isinstance(t, torch.Tensor) and t.device.type != "meta")

@@ -42,7 +42,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="signal policy: swap out every session that signals IO_WAIT")
     p.add_argument("--host-pool-gb", type=float, dest="host_pool_gb", help="pinned host pool for swapped KV (GiB)")
     p.add_argument("--data-budget-gb", type=float, dest="data_budget_gb",
-                   help="GPU GiB for sessions' KV caches and tensors (default: what is free)")
+                   help="GiB of each model's KV pool (default: the device after weights and the Stack reserve)")
+    p.add_argument("--kv-block-tokens", type=int, dest="kv_block_tokens", help="tokens per KV block (default 16)")
+    p.add_argument("--max-prefill-tokens", type=int, dest="max_prefill_tokens",
+                   help="largest batch x new tokens one call feeds; sizes the Stack reserve (default 4096)")
     p.add_argument("--parent-pid", type=int, help="exit when this process is gone (embedded servers)")
     p.add_argument("--no-supervise", action="store_true",
                    help="run the server in this process, with no supervisor to restart it when it dies")
@@ -59,8 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="per-session cap on requests waiting in the engine queue")
     p.add_argument("--fast-decode", dest="fast_decode", choices=["auto", "on", "off"],
                    help="batched, CUDA-graph decode for Llama-family models (auto: on CUDA devices)")
-    p.add_argument("--fast-decode-pool-gb", type=float, dest="fast_decode_pool_gb",
-                   help="GPU GiB of each fast-path model's KV pool (default: a quarter of free memory, <= 64 rows)")
+    p.add_argument("--fast-decode-max-batch", type=int, dest="fast_decode_max_batch",
+                   help="rows of one batched decode step (default: what 4 GiB of workspace holds, <= 64)")
     p.add_argument("--fast-decode-max-len", type=int, dest="fast_decode_max_len",
                    help="longest sequence the fast path takes (default 4096)")
     p.add_argument("--fast-decode-capture", dest="fast_decode_capture", choices=["lazy", "all"],
@@ -105,7 +108,8 @@ def main(argv=None) -> int:
                         data_budget_gb=args.data_budget_gb, drain_timeout_s=args.drain_timeout_s,
                         metrics_port=args.metrics_port, quota_gpu_gb=args.quota_gpu_gb,
                         quota_host_gb=args.quota_host_gb, quota_queued_requests=args.quota_queued_requests,
-                        fast_decode=args.fast_decode, fast_decode_pool_gb=args.fast_decode_pool_gb,
+                        fast_decode=args.fast_decode, fast_decode_max_batch=args.fast_decode_max_batch,
+                        kv_block_tokens=args.kv_block_tokens, max_prefill_tokens=args.max_prefill_tokens,
                         fast_decode_max_len=args.fast_decode_max_len,
                         fast_decode_capture=args.fast_decode_capture, checkpoint_dir=args.checkpoint_dir,
                         log_format=args.log_format, log_level=args.log_level).validate()

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..protocol.errors import HandleNotFound, QuotaExceeded, SessionNotFound
+from ..protocol.errors import HandleNotFound, InvalidRequest, OutOfMemory, QuotaExceeded, SessionNotFound
 
 log = logging.getLogger("djinn.sessions")
 
@@ -26,14 +26,30 @@ class SessionState(enum.IntEnum):
 
 @dataclass
 class KVState:
-    """A session's cache for one model: the tokens it covers and the HF cache object."""
+    """A session's KV for one model: the tokens it covers and the cache over its blocks.
+
+    `cache` is a PagedCache (djinn/server/paged_cache.py) over `table`, the session's block table in
+    the model's pool (djinn/vmu/kv_pool.py). `ids` are every token seen so far; the table holds the KV
+    of the first `table.length` of them (fewer after the scheduler dropped it: the next generate
+    prefills the rest, Note [Paged layers and the write position])."""
 
     cache: object
     ids: torch.Tensor  # [batch, tokens seen so far], on the device
 
     @property
+    def table(self):
+        return self.cache.table
+
+    @property
     def nbytes(self) -> int:
-        return _cache_nbytes(self.cache)
+        return self.cache.table.blocks * self.cache.pool.block_bytes
+
+    @classmethod
+    def empty(cls, pool, ids: torch.Tensor) -> "KVState":
+        """No KV yet: a table of `ids`' batch rows and no blocks; `ids` [batch, 0] on the device."""
+        from .paged_cache import PagedCache
+
+        return cls(PagedCache(pool, pool.new_table(int(ids.shape[0]))), ids)
 
 
 @dataclass
@@ -51,6 +67,7 @@ class Session:
     stack: dict[str, torch.Tensor] = field(default_factory=dict)    # handle -> stop tensor of a parked run (RunTable's)
     decode: dict[str, int] = field(default_factory=lambda: {"fast": 0, "eager": 0})  # generates per path
     eager_why: str | None = None
+    restored_kv: dict = field(default_factory=dict)  # model id -> (ids, layers) from a checkpoint, until first use
     checkpoint_token: str | None = None  # written to host memory at shutdown (djinn/server/checkpoint.py)                                    # why the last eager generate was not fast
 
     def add_tensor(self, t: torch.Tensor) -> str:
@@ -113,11 +130,24 @@ class SessionTable:
         return [s for s in self._sessions.values() if now - s.last_active > timeout_s]
 
 
-def _cache_nbytes(cache: object) -> int:
-    total = 0
-    for layer in getattr(cache, "layers", []) or []:
-        for name in ("keys", "values"):
-            t = getattr(layer, name, None)
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
+def install_restored(engine, s, entry, pool) -> None:
+    """A restored session's first call with this model: its KV goes into blocks of the model's pool."""
+    held = s.restored_kv.get(entry.model_id)
+    if held is None:
+        return
+    ids, layers = held
+    shape = pool.shape
+    if len(layers) != shape.layers or any(kv["keys"].shape[1] != shape.kv_heads or kv["keys"].shape[3] != shape.head_dim
+                                          for kv in layers.values()):
+        raise InvalidRequest(f"the restored KV of model {entry.model_id[:12]} does not fit the model's shape")
+    tokens = next(iter(layers.values()))["keys"].shape[2] if layers else 0
+    state = KVState.empty(pool, ids[:, :0].to(engine.device))
+    if not pool.reserve(state.table, tokens):
+        raise OutOfMemory(f"the restored session's {tokens} tokens of KV do not fit the model's free KV blocks now")
+    for i, kv in layers.items():
+        pool.write(state.table, i, kv["keys"].to(engine.device), kv["values"].to(engine.device), 0)
+    state.table.length = tokens
+    state.ids = ids.to(engine.device)
+    del s.restored_kv[entry.model_id]
+    s.kv[entry.model_id] = state
+    engine.data.sync(s)

@@ -1,30 +1,34 @@
-"""The Data segment on the server: where each session's KV caches are, and moving them (DESIGN.md §3).
+"""The Data segment on the server: the KV block pools, where each session's KV is, and moving it.
 
-`DataSegment` owns, per session, the scheduler's view of its KV (`SessionState`), its swapped-out copy
-in the pinned host pool, the swap in flight, the I/O-wait signal and the counters `djinn.stats()`
-shows; and, for the whole server, the host pool, the swapper and the byte accounting. The engine
-thread is its only user. It executes what the scheduler decides (swap out, drop, prefetch) and
-reports what completed (`poll`); it decides nothing itself.
+DESIGN.md section 3. `DataSegment` owns every model's KV pool (kv_pool.py: fixed-size blocks
+allocated once), the pinned host pool, the swapper, the byte accounting, and per session the
+scheduler's view of its KV (`SessionState`), the swaps in flight, the I/O-wait signal and the
+counters `djinn.stats()` shows. The engine thread is its only user. It executes what the scheduler
+decides (swap out, drop, prefetch) and reports what completed (`poll`); it decides nothing itself.
 
 Note [What the scheduler moves]
-    A session's KV caches (every model it generated with) move as one unit: one host region, one
-    copy per cache tensor. The session's named tensors (outputs the client holds handles to) stay on
-    the device: they are charged to the session's Data segment and count against the GPU budget, but
-    the scheduler never moves them, so a handle is always readable without a swap-in. Bytes are
-    counted rounded up to the pool's alignment (512, also the CUDA caching allocator's granule), so
-    the scheduler's arithmetic matches what the pool and the allocator hand out.
+    A session's KV (its block tables, every model it generated with) moves as one unit: per model
+    one host region holding its blocks in table order, filled by one copy per run of consecutive
+    block ids (blocks are large: 16 tokens of every layer). The session's named tensors (outputs the
+    client holds handles to) stay on the device: they are charged to the session's Data segment but
+    are not KV, so the scheduler neither counts nor moves them. GPU bytes of KV are whole blocks, so
+    the scheduler's byte arithmetic is the allocator's block arithmetic.
+
+Note [Blocks in flight]
+    A swap-out keeps its device blocks held until its copy completes (`poll`): another session may
+    not write them while the side stream still reads them. A prefetch reserves its destination blocks
+    before its copy starts; when the pool has too few it starts nothing and returns False, and the
+    dispatcher fails the waiting request with a typed error instead of retrying in a loop.
 
 Note [Host quota]
     `host_quota` (bytes, from the server's quota_host_gb; None: no limit) caps what one session may hold
     in the host pool. `swap_out` refuses (returns False, moves nothing) a session whose KV would take
-    it past the quota, so that session stays on the GPU, counted against the GPU budget as before. The
-    dispatcher also hides such a session from the policies' victim lists (`swappable`), so a request
-    that needs room gets it from sessions that can move instead of waiting for one that never will.
+    it past the quota, so that session stays on the GPU. The dispatcher also hides such a session from
+    the policies' victim lists (`swappable`).
 """
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -32,7 +36,8 @@ import torch
 from ..scheduler.types import MemoryView, SessionState
 from .accounting import DATA, HOST, Accounting
 from .host_pool import HostPool
-from .swap import HostCopy, KVName, SwapHandle, Swapper, cache_tensors, release_cache, restore_cache
+from .kv_pool import KVPool, KVTable
+from .swap import HostCopy, Slot, SwapHandle, Swapper
 
 log = logging.getLogger("djinn.vmu.data")
 
@@ -51,6 +56,7 @@ class Counters:
     bytes_moved: int = 0
     prefetch_hits: int = 0     # a request found its KV back on the GPU after a swap-out
     prefetch_misses: int = 0   # a request found its KV still in (or on its way to) the host
+    prefetch_failures: int = 0  # a prefetch found too few free blocks (Note [Blocks in flight])
     drops: int = 0
     recomputed_tokens: int = 0
     queue_s: float = 0.0
@@ -60,35 +66,55 @@ class Counters:
 
 
 @dataclass
+class Away:
+    """One model's KV of a session in the host pool: its blocks in table order, `per_row` per row."""
+
+    host: HostCopy
+    per_row: int
+
+
+@dataclass
 class SessionMemory:
-    """One session's KV residency. `names` lists (model id, cache tensor name) in host-region order."""
+    """One session's KV residency."""
 
     state: SessionState = SessionState.NEW
     io_wait_since: float | None = None
     io_eta_s: float | None = None
-    host: HostCopy | None = None
-    names: list[tuple[str, KVName]] = field(default_factory=list)
-    handle: SwapHandle | None = None
+    inflight: list[tuple[KVTable, SwapHandle]] = field(default_factory=list)
     swapped_in_wait: bool = False  # swapped out since the session's last request: the next one is a hit or miss
     returned: bool = False         # COMPUTE came while the KV was away: ACTIVE (not IO_WAIT) once back
     counters: Counters = field(default_factory=Counters)
 
 
 class DataSegment:
-    def __init__(self, device: torch.device, host_pool_bytes: int, budget_bytes: int | None,
-                 swap_bw: float, reserve_bytes: int = GIB, host_quota: int | None = None):
+    def __init__(self, device: torch.device, host_pool_bytes: int, swap_bw: float, host_quota: int | None = None):
         self.device = device
         self.pool = HostPool(host_pool_bytes)
         self.swapper = Swapper(self.pool, device)
         self.acct = Accounting()
-        self.budget = budget_bytes
-        self.reserve = reserve_bytes
         self.swap_bw = float(swap_bw)
         self.host_quota = host_quota  # Note [Host quota]
         self.totals = Counters()
+        self.pools: dict[str, KVPool] = {}   # model id -> its KV pool
         self._mem: dict[str, SessionMemory] = {}
         self._tensor_bytes: dict[str, int] = {}
-        self._inflight: dict[str, object] = {}  # sid -> Session with a swap in flight
+        self._away: dict[int, Away] = {}     # id(table) -> its host copy, while not on the device
+        self._sessions: dict[str, object] = {}  # sid -> Session with a swap in flight
+
+    # -- pools -----------------------------------------------------------------------------------
+    def add_pool(self, mid: str, pool: KVPool) -> None:
+        assert mid not in self.pools, mid
+        self.pools[mid] = pool
+
+    def drop_pool(self, mid: str) -> KVPool | None:
+        """The model is gone: its pool's memory goes back (no session holds its blocks any more)."""
+        pool = self.pools.pop(mid, None)
+        if pool is not None and pool.alloc.held:
+            log.warning("KV pool of %s dropped with %d blocks held", mid[:12], pool.alloc.held)
+        return pool
+
+    def table_pool(self, s, mid: str) -> KVPool | None:
+        return self.pools.get(mid) if mid in s.kv else None
 
     # -- sessions --------------------------------------------------------------------------------
     def mem(self, sid: str) -> SessionMemory:
@@ -100,56 +126,89 @@ class DataSegment:
     def sync(self, s) -> None:
         """Charge the session what it holds now (after a request changed its KV or tensors)."""
         m = self.mem(s.sid)
-        kv = self.kv_bytes(s) if m.state.resident or m.state == SessionState.NEW else self._held_gpu(m)
-        if m.state == SessionState.NEW and kv:
+        kv = self.kv_bytes(s)
+        if m.state in (SessionState.NEW, SessionState.DROPPED) and kv and not m.inflight:
             m.state = SessionState.ACTIVE
         tensors = _tensor_bytes(s.tensors)
         self._tensor_bytes[s.sid] = tensors
         self._set(s.sid, DATA, kv + tensors)
-        self._set(s.sid, HOST, m.host.alloc.nbytes if m.host is not None else 0)
+        self._set(s.sid, HOST, self.host_bytes(s.sid, s))
 
     def close(self, s) -> dict:
-        """Forget the session: wait for a swap in flight, free its host region. Returns its counters."""
+        """Forget the session: wait for its swaps in flight, free its blocks and host regions."""
         m = self._mem.pop(s.sid, None)
-        self._inflight.pop(s.sid, None)
+        self._sessions.pop(s.sid, None)
         if m is not None:
-            if m.handle is not None:
-                m.handle.wait()
-                if m.handle.direction == "in":
-                    self.swapper.release(m.host)
-                m.handle = None
-            if m.host is not None and m.state in (SessionState.SWAPPING_OUT, SessionState.SWAPPED):
-                self.swapper.release(m.host)
-            m.host = None
+            for _, h in m.inflight:
+                h.wait()
+            m.inflight.clear()
+        for mid, kv in list(s.kv.items()):
+            self._free_table(mid, kv.table)
         self._tensor_bytes.pop(s.sid, None)
         self.acct.close_session(s.sid)
         return m.counters.as_dict() if m is not None else Counters().as_dict()
+
+    def _free_table(self, mid: str, table: KVTable) -> None:
+        pool = self.pools.get(mid)
+        if pool is not None and table.blocks:
+            pool.release(table)
+        away = self._away.pop(id(table), None)
+        if away is not None:
+            self.swapper.release(away.host)
 
     def kv_bytes(self, s) -> int:
         return sum(self.kv_bytes_of(s, mid) for mid in s.kv)
 
     def kv_bytes_of(self, s, mid: str) -> int:
-        """Bytes of the session's resident cache for one model (0 when it has none on the device)."""
+        """Bytes of the session's KV blocks for one model on the device (reserved ones included)."""
         kv = s.kv.get(mid)
-        if kv is None:
+        pool = self.pools.get(mid)
+        if kv is None or pool is None:
             return 0
-        return sum(aligned(t.numel() * t.element_size()) for t in cache_tensors(kv.cache).values())
+        return kv.table.blocks * pool.block_bytes
 
     def gpu_bytes(self, sid: str) -> int:
         """Bytes of KV the scheduler may move, charged on the GPU (Note [What the scheduler moves])."""
         return self.acct.session(sid)[DATA] - self._tensor_bytes.get(sid, 0)
 
     def tensor_bytes(self, sid: str) -> int:
-        """Bytes of the tensors the session holds (handles), charged to its Data segment on the GPU."""
         return self._tensor_bytes.get(sid, 0)
 
     def swappable(self, sid: str, nbytes: int) -> bool:
         """Whether `nbytes` more of the session's KV may go to the host pool (Note [Host quota])."""
-        return self.host_quota is None or self.host_bytes(sid) + nbytes <= self.host_quota
+        return self.host_quota is None or self.acct.session(sid)[HOST] + nbytes <= self.host_quota
 
-    def host_bytes(self, sid: str) -> int:
-        m = self._mem.get(sid)
-        return m.host.alloc.nbytes if m is not None and m.host is not None else 0
+    def host_bytes(self, sid: str, s=None) -> int:
+        if s is None:
+            return self.acct.session(sid)[HOST]
+        return sum(a.host.alloc.nbytes for kv in s.kv.values() if (a := self._away.get(id(kv.table))))
+
+    def host_blocks(self, s) -> int:
+        return sum(len(kv.table.rows) * a.per_row for kv in s.kv.values() if (a := self._away.get(id(kv.table))))
+
+    def kv_layers(self, s, mid: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The session's KV for one model as CPU tensors, per layer (keys, values) [batch, kv_heads,
+        tokens, head_dim], wherever its blocks are (checkpoints). Waits for a swap in flight."""
+        kv, pool = s.kv[mid], self.pools.get(mid)
+        t = kv.table
+        for x, h in self.mem(s.sid).inflight:
+            if x is t:
+                h.wait()
+        if pool is None or t.length == 0:
+            return []
+        away = self._away.get(id(t))
+        if away is not None and not t.blocks:  # only in the host pool
+            blocks = self._host_blocks(away.host).reshape(t.batch, away.per_row, *pool.kv.shape[1:])
+        else:
+            blocks = pool.kv[pool.device_rows(t)].cpu()             # [batch, nb, layers, k|v, bt, heads, dim]
+        out = []
+        for layer in range(pool.shape.layers):
+            kv2 = []
+            for j in (0, 1):
+                x = blocks[:, :, layer, j].reshape(t.batch, -1, pool.shape.kv_heads, pool.shape.head_dim)
+                kv2.append(x[:, :t.length].transpose(1, 2).contiguous().cpu())
+            out.append((kv2[0], kv2[1]))
+        return out
 
     # -- signals ---------------------------------------------------------------------------------
     def io_wait(self, sid: str, now: float, eta_s: float | None) -> None:
@@ -162,7 +221,7 @@ class DataSegment:
         """The session is back: resident, it is ACTIVE; away, it is due now (the policy prefetches it)."""
         m = self.mem(sid)
         if m.state.in_host_tier and m.io_wait_since is not None:
-            m.io_eta_s = max(0.0, now - m.io_wait_since)  # due now: the policy prefetches it
+            m.io_eta_s = max(0.0, now - m.io_wait_since)
             m.returned = True
             return
         m.io_wait_since = m.io_eta_s = None
@@ -187,49 +246,73 @@ class DataSegment:
 
     # -- scheduler actions -------------------------------------------------------------------------
     def swap_out(self, s) -> bool:
+        """Start copying every block the session holds to the host pool (Note [Blocks in flight])."""
         m = self.mem(s.sid)
-        names, tensors = [], []
-        for mid, kv in s.kv.items():
-            for name, t in cache_tensors(kv.cache).items():
-                names.append((mid, name))
-                tensors.append(t)
-        if not tensors:
+        tables = [(self.pools[mid], kv.table) for mid, kv in s.kv.items()
+                  if mid in self.pools and kv.table.blocks and id(kv.table) not in self._away]
+        if not tables:
             return False
-        nbytes = sum(aligned(t.numel() * t.element_size()) for t in tensors)
+        nbytes = sum(aligned(t.blocks * p.block_bytes) for p, t in tables)
         if not self.swappable(s.sid, nbytes):  # Note [Host quota]: it stays on the GPU
             log.info("swap-out of session %s refused: %d bytes of KV exceed its host quota of %d bytes",
                      s.sid[:8], nbytes, self.host_quota)
             return False
-        handle = self.swapper.swap_out(tensors)
-        if handle is None:
-            log.warning("swap-out of session %s: the host pool has no block of %d bytes", s.sid[:8], nbytes)
-            return False
-        del tensors
-        for kv in s.kv.values():
-            release_cache(kv.cache)
-        m.names, m.host, m.handle = names, handle.host, handle
+        hosts = []
+        for p, t in tables:
+            a = self.pool.allocate(t.blocks * p.block_bytes)
+            if a is None:
+                for h in hosts:
+                    self.pool.release(h.alloc)
+                log.warning("swap-out of session %s: the host pool has no region of %d bytes", s.sid[:8], nbytes)
+                return False
+            hosts.append(HostCopy(a, (Slot(0, t.blocks * p.block_bytes, (t.blocks, *p.kv.shape[1:]), p.kv.dtype),)))
+        for (p, t), host in zip(tables, hosts):
+            region = self._host_blocks(host)                                     # [blocks, ...] on the host
+            ids = t.ids()
+            dsts = [region[j:j + n] for j, _, n in p.runs(ids)]
+            srcs = [p.kv[b:b + n] for _, b, n in p.runs(ids)]
+            handle = self.swapper.start("out", host, dsts, srcs, keep=srcs)
+            self._away[id(t)] = Away(host, len(t.rows[0]))
+            m.inflight.append((t, handle))
         m.state, m.swapped_in_wait = SessionState.SWAPPING_OUT, True
-        self._inflight[s.sid] = s
-        self._set(s.sid, HOST, m.host.alloc.nbytes)
+        self._sessions[s.sid] = s
+        self._set(s.sid, HOST, self.host_bytes(s.sid, s))
         return True
 
     def prefetch(self, s) -> bool:
+        """Reserve the blocks, then start the copies back. False (nothing started) when a pool has
+        too few free blocks (Note [Blocks in flight])."""
         m = self.mem(s.sid)
-        assert m.state == SessionState.SWAPPED and m.host is not None, m.state
-        handle = self.swapper.swap_in(m.host)
-        if handle is None:  # the device could not allocate it: stays swapped, the scheduler retries
-            log.warning("prefetch of session %s: device out of memory", s.sid[:8])
-            return False
-        m.handle, m.state = handle, SessionState.PREFETCHING
-        self._inflight[s.sid] = s
-        self._set(s.sid, DATA, m.host.alloc.nbytes + self._tensor_bytes.get(s.sid, 0))
+        assert m.state == SessionState.SWAPPED, m.state
+        todo = [(self.pools[mid], kv.table) for mid, kv in s.kv.items() if id(kv.table) in self._away]
+        got = []
+        for p, t in todo:
+            if not p.reserve(t, self._away[id(t)].per_row * p.block_tokens):
+                for q, u in got:
+                    q.release(u)
+                log.warning("prefetch of session %s: its KV pool has too few free blocks", s.sid[:8])
+                for c in (m.counters, self.totals):
+                    c.prefetch_failures += 1
+                return False
+            got.append((p, t))
+        for p, t in todo:
+            away = self._away[id(t)]
+            region = self._host_blocks(away.host)
+            ids = t.ids()
+            dsts = [p.kv[b:b + n] for _, b, n in p.runs(ids)]
+            srcs = [region[j:j + n] for j, _, n in p.runs(ids)]
+            m.inflight.append((t, self.swapper.start("in", away.host, dsts, srcs)))
+        m.state = SessionState.PREFETCHING
+        self._sessions[s.sid] = s
+        self.sync(s)
         return True
 
-    def drop(self, s, fresh_cache) -> None:
-        """Discard the session's KV caches, keeping the token ids: its next generate prefills them."""
+    def drop(self, s) -> None:
+        """Discard the session's KV, keeping its token ids: its next generate prefills them again."""
         m = self.mem(s.sid)
         for mid, kv in s.kv.items():
-            kv.cache = fresh_cache(mid)
+            self._free_table(mid, kv.table)
+            kv.table.length = 0
         m.state = SessionState.DROPPED
         for c in (m.counters, self.totals):
             c.drops += 1
@@ -241,97 +324,111 @@ class DataSegment:
             c.recomputed_tokens += tokens
 
     def forget_model(self, s, mid: str) -> None:
-        """Drop the session's cache for one model, wherever it is."""
+        """Drop the session's KV for one model, wherever it is."""
         m = self.mem(s.sid)
-        if m.handle is not None:
-            m.handle.wait()
+        kv = s.kv.get(mid)
+        if kv is not None:
+            for t, h in [x for x in m.inflight if x[0] is kv.table]:
+                h.wait()
             self.poll()
-        s.kv.pop(mid, None)
-        if m.state == SessionState.SWAPPED:
-            m.names = [(i, n) for i, n in m.names if i != mid]
-            if not m.names:
-                self.swapper.release(m.host)
-                m.host, m.state = None, SessionState.NEW
+            self._free_table(mid, kv.table)
+            del s.kv[mid]
+        if not any(id(k.table) in self._away for k in s.kv.values()) and m.state.in_host_tier:
+            m.state = SessionState.ACTIVE if s.kv else SessionState.NEW
         elif not s.kv and m.state in (SessionState.ACTIVE, SessionState.IO_WAIT, SessionState.DROPPED):
             m.state = SessionState.NEW
         self.sync(s)
 
     # -- completions -----------------------------------------------------------------------------
     def poll(self) -> list[str]:
-        """Finish the swaps whose copies are done; returns their session ids."""
+        """Finish the swaps whose copies are done; returns the sessions whose every swap completed."""
         done = []
-        for sid, s in list(self._inflight.items()):
-            m = self._mem[sid]
-            h = m.handle
-            if h is None or not h.done():
+        for sid, s in list(self._sessions.items()):
+            m = self._mem.get(sid)
+            if m is None:
+                del self._sessions[sid]
                 continue
-            del self._inflight[sid]
-            m.handle = None
-            self._measured(h)
-            for c in (m.counters, self.totals):
-                c.bytes_moved += h.nbytes
+            still = []
+            for t, h in m.inflight:
+                if not h.done():
+                    still.append((t, h))
+                    continue
+                self._measured(h)
+                mid = next(mid for mid, kv in s.kv.items() if kv.table is t)
+                for c in (m.counters, self.totals):
+                    c.bytes_moved += h.nbytes
                 if h.direction == "out":
-                    c.swaps_out += 1
+                    self.pools[mid].release(t)                # Note [Blocks in flight]: free only now
                 else:
-                    c.swaps_in += 1
-            if h.direction == "out":
+                    self.swapper.release(self._away.pop(id(t)).host)
+            m.inflight = still
+            if still:
+                continue
+            del self._sessions[sid]
+            if m.state == SessionState.SWAPPING_OUT:
                 m.state = SessionState.SWAPPED
-                self._set(sid, DATA, self._tensor_bytes.get(sid, 0))
+                for c in (m.counters, self.totals):
+                    c.swaps_out += 1
             else:
-                by_model: dict[str, dict] = {}
-                for (mid, name), t in zip(m.names, h.tensors):
-                    by_model.setdefault(mid, {})[name] = t
-                for mid, tensors in by_model.items():
-                    if mid in s.kv:
-                        restore_cache(s.kv[mid].cache, tensors)
-                self.swapper.release(m.host)
-                m.host, m.names = None, []
+                for c in (m.counters, self.totals):
+                    c.swaps_in += 1
                 if m.returned:
                     m.io_wait_since = m.io_eta_s = None
                     m.returned = False
                 m.state = SessionState.IO_WAIT if m.io_wait_since is not None else SessionState.ACTIVE
-                self._set(sid, HOST, 0)
-                self.sync(s)
+            self.sync(s)
             done.append(sid)
         return done
 
     def busy(self) -> bool:
-        return bool(self._inflight)
+        return bool(self._sessions)
 
     # -- views -----------------------------------------------------------------------------------
     def memory_view(self) -> MemoryView:
-        used = self.acct.segment(DATA)
-        return MemoryView(max(self.capacity(), used), used, self.pool.capacity, self.pool.used,
-                          self.pool.largest_free)
+        cap = self.capacity()
+        used = sum((p.alloc.held) * p.block_bytes for p in self.pools.values())
+        return MemoryView(max(cap, used), used, self.pool.capacity, self.pool.used, self.pool.largest_free)
 
     def capacity(self) -> int:
-        """GPU bytes the Data segment may hold: the configured budget, else what it holds plus what the
-        device has free (minus a reserve for activations)."""
-        if self.budget is not None:
-            return self.budget
-        held = self.acct.segment(DATA)
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-            return max(0, held + free + cached - self.reserve)
-        return max(0, held + _host_ram() - self.reserve)
+        """GPU bytes of KV the pools hold: every block but the scratch ones."""
+        return sum(p.alloc.total * p.block_bytes for p in self.pools.values())
 
-    def stats(self, sid: str) -> dict:
+    def stats(self, sid: str, s=None) -> dict:
         m = self._mem.get(sid) or SessionMemory()
         a = self.acct.session(sid)
-        return {"state": m.state.name, "gpu_bytes": a[DATA], "host_bytes": a[HOST],
-                "io_eta_s": m.io_eta_s if m.io_wait_since is not None else None, **m.counters.as_dict()}
+        out = {"state": m.state.name, "gpu_bytes": a[DATA], "host_bytes": a[HOST],
+               "io_eta_s": m.io_eta_s if m.io_wait_since is not None else None, **m.counters.as_dict()}
+        if s is not None:
+            shared = 0
+            for mid, kv in s.kv.items():
+                p = self.pools.get(mid)
+                if p is not None:
+                    shared += sum(1 for b in kv.table.ids() if p.alloc.refcount(b) > 1)
+            out.update(kv_blocks=sum(kv.table.blocks for kv in s.kv.values()), kv_host_blocks=self.host_blocks(s),
+                       kv_shared_blocks=shared)
+        return out
+
+    def kv_summary(self) -> dict:
+        """`djinn.stats()["kv"]`: per model its pool's blocks, and the host pool in its block size."""
+        models = {}
+        for mid, p in self.pools.items():
+            host_used = sum(a.host.alloc.nbytes for a in self._away.values()
+                            if a.host.slots[0].shape[1:] == tuple(p.kv.shape[1:]))
+            models[mid] = {**p.stats(), "host_blocks_total": self.pool.capacity // p.block_bytes,
+                           "host_blocks_used": host_used // p.block_bytes}
+        bts = {p.block_tokens for p in self.pools.values()}
+        return {"block_tokens": bts.pop() if len(bts) == 1 else sorted(bts) or None, "models": models}
 
     def summary(self) -> dict:
         return {"data_budget": self.capacity(), "data_bytes": self.acct.segment(DATA),
+                "kv_pool_bytes": sum(p.nbytes for p in self.pools.values()),
                 "host_pool": {"capacity": self.pool.capacity, "used": self.pool.used, "pinned": self.pool.pinned},
                 "swap_bw": round(self.swap_bw), **self.totals.as_dict()}
 
     # -- internals -------------------------------------------------------------------------------
-    def _held_gpu(self, m: SessionMemory) -> int:
-        if m.state == SessionState.SWAPPING_OUT or m.state == SessionState.PREFETCHING:
-            return m.host.alloc.nbytes
-        return 0
+    def _host_blocks(self, host: HostCopy) -> torch.Tensor:
+        slot = host.slots[0]
+        return self.pool.view(host.alloc)[:slot.nbytes].view(slot.dtype).view(slot.shape)
 
     def _set(self, sid: str, segment: str, n: int) -> None:
         have = self.acct.session(sid)[segment]
@@ -354,13 +451,6 @@ def _tensor_bytes(tensors: dict) -> int:
     return sum(aligned(n) for n in unique.values())
 
 
-def _host_ram() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 16 * GIB
-
-
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     """KV bytes one token adds to a decoder's cache (all layers, keys and values), from its config."""
     layers = getattr(config, "num_hidden_layers", None) or 0
@@ -368,4 +458,3 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or (getattr(config, "hidden_size", 0) // heads)
     return 2 * layers * kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
-

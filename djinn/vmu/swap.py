@@ -145,6 +145,14 @@ class Swapper:
         start, end, wall = self._copy(dst, [_host_view(region, s) for s in host.slots], device_side=dst)
         return SwapHandle("in", host, dst, (), start, end, wall)
 
+    def start(self, direction: str, host: HostCopy, dsts, srcs, keep=()) -> SwapHandle:
+        """Copy each src into its dst on the side stream (Note [Swap stream ordering]); the device
+        tensors among them are marked used by that stream. For block swaps (djinn/vmu/data.py): the
+        caller owns the device blocks and keeps them (`keep` holds them alive) until the handle is done."""
+        device_side = [t for t in (*dsts, *srcs) if t.device.type != "cpu"]
+        start, end, wall = self._copy(dsts, srcs, device_side=device_side)
+        return SwapHandle(direction, host, tuple(dsts), tuple(keep), start, end, wall)
+
     def _copy(self, dsts, srcs, *, device_side):
         """dst.copy_(src) for each pair on the side stream, after the compute stream's pending work;
         `device_side` tensors are marked used by that stream (Note [Swap stream ordering]).

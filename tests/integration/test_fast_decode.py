@@ -13,7 +13,7 @@ from djinn.protocol import structure
 
 from ..conftest import DEVICE
 from ..models import VOCAB, tiny_gpt2, tiny_llama, tiny_mistral, tiny_qwen2
-from .test_scheduling import wait_for
+from .test_scheduling import submit_generate, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def fast_server():
     from ..conftest import ServerProcess
 
     # capture=all: on a GPU server every bucket is captured before the first row joins (no-op on the CPU)
-    s = ServerProcess("--fast-decode", "on", "--fast-decode-pool-gb", "0.01", "--fast-decode-max-len", "256",
+    s = ServerProcess("--fast-decode", "on", "--fast-decode-max-batch", "8", "--fast-decode-max-len", "256",
                       "--fast-decode-capture", "all")
     yield s
     s.stop()
@@ -175,7 +175,7 @@ def test_a_long_sequence_falls_back_to_eager(fast_server):
 
 
 def test_swapped_session_continues_on_the_fast_path(start_server):
-    srv = start_server("--fast-decode", "on", "--fast-decode-pool-gb", "0.01", "--fast-decode-max-len", "256",
+    srv = start_server("--fast-decode", "on", "--fast-decode-max-batch", "8", "--fast-decode-max-len", "256",
                        "--policy", "signal", "--swap-on-io-wait")
     model = tiny_llama(seed=6).eval()
     conn = Connection(srv.address, secret=None)
@@ -196,9 +196,9 @@ def test_swapped_session_continues_on_the_fast_path(start_server):
 
 
 def test_recomputed_session_continues_on_the_fast_path(start_server):
-    # A Data budget of about one session's KV: the second session's generate drops the first's cache.
-    srv = start_server("--fast-decode", "on", "--fast-decode-pool-gb", "0.01", "--fast-decode-max-len", "256",
-                       "--policy", "recompute", "--data-budget-gb", str(22_000 / 2**30))
+    # A KV pool of 10 blocks of 4 tokens (2 KiB each): the second session's generate needs all of them.
+    srv = start_server("--fast-decode", "on", "--fast-decode-max-batch", "8", "--fast-decode-max-len", "256",
+                       "--policy", "recompute", "--kv-block-tokens", "4", "--data-budget-gb", str(22_000 / 2**30))
     model = tiny_llama(seed=7).eval()
     conn = Connection(srv.address, secret=None)
     try:
@@ -206,7 +206,7 @@ def test_recomputed_session_continues_on_the_fast_path(start_server):
         rm = djinn.remote(model, session=s1)
         a, b, c = _prompts(3, seed=11)
         out1 = s1.generate(rm, a, max_new_tokens=5, do_sample=False)
-        s2.generate(rm, b, max_new_tokens=30, do_sample=False)  # needs 20 KiB: s1 (4 KiB) must go
+        s2.generate(rm, b, max_new_tokens=30, do_sample=False)  # needs 10 blocks: s1 (2) must go
         assert conn.stats()["sessions"][s1.sid]["state"] == "DROPPED"
         out2 = s1.generate(rm, c, max_new_tokens=5, do_sample=False)  # prefills everything again
         assert torch.equal(out2, _local(model, torch.cat([out1, c], 1), 5))
@@ -237,17 +237,19 @@ def test_min_new_tokens_holds_eos_back_like_hf(fast_server):
         conn.close()
 
 
-def test_a_pool_too_small_for_one_row_means_eager_and_says_why(start_server):
-    srv = start_server("--fast-decode", "on", "--fast-decode-pool-gb", "0.000001")
+def test_a_one_row_batch_makes_the_second_session_wait_for_the_row(start_server):
+    srv = start_server("--fast-decode", "on", "--fast-decode-max-batch", "1")
     model = tiny_llama(seed=10).eval()
     conn = Connection(srv.address, secret=None)
     try:
-        s = conn.session()
-        rm = djinn.remote(model, session=s)
-        (ids,) = _prompts(1, seed=13)
-        assert torch.equal(s.generate(rm, ids, max_new_tokens=5, do_sample=False), _local(model, ids, 5))
-        why = conn.stats()["sessions"][s.sid]["decode"]["eager_why"]
-        assert why.startswith("no decode pool: fast_decode_pool_gb holds no slot"), why
+        s1, s2 = conn.session(), conn.session()
+        rm1, rm2 = djinn.remote(model, session=s1), djinn.remote(model, session=s2)
+        a, b = _prompts(2, seed=13)
+        f1 = submit_generate(s1, rm1, a, max_new_tokens=20, do_sample=False)
+        out2 = s2.generate(rm2, b, max_new_tokens=20, do_sample=False)
+        assert torch.equal(f1.result(30)["sequences"], _local(model, a, 20))
+        assert torch.equal(out2, _local(model, b, 20))
+        assert conn.stats()["models"][rm1.model_id]["fast_decode"]["slots"] == 1
     finally:
         conn.close()
 

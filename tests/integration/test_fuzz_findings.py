@@ -54,7 +54,7 @@ def test_generate_that_can_never_fit_is_refused_not_queued(start_server, tiny):
         rm = djinn.remote(tiny, session=s1)
         ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(2))
         t0 = time.monotonic()
-        with pytest.raises(djinn.OutOfMemory, match="Data segment holds at most"):
+        with pytest.raises(djinn.OutOfMemory, match="KV pool holds at most"):
             s1.generate(rm, ids, max_new_tokens=1 << 20)
         assert time.monotonic() - t0 < 10
         s2 = b.session()  # a new session's first generate is not held behind it

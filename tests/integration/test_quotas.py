@@ -2,8 +2,8 @@
 requests queued behind a running generate. A request past a quota fails with QuotaExceeded, changes
 nothing in its session, and every other session runs on, bitwise-equal to local execution.
 
-Sizes (as in test_scheduling.py): the tiny Llama's cache is 4 tensors (2 layers, keys and values) of
-128 bytes per token, each rounded up to 512 bytes; its logits are 256 float32 per position (1 KiB).
+Sizes: the tiny Llama keeps 512 bytes of KV per token, in blocks of 16 tokens (8 KiB); its logits are
+256 float32 per position (1 KiB).
 """
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ LONG = torch.arange(3, 27).unsqueeze(0)  # 24 tokens
 
 
 def kv(tokens: int) -> int:
-    """Data bytes of the tiny Llama's cache of `tokens` tokens."""
-    return 4 * -(-128 * tokens // 512) * 512
+    """Data bytes of the tiny Llama's KV of `tokens` tokens: whole blocks of 16 tokens x 512 B."""
+    return -(-tokens // 16) * 16 * 512
 
 
 def start(tmp_path, name: str, **settings) -> ServerProcess:
@@ -108,10 +108,13 @@ def test_generate_over_the_gpu_quota_is_refused_others_run_on(gpu_conn, model, d
     assert sstats(c, ok)["kv_tokens"] == {rm.model_id: 27} and sstats(c, ok)["gpu_bytes"] == kv(26)
     # The refused session still works within its quota, from scratch as a fresh local cache would.
     assert torch.equal(big.generate(rm, P1, **GEN), ref[0])
-    # And stateless generates are not session data: no quota.
+    # A stateless generate's KV blocks come from the same pool and count against its session's quota:
+    # over it the generate is refused too; within it it runs, bitwise local.
+    with pytest.raises(djinn.QuotaExceeded):
+        rm.generate(P1, max_new_tokens=40, do_sample=False, pad_token_id=0, session=big)
     with torch.no_grad():
-        want = model.generate(P1.to(device), max_new_tokens=40, do_sample=False, pad_token_id=0).cpu()
-    assert torch.equal(rm.generate(P1, max_new_tokens=40, do_sample=False, pad_token_id=0, session=big), want)
+        want = model.generate(P1.to(device), max_new_tokens=8, do_sample=False, pad_token_id=0).cpu()
+    assert torch.equal(rm.generate(P1, max_new_tokens=8, do_sample=False, pad_token_id=0, session=ok), want)
 
 
 def test_forward_outputs_over_the_gpu_quota_are_freed(gpu_conn, model, device):
@@ -229,21 +232,24 @@ def test_session_over_the_host_quota_is_not_swapped_out(tmp_path, model, device)
 
 def test_data_segment_refuses_a_swap_out_over_the_host_quota():
     """The Data segment's own check (Note [Host quota]): swap_out returns False and moves nothing."""
-    from transformers import DynamicCache
+    from djinn.vmu.kv_pool import KVPool, KVShape
 
     model = tiny_llama(seed=1)  # on the CPU, like the segment
-    seg = DataSegment(torch.device("cpu"), 1 << 20, budget_bytes=None, swap_bw=1e9, host_quota=kv(10) - 1)
+    seg = DataSegment(torch.device("cpu"), 1 << 20, swap_bw=1e9, host_quota=kv(10) - 1)
+    pool = KVPool(KVShape.of_module(model), 8, 16, "cpu")
+    seg.add_pool("m", pool)
     s = Session("a", "client", None)
-    cache = DynamicCache(config=model.config)
     ids = torch.arange(3, 13).unsqueeze(0)
+    s.kv["m"] = KVState.empty(pool, ids[:, :0])
+    assert pool.reserve(s.kv["m"].table, 10)
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
-    s.kv["m"] = KVState(cache, ids)
+        model(ids, past_key_values=s.kv["m"].cache, use_cache=True)
+    s.kv["m"].ids = ids
     seg.sync(s)
     assert seg.gpu_bytes("a") == kv(10) and not seg.swappable("a", kv(10))
     assert seg.swap_out(s) is False
     assert seg.mem("a").state.name == "ACTIVE" and seg.host_bytes("a") == 0 and seg.pool.used == 0
-    assert s.kv["m"].cache.layers[0].keys is not None
+    assert s.kv["m"].table.blocks == 1
     seg.host_quota = kv(10)
     assert seg.swap_out(s) is True and seg.poll() == ["a"] and seg.host_bytes("a") == kv(10)
     seg.close(s)

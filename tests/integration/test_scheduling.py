@@ -1,10 +1,10 @@
 """Tier 2: the scheduler in a real server. KV caches swapped to host during IO_WAIT and brought back,
 dropped and recomputed, queued; generates of several sessions interleaved; accounting back to zero.
 
-Sizes: the tiny Llama's cache holds 4 tensors (2 layers, keys and values) of 128 bytes per token each,
-and the Data segment counts each tensor rounded up to 512 bytes (djinn/vmu/data.py): 16 tokens are
-4 x 2048 B, 27 or 28 tokens 4 x 3584 B. A budget of `KV_ONE` (15 KiB) holds one session of up to 28
-tokens, but not two of 16.
+Sizes: the tiny Llama keeps 512 bytes of KV per token (2 layers, keys and values, 2 heads of 16 fp32);
+these servers use KV blocks of 4 tokens (`BT`), 2 KiB each: 16 tokens are 4 blocks (8 KiB), 27 or 28
+tokens 7 blocks. A pool of `KV_ONE` (15 KiB: 7 blocks) holds one session of up to 28 tokens, but not two
+of 16.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from .test_sessions import LocalSession
 
 GIB = 1 << 30
 KV_ONE = 15 * 1024
+BT = ("--kv-block-tokens", "4")
 GEN = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
 P1 = torch.tensor([[1, 17, 42, 99, 5, 250, 7, 64]])
 P2 = torch.tensor([[33, 8, 190]])
@@ -67,7 +68,7 @@ def wait_for(pred, timeout_s: float = 10.0):
 
 
 def test_swapped_during_io_wait_and_back_continues_bitwise(start_server, model, device):
-    srv = start_server("--policy", "signal", "--swap-on-io-wait")
+    srv = start_server("--policy", "signal", "--swap-on-io-wait", *BT)
     conn = Connection(srv.address, None)
     try:
         a, b = conn.session("away"), conn.session("stays")
@@ -76,7 +77,7 @@ def test_swapped_during_io_wait_and_back_continues_bitwise(start_server, model, 
         assert torch.equal(a.generate(rm, P1, **GEN), ref[0])
         assert torch.equal(b.generate(rm, P1, **GEN), ref[0])
         kv = sstats(conn, a)["gpu_bytes"]
-        assert kv == 4 * 2048      # 15 tokens of 128 B per tensor, each rounded up to 2048
+        assert kv == 4 * 2048      # 15 tokens: 4 blocks of 4 tokens x 512 B
         assert a.signal("IO_WAIT", eta_s=30.0) in ("IO_WAIT", "SWAPPING_OUT", "SWAPPED")
         st = wait_for(lambda: (x := sstats(conn, a))["state"] == "SWAPPED" and x)
         assert (st["gpu_bytes"], st["host_bytes"], st["swaps_out"]) == (0, kv, 1)
@@ -86,7 +87,7 @@ def test_swapped_during_io_wait_and_back_continues_bitwise(start_server, model, 
         assert torch.equal(out, b.generate(rm, P2, **GEN))   # the session that never left
         st = sstats(conn, a)
         assert (st["state"], st["swaps_in"], st["prefetch_misses"], st["host_bytes"]) == ("ACTIVE", 1, 1, 0)
-        assert st["bytes_moved"] == 2 * 4 * 15 * 128  # the cache holds 15 tokens (the last is not fed back)
+        assert st["bytes_moved"] == 2 * kv  # whole blocks, out and back
         one_long = model.to(device)
         with torch.no_grad():   # and one long local generate over the same tokens
             ids = torch.cat([ref[0], P2], dim=1).to(device)
@@ -96,7 +97,7 @@ def test_swapped_during_io_wait_and_back_continues_bitwise(start_server, model, 
 
 
 def test_prefetched_by_eta_is_a_hit(start_server, model, device):
-    srv = start_server("--policy", "signal", "--swap-on-io-wait")
+    srv = start_server("--policy", "signal", "--swap-on-io-wait", *BT)
     conn = Connection(srv.address, None)
     try:
         s = conn.session()
@@ -115,7 +116,7 @@ def test_prefetched_by_eta_is_a_hit(start_server, model, device):
 
 
 def test_compute_signal_brings_a_swapped_session_back(start_server, model):
-    srv = start_server("--policy", "signal", "--swap-on-io-wait")
+    srv = start_server("--policy", "signal", "--swap-on-io-wait", *BT)
     conn = Connection(srv.address, None)
     try:
         s = conn.session()
@@ -134,7 +135,7 @@ def test_compute_signal_brings_a_swapped_session_back(start_server, model):
 
 
 def test_lru_swaps_the_idle_session_to_make_room(start_server, model, device):
-    srv = start_server("--policy", "lru", "--data-budget-gb", gb(KV_ONE))
+    srv = start_server("--policy", "lru", "--data-budget-gb", gb(KV_ONE), *BT)
     conn = Connection(srv.address, None)
     try:
         a, b = conn.session("a"), conn.session("b")
@@ -154,7 +155,7 @@ def test_lru_swaps_the_idle_session_to_make_room(start_server, model, device):
 
 
 def test_recompute_drops_and_prefills_again(start_server, model, device):
-    srv = start_server("--policy", "recompute", "--data-budget-gb", gb(KV_ONE))
+    srv = start_server("--policy", "recompute", "--data-budget-gb", gb(KV_ONE), *BT)
     conn = Connection(srv.address, None)
     try:
         a, b = conn.session("a"), conn.session("b")
@@ -173,7 +174,7 @@ def test_recompute_drops_and_prefills_again(start_server, model, device):
 
 
 def test_resident_queues_until_memory_frees(start_server, model):
-    srv = start_server("--policy", "resident", "--data-budget-gb", gb(KV_ONE))
+    srv = start_server("--policy", "resident", "--data-budget-gb", gb(KV_ONE), *BT)
     conn = Connection(srv.address, None)
     try:
         a, b, c = conn.session("a"), conn.session("b"), conn.session("c")
@@ -203,8 +204,8 @@ def test_resident_queues_until_memory_frees(start_server, model):
 def test_a_resident_session_grows_while_an_admission_waits(start_server, model):
     """Regression: a session holding KV queued behind an admission that only its memory could satisfy,
     and the server deadlocked (Note [Running sessions go first])."""
-    per_session = 4 * 9216           # 71 cached tokens x 128 B per tensor, rounded up to 9216
-    srv = start_server("--policy", "resident", "--data-budget-gb", gb(2 * per_session + 6 * 4096))
+    per_session = 18 * 2048          # 71 cached tokens: 18 blocks of 4
+    srv = start_server("--policy", "resident", "--data-budget-gb", gb(2 * per_session + 6 * 4096), *BT)
     conn = Connection(srv.address, None)
     try:
         a0, a1, a2 = conn.session(), conn.session(), conn.session()
@@ -225,7 +226,7 @@ def test_a_resident_session_grows_while_an_admission_waits(start_server, model):
 
 
 def test_closing_a_session_fails_its_queued_request(start_server, model):
-    srv = start_server("--policy", "resident", "--data-budget-gb", gb(KV_ONE))
+    srv = start_server("--policy", "resident", "--data-budget-gb", gb(KV_ONE), *BT)
     c1, c2 = Connection(srv.address, None), Connection(srv.address, None)
     try:
         a, b = c1.session(), c2.session()
@@ -259,7 +260,7 @@ def test_generates_of_sessions_interleave_by_step(server, model):
 
 
 def test_accounting_returns_to_zero_after_sessions_close(start_server, model):
-    srv = start_server("--policy", "signal", "--swap-on-io-wait")
+    srv = start_server("--policy", "signal", "--swap-on-io-wait", *BT)
     conn = Connection(srv.address, None)
     try:
         sessions = [conn.session() for _ in range(3)]

@@ -1,12 +1,14 @@
-"""Tier 1: the decode fast path's pure parts: buckets, sampling rules, and the pool's row bookkeeping
-(join copies a cache into the next slot, leave hands the new KV back and compacts the rows)."""
+"""Tier 1: the decode fast path's pure parts: buckets, sampling rules, the pool's row bookkeeping
+(join points a slot at the session's blocks, leave sets the table's length and compacts the rows),
+and a batched step over blocks against eager decode over the same blocks."""
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache
 
 from djinn.server.fastpath import MIN_LEN_BUCKET, DecodePool, Row, Sampler, _bucket, unsupported
+from djinn.server.paged_cache import PagedCache
+from djinn.vmu.kv_pool import KVPool, KVShape
 
 from ..models import tiny_gpt2, tiny_llama
 
@@ -20,7 +22,7 @@ def test_buckets(n, cap, floor, want):
 def test_pool_buckets_cover_every_step_shape():
     """capture_all captures pool.buckets(): exactly the (batch, length) pairs a step can ask for."""
     model = tiny_llama().eval()
-    pool = DecodePool(model, torch.device("cpu"), DecodePool.slot_bytes(model, 256) * 5, 200)
+    pool = DecodePool(model, KVPool(KVShape.of_module(model), 8, 16, "cpu"), 5, 200)
     assert pool.slots == 5 and pool.max_len == 256
     want = {(_bucket(n, pool.slots), _bucket(length, pool.max_len, MIN_LEN_BUCKET))
             for n in range(1, pool.slots + 1) for length in range(1, pool.max_len + 1)}
@@ -51,37 +53,61 @@ def test_sampler_rules():
     assert a == b
 
 
-def _cache(model, n: int, fill: float) -> DynamicCache:
-    c = DynamicCache()
-    cfg = model.config
-    hd = cfg.hidden_size // cfg.num_attention_heads
-    for i in range(cfg.num_hidden_layers):
-        k = torch.full((1, cfg.num_key_value_heads, n, hd), fill + i)
-        c.update(k, -k, i)
-    return c
-
-
 def test_join_leave_and_compaction():
     model = tiny_llama().eval()
-    pool = DecodePool(model, torch.device("cpu"), DecodePool.slot_bytes(model, 64) * 3, 64)
-    assert pool.slots == 3 and pool.max_len == 64
-    rows = []
-    for j, n in enumerate((4, 6, 5)):
+    kv = KVPool(KVShape.of_module(model), 32, 4, "cpu")
+    pool = DecodePool(model, kv, 3, 64)
+    assert pool.slots == 3 and pool.max_len == 64 and pool.tables.shape == (3, 16)
+    rows, tables = [], []
+    for n in (4, 6, 5):
+        t = kv.new_table(1)
+        assert kv.reserve(t, n + 3)
         r = Row(token=1, pos=n, start=n, remaining=3, sampler=Sampler(False), eos=frozenset())
-        pool.join(r, _cache(model, n, 10.0 * j))
+        pool.join(r, t)
         rows.append(r)
+        tables.append(t)
+    assert [t.rows[0] for t in tables] == [[1, 2], [3, 4, 5], [6, 7]]
     assert [r.slot for r in rows] == [0, 1, 2] and pool.free_slots() == 0
-    assert torch.equal(pool.kv[1, 0, 2, :, :5], torch.full((2, 5, 16), 21.0))  # layer 1, K, slot 2
+    assert pool.tables[:, :3].tolist() == [[1, 2, 0], [3, 4, 5], [6, 7, 0]]
     rows[2].pos = 7  # pretend row 2 decoded two tokens
-    pool.kv[:, :, 2, :, 5:7] = 99.0
-    out = _cache(model, 4, 0.0)
-    pool.leave(rows[0], out)  # row 0 leaves with nothing new: its cache is unchanged
-    assert out.get_seq_length() == 4
+    pool.leave(rows[0], tables[0])  # row 0 leaves with nothing new
+    assert tables[0].length == 4
     assert rows[0].slot == -1 and rows[2].slot == 0 and [r.slot for r in pool.rows] == [0, 1]
-    assert torch.equal(pool.kv[1, 0, 0, :, :5], torch.full((2, 5, 16), 21.0))  # row 2's KV moved with it
-    assert torch.equal(pool.kv[0, 1, 0, :, 5:7], torch.full((2, 2, 16), 99.0))
-    back = _cache(model, 5, 20.0)
-    pool.leave(rows[2], back)  # the two generated positions are appended to its cache
-    assert back.get_seq_length() == 7
-    assert torch.equal(back.layers[0].keys[0, :, 5:7], torch.full((2, 2, 16), 99.0))
+    assert pool.tables[:, :3].tolist() == [[6, 7, 0], [3, 4, 5], [0, 0, 0]]  # row 2's ids moved, slot 2 scratch
+    pool.leave(rows[2], tables[2])
+    assert tables[2].length == 7
     assert [r.slot for r in pool.rows] == [0] and rows[1].slot == 0
+    assert pool.tables[:, :3].tolist() == [[3, 4, 5], [0, 0, 0], [0, 0, 0]]
+
+
+def test_batched_step_over_blocks_matches_eager_decode():
+    """Two sessions of different lengths decode together in one batched step over their blocks; the
+    tokens equal HF eager decode over a PagedCache of the same blocks (greedy)."""
+    model = tiny_llama(seed=4).eval()
+    kv = KVPool(KVShape.of_module(model), 64, 4, "cpu")
+    kv.kv[1:] = float("nan")  # what freed memory may hold: blocks are zeroed when handed out (regression)
+    pool = DecodePool(model, kv, 4, 64, graphs=False)
+    prompts = [torch.tensor([[5, 9, 33, 2 + 40, 17]]), torch.tensor([[8, 1 + 60, 3, 44, 12, 90, 7, 71, 6]])]
+    want, rows, tables = [], [], []
+    for ids in prompts:
+        ref = kv.new_table(1)
+        assert kv.reserve(ref, ids.shape[1] + 6)
+        want.append(model.generate(ids, past_key_values=PagedCache(kv, ref), max_new_tokens=6, do_sample=False,
+                                   pad_token_id=0)[0, ids.shape[1]:].tolist())
+        kv.release(ref)
+        t = kv.new_table(1)
+        assert kv.reserve(t, ids.shape[1] + 6)
+        with torch.no_grad():
+            logits = model(ids, past_key_values=PagedCache(kv, t), use_cache=True).logits[:, -1]
+        first = int(logits.argmax(-1))
+        r = Row(first, ids.shape[1], ids.shape[1], 5, Sampler(False), frozenset())
+        r.new.append(first)
+        pool.join(r, t)
+        rows.append(r)
+        tables.append(t)
+    while not all(r.done for r in rows):
+        pool.step()
+    assert [r.new for r in rows] == want
+    for r, t, ids in zip(rows, tables, prompts):
+        pool.leave(r, t)
+        assert t.length == ids.shape[1] + 5

@@ -127,21 +127,13 @@ def test_data_bytes_counts_shared_storage_once():
     assert s.data_bytes == 424
 
 
-class _Layer:
-    def __init__(self, k, v):
-        self.keys, self.values = k, v
+def test_data_bytes_includes_kv_blocks():
+    from djinn.vmu.kv_pool import KVPool, KVShape
 
+    from ..models import tiny_llama
 
-class _Cache:
-    def __init__(self, layers):
-        self.layers = layers
-
-
-def test_data_bytes_includes_kv_cache():
+    pool = KVPool(KVShape.of_module(tiny_llama()), 8, 4, "cpu")   # 2048 B blocks
     s = Session("sid", "client", None)
-    cache = _Cache([_Layer(torch.zeros(2, 3), torch.zeros(2, 3)), _Layer(torch.zeros(4, dtype=torch.float16), None)])
-    s.kv["m"] = KVState(cache, torch.zeros(1, 5, dtype=torch.long))
-    assert s.kv["m"].nbytes == 24 + 24 + 8
-    assert s.data_bytes == 56
-    s.kv["other"] = KVState(object(), torch.zeros(1))
-    assert s.data_bytes == 56
+    s.kv["m"] = KVState.empty(pool, torch.zeros(1, 0, dtype=torch.long))
+    assert s.kv["m"].nbytes == 0 and pool.reserve(s.kv["m"].table, 9)
+    assert s.kv["m"].nbytes == 3 * 2048 and s.data_bytes == 3 * 2048

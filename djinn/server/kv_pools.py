@@ -1,0 +1,128 @@
+"""Sizing a model's KV pool: Text, Stack and Data on one device (DESIGN.md section 3).
+
+When a model first needs KV (its first generate, KV-keeping forward or run), the VMU measures the
+largest step it will admit and gives what is left of the device to the model's Data segment as a pool
+of fixed-size blocks, allocated once (djinn/vmu/kv_pool.py).
+
+Note [Stack reserve]
+    On CUDA the Stack reserve is measured, as vLLM's profile run does: a forward of one prefill chunk
+    of `max_prefill_tokens` tokens with no cache, its peak allocation over the memory in use before
+    it; plus what the paged cache adds to a prefill (each layer gathers its keys and values: two
+    copies of one layer's KV for the chunk), plus the batched decode step's workspace (each layer
+    gathers the batch's keys and values: `decode_workspace`), plus `stack_margin_gb` for the CUDA
+    context's own allocations, cuBLAS workspaces and allocator rounding. The pool gets what the device
+    has free after that. A request larger than the measured chunk is refused (max_prefill_tokens), so
+    a request never allocates past the reserve: running out of KV blocks is a scheduling decision,
+    never a CUDA out-of-memory.
+    On the CPU nothing is measured: the pool is `data_budget_gb` or 2 GiB, of which only the pages
+    written are ever committed.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..vmu.kv_pool import KVPool, KVShape
+
+log = logging.getLogger("djinn.kv_pools")
+
+GIB = 1 << 30
+CPU_POOL_BYTES = 2 * GIB
+#: Rows a batched decode step holds at most, whatever its workspace allows.
+MAX_DECODE_ROWS = 64
+#: The batched decode step's workspace budget when fast_decode_max_batch is not set.
+DECODE_WORKSPACE = 4 * GIB
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """How one model's pool was sized (kept for `djinn.stats()`)."""
+
+    blocks: int
+    block_tokens: int
+    pool_bytes: int
+    stack_reserve: int      # bytes left free for activations (Note [Stack reserve]); 0 on the CPU
+    profile_peak: int       # the measured prefill's peak, bytes
+    decode_rows: int        # rows of the batched decode step
+    free_before: int        # device bytes free (incl. the allocator's cache) before the pool
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return dict(vars(self))
+
+
+def decode_row_bytes(shape: KVShape, heads: int, max_len: int) -> int:
+    """Workspace of one row of the batched decode step at max_len: one layer's gathered keys and
+    values, plus the copies attention makes when query heads outnumber kv heads."""
+    per_pos = shape.kv_heads * shape.head_dim * shape.dtype.itemsize
+    return max_len * per_pos * (2 + 2 * max(1, heads // max(1, shape.kv_heads)))
+
+
+def decode_rows(cfg, shape: KVShape, heads: int) -> int:
+    if cfg.fast_decode_max_batch is not None:
+        return cfg.fast_decode_max_batch
+    return max(1, min(MAX_DECODE_ROWS, DECODE_WORKSPACE // decode_row_bytes(shape, heads, cfg.fast_decode_max_len)))
+
+
+def pool_for(engine, entry) -> KVPool:
+    """The model's pool, made (and the device sized) on first use."""
+    pool = engine.data.pools.get(entry.model_id)
+    if pool is not None:
+        return pool
+    t0 = time.perf_counter()
+    cfg, device, module = engine.cfg, engine.device, entry.module
+    shape = KVShape.of_module(module)
+    heads = int(getattr(module.config, "num_attention_heads", 0) or shape.kv_heads)
+    rows = decode_rows(cfg, shape, heads)
+    block_bytes = cfg.kv_block_tokens * shape.token_bytes
+    cap = cfg.kv_pool_max_tokens * shape.token_bytes
+    if device.type != "cuda":
+        budget = int(cfg.data_budget_gb * GIB) if cfg.data_budget_gb is not None else CPU_POOL_BYTES
+        plan = PoolPlan(0, cfg.kv_block_tokens, 0, 0, 0, rows, 0, 0.0)
+    else:
+        peak = _profile(module, device, cfg.max_prefill_tokens)
+        gather = 4 * cfg.max_prefill_tokens * shape.kv_heads * shape.head_dim * shape.dtype.itemsize
+        ws = rows * decode_row_bytes(shape, heads, cfg.fast_decode_max_len) if cfg.fast_decode != "off" else 0
+        stack = peak + gather + ws + int(cfg.stack_margin_gb * GIB)
+        free, _ = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        budget = free - stack
+        if cfg.data_budget_gb is not None:
+            budget = min(budget, int(cfg.data_budget_gb * GIB))
+        plan = PoolPlan(0, cfg.kv_block_tokens, 0, stack, peak, rows, free, 0.0)
+    blocks = max(0, min(budget, cap)) // block_bytes + 1  # + the scratch block
+    if blocks < 2:
+        from ..protocol.errors import OutOfMemory
+
+        raise OutOfMemory(f"no room for a KV pool of {type(module).__name__}: {budget / GIB:.2f} GiB left after "
+                          f"the weights and a Stack reserve of {plan.stack_reserve / GIB:.2f} GiB; one block is "
+                          f"{block_bytes / 2**20:.2f} MiB (lower max_prefill_tokens or fast_decode_max_batch)")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the profile's activations go back before the pool takes its share
+    pool = KVPool(shape, blocks, cfg.kv_block_tokens, device)
+    plan = PoolPlan(blocks, cfg.kv_block_tokens, pool.nbytes, plan.stack_reserve, plan.profile_peak, rows,
+                    plan.free_before, round(time.perf_counter() - t0, 3))
+    pool.plan = plan
+    engine.data.add_pool(entry.model_id, pool)
+    log.info("KV pool for %s: %d blocks of %d tokens (%.2f GiB); stack reserve %.2f GiB (prefill peak %.2f GiB)",
+             type(module).__name__, blocks - 1, cfg.kv_block_tokens, pool.nbytes / GIB, plan.stack_reserve / GIB,
+             plan.profile_peak / GIB)
+    return pool
+
+
+def _profile(module: torch.nn.Module, device: torch.device, tokens: int) -> int:
+    """Peak bytes a cache-less prefill of `tokens` tokens allocates (Note [Stack reserve])."""
+    vocab = int(getattr(module.config, "vocab_size", 2) or 2)
+    ids = torch.randint(0, vocab, (1, tokens), device=device)
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    with torch.no_grad():  # full logits: a client's forward returns them all
+        module(ids, use_cache=False)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del ids
+    return int(peak)

@@ -1,0 +1,239 @@
+"""A model's KV pool: the Data segment's fixed-size blocks on the device, and the tables into them.
+
+DESIGN.md section 3. One pool per model that keeps KV, allocated once (kv_pool_plan.py sizes it) as
+one tensor `kv[block, layer, k|v, block_tokens, kv_head, head_dim]`, so a block holds `block_tokens`
+tokens of every layer in one contiguous run of bytes: a swap moves whole blocks as large copies, and
+consecutive block ids coalesce into one copy. Every KV path (the eager module path through
+`PagedCache`, the batched decode step, breakpoints, checkpoints, swap) reads and writes these blocks;
+nothing else holds KV.
+
+Note [Block tables]
+    A `KVTable` is one session's KV for one model: per batch row, the block ids covering positions
+    0..capacity-1 (position p lives in block rows[r][p // block_tokens] at offset p % block_tokens),
+    and `length`, the positions written so far (the same for every row, as in an HF cache). Blocks
+    past `length` are reserved (admission reserved them for the tokens a request may add) and not yet
+    written; `trim` gives them back. The table is the only writer of its rows; the pool owns the ids'
+    lifetimes through its allocator (Note [Block ref counts] in blocks.py).
+
+Note [Scratch block]
+    Block 0 is never handed out. The batched decode step runs fixed-shape CUDA graphs over bucketed
+    batches: slots past the live rows point at block 0, so the step's writes for them land there.
+
+Note [Blocks start zeroed]
+    The batched decode step attends over whole length buckets and masks the positions past each row:
+    a masked position weighs 0, but 0 x NaN is NaN, so a block must never hold bits that are not a
+    finite number. The pool is `torch.empty` (on the CPU its pages are committed only when written),
+    so the scratch block is zeroed at start and every block is zeroed when it is handed out; after
+    that a block only ever holds keys and values some forward computed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .blocks import BlockAllocator
+
+SCRATCH = 0
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """What one model's KV looks like: from its config and dtype (`of_module`)."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @classmethod
+    def of_module(cls, module: torch.nn.Module) -> "KVShape":
+        cfg = module.config
+        cfg = getattr(cfg, "get_text_config", lambda: cfg)()
+        layers = int(getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "n_layer", 0))
+        heads = int(getattr(cfg, "num_attention_heads", 0) or getattr(cfg, "n_head", 0))
+        kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+        if getattr(cfg, "multi_query", False) and not getattr(cfg, "new_decoder_architecture", False):
+            kv_heads = 1  # Falcon-7B style multi-query attention
+        hidden = int(getattr(cfg, "hidden_size", 0) or getattr(cfg, "n_embd", 0))
+        head_dim = int(getattr(cfg, "head_dim", None) or hidden // max(heads, 1))
+        dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+        if not (layers and kv_heads and head_dim):
+            raise ValueError(f"{type(module).__name__}: cannot read layers/heads/head_dim from its config")
+        return cls(layers, kv_heads, head_dim, dtype)
+
+    @property
+    def token_bytes(self) -> int:
+        """KV bytes of one token: every layer, keys and values."""
+        return self.layers * 2 * self.kv_heads * self.head_dim * self.dtype.itemsize
+
+
+@dataclass
+class KVTable:
+    """Note [Block tables]."""
+
+    rows: list[list[int]]
+    length: int = 0
+    _dev: torch.Tensor | None = field(default=None, repr=False)  # rows as a device tensor, rebuilt on change
+
+    @property
+    def batch(self) -> int:
+        return len(self.rows)
+
+    @property
+    def blocks(self) -> int:
+        return sum(len(r) for r in self.rows)
+
+    def ids(self) -> list[int]:
+        return [b for r in self.rows for b in r]
+
+    def changed(self) -> None:
+        self._dev = None
+
+
+class KVPool:
+    def __init__(self, shape: KVShape, num_blocks: int, block_tokens: int, device: torch.device):
+        if num_blocks < 2:
+            raise ValueError(f"a KV pool needs at least 2 blocks (one is scratch), got {num_blocks}")
+        self.shape, self.block_tokens, self.device = shape, block_tokens, torch.device(device)
+        self.alloc = BlockAllocator(num_blocks, reserved=1)  # Note [Scratch block]
+        # torch.empty: on the CPU untouched pages cost nothing; nothing reads a block before writing it.
+        self.kv = torch.empty(num_blocks, shape.layers, 2, block_tokens, shape.kv_heads, shape.head_dim,
+                              dtype=shape.dtype, device=self.device)  # [blocks, layers, k|v, bt, heads, dim]
+        self.kv[SCRATCH].zero_()  # Note [Blocks start zeroed]
+        self.cow_copies = 0
+
+    # -- sizes -------------------------------------------------------------------------------------
+    @property
+    def block_bytes(self) -> int:
+        return self.block_tokens * self.shape.token_bytes
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_tokens)
+
+    def bytes_for(self, tokens: int, batch: int = 1) -> int:
+        """Device bytes a table of `batch` rows of `tokens` positions holds."""
+        return batch * self.blocks_for(tokens) * self.block_bytes
+
+    # -- tables ------------------------------------------------------------------------------------
+    def new_table(self, batch: int) -> KVTable:
+        return KVTable([[] for _ in range(batch)])
+
+    def reserve(self, table: KVTable, tokens: int) -> bool:
+        """Give every row blocks for `tokens` positions. False (nothing taken) when the pool has too few."""
+        want = self.blocks_for(tokens)
+        missing = sum(max(0, want - len(r)) for r in table.rows)
+        if missing == 0:
+            return True
+        got = self.alloc.allocate(missing)
+        if got is None:
+            return False
+        self.kv.index_fill_(0, torch.tensor(got, dtype=torch.long).to(self.device), 0)  # Note [Blocks start zeroed]
+        got.reverse()  # ascending ids in each row: consecutive ids coalesce into one swap copy
+        for r in table.rows:
+            while len(r) < want:
+                r.append(got.pop())
+        table.changed()
+        return True
+
+    def trim(self, table: KVTable) -> int:
+        """Release the blocks past `length` (reserved, never written); returns how many."""
+        keep = self.blocks_for(table.length)
+        extra = [b for r in table.rows for b in r[keep:]]
+        if extra:
+            for r in table.rows:
+                del r[keep:]
+            self.alloc.release(extra)
+            table.changed()
+        return len(extra)
+
+    def release(self, table: KVTable) -> None:
+        """Give every block back; the table is empty afterwards (length kept: the caller decides)."""
+        ids = table.ids()
+        for r in table.rows:
+            r.clear()
+        if ids:
+            self.alloc.release(ids)
+        table.changed()
+
+    def fork(self, table: KVTable) -> KVTable:
+        """A new table sharing every written block (copy on write, Note [Block ref counts])."""
+        keep = self.blocks_for(table.length)
+        rows = [list(r[:keep]) for r in table.rows]
+        self.alloc.incref([b for r in rows for b in r])
+        return KVTable(rows, table.length)
+
+    def ensure_private(self, table: KVTable, start: int, end: int) -> None:
+        """Before writing positions [start, end): copy every block there that another table shares."""
+        first, last = start // self.block_tokens, self.blocks_for(end)
+        for r in table.rows:
+            for j in range(first, min(last, len(r))):
+                b = r[j]
+                if self.alloc.refcount(b) > 1 or self.alloc.key_of(b) is not None:
+                    if self.alloc.refcount(b) == 1:
+                        self.alloc.unpublish(b)  # only this table holds it: write in place, forget its key
+                        continue
+                    (nb,) = self.alloc.allocate(1) or self._no_block()  # fully overwritten: no zeroing
+                    self.kv[nb].copy_(self.kv[b])
+                    self.alloc.release([b])
+                    r[j] = nb
+                    self.cow_copies += 1
+                    table.changed()
+
+    def _no_block(self):
+        from ..protocol.errors import OutOfMemory
+
+        raise OutOfMemory("copy on write found no free KV block (the request reserved too few)")
+
+    # -- reads and writes ----------------------------------------------------------------------------
+    def device_rows(self, table: KVTable) -> torch.Tensor:
+        """The table's rows as a [batch, blocks] long tensor on the device (cached until it changes)."""
+        if table._dev is None:
+            width = max((len(r) for r in table.rows), default=0)
+            rows = [r + [SCRATCH] * (width - len(r)) for r in table.rows]
+            table._dev = torch.tensor(rows, dtype=torch.long).to(self.device)
+        return table._dev
+
+    def write(self, table: KVTable, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+        """Store k, v [batch, kv_heads, n, dim] at positions start..start+n-1 of every row."""
+        n = k.shape[-2]
+        if self.blocks_for(start + n) > min(len(r) for r in table.rows):
+            raise RuntimeError(f"KV write of positions {start}..{start + n - 1} past the table's reserved "
+                               f"{min(len(r) for r in table.rows) * self.block_tokens} (admission reserves them)")
+        pos = torch.arange(start, start + n, device=self.device)                  # [n]
+        blk = self.device_rows(table)[:, pos // self.block_tokens]                # [batch, n]
+        off = (pos % self.block_tokens).expand_as(blk)                             # [batch, n]
+        self.kv[:, layer, 0][blk, off] = k.transpose(1, 2).to(self.shape.dtype)   # [batch, n, heads, dim]
+        self.kv[:, layer, 1][blk, off] = v.transpose(1, 2).to(self.shape.dtype)
+
+    def read(self, table: KVTable, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of positions 0..length-1: two contiguous [batch, kv_heads, length, dim] tensors."""
+        nb = self.blocks_for(length)
+        idx = self.device_rows(table)[:, :nb]                                      # [batch, nb]
+        out = []
+        for kv in (0, 1):
+            g = self.kv[:, layer, kv][idx]                                         # [batch, nb, bt, heads, dim]
+            g = g.reshape(idx.shape[0], nb * self.block_tokens, *g.shape[-2:])[:, :length]
+            out.append(g.transpose(1, 2).contiguous())                             # [batch, heads, length, dim]
+        return out[0], out[1]
+
+    def runs(self, ids: list[int]) -> list[tuple[int, int, int]]:
+        """(position in `ids`, first block, count) for each run of consecutive ids: one copy each."""
+        out: list[tuple[int, int, int]] = []
+        for i, b in enumerate(ids):
+            if out and out[-1][1] + out[-1][2] == b:
+                j, first, n = out[-1]
+                out[-1] = (j, first, n + 1)
+            else:
+                out.append((i, b, 1))
+        return out
+
+    def stats(self) -> dict:
+        a = self.alloc
+        return {"block_tokens": self.block_tokens, "block_bytes": self.block_bytes, "blocks_total": a.total,
+                "blocks_free": a.free, "blocks_cached": a.cached, "blocks_held": a.held,
+                "bytes": self.nbytes, "prefix_hits": a.hits, "evictions": a.evictions, "cow_copies": self.cow_copies}

@@ -1,0 +1,110 @@
+"""Tier 1: a model's KV pool (djinn/vmu/kv_pool.py) and the transformers cache over it
+(djinn/server/paged_cache.py): reservation, trim, fork with copy on write, exact reads, and HF
+generate over blocks bitwise-equal to HF's own DynamicCache for every tiny architecture."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from djinn.server.paged_cache import PagedCache
+from djinn.vmu.kv_pool import KVPool, KVShape
+
+from ..models import TINY_BUILDERS, tiny_llama
+
+
+def pool_of(model, blocks=32, bt=4) -> KVPool:
+    return KVPool(KVShape.of_module(model), blocks, bt, "cpu")
+
+
+def test_shape_and_block_sizes_from_the_config():
+    p = pool_of(tiny_llama(), blocks=10, bt=4)
+    assert p.shape == KVShape(layers=2, kv_heads=2, head_dim=16, dtype=torch.float32)
+    assert p.shape.token_bytes == 2 * 2 * 2 * 16 * 4 and p.block_bytes == 4 * 512
+    assert p.kv.shape == (10, 2, 2, 4, 2, 16) and p.nbytes == 10 * 4 * 512
+    assert (p.blocks_for(0), p.blocks_for(1), p.blocks_for(4), p.blocks_for(5)) == (0, 1, 1, 2)
+    assert p.bytes_for(9, batch=2) == 2 * 3 * 2048
+    assert p.alloc.total == 9  # block 0 is scratch
+
+
+def test_reserve_trim_release_keep_exact_block_counts():
+    p = pool_of(tiny_llama(), blocks=8, bt=4)
+    t = p.new_table(1)
+    assert p.reserve(t, 10) and t.rows == [[1, 2, 3]]
+    assert p.reserve(t, 12) and t.rows == [[1, 2, 3]]     # already covered
+    assert not p.reserve(t, 40) and t.rows == [[1, 2, 3]]  # 10 blocks: nothing taken
+    t.length = 5
+    assert p.trim(t) == 1 and t.rows == [[1, 2]]
+    p.release(t)
+    assert t.rows == [[]] and p.alloc.free == 7
+    p.alloc.check()
+
+
+def test_write_then_read_gives_the_same_bits_across_blocks():
+    p = pool_of(tiny_llama(), bt=4)
+    t = p.new_table(2)
+    assert p.reserve(t, 11)
+    k = torch.randn(2, 2, 11, 16)
+    v = torch.randn(2, 2, 11, 16)
+    p.write(t, 1, k[:, :, :7], v[:, :, :7], 0)
+    p.write(t, 1, k[:, :, 7:], v[:, :, 7:], 7)
+    rk, rv = p.read(t, 1, 11)
+    assert torch.equal(rk, k) and torch.equal(rv, v) and rk.is_contiguous()
+    with pytest.raises(RuntimeError, match="past the table's reserved"):
+        p.write(t, 0, k[:, :, :2], v[:, :, :2], 11)
+
+
+def test_fork_shares_blocks_and_a_write_copies_only_the_block_written():
+    p = pool_of(tiny_llama(), bt=4)
+    t = p.new_table(1)
+    p.reserve(t, 8)
+    k = torch.randn(1, 2, 6, 16)
+    for layer in (0, 1):
+        p.write(t, layer, k, k, 0)
+    t.length = 6
+    f = p.fork(t)
+    assert f.rows == t.rows == [[1, 2]] and f.length == 6
+    assert p.alloc.refcount(1) == p.alloc.refcount(2) == 2
+    p.reserve(f, 8)                                  # covered: the fork shares both blocks
+    p.ensure_private(f, 6, 7)                        # writing position 6 touches block 2 only
+    assert f.rows == [[1, 3]] and p.cow_copies == 1
+    assert p.alloc.refcount(1) == 2 and p.alloc.refcount(2) == 1 and p.alloc.refcount(3) == 1
+    assert torch.equal(p.read(f, 0, 6)[0], p.read(t, 0, 6)[0])
+    new = torch.randn(1, 2, 1, 16)
+    for layer in (0, 1):
+        p.write(f, layer, new, new, 6)
+    assert torch.equal(p.read(t, 0, 6)[0], k)          # the parent's bits are untouched
+    p.release(f)
+    p.release(t)
+    assert p.alloc.free == p.alloc.total
+    p.alloc.check()
+
+
+def test_runs_coalesce_consecutive_block_ids():
+    p = pool_of(tiny_llama())
+    assert p.runs([4, 5, 6, 9, 10, 2]) == [(0, 4, 3), (3, 9, 2), (5, 2, 1)]
+    assert p.runs([]) == []
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_BUILDERS))
+def test_generate_over_blocks_is_bitwise_hf_dynamic_cache(arch):
+    torch.manual_seed(0)
+    m = TINY_BUILDERS[arch](seed=2)
+    p = pool_of(m, blocks=64, bt=4)
+    ids = torch.randint(3, 256, (1, 13))
+    more = torch.randint(3, 256, (1, 5))
+    gen = dict(max_new_tokens=9, do_sample=False, pad_token_id=0)
+    dc = DynamicCache(config=m.config)
+    r1 = m.generate(ids, past_key_values=dc, **gen)
+    r2 = m.generate(torch.cat([r1, more], 1), past_key_values=dc, **gen)
+    t = p.new_table(1)
+    assert p.reserve(t, 13 + 9 + 5 + 9 + 5)
+    c = PagedCache(p, t)
+    o1 = m.generate(ids, past_key_values=c, **gen)
+    o2 = m.generate(torch.cat([o1, more], 1), past_key_values=c, **gen)
+    assert torch.equal(o1, r1) and torch.equal(o2, r2)
+    assert t.length == dc.get_seq_length() == o2.shape[1] - 1
+    with torch.no_grad():  # and the logits of a forward continuing the cache
+        la = m(more, past_key_values=c, use_cache=True).logits
+        lb = m(more, past_key_values=dc, use_cache=True).logits
+    assert torch.equal(la, lb)
