@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from djinn.server.fastpath import DecodePool, Row, Sampler
+from djinn.server.paged_cache import PagedCache
+from djinn.vmu.kv_pool import KVPool, KVShape
 
 from ..models import VOCAB, tiny_llama
 
@@ -14,26 +16,27 @@ DEV = torch.device("cuda:0")
 
 
 def _run(model, prompts, news, graphs: bool, capture_all: bool = False):
-    from transformers import DynamicCache
-
-    pool = DecodePool(model, DEV, 64 << 20, 256, graphs=graphs)
+    kv = KVPool(KVShape.of_module(model), 128, 16, DEV)
+    pool = DecodePool(model, kv, 8, 256, graphs=graphs)
     if capture_all:
         assert pool.capture_all() == len(pool.buckets())
     rows, caches, firsts = [], [], []
     for p, n in zip(prompts, news):
-        cache = DynamicCache(config=model.config)
+        table = kv.new_table(1)
+        assert kv.reserve(table, p.shape[1] + n)
+        cache = PagedCache(kv, table)
         with torch.no_grad():
             out = model(p, past_key_values=cache, use_cache=True, logits_to_keep=1)
         firsts.append(int(out.logits[0, -1].argmax()))
         row = Row(firsts[-1], p.shape[1], p.shape[1], n - 1, Sampler(False), frozenset())
-        pool.join(row, cache)
+        pool.join(row, table)
         rows.append(row)
         caches.append(cache)
     while any(r.slot >= 0 for r in rows):
         pool.step()
         for r, c in zip(rows, caches):
             if r.done and r.slot >= 0:
-                pool.leave(r, c)
+                pool.leave(r, c.table)
     seqs = [torch.cat([p.cpu(), torch.tensor([[f, *r.new]])], 1) for p, f, r in zip(prompts, firsts, rows)]
     return seqs, caches, pool
 
@@ -59,7 +62,8 @@ def test_graphs_replay_the_eager_step_bitwise_and_match_hf_greedy(dtype):
 
 def test_capture_all_up_front_gives_the_same_tokens_and_captures_nothing_later():
     """fast_decode_capture=all: every bucket's graph is captured on the empty pool (its warm-up writes
-    into every slot), then rows join and decode with no further capture, equal to lazily captured graphs."""
+    go to the scratch block), then rows join and decode with no further capture, equal to lazily
+    captured graphs."""
     model = tiny_llama(seed=1).to(DEV).eval()
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, VOCAB, (1, 4 + 9 * i), generator=g).to(DEV) for i in range(4)]
