@@ -108,10 +108,12 @@ def explain(model, *args, **kwargs) -> str:
     return render(cap.graph, f"SRG {type(model).__name__}")
 
 
-def session(name: str | None = None, *, checkpoint: bool = False) -> Session:
+def session(name: str | None = None, *, checkpoint: bool = False, max_kv_tokens: int | None = None) -> Session:
     """A new server-side session (use as a context manager to close it). checkpoint=True: the server
-    saves it to host memory if it shuts down; `djinn.restore_session(s.checkpoint_token)` brings it back."""
-    return connection().session(name, checkpoint=checkpoint)
+    saves it to host memory if it shuts down; `djinn.restore_session(s.checkpoint_token)` brings it back.
+    max_kv_tokens: the most tokens its KV will hold; reserved at its first generate, so later turns
+    never wait for memory (an agent that knows its context budget should say it)."""
+    return connection().session(name, checkpoint=checkpoint, max_kv_tokens=max_kv_tokens)
 
 
 def restore_session(token: str, name: str | None = None) -> Session:

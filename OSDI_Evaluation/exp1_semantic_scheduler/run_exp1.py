@@ -156,6 +156,11 @@ STACK_PRIOR_GIB = 6.5  # CUDA context + measured Stack reserve at the default fl
 END_S = 5.0            # the table, plot and JSON at the end
 
 
+def agent_kv_tokens(args) -> int:
+    """The most tokens an agent's KV holds: its context, every turn's new tokens and every tool result."""
+    return args.context + args.turns * args.new_tokens + (args.turns - 1) * args.tool_tokens
+
+
 # -- arguments ------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -172,6 +177,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shared-prefix-tokens", type=int, default=0, dest="shared_prefix_tokens",
                    help="the first K prompt tokens are the same for every agent (a common system prompt, "
                         "seeded); the other context-K are the agent's own (default 0: none shared)")
+    p.add_argument("--no-declare-kv", action="store_false", dest="declare_kv",
+                   help="do not open agent sessions with max_kv_tokens (their whole context: context + turns x "
+                        "new + (turns - 1) x tool tokens); undeclared, the resident policy can admit more agents "
+                        "than can grow and jam until turns time out")
     p.add_argument("--new-tokens", type=int, dest="new_tokens", help="tokens generated per turn (full: 32; tiny: 8)")
     p.add_argument("--tool-tokens", type=int, dest="tool_tokens",
                    help="new input tokens of each later turn, the tool's result (full: 64; tiny: 16)")
@@ -819,7 +828,7 @@ def run_row(srv: ServerRun, n: int, args, cfg, provision: Provisioner, cut_s: fl
         for p in plans:  # every client is set up before the clock starts; arrivals are what is timed
             c = Connection(srv.server.address, None, ccfg)
             conns.append(c)
-            s = c.session(f"agent-{p.index}")
+            s = c.session(f"agent-{p.index}", max_kv_tokens=agent_kv_tokens(args) if args.declare_kv else None)
             rm = provision(s)
             if rm.model_id != srv.rm.model_id:
                 raise RuntimeError(f"agent {p.index} got model {rm.model_id}, not the shared {srv.rm.model_id}")

@@ -55,10 +55,13 @@ class Connection:
             self._default = Session(self, name="default")
         return self._default
 
-    def session(self, name: str | None = None, *, checkpoint: bool = False) -> Session:
+    def session(self, name: str | None = None, *, checkpoint: bool = False,
+                max_kv_tokens: int | None = None) -> Session:
         """A new server-side session. checkpoint=True: saved to the server's host memory if it shuts
-        down; `session.checkpoint_token` restores it (restore_session) after the restart."""
-        return Session(self, name, checkpoint=checkpoint)
+        down; `session.checkpoint_token` restores it (restore_session) after the restart.
+        max_kv_tokens: the most tokens this session's KV will hold (an agent's whole context); the
+        server reserves them at its first generate, so later turns never wait for memory."""
+        return Session(self, name, checkpoint=checkpoint, max_kv_tokens=max_kv_tokens)
 
     def restore_session(self, token: str, name: str | None = None) -> Session:
         """A new session holding a checkpointed session's KV caches, token ids and tensors (its

@@ -12,6 +12,15 @@ Note [Isolation]
     secrets module (96, 64, 64 and 96 bits). Model ids are content addresses, not secrets: knowing one
     gives nothing, since every use checks that the session holds the model.
 
+Note [Declared KV budgets]
+    A session opened with `max_kv_tokens=N` declares the most tokens its KV will hold (per model, per
+    row): its first generate reserves blocks for all N and the end of each call keeps them, so every
+    later turn grows into blocks it already holds and never waits for memory, and a generate that
+    would pass N is refused. The scheduler therefore admits a session only when its whole future
+    fits: with the resident policy (which never moves KV) that is what makes overload queue new
+    sessions instead of leaving admitted ones unable to grow. Without a declaration a session holds
+    what it wrote, and a later turn's growth is admitted like any request.
+
 Note [Session quotas]
     quota_gpu_gb caps a session's Data segment on the GPU: its KV caches plus the tensors it holds
     (`engine.data.acct.session(sid)["data"]`); weights are shared and never count. A generate on the
@@ -67,7 +76,11 @@ def open_session(engine, client_id, rid, args):
     checkpoint = args.get("checkpoint", False)
     if not isinstance(checkpoint, bool):
         raise InvalidRequest(f"checkpoint must be true or false, got {checkpoint!r}")
+    budget = args.get("max_kv_tokens")
+    if budget is not None and (type(budget) is not int or not 1 <= budget <= 1 << 24):
+        raise InvalidRequest(f"max_kv_tokens must be an int in [1, {1 << 24}] or null, got {budget!r}")
     s = engine.sessions.open(client_id, name, engine.cfg.max_sessions_per_client)
+    s.max_kv_tokens = budget
     log.info("session %s opened by client %s%s", s.sid[:8], client_id[:8], f" name={name!r}" if name else "")
     if checkpoint:  # Note [Checkpoint tokens] in checkpoint.py
         s.checkpoint_token = secrets.token_hex(16)
@@ -216,6 +229,11 @@ def generate(engine, client_id, rid, args):
     batch, prompt = int(input_ids.shape[0]), seen + int(input_ids.shape[1])
     new = executor.new_tokens(entry.module, prompt, kwargs)
     tokens = prompt + new
+    if use_kv and s.max_kv_tokens is not None:  # Note [Declared KV budgets]
+        if tokens > s.max_kv_tokens:
+            raise InvalidRequest(f"this generate would hold {tokens} tokens of KV ({prompt} seen and new + {new} "
+                                 f"to generate), over the session's max_kv_tokens={s.max_kv_tokens}")
+        tokens = s.max_kv_tokens
     grown = kv_pool.bytes_for(tokens, batch)
     # The session's KV once this call is done: the other models' as they are, this one's grown.
     need = max(0, engine.data.gpu_bytes(s.sid) - engine.data.kv_bytes_of(s, mid)) + grown if use_kv else grown
@@ -244,7 +262,7 @@ def generate(engine, client_id, rid, args):
         if state is None:
             return
         if use_kv and s.kv.get(mid) is state:
-            kv_pool.trim(state.table)
+            kv_pool.trim(state.table, s.max_kv_tokens or 0)
         else:
             kv_pool.release(state.table)
 
@@ -356,6 +374,7 @@ def stats(engine, client_id, rid, args):
             "paused": s.state == SessionState.PAUSED,
             "job": engine.dispatch.describe(s.sid, now) if s.client_id == client_id else None,
             "tensors": len(s.tensors),
+            "max_kv_tokens": s.max_kv_tokens,
             "kv_tokens": {**{mid: int(ids.shape[1]) for mid, (ids, _) in s.restored_kv.items()},
                           **{mid: int(kv.ids.shape[1]) for mid, kv in s.kv.items()}},
             "models": sorted(s.models),

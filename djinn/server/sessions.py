@@ -67,6 +67,7 @@ class Session:
     stack: dict[str, torch.Tensor] = field(default_factory=dict)    # handle -> stop tensor of a parked run (RunTable's)
     decode: dict[str, int] = field(default_factory=lambda: {"fast": 0, "eager": 0})  # generates per path
     eager_why: str | None = None
+    max_kv_tokens: int | None = None  # declared KV budget per model (Note [Declared KV budgets] in ops.py)
     restored_kv: dict = field(default_factory=dict)  # model id -> (ids, layers) from a checkpoint, until first use
     checkpoint_token: str | None = None  # written to host memory at shutdown (djinn/server/checkpoint.py)                                    # why the last eager generate was not fast
 

@@ -140,9 +140,10 @@ class KVPool:
         table.changed()
         return True
 
-    def trim(self, table: KVTable) -> int:
-        """Release the blocks past `length` (reserved, never written); returns how many."""
-        keep = self.blocks_for(table.length)
+    def trim(self, table: KVTable, keep_tokens: int = 0) -> int:
+        """Release the blocks past `length` (reserved, never written), keeping at least `keep_tokens`
+        positions' worth (a declared budget); returns how many were released."""
+        keep = self.blocks_for(max(table.length, keep_tokens))
         extra = [b for r in table.rows for b in r[keep:]]
         if extra:
             for r in table.rows:

@@ -278,3 +278,59 @@ def test_accounting_returns_to_zero_after_sessions_close(start_server, model):
         assert (st["segments"]["data"], st["scheduler"]["data_bytes"], st["scheduler"]["host_pool"]["used"]) == (0, 0, 0)
     finally:
         conn.close()
+
+
+def test_declared_kv_budgets_make_resident_overload_queue_not_jam(start_server, model, device):
+    """Six agents of three turns on a pool that holds three agents' whole contexts, resident policy.
+    Undeclared, agents admitted on their first turn can fill the pool and then wait forever to grow
+    (no policy move frees a block under `resident`). Declaring max_kv_tokens (Note [Declared KV
+    budgets]) reserves each agent's whole context at admission: the later agents queue, every turn
+    completes, and every agent's tokens equal a local run."""
+    per_agent = 4 + GEN["max_new_tokens"] + 2 * (3 + GEN["max_new_tokens"])  # 26 tokens: 7 blocks of 4
+    srv = start_server("--policy", "resident", "--data-budget-gb", gb(3 * 7 * 2048 + 1024), *BT)
+    conns = [Connection(srv.address, None) for _ in range(6)]
+    g = torch.Generator().manual_seed(5)
+    turns = [[torch.randint(3, 250, (1, 4), generator=g)] + [torch.randint(3, 250, (1, 3), generator=g)
+                                                          for _ in range(2)] for _ in range(6)]
+    outs: dict = {}
+    errors: list = []
+
+    def agent(i):
+        try:
+            s = conns[i].session(f"agent{i}", max_kv_tokens=per_agent)
+            rm = RemoteModel.from_module(s, model)
+            outs[i] = []
+            for k, t in enumerate(turns[i]):
+                outs[i].append(s.generate(rm, t, **GEN))
+                if k < 2:
+                    with s.io_wait(eta_s=0.05):
+                        time.sleep(0.05)
+            assert conns[i].stats()["sessions"][s.sid]["max_kv_tokens"] == per_agent
+            s.close()
+        except Exception as e:  # noqa: BLE001 - every failure is reported below
+            errors.append(repr(e))
+
+    holder = conns[0].session("holder")  # keeps the model, and its pool, after the agents close
+    RemoteModel.from_module(holder, model)
+    try:
+        threads = [threading.Thread(target=agent, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert errors == [] and sorted(outs) == list(range(6))
+        for i in range(6):
+            assert len(outs[i]) == 3
+            want = local_turns(model, device, *turns[i])
+            assert all(torch.equal(a, b) for a, b in zip(outs[i], want)), i
+        st = conns[0].stats()
+        assert st["scheduler"]["swaps_out"] == 0 and st["scheduler"]["queue_s"] > 0
+        kv = next(iter(st["kv"]["models"].values()))
+        assert kv["blocks_free"] == kv["blocks_total"] == 21
+        s = conns[0].session(max_kv_tokens=8)
+        rm = RemoteModel.from_module(s, model)
+        with pytest.raises(InvalidRequest, match="over the session's max_kv_tokens=8"):
+            s.generate(rm, P1, **GEN)  # 8 + 8 tokens
+    finally:
+        for c in conns:
+            c.close()
