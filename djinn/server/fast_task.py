@@ -36,6 +36,8 @@ def pool_for(engine, entry) -> DecodePool:
             n = pool.capture_all()
             log.info("fast path for %s: captured %d step graphs in %.1f s", type(entry.module).__name__, n,
                      pool.capture_s)
+        else:
+            pool.reserve_workspace()  # Note [Graph workspace]
         entry.fast = pool
     return pool
 

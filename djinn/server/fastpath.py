@@ -21,6 +21,14 @@ Note [Fast path and the session cache]
     tokens, and leaving sets the table's length. As with HF generate, the table ends one token short of
     the sequence: the last token generated has not been fed.
 
+Note [Graph workspace]
+    Every step graph is captured into one private memory pool. What a capture frees (the step's
+    gathered keys and values, a few GiB at the largest bucket) stays in that pool and is reused by
+    later captures, but only if it was there first: captured smallest first, each larger bucket adds
+    new segments next to the old ones and the pool grows past the Stack reserve (an H100 ran out of
+    memory that way). So the largest bucket is captured when the pool is made, and `capture_all`
+    captures largest first; the Stack reserve (kv_pools.decode_rows) covers that one capture.
+
 Note [Fast path numerics]
     The step reuses the model's own modules (norms, projections, rotary embedding, MLP), so only
     attention differs from HF's: it runs over the padded length bucket with a mask. Results therefore
@@ -265,17 +273,25 @@ class DecodePool:
 
     def capture_all(self) -> int:
         """Capture every bucket's step graph now (fast_decode_capture=all), so no step waits on a capture.
-        Only on an empty pool: the warm-up steps write KV at position 0 of every slot they cover."""
+        Only on an empty pool: the warm-up steps write KV (into the scratch block, where every free slot
+        points). Largest first (Note [Graph workspace])."""
         if not self.use_graphs:
             return 0
         if self.rows:
             raise RuntimeError("capture_all needs an empty pool (its warm-up steps write into every slot)")
-        todo = [k for k in self.buckets() if k not in self._graphs]
+        todo = sorted((k for k in self.buckets() if k not in self._graphs), key=lambda k: -k[0] * k[1])
         self.ids.zero_()
         self.pos.zero_()
         for B, L in todo:
             self._graphs[(B, L)] = self._capture(B, L)
         return len(todo)
+
+    def reserve_workspace(self) -> None:
+        """Capture the largest bucket's graph now, on the empty pool (Note [Graph workspace])."""
+        if self.use_graphs and not self.rows and (self.slots, self.max_len) not in self._graphs:
+            self.ids.zero_()
+            self.pos.zero_()
+            self._graphs[(self.slots, self.max_len)] = self._capture(self.slots, self.max_len)
 
     def _capture(self, B: int, L: int):
         t0 = time.perf_counter()

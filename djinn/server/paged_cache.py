@@ -82,7 +82,13 @@ class PagedCache(Cache):
                                "in one forward: this model's cache use is not supported")
         start = self.table.length
         self.pool.write(self.table, layer, k, v, start)
-        keys, values = self.pool.read(self.table, layer, start + n)
+        if start == 0:
+            # Exactly what a fresh DynamicLayer returns for its first update (the states themselves,
+            # or a contiguous copy, depending on the transformers version): attention kernels may pick
+            # another path for other strides, and outputs must stay bitwise-equal to local runs.
+            keys, values = DynamicLayer().update(k, v)
+        else:
+            keys, values = self.pool.read(self.table, layer, start + n)
         self._written.add(layer)
         if len(self._written) == self.pool.shape.layers:
             self.table.length += n
