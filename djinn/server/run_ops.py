@@ -54,7 +54,7 @@ def _start_graph(engine, client_id, s, args, t0: float) -> dict:
         raise InvalidRequest("the server holds no graph with this signature: send it with the start")
     seed = _seed(args)
     _check_run_limit(engine, s)
-    module = GraphModule(compiled, weights)
+    module = GraphModule(compiled, weights, engine.text.readonly)
     specs = parse_breakpoints(module, args.get("breakpoints", []), "forward")
     call = Call(module, "forward", inputs, {}, seed, engine.device)
     held = set(s.tensors)
