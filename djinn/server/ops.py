@@ -38,7 +38,7 @@ from ..protocol.messages import MsgType
 from ..protocol.tensors import dtype_name
 from ..vmu.accounting import DATA, HOST
 from ..vmu.data import aligned, kv_bytes_per_token
-from . import executor, streaming
+from . import executor, streaming, validate
 from .dispatch import Job
 from .fast_task import FastTask, pool_for
 from .fastpath import unsupported
@@ -174,6 +174,7 @@ def forward(engine, client_id, rid, args):
     call_kwargs = _unpack_inputs(engine, s, args.get("kwargs", {}))
     if not isinstance(call_args, list) or not isinstance(call_kwargs, dict):
         raise InvalidRequest("forward needs args as a list and kwargs as a map")
+    validate.check_forward(entry.module, call_args, call_kwargs)  # Note [Index inputs are checked ...]
     held = set(s.tensors)
     out = executor.forward(entry.module, call_args, call_kwargs)
     result = {"output": _pack_outputs(s, out)}
@@ -216,6 +217,7 @@ def generate(engine, client_id, rid, args):
         if need > capacity:  # it could never be admitted; queued, it would wait forever (and others behind it)
             raise OutOfMemory(f"generate needs {need / 2**20:.3f} MiB of KV ({prompt} + {new} tokens x batch "
                               f"{batch}); the Data segment holds at most {capacity / 2**20:.3f} MiB")
+    validate.check_generate(entry.module, input_ids, kwargs, seen if use_kv else 0)  # before any device work
 
     def body(step_hook):
         if use_kv:

@@ -12,6 +12,7 @@ from .breakpoints import Call, parse_breakpoints
 from .graph_ops import graph_call
 from .graph_runs import GraphModule
 from .ops import _model_of, _seed, _unpack_inputs, op, over_gpu_quota
+from .validate import check_forward, check_generate
 
 METHODS = ("forward", "generate")
 
@@ -37,6 +38,10 @@ def start(engine, client_id, rid, args):
         raise InvalidRequest("start needs args as a list and kwargs as a map")
     if method == "generate" and len(call_args) != 1:
         raise InvalidRequest(f"a generate run takes one positional argument (input_ids), got {len(call_args)}")
+    if method == "forward":  # Note [Index inputs are checked before the device sees them]
+        check_forward(entry.module, call_args, call_kwargs)
+    else:
+        check_generate(entry.module, call_args[0], call_kwargs, 0)  # a generate run is stateless
     seed = _seed(args)
     _check_run_limit(engine, s)
     specs = parse_breakpoints(entry.module, args.get("breakpoints", []), method)
