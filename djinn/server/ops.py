@@ -170,11 +170,14 @@ def release_model(engine, client_id, rid, args):
 def forward(engine, client_id, rid, args):
     s = engine.session(client_id, args)
     entry = _model_of(engine, s, args)
-    call_args = _unpack_inputs(engine, s, args.get("args", []))
-    call_kwargs = _unpack_inputs(engine, s, args.get("kwargs", {}))
+    call_args = _decode_inputs(s, args.get("args", []))
+    call_kwargs = _decode_inputs(s, args.get("kwargs", {}))
     if not isinstance(call_args, list) or not isinstance(call_kwargs, dict):
         raise InvalidRequest("forward needs args as a list and kwargs as a map")
-    validate.check_forward(entry.module, call_args, call_kwargs)  # Note [Index inputs are checked ...]
+    # Note [Index inputs are checked before the device sees them]: as they came off the wire, on the
+    # host, so the check does not wait for the device's queue; then the copies to the device.
+    validate.check_forward(entry.module, call_args, call_kwargs)
+    call_args, call_kwargs = _to_device(call_args, engine.device), _to_device(call_kwargs, engine.device)
     held = set(s.tensors)
     out = executor.forward(entry.module, call_args, call_kwargs)
     result = {"output": _pack_outputs(s, out)}
@@ -485,16 +488,26 @@ def _unpack_inputs(engine, s, value: Any, alias_handles: bool = False) -> Any:
     read-only for every tenant). Otherwise every input is a copy."""
     handles: set[int] = set()
 
+    def handle(t: torch.Tensor) -> None:
+        if alias_handles and not engine.text.holds_storage(t):  # a view of a weight stays a copy
+            handles.add(id(t))
+
+    obj = _decode_inputs(s, value, handle)
+    return _to_device(obj, engine.device, handles)
+
+
+def _decode_inputs(s, value: Any, on_handle: Callable[[torch.Tensor], None] | None = None) -> Any:
+    """Wire inputs -> tensors where they are: host tensors off the message (aliasing its frames: copy
+    them before they outlive the request), the session's own tensors for handles."""
     def tag(name: str, v: Any):
         if name == "$h":
             t = s.tensor(v)
-            if alias_handles and not engine.text.holds_storage(t):  # a view of a weight stays a copy
-                handles.add(id(t))
+            if on_handle is not None:
+                on_handle(t)
             return t
         raise InvalidRequest(f"clients do not send {name} values")
 
-    obj = structure.unpack(value, tag)
-    return _to_device(obj, engine.device, handles)
+    return structure.unpack(value, tag)
 
 
 def _to_device(obj: Any, device: torch.device, keep: set[int] = frozenset()) -> Any:
