@@ -64,6 +64,14 @@ class InvalidRequest(DjinnError):
     code = "invalid_request"
 
 
+class WeightWriteRefused(InvalidRequest):
+    """The request would write into a shared weight (the Text segment's memory), directly or through any
+    view of it: an in-place op or a mutated argument of a graph, an edit. Weights are read-only for every
+    tenant (Note [Weights are read-only at run time] in djinn/vmu/readonly.py); nothing was written."""
+
+    code = "weight_write_refused"
+
+
 class RemoteExecutionError(DjinnError):
     """User code failed on the server; `remote_traceback` holds the server's traceback."""
 
@@ -116,7 +124,7 @@ ERRORS: dict[str, type[DjinnError]] = {
     for cls in (
         DjinnError, ProtocolError, AuthError, SessionNotFound, HandleNotFound, OutOfMemory,
         ModelNotSupported, InvalidRequest, RemoteExecutionError, ServerUnavailable, RequestTimeout,
-        SessionLost, ShuttingDown, QuotaExceeded, CaptureError,
+        SessionLost, ShuttingDown, QuotaExceeded, CaptureError, WeightWriteRefused,
     )
 }
 

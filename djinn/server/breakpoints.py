@@ -64,6 +64,8 @@ class StopPoint:
     hit: int                      # this run's n-th pause (0-based); fork replays up to it
     tensors: list[torch.Tensor]   # every tensor the stop exposes, the activation first; edits address them
     outputs: Any                  # the module's output ("after"), or None ("before")
+    origin: tuple[int, ...]       # id() of each tensor as the module gave it (as found in `outputs`)
+    readonly: frozenset[int]      # positions that were weights: exposed as copies, never edited
 
     @property
     def activation(self) -> torch.Tensor:
@@ -273,7 +275,11 @@ class Run:
             raise InvalidRequest(f"breakpoint at {spec.path or '<model>'} ({spec.where}): the module's {side} holds no tensor")
         hit = self.hits
         self.hits += 1
-        stop = StopPoint(spec, step, hit, tensors, outputs)
+        # Note [Weights are read-only at run time]: a stop tensor in a weight's storage is exposed as a copy
+        # (so no handle aliases a weight) and marked read-only (an edit could not reach the forward).
+        exposed = [self.session.private(t) for t in tensors]
+        readonly = frozenset(k for k, (t, e) in enumerate(zip(tensors, exposed)) if e is not t)
+        stop = StopPoint(spec, step, hit, exposed, outputs, tuple(map(id, tensors)), readonly)
         if self._replay is not None and hit <= self._replay.pause_hit:
             for e in self._replay.log.get(hit, []):
                 edits.apply_value(stop.tensors[e.position], e.chain, e.op, e.value)

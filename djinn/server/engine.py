@@ -62,7 +62,7 @@ class Engine(threading.Thread):
         self.text = TextSegment()
         self.uploads = Uploads(device, int(cfg.upload_in_flight_gb * 2**30))
         self.models = ModelRegistry(self.text, device, cfg.architectures)
-        self.sessions = SessionTable()
+        self.sessions = SessionTable(self.text.readonly)  # Note [Weights are read-only at run time]
         self.runs = RunTable()
         self.data = DataSegment(device, int(cfg.host_pool_gb * GIB),
                                 (cfg.swap_bw_gbps or (25.0 if device.type == "cuda" else 4.0)) * 1e9)

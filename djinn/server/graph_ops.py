@@ -92,7 +92,7 @@ def run_graph(engine, client_id, rid, args):
         raise InvalidRequest(f"fetch must list output indices below {n_out}")
     held = set(s.tensors)
     t1 = time.perf_counter()
-    outs = Interpreter(compiled).run(inputs, weights)
+    outs = Interpreter(compiled, engine.text.readonly).run(inputs, weights)
     t2 = time.perf_counter()
     store.count(client_id, "runs")
     result = {"outputs": _pack_outputs(s, outs), "tensors": [_read(outs[k], None) for k in fetch],

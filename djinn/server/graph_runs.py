@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..protocol.errors import InvalidRequest
+from ..vmu.readonly import ReadOnlyMemory
 from .interpreter import Compiled, Interpreter
 
 MAX_PATHS = 1 << 14  # skeleton modules a graph run may ask for (each is a small Python object)
@@ -26,9 +27,9 @@ MAX_DEPTH = 64       # dots in a module path (the skeleton is built recursively)
 class GraphModule(nn.Module):
     """The root of the skeleton; calling it runs the graph (outputs as a tuple, in graph order)."""
 
-    def __init__(self, compiled: Compiled, weights: list[torch.Tensor]):
+    def __init__(self, compiled: Compiled, weights: list[torch.Tensor], readonly: ReadOnlyMemory | None = None):
         super().__init__()
-        self._compiled, self._weights = compiled, weights
+        self._compiled, self._weights, self._readonly = compiled, weights, readonly
         paths = {call.path for call in compiled.graph.calls}
         if len(paths) > MAX_PATHS or any(p.count(".") >= MAX_DEPTH for p in paths):
             raise InvalidRequest(f"a graph run takes at most {MAX_PATHS} module paths, each at most {MAX_DEPTH} deep")
@@ -58,7 +59,7 @@ def _skeleton(tree: dict) -> nn.Module:
 
 class _HookedInterpreter(Interpreter):
     def __init__(self, gm: GraphModule):
-        super().__init__(gm._compiled)
+        super().__init__(gm._compiled, gm._readonly)
         self.gm = gm
         graph = self.c.graph
         ops = self.c.ops

@@ -2,10 +2,13 @@
 
 `compile_graph` turns a decoded graph (srg.from_wire has checked its structure) into a plan: every op
 resolved through the allow-list (srg.ops.ALLOWED, never a lookup by an arbitrary name), no in-place
-write reaching a weight (Note [Weights are read-only] in srg/capture.py), then a dry run over meta
-tensors that checks every node's declared shapes and dtypes before any device memory is touched. A
-graph that passes runs with real tensors on the engine thread; `Interpreter.run_node` is the one
-override point per node (breakpoints and streaming hook in there, as with torch.fx's Interpreter).
+write reaching a weight that alias annotations can show (Note [Weights are read-only] in
+srg/capture.py: an early refusal, not the boundary), then a dry run over meta tensors that checks every
+node's declared shapes and dtypes before any device memory is touched. A graph that passes runs with
+real tensors on the engine thread; `Interpreter.run_node` is the one override point per node
+(breakpoints and streaming hook in there, as with torch.fx's Interpreter). The boundary is at run time
+(Note [Weights are read-only at run time] in vmu/readonly.py): before a node that writes runs, every
+tensor it writes is checked against the weights' storages, and outputs in a weight's storage are copied.
 """
 from __future__ import annotations
 
@@ -14,10 +17,11 @@ from typing import Any
 
 import torch
 
-from ..protocol.errors import InvalidRequest, RemoteExecutionError
+from ..protocol.errors import InvalidRequest, RemoteExecutionError, WeightWriteRefused
 from ..srg import ops as srg_ops
 from ..srg.capture import op_info
 from ..srg.graph import CONST, DEVICE, IN, WEIGHT, Graph, Ref
+from ..vmu.readonly import ReadOnlyMemory
 
 _META = torch.device("meta")
 
@@ -32,13 +36,14 @@ class Compiled:
     weights: list[tuple[int, str]]   # ("$w" node, hash)
     consts: dict[int, torch.Tensor]  # "$c" node -> tensor on the device
     frees: list[list[int]]           # after node i, drop these nodes' outputs (last use)
-    clone_out: list[bool]            # outputs that view a weight are copied (weights stay read-only)
+    writes: list[tuple]              # per node: (position, name) of each argument it may write
     ops: list[int] = field(default_factory=list)  # the op nodes in order
 
 
 def compile_graph(g: Graph, device: torch.device) -> Compiled:
     n = len(g.nodes)
     fns: list = [None] * n
+    writes: list[tuple] = [()] * n
     roots = list(range(n))
     inputs, weights = [], []
     consts: dict[int, torch.Tensor] = {}
@@ -62,16 +67,11 @@ def compile_graph(g: Graph, device: torch.device) -> Compiled:
             raise InvalidRequest(f"{where}: op {node.op!r} is not allowed on the graph path")
         fns[i] = fn
         info = op_info(fn)
-        for pos in info.writes:
-            a = node.args[pos] if pos < len(node.args) else None
+        writes[i] = srg_ops.written_args(fn, node.args, node.kwargs)
+        for pos, name in writes[i]:
+            a = node.args[pos] if pos < len(node.args) else node.kwargs.get(name)
             if isinstance(a, Ref) and g.nodes[roots[a.node]].op == WEIGHT:
-                raise InvalidRequest(f"{where} writes to a weight in place; weights are read-only")
-        if node.op == "aten.batch_norm.default" and len(node.args) > 5 and node.args[5]:
-            for pos in (3, 4):
-                a = node.args[pos]
-                if isinstance(a, Ref) and g.nodes[roots[a.node]].op == WEIGHT:
-                    raise InvalidRequest(f"{where}: batch norm in training mode updates running stats that are "
-                                         "weights; weights are read-only")
+                raise WeightWriteRefused(f"{where} writes to a weight in place ({name}); weights are read-only")
         for k, src in enumerate(info.view_of):
             if src is not None and src < len(node.args) and isinstance(node.args[src], Ref):
                 roots[i] = roots[node.args[src].node]
@@ -87,9 +87,8 @@ def compile_graph(g: Graph, device: torch.device) -> Compiled:
     for j, i in last.items():
         if j not in keep:
             frees[i].append(j)
-    clone = [g.nodes[roots[r.node]].op == WEIGHT for r in g.outputs]
     ops = [i for i in range(n) if fns[i] is not None]
-    return Compiled(g, fns, args, kwargs, inputs, weights, consts, frees, clone, ops)
+    return Compiled(g, fns, args, kwargs, inputs, weights, consts, frees, writes, ops)
 
 
 def _dry_run(g: Graph, fns: list, args: list, kwargs: list) -> None:
@@ -135,6 +134,14 @@ def _refs(v: Any) -> list[Ref]:
     return []
 
 
+def _tensors(v: Any) -> list[torch.Tensor]:
+    if isinstance(v, torch.Tensor):
+        return [v]
+    if isinstance(v, (list, tuple)):
+        return [t for x in v for t in _tensors(x)]
+    return []
+
+
 def _resolve(v: Any, env: list, device: torch.device | None = None) -> Any:
     if isinstance(v, Ref):
         return env[v.node][v.k]
@@ -150,13 +157,18 @@ def _resolve(v: Any, env: list, device: torch.device | None = None) -> Any:
 
 
 class Interpreter:
-    """Runs a compiled graph. Subclass and override `run_node` to observe or change one node."""
+    """Runs a compiled graph. Subclass and override `run_node` to observe or change one node.
 
-    def __init__(self, c: Compiled):
+    `readonly`: the memory no node may write (the server's Text segment, Note [Weights are read-only at
+    run time]); None: the storages of the weights each run is given."""
+
+    def __init__(self, c: Compiled, readonly: ReadOnlyMemory | None = None):
         self.c = c
+        self.readonly = readonly
 
     def run(self, inputs: list[torch.Tensor], weights: list[torch.Tensor]) -> list[torch.Tensor]:
         c = self.c
+        readonly = self.readonly if self.readonly is not None else ReadOnlyMemory.of(weights)
         env: list = [None] * len(c.graph.nodes)
         for i, t in zip(c.inputs, inputs):
             env[i] = (t,)
@@ -168,6 +180,8 @@ class Interpreter:
         with torch.no_grad():
             for i in c.ops:
                 self.before_node(i, env)
+                if c.writes[i]:
+                    self._refuse_weight_writes(i, env, readonly)
                 try:
                     env[i] = self.run_node(i, env)
                 except torch.OutOfMemoryError:
@@ -180,8 +194,20 @@ class Interpreter:
                 for j in frees[i]:
                     env[j] = None
             self.before_node(len(c.graph.nodes), env)
-        return [env[r.node][r.k].clone() if cl else env[r.node][r.k]
-                for r, cl in zip(c.graph.outputs, c.clone_out)]
+        return [readonly.private(env[r.node][r.k]) for r in c.graph.outputs]
+
+    def _refuse_weight_writes(self, i: int, env: list, readonly: ReadOnlyMemory) -> None:
+        """Before node i runs: none of the tensors it writes may share a byte with a weight."""
+        c = self.c
+        node = c.graph.nodes[i]
+        for pos, name in c.writes[i]:
+            v = c.args[i][pos] if pos < len(c.args[i]) else c.kwargs[i].get(name)
+            for t in _tensors(_resolve(v, env)):
+                if readonly.aliases(t):
+                    site = (f" in module '{node.module}'" if node.module else "") + (f" at {node.where}" if node.where else "")
+                    raise WeightWriteRefused(f"graph node {i} ({node.op}{site}) would write its argument '{name}' "
+                                             "into a weight's storage; weights are shared and read-only (Note "
+                                             "[Weights are read-only at run time]): nothing was written")
 
     def frees(self) -> list:
         """Per op node, the earlier nodes whose outputs are dead after it (dropped from the env)."""

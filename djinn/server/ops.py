@@ -46,7 +46,7 @@ from ..protocol.indexing import apply_chain, decode_chain
 from ..protocol.messages import MsgType
 from ..protocol.tensors import dtype_name
 from ..vmu.accounting import DATA, HOST
-from . import executor, streaming
+from . import executor, streaming, validate
 from .dispatch import Job
 from .fast_task import FastTask, pool_for
 from .kv_pools import pool_for as kv_pool_for
@@ -184,10 +184,14 @@ def release_model(engine, client_id, rid, args):
 def forward(engine, client_id, rid, args):
     s = engine.session(client_id, args)
     entry = _model_of(engine, s, args)
-    call_args = _unpack_inputs(engine, s, args.get("args", []))
-    call_kwargs = _unpack_inputs(engine, s, args.get("kwargs", {}))
+    call_args = _decode_inputs(s, args.get("args", []))
+    call_kwargs = _decode_inputs(s, args.get("kwargs", {}))
     if not isinstance(call_args, list) or not isinstance(call_kwargs, dict):
         raise InvalidRequest("forward needs args as a list and kwargs as a map")
+    # Note [Index inputs are checked before the device sees them]: as they came off the wire, on the
+    # host, so the check does not wait for the device's queue; then the copies to the device.
+    validate.check_forward(entry.module, call_args, call_kwargs)
+    call_args, call_kwargs = _to_device(call_args, engine.device), _to_device(call_kwargs, engine.device)
     check_prefill(engine, call_kwargs.get("input_ids", call_args[0] if call_args else None), "forward")
     held = set(s.tensors)
     out = executor.forward(entry.module, call_args, call_kwargs)
@@ -242,6 +246,7 @@ def generate(engine, client_id, rid, args):
     if grown > capacity:  # it could never be admitted; queued, it would wait forever (and others behind it)
         raise OutOfMemory(f"generate needs {grown / 2**20:.3f} MiB of KV ({prompt} + {new} tokens x batch "
                           f"{batch}); the model's KV pool holds at most {capacity / 2**20:.3f} MiB")
+    validate.check_generate(entry.module, input_ids, kwargs, seen if use_kv else 0)  # before any device work
     box: dict[str, Any] = {}
 
     def reserve() -> bool:  # at start: the scheduler has brought the session's KV back (or dropped it)
@@ -531,16 +536,26 @@ def _unpack_inputs(engine, s, value: Any, alias_handles: bool = False) -> Any:
     read-only for every tenant). Otherwise every input is a copy."""
     handles: set[int] = set()
 
+    def handle(t: torch.Tensor) -> None:
+        if alias_handles and not engine.text.holds_storage(t):  # a view of a weight stays a copy
+            handles.add(id(t))
+
+    obj = _decode_inputs(s, value, handle)
+    return _to_device(obj, engine.device, handles)
+
+
+def _decode_inputs(s, value: Any, on_handle: Callable[[torch.Tensor], None] | None = None) -> Any:
+    """Wire inputs -> tensors where they are: host tensors off the message (aliasing its frames: copy
+    them before they outlive the request), the session's own tensors for handles."""
     def tag(name: str, v: Any):
         if name == "$h":
             t = s.tensor(v)
-            if alias_handles and not engine.text.holds_storage(t):  # a view of a weight stays a copy
-                handles.add(id(t))
+            if on_handle is not None:
+                on_handle(t)
             return t
         raise InvalidRequest(f"clients do not send {name} values")
 
-    obj = structure.unpack(value, tag)
-    return _to_device(obj, engine.device, handles)
+    return structure.unpack(value, tag)
 
 
 def _to_device(obj: Any, device: torch.device, keep: set[int] = frozenset()) -> Any:

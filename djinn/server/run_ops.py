@@ -14,6 +14,7 @@ from .graph_runs import GraphModule
 from . import executor
 from .kv_pools import pool_for as kv_pool_for
 from .ops import _model_of, _seed, _unpack_inputs, check_prefill, op, over_gpu_quota
+from .validate import check_forward, check_generate
 
 METHODS = ("forward", "generate")
 
@@ -39,6 +40,10 @@ def start(engine, client_id, rid, args):
         raise InvalidRequest("start needs args as a list and kwargs as a map")
     if method == "generate" and len(call_args) != 1:
         raise InvalidRequest(f"a generate run takes one positional argument (input_ids), got {len(call_args)}")
+    if method == "forward":  # Note [Index inputs are checked before the device sees them]
+        check_forward(entry.module, call_args, call_kwargs)
+    else:
+        check_generate(entry.module, call_args[0], call_kwargs, 0)  # a generate run is stateless
     seed = _seed(args)
     _check_run_limit(engine, s)
     specs = parse_breakpoints(entry.module, args.get("breakpoints", []), method)
@@ -61,7 +66,7 @@ def _start_graph(engine, client_id, s, args, t0: float) -> dict:
         raise InvalidRequest("the server holds no graph with this signature: send it with the start")
     seed = _seed(args)
     _check_run_limit(engine, s)
-    module = GraphModule(compiled, weights)
+    module = GraphModule(compiled, weights, engine.text.readonly)
     specs = parse_breakpoints(module, args.get("breakpoints", []), "forward")
     call = Call(module, "forward", inputs, {}, seed, engine.device)
     held = set(s.tensors)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..protocol import structure
-from ..protocol.errors import InvalidRequest, RemoteExecutionError
+from ..protocol.errors import InvalidRequest, RemoteExecutionError, WeightWriteRefused
 from ..protocol.tensors import dtype_name
 from . import edits
 from .breakpoints import BreakpointSpec, Call, LoggedEdit, Replay, Run, RunState
@@ -108,12 +108,22 @@ class RunTable:
 
     # -- edits -------------------------------------------------------------------------------------
     def apply_edits(self, s: Session, records: Any) -> None:
-        """Apply edit records in order. Edits of a paused stop's tensors are logged for forks."""
+        """Apply edit records in order. Edits of a paused stop's tensors are logged for forks. An edit
+        that would write a weight refuses the whole batch before any applies (Note [Weights are
+        read-only at run time])."""
         if not records:
             return
         owners = {hid: (run, pos) for run in self.of_session(s.sid) if run.stop is not None
                   for pos, hid in enumerate(run.stop_hids)}
-        for e in edits.decode(records):
+        batch = edits.decode(records)
+        for e in batch:
+            run, pos = owners.get(e.hid, (None, None))
+            if run is not None and pos in run.stop.readonly:
+                raise WeightWriteRefused(f"edit {e.describe()}: stop tensor {pos} at {run.stop.spec.path or '<model>'} "
+                                         f"({run.stop.spec.where}) is a weight, shared and read-only; its handle is "
+                                         "a copy, so the edit could not reach the forward. Nothing was written")
+            s.readonly.refuse_write(s.tensor(e.hid), f"edit {e.describe()}")
+        for e in batch:
             value = edits.apply(e, s.tensor(e.hid), s.tensor)
             if e.hid in owners:
                 run, pos = owners[e.hid]
@@ -125,7 +135,7 @@ class RunTable:
         out: dict[str, Any] = {"run": run.run_id, "state": run.state.name.lower()}
         if run.state == RunState.PAUSED:
             st = run.stop
-            hids = dict(zip(map(id, st.tensors), run.stop_hids))
+            hids = dict(zip(st.origin, run.stop_hids))
 
             def leaf(obj: Any):
                 if isinstance(obj, torch.Tensor):

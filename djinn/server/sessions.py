@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..protocol.errors import HandleNotFound, InvalidRequest, OutOfMemory, QuotaExceeded, SessionNotFound
+from ..vmu.readonly import ReadOnlyMemory
 
 log = logging.getLogger("djinn.sessions")
 
@@ -70,11 +71,17 @@ class Session:
     max_kv_tokens: int | None = None  # declared KV budget per model (Note [Declared KV budgets] in ops.py)
     restored_kv: dict = field(default_factory=dict)  # model id -> (ids, layers) from a checkpoint, until first use
     checkpoint_token: str | None = None  # written to host memory at shutdown (djinn/server/checkpoint.py)                                    # why the last eager generate was not fast
+    readonly: ReadOnlyMemory = field(default_factory=ReadOnlyMemory)  # the weights' memory (the Text segment's)
 
     def add_tensor(self, t: torch.Tensor) -> str:
         hid = secrets.token_hex(8)
-        self.tensors[hid] = t
+        self.tensors[hid] = self.private(t)
         return hid
+
+    def private(self, t: torch.Tensor) -> torch.Tensor:
+        """t, or a copy of it if it lives in a weight's storage: no handle a tenant holds aliases a weight
+        (Note [Weights are read-only at run time] in djinn/vmu/readonly.py)."""
+        return self.readonly.private(t)
 
     def tensor(self, hid: object) -> torch.Tensor:
         t = self.tensors.get(hid) if isinstance(hid, str) else None
@@ -91,8 +98,9 @@ class Session:
 
 
 class SessionTable:
-    def __init__(self) -> None:
+    def __init__(self, readonly: ReadOnlyMemory | None = None) -> None:
         self._sessions: dict[str, Session] = {}
+        self._readonly = readonly if readonly is not None else ReadOnlyMemory()
 
     def __iter__(self):
         return iter(list(self._sessions.values()))
@@ -107,7 +115,7 @@ class SessionTable:
         if limit is not None and sum(1 for s in self._sessions.values() if s.client_id == client_id) >= limit:
             raise QuotaExceeded(f"this client already has {limit} open sessions (max_sessions_per_client); "
                                 "close some first")
-        s = Session(secrets.token_hex(12), client_id, name)
+        s = Session(secrets.token_hex(12), client_id, name, readonly=self._readonly)
         self._sessions[s.sid] = s
         return s
 

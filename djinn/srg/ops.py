@@ -64,6 +64,15 @@ _INPLACE_OK = set(_POINTWISE.split()) | {"fill", "zero", "copy", "clamp", "maske
                                           "scatter", "scatter_add", "tril", "triu", "uniform", "normal",
                                           "bernoulli", "exponential", "random"}
 
+#: Note [Unannotated writes]: allowed ops that write an argument their schema does not mark as written
+#: (`Tensor? running_mean`, no `(a!)`): op name -> (the arguments written, the flag argument that turns
+#: the write on). A scan of the allow-list's overloads on sample inputs (293 of 460 ran) found no other;
+#: tests/unit/test_weight_writes.py pins the full list of ops that may write, so a change shows in review.
+UNANNOTATED_WRITES = {
+    "aten.native_batch_norm.default": (("running_mean", "running_var"), "training"),
+    "aten.batch_norm.default": (("running_mean", "running_var"), "training"),
+}
+
 COMPUTE_BOUND = frozenset(_COMPUTE.split())
 RANDOM = frozenset(_RANDOM.split()) | {"uniform_", "normal_", "bernoulli_", "exponential_", "random_"}
 
@@ -132,6 +141,24 @@ def composite_args(name: str, func, args: tuple, kwargs: dict) -> tuple[tuple, d
     return (b["input"], b.get("weight"), b.get("bias"), b["running_mean"], b["running_var"],
             bool(b.get("training", False)), float(b.get("momentum", 0.1)), float(b.get("eps", 1e-5)),
             bool(torch.backends.cudnn.enabled)), {}
+
+
+def written_args(fn: torch._ops.OpOverload, args: tuple, kwargs: dict) -> tuple[tuple[int, str], ...]:
+    """(position, name) of every argument this call of `fn` may write: those its schema marks as written
+    (`Tensor(a!)`) and Note [Unannotated writes]. The value is args[position] if given positionally,
+    else kwargs[name]. An unannotated write counts unless its flag is literally False."""
+    name = str(fn)
+    extra, flag = UNANNOTATED_WRITES.get(name, ((), None))
+    out = []
+    for pos, a in enumerate(fn._schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write:
+            out.append((pos, a.name))
+        elif a.name in extra:
+            flag_pos = next(i for i, b in enumerate(fn._schema.arguments) if b.name == flag)
+            on = args[flag_pos] if flag_pos < len(args) else kwargs.get(flag, True)
+            if on is not False:
+                out.append((pos, a.name))
+    return tuple(out)
 
 
 def base_name(name: str) -> str:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .readonly import ReadOnlyMemory
+
 DEVICE, HOST, PINNED = "device", "host", "pinned"
 RESIDENCIES = (DEVICE, HOST, PINNED)
 
@@ -37,7 +39,9 @@ class TextSegment:
     def __init__(self) -> None:
         self._entries: dict[str, TextEntry] = {}
         self._bytes = {r: 0 for r in RESIDENCIES}
-        self._storages: dict[int, int] = {}  # storage data_ptr -> entries on it (holds_storage)
+        #: where the weights' bytes are; the Text segment is its only writer (Note [Weights are read-only
+        #: at run time] in readonly.py)
+        self.readonly = ReadOnlyMemory()
 
     def __contains__(self, h: str) -> bool:
         return h in self._entries
@@ -98,16 +102,11 @@ class TextSegment:
             self._track(entry.tensor, -1)
 
     def holds_storage(self, t: torch.Tensor) -> bool:
-        """Whether `t` lives in a weight's storage (a view of it): such a tensor must never be written."""
-        return t.untyped_storage().data_ptr() in self._storages
+        """Whether `t` shares bytes with a weight's storage (a view of it): such a tensor must never be written."""
+        return self.readonly.aliases(t)
 
     def _track(self, t: torch.Tensor, k: int) -> None:
-        ptr = t.untyped_storage().data_ptr()
-        n = self._storages.get(ptr, 0) + k
-        if n > 0:
-            self._storages[ptr] = n
-        else:
-            self._storages.pop(ptr, None)
+        self.readonly.track(t, k)
 
     def refs(self, h: str) -> int:
         entry = self._entries.get(h)

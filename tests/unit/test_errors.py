@@ -15,7 +15,7 @@ EXPECTED = {
     "invalid_request": E.InvalidRequest, "remote_execution": E.RemoteExecutionError,
     "server_unavailable": E.ServerUnavailable, "timeout": E.RequestTimeout,
     "quota_exceeded": E.QuotaExceeded, "session_lost": E.SessionLost, "shutting_down": E.ShuttingDown,
-    "capture": E.CaptureError,
+    "capture": E.CaptureError, "weight_write_refused": E.WeightWriteRefused,
 }
 
 
