@@ -70,6 +70,9 @@ class ServerConfig:
     kv_block_tokens: int = 16
     """Tokens per KV block (every layer's keys and values for them): the unit of allocation, swap,
     prefix sharing and copy on write."""
+    prefix_caching: bool = True
+    """Generates whose prompt starts with the tokens of cached KV blocks share those blocks instead of
+    computing them again (a common system prompt is held once); breakpoint runs never do."""
     kv_pool_max_tokens: int = 1 << 20
     """Most tokens one model's pool holds, whatever the device has (keeps tiny models' pools small)."""
     max_prefill_tokens: int = 4096

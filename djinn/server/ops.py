@@ -21,6 +21,14 @@ Note [Declared KV budgets]
     sessions instead of leaving admitted ones unable to grow. Without a declaration a session holds
     what it wrote, and a later turn's growth is admitted like any request.
 
+Note [Prefix sharing]
+    A generate whose table holds no blocks yet (a session's first call, or after a drop) first takes
+    the cached blocks that hold its prompt's leading full blocks (KVPool.share_prefix: keys chained over
+    every token id up to each block), and feeds only the rest; at its end the full blocks of its prompt
+    are published for later prompts. A shared block is never written: a writer copies it first
+    (KVPool.ensure_private). Breakpoint runs never take cached blocks, so a stop sees (and may edit)
+    every position it observes. Off with prefix_caching: false.
+
 Note [Session quotas]
     quota_gpu_gb caps a session's Data segment on the GPU: its KV caches plus the tensors it holds
     (`engine.data.acct.session(sid)["data"]`); weights are shared and never count. A generate on the
@@ -255,10 +263,18 @@ def generate(engine, client_id, rid, args):
             state = KVState.empty(kv_pool, input_ids[:, :0])
             if use_kv:
                 s.kv[mid] = state
+        dropped = use_kv and state.table.length == 0 and int(state.ids.shape[1])  # by the recompute policy
+        shared = 0
+        if engine.cfg.prefix_caching and batch == 1 and not state.table.blocks:  # Note [Prefix sharing]
+            shared = kv_pool.share_prefix(state.table, _prompt_ids(state, input_ids, use_kv), prompt - 1)
         if not kv_pool.reserve(state.table, tokens):
+            if shared:
+                kv_pool.release(state.table)
+                state.table.length = 0
             return False
-        if use_kv and state.table.length == 0 and state.ids.shape[1]:
-            engine.data.recomputing(s, int(state.ids.shape[1]))  # dropped by the recompute policy
+        engine.data.prefix_reused(s.sid, shared)
+        if dropped:
+            engine.data.recomputing(s, max(0, dropped - shared))
         box["state"] = state
         return True
 
@@ -266,6 +282,8 @@ def generate(engine, client_id, rid, args):
         state = box.pop("state", None)
         if state is None:
             return
+        if engine.cfg.prefix_caching and batch == 1:  # the prompt's full blocks, for later prompts to share
+            kv_pool.publish(state.table, _prompt_ids(state, input_ids, False), prompt)
         if use_kv and s.kv.get(mid) is state:
             kv_pool.trim(state.table, s.max_kv_tokens or 0)
         else:
@@ -292,6 +310,13 @@ def generate(engine, client_id, rid, args):
                             continues=use_kv)
     return Job(s, mid, need, body, sampling, engine.device, uses_kv=use_kv, make_task=make_task,
                reserve=reserve, release=release)
+
+
+def _prompt_ids(state, input_ids: torch.Tensor, continues: bool) -> list[int]:
+    """Row 0's token ids from position 0: the state's (its ids start with the prompt) and, before the
+    call ran, the new ones."""
+    ids = torch.cat([state.ids, input_ids], dim=1) if continues else state.ids if state.ids.shape[1] else input_ids
+    return ids[0].tolist()
 
 
 def check_prefill(engine, input_ids: Any, what: str) -> None:

@@ -44,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-budget-gb", type=float, dest="data_budget_gb",
                    help="GiB of each model's KV pool (default: the device after weights and the Stack reserve)")
     p.add_argument("--kv-block-tokens", type=int, dest="kv_block_tokens", help="tokens per KV block (default 16)")
+    p.add_argument("--no-prefix-caching", action="store_const", const=False, dest="prefix_caching",
+                   help="do not share cached KV blocks between prompts that start with the same tokens")
     p.add_argument("--max-prefill-tokens", type=int, dest="max_prefill_tokens",
                    help="largest batch x new tokens one call feeds; sizes the Stack reserve (default 4096)")
     p.add_argument("--parent-pid", type=int, help="exit when this process is gone (embedded servers)")
@@ -110,6 +112,7 @@ def main(argv=None) -> int:
                         quota_host_gb=args.quota_host_gb, quota_queued_requests=args.quota_queued_requests,
                         fast_decode=args.fast_decode, fast_decode_max_batch=args.fast_decode_max_batch,
                         kv_block_tokens=args.kv_block_tokens, max_prefill_tokens=args.max_prefill_tokens,
+                        prefix_caching=args.prefix_caching,
                         fast_decode_max_len=args.fast_decode_max_len,
                         fast_decode_capture=args.fast_decode_capture, checkpoint_dir=args.checkpoint_dir,
                         log_format=args.log_format, log_level=args.log_level).validate()

@@ -57,6 +57,7 @@ class Counters:
     prefetch_hits: int = 0     # a request found its KV back on the GPU after a swap-out
     prefetch_misses: int = 0   # a request found its KV still in (or on its way to) the host
     prefetch_failures: int = 0  # a prefetch found too few free blocks (Note [Blocks in flight])
+    prefix_tokens_reused: int = 0  # prompt tokens whose KV came from cached blocks (Note [Prefix sharing])
     drops: int = 0
     recomputed_tokens: int = 0
     queue_s: float = 0.0
@@ -317,6 +318,11 @@ class DataSegment:
         for c in (m.counters, self.totals):
             c.drops += 1
         self.sync(s)
+
+    def prefix_reused(self, sid: str, tokens: int) -> None:
+        if tokens:
+            for c in (self.mem(sid).counters, self.totals):
+                c.prefix_tokens_reused += tokens
 
     def recomputing(self, s, tokens: int) -> None:
         m = self.mem(s.sid)

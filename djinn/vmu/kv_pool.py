@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .blocks import BlockAllocator
+from .blocks import BlockAllocator, chain_key
 
 SCRATCH = 0
 
@@ -189,6 +189,35 @@ class KVPool:
         from ..protocol.errors import OutOfMemory
 
         raise OutOfMemory("copy on write found no free KV block (the request reserved too few)")
+
+    # -- prefix sharing (Note [Prefix keys] in blocks.py) ---------------------------------------------
+    def share_prefix(self, table: KVTable, ids: list[int], limit: int) -> int:
+        """Point an empty one-row table at the cached blocks holding the longest run of full blocks of
+        `ids[:limit]`; returns the tokens it now holds (a multiple of block_tokens, maybe 0)."""
+        assert table.batch == 1 and not table.rows[0] and table.length == 0, "share_prefix needs an empty table"
+        key, got = None, []
+        bt = self.block_tokens
+        for j in range(limit // bt):
+            key = chain_key(key, ids[j * bt:(j + 1) * bt])
+            b = self.alloc.lookup(key)
+            if b is None:
+                break
+            got.append(b)
+        if got:
+            table.rows[0].extend(got)
+            table.length = len(got) * bt
+            table.changed()
+        return table.length
+
+    def publish(self, table: KVTable, ids: list[int], upto: int) -> None:
+        """Key the table's full blocks within ids[:upto] (their KV is final) so later tables can share them."""
+        if table.batch != 1:
+            return
+        key, bt, row = None, self.block_tokens, table.rows[0]
+        for j in range(min(upto, table.length, len(ids)) // bt):
+            key = chain_key(key, ids[j * bt:(j + 1) * bt])
+            if j < len(row):
+                self.alloc.publish(row[j], key)
 
     # -- reads and writes ----------------------------------------------------------------------------
     def device_rows(self, table: KVTable) -> torch.Tensor:

@@ -165,10 +165,13 @@ def test_recompute_drops_and_prefills_again(start_server, model, device):
         b.generate(rm, Q1, **GEN)
         st = sstats(conn, a)
         assert (st["state"], st["drops"], st["gpu_bytes"]) == ("DROPPED", 1, 0)
-        out = a.generate(rm, P2, **GEN)   # prefills all 16 seen tokens again, then the new ones
+        # Its prompt's full block (P1: 8 tokens, 2 blocks of 4) stayed cached (Note [Prefix sharing]):
+        # it prefills the other 8 seen tokens again, then the new ones.
+        out = a.generate(rm, P2, **GEN)
         assert torch.equal(out, ra[1])     # the same greedy tokens as if never dropped
         sched = conn.stats()["scheduler"]
-        assert sched["recomputed_tokens"] == 16 and sched["swaps_out"] == 0 and sched["drops"] >= 2
+        assert sched["recomputed_tokens"] == 8 and sched["prefix_tokens_reused"] == 8
+        assert sched["swaps_out"] == 0 and sched["drops"] >= 2
     finally:
         conn.close()
 
@@ -210,10 +213,10 @@ def test_a_resident_session_grows_while_an_admission_waits(start_server, model):
     try:
         a0, a1, a2 = conn.session(), conn.session(), conn.session()
         rm = RemoteModel.from_module(a0, model)
-        prompt = torch.arange(3, 67).unsqueeze(0)
-        a0.generate(rm, prompt, **GEN)
-        a1.generate(rm, prompt, **GEN)
-        waiting = submit_generate(a2, rm, prompt, **GEN)          # does not fit: waits for memory
+        prompts = [torch.arange(k, k + 64).unsqueeze(0) for k in (3, 70, 140)]  # no common prefix to share
+        a0.generate(rm, prompts[0], **GEN)
+        a1.generate(rm, prompts[1], **GEN)
+        waiting = submit_generate(a2, rm, prompts[2], **GEN)      # does not fit: waits for memory
         wait_for(lambda: (sstats(conn, a2).get("job") or {}).get("why") == "no_memory")
         out = a0.call("generate", {"model_id": rm.model_id, "input_ids": torch.arange(3, 19).unsqueeze(0),
                                    "use_session_kv": True, "kwargs": structure.pack(GEN, a0._leaf)},
@@ -326,7 +329,7 @@ def test_declared_kv_budgets_make_resident_overload_queue_not_jam(start_server, 
         st = conns[0].stats()
         assert st["scheduler"]["swaps_out"] == 0 and st["scheduler"]["queue_s"] > 0
         kv = next(iter(st["kv"]["models"].values()))
-        assert kv["blocks_free"] == kv["blocks_total"] == 21
+        assert kv["blocks_held"] == 0 and kv["blocks_free"] + kv["blocks_cached"] == kv["blocks_total"] == 21
         s = conns[0].session(max_kv_tokens=8)
         rm = RemoteModel.from_module(s, model)
         with pytest.raises(InvalidRequest, match="over the session's max_kv_tokens=8"):

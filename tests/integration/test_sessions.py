@@ -227,3 +227,30 @@ def test_remote_tensor_bound_to_its_session(conn, local_models):
         assert torch.equal(rm(inputs_embeds=emb, session=a).logits.cpu(), out_a.logits.cpu())
     del out_a, emb
     gc.collect()
+
+
+def test_sessions_with_a_common_prompt_prefix_share_its_blocks_bitwise(conn, local_models, device):
+    """Note [Prefix sharing]: a second session whose prompt starts with the first one's 32 tokens (two
+    full 16-token blocks) holds those two blocks by reference, computes only its own tokens, and its
+    greedy generate is bitwise the local one over its whole prompt; the first session is unchanged."""
+    model = local_models["llama"]
+    system = torch.randint(3, 256, (1, 32), generator=torch.Generator().manual_seed(11))
+    own_a, own_b = torch.tensor([[7, 9, 11, 13, 15]]), torch.tensor([[21, 23, 25]])
+    with conn.session() as a, conn.session() as b:
+        rm = RemoteModel.from_module(a, model)
+        out_a = a.generate(rm, torch.cat([system, own_a], 1), max_new_tokens=6)
+        out_b = b.generate(RemoteModel.from_module(b, model), torch.cat([system, own_b], 1), max_new_tokens=6)
+        st = conn.stats()
+        sa, sb = st["sessions"][a.sid], st["sessions"][b.sid]
+        assert sb["prefix_tokens_reused"] == 32 and sa["prefix_tokens_reused"] == 0
+        assert sa["kv_shared_blocks"] == sb["kv_shared_blocks"] == 2
+        for ids, out in ((torch.cat([system, own_a], 1), out_a), (torch.cat([system, own_b], 1), out_b)):
+            assert torch.equal(out, LocalSession(model, device).generate(ids, max_new_tokens=6))
+        more = torch.tensor([[5, 6]])  # b goes on past the shared blocks; a's view of them is unchanged
+        want_b = LocalSession(model, device)
+        want_b.generate(torch.cat([system, own_b], 1), max_new_tokens=6)
+        assert torch.equal(b.generate(RemoteModel.from_module(b, model), more, max_new_tokens=4),
+                           want_b.generate(more, max_new_tokens=4))
+        want_a = LocalSession(model, device)
+        want_a.generate(torch.cat([system, own_a], 1), max_new_tokens=6)
+        assert torch.equal(a.generate(rm, more, max_new_tokens=4), want_a.generate(more, max_new_tokens=4))

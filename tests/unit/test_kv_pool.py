@@ -108,3 +108,25 @@ def test_generate_over_blocks_is_bitwise_hf_dynamic_cache(arch):
         la = m(more, past_key_values=c, use_cache=True).logits
         lb = m(more, past_key_values=dc, use_cache=True).logits
     assert torch.equal(la, lb)
+
+
+def test_prefix_blocks_are_published_shared_by_key_and_cached_after_release():
+    p = pool_of(tiny_llama(), blocks=16, bt=4)
+    ids = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14]
+    a = p.new_table(1)
+    assert p.reserve(a, 12)
+    a.length = 10
+    p.publish(a, ids, 10)                    # two full blocks of the prompt get keys; the third is partial
+    assert [p.alloc.key_of(b) is not None for b in a.rows[0]] == [True, True, False]
+    b = p.new_table(1)
+    assert p.share_prefix(b, ids[:8] + [99, 98, 97], 10) == 8
+    assert b.rows == [a.rows[0][:2]] and b.length == 8
+    assert [p.alloc.refcount(x) for x in a.rows[0]] == [2, 2, 1]
+    c = p.new_table(1)
+    assert p.share_prefix(c, [5, 6, 7, 0] + ids[4:], 10) == 0 and c.rows == [[]]  # first block differs
+    p.release(a)
+    p.release(b)
+    assert (p.alloc.cached, p.alloc.held) == (2, 0)   # keyed blocks stay as a cache, counted available
+    d = p.new_table(1)
+    assert p.share_prefix(d, ids, 5) == 4 and d.rows[0] == [1]  # limit 5: one full block at most
+    p.alloc.check()
