@@ -459,3 +459,28 @@ def test_reprs(local_models, conn):
         assert repr(stop).endswith(f"run {rid}, gone)")
     del run, stop, view
     gc.collect()
+
+
+def test_a_run_sees_every_position_of_a_prompt_whose_blocks_are_cached(pair):
+    """Note [Prefix sharing]: after a session generated with the same prompt (its full blocks are now
+    cached), a generate run's prefill stop still covers every prompt position, bitwise the local one:
+    runs never take cached blocks, so nothing they observe or edit is silently skipped."""
+    arch, model, rm = pair
+    layers = LAYERS[arch]
+    s = rm.session
+    long_ids = torch.cat([IDS] * 4, 1)  # 4 x P tokens: at least one full 16-token block
+    s.generate(rm, long_ids, max_new_tokens=2)
+    other = s.conn.session()
+    try:
+        orm = RemoteModel.from_module(other, model)
+        other.generate(orm, long_ids, max_new_tokens=2)
+        assert session_stats(s.conn, other)["prefix_tokens_reused"] >= 16  # the blocks are cached
+        run = other.start(orm, long_ids, method="generate", max_new_tokens=2, breakpoints=[Breakpoint(layer=0, step=0)])
+        stop = run.wait()
+        with LocalHooks(model, [(f"{layers}.0", "after")]) as hooks, torch.no_grad():
+            model(long_ids.to(model.device))
+        assert tuple(stop.activation.shape)[:2] == (1, long_ids.shape[1])
+        assert torch.equal(stop.activation.cpu(), hooks.records[0][3].cpu())
+        run.cancel()
+    finally:
+        other.close()
