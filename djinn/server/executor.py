@@ -98,6 +98,10 @@ def check_generate(input_ids: Any, kwargs: dict) -> None:
         v = kwargs.get(name)
         if v is not None and (type(v) is not int or not lo <= v <= hi):
             raise InvalidRequest(f"generate: {name} must be an int in [{lo}, {hi}], got {v!r}")
+    for name in ("num_beams", "num_return_sequences"):  # they copy and reorder cache rows (PagedLayer)
+        if (kwargs.get(name) or 1) > 1:
+            raise InvalidRequest(f"generate: {name} > 1 is not supported over paged KV blocks yet; send one "
+                                 "generate per sequence (a batch of input rows works)")
 
 
 def new_tokens(module: torch.nn.Module, prompt_tokens: int, kwargs: dict) -> int:

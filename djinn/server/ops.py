@@ -199,8 +199,8 @@ def forward(engine, client_id, rid, args):
     # Note [Index inputs are checked before the device sees them]: as they came off the wire, on the
     # host, so the check does not wait for the device's queue; then the copies to the device.
     validate.check_forward(entry.module, call_args, call_kwargs)
-    call_args, call_kwargs = _to_device(call_args, engine.device), _to_device(call_kwargs, engine.device)
     check_prefill(engine, call_kwargs.get("input_ids", call_args[0] if call_args else None), "forward")
+    call_args, call_kwargs = _to_device(call_args, engine.device), _to_device(call_kwargs, engine.device)
     held = set(s.tensors)
     out = executor.forward(entry.module, call_args, call_kwargs)
     result = {"output": _pack_outputs(s, out)}

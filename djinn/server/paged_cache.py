@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from ..protocol.errors import InvalidRequest
 from ..vmu.kv_pool import KVPool, KVTable
 
 
@@ -47,20 +48,26 @@ class PagedLayer(DynamicLayer):
     def get_max_length(self) -> int:
         return -1
 
+    # Generate never calls these with the arguments the server accepts (check_generate refuses beams
+    # and several return sequences); anything else that would copy, drop or reorder rows is refused.
     def reset(self) -> None:
-        raise NotImplementedError("a paged cache is reset by the VMU (reset_kv), not by the model")
+        _refuse("resetting it (reset_kv resets a session's KV)")
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("cropping a paged KV cache is not supported")
+        _refuse("cropping it")
 
     def reorder_cache(self, beam_idx) -> None:
-        raise NotImplementedError("beam search over a session's paged KV cache is not supported")
+        _refuse("reordering its rows (beam search)")
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        raise NotImplementedError("expanding a session's paged KV cache is not supported")
+        _refuse("repeating its rows")
 
     def batch_select_indices(self, indices) -> None:
-        raise NotImplementedError("selecting rows of a session's paged KV cache is not supported")
+        _refuse("selecting its rows")
+
+
+def _refuse(what: str) -> None:
+    raise InvalidRequest(f"a session's paged KV cache does not support {what}")
 
 
 class PagedCache(Cache):

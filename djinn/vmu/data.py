@@ -114,9 +114,6 @@ class DataSegment:
             log.warning("KV pool of %s dropped with %d blocks held", mid[:12], pool.alloc.held)
         return pool
 
-    def table_pool(self, s, mid: str) -> KVPool | None:
-        return self.pools.get(mid) if mid in s.kv else None
-
     # -- sessions --------------------------------------------------------------------------------
     def mem(self, sid: str) -> SessionMemory:
         m = self._mem.get(sid)
@@ -455,12 +452,3 @@ class DataSegment:
 def _tensor_bytes(tensors: dict) -> int:
     unique = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors.values()}
     return sum(aligned(n) for n in unique.values())
-
-
-def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
-    """KV bytes one token adds to a decoder's cache (all layers, keys and values), from its config."""
-    layers = getattr(config, "num_hidden_layers", None) or 0
-    heads = getattr(config, "num_attention_heads", None) or 1
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or (getattr(config, "hidden_size", 0) // heads)
-    return 2 * layers * kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()

@@ -1,8 +1,9 @@
 """Swapping a session's Data segment between the GPU and the pinned host pool (DESIGN.md section 3).
 
-A swap moves a list of tensors (a session's KV cache: keys and values per layer) as one region of the
-host pool, one coalesced copy per tensor: never a copy per block or per token (BASELINES.md: many small
-copies run at 2-8 GB/s, large ones at ~54). On CUDA the copies run on the swapper's side stream with
+A swap moves tensors as one region of the host pool, one coalesced copy per tensor: never a copy per
+token (BASELINES.md: many small copies run at 2-8 GB/s, large ones at ~54). The Data segment swaps a
+session's KV blocks through `start`, one copy per run of consecutive block ids (djinn/vmu/data.py);
+`swap_out` / `swap_in` move a list of whole tensors into and out of a region they lay out. On CUDA the copies run on the swapper's side stream with
 non_blocking copies and complete on an event, so the compute stream never stalls; on the CPU the same
 code runs with plain copies and a handle that is done at once.
 
@@ -15,14 +16,6 @@ Note [Swap stream ordering]
     may use swapped-in tensors once `done()` is true (the copy completed) or after `wait()`.
     The host region must not be reused before the copy that reads or writes it is done: release it
     only after `done()` / `wait()` (the engine releases a swapped-out copy after the swap-in completes).
-
-Note [KV cache tensors]
-    `cache_tensors` names every tensor attribute of every layer of a transformers Cache (5.x: `cache.layers`,
-    e.g. DynamicLayer.keys/values; a sliding layer's small bookkeeping tensors too), in layer order, as
-    (layer index, attribute) -> tensor. `release_cache` takes them out (the attributes become None, so
-    the cache holds no device memory and any use of it before `restore_cache` fails loudly), and
-    `restore_cache` puts tensors with the same names back. Restored tensors are contiguous copies of the
-    originals, bit for bit, so generation continues exactly as if the cache never left.
 """
 from __future__ import annotations
 
@@ -34,8 +27,6 @@ from typing import Sequence
 import torch
 
 from .host_pool import HostAlloc, HostPool
-
-KVName = tuple[int, str]
 
 
 @dataclass(frozen=True)
@@ -189,46 +180,3 @@ class Swapper:
 
 def _host_view(region: torch.Tensor, s: Slot) -> torch.Tensor:
     return region[s.offset:s.offset + s.nbytes].view(s.dtype).view(s.shape)
-
-
-# -- transformers caches (Note [KV cache tensors]) ---------------------------------------------------
-def _layers(cache) -> list:
-    layers = getattr(cache, "layers", None)
-    if not isinstance(layers, list):
-        raise TypeError(f"{type(cache).__name__} has no `layers` list: only transformers >= 4.56 caches "
-                        "(DynamicCache and its kin) can be swapped")
-    return layers
-
-
-def cache_tensors(cache) -> dict[KVName, torch.Tensor]:
-    """Every tensor the cache holds, by (layer index, attribute), in layer order."""
-    out: dict[KVName, torch.Tensor] = {}
-    storages: dict[int, KVName] = {}
-    for i, layer in enumerate(_layers(cache)):
-        for name, value in vars(layer).items():
-            if isinstance(value, torch.Tensor):
-                ptr = value.untyped_storage().data_ptr()
-                if value.untyped_storage().nbytes() and ptr in storages:
-                    raise TypeError(f"cache tensors {storages[ptr]} and {(i, name)} share storage; "
-                                    "swapping them apart would break the aliasing")
-                storages[ptr] = (i, name)
-                out[(i, name)] = value
-    return out
-
-
-def release_cache(cache) -> dict[KVName, torch.Tensor]:
-    """Take the cache's tensors out (their attributes become None) and return them."""
-    tensors = cache_tensors(cache)
-    layers = _layers(cache)
-    for i, name in tensors:
-        setattr(layers[i], name, None)
-    return tensors
-
-
-def restore_cache(cache, tensors: dict[KVName, torch.Tensor]) -> None:
-    """Put tensors named as `cache_tensors` named them back into the cache."""
-    layers = _layers(cache)
-    for (i, name), t in tensors.items():
-        if not (0 <= i < len(layers) and hasattr(layers[i], name)):
-            raise KeyError(f"the cache has no layer attribute {(i, name)}")
-        setattr(layers[i], name, t)

@@ -10,7 +10,7 @@ import torch
 
 from djinn.scheduler.types import SessionState
 from djinn.server.sessions import KVState, Session
-from djinn.vmu.data import DataSegment, kv_bytes_per_token
+from djinn.vmu.data import DataSegment
 from djinn.vmu.kv_pool import KVPool, KVShape
 
 from ..models import tiny_gpt2, tiny_llama
@@ -38,8 +38,8 @@ def session_with_kv(sid: str, tokens: int, model, pool) -> Session:
 
 
 def test_kv_bytes_per_token_from_configs():
-    assert kv_bytes_per_token(tiny_llama().config, torch.float32) == 2 * 2 * 2 * 16 * 4
-    assert kv_bytes_per_token(tiny_gpt2().config, torch.float16) == 2 * 2 * 4 * 16 * 2
+    assert KVShape.of_module(tiny_llama()).token_bytes == 2 * 2 * 2 * 16 * 4
+    assert KVShape.of_module(tiny_gpt2().half()).token_bytes == 2 * 2 * 4 * 16 * 2
 
 
 def test_swap_out_prefetch_and_close_keep_exact_accounting():

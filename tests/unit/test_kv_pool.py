@@ -130,3 +130,18 @@ def test_prefix_blocks_are_published_shared_by_key_and_cached_after_release():
     d = p.new_table(1)
     assert p.share_prefix(d, ids, 5) == 4 and d.rows[0] == [1]  # limit 5: one full block at most
     p.alloc.check()
+
+
+def test_generate_arguments_that_copy_or_reorder_cache_rows_are_refused_up_front():
+    from djinn.protocol.errors import InvalidRequest
+    from djinn.server.executor import check_generate
+
+    ids = torch.ones(1, 3, dtype=torch.long)
+    check_generate(ids, {"num_beams": 1, "num_return_sequences": 1})
+    for bad in ({"num_beams": 2}, {"num_return_sequences": 3, "do_sample": True}):
+        with pytest.raises(InvalidRequest, match="not supported over paged KV blocks"):
+            check_generate(ids, bad)
+    p = pool_of(tiny_llama())
+    layer = PagedCache(p, p.new_table(1)).layers[0]
+    with pytest.raises(InvalidRequest, match="reordering its rows"):
+        layer.reorder_cache(torch.zeros(1, dtype=torch.long))
