@@ -72,6 +72,7 @@ class Away:
 
     host: HostCopy
     per_row: int
+    model_id: str
 
 
 @dataclass
@@ -246,17 +247,17 @@ class DataSegment:
     def swap_out(self, s) -> bool:
         """Start copying every block the session holds to the host pool (Note [Blocks in flight])."""
         m = self.mem(s.sid)
-        tables = [(self.pools[mid], kv.table) for mid, kv in s.kv.items()
+        tables = [(mid, self.pools[mid], kv.table) for mid, kv in s.kv.items()
                   if mid in self.pools and kv.table.blocks and id(kv.table) not in self._away]
         if not tables:
             return False
-        nbytes = sum(aligned(t.blocks * p.block_bytes) for p, t in tables)
+        nbytes = sum(aligned(t.blocks * p.block_bytes) for _, p, t in tables)
         if not self.swappable(s.sid, nbytes):  # Note [Host quota]: it stays on the GPU
             log.info("swap-out of session %s refused: %d bytes of KV exceed its host quota of %d bytes",
                      s.sid[:8], nbytes, self.host_quota)
             return False
         hosts = []
-        for p, t in tables:
+        for _, p, t in tables:
             a = self.pool.allocate(t.blocks * p.block_bytes)
             if a is None:
                 for h in hosts:
@@ -264,13 +265,13 @@ class DataSegment:
                 log.warning("swap-out of session %s: the host pool has no region of %d bytes", s.sid[:8], nbytes)
                 return False
             hosts.append(HostCopy(a, (Slot(0, t.blocks * p.block_bytes, (t.blocks, *p.kv.shape[1:]), p.kv.dtype),)))
-        for (p, t), host in zip(tables, hosts):
+        for (mid, p, t), host in zip(tables, hosts):
             region = self._host_blocks(host)                                     # [blocks, ...] on the host
             ids = t.ids()
             dsts = [region[j:j + n] for j, _, n in p.runs(ids)]
             srcs = [p.kv[b:b + n] for _, b, n in p.runs(ids)]
             handle = self.swapper.start("out", host, dsts, srcs, keep=srcs)
-            self._away[id(t)] = Away(host, len(t.rows[0]))
+            self._away[id(t)] = Away(host, len(t.rows[0]), mid)
             m.inflight.append((t, handle))
         m.state, m.swapped_in_wait = SessionState.SWAPPING_OUT, True
         self._sessions[s.sid] = s
@@ -415,8 +416,7 @@ class DataSegment:
         """`djinn.stats()["kv"]`: per model its pool's blocks, and the host pool in its block size."""
         models = {}
         for mid, p in self.pools.items():
-            host_used = sum(a.host.alloc.nbytes for a in self._away.values()
-                            if a.host.slots[0].shape[1:] == tuple(p.kv.shape[1:]))
+            host_used = sum(a.host.alloc.nbytes for a in self._away.values() if a.model_id == mid)
             models[mid] = {**p.stats(), "host_blocks_total": self.pool.capacity // p.block_bytes,
                            "host_blocks_used": host_used // p.block_bytes}
         bts = {p.block_tokens for p in self.pools.values()}

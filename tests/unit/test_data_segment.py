@@ -65,6 +65,7 @@ def test_swap_out_prefetch_and_close_keep_exact_accounting():
     assert seg.acct.session("a") == {"text": 0, "data": 0, "stack": 0, "host": 3 * BLOCK}
     assert seg.memory_view().host_used == 3 * BLOCK and seg.memory_view().gpu_used == 0
     assert seg.stats("a", s)["kv_host_blocks"] == 3 and seg.stats("a", s)["kv_blocks"] == 0
+    assert seg.kv_summary()["models"]["m"]["host_blocks_used"] == 3
 
     other = pool.new_table(1)
     assert pool.reserve(other, 8)                                # takes blocks 1 and 2: a comes back elsewhere
