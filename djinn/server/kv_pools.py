@@ -79,9 +79,9 @@ def pool_for(engine, entry) -> KVPool:
     rows = decode_rows(cfg, shape, heads)
     block_bytes = cfg.kv_block_tokens * shape.token_bytes
     cap = cfg.kv_pool_max_tokens * shape.token_bytes
+    stack = peak = free = 0  # nothing is measured on the CPU (Note [Stack reserve])
     if device.type != "cuda":
         budget = int(cfg.data_budget_gb * GIB) if cfg.data_budget_gb is not None else CPU_POOL_BYTES
-        plan = PoolPlan(0, cfg.kv_block_tokens, 0, 0, 0, rows, 0, 0.0)
     else:
         peak = _profile(module, device, cfg.max_prefill_tokens)
         gather = 4 * cfg.max_prefill_tokens * shape.kv_heads * shape.head_dim * shape.dtype.itemsize
@@ -92,19 +92,18 @@ def pool_for(engine, entry) -> KVPool:
         budget = free - stack
         if cfg.data_budget_gb is not None:
             budget = min(budget, int(cfg.data_budget_gb * GIB))
-        plan = PoolPlan(0, cfg.kv_block_tokens, 0, stack, peak, rows, free, 0.0)
     blocks = max(0, min(budget, cap)) // block_bytes + 1  # + the scratch block
     if blocks < 2:
         from ..protocol.errors import OutOfMemory
 
         raise OutOfMemory(f"no room for a KV pool of {type(module).__name__}: {budget / GIB:.2f} GiB left after "
-                          f"the weights and a Stack reserve of {plan.stack_reserve / GIB:.2f} GiB; one block is "
+                          f"the weights and a Stack reserve of {stack / GIB:.2f} GiB; one block is "
                           f"{block_bytes / 2**20:.2f} MiB (lower max_prefill_tokens or fast_decode_max_batch)")
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the profile's activations go back before the pool takes its share
     pool = KVPool(shape, blocks, cfg.kv_block_tokens, device)
-    plan = PoolPlan(blocks, cfg.kv_block_tokens, pool.nbytes, plan.stack_reserve, plan.profile_peak, rows,
-                    plan.free_before, round(time.perf_counter() - t0, 3))
+    plan = PoolPlan(blocks, cfg.kv_block_tokens, pool.nbytes, stack, peak, rows, free,
+                    round(time.perf_counter() - t0, 3))
     pool.plan = plan
     engine.data.add_pool(entry.model_id, pool)
     log.info("KV pool for %s: %d blocks of %d tokens (%.2f GiB); stack reserve %.2f GiB (prefill peak %.2f GiB)",
