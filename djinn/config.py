@@ -78,6 +78,10 @@ class ServerConfig:
     max_prefill_tokens: int = 4096
     """Largest number of new tokens (batch x length) one forward, generate or run may feed at once.
     The Stack reserve is measured by a forward of this size, so a larger request is refused."""
+    prefill_step_tokens: int = 512
+    """Prompt tokens of fast-path generates prefilled per engine turn, in chunks, before every decoding
+    session takes its next step: a long prompt delays the others' next token by at most one such chunk
+    (chunked prefill, Note [Chunked prefill] in djinn/server/fast_task.py). At most max_prefill_tokens."""
     stack_margin_gb: float = 1.0
     """GiB left free on CUDA beyond the measured Stack (CUDA context, cuBLAS workspaces, rounding)."""
     swap_bw_gbps: float | None = None
@@ -120,10 +124,11 @@ class ServerConfig:
     """Longest sequence (prompt + new tokens) the fast path takes; rounded up to a power of two."""
     fast_decode_graphs: bool = True
     """Replay decode steps as CUDA graphs (CUDA only); false: run them eagerly (debugging)."""
-    fast_decode_capture: str = "lazy"
-    """When decode step graphs are captured: lazy (each (batch, length) bucket's at its first step; that
-    step waits for the capture) or all (every bucket's when the model's pool is made, at its first fast
-    generate, so no later step waits; stats report the seconds it took)."""
+    fast_decode_capture: str = "all"
+    """When decode step graphs are captured: all (every bucket's when the model's pool is made, at its
+    first fast generate, so no later step of any session waits on a capture; stats report the seconds
+    it took) or lazy (each (batch, length) bucket's at its first step, which waits for the capture:
+    a stall of every decoding session, at whatever moment a new batch size or length first occurs)."""
     checkpoint_dir: str | None = None
     """Where sessions that asked for it are written when the server shuts down gracefully, to be
     restored after a restart (djinn/server/checkpoint.py). None: /dev/shm/djinn-checkpoints (host memory)."""
@@ -201,12 +206,16 @@ class ServerConfig:
                 or self.stack_margin_gb < 0:
             raise ValueError(f"stack_margin_gb={self.stack_margin_gb!r} must be a number of GiB >= 0")
         for name in ("fast_decode_max_batch", "fast_decode_max_len", "kv_block_tokens", "kv_pool_max_tokens",
-                     "max_prefill_tokens"):
+                     "max_prefill_tokens", "prefill_step_tokens"):
             v = getattr(self, name)
             if v is None and name == "fast_decode_max_batch":
                 continue
             if isinstance(v, bool) or not isinstance(v, int) or not v > 0:
                 raise ValueError(f"{name}={v!r} must be an int > 0")
+        if isinstance(self.prefill_step_tokens, int) and isinstance(self.max_prefill_tokens, int) \
+                and self.prefill_step_tokens > self.max_prefill_tokens:
+            raise ValueError(f"prefill_step_tokens={self.prefill_step_tokens} must be <= max_prefill_tokens="
+                             f"{self.max_prefill_tokens} (the Stack reserve is measured at that size)")
         for name in ("max_sessions_per_client", "max_runs_per_session"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:

@@ -40,6 +40,7 @@ from ..protocol.errors import OutOfMemory, QuotaExceeded, SessionNotFound
 from ..scheduler import schedule
 from ..scheduler.types import MemoryView, SessionState, SessionView, View
 from ..vmu.data import GIB
+from .fast_task import PrefillBudget
 from .router import Request
 from .tasks import StepTask
 
@@ -112,6 +113,7 @@ class Dispatcher:
         self._running: list[Job] = []       # started jobs, in round-robin order
         self._no_blocks: list[Job] = []     # jobs without a session KV that wait for free blocks
         self._arrivals = itertools.count()
+        self.prefill = PrefillBudget(engine.cfg.prefill_step_tokens)  # Note [Chunked prefill]
         self.dirty = False
         self.wake_at: float | None = None
         self.decisions = 0
@@ -209,8 +211,11 @@ class Dispatcher:
 
     def step(self) -> None:
         """Every started job takes one step; ended ones reply and let their session's next request in.
-        Fast-path jobs take theirs together: one batched step per model pool, before the tasks look."""
+        Fast-path jobs take theirs together: one batched step per model pool, before the tasks look;
+        then prefilling ones run at most a turn's budget of prompt tokens between them, first started
+        first (Note [Chunked prefill])."""
         self._step_pools()
+        self.prefill.new_turn()
         for job in list(self._running):
             if job.task.advance():
                 self._finish(job)

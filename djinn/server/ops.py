@@ -306,7 +306,7 @@ def generate(engine, client_id, rid, args):
     make_task = None
     if why is None:
         def make_task():
-            return FastTask(pool, box["state"], input_ids, kwargs, seed, on_tokens, new, engine.cfg.max_prefill_tokens,
+            return FastTask(pool, box["state"], input_ids, kwargs, seed, on_tokens, new, engine.dispatch.prefill,
                             continues=use_kv)
     return Job(s, mid, need, body, sampling, engine.device, uses_kv=use_kv, make_task=make_task,
                reserve=reserve, release=release)
@@ -434,7 +434,9 @@ def stats(engine, client_id, rid, args):
                      "kv_pools": sum(p.nbytes for p in engine.data.pools.values())},
         "kv": engine.data.kv_summary(),
         "scheduler": {"policy": engine.policy.name, "queued": engine.dispatch.queue_length(),
-                      "decisions": engine.dispatch.decisions, **engine.data.summary()},
+                      "decisions": engine.dispatch.decisions, **engine.data.summary(),
+                      "prefill": {"step_tokens": engine.dispatch.prefill.per_turn,
+                                  "chunks": engine.dispatch.prefill.chunks, "turns": engine.dispatch.prefill.turns}},
         "quotas": vars(engine.dispatch.quotas).copy(),
         "text_entries": len(engine.text),
         "sessions": sessions,

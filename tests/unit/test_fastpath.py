@@ -111,3 +111,62 @@ def test_batched_step_over_blocks_matches_eager_decode():
     for r, t, ids in zip(rows, tables, prompts):
         pool.leave(r, t)
         assert t.length == ids.shape[1] + 5
+
+
+def _local_greedy(model, ids, n):
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
+
+
+def test_chunked_prefill_interleaves_with_decode_and_is_first_come_first_served():
+    """Note [Chunked prefill]: with a budget of 8 prompt tokens a turn, two 40-token prompts prefill in
+    5 chunks each, the one that started first entirely before the other; every turn the session that
+    already decodes takes its step in between; all three give the local greedy tokens."""
+    from djinn.server.fast_task import FastTask, PrefillBudget
+    from djinn.server.sessions import KVState
+
+    model = tiny_llama(seed=6).eval()
+    kv = KVPool(KVShape.of_module(model), 64, 4, "cpu")
+    pool = DecodePool(model, kv, 4, 64, graphs=False)
+    budget = PrefillBudget(8)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 100, (1, n), generator=g) for n in (5, 40, 40)]
+    news = [30, 6, 6]
+    tasks = []
+    for ids, n in zip(prompts, news):
+        state = KVState.empty(kv, ids[:, :0])
+        assert kv.reserve(state.table, ids.shape[1] + n)
+        tasks.append(FastTask(pool, state, ids, {"max_new_tokens": n, "do_sample": False}, None, None, n, budget,
+                              continues=False))
+    lengths = []  # per turn: (decoded tokens of task 0, table lengths of tasks 1 and 2)
+    for turn in range(40):
+        if all(t.done for t in tasks):
+            break
+        pool.step()
+        budget.new_turn()
+        for t in tasks:
+            t.advance()
+        a = tasks[0]
+        lengths.append((len(a.row.new) if a.row is not None else None,
+                        tasks[1].state.table.length, tasks[2].state.table.length))
+    # Turn 0: task 0's 5-token prompt takes 5 of the 8, task 1 the other 3; from then on 8 a turn.
+    assert [l[1:] for l in lengths[:7]] == [(3, 0), (11, 0), (19, 0), (27, 0), (35, 0), (40, 3), (40, 11)]
+    assert [l[0] for l in lengths[1:7]] == [1, 2, 3, 4, 5, 6]  # task 0 decodes a token every turn meanwhile
+    assert budget.chunks == 1 + 6 + 6 and budget.per_turn == 8
+    for t, ids, n in zip(tasks, prompts, news):
+        assert t.error is None and t.done
+        assert t.result["sequences"][0, ids.shape[1]:].tolist() == _local_greedy(model, ids, n)
+
+
+def test_prefill_budget_counts_turns_and_chunks():
+    from djinn.server.fast_task import PrefillBudget
+
+    b = PrefillBudget(10)
+    assert (b.take(4), b.take(9), b.take(3)) == (4, 6, 0) and b.left == 0
+    b.new_turn()
+    assert b.turns == 1 and b.take(2) == 2 and b.chunks == 3
+    b.new_turn()
+    b.new_turn()  # a turn that prefilled nothing is not counted
+    assert b.turns == 2
+    with pytest.raises(ValueError):
+        PrefillBudget(0)
