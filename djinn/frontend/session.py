@@ -41,6 +41,8 @@ class Session:
         self.checkpoint_token: str | None = reply.get("checkpoint_token")
         self.kv_tokens: dict[str, int] = {}            # a restored session: tokens of KV per model id
         self.restored_tensors: dict[str, RemoteTensor] = {}   # a restored session: its tensors by handle
+        self.forked_tensors: dict[str, RemoteTensor] = {}     # a forked session: its copies of the parent's
+        self.fork_info: dict = {}                             # a forked session: blocks shared, server ms
         self.closed = False
         self._frees: deque[str] = deque()  # append/popleft are atomic: safe from GC finalizers
         self._edits: list[dict] = []       # in-place edits of remote tensors, in order (frontend/edits.py)
@@ -111,6 +113,22 @@ class Session:
         """
         rm._attach(self)
         return self._generate(rm, input_ids, stream=stream, seed=seed, use_session_kv=True, **kwargs)
+
+    def fork(self, name: str | None = None) -> "Session":
+        """A new session that continues from exactly where this one is: the same KV caches (shared
+        block by block on the server, copied only where either session writes next), token ids,
+        models and a copy of its tensors (in `forked_tensors`, by handle). Generating in one never
+        changes the other: branch an agent, try two continuations, keep the better."""
+        from ..protocol.tensors import dtype_from_name
+        from .tensor import RemoteTensor
+
+        reply = self.call("fork_session", {"name": name})
+        child = Session(self.conn, name, _restored=reply)
+        child.kv_tokens = dict(reply["kv_tokens"])
+        child.forked_tensors = {hid: RemoteTensor(child, hid, dtype_from_name(m["dtype"]), m["shape"],
+                                                  self.conn.info["device"]) for hid, m in reply["tensors"].items()}
+        child.fork_info = {"shared_blocks": reply["shared_blocks"], "fork_ms": reply["fork_ms"]}
+        return child
 
     def checkpoint_on_shutdown(self, on: bool = True) -> str | None:
         """Ask the server to write this session (KV caches, token ids, tensors) to host memory if it

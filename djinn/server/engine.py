@@ -22,7 +22,7 @@ from ..scheduler.policies import get_policy
 from ..vmu.data import GIB, DataSegment
 from ..vmu.text import TextSegment
 from ..vmu.uploads import Uploads
-from . import init_ops, ops, run_ops  # noqa: F401  (run_ops and init_ops register their ops)
+from . import fork, init_ops, ops, run_ops  # noqa: F401  (fork, run_ops and init_ops register their ops)
 from .dispatch import CONTROL_OPS, Dispatcher, Job
 from .metrics import Metrics
 from .models import ModelRegistry

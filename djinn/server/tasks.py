@@ -102,3 +102,30 @@ class StepTask:
         self._to_task.acquire()
         if self._cancel:
             raise Cancelled()
+
+
+class InstantTask:
+    """A job that needs its session's KV on the device and no decode step: `fn()` runs at its first
+    advance (a session fork of a swapped parent, djinn/server/fork.py)."""
+
+    path = "none"
+    steps = 0
+
+    def __init__(self, fn: Callable[[], Any]):
+        self.fn = fn
+        self.done = False
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.error_traceback: str | None = None
+
+    def advance(self) -> bool:
+        if not self.done:
+            try:
+                self.result = self.fn()
+            except Exception as e:  # handed to the engine, which replies with it
+                self.error, self.error_traceback = e, traceback.format_exc()
+            self.done = True
+        return True
+
+    def cancel(self) -> None:
+        self.done = True

@@ -166,6 +166,19 @@ class DataSegment:
             return 0
         return kv.table.blocks * pool.block_bytes
 
+    def away(self, s) -> bool:
+        """Some of the session's KV is in the host tier or moving (not usable on the device now)."""
+        return bool(self.mem(s.sid).inflight) or any(id(kv.table) in self._away for kv in s.kv.values())
+
+    def kv_bytes_home(self, s) -> int:
+        """Bytes of the session's KV blocks once all of it is on the device (swapped tables included)."""
+        total = 0
+        for mid, kv in s.kv.items():
+            pool, a = self.pools.get(mid), self._away.get(id(kv.table))
+            if pool is not None:
+                total += (len(kv.table.rows) * a.per_row if a is not None else kv.table.blocks) * pool.block_bytes
+        return total
+
     def gpu_bytes(self, sid: str) -> int:
         """Bytes of KV the scheduler may move, charged on the GPU (Note [What the scheduler moves])."""
         return self.acct.session(sid)[DATA] - self._tensor_bytes.get(sid, 0)
