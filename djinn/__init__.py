@@ -24,7 +24,7 @@ __all__ = [
     "Breakpoint", "Run", "Stop",
     "DjinnError", "ProtocolError", "AuthError", "SessionNotFound", "HandleNotFound", "OutOfMemory",
     "ModelNotSupported", "InvalidRequest", "RemoteExecutionError", "ServerUnavailable", "RequestTimeout",
-    "QuotaExceeded", "WeightWriteRefused",
+    "QuotaExceeded", "WeightWriteRefused", "GenerateCancelled",
     "SessionLost", "ShuttingDown",
 ]
 

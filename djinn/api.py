@@ -16,7 +16,7 @@ from .frontend.tensor import RemoteTensor
 from .protocol.errors import (
     AuthError, CaptureError, DjinnError, HandleNotFound, InvalidRequest, ModelNotSupported, OutOfMemory, ProtocolError,
     QuotaExceeded, RemoteExecutionError, RequestTimeout, ServerUnavailable, SessionLost, SessionNotFound, ShuttingDown,
-    WeightWriteRefused,
+    WeightWriteRefused, GenerateCancelled,
 )
 
 

@@ -193,14 +193,24 @@ class Session:
                 "seed": seed, "use_session_kv": use_session_kv, "stream": stream}
         if deterministic:
             args["deterministic"] = True
-        if not stream:
-            return self.call("generate", args)["sequences"]
+        if not stream:  # interrupted (Ctrl-C), the server stops it and the session keeps none of it
+            return self.call("generate", args, on_interrupt=lambda rid: self._cancel_generate(rid, 0))["sequences"]
         if input_ids.shape[0] != 1:
             raise InvalidRequest("stream=True supports batch size 1 (like transformers' TextStreamer)")
         self._flush_frees()
         q: queue.Queue = queue.Queue()
         fut = self.conn.transport.submit("generate", dict(args, sid=self.sid), stream=q)
-        return TokenStream(q, fut)
+        return TokenStream(q, fut, self)
+
+    def _cancel_generate(self, rid: int, keep: int):
+        """Stop generate `rid` on the server, the session keeping its first `keep` new tokens (those the
+        caller consumed). Not waited for: the server serves it before this client's next request."""
+        if self.closed or self.lost or self.conn.transport.dead is not None:
+            return None
+        try:
+            return self.conn.transport.submit("cancel_generate", {"sid": self.sid, "rid": rid, "keep": keep})
+        except DjinnError:
+            return None
 
     def _leaf(self, obj: Any):
         if isinstance(obj, RemoteTensor):
@@ -260,23 +270,45 @@ class Session:
 
 
 class TokenStream:
-    """Iterator of token ids as the server produces them; `.sequences` holds the result at the end."""
+    """Iterator of token ids as the server produces them; `.sequences` holds the result at the end.
 
-    def __init__(self, q: queue.Queue, fut):
-        self._q, self._fut = q, fut
+    Leaving the loop early (`break`, an exception, Ctrl-C) or calling `cancel()` stops the generate on
+    the server; the session then holds exactly the tokens this iterator yielded (`consumed`)."""
+
+    def __init__(self, q: queue.Queue, fut, session: "Session | None" = None):
+        self._q, self._fut, self._session = q, fut, session
         self.sequences: torch.Tensor | None = None
+        self.consumed = 0
+        self._ended = False
+        self._cancel_reply = None
 
     def __iter__(self) -> Iterator[int]:
-        while True:
-            item = self._fut.transport.next_stream_item(self._q)
-            if item is None:
-                self.sequences = self._fut.result()["sequences"]  # raises the typed error, if any
-                return
-            for tok in item["tokens"]:
-                yield tok
+        try:
+            while True:
+                item = self._fut.transport.next_stream_item(self._q)
+                if item is None:
+                    self._ended = True
+                    self.sequences = self._fut.result()["sequences"]  # raises the typed error, if any
+                    return
+                for tok in item["tokens"]:
+                    self.consumed += 1
+                    yield tok
+        finally:
+            if not self._ended:
+                self.cancel()
+
+    def cancel(self) -> None:
+        """Stop the generate now, keeping the tokens consumed so far in the session."""
+        if self._ended:
+            return
+        self._ended = True
+        if self._session is not None:
+            self._cancel_reply = self._session._cancel_generate(self._fut.rid, self.consumed)
+
+    close = cancel
 
     def __repr__(self) -> str:
-        done = "done" if self.sequences is not None else "streaming"
+        done = "done" if self.sequences is not None else "cancelled" if self._ended else "streaming"
         return f"TokenStream({done})"
 
 

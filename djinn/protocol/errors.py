@@ -111,6 +111,13 @@ class RequestTimeout(DjinnError):
     code = "timeout"
 
 
+class GenerateCancelled(DjinnError):
+    """The generate was cancelled by its client (`cancel_generate`: an interrupt in `generate`, or
+    leaving a `stream=True` loop). The session keeps exactly the tokens the client consumed."""
+
+    code = "cancelled"
+
+
 class CaptureError(DjinnError):
     """A module's forward or a lazy op could not be recorded as an SRG (DESIGN.md section 4): an op
     outside the allow-list, control flow on tensor values, a write to a weight. The message names the
@@ -124,7 +131,7 @@ ERRORS: dict[str, type[DjinnError]] = {
     for cls in (
         DjinnError, ProtocolError, AuthError, SessionNotFound, HandleNotFound, OutOfMemory,
         ModelNotSupported, InvalidRequest, RemoteExecutionError, ServerUnavailable, RequestTimeout,
-        SessionLost, ShuttingDown, QuotaExceeded, CaptureError, WeightWriteRefused,
+        SessionLost, ShuttingDown, QuotaExceeded, CaptureError, WeightWriteRefused, GenerateCancelled,
     )
 }
 

@@ -229,9 +229,12 @@ def generate(engine, client_id, rid, args):
     executor.check_generate(input_ids, kwargs)
     check_prefill(engine, input_ids, "generate")
     on_tokens = None
+    emitted: list[int] = []  # tokens streamed to the client so far (Note [Cancel] in dispatch.py)
     if args.get("stream"):
         def on_tokens(tokens: torch.Tensor) -> None:
-            engine.send(client_id, MsgType.STREAM, {"rid": rid, "tokens": tokens.tolist()})
+            toks = tokens.tolist()
+            emitted.extend(toks)
+            engine.send(client_id, MsgType.STREAM, {"rid": rid, "tokens": toks})
     use_kv = bool(args.get("use_session_kv"))
     mid = entry.model_id
     kv_pool = kv_pool_for(engine, entry)
@@ -289,6 +292,16 @@ def generate(engine, client_id, rid, args):
         else:
             kv_pool.release(state.table)
 
+    def truncate(keep: int) -> int:  # after a cancel rolled the table back: keep what the client consumed
+        state = box.get("state")
+        got = emitted[:keep]
+        if state is None or not use_kv or batch != 1 or not got:
+            return 0
+        tail = torch.tensor([got], dtype=torch.long, device=state.ids.device)
+        state.ids = torch.cat([state.ids, input_ids.to(state.ids.device), tail], dim=1)
+        state.table.length = int(state.ids.shape[1]) - 1  # the call fed all but its last token
+        return len(got)
+
     def body(step_hook):
         out = executor.generate(entry.module, box["state"], input_ids, kwargs, seed, on_tokens, step_hook,
                                 continues=use_kv)
@@ -309,7 +322,18 @@ def generate(engine, client_id, rid, args):
             return FastTask(pool, box["state"], input_ids, kwargs, seed, on_tokens, new, engine.dispatch.prefill,
                             continues=use_kv)
     return Job(s, mid, need, body, sampling, engine.device, uses_kv=use_kv, make_task=make_task,
-               reserve=reserve, release=release)
+               reserve=reserve, release=release, truncate=truncate)
+
+
+@op
+def cancel_generate(engine, client_id, rid, args):
+    """{sid, rid, keep}: end this session's generate `rid`, keeping its first `keep` generated tokens
+    (Note [Cancel] in dispatch.py). A control op: served at once, between two steps."""
+    s = engine.session(client_id, args)
+    target, keep = args.get("rid"), args.get("keep", 0)
+    if type(target) is not int or type(keep) is not int or keep < 0:
+        raise InvalidRequest("cancel_generate needs rid (the generate's request id) and keep (an int >= 0)")
+    return engine.dispatch.cancel(s.sid, target, keep)
 
 
 def _prompt_ids(state, input_ids: torch.Tensor, continues: bool) -> list[int]:
