@@ -48,24 +48,16 @@ class RunTable:
         self._settle(run)
 
     def fork(self, parent: Run) -> Run:
-        """A new run that re-executes the parent's call, re-applies the parent's edits at each earlier
-        stop, and parks where the parent is parked (Note [Fork replays the prefix])."""
+        """A run paused at a copy of the parent's stop, executed only when resumed, from the parent's
+        KV when it can (Note [Fork replays the prefix]). No model compute and no KV block here."""
         stop = parent.stop
         log_copy = {hit: list(es) for hit, es in parent.log.items()}
         child = Run(secrets.token_hex(12), parent.session, parent.model_id, parent.call, parent.specs,
-                    Replay(log_copy, stop.hit, parent.rng0))
+                    Replay(log_copy, stop.hit, parent.rng0, stop.spec, stop.step),
+                    resume_from=parent.resume_point(), snapshot=parent.snapshot())
         self._runs[child.run_id] = child
-        child.start()
-        if child.state == RunState.PAUSED and child.stop.hit == stop.hit and child.stop.spec == stop.spec:
-            self._settle(child)
-            return child
-        why = "fork did not reach its parent's stop"
-        if child.state == RunState.PAUSED:
-            self.cancel(child, why)
-        else:
-            self._settle(child, why)
-        raise RemoteExecutionError(f"fork of run {parent.run_id} did not reach the parent's stop at "
-                                   f"{stop.spec.path} (hit {stop.hit}): the model call is not deterministic")
+        self._settle(child)
+        return child
 
     def cancel(self, run: Run, why: str) -> None:
         if run.run_id not in self._runs:
@@ -182,7 +174,10 @@ class RunTable:
     def describe(self, sid: str, now: float) -> dict:
         out = {}
         for r in self.of_session(sid):
-            d: dict[str, Any] = {"state": r.state.name, "method": r.call.method, "model_id": r.model_id}
+            d: dict[str, Any] = {"state": r.state.name, "method": r.call.method, "model_id": r.model_id,
+                                 "executed": not r.lazy}
+            if r.resume_from is not None:  # a fork that starts from the parent's KV at this step
+                d["from_kv_at_step"] = r.resume_from.step
             if r.stop is not None:
                 d.update(path=r.stop.spec.path, where=r.stop.spec.where, step=r.stop.step, hit=r.stop.hit,
                          paused_s=round(now - r.paused_since, 3), paused_bytes=self.paused_bytes_of(r))
