@@ -7,8 +7,10 @@ paused breakpoint run (which re-executes its prefix), in one job on one server.
 For the session fork it reports the server-side milliseconds (`fork_ms`, measured around the fork in
 the engine) and the client round trip, the pool's free blocks before and after (a fork allocates no
 block), and after both sessions generate, the blocks copied on write; the child's tokens must equal
-the parent's for the same continuation (greedy). For the run fork, the client round trip and the
-server's compute time of a fork of a run paused in the prefill at the middle layer.
+the parent's for the same continuation (greedy). For `stop.fork()` of a generate paused at the
+middle layer, in decode step 4 and in the prefill: the fork's server milliseconds, its round trip,
+the blocks it allocated, and the time to resume the fork to its end (from the parent's KV in a
+decode step; re-executing the prompt in the prefill) next to the parent's own resume to its end.
 """
 from __future__ import annotations
 
@@ -89,19 +91,45 @@ def main() -> int:
               f"{res['session_fork']['blocks_allocated_by_forks']}, copies on write {cow}", flush=True)
 
         layers = SHAPES[args.shape]["num_hidden_layers"]
-        run = s.start(rm, prompt, breakpoints=[Breakpoint(layer=layers // 2, step=0)], method="forward")
-        stop = run.wait()
-        fr = []
-        for _ in range(3):
+        mid = layers // 2
+
+        def run_fork(step: int) -> dict:
+            """Fork a generate paused at layer `mid` of `step` 3 times; then resume one fork to its end."""
+            run = s.start(rm, prompt, method="generate", max_new_tokens=8, do_sample=False,
+                          breakpoints=[Breakpoint(layer=mid, step=step)])
+            stop = run.wait()
+            rows = []
+            forks = []
+            for _ in range(3):
+                before = free()
+                t0 = time.perf_counter()
+                f = stop.fork()
+                rows.append({"rtt_ms": (time.perf_counter() - t0) * 1e3, "server_ms": f.timing["server_us"] / 1e3,
+                             "blocks_allocated": before - free()})
+                forks.append(f)
             t0 = time.perf_counter()
-            f = stop.fork()
-            fr.append({"rtt_ms": (time.perf_counter() - t0) * 1e3, "server_compute_ms": f.timing["compute_us"] / 1e3})
-            f.cancel()
-        run.cancel()
-        res["run_fork"] = {"prefix_tokens": args.prefix, "stop": f"layer {layers // 2}, prefill",
-                           "rtt_ms_p50": statistics.median(r["rtt_ms"] for r in fr), "rows": fr,
-                           "note": "a paused run's fork re-executes its prefix (Note [Fork replays the prefix])"}
-        print(f"run fork at {args.prefix} tokens (paused mid-prefill): {res['run_fork']['rtt_ms_p50']:.1f} ms", flush=True)
+            assert forks[0].resume() is None
+            resume_ms = (time.perf_counter() - t0) * 1e3
+            t0 = time.perf_counter()
+            assert run.resume() is None
+            parent_resume_ms = (time.perf_counter() - t0) * 1e3
+            same = bool(torch.equal(forks[0].output, run.output))
+            for f in forks[1:]:
+                f.cancel()
+            return {"stop": f"layer {mid}, step {step}", "prefix_tokens": args.prefix + step,
+                    "server_ms_p50": statistics.median(r["server_ms"] for r in rows),
+                    "rtt_ms_p50": statistics.median(r["rtt_ms"] for r in rows),
+                    "blocks_allocated_by_forks": sum(r["blocks_allocated"] for r in rows),
+                    "fork_resume_to_end_ms": resume_ms, "parent_resume_to_end_ms": parent_resume_ms,
+                    "fork_output_equals_parent": same, "rows": rows}
+
+        res["run_fork_decode_step"] = run_fork(4)
+        res["run_fork_prefill"] = run_fork(0)
+        for key, what in (("run_fork_decode_step", "paused in decode step 4"), ("run_fork_prefill", "paused in the prefill")):
+            r = res[key]
+            print(f"run fork at {args.prefix} tokens, {what}: server {r['server_ms_p50']:.3f} ms, round trip "
+                  f"{r['rtt_ms_p50']:.2f} ms, blocks {r['blocks_allocated_by_forks']}; resume to end: fork "
+                  f"{r['fork_resume_to_end_ms']:.1f} ms vs parent {r['parent_resume_to_end_ms']:.1f} ms", flush=True)
     finally:
         conn.close()
         srv.stop()
