@@ -281,7 +281,6 @@ class Run:
             self._to_engine.release()
 
     def _execute(self) -> Any:
-        c = self.call
         if self.resume_from is not None:
             out = self._execute_from_kv(self.resume_from)
         else:

@@ -61,9 +61,6 @@ CONTROL_OPS = frozenset({"ping", "stats", "signal", "open_session", "close_sessi
 #: Ops that queue behind a job without counting against quota_queued_requests: they only free memory.
 UNCOUNTED_OPS = frozenset({"free"})
 
-#: Policies that make room by swapping to the host pool (recompute drops, resident moves nothing).
-SWAPPING_POLICIES = frozenset({"signal", "lru"})
-
 
 @dataclass(frozen=True)
 class Quotas:
@@ -243,7 +240,7 @@ class Dispatcher:
 
     def view(self, now: float) -> View:
         mem = self.data.memory_view()
-        hide = self.data.host_quota is not None and self.policy.name in SWAPPING_POLICIES
+        hide = self.data.host_quota is not None and self.policy.swaps
         rows = []
         for s in self.engine.sessions:
             m = self.data.mem(s.sid)

@@ -18,14 +18,15 @@ from ..protocol import codec
 from ..protocol.auth import is_loopback
 from ..protocol.errors import DjinnError, InvalidRequest, OutOfMemory, RemoteExecutionError, ShuttingDown
 from ..protocol.messages import MsgType
-from ..scheduler.policies import get_policy
+from ..scheduler.policies import policy_from_config
 from ..vmu.data import GIB, DataSegment
 from ..vmu.text import TextSegment
 from ..vmu.uploads import Uploads
-from . import fork, init_ops, ops, run_ops  # noqa: F401  (fork, run_ops and init_ops register their ops)
+from . import checkpoint, fork, graph_ops, init_ops, ops, run_ops  # noqa: F401  (each registers its ops)
 from .dispatch import CONTROL_OPS, Dispatcher, Job
 from .metrics import Metrics
 from .models import ModelRegistry
+from .registry import OPS
 from .router import ClientGone, Request, Router
 from .runs import RunTable
 from .sessions import Session, SessionTable
@@ -66,8 +67,7 @@ class Engine(threading.Thread):
         self.runs = RunTable()
         self.data = DataSegment(device, int(cfg.host_pool_gb * GIB),
                                 (cfg.swap_bw_gbps or (25.0 if device.type == "cuda" else 4.0)) * 1e9)
-        options = {"margin_s": cfg.prefetch_margin_s, "always": cfg.swap_on_io_wait} if cfg.policy == "signal" else {}
-        self.policy = get_policy(cfg.policy, **options)
+        self.policy = policy_from_config(cfg)
         self.dispatch = Dispatcher(self, self.policy)
         self.requests_served = 0
         self.metrics = Metrics()
@@ -178,9 +178,9 @@ class Engine(threading.Thread):
             self.dispatch.defer(args["sid"], req)  # Note [Per-session order]
             return
         try:
-            handler = ops.OPS.get(op)
+            handler = OPS.get(op)
             if handler is None:
-                raise InvalidRequest(f"unknown op {op!r}; known: {sorted(ops.OPS)}")
+                raise InvalidRequest(f"unknown op {op!r}; known: {sorted(OPS)}")
             if not isinstance(args, dict):
                 raise InvalidRequest(f"args of {op} must be a map")
             if self.cfg.fault_injection and args.get("_fault"):

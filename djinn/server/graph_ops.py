@@ -1,6 +1,6 @@
 """Graph-path ops (DESIGN.md section 4.2-4.3): register_graph, run_graph, graph_stats.
 
-Registered in ops.OPS like every other op. A graph arrives once per (client, signature) and is checked
+Registered in the op registry (registry.py) like every other op. A graph arrives once per (client, signature) and is checked
 and compiled then (djinn/server/interpreter.py); later calls send the signature and their inputs only.
 
 Note [Graph cache]

@@ -1,6 +1,6 @@
 """The operations a client can request: `op(engine, client_id, rid, args) -> result`.
 
-One function per op, registered in OPS. Arguments are checked here, before anything is allocated.
+One function per op, registered in the op registry (registry.py). Arguments are checked here, before anything is allocated.
 
 Note [Isolation]
     Every handle an op takes is resolved through the calling client's own session: the session id
@@ -59,16 +59,10 @@ from .dispatch import Job
 from .fast_task import FastTask, pool_for
 from .kv_pools import pool_for as kv_pool_for
 from .fastpath import unsupported
+from .registry import op
 from .sessions import KVState, SessionState, install_restored
 
 log = logging.getLogger("djinn.ops")
-
-OPS: dict[str, Callable] = {}
-
-
-def op(fn: Callable) -> Callable:
-    OPS[fn.__name__] = fn
-    return fn
 
 
 @op
@@ -635,6 +629,3 @@ def _pack_outputs(s, out: Any) -> Any:
 
     return structure.pack(out, leaf)
 
-
-from . import graph_ops  # noqa: E402,F401  (registers register_graph, run_graph, graph_stats)
-from . import checkpoint  # noqa: E402,F401  (registers set_checkpoint, restore_session)

@@ -1,6 +1,6 @@
 """The breakpoint ops (DESIGN.md sections 7 and 10): start, resume, fork, cancel_run, edit.
 
-Registered in ops.OPS like every other op; they live here to keep ops.py about plain calls. start,
+Registered in the op registry (registry.py) like every other op; they live here to keep ops.py about plain calls. start,
 resume and fork reply when the run parks at a breakpoint or ends, with server-side timings.
 """
 from __future__ import annotations
