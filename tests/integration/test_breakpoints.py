@@ -358,7 +358,7 @@ def test_resume_and_cancel_free_the_stop(local_models, conn):
         kv = -(-(P + 5) // 16) * 16 * 512  # the run's KV blocks, reserved for its prompt and 5 new tokens
         assert st["paused"] is True and st["paused_bytes"] == 64 * 4 + kv
         assert st["runs"][run.run_id] == {"state": "PAUSED", "method": "generate", "model_id": rm.model_id,
-                                          "path": "model.layers.1", "where": "after", "step": 2, "hit": 0,
+                                          "executed": True, "path": "model.layers.1", "where": "after", "step": 2, "hit": 0,
                                           "paused_s": st["runs"][run.run_id]["paused_s"], "paused_bytes": 64 * 4 + kv}
         assert conn.stats()["segments"]["stack"] == 64 * 4 + kv
         old = stop
