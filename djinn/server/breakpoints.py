@@ -28,6 +28,7 @@ from torch import nn
 from ..protocol.errors import InvalidRequest
 from ..srg.tree import tensor_leaves
 from . import edits, executor
+from .rng import Stream
 
 WHERE = ("before", "after")
 MAX_BREAKPOINTS = 256
@@ -84,10 +85,6 @@ class Call:
     device: torch.device
     kv_pool: Any = None       # generate: the model's KV pool; each execution reserves a scratch table
 
-    @property
-    def sampling(self) -> bool:
-        return self.method == "generate" and bool(self.kwargs.get("do_sample"))
-
 
 @dataclass(frozen=True)
 class LoggedEdit:
@@ -104,16 +101,17 @@ class Replay:
     """For a fork: the parent's edits by hit, and the hit to park at (where the parent is parked).
 
     Note [Fork replays the prefix]: a parked run's state is a Python call stack on its own thread,
-    which cannot be cloned. A fork therefore re-executes the same call from the stored inputs (same
-    seed and RNG state), applies the parent's logged edits at each earlier stop without parking, and
-    parks at the parent's current stop after applying the edits made there so far. Execution on one
+    which cannot be cloned. A fork therefore re-executes the same call from the stored inputs (and
+    its parent's random stream as it was at the start), applies the parent's logged edits at each
+    earlier stop without parking, and parks at the parent's current stop after applying the edits
+    made there so far. Execution on one
     device is deterministic, so the fork's state at that stop equals the parent's, bitwise; the price
     is recomputing the prefix (OSDI_Evaluation/exp3_whitebox_debugging measures it).
     """
 
     log: dict[int, list[LoggedEdit]]
     pause_hit: int
-    rng: tuple | None
+    rng: Stream  # the parent's random stream at its start
 
 
 class Run:
@@ -133,8 +131,10 @@ class Run:
         self.paused_since: float | None = None
         self.timing: dict[str, float] = {}
         self._replay = replay
-        self.rng0 = replay.rng if replay else None  # RNG state at the start of a sampling run
-        self._rng_run = self.rng0                   # the run's RNG while parked (see _advance)
+        # Note [Random streams]: the run draws from a stream of its own, swapped in while its thread
+        # runs, so others' draws while it is parked change nothing; a fork starts from the same stream.
+        self.rng = replay.rng.copy() if replay else Stream.new(call.seed, call.device)
+        self.rng0 = self.rng.copy()
         self._cancel = False
         self._to_run = threading.Semaphore(0)
         self._to_engine = threading.Semaphore(0)
@@ -146,8 +146,9 @@ class Run:
         runs on the engine thread itself, at the cost of a plain forward or generate."""
         if not self.specs:
             self.timing = {"release": time.perf_counter()}
-            self._main()
-            self._to_engine.acquire()
+            with self.rng.active():
+                self._main()
+                self._to_engine.acquire()
             self.timing["back"] = time.perf_counter()
             return
         self._register_hooks()
@@ -164,21 +165,12 @@ class Run:
             self._advance(self._to_run.release)
 
     def _advance(self, release) -> None:
-        # Sampling draws from torch's global generators, which other sessions also use while this run
-        # is parked: swap the run's RNG state in and out, so its tokens do not depend on them.
-        swap = self.call.sampling
-        if swap:
-            engine_rng = _rng_state(self.call.device)
-            if self._rng_run is not None:
-                _set_rng_state(self._rng_run, self.call.device)
         self.state, self.stop, self.paused_since = RunState.RUNNING, None, None
         self.timing = {"release": time.perf_counter()}
-        release()
-        self._to_engine.acquire()  # Note [Run hand-off]: the run thread has the device until here
+        with self.rng.active():  # Note [Random streams]
+            release()
+            self._to_engine.acquire()  # Note [Run hand-off]: the run thread has the device until here
         self.timing["back"] = time.perf_counter()
-        if swap:
-            self._rng_run = _rng_state(self.call.device)
-            _set_rng_state(engine_rng, self.call.device)
         if self.state == RunState.PAUSED:
             self.paused_since = time.monotonic()
 
@@ -207,14 +199,10 @@ class Run:
 
     def _execute(self) -> Any:
         c = self.call
-        if c.seed is not None:
-            torch.manual_seed(c.seed)  # as generate(seed=) does: the CPU and every CUDA device
-        if c.sampling and self.rng0 is None:
-            self.rng0 = _rng_state(c.device)
         if c.method == "forward":
             return executor.forward(c.module, c.args, c.kwargs)
         if c.kv_pool is None:
-            return executor.generate(c.module, None, c.args[0], c.kwargs, None, None, continues=False)
+            return executor.generate(c.module, None, c.args[0], c.kwargs, None, continues=False)
         from .sessions import KVState
 
         ids = c.args[0]
@@ -226,7 +214,7 @@ class Run:
             raise OutOfMemory(f"a generate run needs {tokens} tokens of KV x batch {ids.shape[0]}; the model's "
                               "KV pool has too few free blocks now")
         try:
-            return executor.generate(c.module, state, ids, c.kwargs, None, None, continues=False)
+            return executor.generate(c.module, state, ids, c.kwargs, None, continues=False)
         finally:
             c.kv_pool.release(state.table)  # on the run thread, while the engine waits (Note [Run hand-off])
 
@@ -393,13 +381,3 @@ def _layer_path(module: nn.Module, layer: Any) -> str:
 def _is_cache(v: Any) -> bool:
     return any(c.__name__ == "Cache" for c in type(v).__mro__)
 
-
-def _rng_state(device: torch.device) -> tuple:
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state: tuple, device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)

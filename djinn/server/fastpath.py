@@ -37,6 +37,7 @@ Note [Fast path numerics]
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -108,8 +109,9 @@ class Sampler:
         s = cls(bool(pick("do_sample", False)), float(pick("temperature", 1.0)), int(pick("top_k", 0)),
                 float(pick("top_p", 1.0)))
         if s.do_sample:
+            # Note [Random streams] in rng.py: unseeded, from the OS, so no one else's seed decides it.
             s.generator = torch.Generator(device)
-            s.generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+            s.generator.manual_seed(seed if seed is not None else secrets.randbits(64))
         return s
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
