@@ -11,6 +11,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..protocol.errors import InvalidRequest
+from .sampling import checked_hf_kwargs
 from .sessions import KVState, Session
 
 # transformers >= 5.2x renames generate's past_key_values to cache; the old name works (with this
@@ -62,6 +63,12 @@ def generate(module: torch.nn.Module, state: KVState | None, input_ids: torch.Te
         kwargs["past_key_values"] = state.cache
     if step_hook is not None:
         kwargs["stopping_criteria"] = StoppingCriteriaList([_StepCriterion(step_hook)])
+    gc = module.generation_config
+    sampling = kwargs.get("do_sample")
+    if sampling is None:
+        sampling = getattr(gc, "do_sample", False)
+    if sampling:
+        kwargs = checked_hf_kwargs(kwargs, gc)  # Note [Scores are checked before sampling]
     before = state.table.length if state is not None else 0
     try:
         with torch.no_grad():

@@ -45,6 +45,9 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from ..protocol.errors import InvalidRequest
+from .sampling import check_scores
+
 log = logging.getLogger("djinn.fastpath")
 
 SUPPORTED_ARCHS = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"})
@@ -128,6 +131,7 @@ class Sampler:
             drop = cum <= (1 - self.top_p)
             drop[..., -1:] = False
             scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        check_scores(scores)  # Note [Scores are checked before sampling]
         probs = scores.softmax(-1)
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
 
@@ -147,6 +151,7 @@ class Row:
     new: list = field(default_factory=list)  # tokens generated in the pool (the prefill's first excluded)
     slot: int = -1
     done: bool = False
+    error: InvalidRequest | None = None  # its scores could not be sampled: it ends, the other rows go on
 
 
 class DecodePool:
@@ -238,7 +243,14 @@ class DecodePool:
         self.steps += 1
         self.rows_stepped += len(rows)
         for r in rows:
-            tok = int(r.sampler(logits[r.slot:r.slot + 1])[0]) if r.sampler.do_sample else greedy[r.slot]
+            if r.sampler.do_sample:
+                try:
+                    tok = int(r.sampler(logits[r.slot:r.slot + 1])[0])
+                except InvalidRequest as e:  # this row's request only (Note [Scores are checked before sampling])
+                    r.error, r.done = e, True
+                    continue
+            else:
+                tok = greedy[r.slot]
             r.pos += 1
             r.token = tok
             r.new.append(tok)

@@ -111,3 +111,30 @@ def test_batched_step_over_blocks_matches_eager_decode():
     for r, t, ids in zip(rows, tables, prompts):
         pool.leave(r, t)
         assert t.length == ids.shape[1] + 5
+
+
+def test_a_row_whose_scores_are_not_finite_fails_alone():
+    """Note [Scores are checked before sampling]: a sampled row fed a token whose embedding is NaN gets NaN
+    logits; the batched step marks that row failed (InvalidRequest) and the other rows of the step go on."""
+    from djinn.protocol.errors import InvalidRequest
+
+    model = tiny_llama(seed=6).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[77] = float("nan")
+    kv = KVPool(KVShape.of_module(model), 32, 4, "cpu")
+    pool = DecodePool(model, kv, 4, 64, graphs=False)
+    rows = []
+    for token, seed in ((77, 1), (5, 2), (9, None)):
+        t = kv.new_table(1)
+        assert kv.reserve(t, 8)
+        sampler = Sampler(seed is not None, generator=torch.Generator().manual_seed(seed or 0))
+        r = Row(token, 4, 4, 3, sampler, frozenset())
+        pool.join(r, t)
+        rows.append(r)
+    pool.step()
+    bad, sampled, greedy = rows
+    assert bad.done and isinstance(bad.error, InvalidRequest) and bad.new == [] and bad.pos == 4
+    assert sampled.error is None and len(sampled.new) == 1 and sampled.pos == 5 and not sampled.done
+    assert greedy.error is None and len(greedy.new) == 1
+    pool.step()
+    assert len(sampled.new) == 2 and len(greedy.new) == 2 and bad.new == []
