@@ -12,8 +12,12 @@ Note [Decode pool]
     copies a few block ids, never KV. Active rows are kept in slots 0..n-1 with no holes (a row that
     leaves has the last row's ids moved into its slot), and a step over n rows runs the graph of the
     buckets at or above n and the longest row. Slots past n point at the scratch block (Note [Scratch
-    block]): the step writes garbage there, never into a session's blocks. CUDA graphs are captured on
-    fixed addresses: the pool's tensor, the tables, ids and positions.
+    block]): the step writes garbage there, never into a session's blocks. No row reads it either: a
+    row's entries past its own blocks repeat its last block, so the masked positions of its length
+    bucket hold only its own keys and values. (A masked position weighs 0, but 0 x NaN is NaN: a free
+    slot's stale token whose forward is not finite would otherwise poison every row of the model
+    through the scratch block.) CUDA graphs are captured on fixed addresses: the pool's tensor, the
+    tables, ids and positions.
 
 Note [Fast path and the session cache]
     The session's KV is its block table; the eager path (a PagedCache over the same table) prefills a
@@ -196,7 +200,7 @@ class DecodePool:
             raise RuntimeError("a fast-path row joined with fewer blocks than its tokens need")
         row.slot = len(self.rows)
         ids = table.rows[0]
-        self.tables[row.slot].zero_()
+        self.tables[row.slot].fill_(ids[-1])  # never the scratch block (Note [Decode pool])
         self.tables[row.slot, :len(ids)].copy_(torch.tensor(ids, dtype=torch.long))
         self.rows.append(row)
 
