@@ -97,7 +97,8 @@ class ServerConfig:
     """"text", or "json": one JSON object per line (timestamp, level, logger, message)."""
     fault_injection: bool = False
     """Tests only: a request may carry `_fault: "oom" | "device_error"` to fail inside the engine as a
-    CUDA out-of-memory or a sticky device error would (tests/integration/test_restart.py)."""
+    CUDA out-of-memory or a sticky device error would (tests/integration/test_restart.py), or
+    `"unencodable_reply"` to have its reply hold a value the codec refuses (tests/integration/test_replies.py)."""
     log_level: str = "INFO"
     """Python logging level name."""
     curve_secret_key: str | None = None

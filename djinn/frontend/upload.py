@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..protocol.hashing import weight_hash
-from ..protocol.tensors import dtype_name
+from ..protocol.tensors import dtype_name, flat_bytes
 
 _PROGRESS_BYTES = 256 << 20  # show a progress bar above this much to upload
 _MAX_ITEMS = 1024  # per message, well under the server's frame limit (one frame per tensor piece)
@@ -92,8 +92,7 @@ def _chunks(tensors: list[tuple[str, torch.Tensor]], chunk_bytes: int):
     """Yield (items, nbytes) messages of about chunk_bytes; big tensors are split across messages."""
     items, size = [], 0
     for h, t in tensors:
-        flat = t.detach().cpu().contiguous().reshape(-1)
-        raw = flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
+        raw = flat_bytes(t)  # the bytes weight_hash hashed, whatever t's layout (Note [Any layout travels])
         total = raw.numel()
         offset = 0
         while True:

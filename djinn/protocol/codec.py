@@ -4,7 +4,9 @@ Tensors anywhere inside the header are replaced by msgpack ext values:
   ext 1  [dtype, shape, frame index]   bytes in their own frame (zero-copy send for large tensors)
   ext 2  [dtype, shape, bytes]         small tensors inline
   ext 3  dtype name                    a torch.dtype value
-Nothing is unpickled or imported by name; an unknown ext code is a ProtocolError.
+Nothing is unpickled or imported by name; an unknown ext code is a ProtocolError. Encoding fails only
+with a ProtocolError too (a value or dtype that cannot travel, an int past 64 bits), so a sender can
+answer it typed (Note [Every request is answered] in djinn/server/engine.py).
 
 Note [Validate before allocate]: the decoder checks frame count and sizes, then the header's size,
 then for each tensor that its dtype is known and that shape * itemsize equals the bytes it points to,
@@ -46,7 +48,12 @@ def encode(kind: MsgType, header: dict, limits: Limits = DEFAULT_LIMITS) -> list
             return list(obj)
         raise ProtocolError(f"cannot send a value of type {type(obj).__name__} over the wire")
 
-    body = msgpack.packb(header, default=default, use_bin_type=True)
+    try:
+        body = msgpack.packb(header, default=default, use_bin_type=True)
+    except ProtocolError:
+        raise
+    except Exception as e:  # msgpack's OverflowError, ValueError, TypeError; torch refusing a tensor
+        raise ProtocolError(f"cannot encode a {kind.name} message: {type(e).__name__}: {e}") from e
     return [bytes([int(kind)]), body, *buffers]
 
 

@@ -28,6 +28,7 @@ from torch import nn
 from ..protocol.errors import InvalidRequest, OutOfMemory, RemoteExecutionError
 from ..srg.tree import tensor_leaves
 from . import edits, executor
+from .rng import Stream
 
 WHERE = ("before", "after")
 MAX_BREAKPOINTS = 256
@@ -84,10 +85,6 @@ class Call:
     device: torch.device
     kv_pool: Any = None       # generate: the model's KV pool; each execution reserves a scratch table
 
-    @property
-    def sampling(self) -> bool:
-        return self.method == "generate" and bool(self.kwargs.get("do_sample"))
-
 
 @dataclass(frozen=True)
 class LoggedEdit:
@@ -111,13 +108,14 @@ class Replay:
     k >= 1 does not start over: it starts from a copy-on-write fork of the parent's KV blocks (every
     position before step k, shared, nothing copied) and the token ids fed so far, and re-executes
     only step k (`ResumePoint`); a forward, or a generate paused in its prefill, re-executes the
-    prefix. Execution on one device is deterministic, so the fork's state at the fork point equals
+    prefix from its parent's random stream as it was at the start. Execution on one device is
+    deterministic, so the fork's state at the fork point equals
     the parent's, bitwise; one that does not reach that stop again fails (not deterministic).
     """
 
     log: dict[int, list[LoggedEdit]]
     pause_hit: int
-    rng: tuple | None
+    rng: Stream  # the parent's random stream at its start
     spec: "BreakpointSpec | None" = None  # the stop the re-execution must reach at pause_hit ...
     step: int | None = None              # ... in this model call
 
@@ -128,7 +126,7 @@ class StepMark:
 
     hits: int                    # stops hit before this call
     fed: torch.Tensor | None     # the token ids this call feeds ([batch, n]; None: not given as input_ids)
-    rng: tuple | None            # the run's RNG state (sampling runs)
+    rng: Stream | None           # the run's random stream as this call starts
 
 
 @dataclass
@@ -140,7 +138,7 @@ class ResumePoint:
     ids: torch.Tensor            # every token id fed up to and including step `step`'s input
     step: int
     hits: int
-    rng: tuple | None
+    rng: Stream | None
 
 
 class Run:
@@ -171,8 +169,13 @@ class Run:
         self._replay = replay
         if replay is not None and self.lazy:
             self.log = {hit: list(es) for hit, es in replay.log.items()}  # edits on the snapshot add to it
-        self.rng0 = replay.rng if replay else None  # RNG state at the start of a sampling run
-        self._rng_run = resume_from.rng if resume_from is not None else self.rng0  # the run's RNG while parked
+        # Note [Random streams]: the run draws from a stream of its own, swapped in while its thread
+        # runs, so others' draws while it is parked change nothing. A fork re-executing from the start
+        # starts from its parent's stream at the start; one starting from the parent's KV at step k,
+        # from the stream as step k began.
+        self.rng0 = replay.rng.copy() if replay else Stream.new(call.seed, call.device)
+        start = resume_from.rng if resume_from is not None and resume_from.rng is not None else self.rng0
+        self.rng = start.copy()
         if resume_from is not None:
             self.calls, self.hits = resume_from.step, resume_from.hits
         self._cancel = False
@@ -186,8 +189,9 @@ class Run:
         runs on the engine thread itself, at the cost of a plain forward or generate."""
         if not self.specs:
             self.timing = {"release": time.perf_counter()}
-            self._main()
-            self._to_engine.acquire()
+            with self.rng.active():
+                self._main()
+                self._to_engine.acquire()
             self.timing["back"] = time.perf_counter()
             return
         self._register_hooks()
@@ -239,21 +243,12 @@ class Run:
         return ResumePoint(c.kv_pool, fork, ids, k, marks[-1].hits, marks[-1].rng)
 
     def _advance(self, release) -> None:
-        # Sampling draws from torch's global generators, which other sessions also use while this run
-        # is parked: swap the run's RNG state in and out, so its tokens do not depend on them.
-        swap = self.call.sampling
-        if swap:
-            engine_rng = _rng_state(self.call.device)
-            if self._rng_run is not None:
-                _set_rng_state(self._rng_run, self.call.device)
         self.state, self.stop, self.paused_since = RunState.RUNNING, None, None
         self.timing = {"release": time.perf_counter()}
-        release()
-        self._to_engine.acquire()  # Note [Run hand-off]: the run thread has the device until here
+        with self.rng.active():  # Note [Random streams]
+            release()
+            self._to_engine.acquire()  # Note [Run hand-off]: the run thread has the device until here
         self.timing["back"] = time.perf_counter()
-        if swap:
-            self._rng_run = _rng_state(self.call.device)
-            _set_rng_state(engine_rng, self.call.device)
         if self.state == RunState.PAUSED:
             self.paused_since = time.monotonic()
 
@@ -309,20 +304,16 @@ class Run:
             if not r.pool.reserve(r.table, total):
                 raise OutOfMemory(f"a forked generate run needs {total} tokens of KV x batch {r.ids.shape[0]}; "
                                   "the model's KV pool has too few free blocks now")
-            return executor.generate(c.module, state, r.ids[:, fed:], kwargs, None, None, continues=True)
+            return executor.generate(c.module, state, r.ids[:, fed:], kwargs, None, continues=True)
         finally:
             r.pool.release(r.table)  # on the run thread, while the engine waits (Note [Run hand-off])
 
     def _execute_call(self) -> Any:
         c = self.call
-        if c.seed is not None:
-            torch.manual_seed(c.seed)  # as generate(seed=) does: the CPU and every CUDA device
-        if c.sampling and self.rng0 is None:
-            self.rng0 = _rng_state(c.device)
         if c.method == "forward":
             return executor.forward(c.module, c.args, c.kwargs)
         if c.kv_pool is None:
-            return executor.generate(c.module, None, c.args[0], c.kwargs, None, None, continues=False)
+            return executor.generate(c.module, None, c.args[0], c.kwargs, None, continues=False)
         from .sessions import KVState
 
         ids = c.args[0]
@@ -332,7 +323,7 @@ class Run:
             raise OutOfMemory(f"a generate run needs {tokens} tokens of KV x batch {ids.shape[0]}; the model's "
                               "KV pool has too few free blocks now")
         try:
-            return executor.generate(c.module, state, ids, c.kwargs, None, None, continues=False)
+            return executor.generate(c.module, state, ids, c.kwargs, None, continues=False)
         finally:
             c.kv_pool.release(state.table)  # on the run thread, while the engine waits (Note [Run hand-off])
 
@@ -355,7 +346,7 @@ class Run:
                     self.cache = v
             if self.call.method == "generate":
                 fed = kwargs.get("input_ids", args[0] if args else None)
-                rng = _rng_state(self.call.device) if self.call.sampling else None
+                rng = Stream.current(self.call.device)  # the stream this step draws from
                 self.marks.append(StepMark(self.hits, fed if isinstance(fed, torch.Tensor) else None, rng))
         return None
 
@@ -534,13 +525,3 @@ def _map_tensors(obj: Any, fn) -> Any:
 def _is_cache(v: Any) -> bool:
     return any(c.__name__ == "Cache" for c in type(v).__mro__)
 
-
-def _rng_state(device: torch.device) -> tuple:
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state: tuple, device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)

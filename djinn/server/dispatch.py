@@ -51,6 +51,7 @@ from ..scheduler.types import MemoryView, SessionState, SessionView, View
 from ..vmu.data import GIB
 from .fast_task import PrefillBudget
 from .router import Request
+from .rng import Stream
 from .tasks import StepTask
 
 log = logging.getLogger("djinn.dispatch")
@@ -88,7 +89,7 @@ class Job:
     model_id: str
     need: int                       # GPU bytes of the session's KV once the job is done
     body: Callable                  # body(step_hook) -> reply result
-    sampling: bool
+    rng: Stream                     # the random stream its StepTask draws from (Note [Random streams])
     device: Any
     uses_kv: bool = True            # False: no session cache, no memory to schedule; starts at once
     req: Request | None = None      # set by submit
@@ -354,7 +355,7 @@ class Dispatcher:
             self.data.sync(job.session)  # its reservation is charged from now on
             m.counters.queue_s += waited
             self.data.totals.queue_s += waited
-        job.task = job.make_task() if job.make_task is not None else StepTask(job.body, job.device, job.sampling)
+        job.task = job.make_task() if job.make_task is not None else StepTask(job.body, job.device, job.rng)
         self._running.append(job)
 
     def _finish(self, job: Job) -> None:

@@ -4,6 +4,14 @@ It polls the router's socket (Note [One thread on the request path]), serves sho
 hands generates to the dispatcher (djinn/server/dispatch.py), which schedules sessions' KV memory and
 steps every running generate one decode step per loop, and replies on the same socket. Every failure
 becomes a typed ERROR for that request; the loop goes on.
+
+Note [Every request is answered]
+    A request gets exactly one REPLY or ERROR, whatever fails, encoding the reply included: a result
+    the codec cannot encode (it raises ProtocolError for anything it refuses) is answered with a
+    ProtocolError naming the op and the cause. Otherwise the client would wait out its whole timeout
+    for a reply that names no cause, and the exception, raised outside the op's handler, would end the
+    engine's turn (the rest of the requests it had taken) or a finishing job's bookkeeping (its
+    session's queued requests).
 """
 from __future__ import annotations
 
@@ -16,7 +24,8 @@ import torch
 from ..config import ServerConfig
 from ..protocol import codec
 from ..protocol.auth import is_loopback
-from ..protocol.errors import DjinnError, InvalidRequest, OutOfMemory, RemoteExecutionError, ShuttingDown
+from ..protocol.errors import (DjinnError, InvalidRequest, OutOfMemory, ProtocolError, RemoteExecutionError,
+                               ShuttingDown)
 from ..protocol.messages import MsgType
 from ..scheduler.policies import policy_from_config
 from ..vmu.data import GIB, DataSegment
@@ -46,13 +55,18 @@ def _sticky_device_error(e: BaseException) -> bool:
     return any(s in text for s in _STICKY)
 
 
+FAULTS = ("oom", "device_error", "unencodable_reply")
+
+
 def _inject(fault: object) -> None:
-    """config.fault_injection: fail as the real fault would, where it would be seen."""
+    """config.fault_injection: fail as the real fault would, where it would be seen (before the op runs;
+    "unencodable_reply" acts after it, in `serve`)."""
     if fault == "oom":
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
     if fault == "device_error":
         raise RuntimeError("CUDA error: device-side assert triggered (injected)")
-    raise InvalidRequest(f"unknown fault {fault!r}; fault_injection knows 'oom' and 'device_error'")
+    if fault not in FAULTS:
+        raise InvalidRequest(f"unknown fault {fault!r}; fault_injection knows {list(FAULTS)}")
 
 
 class Engine(threading.Thread):
@@ -183,9 +197,12 @@ class Engine(threading.Thread):
                 raise InvalidRequest(f"unknown op {op!r}; known: {sorted(OPS)}")
             if not isinstance(args, dict):
                 raise InvalidRequest(f"args of {op} must be a map")
-            if self.cfg.fault_injection and args.get("_fault"):
-                _inject(args["_fault"])
+            fault = args.get("_fault") if self.cfg.fault_injection else None
+            if fault:
+                _inject(fault)
             result = handler(self, req.client_id, rid, args)
+            if fault == "unencodable_reply" and not isinstance(result, Job):  # the op ran; its reply
+                result = {"result": result, "unencodable": object()}           # holds what no codec sends
         except Exception as e:
             self.reply_exception(req, e, traceback.format_exc())
         else:
@@ -201,7 +218,14 @@ class Engine(threading.Thread):
         self.router.send(client_id, codec.encode(kind, header))
 
     def reply(self, req: Request, result) -> None:
-        self.send(req.client_id, MsgType.REPLY, {"rid": req.header["rid"], "result": result})
+        try:
+            frames = codec.encode(MsgType.REPLY, {"rid": req.header["rid"], "result": result})
+        except ProtocolError as e:  # Note [Every request is answered]
+            op = req.header["op"]
+            log.warning("the reply to %s could not be encoded: %s", op, e.message)
+            self.reply_error(req, ProtocolError(f"{op}: the server could not encode its reply: {e.message}"))
+            return
+        self.router.send(req.client_id, frames)
         self._observe(req, None)
 
     def _observe(self, req: Request, code: str | None) -> None:

@@ -11,6 +11,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..protocol.errors import InvalidRequest
+from .sampling import checked_hf_kwargs
 from .sessions import KVState, Session
 
 # transformers >= 5.2x renames generate's past_key_values to cache; the old name works (with this
@@ -37,7 +38,7 @@ def forward(module: torch.nn.Module, args: list, kwargs: dict) -> Any:
 
 
 def generate(module: torch.nn.Module, state: KVState | None, input_ids: torch.Tensor, kwargs: dict,
-             seed: int | None, on_tokens: Callable[[torch.Tensor], None] | None,
+             on_tokens: Callable[[torch.Tensor], None] | None,
              step_hook: Callable[[], None] | None = None, continues: bool = True) -> torch.Tensor:
     """Run HF generate on the server over `state`'s KV blocks (None: HF's own cache, graph models only).
 
@@ -46,6 +47,8 @@ def generate(module: torch.nn.Module, state: KVState | None, input_ids: torch.Te
     concatenation returns. A state whose KV the scheduler dropped (recompute policy) has an empty
     table and its token ids: generate prefills them all again. The caller reserved the blocks for
     every token this call may add (dispatch admission). `step_hook` is called after every step.
+    It samples from torch's global generators: the caller has put the call's own stream there, seeded
+    or fresh (Note [Random streams] in rng.py).
     """
     check_generate(input_ids, kwargs)
     kwargs = dict(kwargs)
@@ -60,8 +63,12 @@ def generate(module: torch.nn.Module, state: KVState | None, input_ids: torch.Te
         kwargs["past_key_values"] = state.cache
     if step_hook is not None:
         kwargs["stopping_criteria"] = StoppingCriteriaList([_StepCriterion(step_hook)])
-    if seed is not None:
-        torch.manual_seed(seed)  # seeds the CPU and every CUDA device, like a local torch.manual_seed
+    gc = module.generation_config
+    sampling = kwargs.get("do_sample")
+    if sampling is None:
+        sampling = getattr(gc, "do_sample", False)
+    if sampling:
+        kwargs = checked_hf_kwargs(kwargs, gc)  # Note [Scores are checked before sampling]
     before = state.table.length if state is not None else 0
     try:
         with torch.no_grad():

@@ -165,6 +165,8 @@ class FastTask:
         self.pool.join(self.row, self.state.table)
 
     def _finish(self) -> None:
+        if self.row.error is not None:
+            raise self.row.error  # fail() drops the row and gives back what the call wrote
         self.pool.leave(self.row, self.state.table)
         self._end(self.row.new)
 

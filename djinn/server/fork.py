@@ -39,7 +39,7 @@ def fork_session(engine, client_id, rid, args):
         raise InvalidRequest("session name must be a string of at most 200 characters")
     if not engine.data.away(parent):
         return _fork(engine, parent, name)
-    job = Job(parent, next(iter(parent.kv), ""), engine.data.kv_bytes_home(parent), None, False, engine.device)
+    job = Job(parent, next(iter(parent.kv), ""), engine.data.kv_bytes_home(parent), None, None, engine.device)
     job.make_task = lambda: InstantTask(lambda: _fork(engine, parent, name))
     return job
 

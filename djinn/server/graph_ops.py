@@ -24,6 +24,7 @@ from .interpreter import Compiled, Interpreter, compile_graph
 from .models import GRAPH_ARCH
 from .ops import (_model_info, _model_of, _pack_outputs, _read, _seed, _unpack_inputs, adopt, op, over_gpu_quota,
                   pinned_tensors)
+from .rng import Stream
 
 MAX_GRAPHS = 1024
 
@@ -83,16 +84,15 @@ def run_graph(engine, client_id, rid, args):
     compiled, status, weights, inputs = graph_call(engine, client_id, s, args, "run_graph")
     if compiled is None:
         return {"missing": True}
-    seed = _seed(args)
-    if seed is not None:
-        torch.manual_seed(seed)  # random ops are seeded on the server, like a local manual_seed
+    rng = Stream.new(_seed(args), engine.device)  # Note [Random streams]: as a local manual_seed, or fresh
     fetch = args.get("fetch") or []
     n_out = len(compiled.graph.outputs)
     if not isinstance(fetch, list) or not all(type(k) is int and 0 <= k < n_out for k in fetch):
         raise InvalidRequest(f"fetch must list output indices below {n_out}")
     held = set(s.tensors)
     t1 = time.perf_counter()
-    outs = Interpreter(compiled, engine.text.readonly).run(inputs, weights)
+    with rng.active():
+        outs = Interpreter(compiled, engine.text.readonly).run(inputs, weights)
     t2 = time.perf_counter()
     store.count(client_id, "runs")
     result = {"outputs": _pack_outputs(s, outs), "tensors": [_read(outs[k], None) for k in fetch],

@@ -60,6 +60,7 @@ from .fast_task import FastTask, pool_for
 from .kv_pools import pool_for as kv_pool_for
 from .fastpath import unsupported
 from .registry import op
+from .rng import Stream
 from .sessions import KVState, SessionState, install_restored
 
 log = logging.getLogger("djinn.ops")
@@ -196,7 +197,8 @@ def forward(engine, client_id, rid, args):
     check_prefill(engine, call_kwargs.get("input_ids", call_args[0] if call_args else None), "forward")
     call_args, call_kwargs = _to_device(call_args, engine.device), _to_device(call_kwargs, engine.device)
     held = set(s.tensors)
-    out = executor.forward(entry.module, call_args, call_kwargs)
+    with Stream.new(None, engine.device).active():  # Note [Random streams]: a module drawing in forward
+        out = executor.forward(entry.module, call_args, call_kwargs)
     result = {"output": _pack_outputs(s, out)}
     engine.data.sync(s)
     err = over_gpu_quota(engine, s, held, "forward")
@@ -297,11 +299,10 @@ def generate(engine, client_id, rid, args):
         return len(got)
 
     def body(step_hook):
-        out = executor.generate(entry.module, box["state"], input_ids, kwargs, seed, on_tokens, step_hook,
+        out = executor.generate(entry.module, box["state"], input_ids, kwargs, on_tokens, step_hook,
                                 continues=use_kv)
         return {"sequences": out.cpu()}
 
-    sampling = bool(kwargs.get("do_sample", getattr(entry.module.generation_config, "do_sample", False)))
     why = _why_eager(engine, entry, s, input_ids, kwargs, args.get("deterministic", False), use_kv)
     if why is None:
         try:
@@ -315,7 +316,8 @@ def generate(engine, client_id, rid, args):
         def make_task():
             return FastTask(pool, box["state"], input_ids, kwargs, seed, on_tokens, new, engine.dispatch.prefill,
                             continues=use_kv)
-    return Job(s, mid, need, body, sampling, engine.device, uses_kv=use_kv, make_task=make_task,
+    rng = Stream.new(seed, engine.device)  # Note [Random streams]: seeded as locally, or fresh from the OS
+    return Job(s, mid, need, body, rng, engine.device, uses_kv=use_kv, make_task=make_task,
                reserve=reserve, release=release, truncate=truncate)
 
 

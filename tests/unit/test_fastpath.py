@@ -68,12 +68,13 @@ def test_join_leave_and_compaction():
         tables.append(t)
     assert [t.rows[0] for t in tables] == [[1, 2], [3, 4, 5], [6, 7]]
     assert [r.slot for r in rows] == [0, 1, 2] and pool.free_slots() == 0
-    assert pool.tables[:, :3].tolist() == [[1, 2, 0], [3, 4, 5], [6, 7, 0]]
+    assert pool.tables[:, :3].tolist() == [[1, 2, 2], [3, 4, 5], [6, 7, 7]]  # tails repeat the last block
+    assert pool.tables[:, -1].tolist() == [2, 5, 7]
     rows[2].pos = 7  # pretend row 2 decoded two tokens
     pool.leave(rows[0], tables[0])  # row 0 leaves with nothing new
     assert tables[0].length == 4
     assert rows[0].slot == -1 and rows[2].slot == 0 and [r.slot for r in pool.rows] == [0, 1]
-    assert pool.tables[:, :3].tolist() == [[6, 7, 0], [3, 4, 5], [0, 0, 0]]  # row 2's ids moved, slot 2 scratch
+    assert pool.tables[:, :3].tolist() == [[6, 7, 7], [3, 4, 5], [0, 0, 0]]  # row 2's ids moved, slot 2 scratch
     pool.leave(rows[2], tables[2])
     assert tables[2].length == 7
     assert [r.slot for r in pool.rows] == [0] and rows[1].slot == 0
@@ -170,3 +171,60 @@ def test_prefill_budget_counts_turns_and_chunks():
     assert b.turns == 2
     with pytest.raises(ValueError):
         PrefillBudget(0)
+
+
+def test_a_row_whose_scores_are_not_finite_fails_alone():
+    """Note [Scores are checked before sampling]: a sampled row fed a token whose embedding is NaN gets NaN
+    logits; the batched step marks that row failed (InvalidRequest) and the other rows of the step go on."""
+    from djinn.protocol.errors import InvalidRequest
+
+    model = tiny_llama(seed=6).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[77] = float("nan")
+    kv = KVPool(KVShape.of_module(model), 32, 4, "cpu")
+    pool = DecodePool(model, kv, 4, 64, graphs=False)
+    rows = []
+    for token, seed in ((77, 1), (5, 2), (9, None)):
+        t = kv.new_table(1)
+        assert kv.reserve(t, 8)
+        sampler = Sampler(seed is not None, generator=torch.Generator().manual_seed(seed or 0))
+        r = Row(token, 4, 4, 3, sampler, frozenset())
+        pool.join(r, t)
+        rows.append(r)
+    pool.step()
+    bad, sampled, greedy = rows
+    assert bad.done and isinstance(bad.error, InvalidRequest) and bad.new == [] and bad.pos == 4
+    assert sampled.error is None and len(sampled.new) == 1 and sampled.pos == 5 and not sampled.done
+    assert greedy.error is None and len(greedy.new) == 1
+    pool.step()
+    assert len(sampled.new) == 2 and len(greedy.new) == 2 and bad.new == []
+
+
+def test_a_free_slots_non_finite_writes_reach_no_row():
+    """Note [Decode pool]: a row that left keeps its last token in its slot; a later step over a larger
+    bucket feeds it at position 0 into the scratch block. With a model whose forward of that token is
+    NaN, the scratch block holds NaN, and no live row may read it (0 x NaN at a masked position)."""
+    model = tiny_llama(seed=6).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[77] = float("nan")
+
+    def decode(with_poison: bool) -> list:
+        kv = KVPool(KVShape.of_module(model), 64, 4, "cpu")
+        pool = DecodePool(model, kv, 4, 64, graphs=False)
+        rows = []
+        for token in (5, 9, 11) + ((77,) if with_poison else ()):
+            t = kv.new_table(1)
+            assert kv.reserve(t, 12)
+            r = Row(token, 4, 4, 6, Sampler(False), frozenset())
+            pool.join(r, t)
+            rows.append(r)
+        pool.step()
+        if with_poison:
+            pool.drop(rows[3])
+        for _ in range(3):
+            pool.step()  # a bucket of 4 over 3 rows: the free slot writes the scratch block
+        if with_poison:
+            assert not torch.isfinite(kv.kv[0]).all()  # the poison is there
+        return [r.new for r in rows[:3]]
+
+    assert decode(True) == decode(False)
