@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU job, as run on the device machines: `OSDI_Evaluation/gpu_job.sh OUTDIR PART...`.
-# Parts: exp1 (signal and resident at N=16,48,96), exp1b (lru and recompute at N=48, the shared-prefix
+# Parts: exp1 (signal and resident at N=$EXP1_AGENTS, default 16,48,96), fork (forks at a 2k prefix on
+# 13B), exp1b (lru and recompute at N=48, the shared-prefix
 # variant at N=48), micro (session and run forks at a 2k prefix on 13B, 7B decode speed against HF
 # eager, swap by blocks), gpu-tests (tier 3). Each writes its JSON and log under OUTDIR.
 set -u
@@ -11,8 +12,12 @@ here=$(cd "$(dirname "$0")" && pwd)
 for part in "$@"; do
   case $part in
     exp1)
-      timeout 585 python "$here/exp1_semantic_scheduler/run_exp1.py" --policies signal,resident --agents 16,48,96 \
-        --time-budget-s 560 --out "$out" --name exp1_chunked 2>&1 | tee "$out/exp1_chunked.log" | tail -25 ;;
+      budget=${EXP1_BUDGET_S:-560}
+      timeout $((budget + 25)) python "$here/exp1_semantic_scheduler/run_exp1.py" --policies signal,resident \
+        --agents "${EXP1_AGENTS:-16,48,96}" --time-budget-s "$budget" --out "$out" --name exp1_chunked 2>&1 \
+        | tee "$out/exp1_chunked.log" | tail -25 ;;
+    fork)
+      timeout 150 python "$here/micro/bench_fork.py" --shape 13b --prefix 2048 --out "$out/fork.json" 2>&1 | tail -5 ;;
     exp1b)
       timeout 400 python "$here/exp1_semantic_scheduler/run_exp1.py" --policies lru,recompute --agents 48 \
         --time-budget-s 380 --out "$out" --name exp1_lru_recompute 2>&1 | tee "$out/exp1_lru_recompute.log" | tail -12
