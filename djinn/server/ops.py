@@ -87,7 +87,7 @@ def open_session(engine, client_id, rid, args):
     budget = args.get("max_kv_tokens")
     if budget is not None and (type(budget) is not int or not 1 <= budget <= 1 << 24):
         raise InvalidRequest(f"max_kv_tokens must be an int in [1, {1 << 24}] or null, got {budget!r}")
-    s = engine.sessions.open(client_id, name, engine.cfg.max_sessions_per_client)
+    s = engine.sessions.open(client_id, name, engine.principal(client_id))
     s.max_kv_tokens = budget
     log.info("session %s opened by client %s%s", s.sid[:8], client_id[:8], f" name={name!r}" if name else "")
     if checkpoint:  # Note [Checkpoint tokens] in checkpoint.py
@@ -130,7 +130,7 @@ def upload(engine, client_id, rid, args):
     for item in items:
         if not isinstance(item, dict):
             raise InvalidRequest("upload items must be maps")
-        finished = engine.uploads.put(s.sid, item, host=residency != "device")
+        finished = engine.uploads.put(s.sid, item, host=residency != "device", owner=s.principal)
         if finished is None:
             continue
         h, tensor = finished
@@ -462,6 +462,8 @@ def stats(engine, client_id, rid, args):
                       "prefill": {"step_tokens": engine.dispatch.prefill.per_turn,
                                   "chunks": engine.dispatch.prefill.chunks, "turns": engine.dispatch.prefill.turns}},
         "quotas": vars(engine.dispatch.quotas).copy(),
+        # Note [One ledger]: the caller's own principal's use and caps, and the server-wide ones.
+        "principal": engine.ledger.stats(engine.router.principal(client_id) or ""),
         "text_entries": len(engine.text),
         "sessions": sessions,
         "models": models,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 
-from ..protocol.errors import InvalidRequest, QuotaExceeded
+from ..protocol.errors import InvalidRequest
 from .breakpoints import Call, parse_breakpoints
 from .graph_ops import graph_call
 from .graph_runs import GraphModule
@@ -45,7 +45,6 @@ def start(engine, client_id, rid, args):
     else:
         check_generate(entry.module, call_args[0], call_kwargs, 0)  # a generate run is stateless
     seed = _seed(args)
-    _check_run_limit(engine, s)
     specs = parse_breakpoints(entry.module, args.get("breakpoints", []), method)
     kv_pool = None
     if method == "generate":
@@ -65,7 +64,6 @@ def _start_graph(engine, client_id, s, args, t0: float) -> dict:
     if compiled is None:
         raise InvalidRequest("the server holds no graph with this signature: send it with the start")
     seed = _seed(args)
-    _check_run_limit(engine, s)
     module = GraphModule(compiled, weights, engine.text.readonly)
     specs = parse_breakpoints(module, args.get("breakpoints", []), "forward")
     call = Call(module, "forward", inputs, {}, seed, engine.device)
@@ -86,19 +84,9 @@ def resume(engine, client_id, rid, args):
 def fork(engine, client_id, rid, args):
     """A copy of a paused run, parked at the same stop (Note [Fork replays the prefix])."""
     s, parent, t0, t_edits = _paused_with_edits(engine, client_id, args)
-    _check_run_limit(engine, s)
     held = set(s.tensors)
     child = engine.runs.fork(parent)
     return _reply(engine, s, child, held, t0, t_edits)
-
-
-def _check_run_limit(engine, s) -> None:
-    """Each live run parks a thread (and its stack): bound them per session (max_runs_per_session)."""
-    limit = engine.cfg.max_runs_per_session
-    live = sum(1 for r in engine.runs if r.session is s)
-    if live >= limit:
-        raise QuotaExceeded(f"session {s.sid[:8]} already has {live} live runs (max_runs_per_session={limit}); "
-                            "resume or cancel one first")
 
 
 def _reply(engine, s, run, held: set, t0: float, t_edits: float | None = None) -> dict:
