@@ -21,8 +21,9 @@ import torch
 from ..protocol.errors import InvalidRequest
 from ..srg.graph import from_wire
 from .interpreter import Compiled, Interpreter, compile_graph
+from . import quotas
 from .models import GRAPH_ARCH
-from .ops import (_model_info, _model_of, _pack_outputs, _read, _seed, _unpack_inputs, adopt, op, over_gpu_quota,
+from .ops import (_model_info, _model_of, _pack_outputs, _read, _seed, _unpack_inputs, adopt, op,
                   pinned_tensors)
 
 MAX_GRAPHS = 1024
@@ -98,7 +99,7 @@ def run_graph(engine, client_id, rid, args):
     result = {"outputs": _pack_outputs(s, outs), "tensors": [_read(outs[k], None) for k in fetch],
               "graph": status, "timing": {"interpret_us": round((t2 - t1) * 1e6), "server_us": 0}}
     engine.data.sync(s)
-    err = over_gpu_quota(engine, s, held, "run_graph")
+    err = quotas.over_gpu(engine, s, held, "run_graph")
     if err is not None:
         del outs, result
         raise err

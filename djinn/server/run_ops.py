@@ -11,9 +11,9 @@ from ..protocol.errors import InvalidRequest
 from .breakpoints import Call, parse_breakpoints
 from .graph_ops import graph_call
 from .graph_runs import GraphModule
-from . import executor
+from . import executor, quotas
 from .kv_pools import pool_for as kv_pool_for
-from .ops import _model_of, _seed, _unpack_inputs, check_prefill, op, over_gpu_quota
+from .ops import _model_of, _seed, _unpack_inputs, check_prefill, op
 from .validate import check_forward, check_generate
 
 METHODS = ("forward", "generate")
@@ -51,6 +51,12 @@ def start(engine, client_id, rid, args):
         executor.check_generate(call_args[0], call_kwargs)
         check_prefill(engine, call_args[0], "a generate run")
         kv_pool = kv_pool_for(engine, entry)
+        # Its KV blocks are reserved when it starts and held while it is paused (Note [Session quotas]).
+        ids = call_args[0]
+        tokens = int(ids.shape[1]) + executor.new_tokens(entry.module, int(ids.shape[1]), call_kwargs)
+        grown = kv_pool.bytes_for(tokens, int(ids.shape[0]))
+        quotas.check_gpu(engine, s, quotas.gpu_used(engine, s) + grown, "a generate run",
+                         f"{grown} bytes of KV for {tokens} tokens x batch {int(ids.shape[0])}")
     call = Call(entry.module, method, call_args, call_kwargs, seed, engine.device, kv_pool)
     held = set(s.tensors)
     run = engine.runs.start(s, entry.model_id, call, specs)
@@ -91,10 +97,10 @@ def fork(engine, client_id, rid, args):
 
 def _reply(engine, s, run, held: set, t0: float, t_edits: float | None = None) -> dict:
     """The run's reply; a finished forward's outputs become session tensors, charged to the session's
-    Data segment and held to its GPU quota (Note [Session quotas] in ops.py)."""
+    Data segment and held to its GPU quota (Note [Session quotas] in quotas.py)."""
     reply = engine.runs.reply(s, run, t0, t_edits)
     engine.data.sync(s)
-    err = over_gpu_quota(engine, s, held, f"run {run.run_id}")
+    err = quotas.over_gpu(engine, s, held, f"run {run.run_id}")
     if err is not None:
         del reply
         raise err

@@ -187,14 +187,16 @@ class RunTable:
     def of_session(self, sid: str) -> list[Run]:
         return [r for r in self._runs.values() if r.session.sid == sid]
 
-    def paused_bytes_of(self, run: Run) -> int:
+    def paused_bytes_of(self, run: Run, exclude: frozenset | set = frozenset()) -> int:
+        """Bytes a paused run keeps: its stop tensors' storages (less those in `exclude`, data pointers
+        counted elsewhere) and its cache's KV."""
         if run.stop is None:
             return 0
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in run.stop.tensors}
-        return sum(storages.values()) + _cache_bytes(run.cache)
+        return sum(n for p, n in storages.items() if p not in exclude) + _cache_bytes(run.cache)
 
-    def paused_bytes(self, sid: str) -> int:
-        return sum(self.paused_bytes_of(r) for r in self.of_session(sid))
+    def paused_bytes(self, sid: str, exclude: frozenset | set = frozenset()) -> int:
+        return sum(self.paused_bytes_of(r, exclude) for r in self.of_session(sid))
 
     def stack_bytes(self) -> int:
         return sum(self.paused_bytes_of(r) for r in self._runs.values())

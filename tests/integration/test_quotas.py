@@ -114,7 +114,47 @@ def test_generate_over_the_gpu_quota_is_refused_others_run_on(gpu_conn, model, d
         rm.generate(P1, max_new_tokens=40, do_sample=False, pad_token_id=0, session=big)
     with torch.no_grad():
         want = model.generate(P1.to(device), max_new_tokens=8, do_sample=False, pad_token_id=0).cpu()
-    assert torch.equal(rm.generate(P1, max_new_tokens=8, do_sample=False, pad_token_id=0, session=ok), want)
+    assert torch.equal(rm.generate(P1, max_new_tokens=8, do_sample=False, pad_token_id=0, session=big), want)
+    assert sstats(c, big)["gpu_bytes"] == kv(16)  # its scratch blocks went back
+    # ...and they come on top of what the session holds: `ok` holds its whole quota of KV, so even a
+    # stateless call whose own blocks would fit is refused (it once counted alone), as is a wide batch.
+    assert sstats(c, ok)["gpu_bytes"] == QUOTA_GPU and kv(16) < QUOTA_GPU
+    with pytest.raises(djinn.QuotaExceeded) as info:
+        rm.generate(P1, max_new_tokens=8, do_sample=False, pad_token_id=0, session=ok)
+    assert info.value.message == (
+        f"generate would take session {ok.sid[:8]} to {QUOTA_GPU + kv(16)} bytes on the device ({kv(16)} bytes of "
+        f"KV for 8 + 8 tokens x batch 1, a stateless call's scratch blocks), over its GPU quota of {QUOTA_GPU} "
+        "bytes (quota_gpu_gb); free tensors, reset the cache or ask for less")
+    with pytest.raises(djinn.QuotaExceeded, match=rf"\({64 * kv(16)} bytes of KV for 8 \+ 8 tokens x batch 64"):
+        rm.generate(P1.repeat(64, 1), max_new_tokens=8, do_sample=False, pad_token_id=0, session=big)
+    assert sstats(c, ok)["kv_tokens"] == {rm.model_id: 27} and sstats(c, ok)["gpu_bytes"] == QUOTA_GPU
+
+
+def test_generate_runs_count_against_the_gpu_quota(gpu_conn, model, device):
+    """A generate breakpoint run reserves its KV blocks when it starts and keeps them while it is paused:
+    they count against its session's quota like a generate's (they once counted nothing)."""
+    from djinn.frontend.run import Breakpoint
+
+    c = gpu_conn
+    s = c.session("runs")
+    rm = RemoteModel.from_module(s, model)
+    with pytest.raises(djinn.QuotaExceeded, match=rf"a generate run would take session .* to {kv(48)} bytes"):
+        s.start(rm, P1, method="generate", max_new_tokens=40, do_sample=False, pad_token_id=0,
+                breakpoints=[Breakpoint(layer=0)]).wait(60)
+    assert sstats(c, s)["runs"] == {} and sstats(c, s)["gpu_bytes"] == 0
+    run = s.start(rm, P1, method="generate", max_new_tokens=8, do_sample=False, pad_token_id=0,
+                  breakpoints=[Breakpoint(layer=0)])
+    run.wait(60)
+    st = sstats(c, s)
+    assert run.state == "paused" and st["paused_bytes"] >= kv(16)
+    assert st["quota"]["gpu_bytes"]["used"] == st["paused_bytes"]  # the paused run's Stack counts
+    # With the run's KV held, a generate that alone would fit does not.
+    with pytest.raises(djinn.QuotaExceeded, match="quota_gpu_gb"):
+        s.generate(rm, P1, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    run.cancel()
+    assert sstats(c, s)["quota"]["gpu_bytes"]["used"] == 0
+    ref = local_turns(model, device, (P1, GEN))[0]
+    assert torch.equal(s.generate(rm, P1, **GEN), ref)
 
 
 def test_forward_outputs_over_the_gpu_quota_are_freed(gpu_conn, model, device):
