@@ -217,7 +217,7 @@ def generate(engine, client_id, rid, args):
     seed = _seed(args)
     if not isinstance(kwargs, dict):
         raise InvalidRequest("generate needs kwargs as a map")
-    executor.check_generate(input_ids, kwargs)
+    executor.check_generate(input_ids, kwargs, entry.module)  # Note [Effective generate arguments]
     check_prefill(engine, input_ids, "generate")
     on_tokens = None
     emitted: list[int] = []  # tokens streamed to the client so far (Note [Cancel] in dispatch.py)

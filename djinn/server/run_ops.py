@@ -42,13 +42,13 @@ def start(engine, client_id, rid, args):
         raise InvalidRequest(f"a generate run takes one positional argument (input_ids), got {len(call_args)}")
     if method == "forward":  # Note [Index inputs are checked before the device sees them]
         check_forward(entry.module, call_args, call_kwargs)
-    else:
+    else:  # Note [Effective generate arguments]: the arguments first, then the indices they imply
+        executor.check_generate(call_args[0], call_kwargs, entry.module)
         check_generate(entry.module, call_args[0], call_kwargs, 0)  # a generate run is stateless
     seed = _seed(args)
     specs = parse_breakpoints(entry.module, args.get("breakpoints", []), method)
     kv_pool = None
     if method == "generate":
-        executor.check_generate(call_args[0], call_kwargs)
         check_prefill(engine, call_args[0], "a generate run")
         kv_pool = kv_pool_for(engine, entry)
         # Its KV blocks are reserved when it starts and held while it is paused (Note [Session quotas]).
