@@ -273,6 +273,7 @@ class Engine(threading.Thread):
         self.uploads.drop_session(s.sid)
         freed = s.data_bytes
         s.tensors.clear()
+        s.graphs.clear()
         s.kv.clear()
         s.models.clear()
         s.text_pins.clear()

@@ -423,6 +423,7 @@ def stats(engine, client_id, rid, args):
             "paused": s.state == SessionState.PAUSED,
             "job": engine.dispatch.describe(s.sid, now) if s.client_id == client_id else None,
             "tensors": len(s.tensors),
+            "graphs": len(s.graphs), "graph_bytes": s.graphs.nbytes,  # constants, part of gpu_bytes
             "max_kv_tokens": s.max_kv_tokens,
             "kv_tokens": {**{mid: int(ids.shape[1]) for mid, (ids, _) in s.restored_kv.items()},
                           **{mid: int(kv.ids.shape[1]) for mid, kv in s.kv.items()}},

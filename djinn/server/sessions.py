@@ -11,6 +11,7 @@ import enum
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -56,6 +57,39 @@ class KVState:
         return cls(PagedCache(pool, pool.new_table(int(ids.shape[0]))), ids)
 
 
+MAX_GRAPHS_PER_SESSION = 256
+
+
+class GraphCache:
+    """A session's compiled graphs by signature, least recently used first out (Note [Graph cache] in
+    graph_ops.py). Their constants live on the device: `nbytes` is charged to the session's Data."""
+
+    def __init__(self, limit: int = MAX_GRAPHS_PER_SESSION) -> None:
+        self.limit = limit
+        self._graphs: OrderedDict[str, object] = OrderedDict()  # signature -> interpreter.Compiled
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def get(self, sig: str):
+        c = self._graphs.get(sig)
+        if c is not None:
+            self._graphs.move_to_end(sig)
+        return c
+
+    def put(self, sig: str, compiled) -> None:
+        self._graphs[sig] = compiled
+        while len(self._graphs) > self.limit:
+            self._graphs.popitem(last=False)
+
+    def clear(self) -> None:
+        self._graphs.clear()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.const_bytes for c in self._graphs.values())
+
+
 @dataclass
 class Session:
     sid: str
@@ -76,6 +110,7 @@ class Session:
     restored_kv: dict = field(default_factory=dict)  # model id -> (ids, layers) from a checkpoint, until first use
     checkpoint_token: str | None = None  # written to host memory at shutdown (djinn/server/checkpoint.py)                                    # why the last eager generate was not fast
     readonly: ReadOnlyMemory = field(default_factory=ReadOnlyMemory)  # the weights' memory (the Text segment's)
+    graphs: GraphCache = field(default_factory=GraphCache)  # compiled graphs it sent (Note [Graph cache])
 
     def add_tensor(self, t: torch.Tensor) -> str:
         hid = secrets.token_hex(8)
@@ -98,7 +133,7 @@ class Session:
     @property
     def data_bytes(self) -> int:
         unique = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self.tensors.values()}
-        return sum(unique.values()) + sum(kv.nbytes for kv in self.kv.values())
+        return sum(unique.values()) + sum(kv.nbytes for kv in self.kv.values()) + self.graphs.nbytes
 
 
 class SessionTable:

@@ -197,6 +197,52 @@ def test_forward_outputs_over_the_gpu_quota_are_freed(gpu_conn, model, device):
         assert torch.equal(rm(P1, session=o).logits.cpu(), ref)
 
 
+def test_graph_constants_and_intermediates_count_against_the_gpu_quota(gpu_conn):
+    """Note [Graph peak memory]: a graph's constants are the session's Data (held with its compiled graph,
+    shown in stats) and its intermediates' peak, estimated from the SRG's shapes, is checked before it
+    runs. Both once ran outside any quota (a 256 KiB intermediate under this 16 KiB quota)."""
+    from ..srg_builder import Builder
+
+    c = gpu_conn
+    s = c.session("graphs")
+
+    def send(b, *outs) -> dict:
+        sig, wire = b.wire(*outs)
+        return s.call("run_graph", {"sig": sig, "graph": wire, "inputs": [], "fetch": [0]})
+
+    b = Builder()
+    (total,) = b.op("aten.sum.default", b.const(torch.arange(2048, dtype=torch.float32)))  # 8 KiB constant
+    assert send(b, total)["tensors"][0].item() == 2047 * 2048 / 2
+    st = sstats(c, s)
+    assert (st["graphs"], st["graph_bytes"], st["tensors"]) == (1, 8192, 1)
+    assert st["gpu_bytes"] == 8192 + 512 and st["quota"]["gpu_bytes"]["used"] == 8192 + 512  # + the output
+    # Constants that would pass the quota are refused before they are copied in; nothing is kept.
+    b = Builder()
+    parts = [b.const(torch.full((2048,), float(k))) for k in range(2)]
+    (both,) = b.op("aten.cat.default", parts)
+    with pytest.raises(djinn.QuotaExceeded) as info:
+        send(b, both)
+    assert info.value.message == (f"this graph would take session {s.sid[:8]} to {8704 + 16384} bytes on the device "
+                                  f"(16384 bytes of graph constants), over its GPU quota of {QUOTA_GPU} bytes "
+                                  "(quota_gpu_gb); free tensors, reset the cache or ask for less")
+    assert (sstats(c, s)["graphs"], sstats(c, s)["graph_bytes"]) == (1, 8192)
+    # A 256 KiB intermediate whose output is 4 bytes: refused before it runs.
+    b = Builder()
+    (wide,) = b.op("aten.repeat.default", b.const(torch.ones(64)), [1024])
+    (small,) = b.op("aten.sum.default", wide)
+    with pytest.raises(djinn.QuotaExceeded, match=r"run_graph would take session .* \(the graph's intermediates "
+                                                  r"and outputs peak at 262656 bytes\)"):
+        send(b, small)
+    st = sstats(c, s)
+    assert (st["tensors"], st["graphs"], st["graph_bytes"]) == (1, 2, 8192 + 512)  # compiled, never run
+    # Graphs within the quota run on; closing the session frees its graphs with it.
+    b = Builder()
+    (twice,) = b.op("aten.mul.Scalar", b.const(torch.ones(4)), 2.0)
+    assert torch.equal(send(b, twice)["tensors"][0], torch.full((4,), 2.0))
+    s.close()
+    assert s.sid not in c.stats()["sessions"]
+
+
 # -- queued requests -------------------------------------------------------------------------------
 def test_pipelined_requests_over_the_queue_quota_are_refused(tmp_path, model, device):
     srv = start(tmp_path, "queue", quota_queued_requests=2)
