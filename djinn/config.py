@@ -133,14 +133,22 @@ class ServerConfig:
     checkpoint_dir: str | None = None
     """Where sessions that asked for it are written when the server shuts down gracefully, to be
     restored after a restart (djinn/server/checkpoint.py). None: /dev/shm/djinn-checkpoints (host memory)."""
-    max_sessions_per_client: int = 1024
-    """Open sessions one client may hold; the next open_session fails with QuotaExceeded. Every
-    schedule looks at all sessions, so one client opening thousands would slow everyone."""
-    max_runs_per_session: int = 64
-    """Live breakpoint runs (paused or forked) one session may hold; each parks a thread."""
+    max_sessions_per_principal: int = 1024
+    """Open sessions one principal may hold (a Curve key; everyone with the shared secret; every client
+    of a loopback server without either: Note [Principals] in djinn/server/principals.py), however many
+    client ids it connects with; the next open_session, fork_session or restore_session fails with
+    QuotaExceeded. Every schedule looks at all sessions, so thousands would slow everyone."""
+    max_sessions_total: int = 2048
+    """Open sessions of all principals together; past it any principal's next session fails with
+    QuotaExceeded (a server with many Curve keys is still bounded)."""
+    max_runs_per_principal: int = 64
+    """Live breakpoint runs (running, paused or forked) one principal may hold; each parks an OS thread."""
+    max_runs_total: int = 256
+    """Live breakpoint runs of all principals together: the most run threads the server parks at once."""
     upload_in_flight_gb: float = 8.0
-    """GiB of partial uploads one session may have reserved at once: a tensor's whole size is reserved
-    at its first chunk. Larger than any single weight of the models in BASELINES.md."""
+    """GiB of unfinished uploads one principal may have reserved at once, over all its sessions: a
+    tensor's whole size is reserved at its first chunk. Larger than any single weight of the models in
+    BASELINES.md."""
     quota_queued_requests: int | None = None
     """Per-session quota of requests that wait behind the session's running generate (plus that
     generate itself); a request beyond it fails with QuotaExceeded at once. Frees never count. None:
@@ -217,7 +225,7 @@ class ServerConfig:
                 and self.prefill_step_tokens > self.max_prefill_tokens:
             raise ValueError(f"prefill_step_tokens={self.prefill_step_tokens} must be <= max_prefill_tokens="
                              f"{self.max_prefill_tokens} (the Stack reserve is measured at that size)")
-        for name in ("max_sessions_per_client", "max_runs_per_session"):
+        for name in ("max_sessions_per_principal", "max_sessions_total", "max_runs_per_principal", "max_runs_total"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} must be an int >= 1")

@@ -44,7 +44,7 @@ class GraphModel(RemoteModel):
         self.module = module            # the code stays here: captures run it over meta tensors
         self.hashes = hashes
         self._captures: dict[Any, Captured] = {}
-        self._server_has: set[str] = set()
+        self._server_has: set[tuple[str, str]] = set()  # (session id, signature): graphs are per session
         self._use_cache = _accepts(module, "use_cache")
         self._submodules = list(module.modules())  # for the training flags in the signature
         #: captures: graphs recorded; calls; graphs_sent: calls that carried their graph
@@ -83,7 +83,7 @@ class GraphModel(RemoteModel):
         self.counters["calls"] += 1
         fut = s.submit("start", {"sig": cap.sig, "graph": cap.wire, "model_id": self.model_id, "seed": seed,
                                  "inputs": structure.pack(leaves, s._leaf), "breakpoints": specs})
-        self._server_has.add(cap.sig)
+        self._server_has.add((s.sid, cap.sig))
         return Run(s, self, "forward", fut,
                    rebuild=lambda outs: unflatten(cap.out_spec, list(outs), cap.out_protos, is_leaf_spec))
 
@@ -111,14 +111,14 @@ class GraphModel(RemoteModel):
         return cap, leaves
 
     def _run(self, s: "Session", cap: Captured, args: dict) -> dict:
-        send = cap.sig not in self._server_has
+        send = (s.sid, cap.sig) not in self._server_has
         res = s.call("run_graph", dict(args, sig=cap.sig, **({"graph": cap.wire} if send else {})))
         if res.get("missing"):  # evicted on the server: send it again (Note [Graph cache])
             send = True
             res = s.call("run_graph", dict(args, sig=cap.sig, graph=cap.wire))
         if send:
             self.counters["graphs_sent"] += 1
-        self._server_has.add(cap.sig)
+        self._server_has.add((s.sid, cap.sig))
         return res
 
     def __repr__(self) -> str:

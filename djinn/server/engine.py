@@ -24,7 +24,7 @@ import torch
 from ..config import ServerConfig
 from ..protocol import codec
 from ..protocol.auth import is_loopback
-from ..protocol.errors import (DjinnError, InvalidRequest, OutOfMemory, ProtocolError, RemoteExecutionError,
+from ..protocol.errors import (AuthError, DjinnError, InvalidRequest, OutOfMemory, ProtocolError, RemoteExecutionError,
                                ShuttingDown)
 from ..protocol.messages import MsgType
 from ..scheduler.policies import policy_from_config
@@ -35,6 +35,7 @@ from . import checkpoint, fork, graph_ops, init_ops, ops, run_ops  # noqa: F401 
 from .dispatch import CONTROL_OPS, Dispatcher, Job
 from .metrics import Metrics
 from .models import ModelRegistry
+from .principals import Caps, Ledger, Resource
 from .registry import OPS
 from .router import ClientGone, Request, Router
 from .runs import RunTable
@@ -75,10 +76,11 @@ class Engine(threading.Thread):
         self.router, self.cfg, self.device, self.stop = router, cfg, device, stop
         self.loopback = is_loopback(cfg.bind)
         self.text = TextSegment()
-        self.uploads = Uploads(device, int(cfg.upload_in_flight_gb * 2**30))
+        self.ledger = Ledger(Caps.from_config(cfg))  # Note [One ledger] in principals.py
+        self.uploads = Uploads(device, self.ledger.account(Resource.UPLOAD_BYTES))
         self.models = ModelRegistry(self.text, device, cfg.architectures)
-        self.sessions = SessionTable(self.text.readonly)  # Note [Weights are read-only at run time]
-        self.runs = RunTable()
+        self.sessions = SessionTable(self.text.readonly, self.ledger)  # Note [Weights are read-only at run time]
+        self.runs = RunTable(self.ledger)
         self.data = DataSegment(device, int(cfg.host_pool_gb * GIB),
                                 (cfg.swap_bw_gbps or (25.0 if device.type == "cuda" else 4.0)) * 1e9)
         self.policy = policy_from_config(cfg)
@@ -268,6 +270,13 @@ class Engine(threading.Thread):
     def session(self, client_id: str, args: dict) -> Session:
         return self.sessions.get(args.get("sid"), client_id)
 
+    def principal(self, client_id: str) -> str:
+        """Who a new session of this client is charged to (Note [Principals] in principals.py)."""
+        p = self.router.principal(client_id)
+        if p is None:  # it said goodbye after sending the request: nobody waits for the reply
+            raise AuthError("this client has disconnected; connect again")
+        return p
+
     def release_model(self, mid: str, sid: str) -> None:
         """The session lets go of a model; the last one out frees it, and its KV pool with it."""
         self.models.release(mid, sid)
@@ -287,6 +296,7 @@ class Engine(threading.Thread):
         self.uploads.drop_session(s.sid)
         freed = s.data_bytes
         s.tensors.clear()
+        s.graphs.clear()
         s.kv.clear()
         s.models.clear()
         s.text_pins.clear()

@@ -46,7 +46,7 @@ def fork_session(engine, client_id, rid, args):
 
 def _fork(engine, parent: Session, name: str | None) -> dict:
     t0 = time.perf_counter()
-    child = engine.sessions.open(parent.client_id, name, engine.cfg.max_sessions_per_client)
+    child = engine.sessions.open(parent.client_id, name, parent.principal)
     try:
         child.max_kv_tokens = parent.max_kv_tokens
         for mid in parent.models:

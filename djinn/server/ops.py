@@ -29,15 +29,7 @@ Note [Prefix sharing]
     (KVPool.ensure_private). Breakpoint runs never take cached blocks, so a stop sees (and may edit)
     every position it observes. Off with prefix_caching: false.
 
-Note [Session quotas]
-    quota_gpu_gb caps a session's Data segment on the GPU: its KV caches plus the tensors it holds
-    (`engine.data.acct.session(sid)["data"]`); weights are shared and never count. A generate on the
-    session's KV is refused before it is queued when its `need` (the session's KV once it is done, as
-    the scheduler reserves it) plus the held tensors would pass the quota; a forward (or a finished
-    forward run) whose new outputs would pass it has those outputs freed at once and fails. Either way
-    the reply is QuotaExceeded and the session holds what it held before. quota_host_gb is the Data
-    segment's (Note [Host quota] in djinn/vmu/data.py); quota_queued_requests the dispatcher's (Note
-    [Queue quota and ownership] in djinn/server/dispatch.py). `stats` shows each session's limits and use.
+Quotas (Note [Session quotas]) are checked through djinn/server/quotas.py.
 """
 from __future__ import annotations
 
@@ -49,12 +41,11 @@ from typing import Any, Callable
 import torch
 
 from ..protocol import structure
-from ..protocol.errors import InvalidRequest, OutOfMemory, QuotaExceeded
+from ..protocol.errors import InvalidRequest, OutOfMemory
 from ..protocol.indexing import apply_chain, decode_chain
 from ..protocol.messages import MsgType
 from ..protocol.tensors import dtype_name
-from ..vmu.accounting import DATA, HOST
-from . import executor, streaming, validate
+from . import executor, quotas, streaming, validate
 from .dispatch import Job
 from .fast_task import FastTask, pool_for
 from .kv_pools import pool_for as kv_pool_for
@@ -82,7 +73,7 @@ def open_session(engine, client_id, rid, args):
     budget = args.get("max_kv_tokens")
     if budget is not None and (type(budget) is not int or not 1 <= budget <= 1 << 24):
         raise InvalidRequest(f"max_kv_tokens must be an int in [1, {1 << 24}] or null, got {budget!r}")
-    s = engine.sessions.open(client_id, name, engine.cfg.max_sessions_per_client)
+    s = engine.sessions.open(client_id, name, engine.principal(client_id))
     s.max_kv_tokens = budget
     log.info("session %s opened by client %s%s", s.sid[:8], client_id[:8], f" name={name!r}" if name else "")
     if checkpoint:  # Note [Checkpoint tokens] in checkpoint.py
@@ -125,7 +116,7 @@ def upload(engine, client_id, rid, args):
     for item in items:
         if not isinstance(item, dict):
             raise InvalidRequest("upload items must be maps")
-        finished = engine.uploads.put(s.sid, item, host=residency != "device")
+        finished = engine.uploads.put(s.sid, item, host=residency != "device", owner=s.principal)
         if finished is None:
             continue
         h, tensor = finished
@@ -201,7 +192,7 @@ def forward(engine, client_id, rid, args):
         out = executor.forward(entry.module, call_args, call_kwargs)
     result = {"output": _pack_outputs(s, out)}
     engine.data.sync(s)
-    err = over_gpu_quota(engine, s, held, "forward")
+    err = quotas.over_gpu(engine, s, held, "forward")
     if err is not None:
         del out, result  # the outputs are freed now, not when the error's traceback goes
         raise err
@@ -222,7 +213,7 @@ def generate(engine, client_id, rid, args):
     seed = _seed(args)
     if not isinstance(kwargs, dict):
         raise InvalidRequest("generate needs kwargs as a map")
-    executor.check_generate(input_ids, kwargs)
+    executor.check_generate(input_ids, kwargs, entry.module)  # Note [Effective generate arguments]
     check_prefill(engine, input_ids, "generate")
     on_tokens = None
     emitted: list[int] = []  # tokens streamed to the client so far (Note [Cancel] in dispatch.py)
@@ -246,9 +237,13 @@ def generate(engine, client_id, rid, args):
                                  f"to generate), over the session's max_kv_tokens={s.max_kv_tokens}")
         tokens = s.max_kv_tokens
     grown = kv_pool.bytes_for(tokens, batch)
-    # The session's KV once this call is done: the other models' as they are, this one's grown.
+    # The session's KV once this call is done: the other models' as they are, this one's grown. A
+    # stateless call's scratch table is all it reserves (the scheduler's bytes)...
     need = max(0, engine.data.gpu_bytes(s.sid) - engine.data.kv_bytes_of(s, mid)) + grown if use_kv else grown
-    check_gpu_quota(engine, s, need, "generate")  # Note [Session quotas]: before anything is queued
+    # ...but it comes on top of everything the session holds (Note [Session quotas]): before anything is queued.
+    peak = quotas.gpu_used(engine, s) - (engine.data.kv_bytes_of(s, mid) if use_kv else 0) + grown
+    quotas.check_gpu(engine, s, peak, "generate", f"{grown} bytes of KV for {prompt} + {new} tokens x batch {batch}"
+                     + ("" if use_kv else ", a stateless call's scratch blocks"))
     capacity = kv_pool.alloc.total * kv_pool.block_bytes
     if grown > capacity:  # it could never be admitted; queued, it would wait forever (and others behind it)
         raise OutOfMemory(f"generate needs {grown / 2**20:.3f} MiB of KV ({prompt} + {new} tokens x batch "
@@ -424,6 +419,7 @@ def stats(engine, client_id, rid, args):
             "paused": s.state == SessionState.PAUSED,
             "job": engine.dispatch.describe(s.sid, now) if s.client_id == client_id else None,
             "tensors": len(s.tensors),
+            "graphs": len(s.graphs), "graph_bytes": s.graphs.nbytes,  # constants, part of gpu_bytes
             "max_kv_tokens": s.max_kv_tokens,
             "kv_tokens": {**{mid: int(ids.shape[1]) for mid, (ids, _) in s.restored_kv.items()},
                           **{mid: int(kv.ids.shape[1]) for mid, kv in s.kv.items()}},
@@ -431,7 +427,7 @@ def stats(engine, client_id, rid, args):
             "idle_s": round(now - s.last_active, 3),
             "paused_bytes": engine.runs.paused_bytes(s.sid),
             "runs": engine.runs.describe(s.sid, now) if s.client_id == client_id else {},
-            "quota": _quota_stats(engine, s, s.client_id == client_id),
+            "quota": quotas.stats(engine, s, s.client_id == client_id),
             "decode": dict(s.decode, eager_why=s.eager_why) if s.client_id == client_id else None,
         }
         for s in engine.sessions
@@ -458,51 +454,12 @@ def stats(engine, client_id, rid, args):
                       "prefill": {"step_tokens": engine.dispatch.prefill.per_turn,
                                   "chunks": engine.dispatch.prefill.chunks, "turns": engine.dispatch.prefill.turns}},
         "quotas": vars(engine.dispatch.quotas).copy(),
+        # Note [One ledger]: the caller's own principal's use and caps, and the server-wide ones.
+        "principal": engine.ledger.stats(engine.router.principal(client_id) or ""),
         "text_entries": len(engine.text),
         "sessions": sessions,
         "models": models,
         "requests_served": engine.requests_served,
-    }
-
-
-# -- quotas (Note [Session quotas]) --------------------------------------------------------------
-def check_gpu_quota(engine, s, kv_need: int, what: str) -> None:
-    """Raise QuotaExceeded if the session's KV of `kv_need` bytes plus its held tensors would pass
-    its GPU quota (before anything is allocated)."""
-    limit = engine.dispatch.quotas.gpu_bytes
-    if limit is None:
-        return
-    tensors = engine.data.tensor_bytes(s.sid)
-    if kv_need + tensors > limit:
-        raise QuotaExceeded(f"{what} would hold {kv_need} bytes of KV cache plus {tensors} bytes of tensors in "
-                            f"session {s.sid[:8]}, over its GPU quota of {limit} bytes (quota_gpu_gb); free "
-                            "tensors, reset the cache or ask for fewer tokens")
-
-
-def over_gpu_quota(engine, s, held: set, what: str) -> QuotaExceeded | None:
-    """After a call added outputs to the session (its tensors were `held` before): if the session is now
-    over its GPU quota, free the new outputs and return the error to raise; else None."""
-    limit = engine.dispatch.quotas.gpu_bytes
-    if limit is None:
-        return None
-    used = engine.data.acct.session(s.sid)[DATA]
-    new = [h for h in s.tensors if h not in held]
-    if used <= limit or not new:
-        return None
-    for h in new:
-        del s.tensors[h]
-    engine.data.sync(s)
-    return QuotaExceeded(f"the outputs of {what} would take session {s.sid[:8]} to {used} bytes on the GPU, over "
-                         f"its quota of {limit} bytes (quota_gpu_gb); they were freed. Free tensors you hold, "
-                         "or ask for less (e.g. fewer positions, no hidden states)")
-
-
-def _quota_stats(engine, s, mine: bool) -> dict:
-    q, used = engine.dispatch.quotas, engine.data.acct.session(s.sid)
-    return {
-        "gpu_bytes": {"limit": q.gpu_bytes, "used": used[DATA]},
-        "host_bytes": {"limit": q.host_bytes, "used": used[HOST]},
-        "queued_requests": {"limit": q.queued_requests, "used": engine.dispatch.queued(s.sid) if mine else None},
     }
 
 
