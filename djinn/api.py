@@ -55,10 +55,26 @@ def disconnect() -> None:
 
 
 def connection() -> Connection:
-    """The current connection, connecting with defaults on first use."""
-    if _conn is None or _conn.transport.dead is not None:
-        connect()
-    return _conn
+    """The current connection, connecting with defaults on first use.
+
+    Note [No silent fallback]: a connection to an address (given to connect() or in $DJINN_SERVER)
+    stays on that address. When its server is gone, calls raise ServerUnavailable; the transport
+    reconnects by itself if the server comes back there. Only a process that asked for nothing (or
+    whose embedded server died) gets a new embedded server: starting a local CPU server in place of a
+    remote GPU one would carry on with other hardware, other memory and none of the remote state.
+    """
+    conn = _conn
+    if conn is None:
+        return connect()
+    dead = conn.transport.dead
+    if dead is None:
+        return conn
+    if conn.embedded is None:
+        raise ServerUnavailable(
+            f"the djinn server at {conn.address} is gone ({dead.message}); no other server was started in its "
+            "place. Calls work again once it is back at that address; djinn.connect(ADDRESS) picks another "
+            "server, djinn.connect() with no address and no DJINN_SERVER starts a local one") from None
+    return connect(device=conn.embedded_device)
 
 
 def remote(model, *, session: Session | None = None, weight_budget_gb: float | None = None,

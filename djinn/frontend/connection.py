@@ -21,6 +21,7 @@ class Connection:
         if keys:  # CurveZMQ (docs/SECURITY.md); arguments win over the config's fields
             self.cfg = dataclasses.replace(self.cfg, **keys)
         self.embedded: EmbeddedServer | None = None
+        self.embedded_device = device  # what an embedded server was asked to serve on (None: its default)
         if address is None:
             if self.cfg.server_public_key or self.cfg.client_secret_key:  # it listens on loopback without Curve
                 logging.getLogger("djinn.client").warning(
