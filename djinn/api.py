@@ -92,6 +92,7 @@ def remote(model, *, session: Session | None = None, weight_budget_gb: float | N
     """
     if path not in (None, "module", "graph"):
         raise InvalidRequest(f"path must be 'module', 'graph' or None, got {path!r}")
+    _check_model_arg(model)  # before connecting: a wrong argument must not start a server first
     s = session or connection().default_session()
     if is_config(model):
         return RemoteModel.from_config(s, model, seed=0 if seed is None else seed, dtype=dtype,
@@ -110,6 +111,17 @@ def remote(model, *, session: Session | None = None, weight_budget_gb: float | N
         if path == "module" or weight_budget_gb is not None:
             raise
         return GraphModel.from_module(s, model)  # any other nn.Module: the graph path
+
+
+def _check_model_arg(model) -> None:
+    import torch.nn
+
+    if isinstance(model, (str, torch.nn.Module)) or is_config(model):
+        return
+    got = "None" if model is None else f"a {type(model).__name__}"
+    raise InvalidRequest(f"djinn.remote takes the model to run remotely: an nn.Module (its weights go up once), "
+                         f"a transformers config (built on the server with seeded random weights), or the path "
+                         f"of a model directory on the server; got {got}")
 
 
 def explain(model, *args, **kwargs) -> str:

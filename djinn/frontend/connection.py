@@ -5,6 +5,8 @@ import dataclasses
 import logging
 
 from ..config import ClientConfig
+from .address import check_reachable
+from .address import parse as parse_address
 from .embedded import EmbeddedServer
 from .session import Session
 from .transport import Transport
@@ -22,7 +24,12 @@ class Connection:
             self.cfg = dataclasses.replace(self.cfg, **keys)
         self.embedded: EmbeddedServer | None = None
         self.embedded_device = device  # what an embedded server was asked to serve on (None: its default)
-        if address is None:
+        if address is not None:
+            self.cfg.validate()  # a bad Curve key is the first thing to report, before any socket
+            where = parse_address(address)
+            check_reachable(where, self.cfg.connect_probe_s)
+            address = where.url
+        else:
             if self.cfg.server_public_key or self.cfg.client_secret_key:  # it listens on loopback without Curve
                 logging.getLogger("djinn.client").warning(
                     "no server address: CurveZMQ keys are ignored for the embedded local server")

@@ -106,6 +106,9 @@ class RemoteModel:
 
     @classmethod
     def from_path(cls, session: "Session", path: str, *, weight_budget_gb: float | None = None) -> "RemoteModel":
+        """Load a Hugging Face directory that lives on the server (absolute, or "./"-relative to the
+        server's working directory). Hub ids are refused here: the server never downloads."""
+        _check_not_hub_id(path)
         budget = {"weight_budget_gb": weight_budget_gb} if weight_budget_gb is not None else {}
         info = session.call("load_model", {"path": path, **budget})
         return cls(session, info["model_id"], info["arch"], info["bytes"], info.get("config"), source=path)
@@ -148,6 +151,19 @@ def _check_allowed(session: "Session", arch: str) -> None:
     allowed = session.conn.architectures()
     if allowed is not None and arch not in allowed:
         raise ModelNotSupported(f"the server cannot build {arch}; it builds {sorted(allowed)}")
+
+
+def _check_not_hub_id(path: str) -> None:
+    # "gpt2" or "meta-llama/Llama-2-7b-hf" would resolve against the server's working directory and
+    # fail there as a directory without config.json, which misleads: say what the server can do instead.
+    if path.startswith(("/", "./", "../", "~")):
+        return
+    raise InvalidRequest(
+        f"{path!r} looks like a Hugging Face hub id: hub ids are not supported, the server downloads nothing "
+        f"(it has no network access). Pass a config (djinn.remote(AutoConfig.from_pretrained({path!r}), seed=0): "
+        f"built on the server with random weights), a module loaded here (djinn.remote("
+        f"AutoModelForCausalLM.from_pretrained({path!r})): its weights go up once), or the absolute path of a "
+        "model directory on the server")
 
 
 def is_config(obj: Any) -> bool:
