@@ -87,6 +87,7 @@ def apply(func, args: tuple, kwargs: dict | None = None) -> Any:
                 raise InvalidRequest("a RemoteTensor can only be used in the session that holds it")
             if x._meta is not None:
                 return x._meta
+            x.check_live()
             m = st.handles.get(x._hid)
             if m is None:
                 m = st.handles[x._hid] = torch.empty(tuple(x.shape), dtype=x.dtype, device=_META)
@@ -133,6 +134,8 @@ def flush(session, fetch: tuple = ()) -> list[torch.Tensor]:
     st = _STATE.pop(session, None)
     if st is None or not st.rec.graph.nodes:
         return []
+    for x in st.keep:  # an input freed by the server since it was recorded (a stop's tensor after resume)
+        x.check_live()
     live = [t for t in (r() for r in st.live) if t is not None and t._meta is not None]
     g = st.rec.graph
     g.outputs = [st.rec.ref_of(t._meta) for t in live]
