@@ -1,7 +1,8 @@
 """RemoteTensor: a handle to a tensor that lives in a server session.
 
 Shape, dtype and device are known locally (no round trip). Data crosses the wire only when it is
-materialized: `.cpu()`, `.tolist()`, `.item()`, `.numpy()`. The server copy is freed when the
+materialized: `.cpu()` (or `.to("cpu")`), `.tolist()`, `.item()`, `.numpy()`. `.device` is the server's
+device as a torch.device; `.to(that device)` keeps the tensor there (frontend/lazy.py, LazyOps.to). The server copy is freed when the
 handle is garbage-collected (batched with the session's next request). In-place edits (`add_`,
 `t[idx] = v`, `t[idx] += v`, `copy_`) and views (`t[:, -1]`) come from `edits.Editable`.
 """
@@ -41,13 +42,13 @@ class RemoteTensor(Editable):
 
     __slots__ = ("_hid", "_meta", "_scope", "shape", "dtype", "device", "_session", "__weakref__")
 
-    def __init__(self, session: "Session", hid: str, dtype: torch.dtype, shape, device: str):
+    def __init__(self, session: "Session", hid: str, dtype: torch.dtype, shape, device: "str | torch.device"):
         self._hid = hid
         self._meta = None
         self._scope: Scope | None = None
         self.shape = torch.Size(shape)
         self.dtype = dtype
-        self.device = device
+        self.device = torch.device(device)  # the server's device, as torch code expects of .device
         self._session = session
         weakref.finalize(self, session._release_handle, hid)
 
@@ -55,7 +56,7 @@ class RemoteTensor(Editable):
     def pending(cls, session: "Session", meta: torch.Tensor) -> "RemoteTensor":
         t = cls.__new__(cls)
         t._hid, t._meta, t._session, t._scope = None, meta, session, None
-        t.shape, t.dtype, t.device = meta.shape, meta.dtype, session.conn.device
+        t.shape, t.dtype, t.device = meta.shape, meta.dtype, torch.device(session.conn.device)
         return t
 
     def _bind(self, hid: str) -> None:
