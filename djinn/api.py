@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import threading
+import warnings
 
 from .config import ClientConfig, env_secret, env_server_address
 from .frontend.connection import Connection
@@ -110,7 +111,31 @@ def remote(model, *, session: Session | None = None, weight_budget_gb: float | N
     except ModelNotSupported:
         if path == "module" or weight_budget_gb is not None:
             raise
-        return GraphModel.from_module(s, model)  # any other nn.Module: the graph path
+    hf, arch = _is_hf_model(model), type(model).__name__
+    why = f"the server does not build {arch}" if hf else f"{arch} is not a Hugging Face model"
+    gm = GraphModel.from_module(s, model, reason=why)  # any other nn.Module: the graph path
+    if hf:  # a user of an HF model expects generate and a KV cache: say they are not here
+        warnings.warn(f"djinn: {arch} is not an architecture this server builds, so it runs on the graph "
+                      "path: forward only, no generate and no session KV cache (s.generate), each new input "
+                      "shape captured again; djinn.supported_architectures() lists the module path's",
+                      stacklevel=2)
+    return gm
+
+
+def _is_hf_model(model) -> bool:
+    return hasattr(getattr(model, "config", None), "to_json_string")
+
+
+def supported_architectures() -> list[str]:
+    """The Hugging Face classes the server builds itself (the module path: generate, session KV
+    caches, breakpoints by layer, weight streaming), as it announced them when this client connected.
+    Any other nn.Module runs on the graph path (forward only)."""
+    archs = connection().architectures()
+    if archs is None:  # a server that did not say: the list this client version's servers default to
+        from .config import DEFAULT_ARCHITECTURES
+
+        return sorted(DEFAULT_ARCHITECTURES)
+    return sorted(archs)
 
 
 def _check_model_arg(model) -> None:

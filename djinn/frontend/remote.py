@@ -30,6 +30,8 @@ class RemoteModel:
         self.session = session  # the session it was remoted in; calls without a session use it
         self.model_id = model_id
         self.arch = arch
+        #: Why it is on this path (shown in the repr): a notebook user sees which path a model took.
+        self.reason = f"the server builds {arch} itself"
         self.nbytes = nbytes
         self.config = config
         self.upload = upload
@@ -143,7 +145,7 @@ class RemoteModel:
     def __repr__(self) -> str:
         where = self.source or "uploaded"
         return (f"RemoteModel({self.arch}, {self.nbytes / 1e6:.1f} MB, id={self.model_id[:12]}, "
-                f"{where}, server={self.session.conn.address})")
+                f"{where}, {self.path} path: {self.reason}, server={self.session.conn.address})")
 
 
 def _check_allowed(session: "Session", arch: str) -> None:
