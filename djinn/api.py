@@ -176,7 +176,8 @@ def restore_session(token: str, name: str | None = None) -> Session:
 
 
 def stats() -> dict:
-    """What the server holds: segments (text/data/stack/host bytes), sessions and models."""
+    """What the server holds: segments (text/data/stack/host bytes), sessions and models. A dict with
+    every number (keys as the server sends them); printed, or shown in a notebook, a short table."""
     return connection().stats()
 
 

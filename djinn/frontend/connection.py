@@ -9,6 +9,7 @@ from .address import check_reachable
 from .address import parse as parse_address
 from .embedded import EmbeddedServer
 from .session import Session
+from .stats_view import Stats
 from .transport import Transport
 from .upload import HashCache
 
@@ -85,8 +86,9 @@ class Connection:
                               for hid, m in reply["tensors"].items()}
         return s
 
-    def stats(self) -> dict:
-        return self.transport.call("stats", {}, idempotent=True)
+    def stats(self) -> Stats:
+        """What the server holds: the raw dict (every key as the server sent it), printed as a table."""
+        return Stats(self.transport.call("stats", {}, idempotent=True), self.address)
 
     def ping(self) -> float:
         return self.transport.call("ping", {}, idempotent=True)["time"]
