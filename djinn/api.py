@@ -6,11 +6,13 @@ import atexit
 import threading
 import warnings
 
+from torch import nn
+
 from .config import ClientConfig, env_secret, env_server_address
 from .frontend.connection import Connection
 from .frontend.edits import RemoteView
 from .frontend.graph_model import GraphModel
-from .frontend.remote import RemoteModel, is_config
+from .frontend.remote import RemoteModel, is_config, is_hf_model
 from .frontend.run import Breakpoint, Run, Stop
 from .frontend.session import Session, TokenStream
 from .frontend.tensor import RemoteTensor
@@ -111,7 +113,7 @@ def remote(model, *, session: Session | None = None, weight_budget_gb: float | N
     except ModelNotSupported:
         if path == "module" or weight_budget_gb is not None:
             raise
-    hf, arch = _is_hf_model(model), type(model).__name__
+    hf, arch = is_hf_model(model), type(model).__name__
     why = f"the server does not build {arch}" if hf else f"{arch} is not a Hugging Face model"
     gm = GraphModel.from_module(s, model, reason=why)  # any other nn.Module: the graph path
     if hf:  # a user of an HF model expects generate and a KV cache: say they are not here
@@ -120,10 +122,6 @@ def remote(model, *, session: Session | None = None, weight_budget_gb: float | N
                       "shape captured again; djinn.supported_architectures() lists the module path's",
                       stacklevel=2)
     return gm
-
-
-def _is_hf_model(model) -> bool:
-    return hasattr(getattr(model, "config", None), "to_json_string")
 
 
 def supported_architectures() -> list[str]:
@@ -139,9 +137,7 @@ def supported_architectures() -> list[str]:
 
 
 def _check_model_arg(model) -> None:
-    import torch.nn
-
-    if isinstance(model, (str, torch.nn.Module)) or is_config(model):
+    if isinstance(model, (str, nn.Module)) or is_config(model):
         return
     got = "None" if model is None else f"a {type(model).__name__}"
     raise InvalidRequest(f"djinn.remote takes the model to run remotely: an nn.Module (its weights go up once), "

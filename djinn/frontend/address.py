@@ -103,7 +103,7 @@ def _resolve(addr: Address, timeout_s: float) -> list:
     t.join(timeout_s)
     if not box:
         raise ServerUnavailable(f"could not resolve the host name {addr.host!r} within {timeout_s:g}s (no answer "
-                                "from DNS): check the name, or give the server's IP address")
+                                f"from DNS): check the name, or give the server's IP address, {_LOCAL_HINT}")
     if isinstance(box[0], OSError):
         e = box[0]
         raise ServerUnavailable(f"cannot resolve the host name {addr.host!r} ({e.strerror or e}): check the "

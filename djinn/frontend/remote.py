@@ -46,7 +46,7 @@ class RemoteModel:
         through a ring of GPU slots on every forward (DESIGN.md section 6)."""
         arch = type(module).__name__
         config = getattr(module, "config", None)
-        if config is None or not hasattr(config, "to_json_string"):
+        if not is_hf_model(module):
             raise ModelNotSupported(
                 f"{arch} is not a Hugging Face model the server can build; arbitrary modules take the "
                 "graph path (djinn.remote(module, path='graph'))"
@@ -166,6 +166,11 @@ def _check_not_hub_id(path: str) -> None:
         f"built on the server with random weights), a module loaded here (djinn.remote("
         f"AutoModelForCausalLM.from_pretrained({path!r})): its weights go up once), or the absolute path of a "
         "model directory on the server")
+
+
+def is_hf_model(module: Any) -> bool:
+    """A Hugging Face model: it has a config the server can rebuild it from."""
+    return hasattr(getattr(module, "config", None), "to_json_string")
 
 
 def is_config(obj: Any) -> bool:

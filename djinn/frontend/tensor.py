@@ -1,10 +1,11 @@
 """RemoteTensor: a handle to a tensor that lives in a server session.
 
 Shape, dtype and device are known locally (no round trip). Data crosses the wire only when it is
-materialized: `.cpu()` (or `.to("cpu")`), `.tolist()`, `.item()`, `.numpy()`. `.device` is the server's
-device as a torch.device; `.to(that device)` keeps the tensor there (frontend/lazy.py, LazyOps.to). The server copy is freed when the
-handle is garbage-collected (batched with the session's next request). In-place edits (`add_`,
-`t[idx] = v`, `t[idx] += v`, `copy_`) and views (`t[:, -1]`) come from `edits.Editable`.
+materialized: `.cpu()` (or `.to("cpu")`), `.tolist()`, `.item()`, `.numpy()`. `.device` is the
+server's device as a torch.device; `.to(that device)` keeps the tensor there (LazyOps.to in
+frontend/lazy.py). The server copy is freed when the handle is garbage-collected (batched with the
+session's next request). In-place edits (`add_`, `t[idx] = v`, `t[idx] += v`, `copy_`) and views
+(`t[:, -1]`) come from `edits.Editable`.
 """
 from __future__ import annotations
 
