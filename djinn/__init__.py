@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "connect", "disconnect", "connection", "remote", "session", "restore_session", "stats", "explain",
+    "supported_architectures",
     "Connection", "Session", "RemoteModel", "GraphModel", "CaptureError", "RemoteTensor", "RemoteView", "TokenStream", "ClientConfig",
     "Breakpoint", "Run", "Stop",
     "DjinnError", "ProtocolError", "AuthError", "SessionNotFound", "HandleNotFound", "OutOfMemory",

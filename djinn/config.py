@@ -245,6 +245,9 @@ class ClientConfig:
     """Default timeout of one call; a dead server is detected sooner by heartbeats."""
     connect_timeout_s: float = 10.0
     """Time allowed for the HELLO exchange."""
+    connect_probe_s: float = 1.0
+    """Time allowed to resolve the server's host name and open a TCP connection to it before the HELLO:
+    an unresolvable, dead or unreachable address fails after at most this long (frontend/address.py)."""
     heartbeat_s: float = 0.5
     """Heartbeat interval (the server's HELLO reply may lower it)."""
     liveness_s: float = 3.0

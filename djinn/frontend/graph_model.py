@@ -39,8 +39,9 @@ class GraphModel(RemoteModel):
     path = "graph"
 
     def __init__(self, session: "Session", model_id: str, module: nn.Module, hashes: dict[str, str],
-                 nbytes: int, upload=None):
+                 nbytes: int, upload=None, reason: str = "path='graph' was asked for"):
         super().__init__(session, model_id, type(module).__name__, nbytes, None, upload=upload, source="graph path")
+        self.reason = reason  # djinn.remote says why when it chose this path itself
         self.module = module            # the code stays here: captures run it over meta tensors
         self.hashes = hashes
         self._captures: dict[Any, Captured] = {}
@@ -51,7 +52,7 @@ class GraphModel(RemoteModel):
         self.counters = {"captures": 0, "calls": 0, "graphs_sent": 0}
 
     @classmethod
-    def from_module(cls, session: "Session", module: nn.Module, **_) -> "GraphModel":
+    def from_module(cls, session: "Session", module: nn.Module, *, reason: str | None = None, **_) -> "GraphModel":
         conn = session.conn
         chunk = conn.cfg.upload_chunk_bytes
         limit = (conn.info.get("limits") or {}).get("max_frame_bytes")
@@ -59,7 +60,8 @@ class GraphModel(RemoteModel):
             chunk = min(chunk, limit)
         hashes, report = upload_tensors(session, named_tensors(module), conn.hashes, chunk, conn.cfg.upload_window)
         info = session.call("register_graph", {"tensors": hashes})
-        return cls(session, info["model_id"], module, hashes, info["bytes"], upload=report)
+        return cls(session, info["model_id"], module, hashes, info["bytes"], upload=report,
+                   **({"reason": reason} if reason else {}))
 
     # -- calls ---------------------------------------------------------------------------------------
     def forward(self, *args, session: "Session | None" = None, seed: int | None = None, **kwargs) -> Any:
@@ -123,7 +125,7 @@ class GraphModel(RemoteModel):
 
     def __repr__(self) -> str:
         return (f"GraphModel({self.arch}, {self.nbytes / 1e6:.1f} MB, id={self.model_id[:12]}, "
-                f"{len(self._captures)} graphs, server={self.session.conn.address})")
+                f"{len(self._captures)} graphs, graph path: {self.reason}, server={self.session.conn.address})")
 
 
 def _accepts(module: nn.Module, name: str) -> bool:

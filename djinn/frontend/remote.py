@@ -30,6 +30,8 @@ class RemoteModel:
         self.session = session  # the session it was remoted in; calls without a session use it
         self.model_id = model_id
         self.arch = arch
+        #: Why it is on this path (shown in the repr): a notebook user sees which path a model took.
+        self.reason = f"the server builds {arch} itself"
         self.nbytes = nbytes
         self.config = config
         self.upload = upload
@@ -44,7 +46,7 @@ class RemoteModel:
         through a ring of GPU slots on every forward (DESIGN.md section 6)."""
         arch = type(module).__name__
         config = getattr(module, "config", None)
-        if config is None or not hasattr(config, "to_json_string"):
+        if not is_hf_model(module):
             raise ModelNotSupported(
                 f"{arch} is not a Hugging Face model the server can build; arbitrary modules take the "
                 "graph path (djinn.remote(module, path='graph'))"
@@ -106,6 +108,9 @@ class RemoteModel:
 
     @classmethod
     def from_path(cls, session: "Session", path: str, *, weight_budget_gb: float | None = None) -> "RemoteModel":
+        """Load a Hugging Face directory that lives on the server (absolute, or "./"-relative to the
+        server's working directory). Hub ids are refused here: the server never downloads."""
+        _check_not_hub_id(path)
         budget = {"weight_budget_gb": weight_budget_gb} if weight_budget_gb is not None else {}
         info = session.call("load_model", {"path": path, **budget})
         return cls(session, info["model_id"], info["arch"], info["bytes"], info.get("config"), source=path)
@@ -140,7 +145,7 @@ class RemoteModel:
     def __repr__(self) -> str:
         where = self.source or "uploaded"
         return (f"RemoteModel({self.arch}, {self.nbytes / 1e6:.1f} MB, id={self.model_id[:12]}, "
-                f"{where}, server={self.session.conn.address})")
+                f"{where}, {self.path} path: {self.reason}, server={self.session.conn.address})")
 
 
 def _check_allowed(session: "Session", arch: str) -> None:
@@ -148,6 +153,24 @@ def _check_allowed(session: "Session", arch: str) -> None:
     allowed = session.conn.architectures()
     if allowed is not None and arch not in allowed:
         raise ModelNotSupported(f"the server cannot build {arch}; it builds {sorted(allowed)}")
+
+
+def _check_not_hub_id(path: str) -> None:
+    # "gpt2" or "meta-llama/Llama-2-7b-hf" would resolve against the server's working directory and
+    # fail there as a directory without config.json, which misleads: say what the server can do instead.
+    if path.startswith(("/", "./", "../", "~")):
+        return
+    raise InvalidRequest(
+        f"{path!r} looks like a Hugging Face hub id: hub ids are not supported, the server downloads nothing "
+        f"(it has no network access). Pass a config (djinn.remote(AutoConfig.from_pretrained({path!r}), seed=0): "
+        f"built on the server with random weights), a module loaded here (djinn.remote("
+        f"AutoModelForCausalLM.from_pretrained({path!r})): its weights go up once), or the absolute path of a "
+        "model directory on the server")
+
+
+def is_hf_model(module: Any) -> bool:
+    """A Hugging Face model: it has a config the server can rebuild it from."""
+    return hasattr(getattr(module, "config", None), "to_json_string")
 
 
 def is_config(obj: Any) -> bool:

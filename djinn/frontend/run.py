@@ -15,13 +15,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..protocol.errors import DjinnError, InvalidRequest, RequestTimeout
-from .tensor import RemoteTensor
+from .tensor import RemoteTensor, Scope
 
 if TYPE_CHECKING:
     from .remote import RemoteModel
     from .session import Session
 
 WHERE = ("before", "after")
+
+STOP_GONE = ("this stop is gone (the run resumed or ended): a stop's tensors live on the server only while its "
+             "run is paused there; read them (.cpu()) or edit them before run.resume()")
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,10 @@ class Stop:
         first = _first_remote(self.module_outputs)
         if first is not None and first.hid == self.activation.hid:
             self.activation = first  # one handle object for one server tensor
+        # The server frees these tensors when the run moves on; the Run ends this scope then.
+        self.scope = Scope(STOP_GONE)
+        for t in (self.activation, *_remotes(self.module_outputs)):
+            t._scope = self.scope
 
     @property
     def live(self) -> bool:
@@ -155,7 +162,8 @@ class Run:
         except InvalidRequest:
             raise  # refused before the run moved (e.g. an edit that does not fit): still paused here
         except DjinnError as e:
-            self.stop, self.state, self._error = None, "failed", e
+            self._move_to(None)
+            self.state, self._error = "failed", e
             raise
         self._absorb(reply)
         return self.stop
@@ -169,7 +177,8 @@ class Run:
                 return
         if self.state != "paused":
             return
-        self.stop, self.state = None, "cancelled"
+        self._move_to(None)
+        self.state = "cancelled"
         if not self.session.closed:
             self.session.call("cancel_run", {"run": self.run_id})
 
@@ -194,11 +203,17 @@ class Run:
         self.run_id = reply["run"]
         self.state = reply["state"]
         self.timing = reply.get("timing", {})
-        self.stop = Stop(self, reply["stop"]) if self.state == "paused" else None
+        self._move_to(Stop(self, reply["stop"]) if self.state == "paused" else None)
         if self.state == "finished":
             self._output = self.session._unpack(reply["output"])
             if self._rebuild is not None:
                 self._output = self._rebuild(self._output)
+
+    def _move_to(self, stop: Stop | None) -> None:
+        """The one place `stop` changes: the stop left behind is gone, and so are its tensors."""
+        if self.stop is not None and self.stop is not stop:
+            self.stop.scope.end()
+        self.stop = stop
 
     def __enter__(self) -> "Run":
         return self
@@ -212,12 +227,15 @@ class Run:
         return f"Run({self.run_id or '?'}, {self.model.arch}.{self.method}, {self.state}{where})"
 
 
-def _first_remote(obj: Any) -> RemoteTensor | None:
+def _remotes(obj: Any):
+    """Every RemoteTensor in a module's outputs (tensors, tuples, lists, dicts, ModelOutputs)."""
     if isinstance(obj, RemoteTensor):
-        return obj
+        yield obj
+        return
     values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
     for v in values:
-        found = _first_remote(v)
-        if found is not None:
-            return found
-    return None
+        yield from _remotes(v)
+
+
+def _first_remote(obj: Any) -> RemoteTensor | None:
+    return next(_remotes(obj), None)

@@ -242,7 +242,8 @@ class Transport:
                     "server_public_key and that this client's .key is in the server's curve_allowed_dir"
                     if self._curve else "")
             raise ServerUnavailable(f"no djinn server answered at {self.address} within "
-                                    f"{self.cfg.connect_timeout_s:.0f}s{hint}") from None
+                                    f"{self.cfg.connect_timeout_s:.0f}s (a busy server, or another service on "
+                                    f"that port: check the port the server printed){hint}") from None
         except DjinnError:
             self.close()
             raise

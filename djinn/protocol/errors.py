@@ -14,11 +14,13 @@ class DjinnError(Exception):
     def __init__(self, message: str = "", *, remote_traceback: str | None = None):
         super().__init__(message)
         self.message = message
+        #: The server's traceback, for errors raised there; never part of str(): a notebook shows
+        #: str() under every failed cell, and a page of server frames buries the one line that matters.
         self.remote_traceback = remote_traceback
+        if remote_traceback:
+            self.add_note("(the server's traceback is in this error's .remote_traceback)")
 
     def __str__(self) -> str:
-        if self.remote_traceback:
-            return f"{self.message}\n--- remote traceback ---\n{self.remote_traceback}"
         return self.message
 
 
@@ -73,9 +75,14 @@ class WeightWriteRefused(InvalidRequest):
 
 
 class RemoteExecutionError(DjinnError):
-    """User code failed on the server; `remote_traceback` holds the server's traceback."""
+    """User code failed on the server. str() is the first line of the cause (what failed, and the
+    exception's own first line); `message` holds all of it, `remote_traceback` the server's traceback."""
 
     code = "remote_execution"
+
+    def __str__(self) -> str:
+        lines = [line for line in self.message.splitlines() if line.strip()]
+        return lines[0] if lines else self.message
 
 
 class ServerUnavailable(DjinnError):
