@@ -17,6 +17,7 @@ from torch import nn
 from ..protocol import structure
 from ..protocol.errors import ModelNotSupported
 from ..srg.capture import Captured, capture_module, is_leaf_spec
+from ..srg.layout import layout_of
 from ..srg.render import render
 from ..srg.tree import flatten, unflatten
 from .remote import RemoteModel
@@ -71,7 +72,7 @@ class GraphModel(RemoteModel):
         self._attach(s)
         cap, leaves = self._capture(args, kwargs)
         self.counters["calls"] += 1
-        inputs = structure.pack(leaves, s._leaf)
+        inputs = structure.pack(cap.layout.values(leaves), s._leaf)
         res = self._run(s, cap, {"model_id": self.model_id, "inputs": inputs, "seed": seed})
         outs = s._unpack(res["outputs"])
         return unflatten(cap.out_spec, outs, cap.out_protos, is_leaf_spec)
@@ -84,7 +85,7 @@ class GraphModel(RemoteModel):
         cap, leaves = self._capture(args, kwargs)
         self.counters["calls"] += 1
         fut = s.submit("start", {"sig": cap.sig, "graph": cap.wire, "model_id": self.model_id, "seed": seed,
-                                 "inputs": structure.pack(leaves, s._leaf), "breakpoints": specs})
+                                 "inputs": structure.pack(cap.layout.values(leaves), s._leaf), "breakpoints": specs})
         self._server_has.add((s.sid, cap.sig))
         return Run(s, self, "forward", fut,
                    rebuild=lambda outs: unflatten(cap.out_spec, list(outs), cap.out_protos, is_leaf_spec))
@@ -103,7 +104,7 @@ class GraphModel(RemoteModel):
             kwargs = dict(kwargs, use_cache=False)  # as on the module path: no cache objects unless asked
         leaves: list = []
         spec = flatten((tuple(args), dict(kwargs)), leaves, leaf_key, [])
-        key = (spec, tuple([m.training for m in self._submodules]))
+        key = (spec, layout_of(leaves), tuple([m.training for m in self._submodules]))  # Note [Input layout]
         cap = self._captures.get(key)
         if cap is None:
             cap = capture_module(self.module, args, kwargs, self.hashes, leaf_key,

@@ -38,6 +38,7 @@ from ..protocol.errors import CaptureError
 from . import ops as srg_ops
 from .graph import (CONST, DECODE, IN, MAX_ARGS, MAX_CONST_BYTES, PREFILL, WEIGHT, Graph, Lifecycle, ModuleCall, Node,
                     Ref, TensorMeta)
+from .layout import InputLayout, layout_of
 from .tree import flatten, is_cache, tensor_leaves, unflatten
 
 _KNOWN_MAX_ELEMENTS = 1 << 16   # Note [Known values]: bigger tensors are never computed on the client
@@ -454,6 +455,7 @@ class Captured:
     out_protos: list
     ops: int
     seconds: float
+    layout: InputLayout  # how the call's tensor leaves become the graph's inputs (Note [Input layout])
 
 
 def capture_module(module: torch.nn.Module, args: tuple, kwargs: dict, hashes: dict[str, str],
@@ -470,12 +472,21 @@ def capture_module(module: torch.nn.Module, args: tuple, kwargs: dict, hashes: d
     rec = Recorder()
     rec.record_calls = True
     rec.module_paths = {id(m): name for name, m in module.named_modules()}
-    metas = []
-    for x in leaves:
-        meta = torch.empty(tuple(x.shape), dtype=x.dtype, device=_META)
-        data = data_leaf(x) or id(x) in cache_leaves
-        rec.add_input(meta, x, Lifecycle.DATA if data else Lifecycle.STACK)
-        metas.append(meta)
+    layout = layout_of(leaves)
+    metas: list = [None] * len(leaves)
+    storages: dict[int, torch.Tensor] = {}  # group -> its 1-d meta storage (Note [Input layout])
+    for kind, k in layout.inputs():
+        if kind == "leaf":
+            x = leaves[k]
+            metas[k] = torch.empty(tuple(x.shape), dtype=x.dtype, device=_META)
+            data = data_leaf(x) or id(x) in cache_leaves
+            rec.add_input(metas[k], x, Lifecycle.DATA if data else Lifecycle.STACK)
+        else:
+            g = layout.groups[k]
+            storages[k] = torch.empty((g.hi - g.lo,), dtype=g.dtype, device=_META)
+            data = any(v is not None and v.group == k and id(leaves[i]) in cache_leaves
+                       for i, v in enumerate(layout.views))
+            rec.add_input(storages[k], leaves[g.first], Lifecycle.DATA if data else Lifecycle.STACK)
     params: dict[str, torch.Tensor] = {}
     for name, t in list(module.named_parameters()) + list(module.named_buffers()):
         meta = torch.empty_strided(tuple(t.shape), t.stride(), dtype=t.dtype, device=_META)
@@ -483,6 +494,10 @@ def capture_module(module: torch.nn.Module, args: tuple, kwargs: dict, hashes: d
         if name not in hashes:
             raise CaptureError(f"weight {name!r} has no hash (was the module changed after djinn.remote?)")
         rec.add_weight_slot(meta, name, hashes[name])
+    with torch.no_grad(), rec:
+        for i, v in enumerate(layout.views):  # each argument as a view of its storage, recorded first
+            if v is not None:
+                metas[i] = torch.as_strided(storages[v.group], v.size, v.stride, v.offset)
     call_args, call_kwargs = unflatten(spec, metas, protos, is_leaf_spec)
     rec.graph.phase = DECODE if _has_past(call_args, call_kwargs) else PREFILL
     with torch.no_grad(), rec:
@@ -503,7 +518,7 @@ def capture_module(module: torch.nn.Module, args: tuple, kwargs: dict, hashes: d
     from .graph import signature
 
     return Captured(rec.graph, wire, signature(wire), out_spec, out_protos, rec.ops_recorded,
-                    time.perf_counter() - t0)
+                    time.perf_counter() - t0, layout)
 
 
 def _cache_leaf_ids(args, kwargs, leaf) -> set[int]:

@@ -223,6 +223,35 @@ def test_dropout_seeded_on_server(session):
     assert torch.equal(rm(x, seed=11).cpu(), ref)
 
 
+class Layouts(nn.Module):
+    """Reads its inputs' strides and aliasing (Note [Input layout] in srg/layout.py)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x, a, b):
+        y = x.contiguous()          # a copy for a transposed x, x itself if x arrived contiguous
+        y.mul_(2)
+        a.add_(1)                   # seen through b when b is a
+        return self.lin(x + y), a * b, x.as_strided((2, 2), (1, 2), x.storage_offset() + 1)
+
+
+def test_inputs_keep_strides_offsets_and_aliasing(session):
+    m = _seeded(Layouts)
+    rm = djinn.remote(m, session=session)
+    base = torch.randn(5, 4, generator=torch.Generator().manual_seed(9))
+    x = base.t()[:, 1:]             # strides (1, 4), storage offset 4
+    a = torch.randn(3, 3, generator=torch.Generator().manual_seed(10))
+    for b_of in (lambda a: a, lambda a: a.clone()):   # the same tensor twice, then two tensors
+        a_local = a.clone()
+        ref = _local(m, x.clone(), a_local, b_of(a_local))
+        got = rm(x, a, b_of(a))
+        for g, r in zip(got, ref):
+            assert torch.equal(g.cpu(), r)
+    assert rm.counters["captures"] == 2   # aliasing is part of the signature
+
+
 def test_data_dependent_control_flow_is_a_capture_error(session):
     class Branchy(nn.Module):
         def __init__(self):
