@@ -252,6 +252,47 @@ def test_inputs_keep_strides_offsets_and_aliasing(session):
     assert rm.counters["captures"] == 2   # aliasing is part of the signature
 
 
+class Knobs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.scale, self.relu = 2.0, True
+
+    def forward(self, x):
+        y = self.lin(x) * self.scale
+        return torch.relu(y) if self.relu else y
+
+
+def test_changed_attribute_recaptures(session):
+    """Note [Capture guards]: Python values the forward read are baked into the graph."""
+    m = _seeded(Knobs)
+    rm = djinn.remote(m, session=session)
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(12))
+    assert torch.equal(rm(x).cpu(), _local(m, x))
+    m.scale, m.relu = -3.0, False
+    assert torch.equal(rm(x).cpu(), _local(m, x))
+    m.lin.act = nn.Identity()   # a new submodule changes the tree: recapture, still the same result
+    assert torch.equal(rm(x).cpu(), _local(m, x))
+    assert rm.counters["captures"] == 3
+    rm(x)
+    assert rm.counters["captures"] == 3
+
+
+def test_weight_changed_after_remote_is_uploaded_again(session):
+    m = _seeded(Knobs)
+    rm = djinn.remote(m, session=session)
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(13))
+    rm(x)
+    with torch.no_grad():
+        m.lin.weight.mul_(-2.0)                       # in place: its version counter moves
+    assert torch.equal(rm(x).cpu(), _local(m, x))
+    m.lin.bias = nn.Parameter(torch.full((4,), 0.25))  # replaced by another tensor
+    assert torch.equal(rm(x).cpu(), _local(m, x))
+    run = session.start(rm, x, breakpoints=["lin"])     # a run sees the new weights too
+    run.wait()
+    assert run.resume() is None and torch.equal(run.output.cpu(), _local(m, x))
+
+
 def test_data_dependent_control_flow_is_a_capture_error(session):
     class Branchy(nn.Module):
         def __init__(self):
