@@ -46,7 +46,7 @@ class GraphModel(RemoteModel):
         self.reason = reason  # djinn.remote says why when it chose this path itself
         self.module = module            # the code stays here: captures run it over meta tensors
         self.hashes = hashes
-        self._captures: dict[Any, Captured] = {}
+        self._captures: dict[Any, list[Captured]] = {}
         self._server_has: set[tuple[str, str]] = set()  # (session id, signature): graphs are per session
         self._use_cache = _accepts(module, "use_cache")
         self._versions = weight_versions(named_tensors(module))  # Note [Capture guards]
@@ -117,12 +117,15 @@ class GraphModel(RemoteModel):
         spec = flatten((tuple(args), dict(kwargs)), leaves, leaf_key, [])
         # Note [Input layout], Note [Capture guards] (the training flags are among the attributes)
         key = (spec, layout_of(leaves), attribute_guard(list(self.module.modules())))
-        cap = self._captures.get(key)
-        if cap is None:
-            cap = capture_module(self.module, args, kwargs, self.hashes, leaf_key,
-                                 lambda x: isinstance(x, RemoteTensor))
-            self._captures[key] = cap
-            self.counters["captures"] += 1
+        caps = self._captures.setdefault(key, [])
+        for cap in caps:  # Note [Input values]: one capture per outcome of the guards
+            if cap.guards.hold(cap.graph, cap.layout.values(leaves)):
+                return cap, leaves
+        cap = capture_module(self.module, args, kwargs, self.hashes, leaf_key,
+                             lambda x: isinstance(x, RemoteTensor))
+        caps.insert(0, cap)
+        del caps[_MAX_GUARDED:]  # a guard that fails on every call must not grow this without bound
+        self.counters["captures"] += 1
         return cap, leaves
 
     def _run(self, s: "Session", cap: Captured, args: dict) -> dict:
@@ -138,7 +141,10 @@ class GraphModel(RemoteModel):
 
     def __repr__(self) -> str:
         return (f"GraphModel({self.arch}, {self.nbytes / 1e6:.1f} MB, id={self.model_id[:12]}, "
-                f"{len(self._captures)} graphs, graph path: {self.reason}, server={self.session.conn.address})")
+                f"{sum(map(len, self._captures.values()))} graphs, graph path: {self.reason}, server={self.session.conn.address})")
+
+
+_MAX_GUARDED = 8  # captures kept per input signature, differing only in their guards' values
 
 
 def _register(session: "Session", module: nn.Module) -> tuple[dict[str, str], dict, object]:

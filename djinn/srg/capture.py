@@ -12,9 +12,10 @@ Note [Known values]
     like transformers' mask helpers does exactly that (`padding_mask.all()` to skip the causal mask).
     A value that depends only on constants and shapes (arange, ones, a literal) is the same on every
     call with this input signature, so the recorder also computes such small tensors for real on the
-    CPU and answers `.item()` from them; Python control flow on them is then captured correctly. A
-    value that depends on an input or a weight is not known: reading it is a CaptureError naming the
-    op and the module path (data-dependent control flow cannot be captured).
+    CPU and answers `.item()` from them; Python control flow on them is then captured correctly.
+    Small integer inputs (masks, ids) are known too, and a value read from them is a guard on the
+    capture (Note [Input values] in srg/guards.py). A value that depends on a weight or a float
+    input is not known: reading it is a CaptureError naming the op and the module path.
 
 Note [Weights are read-only]
     An in-place op whose target is a weight, or a view of one, would change the Text segment that
@@ -38,6 +39,7 @@ from ..protocol.errors import CaptureError
 from . import ops as srg_ops
 from .graph import (CONST, DECODE, IN, MAX_ARGS, MAX_CONST_BYTES, PREFILL, WEIGHT, Graph, Lifecycle, ModuleCall, Node,
                     Ref, TensorMeta)
+from .guards import Guards, ValueGuard
 from .layout import InputLayout, layout_of
 from .tree import flatten, is_cache, tensor_leaves, unflatten
 
@@ -93,6 +95,9 @@ class Recorder:
         self.lazy = lazy                      # real tensors become inputs (uploaded) instead of constants
         self.refs: dict[int, tuple[Ref, torch.Tensor]] = {}   # id(meta tensor) -> (ref, tensor kept alive)
         self.known: dict[int, torch.Tensor] = {}              # Note [Known values]
+        self.from_input: set[int] = set()     # ids of known metas that depend on an input (Note [Input values])
+        self.known_nodes: list[int] = []      # nodes whose outputs were computed for real, in order
+        self.guards: list[ValueGuard] = []    # Note [Input values]
         self.roots: list[int] = []            # node -> the node whose storage it views (itself if none)
         self.slots: dict[int, tuple[str, str, torch.Tensor]] = {}  # id(meta weight) -> (name, hash, meta)
         self.input_values: list[Any] = []     # what the k-th input is (a tensor, a handle, ...)
@@ -108,9 +113,15 @@ class Recorder:
         self._modes: list = []
 
     # -- declarations ------------------------------------------------------------------------------
-    def add_input(self, meta: torch.Tensor, value: Any, lifecycle: Lifecycle = Lifecycle.STACK) -> Ref:
+    def add_input(self, meta: torch.Tensor, value: Any, lifecycle: Lifecycle = Lifecycle.STACK,
+                  known: torch.Tensor | None = None) -> Ref:
+        """`known`: the input's value, for small integer inputs (Note [Input values])."""
         ref = self._node(IN, (), {}, [meta], lifecycle)
         self.input_values.append(value)
+        if known is not None:
+            self.known[id(meta)] = known
+            self.from_input.add(id(meta))
+            self.known_nodes.append(ref.node)
         return ref
 
     def add_weight_slot(self, meta: torch.Tensor, name: str, h: str) -> None:
@@ -217,6 +228,7 @@ class Recorder:
                                    "register it as a buffer so it is uploaded once with the weights")
             ref = self._node(CONST, (real.to(_CPU).contiguous(),), {}, [meta], Lifecycle.STACK)
             self.known[id(meta)] = real.to(_CPU)
+            self.known_nodes.append(ref.node)
             return ref, meta, real.to(_CPU)
         if isinstance(v, (list, tuple)):
             parts = [self._convert(x) for x in v]
@@ -235,8 +247,11 @@ class Recorder:
             if known is _UNKNOWN:
                 raise CaptureError(
                     f"control flow on a tensor's value ({self._site('.item() / bool(tensor)')}): the value depends "
-                    "on an input or a weight, so it is not known until the graph runs and cannot be captured")
-            return known.item()
+                    "on a weight or a float input, so it is not known until the graph runs and cannot be captured")
+            value = known.item()
+            if id(args[0]) in self.from_input:  # Note [Input values]: reused only while this holds
+                self.guards.append(ValueGuard(self.ref_of(args[0]), value))
+            return value
         info = op_info(func)
         if self.muted:
             margs = [self._convert_muted(a) for a in args]
@@ -324,9 +339,13 @@ class Recorder:
                 real = None
             if real is not None:
                 reals = real if isinstance(real, (list, tuple)) else [real]
+                inputs = any(i in self.from_input for c in tensor_args for i in _ids(c[1]))
                 for m, r in zip(outs, reals):
                     if isinstance(r, torch.Tensor):
                         self.known[id(m)] = r
+                        if inputs:
+                            self.from_input.add(id(m))
+                self.known_nodes.append(len(self.graph.nodes) - 1)
                 return
         if info.writes and self.known:  # an unknown write: every alias of the target is unknown now
             for i in info.writes:
@@ -396,6 +415,12 @@ def _memo_key(v):
     return v
 
 
+def _ids(v) -> list[int]:
+    if isinstance(v, torch.Tensor):
+        return [id(v)]
+    return [i for x in v for i in _ids(x)] if isinstance(v, (list, tuple)) else []
+
+
 def _has_tensor(v) -> bool:
     if isinstance(v, torch.Tensor):
         return True
@@ -456,6 +481,7 @@ class Captured:
     ops: int
     seconds: float
     layout: InputLayout  # how the call's tensor leaves become the graph's inputs (Note [Input layout])
+    guards: Guards       # what this call's input values must give to reuse it (Note [Input values])
 
 
 def capture_module(module: torch.nn.Module, args: tuple, kwargs: dict, hashes: dict[str, str],
@@ -473,20 +499,23 @@ def capture_module(module: torch.nn.Module, args: tuple, kwargs: dict, hashes: d
     rec.record_calls = True
     rec.module_paths = {id(m): name for name, m in module.named_modules()}
     layout = layout_of(leaves)
+    values = layout.values(leaves)
     metas: list = [None] * len(leaves)
     storages: dict[int, torch.Tensor] = {}  # group -> its 1-d meta storage (Note [Input layout])
     for kind, k in layout.inputs():
+        value = values[len(rec.input_values)]
         if kind == "leaf":
             x = leaves[k]
             metas[k] = torch.empty(tuple(x.shape), dtype=x.dtype, device=_META)
             data = data_leaf(x) or id(x) in cache_leaves
-            rec.add_input(metas[k], x, Lifecycle.DATA if data else Lifecycle.STACK)
+            rec.add_input(metas[k], x, Lifecycle.DATA if data else Lifecycle.STACK, _known_input(value))
         else:
             g = layout.groups[k]
             storages[k] = torch.empty((g.hi - g.lo,), dtype=g.dtype, device=_META)
             data = any(v is not None and v.group == k and id(leaves[i]) in cache_leaves
                        for i, v in enumerate(layout.views))
-            rec.add_input(storages[k], leaves[g.first], Lifecycle.DATA if data else Lifecycle.STACK)
+            rec.add_input(storages[k], leaves[g.first], Lifecycle.DATA if data else Lifecycle.STACK,
+                          _known_input(value))
     params: dict[str, torch.Tensor] = {}
     for name, t in list(module.named_parameters()) + list(module.named_buffers()):
         meta = torch.empty_strided(tuple(t.shape), t.stride(), dtype=t.dtype, device=_META)
@@ -517,8 +546,19 @@ def capture_module(module: torch.nn.Module, args: tuple, kwargs: dict, hashes: d
     wire = rec.graph.to_wire()
     from .graph import signature
 
+    last = max((g.ref.node for g in rec.guards), default=-1)
+    guards = Guards(tuple(rec.guards), tuple(i for i in rec.known_nodes if i <= last))
     return Captured(rec.graph, wire, signature(wire), out_spec, out_protos, rec.ops_recorded,
-                    time.perf_counter() - t0, layout)
+                    time.perf_counter() - t0, layout, guards)
+
+
+def _known_input(value: Any) -> torch.Tensor | None:
+    """Note [Input values]: a small local integer or bool input is a known value (a copy: the
+    recorder may run in-place ops on it)."""
+    if (isinstance(value, torch.Tensor) and value.device.type != "meta" and value.numel() <= _KNOWN_MAX_ELEMENTS
+            and not value.dtype.is_floating_point and not value.dtype.is_complex):
+        return value.detach().to(_CPU, copy=True)
+    return None
 
 
 def _cache_leaf_ids(args, kwargs, leaf) -> set[int]:

@@ -12,7 +12,7 @@ from djinn.frontend.remote import RemoteModel
 from djinn.frontend.tensor import RemoteTensor
 
 from ..conftest import DEVICE
-from ..models import tiny_gpt2, tiny_llama
+from ..models import tiny_bert, tiny_gpt2, tiny_gpt_neox, tiny_gptj, tiny_llama
 
 PROMPT = torch.tensor([[1, 17, 42, 99, 5, 250, 7, 64, 31, 128]])
 
@@ -186,6 +186,23 @@ def test_hf_kv_cache_across_calls_on_the_graph_path(session, build):
             with torch.no_grad():
                 ref = local(nxt.to(DEVICE), past_key_values=ref.past_key_values, use_cache=True)
     assert torch.equal(out.logits.cpu(), ref.logits.cpu())
+
+
+@pytest.mark.parametrize("build", [tiny_bert, tiny_gptj, tiny_gpt_neox, tiny_llama],
+                         ids=["bert", "gptj", "gpt_neox", "llama"])
+def test_hf_attention_mask_all_ones_and_padded(session, build):
+    """Note [Input values]: transformers asks whether the mask is all ones; the capture guards on the
+    answer, so an all-ones mask and padded batches each get their graph, reused while it holds."""
+    model = build(seed=5)
+    rg = djinn.remote(model, session=session, path="graph")
+    ids = torch.randint(3, 200, (2, 6), generator=torch.Generator().manual_seed(14))
+    ones = torch.ones(2, 6, dtype=torch.long)
+    left = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    right = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    for mask in (ones, left, right, ones.clone()):
+        got = rg(ids, attention_mask=mask)
+        assert torch.equal(got[0].cpu(), _local(model, ids, attention_mask=mask)[0])
+    assert rg.counters["captures"] == 2   # all ones, padded: the second padded batch reuses its graph
 
 
 def test_graph_reused_by_signature(conn, session):
