@@ -24,6 +24,7 @@ Note [Weights are read-only]
 """
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -33,7 +34,7 @@ from typing import Any, Callable
 import torch
 from torch.nn.modules import module as nn_module
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from ..protocol.errors import CaptureError
 from . import ops as srg_ops
@@ -180,9 +181,11 @@ class Recorder:
         return self.stack[-1] if self.stack else ""
 
     def _site(self, op: str) -> str:
+        """Where an op ran, for errors: module path and the user's line (a lazy op carries its own)."""
         where = f"module '{self.path}'" if self.path else "the top-level module" if not self.lazy else ""
-        if self.where:
-            where = f"{where} at {self.where}".strip()
+        line = self.where or user_site(_INTERNAL)
+        if line != "?":
+            where = f"{where} at {line}".strip()
         return f"{op} in {where}" if where else op
 
     # -- recording -------------------------------------------------------------------------------
@@ -216,7 +219,8 @@ class Recorder:
                     ref = self._node(CONST, (torch.empty_strided(v.shape, v.stride(), dtype=v.dtype),), {}, [v],
                                      Lifecycle.STACK)
                     return ref, v, _UNKNOWN
-                raise CaptureError(f"{self._site('a meta tensor')} was not produced by the capture")
+                raise CaptureError(f"{self._site('a meta tensor')} was not produced by the capture (a tensor made "
+                                   "without an aten op the capture sees; make it with torch.tensor, or on the CPU)")
             real = v.detach()
             meta = torch.empty_strided(real.shape, real.stride(), dtype=real.dtype, device=_META)
             if self.lazy:  # a local tensor mixed into remote ones: it is uploaded with the flush
@@ -356,6 +360,38 @@ class Recorder:
                         if tid in self.known and self.roots[r.node] == root:
                             del self.known[tid]
 
+    def factory(self, func, args: tuple, kwargs: dict):
+        """Note [Tensors made in a forward]: data made into a tensor on the capture's device."""
+        kwargs = dict(kwargs)
+        if func is torch.Tensor.new_tensor:
+            src, data = args[0], args[1]
+            device = kwargs.pop("device", None) or src.device
+            kwargs.setdefault("dtype", src.dtype)
+            make, margs = torch.tensor, (data,)
+        else:
+            data, device = args[0] if args else kwargs.get("data"), kwargs.pop("device", None)
+            make, margs = func, args
+        if self.muted or device is None or torch.device(device).type != "meta" or _has_tensor_in(data):
+            return func(*args, **kwargs) if func is not torch.Tensor.new_tensor else func(*args, device=device,
+                                                                                       **kwargs)
+        with _disable_current_modes():  # the dispatch mode is still on in a function-mode handler
+            try:
+                real = make(*margs, **kwargs)  # on the CPU: the values the capture must keep
+            except Exception as e:
+                raise CaptureError(f"{self._site(getattr(func, '__name__', str(func)))} failed: "
+                                   f"{type(e).__name__}: {e}") from None
+            return self._convert(real)[1]  # a constant in the graph, and a known value
+
+    def index(self, func, args: tuple, kwargs: dict):
+        """Note [Tensors made in a forward]: `x[[0, 2]]` indexes by a tensor torch makes from the list
+        on x's device, outside any op the capture sees; made on the CPU here, it becomes a constant."""
+        idx = args[1]
+        if isinstance(idx, list) and _int_list(idx):
+            idx = _cpu_index(idx)
+        elif isinstance(idx, tuple) and any(isinstance(i, list) and _int_list(i) for i in idx):
+            idx = tuple(_cpu_index(i) if isinstance(i, list) and _int_list(i) else i for i in idx)
+        return func(args[0], idx, *args[2:], **kwargs)
+
     def function(self, func, args: tuple, kwargs: dict):
         """Note [Composite ops]: record these calls whole."""
         name = srg_ops.composite(func)
@@ -451,7 +487,37 @@ class _FunctionMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func in _COMPOSITES:
             return self.rec.function(func, args, kwargs or {})
+        if func in _FACTORIES:
+            return self.rec.factory(func, args, kwargs or {})
+        if func in _INDEXING and len(args) >= 2 and isinstance(args[1], (list, tuple)) and not self.rec.lazy:
+            return self.rec.index(func, args, kwargs or {})
         return func(*args, **(kwargs or {}))
+
+
+# Note [Tensors made in a forward]: `torch.tensor(c, device=x.device)` and friends copy Python data into
+# a tensor outside any aten op (lift_fresh sees the finished tensor), so on the meta device the values
+# are lost and the tensor later looks "not produced by the capture". They are made on the CPU instead
+# and recorded as constants (at most MAX_CONST_BYTES, like any tensor a forward holds), which are also
+# known values (Note [Known values]). Lists as indices likewise (`_INDEXING`).
+_FACTORIES = frozenset({torch.tensor, torch.as_tensor, torch.asarray, torch.Tensor.new_tensor})
+_INDEXING = frozenset({torch.Tensor.__getitem__, torch.Tensor.__setitem__})
+_INTERNAL = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
+             os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)  # djinn's and torch's frames
+
+
+def _int_list(v) -> bool:
+    return bool(v) and all(_int_list(x) if isinstance(x, list) else (type(x) is int) for x in v)
+
+
+def _cpu_index(v: list) -> torch.Tensor:
+    with _disable_current_modes():
+        return torch.tensor(v, dtype=torch.long)
+
+
+def _has_tensor_in(v) -> bool:
+    if isinstance(v, torch.Tensor):
+        return True
+    return isinstance(v, (list, tuple)) and any(_has_tensor_in(x) for x in v)
 
 
 _COMPOSITES = frozenset({torch.nn.functional.scaled_dot_product_attention, torch.nn.functional.batch_norm,

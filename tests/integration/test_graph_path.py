@@ -310,6 +310,17 @@ def test_weight_changed_after_remote_is_uploaded_again(session):
     assert run.resume() is None and torch.equal(run.output.cpu(), _local(m, x))
 
 
+def test_tensors_made_in_forward_and_list_indices(session):
+    """Note [Tensors made in a forward]: captured as constants, not "not produced by the capture"."""
+    from ..unit.test_forward_tensors import MakesTensors
+
+    m = MakesTensors()
+    rm = djinn.remote(m, session=session)
+    x = torch.randn(3, 3, generator=torch.Generator().manual_seed(15))
+    got, ref = rm(x), _local(m, x)
+    assert len(got) == len(ref) and all(torch.equal(g.cpu(), r) for g, r in zip(got, ref))
+
+
 def test_data_dependent_control_flow_is_a_capture_error(session):
     class Branchy(nn.Module):
         def __init__(self):
