@@ -16,6 +16,7 @@ from torch import nn
 from ..protocol import structure
 from ..protocol.errors import InvalidRequest, ModelNotSupported
 from ..protocol.tensors import DTYPE_NAMES
+from .stats_view import fmt_bytes, html_card
 from .upload import UploadReport, named_tensors, upload_tensors
 
 if TYPE_CHECKING:
@@ -150,6 +151,14 @@ class RemoteModel:
         if s.sid not in self._sessions:
             s.call("attach_model", {"model_id": self.model_id})
             self._sessions.add(s.sid)
+
+    def _repr_html_(self) -> str:
+        return html_card(f"{type(self).__name__} {self.arch}", self._card_rows())
+
+    def _card_rows(self) -> list[tuple[str, str]]:
+        return [("path", f"{self.path}: {self.reason}"),
+                ("weights", f"{fmt_bytes(self.nbytes)} ({self.source or 'uploaded'})"),
+                ("id", self.model_id[:12]), ("server", str(self.session.conn.address))]
 
     def __repr__(self) -> str:
         where = self.source or "uploaded"

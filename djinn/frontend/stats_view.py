@@ -110,6 +110,14 @@ def _html_table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def html_card(title: str, rows: list[tuple[str, str]]) -> str:
+    """A notebook's view of one object (Run, Stop, Session, RemoteModel): a bold title over a two-column
+    table, every string escaped (names and paths come from users)."""
+    body = "".join(f"<tr><td style='text-align:left'>{html.escape(k)}</td>"
+                   f"<td style='text-align:left'>{html.escape(v)}</td></tr>" for k, v in rows)
+    return f"<div><b>{html.escape(title)}</b><table>{body}</table></div>"
+
+
 def render_html(st: dict, address: str | None = None) -> str:
     parts = [f"<b>{html.escape(_title(st, address))}</b>", "<table>"]
     parts += [f"<tr><td>{html.escape(label)}</td><td>{html.escape(text)}</td></tr>" for label, text in _summary(st)]
