@@ -63,8 +63,8 @@ def _summary(st: dict) -> list[tuple[str, str]]:
 def _now(job, s: dict) -> str:
     if s.get("paused"):
         return "paused at a breakpoint"
-    if not job:
-        return "-"
+    if not job:  # another client's session: only the coarse "busy" (its timings are its owner's)
+        return s.get("busy") or "-"
     if "running_s" in job:
         return f"{job.get('op')} running {job['running_s']:.1f}s, {job.get('steps', 0)} steps"
     return f"{job.get('op')} waiting {job.get('waiting_s', 0):.1f}s ({job.get('why') or 'queued'})"
