@@ -146,9 +146,10 @@ def _check_model_arg(model) -> None:
 
 
 def explain(model, *args, **kwargs) -> str:
-    """The SRG of `model(*args, **kwargs)` as text: ops grouped by module, with phase, lifecycle, cost
-    class and sizes. `model` is a graph-path RemoteModel or a local nn.Module (captured locally, no server)."""
-    if isinstance(model, GraphModel):
+    """What `model(*args, **kwargs)` runs, as text. A local nn.Module or a graph-path model: its SRG, ops
+    grouped by module with phase, lifecycle, cost class and sizes (a local module is captured here, no
+    server). A module-path model: the server's module call, where its weights live and its KV."""
+    if isinstance(model, RemoteModel):
         return model.explain(*args, **kwargs)
     from .srg.capture import capture_module
     from .srg.render import render

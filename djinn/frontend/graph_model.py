@@ -139,6 +139,9 @@ class GraphModel(RemoteModel):
         self._server_has.add((s.sid, cap.sig))
         return res
 
+    def _card_rows(self) -> list[tuple[str, str]]:
+        return [*super()._card_rows(), ("graphs", f"{len(self._captures)} captured, {self.counters['calls']} calls")]
+
     def __repr__(self) -> str:
         return (f"GraphModel({self.arch}, {self.nbytes / 1e6:.1f} MB, id={self.model_id[:12]}, "
                 f"{sum(map(len, self._captures.values()))} graphs, graph path: {self.reason}, server={self.session.conn.address})")

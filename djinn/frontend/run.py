@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..protocol.errors import DjinnError, InvalidRequest, RequestTimeout
+from .stats_view import fmt_bytes, html_card
 from .tensor import RemoteTensor, Scope
 
 if TYPE_CHECKING:
@@ -111,6 +112,15 @@ class Stop:
             raise InvalidRequest(f"{self!r} is not where its run is paused; fork from run.wait()'s stop")
         reply = self.run.session.call("fork", {"run": self.run.run_id})
         return Run(self.run.session, self.run.model, self.run.method, reply=reply, rebuild=self.run._rebuild)
+
+    def _repr_html_(self) -> str:
+        a = self.activation
+        rows = [("at", f"{self.path or '<model>'} ({self.where})"), ("step", str(self.step)), ("hit", str(self.hit)),
+                ("activation", f"{str(a.dtype).replace('torch.', '')}{list(a.shape)}"),
+                ("paused bytes", fmt_bytes(self.paused_bytes)),
+                ("state", "live: read and edit, then resume()" if self.live else "gone (the run moved on)"),
+                ("run", str(self.run.run_id))]
+        return html_card("Stop", rows)
 
     def __repr__(self) -> str:
         a = self.activation
@@ -221,6 +231,12 @@ class Run:
     def __exit__(self, *exc) -> None:
         if self.session.conn.transport.dead is None:
             self.cancel()
+
+    def _repr_html_(self) -> str:
+        rows = [("call", f"{self.model.arch}.{self.method}"), ("state", self.state), ("id", str(self.run_id or "?"))]
+        if self.stop is not None:
+            rows.append(("paused at", f"{self.stop.path or '<model>'} ({self.stop.where}, step {self.stop.step})"))
+        return html_card("Run", rows)
 
     def __repr__(self) -> str:
         where = f" at {self.stop.path or '<model>'} ({self.stop.where}, step {self.stop.step})" if self.stop else ""

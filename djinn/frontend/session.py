@@ -12,6 +12,7 @@ from ..protocol import structure
 from ..protocol.errors import DjinnError, InvalidRequest, SessionLost
 from ..protocol.indexing import encode_chain
 from ..protocol.tensors import dtype_from_name
+from .stats_view import html_card
 from .tensor import RemoteTensor
 
 if TYPE_CHECKING:
@@ -179,6 +180,12 @@ class Session:
     def __exit__(self, *exc) -> None:
         if self.conn.transport.dead is None or self.lost:
             self.close()
+
+    def _repr_html_(self) -> str:
+        state = "closed" if self.closed else "lost (the server restarted)" if self.lost else "open"
+        rows = [("state", state), ("id", self.sid[:8]), ("server", str(self.conn.address)),
+                ("checkpoint on shutdown", "yes" if self.checkpoint_token else "no")]
+        return html_card(f"Session {self.name or self.sid[:8]}", rows)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"

@@ -63,8 +63,8 @@ def _summary(st: dict) -> list[tuple[str, str]]:
 def _now(job, s: dict) -> str:
     if s.get("paused"):
         return "paused at a breakpoint"
-    if not job:
-        return "-"
+    if not job:  # another client's session: only the coarse "busy" (its timings are its owner's)
+        return s.get("busy") or "-"
     if "running_s" in job:
         return f"{job.get('op')} running {job['running_s']:.1f}s, {job.get('steps', 0)} steps"
     return f"{job.get('op')} waiting {job.get('waiting_s', 0):.1f}s ({job.get('why') or 'queued'})"
@@ -108,6 +108,14 @@ def _html_table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     body = "".join("<tr>" + "".join(f"<td style='text-align:left'>{html.escape(v)}</td>" for v in r) + "</tr>"
                    for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def html_card(title: str, rows: list[tuple[str, str]]) -> str:
+    """A notebook's view of one object (Run, Stop, Session, RemoteModel): a bold title over a two-column
+    table, every string escaped (names and paths come from users)."""
+    body = "".join(f"<tr><td style='text-align:left'>{html.escape(k)}</td>"
+                   f"<td style='text-align:left'>{html.escape(v)}</td></tr>" for k, v in rows)
+    return f"<div><b>{html.escape(title)}</b><table>{body}</table></div>"
 
 
 def render_html(st: dict, address: str | None = None) -> str:

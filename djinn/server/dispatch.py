@@ -316,6 +316,14 @@ class Dispatcher:
     def queue_length(self) -> int:
         return sum(1 for q in self._q.values() if q.job is not None and q.job.task is None)
 
+    def busy(self, sid: str) -> str | None:
+        """What any client may see of a session's job (`djinn top`): "generate running", "generate
+        queued" or None. Its timings, steps and why it waits stay its owner's (describe)."""
+        q = self._q.get(sid)
+        if q is None or q.job is None:
+            return None
+        return "generate queued" if q.job.task is None else "generate running"
+
     def describe(self, sid: str, now: float) -> dict | None:
         q = self._q.get(sid)
         if q is None or q.job is None:

@@ -12,6 +12,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import djinn
 from djinn.config import DEFAULT_ARCHITECTURES
+from djinn.srg.render import _size
 
 from ..models import tiny_llama
 
@@ -85,3 +86,30 @@ def test_supported_architectures_are_the_servers(connected, start_server, tmp_pa
     with pytest.warns(UserWarning, match=COST.format(arch="LlamaForCausalLM")):
         rm = djinn.remote(tiny_llama(seed=2))
     assert rm.path == "graph"
+
+
+def test_explain_on_the_module_path_says_what_will_run(connected):
+    """djinn.explain(rm, x) and rm.explain(x) work on both paths (they raised AttributeError on the
+    module path): a title line, then groups, as the graph path's SRG text is laid out."""
+    rm = djinn.remote(tiny_llama(seed=2))
+    with djinn.session("explained") as s:
+        s.generate(rm, IDS, max_new_tokens=3)
+        text = rm.explain(IDS, session=s)
+    lines = text.splitlines()
+    assert lines[0] == (f"Module LlamaForCausalLM {rm.model_id[:12]}: path=module, 1 call, 1 inputs, "
+                        f"weights ({_size(rm.nbytes)}), KV 8 tokens kept")
+    groups = [line for line in lines if not line.startswith("  ")][1:]
+    assert groups[:3] == ["call:", "weights:", "kv:"] and groups[3].startswith("outputs: ")
+    assert lines[2].startswith("  LlamaForCausalLM.forward(i64[1, 5], use_cache=False)  [the module the server built")
+    assert lines[3] == "  2 decoder layers: breakpoints by layer=0..1 or module path"
+    assert f"{_size(rm.nbytes)} resident in the text segment on cpu" in lines[5]
+    assert "this session (explained): 8 tokens held" in text
+    # The function form, the default session (no KV for this model there), a remote input and a kwarg.
+    out = rm(IDS)
+    text = djinn.explain(rm, out.logits.argmax(-1), use_cache=True)
+    assert text.splitlines()[0].endswith("1 inputs, weights (" + _size(rm.nbytes) + "), KV none kept")
+    assert "forward(remote i64[1, 5], use_cache=True)" in text
+    assert "comes back as None" in text
+    # The graph path keeps its SRG text.
+    g = djinn.remote(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+    assert djinn.explain(g, torch.randn(2, 4)).startswith("SRG Sequential ")

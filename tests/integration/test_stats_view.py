@@ -5,6 +5,7 @@ A private server, so the sessions and models in the table are exactly this test'
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -16,7 +17,8 @@ from djinn.frontend.stats_view import Stats, fmt_bytes
 
 from ..models import tiny_gpt2
 
-KEYS = {"device", "segments", "kv", "scheduler", "quotas", "text_entries", "sessions", "models", "requests_served"}
+KEYS = {"device", "segments", "kv", "scheduler", "quotas", "principal", "text_entries", "sessions", "models",
+        "requests_served"}
 IDS = torch.tensor([[1, 17, 42, 99, 5]])
 
 
@@ -63,3 +65,46 @@ def test_stats_is_the_raw_dict_with_a_short_table(start_server, monkeypatch):
     finally:
         djinn.disconnect()
         other.close()
+
+
+def _cells(page: str) -> dict[str, str]:
+    """{label: value} of an html_card's rows."""
+    return dict(re.findall(r"<tr><td style='text-align:left'>(.*?)</td><td style='text-align:left'>(.*?)</td></tr>",
+                           page))
+
+
+def test_run_stop_session_and_model_show_as_short_html_tables(server, monkeypatch):
+    """In a notebook cell a Run, Stop, Session or RemoteModel shows as a titled two-column table, names
+    escaped; the text repr is what it was."""
+    monkeypatch.delenv("DJINN_SERVER", raising=False)
+    djinn.connect(server.address)
+    try:
+        rm = djinn.remote(tiny_gpt2(seed=4))
+        with djinn.session("<i>notes</i>") as s:
+            page = s._repr_html_()
+            assert page.startswith("<div><b>Session &lt;i&gt;notes&lt;/i&gt;</b><table>") and "<i>" not in page
+            assert _cells(page) == {"state": "open", "id": s.sid[:8], "server": server.address,
+                                    "checkpoint on shutdown": "no"}
+            assert repr(s) == f"Session('<i>notes</i>', open, server={server.address})"
+            page = rm._repr_html_()
+            assert page.startswith("<div><b>RemoteModel GPT2LMHeadModel</b>")
+            assert _cells(page) == {"path": "module: the server builds GPT2LMHeadModel itself",
+                                    "weights": f"{fmt_bytes(rm.nbytes)} (uploaded)", "id": rm.model_id[:12],
+                                    "server": server.address}
+            run = s.start(rm, IDS, breakpoints=[Breakpoint(layer=1)])
+            stop = run.wait()
+            assert _cells(run._repr_html_()) == {"call": "GPT2LMHeadModel.forward", "state": "paused",
+                                                 "id": run.run_id, "paused at": "transformer.h.1 (after, step 0)"}
+            cells = _cells(stop._repr_html_())
+            assert cells["at"] == "transformer.h.1 (after)" and cells["activation"] == "float32[1, 5, 64]"
+            assert cells["state"].startswith("live") and cells["run"] == run.run_id
+            assert run.resume() is None
+            assert _cells(stop._repr_html_())["state"] == "gone (the run moved on)"
+            assert "paused at" not in _cells(run._repr_html_()) and run._repr_html_().count("<tr>") == 3
+            assert repr(run) == f"Run({run.run_id}, GPT2LMHeadModel.forward, finished)"
+        assert _cells(s._repr_html_())["state"] == "closed"
+        g = djinn.remote(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+        g(torch.randn(1, 4))
+        assert _cells(g._repr_html_())["graphs"] == "1 captured, 1 calls"
+    finally:
+        djinn.disconnect()
