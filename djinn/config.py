@@ -78,10 +78,11 @@ class ServerConfig:
     max_prefill_tokens: int = 4096
     """Largest number of new tokens (batch x length) one forward, generate or run may feed at once.
     The Stack reserve is measured by a forward of this size, so a larger request is refused."""
-    prefill_step_tokens: int = 512
+    prefill_step_tokens: int = 2048
     """Prompt tokens of fast-path generates prefilled per engine turn, in chunks, before every decoding
     session takes its next step: a long prompt delays the others' next token by at most one such chunk
-    (chunked prefill, Note [Chunked prefill] in djinn/server/fast_task.py). At most max_prefill_tokens."""
+    (chunked prefill, Note [Chunked prefill] in djinn/server/fast_task.py, which says why 2048 and not
+    less: smaller chunks cost prefill throughput). At most max_prefill_tokens."""
     stack_margin_gb: float = 1.0
     """GiB left free on CUDA beyond the measured Stack (CUDA context, cuBLAS workspaces, rounding)."""
     swap_bw_gbps: float | None = None

@@ -49,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-prefill-tokens", type=int, dest="max_prefill_tokens",
                    help="largest batch x new tokens one call feeds; sizes the Stack reserve (default 4096)")
     p.add_argument("--prefill-step-tokens", type=int, dest="prefill_step_tokens",
-                   help="prompt tokens prefilled per engine turn before decoding sessions step (default 512)")
+                   help="prompt tokens prefilled per engine turn before decoding sessions step (default 2048)")
     p.add_argument("--parent-pid", type=int, help="exit when this process is gone (embedded servers)")
     p.add_argument("--no-supervise", action="store_true",
                    help="run the server in this process, with no supervisor to restart it when it dies")
