@@ -126,6 +126,11 @@ class ServerConfig:
     """Longest sequence (prompt + new tokens) the fast path takes; rounded up to a power of two."""
     fast_decode_graphs: bool = True
     """Replay decode steps as CUDA graphs (CUDA only); false: run them eagerly (debugging)."""
+    run_fork_from_kv: bool | None = None
+    """A fork of a generate run paused in a decode step starts from the parent's KV blocks (True) or
+    re-executes the call from its start (False). None: from the KV on the CPU, re-executed on CUDA,
+    where the forked step, run as the first forward of a new generate call, was measured to diverge
+    from the parent's tokens in fp16 (Note [Fork replays the prefix] in djinn/server/breakpoints.py)."""
     fast_decode_capture: str = "all"
     """When decode step graphs are captured: all (every bucket's when the model's pool is made, at its
     first fast generate, so no later step of any session waits on a capture; stats report the seconds
@@ -210,6 +215,8 @@ class ServerConfig:
                 raise ValueError(f"{name}={v!r} must be a number of GiB >= 0, or null for no limit")
         if self.fast_decode not in ("auto", "on", "off"):
             raise ValueError(f"fast_decode={self.fast_decode!r} must be auto, on or off")
+        if self.run_fork_from_kv not in (None, True, False):
+            raise ValueError(f"run_fork_from_kv={self.run_fork_from_kv!r} must be true, false or null")
         if self.fast_decode_capture not in ("lazy", "all"):
             raise ValueError(f"fast_decode_capture={self.fast_decode_capture!r} must be lazy or all")
         if isinstance(self.stack_margin_gb, bool) or not isinstance(self.stack_margin_gb, (int, float)) \

@@ -108,8 +108,12 @@ class Replay:
     k >= 1 does not start over: it starts from a copy-on-write fork of the parent's KV blocks (every
     position before step k, shared, nothing copied) and the token ids fed so far, and re-executes
     only step k (`ResumePoint`); a forward, or a generate paused in its prefill, re-executes the
-    prefix from its parent's random stream as it was at the start. Execution on one device is
-    deterministic, so the fork's state at the fork point equals
+    prefix from its parent's random stream as it was at the start. (On CUDA the forked step runs as the
+    first forward of a new generate call, and an H100 fp16 run, `OSDI_Evaluation/micro/results/
+    fork_h100.json`, gave other tokens than the parent's: that step's attention there is not the same
+    kernel call as inside the parent's decode loop. So on CUDA forks re-execute from the start unless
+    `run_fork_from_kv` says otherwise; on the CPU the KV path is bitwise, tested.) Execution on one
+    device is deterministic, so the fork's state at the fork point equals
     the parent's, bitwise; one that does not reach that stop again fails (not deterministic).
     """
 

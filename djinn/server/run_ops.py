@@ -91,7 +91,8 @@ def fork(engine, client_id, rid, args):
     """A copy of a paused run, parked at the same stop (Note [Fork replays the prefix])."""
     s, parent, t0, t_edits = _paused_with_edits(engine, client_id, args)
     held = set(s.tensors)
-    child = engine.runs.fork(parent)
+    child = engine.runs.fork(parent, engine.cfg.run_fork_from_kv
+                             if engine.cfg.run_fork_from_kv is not None else engine.device.type != "cuda")
     return _reply(engine, s, child, held, t0, t_edits)
 
 

@@ -56,14 +56,15 @@ class RunTable:
         run.resume()
         self._settle(run)
 
-    def fork(self, parent: Run) -> Run:
+    def fork(self, parent: Run, from_kv: bool = True) -> Run:
         """A run paused at a copy of the parent's stop, executed only when resumed, from the parent's
-        KV when it can (Note [Fork replays the prefix]). No model compute and no KV block here."""
+        KV when it can and `from_kv` (Note [Fork replays the prefix]). No model compute and no KV
+        block here."""
         stop = parent.stop
         log_copy = {hit: list(es) for hit, es in parent.log.items()}
         child = Run(secrets.token_hex(12), parent.session, parent.model_id, parent.call, parent.specs,
                     Replay(log_copy, stop.hit, parent.rng0, stop.spec, stop.step),
-                    resume_from=parent.resume_point(), snapshot=parent.snapshot())
+                    resume_from=parent.resume_point() if from_kv else None, snapshot=parent.snapshot())
         try:
             self._add(child)
         except BaseException:

@@ -185,3 +185,10 @@ def test_fast_decode_capture_values():
     assert ServerConfig(fast_decode_capture="all").validate().fast_decode_capture == "all"
     with pytest.raises(ValueError, match="fast_decode_capture='eager' must be lazy or all"):
         ServerConfig(fast_decode_capture="eager").validate()
+
+
+def test_run_fork_from_kv_values():
+    assert ServerConfig().run_fork_from_kv is None  # None: from the KV on the CPU, re-executed on CUDA
+    assert ServerConfig(run_fork_from_kv=False).validate().run_fork_from_kv is False
+    with pytest.raises(ValueError, match="run_fork_from_kv='yes' must be true, false or null"):
+        ServerConfig(run_fork_from_kv="yes").validate()
