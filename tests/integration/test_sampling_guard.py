@@ -67,7 +67,10 @@ def test_a_nan_steering_edit_fails_only_its_run(conn, model, device):
     try:
         s = conn.session("steer")
         rm = RemoteModel.from_module(s, model)
-        run = s.start(rm, PROMPT, method="generate", breakpoints=[djinn.Breakpoint(layer=0, step=2)], **kw)
+        # min_new_tokens: an unseeded run draws fresh tokens every time, and an early eos would end it
+        # before the stop at step 2.
+        run = s.start(rm, PROMPT, method="generate", breakpoints=[djinn.Breakpoint(layer=0, step=2)],
+                      min_new_tokens=6, **kw)
         stop = run.wait()
         stop.activation.fill_(float("nan"))
         b = other.session("bystander")
