@@ -25,7 +25,7 @@ __all__ = [
     "DjinnError", "ProtocolError", "AuthError", "SessionNotFound", "HandleNotFound", "OutOfMemory",
     "ModelNotSupported", "InvalidRequest", "RemoteExecutionError", "ServerUnavailable", "RequestTimeout",
     "QuotaExceeded", "WeightWriteRefused",
-    "SessionLost", "ShuttingDown",
+    "SessionLost", "ShuttingDown", "ServerBusy",
 ]
 
 if TYPE_CHECKING:
