@@ -42,14 +42,13 @@ Note [Session quotas]
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 from typing import Any, Callable
 
 import torch
 
 from ..protocol import structure
-from ..protocol.errors import InvalidRequest, OutOfMemory, QuotaExceeded
+from ..protocol.errors import InvalidRequest, OutOfMemory, QuotaExceeded, short
 from ..protocol.indexing import apply_chain, decode_chain
 from ..protocol.messages import MsgType
 from ..protocol.tensors import dtype_name
@@ -81,17 +80,21 @@ def open_session(engine, client_id, rid, args):
     name = args.get("name")
     if name is not None and (not isinstance(name, str) or len(name) > 200):
         raise InvalidRequest("session name must be a string of at most 200 characters")
-    checkpoint = args.get("checkpoint", False)
-    if not isinstance(checkpoint, bool):
-        raise InvalidRequest(f"checkpoint must be true or false, got {checkpoint!r}")
+    wants_checkpoint = args.get("checkpoint", False)
+    if not isinstance(wants_checkpoint, bool):
+        raise InvalidRequest(f"checkpoint must be true or false, got {short(wants_checkpoint)}")
     budget = args.get("max_kv_tokens")
     if budget is not None and (type(budget) is not int or not 1 <= budget <= 1 << 24):
         raise InvalidRequest(f"max_kv_tokens must be an int in [1, {1 << 24}] or null, got {budget!r}")
     s = engine.sessions.open(client_id, name, engine.cfg.max_sessions_per_client)
     s.max_kv_tokens = budget
     log.info("session %s opened by client %s%s", s.sid[:8], client_id[:8], f" name={name!r}" if name else "")
-    if checkpoint:  # Note [Checkpoint tokens] in checkpoint.py
-        s.checkpoint_token = secrets.token_hex(16)
+    if wants_checkpoint:  # Note [Checkpoint tokens] in checkpoint.py
+        try:
+            checkpoint.arm(engine, s)
+        except BaseException:
+            engine.close_session(s, "cannot checkpoint")
+            raise
     return {"sid": s.sid, "checkpoint_token": s.checkpoint_token}
 
 
