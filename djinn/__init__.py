@@ -20,11 +20,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "connect", "disconnect", "connection", "remote", "session", "restore_session", "stats", "explain",
+    "supported_architectures",
     "Connection", "Session", "RemoteModel", "GraphModel", "CaptureError", "RemoteTensor", "RemoteView", "TokenStream", "ClientConfig",
     "Breakpoint", "Run", "Stop",
     "DjinnError", "ProtocolError", "AuthError", "SessionNotFound", "HandleNotFound", "OutOfMemory",
     "ModelNotSupported", "InvalidRequest", "RemoteExecutionError", "ServerUnavailable", "RequestTimeout",
-    "QuotaExceeded", "WeightWriteRefused",
+    "QuotaExceeded", "WeightWriteRefused", "GenerateCancelled",
     "SessionLost", "ShuttingDown", "ServerBusy",
 ]
 

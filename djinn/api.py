@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import atexit
 import threading
+import warnings
+
+from torch import nn
 
 from .config import ClientConfig, env_secret, env_server_address
 from .frontend.connection import Connection
 from .frontend.edits import RemoteView
 from .frontend.graph_model import GraphModel
-from .frontend.remote import RemoteModel, is_config
+from .frontend.remote import RemoteModel, is_config, is_hf_model
 from .frontend.run import Breakpoint, Run, Stop
 from .frontend.session import Session, TokenStream
 from .frontend.tensor import RemoteTensor
 from .protocol.errors import (
     AuthError, CaptureError, DjinnError, HandleNotFound, InvalidRequest, ModelNotSupported, OutOfMemory, ProtocolError,
     QuotaExceeded, RemoteExecutionError, RequestTimeout, ServerBusy, ServerUnavailable, SessionLost, SessionNotFound,
-    ShuttingDown, WeightWriteRefused,
+    ShuttingDown, WeightWriteRefused, GenerateCancelled,
 )
 
 
@@ -55,10 +58,26 @@ def disconnect() -> None:
 
 
 def connection() -> Connection:
-    """The current connection, connecting with defaults on first use."""
-    if _conn is None or _conn.transport.dead is not None:
-        connect()
-    return _conn
+    """The current connection, connecting with defaults on first use.
+
+    Note [No silent fallback]: a connection to an address (given to connect() or in $DJINN_SERVER)
+    stays on that address. When its server is gone, calls raise ServerUnavailable; the transport
+    reconnects by itself if the server comes back there. Only a process that asked for nothing (or
+    whose embedded server died) gets a new embedded server: starting a local CPU server in place of a
+    remote GPU one would carry on with other hardware, other memory and none of the remote state.
+    """
+    conn = _conn
+    if conn is None:
+        return connect()
+    dead = conn.transport.dead
+    if dead is None:
+        return conn
+    if conn.embedded is None:
+        raise ServerUnavailable(
+            f"the djinn server at {conn.address} is gone ({dead.message}); no other server was started in its "
+            "place. Calls work again once it is back at that address; djinn.connect(ADDRESS) picks another "
+            "server, djinn.connect() with no address and no DJINN_SERVER starts a local one") from None
+    return connect(device=conn.embedded_device)
 
 
 def remote(model, *, session: Session | None = None, weight_budget_gb: float | None = None,
@@ -76,6 +95,7 @@ def remote(model, *, session: Session | None = None, weight_budget_gb: float | N
     """
     if path not in (None, "module", "graph"):
         raise InvalidRequest(f"path must be 'module', 'graph' or None, got {path!r}")
+    _check_model_arg(model)  # before connecting: a wrong argument must not start a server first
     s = session or connection().default_session()
     if is_config(model):
         return RemoteModel.from_config(s, model, seed=0 if seed is None else seed, dtype=dtype,
@@ -93,13 +113,43 @@ def remote(model, *, session: Session | None = None, weight_budget_gb: float | N
     except ModelNotSupported:
         if path == "module" or weight_budget_gb is not None:
             raise
-        return GraphModel.from_module(s, model)  # any other nn.Module: the graph path
+    hf, arch = is_hf_model(model), type(model).__name__
+    why = f"the server does not build {arch}" if hf else f"{arch} is not a Hugging Face model"
+    gm = GraphModel.from_module(s, model, reason=why)  # any other nn.Module: the graph path
+    if hf:  # a user of an HF model expects generate and a KV cache: say they are not here
+        warnings.warn(f"djinn: {arch} is not an architecture this server builds, so it runs on the graph "
+                      "path: forward only, no generate and no session KV cache (s.generate), each new input "
+                      "shape captured again; djinn.supported_architectures() lists the module path's",
+                      stacklevel=2)
+    return gm
+
+
+def supported_architectures() -> list[str]:
+    """The Hugging Face classes the server builds itself (the module path: generate, session KV
+    caches, breakpoints by layer, weight streaming), as it announced them when this client connected.
+    Any other nn.Module runs on the graph path (forward only)."""
+    archs = connection().architectures()
+    if archs is None:  # a server that did not say: the list this client version's servers default to
+        from .config import DEFAULT_ARCHITECTURES
+
+        return sorted(DEFAULT_ARCHITECTURES)
+    return sorted(archs)
+
+
+def _check_model_arg(model) -> None:
+    if isinstance(model, (str, nn.Module)) or is_config(model):
+        return
+    got = "None" if model is None else f"a {type(model).__name__}"
+    raise InvalidRequest(f"djinn.remote takes the model to run remotely: an nn.Module (its weights go up once), "
+                         f"a transformers config (built on the server with seeded random weights), or the path "
+                         f"of a model directory on the server; got {got}")
 
 
 def explain(model, *args, **kwargs) -> str:
-    """The SRG of `model(*args, **kwargs)` as text: ops grouped by module, with phase, lifecycle, cost
-    class and sizes. `model` is a graph-path RemoteModel or a local nn.Module (captured locally, no server)."""
-    if isinstance(model, GraphModel):
+    """What `model(*args, **kwargs)` runs, as text. A local nn.Module or a graph-path model: its SRG, ops
+    grouped by module with phase, lifecycle, cost class and sizes (a local module is captured here, no
+    server). A module-path model: the server's module call, where its weights live and its KV."""
+    if isinstance(model, RemoteModel):
         return model.explain(*args, **kwargs)
     from .srg.capture import capture_module
     from .srg.render import render
@@ -123,7 +173,8 @@ def restore_session(token: str, name: str | None = None) -> Session:
 
 
 def stats() -> dict:
-    """What the server holds: segments (text/data/stack/host bytes), sessions and models."""
+    """What the server holds: segments (text/data/stack/host bytes), sessions and models. A dict with
+    every number (keys as the server sends them); printed, or shown in a notebook, a short table."""
     return connection().stats()
 
 

@@ -1,6 +1,10 @@
 """The `djinn` command (also `python -m djinn`).
 
     djinn keys DIR [--name server|client-NAME] [--force]
+    djinn top [ADDRESS] [--once]
+
+`top` is a live view of a server (djinn/frontend/top.py): its segments as bars and a row per session,
+refreshed each second; ADDRESS defaults to $DJINN_SERVER, --once prints one frame.
 
 makes a CurveZMQ keypair with zmq.auth.create_certificates: DIR/NAME.key (the public key, safe to copy
 around) and DIR/NAME.key_secret (both keys, readable only by its owner). docs/SECURITY.md walks
@@ -61,6 +65,31 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _top(args: argparse.Namespace) -> int:
+    from .config import env_secret, env_server_address
+
+    address = args.address or env_server_address()
+    if not address:
+        print("djinn top: which server? pass its ADDRESS (host:port) or set DJINN_SERVER", file=sys.stderr)
+        return 2
+    from .frontend import top
+    from .frontend.connection import Connection
+    from .protocol.errors import DjinnError
+
+    try:
+        conn = Connection(address, env_secret(), server_public_key=args.server_public_key,
+                          client_secret_key=args.client_secret_key)
+    except DjinnError as e:
+        print(f"djinn top: {e}", file=sys.stderr)
+        return 1
+    try:
+        return top.run(conn, once=args.once)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        conn.close()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="djinn", description="Djinn command line tools")
     sub = p.add_subparsers(dest="command", required=True)
@@ -71,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="file name of the pair: server (default) or client-NAME, giving NAME.key and NAME.key_secret")
     k.add_argument("--force", action="store_true", help="replace an existing pair of that name")
     k.set_defaults(func=_keys)
+    t = sub.add_parser("top", help="a live view of a server: segments as bars, a row per session",
+                       description="A live view of a Djinn server, refreshed each second (Ctrl-C quits).")
+    t.add_argument("address", metavar="ADDRESS", nargs="?", help="host:port or tcp://host:port (default $DJINN_SERVER)")
+    t.add_argument("--once", action="store_true", help="print one frame and exit")
+    t.add_argument("--server-public-key", help="the server's .key file, for a CurveZMQ server (docs/SECURITY.md)")
+    t.add_argument("--client-secret-key", help="this client's .key_secret file, for a CurveZMQ server")
+    t.set_defaults(func=_top)
     return p
 
 

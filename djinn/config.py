@@ -95,6 +95,10 @@ class ServerConfig:
     max_prefill_tokens: int = 4096
     """Largest number of new tokens (batch x length) one forward, generate or run may feed at once.
     The Stack reserve is measured by a forward of this size, so a larger request is refused."""
+    prefill_step_tokens: int = 512
+    """Prompt tokens of fast-path generates prefilled per engine turn, in chunks, before every decoding
+    session takes its next step: a long prompt delays the others' next token by at most one such chunk
+    (chunked prefill, Note [Chunked prefill] in djinn/server/fast_task.py). At most max_prefill_tokens."""
     stack_margin_gb: float = 1.0
     """GiB left free on CUDA beyond the measured Stack (CUDA context, cuBLAS workspaces, rounding)."""
     swap_bw_gbps: float | None = None
@@ -110,7 +114,8 @@ class ServerConfig:
     """"text", or "json": one JSON object per line (timestamp, level, logger, message)."""
     fault_injection: bool = False
     """Tests only: a request may carry `_fault: "oom" | "device_error"` to fail inside the engine as a
-    CUDA out-of-memory or a sticky device error would (tests/integration/test_restart.py)."""
+    CUDA out-of-memory or a sticky device error would (tests/integration/test_restart.py), or
+    `"unencodable_reply"` to have its reply hold a value the codec refuses (tests/integration/test_replies.py)."""
     log_level: str = "INFO"
     """Python logging level name."""
     curve_secret_key: str | None = None
@@ -137,21 +142,30 @@ class ServerConfig:
     """Longest sequence (prompt + new tokens) the fast path takes; rounded up to a power of two."""
     fast_decode_graphs: bool = True
     """Replay decode steps as CUDA graphs (CUDA only); false: run them eagerly (debugging)."""
-    fast_decode_capture: str = "lazy"
-    """When decode step graphs are captured: lazy (each (batch, length) bucket's at its first step; that
-    step waits for the capture) or all (every bucket's when the model's pool is made, at its first fast
-    generate, so no later step waits; stats report the seconds it took)."""
+    fast_decode_capture: str = "all"
+    """When decode step graphs are captured: all (every bucket's when the model's pool is made, at its
+    first fast generate, so no later step of any session waits on a capture; stats report the seconds
+    it took) or lazy (each (batch, length) bucket's at its first step, which waits for the capture:
+    a stall of every decoding session, at whatever moment a new batch size or length first occurs)."""
     checkpoint_dir: str | None = None
     """Where sessions that asked for it are written when the server shuts down gracefully, to be
     restored after a restart (djinn/server/checkpoint.py). None: /dev/shm/djinn-checkpoints (host memory)."""
-    max_sessions_per_client: int = 1024
-    """Open sessions one client may hold; the next open_session fails with QuotaExceeded. Every
-    schedule looks at all sessions, so one client opening thousands would slow everyone."""
-    max_runs_per_session: int = 64
-    """Live breakpoint runs (paused or forked) one session may hold; each parks a thread."""
+    max_sessions_per_principal: int = 1024
+    """Open sessions one principal may hold (a Curve key; everyone with the shared secret; every client
+    of a loopback server without either: Note [Principals] in djinn/server/principals.py), however many
+    client ids it connects with; the next open_session, fork_session or restore_session fails with
+    QuotaExceeded. Every schedule looks at all sessions, so thousands would slow everyone."""
+    max_sessions_total: int = 2048
+    """Open sessions of all principals together; past it any principal's next session fails with
+    QuotaExceeded (a server with many Curve keys is still bounded)."""
+    max_runs_per_principal: int = 64
+    """Live breakpoint runs (running, paused or forked) one principal may hold; each parks an OS thread."""
+    max_runs_total: int = 256
+    """Live breakpoint runs of all principals together: the most run threads the server parks at once."""
     upload_in_flight_gb: float = 8.0
-    """GiB of partial uploads one session may have reserved at once: a tensor's whole size is reserved
-    at its first chunk. Larger than any single weight of the models in BASELINES.md."""
+    """GiB of unfinished uploads one principal may have reserved at once, over all its sessions: a
+    tensor's whole size is reserved at its first chunk. Larger than any single weight of the models in
+    BASELINES.md."""
     quota_queued_requests: int | None = None
     """Per-session quota of requests that wait behind the session's running generate (plus that
     generate itself); a request beyond it fails with QuotaExceeded at once. Frees never count. None:
@@ -232,13 +246,18 @@ class ServerConfig:
                 or self.stack_margin_gb < 0:
             raise ValueError(f"stack_margin_gb={self.stack_margin_gb!r} must be a number of GiB >= 0")
         for name in ("fast_decode_max_batch", "fast_decode_max_len", "kv_block_tokens", "kv_pool_max_tokens",
-                     "max_prefill_tokens"):
+                     "max_prefill_tokens", "prefill_step_tokens"):
             v = getattr(self, name)
             if v is None and name == "fast_decode_max_batch":
                 continue
             if isinstance(v, bool) or not isinstance(v, int) or not v > 0:
                 raise ValueError(f"{name}={v!r} must be an int > 0")
-        for name in ("max_sessions_per_client", "max_runs_per_session", "max_connections", "send_queue_messages"):
+        if isinstance(self.prefill_step_tokens, int) and isinstance(self.max_prefill_tokens, int) \
+                and self.prefill_step_tokens > self.max_prefill_tokens:
+            raise ValueError(f"prefill_step_tokens={self.prefill_step_tokens} must be <= max_prefill_tokens="
+                             f"{self.max_prefill_tokens} (the Stack reserve is measured at that size)")
+        for name in ("max_sessions_per_principal", "max_sessions_total", "max_runs_per_principal", "max_runs_total",
+                     "max_connections", "send_queue_messages"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} must be an int >= 1")
@@ -258,6 +277,9 @@ class ClientConfig:
     """Default timeout of one call; a dead server is detected sooner by heartbeats."""
     connect_timeout_s: float = 10.0
     """Time allowed for the HELLO exchange."""
+    connect_probe_s: float = 1.0
+    """Time allowed to resolve the server's host name and open a TCP connection to it before the HELLO:
+    an unresolvable, dead or unreachable address fails after at most this long (frontend/address.py)."""
     heartbeat_s: float = 0.5
     """Heartbeat interval (the server's HELLO reply may lower it)."""
     liveness_s: float = 3.0

@@ -40,4 +40,30 @@ def tiny_qwen2(seed: int = 0, device="cpu"):
     return _build(cfg, seed, device)
 
 
+def tiny_gptj(seed: int = 0, device="cpu"):
+    from transformers import GPTJConfig
+
+    cfg = GPTJConfig(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=256,
+                     bos_token_id=1, eos_token_id=2)
+    return _build(cfg, seed, device)
+
+
+def tiny_gpt_neox(seed: int = 0, device="cpu"):
+    from transformers import GPTNeoXConfig
+
+    cfg = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+    return _build(cfg, seed, device)
+
+
+def tiny_bert(seed: int = 0, device="cpu"):
+    """An encoder (BertModel: no causal-LM head)."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=256)
+    return BertModel(cfg).to(device).eval()
+
+
 TINY_BUILDERS = {"gpt2": tiny_gpt2, "llama": tiny_llama, "mistral": tiny_mistral, "qwen2": tiny_qwen2}

@@ -5,8 +5,11 @@ import dataclasses
 import logging
 
 from ..config import ClientConfig
+from .address import check_reachable
+from .address import parse as parse_address
 from .embedded import EmbeddedServer
 from .session import Session
+from .stats_view import Stats
 from .transport import Transport
 from .upload import HashCache
 
@@ -21,7 +24,13 @@ class Connection:
         if keys:  # CurveZMQ (docs/SECURITY.md); arguments win over the config's fields
             self.cfg = dataclasses.replace(self.cfg, **keys)
         self.embedded: EmbeddedServer | None = None
-        if address is None:
+        self.embedded_device = device  # what an embedded server was asked to serve on (None: its default)
+        if address is not None:
+            self.cfg.validate()  # a bad Curve key is the first thing to report, before any socket
+            where = parse_address(address)
+            check_reachable(where, self.cfg.connect_probe_s)
+            address = where.url
+        else:
             if self.cfg.server_public_key or self.cfg.client_secret_key:  # it listens on loopback without Curve
                 logging.getLogger("djinn.client").warning(
                     "no server address: CurveZMQ keys are ignored for the embedded local server")
@@ -77,8 +86,9 @@ class Connection:
                               for hid, m in reply["tensors"].items()}
         return s
 
-    def stats(self) -> dict:
-        return self.transport.call("stats", {}, idempotent=True)
+    def stats(self) -> Stats:
+        """What the server holds: the raw dict (every key as the server sent it), printed as a table."""
+        return Stats(self.transport.call("stats", {}, idempotent=True), self.address)
 
     def ping(self) -> float:
         return self.transport.call("ping", {}, idempotent=True)["time"]

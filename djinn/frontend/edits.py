@@ -124,7 +124,7 @@ class RemoteView(Editable):
         return self.base.dtype
 
     @property
-    def device(self) -> str:
+    def device(self) -> torch.device:
         return self.base.device
 
     def size(self, dim: int | None = None):

@@ -19,6 +19,7 @@ from ..protocol.messages import READY_PREFIX
 class EmbeddedServer:
     def __init__(self, device: str | None = None, timeout_s: float = 120.0, extra_args: list[str] | None = None,
                  env: dict[str, str] | None = None):
+        _check_device(device)
         self.log = tempfile.NamedTemporaryFile(prefix="djinn-server-", suffix=".log", delete=False)
         cmd = [sys.executable, "-m", "djinn.server.server_main", "--port", "0", "--bind", "127.0.0.1",
                "--parent-pid", str(os.getpid())]
@@ -36,8 +37,17 @@ class EmbeddedServer:
         reader.join(timeout_s)
         line = box[0] if box else ""
         if not line.startswith(READY_PREFIX):
+            # An empty line is the end of its stdout: the server exited (a bad flag, no such device),
+            # which is not the same failure as a server still starting after timeout_s.
+            try:
+                status = self.proc.wait(5) if box else self.proc.poll()
+            except subprocess.TimeoutExpired:  # it closed its stdout but lives on: report the timeout
+                status = None
             tail = self.log_tail()
             self.stop()
+            if status is not None:
+                raise ServerUnavailable(f"the embedded djinn server exited with status {status} before it was "
+                                        f"ready; its log ends:\n{tail}")
             raise ServerUnavailable(f"the embedded djinn server did not start within {timeout_s:.0f}s:\n{tail}")
         return line[len(READY_PREFIX):].split()[0]
 
@@ -74,3 +84,26 @@ class EmbeddedServer:
         state = "running" if self.proc.poll() is None else f"exited {self.proc.returncode}"
         return f"EmbeddedServer({self.address}, pid={self.proc.pid}, {state})"
 
+
+def _check_device(device: str | None) -> None:
+    """Refuse at once a device this machine lacks: the server would find out only after its imports,
+    seconds later. The embedded server runs here, so what torch sees here is what it would see."""
+    if device is None:
+        return
+    import torch
+
+    from ..protocol.errors import InvalidRequest
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InvalidRequest(f"device={device!r} is not a torch device: use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        build = " (this torch is a CPU build)" if torch.version.cuda is None else ""
+        raise InvalidRequest(f"device={device!r}: this machine has no CUDA GPU that torch can use{build}; use "
+                             "device='cpu', or leave device out (GPU 0 if present, else the CPU)")
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise InvalidRequest(f"device={device!r}: this machine has {count} CUDA GPU(s), numbered from 0")

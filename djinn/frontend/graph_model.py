@@ -17,6 +17,8 @@ from torch import nn
 from ..protocol import structure
 from ..protocol.errors import ModelNotSupported
 from ..srg.capture import Captured, capture_module, is_leaf_spec
+from ..srg.layout import layout_of
+from .guards import attribute_guard, weight_versions
 from ..srg.render import render
 from ..srg.tree import flatten, unflatten
 from .remote import RemoteModel
@@ -39,37 +41,47 @@ class GraphModel(RemoteModel):
     path = "graph"
 
     def __init__(self, session: "Session", model_id: str, module: nn.Module, hashes: dict[str, str],
-                 nbytes: int, upload=None):
+                 nbytes: int, upload=None, reason: str = "path='graph' was asked for"):
         super().__init__(session, model_id, type(module).__name__, nbytes, None, upload=upload, source="graph path")
+        self.reason = reason  # djinn.remote says why when it chose this path itself
         self.module = module            # the code stays here: captures run it over meta tensors
         self.hashes = hashes
-        self._captures: dict[Any, Captured] = {}
-        self._server_has: set[str] = set()
+        self._captures: dict[Any, list[Captured]] = {}
+        self._server_has: set[tuple[str, str]] = set()  # (session id, signature): graphs are per session
         self._use_cache = _accepts(module, "use_cache")
-        self._submodules = list(module.modules())  # for the training flags in the signature
+        self._versions = weight_versions(named_tensors(module))  # Note [Capture guards]
         #: captures: graphs recorded; calls; graphs_sent: calls that carried their graph
         self.counters = {"captures": 0, "calls": 0, "graphs_sent": 0}
 
     @classmethod
-    def from_module(cls, session: "Session", module: nn.Module, **_) -> "GraphModel":
-        conn = session.conn
-        chunk = conn.cfg.upload_chunk_bytes
-        limit = (conn.info.get("limits") or {}).get("max_frame_bytes")
-        if isinstance(limit, int) and limit > 0:
-            chunk = min(chunk, limit)
-        hashes, report = upload_tensors(session, named_tensors(module), conn.hashes, chunk, conn.cfg.upload_window)
-        info = session.call("register_graph", {"tensors": hashes})
-        return cls(session, info["model_id"], module, hashes, info["bytes"], upload=report)
+    def from_module(cls, session: "Session", module: nn.Module, *, reason: str | None = None, **_) -> "GraphModel":
+        hashes, info, report = _register(session, module)
+        return cls(session, info["model_id"], module, hashes, info["bytes"], upload=report,
+                   **({"reason": reason} if reason else {}))
+
+    def _refresh_weights(self, s: "Session") -> None:
+        """Note [Capture guards]: a weight changed in place (or replaced) since it was uploaded goes up
+        again, only what changed (content-addressed), as a new weight set; graphs name weights by hash,
+        so the cached captures go too."""
+        versions = weight_versions(named_tensors(self.module))
+        if versions == self._versions:
+            return
+        self.hashes, info, self.upload = _register(s, self.module)
+        self.model_id, self.nbytes = info["model_id"], info["bytes"]
+        self._sessions = {s.sid}  # register_graph attached it to this session
+        self._captures.clear()
+        self._versions = versions
 
     # -- calls ---------------------------------------------------------------------------------------
     def forward(self, *args, session: "Session | None" = None, seed: int | None = None, **kwargs) -> Any:
         """Run the module's forward on the server through its SRG; tensors come back as RemoteTensors.
         `seed`: torch.manual_seed on the server first (for random ops such as dropout)."""
         s = session or self.session
+        self._refresh_weights(s)
         self._attach(s)
         cap, leaves = self._capture(args, kwargs)
         self.counters["calls"] += 1
-        inputs = structure.pack(leaves, s._leaf)
+        inputs = structure.pack(cap.layout.values(leaves), s._leaf)
         res = self._run(s, cap, {"model_id": self.model_id, "inputs": inputs, "seed": seed})
         outs = s._unpack(res["outputs"])
         return unflatten(cap.out_spec, outs, cap.out_protos, is_leaf_spec)
@@ -79,11 +91,13 @@ class GraphModel(RemoteModel):
         (server/graph_runs.py). The graph always travels with a start (a run is rare next to calls)."""
         from .run import Run
 
+        self._refresh_weights(s)
+        self._attach(s)
         cap, leaves = self._capture(args, kwargs)
         self.counters["calls"] += 1
         fut = s.submit("start", {"sig": cap.sig, "graph": cap.wire, "model_id": self.model_id, "seed": seed,
-                                 "inputs": structure.pack(leaves, s._leaf), "breakpoints": specs})
-        self._server_has.add(cap.sig)
+                                 "inputs": structure.pack(cap.layout.values(leaves), s._leaf), "breakpoints": specs})
+        self._server_has.add((s.sid, cap.sig))
         return Run(s, self, "forward", fut,
                    rebuild=lambda outs: unflatten(cap.out_spec, list(outs), cap.out_protos, is_leaf_spec))
 
@@ -101,29 +115,51 @@ class GraphModel(RemoteModel):
             kwargs = dict(kwargs, use_cache=False)  # as on the module path: no cache objects unless asked
         leaves: list = []
         spec = flatten((tuple(args), dict(kwargs)), leaves, leaf_key, [])
-        key = (spec, tuple([m.training for m in self._submodules]))
-        cap = self._captures.get(key)
-        if cap is None:
-            cap = capture_module(self.module, args, kwargs, self.hashes, leaf_key,
-                                 lambda x: isinstance(x, RemoteTensor))
-            self._captures[key] = cap
-            self.counters["captures"] += 1
+        # Note [Input layout], Note [Capture guards] (the training flags are among the attributes)
+        key = (spec, layout_of(leaves), attribute_guard(list(self.module.modules())))
+        caps = self._captures.setdefault(key, [])
+        for cap in caps:  # Note [Input values]: one capture per outcome of the guards
+            if cap.guards.hold(cap.graph, cap.layout.values(leaves)):
+                return cap, leaves
+        cap = capture_module(self.module, args, kwargs, self.hashes, leaf_key,
+                             lambda x: isinstance(x, RemoteTensor))
+        caps.insert(0, cap)
+        del caps[_MAX_GUARDED:]  # a guard that fails on every call must not grow this without bound
+        self.counters["captures"] += 1
         return cap, leaves
 
     def _run(self, s: "Session", cap: Captured, args: dict) -> dict:
-        send = cap.sig not in self._server_has
+        send = (s.sid, cap.sig) not in self._server_has
         res = s.call("run_graph", dict(args, sig=cap.sig, **({"graph": cap.wire} if send else {})))
         if res.get("missing"):  # evicted on the server: send it again (Note [Graph cache])
             send = True
             res = s.call("run_graph", dict(args, sig=cap.sig, graph=cap.wire))
         if send:
             self.counters["graphs_sent"] += 1
-        self._server_has.add(cap.sig)
+        self._server_has.add((s.sid, cap.sig))
         return res
+
+    def _card_rows(self) -> list[tuple[str, str]]:
+        return [*super()._card_rows(), ("graphs", f"{len(self._captures)} captured, {self.counters['calls']} calls")]
 
     def __repr__(self) -> str:
         return (f"GraphModel({self.arch}, {self.nbytes / 1e6:.1f} MB, id={self.model_id[:12]}, "
-                f"{len(self._captures)} graphs, server={self.session.conn.address})")
+                f"{sum(map(len, self._captures.values()))} graphs, graph path: {self.reason}, server={self.session.conn.address})")
+
+
+_MAX_GUARDED = 8  # captures kept per input signature, differing only in their guards' values
+
+
+def _register(session: "Session", module: nn.Module) -> tuple[dict[str, str], dict, object]:
+    """Upload what the server lacks of the module's weights, register them as a graph model:
+    (name -> hash, register_graph's reply, the upload report)."""
+    conn = session.conn
+    chunk = conn.cfg.upload_chunk_bytes
+    limit = (conn.info.get("limits") or {}).get("max_frame_bytes")
+    if isinstance(limit, int) and limit > 0:
+        chunk = min(chunk, limit)
+    hashes, report = upload_tensors(session, named_tensors(module), conn.hashes, chunk, conn.cfg.upload_window)
+    return hashes, session.call("register_graph", {"tensors": hashes}), report
 
 
 def _accepts(module: nn.Module, name: str) -> bool:

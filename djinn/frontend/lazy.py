@@ -87,6 +87,7 @@ def apply(func, args: tuple, kwargs: dict | None = None) -> Any:
                 raise InvalidRequest("a RemoteTensor can only be used in the session that holds it")
             if x._meta is not None:
                 return x._meta
+            x.check_live()
             m = st.handles.get(x._hid)
             if m is None:
                 m = st.handles[x._hid] = torch.empty(tuple(x.shape), dtype=x.dtype, device=_META)
@@ -133,6 +134,8 @@ def flush(session, fetch: tuple = ()) -> list[torch.Tensor]:
     st = _STATE.pop(session, None)
     if st is None or not st.rec.graph.nodes:
         return []
+    for x in st.keep:  # an input freed by the server since it was recorded (a stop's tensor after resume)
+        x.check_live()
     live = [t for t in (r() for r in st.live) if t is not None and t._meta is not None]
     g = st.rec.graph
     g.outputs = [st.rec.ref_of(t._meta) for t in live]
@@ -197,6 +200,29 @@ class LazyOps:
             return lambda *a, **k: apply(attr, (self,) + a, k)
         return apply(lambda x: getattr(x, name), (self,))  # properties: .T, .mT, .real
 
+    def to(self, *args, **kwargs):
+        """As torch: `.to("cpu")` is this tensor here (a local torch.Tensor, data crosses the wire), the
+        server's device (`.to(t.device)`, "cuda" on a CUDA server) keeps it there, a dtype converts it
+        there (a lazy op). On a CPU server "cpu" means here: the client is where `.to` moves data to."""
+        device, dtype, copy = _to_args(args, kwargs)
+        if device is not None and device.type == "cpu":
+            local = self.cpu()
+            return local if dtype is None else local.to(dtype)
+        if device is not None:
+            here = self.device
+            if device.type != here.type or device.index not in (None, here.index):
+                raise InvalidRequest(f".to({str(device)!r}): this tensor lives on the server's {here}; .to('cpu') "
+                                     "brings it here, and the server's device is the only other one it can be on")
+        if dtype is not None and dtype != self.dtype:
+            return apply(torch.Tensor.to, (self, dtype))
+        return apply(torch.Tensor.clone, (self,)) if copy else self
+
+    def cuda(self, device=None, non_blocking: bool = False):
+        """Stays on the server if it is a CUDA server (as `.to("cuda")`)."""
+        if isinstance(device, int):
+            device = torch.device("cuda", device)
+        return self.to("cuda" if device is None else device)
+
     def __bool__(self) -> bool:
         return bool(self.item())
 
@@ -205,6 +231,32 @@ class LazyOps:
 
     def __int__(self) -> int:
         return int(self.item())
+
+
+def _to_args(args: tuple, kwargs: dict) -> tuple[torch.device | None, torch.dtype | None, bool]:
+    """(device, dtype, copy) of a Tensor.to call: to(dtype), to(device, dtype), to(other), keywords."""
+    kwargs = dict(kwargs)
+    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+    flags = [kwargs.pop("non_blocking", False), kwargs.pop("copy", False)]
+    kwargs.pop("memory_format", None)
+    if kwargs:
+        raise TypeError(f"to() got unexpected keyword arguments {sorted(kwargs)}")
+    positional_flags = []
+    for a in args:
+        if isinstance(a, bool):
+            positional_flags.append(a)  # non_blocking, then copy, as in torch
+        elif isinstance(a, torch.dtype):
+            dtype = a
+        elif isinstance(a, (str, torch.device, int)):
+            device = a
+        elif isinstance(a, LazyOps):  # another remote tensor: its dtype, and it is on the server too
+            dtype = a.dtype
+        elif isinstance(a, torch.Tensor):
+            device, dtype = a.device, a.dtype
+        else:
+            raise TypeError(f"to() takes a device, a dtype or a tensor, got {type(a).__name__}")
+    flags[:len(positional_flags)] = positional_flags
+    return (None if device is None else torch.device(device)), dtype, bool(flags[1])
 
 
 def _operator(name: str):

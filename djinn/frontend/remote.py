@@ -16,6 +16,7 @@ from torch import nn
 from ..protocol import structure
 from ..protocol.errors import InvalidRequest, ModelNotSupported
 from ..protocol.tensors import DTYPE_NAMES
+from .stats_view import fmt_bytes, html_card
 from .upload import UploadReport, named_tensors, upload_tensors
 
 if TYPE_CHECKING:
@@ -30,6 +31,8 @@ class RemoteModel:
         self.session = session  # the session it was remoted in; calls without a session use it
         self.model_id = model_id
         self.arch = arch
+        #: Why it is on this path (shown in the repr): a notebook user sees which path a model took.
+        self.reason = f"the server builds {arch} itself"
         self.nbytes = nbytes
         self.config = config
         self.upload = upload
@@ -44,7 +47,7 @@ class RemoteModel:
         through a ring of GPU slots on every forward (DESIGN.md section 6)."""
         arch = type(module).__name__
         config = getattr(module, "config", None)
-        if config is None or not hasattr(config, "to_json_string"):
+        if not is_hf_model(module):
             raise ModelNotSupported(
                 f"{arch} is not a Hugging Face model the server can build; arbitrary modules take the "
                 "graph path (djinn.remote(module, path='graph'))"
@@ -106,6 +109,9 @@ class RemoteModel:
 
     @classmethod
     def from_path(cls, session: "Session", path: str, *, weight_budget_gb: float | None = None) -> "RemoteModel":
+        """Load a Hugging Face directory that lives on the server (absolute, or "./"-relative to the
+        server's working directory). Hub ids are refused here: the server never downloads."""
+        _check_not_hub_id(path)
         budget = {"weight_budget_gb": weight_budget_gb} if weight_budget_gb is not None else {}
         info = session.call("load_model", {"path": path, **budget})
         return cls(session, info["model_id"], info["arch"], info["bytes"], info.get("config"), source=path)
@@ -132,15 +138,87 @@ class RemoteModel:
         self._attach(s)
         return s._generate(self, input_ids, stream=stream, seed=seed, use_session_kv=False, **kwargs)
 
+    def explain(self, *args, session: "Session | None" = None, **kwargs) -> str:
+        """What `rm(*args, **kwargs)` runs, as text in the graph path's layout (a title line, then
+        groups): the server's own module called once, the inputs that go up, where the weights live
+        (resident or streamed) and what the KV cache keeps. Reads the server's stats; runs nothing."""
+        s = session or self.session
+        st = s.conn.stats()
+        return explain_module_call(self, args, kwargs, st.get("models", {}).get(self.model_id, {}),
+                                   st.get("sessions", {}).get(s.sid, {}), st.get("device", "?"))
+
     def _attach(self, s: "Session") -> None:
         if s.sid not in self._sessions:
             s.call("attach_model", {"model_id": self.model_id})
             self._sessions.add(s.sid)
 
+    def _repr_html_(self) -> str:
+        return html_card(f"{type(self).__name__} {self.arch}", self._card_rows())
+
+    def _card_rows(self) -> list[tuple[str, str]]:
+        return [("path", f"{self.path}: {self.reason}"),
+                ("weights", f"{fmt_bytes(self.nbytes)} ({self.source or 'uploaded'})"),
+                ("id", self.model_id[:12]), ("server", str(self.session.conn.address))]
+
     def __repr__(self) -> str:
         where = self.source or "uploaded"
         return (f"RemoteModel({self.arch}, {self.nbytes / 1e6:.1f} MB, id={self.model_id[:12]}, "
-                f"{where}, server={self.session.conn.address})")
+                f"{where}, {self.path} path: {self.reason}, server={self.session.conn.address})")
+
+
+def _input_str(v: Any) -> str:
+    from ..srg.render import meta_str
+    from .tensor import RemoteTensor
+
+    if isinstance(v, RemoteTensor):  # already on the server: only its handle goes up
+        return f"remote {meta_str(v)}"
+    if isinstance(v, torch.Tensor):
+        return meta_str(v)
+    return repr(v)
+
+
+def explain_module_call(rm: RemoteModel, args: tuple, kwargs: dict, model: dict, session: dict, device: str) -> str:
+    """The module path's explain (DESIGN.md section 4.1): one call of the module the
+    server built, not an SRG, so its groups are the call, the weights and the KV, not ops."""
+    from ..srg.render import _size
+
+    kwargs = dict(kwargs)
+    if "use_cache" not in kwargs:  # server/executor.py: a forward keeps no cache unless asked
+        kwargs["use_cache"] = False
+    inputs = [_input_str(a) for a in args] + [f"{k}={_input_str(v)}" for k, v in kwargs.items()]
+    n_in = sum(isinstance(a, torch.Tensor) or hasattr(a, "hid") for a in (*args, *kwargs.values()))
+    layers = (rm.config or {}).get("num_hidden_layers") or (rm.config or {}).get("n_layer")
+    stream = model.get("streaming")
+    kv_tokens = (session.get("kv_tokens") or {}).get(rm.model_id, 0)
+    kv_title = "none kept" if not kv_tokens else f"{kv_tokens} tokens kept"
+    lines = [f"Module {rm.arch} {rm.model_id[:12]}: path=module, 1 call, {n_in} inputs, weights "
+             f"({_size(rm.nbytes)}), KV {kv_title}",
+             "call:",
+             f"  {rm.arch}.forward({', '.join(inputs)})  [the module the server built: eager torch ops, "
+             "not captured as an SRG]"]
+    if layers:
+        lines.append(f"  {layers} decoder layers: breakpoints by layer=0..{layers - 1} or module path")
+    lines.append("weights:")
+    where = f"text segment on {device}"
+    if stream:
+        lines.append(f"  {stream.get('resident_layers', '?')} of {stream.get('layers', '?')} layers resident in the "
+                     f"{where}, {stream.get('streamed_layers', '?')} streamed from pinned host memory "
+                     f"({_size(stream.get('streamed_bytes_per_forward', 0))} per forward)")
+    else:
+        lines.append(f"  {_size(rm.nbytes)} resident in the {where} ({rm.source or 'uploaded'}), shared by "
+                     f"{len(model.get('sessions') or ())} session(s)")
+    lines.append("kv:")
+    cache = ("the cache object stays on the server and comes back as None" if kwargs["use_cache"]
+             else "none kept (use_cache=False)")
+    lines.append(f"  this forward: {cache}")
+    lines.append(f"  this session ({session.get('name') or 'unnamed'}): {kv_tokens} tokens held for "
+                 f"{rm.model_id[:12]}; s.generate(rm, ids) continues them, rm.generate starts fresh")
+    pool = model.get("kv_pool")
+    if pool:
+        lines.append(f"  pool: {pool.get('blocks', '?'):,} blocks of {pool.get('block_tokens', '?')} tokens "
+                     f"({_size(pool.get('pool_bytes', 0))}) on {device}")
+    lines.append(f"outputs: {rm.arch} output (tensors as RemoteTensor handles on {device})")
+    return "\n".join(lines)
 
 
 def _check_allowed(session: "Session", arch: str) -> None:
@@ -148,6 +226,24 @@ def _check_allowed(session: "Session", arch: str) -> None:
     allowed = session.conn.architectures()
     if allowed is not None and arch not in allowed:
         raise ModelNotSupported(f"the server cannot build {arch}; it builds {sorted(allowed)}")
+
+
+def _check_not_hub_id(path: str) -> None:
+    # "gpt2" or "meta-llama/Llama-2-7b-hf" would resolve against the server's working directory and
+    # fail there as a directory without config.json, which misleads: say what the server can do instead.
+    if path.startswith(("/", "./", "../", "~")):
+        return
+    raise InvalidRequest(
+        f"{path!r} looks like a Hugging Face hub id: hub ids are not supported, the server downloads nothing "
+        f"(it has no network access). Pass a config (djinn.remote(AutoConfig.from_pretrained({path!r}), seed=0): "
+        f"built on the server with random weights), a module loaded here (djinn.remote("
+        f"AutoModelForCausalLM.from_pretrained({path!r})): its weights go up once), or the absolute path of a "
+        "model directory on the server")
+
+
+def is_hf_model(module: Any) -> bool:
+    """A Hugging Face model: it has a config the server can rebuild it from."""
+    return hasattr(getattr(module, "config", None), "to_json_string")
 
 
 def is_config(obj: Any) -> bool:

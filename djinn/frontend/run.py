@@ -15,13 +15,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..protocol.errors import DjinnError, InvalidRequest, RequestTimeout
-from .tensor import RemoteTensor
+from .stats_view import fmt_bytes, html_card
+from .tensor import RemoteTensor, Scope
 
 if TYPE_CHECKING:
     from .remote import RemoteModel
     from .session import Session
 
 WHERE = ("before", "after")
+
+STOP_GONE = ("this stop is gone (the run resumed or ended): a stop's tensors live on the server only while its "
+             "run is paused there; read them (.cpu()) or edit them before run.resume()")
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,10 @@ class Stop:
         first = _first_remote(self.module_outputs)
         if first is not None and first.hid == self.activation.hid:
             self.activation = first  # one handle object for one server tensor
+        # The server frees these tensors when the run moves on; the Run ends this scope then.
+        self.scope = Scope(STOP_GONE)
+        for t in (self.activation, *_remotes(self.module_outputs)):
+            t._scope = self.scope
 
     @property
     def live(self) -> bool:
@@ -95,13 +103,24 @@ class Stop:
     def fork(self) -> "Run":
         """A copy of the paused run, paused here too, to try another edit from the same point.
 
-        Edits queued so far apply to this run first, and the copy starts from them. On the module path
-        the copy recomputes the prefix (Note [Fork replays the prefix] in djinn/server/breakpoints.py).
+        Edits queued so far apply to this run first, and the copy starts from them. The fork returns at
+        once with a copy of this stop (read and edit it freely) and executes when resumed: from this
+        run's KV blocks when paused in a decode step (shared copy-on-write), else by re-executing the
+        prefix (Note [Fork replays the prefix] in djinn/server/breakpoints.py).
         """
         if not self.live:
             raise InvalidRequest(f"{self!r} is not where its run is paused; fork from run.wait()'s stop")
         reply = self.run.session.call("fork", {"run": self.run.run_id})
         return Run(self.run.session, self.run.model, self.run.method, reply=reply, rebuild=self.run._rebuild)
+
+    def _repr_html_(self) -> str:
+        a = self.activation
+        rows = [("at", f"{self.path or '<model>'} ({self.where})"), ("step", str(self.step)), ("hit", str(self.hit)),
+                ("activation", f"{str(a.dtype).replace('torch.', '')}{list(a.shape)}"),
+                ("paused bytes", fmt_bytes(self.paused_bytes)),
+                ("state", "live: read and edit, then resume()" if self.live else "gone (the run moved on)"),
+                ("run", str(self.run.run_id))]
+        return html_card("Stop", rows)
 
     def __repr__(self) -> str:
         a = self.activation
@@ -153,7 +172,8 @@ class Run:
         except InvalidRequest:
             raise  # refused before the run moved (e.g. an edit that does not fit): still paused here
         except DjinnError as e:
-            self.stop, self.state, self._error = None, "failed", e
+            self._move_to(None)
+            self.state, self._error = "failed", e
             raise
         self._absorb(reply)
         return self.stop
@@ -167,7 +187,8 @@ class Run:
                 return
         if self.state != "paused":
             return
-        self.stop, self.state = None, "cancelled"
+        self._move_to(None)
+        self.state = "cancelled"
         if not self.session.closed:
             self.session.call("cancel_run", {"run": self.run_id})
 
@@ -192,11 +213,17 @@ class Run:
         self.run_id = reply["run"]
         self.state = reply["state"]
         self.timing = reply.get("timing", {})
-        self.stop = Stop(self, reply["stop"]) if self.state == "paused" else None
+        self._move_to(Stop(self, reply["stop"]) if self.state == "paused" else None)
         if self.state == "finished":
             self._output = self.session._unpack(reply["output"])
             if self._rebuild is not None:
                 self._output = self._rebuild(self._output)
+
+    def _move_to(self, stop: Stop | None) -> None:
+        """The one place `stop` changes: the stop left behind is gone, and so are its tensors."""
+        if self.stop is not None and self.stop is not stop:
+            self.stop.scope.end()
+        self.stop = stop
 
     def __enter__(self) -> "Run":
         return self
@@ -205,17 +232,26 @@ class Run:
         if self.session.conn.transport.dead is None:
             self.cancel()
 
+    def _repr_html_(self) -> str:
+        rows = [("call", f"{self.model.arch}.{self.method}"), ("state", self.state), ("id", str(self.run_id or "?"))]
+        if self.stop is not None:
+            rows.append(("paused at", f"{self.stop.path or '<model>'} ({self.stop.where}, step {self.stop.step})"))
+        return html_card("Run", rows)
+
     def __repr__(self) -> str:
         where = f" at {self.stop.path or '<model>'} ({self.stop.where}, step {self.stop.step})" if self.stop else ""
         return f"Run({self.run_id or '?'}, {self.model.arch}.{self.method}, {self.state}{where})"
 
 
-def _first_remote(obj: Any) -> RemoteTensor | None:
+def _remotes(obj: Any):
+    """Every RemoteTensor in a module's outputs (tensors, tuples, lists, dicts, ModelOutputs)."""
     if isinstance(obj, RemoteTensor):
-        return obj
+        yield obj
+        return
     values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
     for v in values:
-        found = _first_remote(v)
-        if found is not None:
-            return found
-    return None
+        yield from _remotes(v)
+
+
+def _first_remote(obj: Any) -> RemoteTensor | None:
+    return next(_remotes(obj), None)

@@ -12,6 +12,7 @@ from ..protocol import structure
 from ..protocol.errors import DjinnError, InvalidRequest, SessionLost
 from ..protocol.indexing import encode_chain
 from ..protocol.tensors import dtype_from_name
+from .stats_view import html_card
 from .tensor import RemoteTensor
 
 if TYPE_CHECKING:
@@ -41,6 +42,8 @@ class Session:
         self.checkpoint_token: str | None = reply.get("checkpoint_token")
         self.kv_tokens: dict[str, int] = {}            # a restored session: tokens of KV per model id
         self.restored_tensors: dict[str, RemoteTensor] = {}   # a restored session: its tensors by handle
+        self.forked_tensors: dict[str, RemoteTensor] = {}     # a forked session: its copies of the parent's
+        self.fork_info: dict = {}                             # a forked session: blocks shared, server ms
         self.closed = False
         self._frees: deque[str] = deque()  # append/popleft are atomic: safe from GC finalizers
         self._edits: list[dict] = []       # in-place edits of remote tensors, in order (frontend/edits.py)
@@ -112,6 +115,22 @@ class Session:
         rm._attach(self)
         return self._generate(rm, input_ids, stream=stream, seed=seed, use_session_kv=True, **kwargs)
 
+    def fork(self, name: str | None = None) -> "Session":
+        """A new session that continues from exactly where this one is: the same KV caches (shared
+        block by block on the server, copied only where either session writes next), token ids,
+        models and a copy of its tensors (in `forked_tensors`, by handle). Generating in one never
+        changes the other: branch an agent, try two continuations, keep the better."""
+        from ..protocol.tensors import dtype_from_name
+        from .tensor import RemoteTensor
+
+        reply = self.call("fork_session", {"name": name})
+        child = Session(self.conn, name, _restored=reply)
+        child.kv_tokens = dict(reply["kv_tokens"])
+        child.forked_tensors = {hid: RemoteTensor(child, hid, dtype_from_name(m["dtype"]), m["shape"],
+                                                  self.conn.info["device"]) for hid, m in reply["tensors"].items()}
+        child.fork_info = {"shared_blocks": reply["shared_blocks"], "fork_ms": reply["fork_ms"]}
+        return child
+
     def checkpoint_on_shutdown(self, on: bool = True) -> str | None:
         """Ask the server to write this session (KV caches, token ids, tensors) to host memory if it
         shuts down; returns the token for `conn.restore_session(token)` after the restart."""
@@ -162,6 +181,12 @@ class Session:
         if self.conn.transport.dead is None or self.lost:
             self.close()
 
+    def _repr_html_(self) -> str:
+        state = "closed" if self.closed else "lost (the server restarted)" if self.lost else "open"
+        rows = [("state", state), ("id", self.sid[:8]), ("server", str(self.conn.address)),
+                ("checkpoint on shutdown", "yes" if self.checkpoint_token else "no")]
+        return html_card(f"Session {self.name or self.sid[:8]}", rows)
+
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
         return f"Session({self.name or self.sid[:8]!r}, {state}, server={self.conn.address})"
@@ -175,14 +200,24 @@ class Session:
                 "seed": seed, "use_session_kv": use_session_kv, "stream": stream}
         if deterministic:
             args["deterministic"] = True
-        if not stream:
-            return self.call("generate", args)["sequences"]
+        if not stream:  # interrupted (Ctrl-C), the server stops it and the session keeps none of it
+            return self.call("generate", args, on_interrupt=lambda rid: self._cancel_generate(rid, 0))["sequences"]
         if input_ids.shape[0] != 1:
             raise InvalidRequest("stream=True supports batch size 1 (like transformers' TextStreamer)")
         self._flush_frees()
         q: queue.Queue = queue.Queue()
         fut = self.conn.transport.submit("generate", dict(args, sid=self.sid), stream=q)
-        return TokenStream(q, fut)
+        return TokenStream(q, fut, self)
+
+    def _cancel_generate(self, rid: int, keep: int):
+        """Stop generate `rid` on the server, the session keeping its first `keep` new tokens (those the
+        caller consumed). Not waited for: the server serves it before this client's next request."""
+        if self.closed or self.lost or self.conn.transport.dead is not None:
+            return None
+        try:
+            return self.conn.transport.submit("cancel_generate", {"sid": self.sid, "rid": rid, "keep": keep})
+        except DjinnError:
+            return None
 
     def _leaf(self, obj: Any):
         if isinstance(obj, RemoteTensor):
@@ -242,23 +277,45 @@ class Session:
 
 
 class TokenStream:
-    """Iterator of token ids as the server produces them; `.sequences` holds the result at the end."""
+    """Iterator of token ids as the server produces them; `.sequences` holds the result at the end.
 
-    def __init__(self, q: queue.Queue, fut):
-        self._q, self._fut = q, fut
+    Leaving the loop early (`break`, an exception, Ctrl-C) or calling `cancel()` stops the generate on
+    the server; the session then holds exactly the tokens this iterator yielded (`consumed`)."""
+
+    def __init__(self, q: queue.Queue, fut, session: "Session | None" = None):
+        self._q, self._fut, self._session = q, fut, session
         self.sequences: torch.Tensor | None = None
+        self.consumed = 0
+        self._ended = False
+        self._cancel_reply = None
 
     def __iter__(self) -> Iterator[int]:
-        while True:
-            item = self._fut.transport.next_stream_item(self._q)
-            if item is None:
-                self.sequences = self._fut.result()["sequences"]  # raises the typed error, if any
-                return
-            for tok in item["tokens"]:
-                yield tok
+        try:
+            while True:
+                item = self._fut.transport.next_stream_item(self._q)
+                if item is None:
+                    self._ended = True
+                    self.sequences = self._fut.result()["sequences"]  # raises the typed error, if any
+                    return
+                for tok in item["tokens"]:
+                    self.consumed += 1
+                    yield tok
+        finally:
+            if not self._ended:
+                self.cancel()
+
+    def cancel(self) -> None:
+        """Stop the generate now, keeping the tokens consumed so far in the session."""
+        if self._ended:
+            return
+        self._ended = True
+        if self._session is not None:
+            self._cancel_reply = self._session._cancel_generate(self._fut.rid, self.consumed)
+
+    close = cancel
 
     def __repr__(self) -> str:
-        done = "done" if self.sequences is not None else "streaming"
+        done = "done" if self.sequences is not None else "cancelled" if self._ended else "streaming"
         return f"TokenStream({done})"
 
 

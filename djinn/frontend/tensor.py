@@ -1,9 +1,11 @@
 """RemoteTensor: a handle to a tensor that lives in a server session.
 
 Shape, dtype and device are known locally (no round trip). Data crosses the wire only when it is
-materialized: `.cpu()`, `.tolist()`, `.item()`, `.numpy()`. The server copy is freed when the
-handle is garbage-collected (batched with the session's next request). In-place edits (`add_`,
-`t[idx] = v`, `t[idx] += v`, `copy_`) and views (`t[:, -1]`) come from `edits.Editable`.
+materialized: `.cpu()` (or `.to("cpu")`), `.tolist()`, `.item()`, `.numpy()`. `.device` is the
+server's device as a torch.device; `.to(that device)` keeps the tensor there (LazyOps.to in
+frontend/lazy.py). The server copy is freed when the handle is garbage-collected (batched with the
+session's next request). In-place edits (`add_`, `t[idx] = v`, `t[idx] += v`, `copy_`) and views
+(`t[:, -1]`) come from `edits.Editable`.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..protocol.errors import HandleNotFound
 from . import lazy
 from .edits import Editable
 
@@ -19,26 +22,42 @@ if TYPE_CHECKING:
     from .session import Session
 
 
+class Scope:
+    """The lifetime of handles the server frees by itself: a Stop's tensors live only while its run is
+    paused there (frontend/run.py ends the scope when the run moves on). A handle of an ended scope
+    raises `gone` at its next use, instead of sending an id the server answers with HandleNotFound."""
+
+    __slots__ = ("gone", "ended")
+
+    def __init__(self, gone: str):
+        self.gone = gone
+        self.ended = False
+
+    def end(self) -> None:
+        self.ended = True
+
+
 class RemoteTensor(Editable):
     """A server tensor handle, or a pending one: the result of lazy ops not yet run (frontend/lazy.py),
     which gets its handle when the session's pending graph is flushed."""
 
-    __slots__ = ("_hid", "_meta", "shape", "dtype", "device", "_session", "__weakref__")
+    __slots__ = ("_hid", "_meta", "_scope", "shape", "dtype", "device", "_session", "__weakref__")
 
-    def __init__(self, session: "Session", hid: str, dtype: torch.dtype, shape, device: str):
+    def __init__(self, session: "Session", hid: str, dtype: torch.dtype, shape, device: "str | torch.device"):
         self._hid = hid
         self._meta = None
+        self._scope: Scope | None = None
         self.shape = torch.Size(shape)
         self.dtype = dtype
-        self.device = device
+        self.device = torch.device(device)  # the server's device, as torch code expects of .device
         self._session = session
         weakref.finalize(self, session._release_handle, hid)
 
     @classmethod
     def pending(cls, session: "Session", meta: torch.Tensor) -> "RemoteTensor":
         t = cls.__new__(cls)
-        t._hid, t._meta, t._session = None, meta, session
-        t.shape, t.dtype, t.device = meta.shape, meta.dtype, session.conn.device
+        t._hid, t._meta, t._session, t._scope = None, meta, session, None
+        t.shape, t.dtype, t.device = meta.shape, meta.dtype, torch.device(session.conn.device)
         return t
 
     def _bind(self, hid: str) -> None:
@@ -50,7 +69,13 @@ class RemoteTensor(Editable):
         """The server handle; a pending tensor's graph is flushed first (one request)."""
         if self._meta is not None:
             lazy.flush(self._session)
+        self.check_live()
         return self._hid
+
+    def check_live(self) -> None:
+        """Raise HandleNotFound, saying why, if the server freed this tensor with its scope."""
+        if self._scope is not None and self._scope.ended:
+            raise HandleNotFound(self._scope.gone)
 
     def _target(self):
         return self, ()
@@ -96,5 +121,5 @@ class RemoteTensor(Editable):
         return a if dtype is None else a.astype(dtype)
 
     def __repr__(self) -> str:
-        state = "pending" if self._meta is not None else "remote"
+        state = "pending" if self._meta is not None else "gone" if self._scope and self._scope.ended else "remote"
         return f"RemoteTensor(shape={list(self.shape)}, dtype={self.dtype}, device='{self.device}', {state})"

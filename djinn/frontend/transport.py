@@ -34,6 +34,7 @@ import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from typing import Callable
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -136,14 +137,20 @@ class Transport:
         self._hello(secret)
 
     # -- public ----------------------------------------------------------------------------------
-    def call(self, op: str, args: dict, *, timeout: float | None = None, idempotent: bool = False):
-        """Send one request and wait for its result (retrying idempotent calls that time out)."""
+    def call(self, op: str, args: dict, *, timeout: float | None = None, idempotent: bool = False,
+             on_interrupt: Callable[[int], None] | None = None):
+        """Send one request and wait for its result (retrying idempotent calls that time out).
+        on_interrupt(rid): called when the wait is interrupted (KeyboardInterrupt), before it propagates."""
         timeout = self.cfg.call_timeout_s if timeout is None else timeout
         attempts = 1 + (self.cfg.retries if idempotent else 0)
         for attempt in range(attempts):
             fut = self.submit(op, args)
             try:
                 return fut.result(timeout=timeout)
+            except KeyboardInterrupt:
+                if on_interrupt is not None:
+                    on_interrupt(fut.rid)
+                raise
             except FutureTimeout:
                 self._drop(fut)
                 if self.dead is not None:
@@ -248,7 +255,8 @@ class Transport:
                     "server_public_key and that this client's .key is in the server's curve_allowed_dir"
                     if self._mode == "curve" else "")
             raise ServerUnavailable(f"no djinn server answered at {self.address} within "
-                                    f"{self.cfg.connect_timeout_s:.0f}s{hint}") from None
+                                    f"{self.cfg.connect_timeout_s:.0f}s (a busy server, or another service on "
+                                    f"that port: check the port the server printed){hint}") from None
         except DjinnError:
             self.close()
             raise

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..protocol.hashing import weight_hash
 from ..protocol.messages import Limits
-from ..protocol.tensors import dtype_name
+from ..protocol.tensors import dtype_name, flat_bytes
 
 _PROGRESS_BYTES = 256 << 20  # show a progress bar above this much to upload
 _MAX_ITEMS = 1024  # per message, well under the server's max_frames (one frame per tensor piece)
@@ -101,8 +101,7 @@ def _chunks(tensors: list[tuple[str, torch.Tensor]], chunk_bytes: int, piece_byt
     are split across items and messages."""
     items, size = [], 0
     for h, t in tensors:
-        flat = t.detach().cpu().contiguous().reshape(-1)
-        raw = flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
+        raw = flat_bytes(t)  # the bytes weight_hash hashed, whatever t's layout (Note [Any layout travels])
         total = raw.numel()
         offset = 0
         while True:

@@ -5,7 +5,9 @@ Tensors anywhere inside the header are replaced by msgpack ext values:
   ext 1  [dtype, shape, frame index, count]   bytes in `count` consecutive frames, in order
   ext 2  [dtype, shape, bytes]                small tensors inline
   ext 3  dtype name                           a torch.dtype value
-Nothing is unpickled or imported by name; an unknown ext code is a ProtocolError.
+Nothing is unpickled or imported by name; an unknown ext code is a ProtocolError. Encoding fails only
+with a ProtocolError too (a value or dtype that cannot travel, an int past 64 bits), so a sender can
+answer it typed (Note [Every request is answered] in djinn/server/engine.py).
 
 Note [Small frames]
     No frame is longer than `Limits.wire_frame_bytes` (1 MiB by default): a larger tensor is split
@@ -62,7 +64,13 @@ def encode(kind: MsgType, header: dict, limits: Limits = DEFAULT_LIMITS) -> list
             return list(obj)
         raise ProtocolError(f"cannot send a value of type {type(obj).__name__} over the wire")
 
-    body = _pieces(memoryview(msgpack.packb(header, default=default, use_bin_type=True)), step)
+    try:
+        packed = msgpack.packb(header, default=default, use_bin_type=True)
+    except ProtocolError:
+        raise
+    except Exception as e:  # msgpack's OverflowError, ValueError, TypeError; torch refusing a tensor
+        raise ProtocolError(f"cannot encode a {kind.name} message: {type(e).__name__}: {e}") from e
+    body = _pieces(memoryview(packed), step)
     if len(body) == 1:
         return [bytes([int(kind)]), body[0], *buffers]
     tail = len(body) - 1  # the header's continuation frames go last (Note [Small frames])

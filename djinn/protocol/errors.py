@@ -16,11 +16,13 @@ class DjinnError(Exception):
     def __init__(self, message: str = "", *, remote_traceback: str | None = None):
         super().__init__(message)
         self.message = message
+        #: The server's traceback, for errors raised there; never part of str(): a notebook shows
+        #: str() under every failed cell, and a page of server frames buries the one line that matters.
         self.remote_traceback = remote_traceback
+        if remote_traceback:
+            self.add_note("(the server's traceback is in this error's .remote_traceback)")
 
     def __str__(self) -> str:
-        if self.remote_traceback:
-            return f"{self.message}\n--- remote traceback ---\n{self.remote_traceback}"
         return self.message
 
 
@@ -82,9 +84,14 @@ class ServerBusy(DjinnError):
 
 
 class RemoteExecutionError(DjinnError):
-    """User code failed on the server; `remote_traceback` holds the server's traceback."""
+    """User code failed on the server. str() is the first line of the cause (what failed, and the
+    exception's own first line); `message` holds all of it, `remote_traceback` the server's traceback."""
 
     code = "remote_execution"
+
+    def __str__(self) -> str:
+        lines = [line for line in self.message.splitlines() if line.strip()]
+        return lines[0] if lines else self.message
 
 
 class ServerUnavailable(DjinnError):
@@ -120,6 +127,13 @@ class RequestTimeout(DjinnError):
     code = "timeout"
 
 
+class GenerateCancelled(DjinnError):
+    """The generate was cancelled by its client (`cancel_generate`: an interrupt in `generate`, or
+    leaving a `stream=True` loop). The session keeps exactly the tokens the client consumed."""
+
+    code = "cancelled"
+
+
 class CaptureError(DjinnError):
     """A module's forward or a lazy op could not be recorded as an SRG (DESIGN.md section 4): an op
     outside the allow-list, control flow on tensor values, a write to a weight. The message names the
@@ -133,7 +147,8 @@ ERRORS: dict[str, type[DjinnError]] = {
     for cls in (
         DjinnError, ProtocolError, AuthError, SessionNotFound, HandleNotFound, OutOfMemory,
         ModelNotSupported, InvalidRequest, RemoteExecutionError, ServerUnavailable, RequestTimeout,
-        SessionLost, ShuttingDown, QuotaExceeded, CaptureError, WeightWriteRefused, ServerBusy,
+        SessionLost, ShuttingDown, QuotaExceeded, CaptureError, WeightWriteRefused, GenerateCancelled,
+        ServerBusy,
     )
 }
 

@@ -3,6 +3,15 @@
 A tensor travels as its dtype's name, its shape and its bytes in C order. Strides are not kept: a
 non-contiguous tensor arrives contiguous with the same values. The receiving side checks that the
 byte count equals numel * itemsize before it builds anything (Note [Validate before allocate]).
+
+Note [Any layout travels]
+    What travels is the tensor's logical contents, whatever its strides, storage offset, conjugate or
+    negative bit, or device: `flat_bytes` is the one place that turns a tensor into bytes (messages,
+    upload chunks, weight hashes). A non-contiguous tensor is copied by `contiguous()`. That is not
+    enough on its own: torch calls a tensor with at most one element contiguous whatever its strides
+    (size-1 dims do not count), so a column of a batch-1 output (`out[:, 2]` of a [1, 5] tensor:
+    stride 5, offset 2) comes out of contiguous() and reshape(-1) with stride 5, and viewing it as
+    bytes fails. Its one element is where the offset says, so it is re-viewed there with stride 1.
 """
 from __future__ import annotations
 
@@ -50,15 +59,24 @@ def itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The tensor's values as a flat byte view (C order). Copies only if not contiguous or not on CPU."""
+def flat_bytes(t: torch.Tensor) -> torch.Tensor:
+    """Note [Any layout travels]: the tensor's values in C order as a 1-d uint8 CPU tensor. Copies only if
+    not contiguous, not on the CPU, or a lazy conjugate or negative view."""
     t = t.detach().resolve_conj().resolve_neg()  # lazy conj/neg views cannot be viewed as bytes
     if t.device.type != "cpu":
         t = t.cpu()
     flat = t.contiguous().reshape(-1)
     if flat.numel() == 0:
-        return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy())
+        return torch.empty(0, dtype=torch.uint8)
+    if flat.stride(0) != 1:  # one element, any stride: contiguous() kept it (Note [Any layout travels])
+        flat = flat.as_strided((flat.numel(),), (1,))
+    return flat.view(torch.uint8)
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The tensor's values as a flat byte view (C order), over `flat_bytes`."""
+    flat = flat_bytes(t)
+    return memoryview(flat.numpy()) if flat.numel() else memoryview(b"")
 
 
 def check_shape(shape: object) -> tuple[int, ...]:

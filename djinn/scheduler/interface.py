@@ -31,6 +31,7 @@ class DecisionError(RuntimeError):
 
 class Policy(Protocol):
     name: str
+    swaps: bool  # makes room by moving KV to the host pool (so a session over its host quota is no victim)
 
     def schedule(self, view: View) -> Decision:
         """The whole decision for this step. Pure: the same view gives the same decision."""

@@ -1,5 +1,3 @@
-import sys
+from .server_main import exit_process, main
 
-from .server_main import main
-
-sys.exit(main())
+exit_process(main())  # Note [Exit without teardown] in server_main.py

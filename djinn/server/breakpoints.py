@@ -25,9 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..protocol.errors import InvalidRequest
+from ..protocol.errors import InvalidRequest, OutOfMemory, RemoteExecutionError
 from ..srg.tree import tensor_leaves
 from . import edits, executor
+from .rng import Stream
 
 WHERE = ("before", "after")
 MAX_BREAKPOINTS = 256
@@ -84,10 +85,6 @@ class Call:
     device: torch.device
     kv_pool: Any = None       # generate: the model's KV pool; each execution reserves a scratch table
 
-    @property
-    def sampling(self) -> bool:
-        return self.method == "generate" and bool(self.kwargs.get("do_sample"))
-
 
 @dataclass(frozen=True)
 class LoggedEdit:
@@ -101,27 +98,63 @@ class LoggedEdit:
 
 @dataclass
 class Replay:
-    """For a fork: the parent's edits by hit, and the hit to park at (where the parent is parked).
+    """For a fork: the parent's edits by hit, and the hit where the parent is parked.
 
     Note [Fork replays the prefix]: a parked run's state is a Python call stack on its own thread,
-    which cannot be cloned. A fork therefore re-executes the same call from the stored inputs (same
-    seed and RNG state), applies the parent's logged edits at each earlier stop without parking, and
-    parks at the parent's current stop after applying the edits made there so far. Execution on one
-    device is deterministic, so the fork's state at that stop equals the parent's, bitwise; the price
-    is recomputing the prefix (OSDI_Evaluation/exp3_whitebox_debugging measures it).
+    which cannot be cloned. A fork is therefore lazy: it returns at once, a run paused at a snapshot
+    of the parent's stop (copies of its tensors, which may be read and edited; edits are logged), and
+    executes only when it is resumed. It then re-executes the call, applies the logged edits at each
+    stop up to the fork point without parking there, and goes on. A generate paused in a decode step
+    k >= 1 does not start over: it starts from a copy-on-write fork of the parent's KV blocks (every
+    position before step k, shared, nothing copied) and the token ids fed so far, and re-executes
+    only step k (`ResumePoint`); a forward, or a generate paused in its prefill, re-executes the
+    prefix from its parent's random stream as it was at the start. Execution on one device is
+    deterministic, so the fork's state at the fork point equals
+    the parent's, bitwise; one that does not reach that stop again fails (not deterministic).
     """
 
     log: dict[int, list[LoggedEdit]]
     pause_hit: int
-    rng: tuple | None
+    rng: Stream  # the parent's random stream at its start
+    spec: "BreakpointSpec | None" = None  # the stop the re-execution must reach at pause_hit ...
+    step: int | None = None              # ... in this model call
+
+
+@dataclass
+class StepMark:
+    """What a generate run had at the start of one of its model calls (for forks from its KV)."""
+
+    hits: int                    # stops hit before this call
+    fed: torch.Tensor | None     # the token ids this call feeds ([batch, n]; None: not given as input_ids)
+    rng: Stream | None           # the run's random stream as this call starts
+
+
+@dataclass
+class ResumePoint:
+    """Where a forked generate starts instead of the beginning (Note [Fork replays the prefix])."""
+
+    pool: Any
+    table: Any                   # a copy-on-write fork of the parent's block table
+    ids: torch.Tensor            # every token id fed up to and including step `step`'s input
+    step: int
+    hits: int
+    rng: Stream | None
 
 
 class Run:
     def __init__(self, run_id: str, session, model_id: str, call: Call, specs: list[BreakpointSpec],
-                 replay: Replay | None = None):
+                 replay: Replay | None = None, resume_from: ResumePoint | None = None,
+                 snapshot: StopPoint | None = None):
         self.run_id, self.session, self.model_id, self.call, self.specs = run_id, session, model_id, call, specs
         self.state = RunState.RUNNING
         self.stop: StopPoint | None = None
+        self.resume_from = resume_from
+        self.marks: list[StepMark] = []  # generate runs: one per model call (forks start from the KV)
+        self.lazy = snapshot is not None  # a fork that has not executed yet (Note [Fork replays the prefix])
+        if self.lazy:
+            self.state, self.stop, self.paused_since = RunState.PAUSED, snapshot, time.monotonic()
+            now = time.perf_counter()
+            self.timing = {"release": now, "wake": now, "park": now, "back": now}
         self.stop_hids: list[str] = []  # the stop's tensors as Stack handles (set by the run table)
         self.output: Any = None
         self.error: BaseException | None = None
@@ -130,11 +163,21 @@ class Run:
         self.hits = 0
         self.cache: Any = None          # the KV cache generate passes to the model (accounted while paused)
         self.log: dict[int, list[LoggedEdit]] = {}
-        self.paused_since: float | None = None
-        self.timing: dict[str, float] = {}
+        if not self.lazy:
+            self.paused_since: float | None = None
+            self.timing: dict[str, float] = {}
         self._replay = replay
-        self.rng0 = replay.rng if replay else None  # RNG state at the start of a sampling run
-        self._rng_run = self.rng0                   # the run's RNG while parked (see _advance)
+        if replay is not None and self.lazy:
+            self.log = {hit: list(es) for hit, es in replay.log.items()}  # edits on the snapshot add to it
+        # Note [Random streams]: the run draws from a stream of its own, swapped in while its thread
+        # runs, so others' draws while it is parked change nothing. A fork re-executing from the start
+        # starts from its parent's stream at the start; one starting from the parent's KV at step k,
+        # from the stream as step k began.
+        self.rng0 = replay.rng.copy() if replay else Stream.new(call.seed, call.device)
+        start = resume_from.rng if resume_from is not None and resume_from.rng is not None else self.rng0
+        self.rng = start.copy()
+        if resume_from is not None:
+            self.calls, self.hits = resume_from.step, resume_from.hits
         self._cancel = False
         self._to_run = threading.Semaphore(0)
         self._to_engine = threading.Semaphore(0)
@@ -146,8 +189,9 @@ class Run:
         runs on the engine thread itself, at the cost of a plain forward or generate."""
         if not self.specs:
             self.timing = {"release": time.perf_counter()}
-            self._main()
-            self._to_engine.acquire()
+            with self.rng.active():
+                self._main()
+                self._to_engine.acquire()
             self.timing["back"] = time.perf_counter()
             return
         self._register_hooks()
@@ -155,30 +199,56 @@ class Run:
 
     def resume(self) -> None:
         assert self.state == RunState.PAUSED, self.state
+        if self.lazy:  # a fork's first execution: up to its fork point without parking, then on
+            self.lazy = False
+            self._replay = Replay(self.log, self.stop.hit, self.rng0, self.stop.spec, self.stop.step)
+            self.log = {}
+            self._register_hooks()
+            self._advance(lambda: WORKERS.submit(self._main, keep=self.call.device.type == "cuda"))
+            return
         self._advance(self._to_run.release)
 
     def cancel(self) -> None:
         """Unwind a parked run's thread (it raises _Cancelled out of its hook) and wait until it ended."""
+        if self.state == RunState.PAUSED and self.lazy:  # no thread yet: only its KV fork to give back
+            self.lazy, self.stop, self.state = False, None, RunState.CANCELLED
+            if self.resume_from is not None:
+                self.resume_from.pool.release(self.resume_from.table)
+            return
         if self.state == RunState.PAUSED:
             self._cancel = True
             self._advance(self._to_run.release)
 
+    def resume_point(self) -> ResumePoint | None:
+        """Where a fork of this paused generate may start from its KV (None: it re-executes the prefix)."""
+        stop, c = self.stop, self.call
+        if self.lazy:
+            r = self.resume_from
+            return None if r is None else ResumePoint(r.pool, r.pool.fork(r.table), r.ids, r.step, r.hits, r.rng)
+        table = getattr(self.cache, "table", None)
+        first = self.resume_from.step if self.resume_from is not None else 0
+        k = stop.step if stop is not None else 0
+        if (c.method != "generate" or c.kv_pool is None or table is None or k < 1 or k < first
+                or len(self.marks) <= k - first):
+            return None
+        marks = self.marks[:k - first + 1]
+        if any(m.fed is None for m in marks):
+            return None
+        before = [self.resume_from.ids] if self.resume_from is not None else []
+        ids = torch.cat(before + [m.fed for m in marks], dim=1)
+        if table.length < ids.shape[1] - 1:
+            return None
+        fork = c.kv_pool.fork(table)
+        fork.length = int(ids.shape[1]) - 1  # step k's own positions are recomputed by the fork
+        return ResumePoint(c.kv_pool, fork, ids, k, marks[-1].hits, marks[-1].rng)
+
     def _advance(self, release) -> None:
-        # Sampling draws from torch's global generators, which other sessions also use while this run
-        # is parked: swap the run's RNG state in and out, so its tokens do not depend on them.
-        swap = self.call.sampling
-        if swap:
-            engine_rng = _rng_state(self.call.device)
-            if self._rng_run is not None:
-                _set_rng_state(self._rng_run, self.call.device)
         self.state, self.stop, self.paused_since = RunState.RUNNING, None, None
         self.timing = {"release": time.perf_counter()}
-        release()
-        self._to_engine.acquire()  # Note [Run hand-off]: the run thread has the device until here
+        with self.rng.active():  # Note [Random streams]
+            release()
+            self._to_engine.acquire()  # Note [Run hand-off]: the run thread has the device until here
         self.timing["back"] = time.perf_counter()
-        if swap:
-            self._rng_run = _rng_state(self.call.device)
-            _set_rng_state(engine_rng, self.call.device)
         if self.state == RunState.PAUSED:
             self.paused_since = time.monotonic()
 
@@ -206,27 +276,54 @@ class Run:
             self._to_engine.release()
 
     def _execute(self) -> Any:
+        if self.resume_from is not None:
+            out = self._execute_from_kv(self.resume_from)
+        else:
+            out = self._execute_call()
+        if self._replay is not None:  # never came back to the fork point
+            raise RemoteExecutionError(f"fork did not reach its parent's stop (hit {self._replay.pause_hit}): "
+                                       "the model call is not deterministic")
+        return out
+
+    def _execute_from_kv(self, r: ResumePoint) -> Any:
+        """A fork of a generate paused in step r.step: that step and the rest, over the forked KV."""
+        from .paged_cache import PagedCache
+        from .sessions import KVState
+
         c = self.call
-        if c.seed is not None:
-            torch.manual_seed(c.seed)  # as generate(seed=) does: the CPU and every CUDA device
-        if c.sampling and self.rng0 is None:
-            self.rng0 = _rng_state(c.device)
+        prompt = int(c.args[0].shape[1])
+        total = prompt + executor.new_tokens(c.module, prompt, c.kwargs)
+        kwargs = {k: v for k, v in c.kwargs.items() if k != "max_length"}
+        done = int(r.ids.shape[1]) - prompt  # tokens generated before step r.step
+        kwargs["max_new_tokens"] = total - prompt - done
+        if kwargs.get("min_new_tokens"):
+            kwargs["min_new_tokens"] = max(0, int(kwargs["min_new_tokens"]) - done)
+        fed = r.table.length
+        state = KVState(PagedCache(r.pool, r.table), r.ids[:, :fed])
+        try:
+            if not r.pool.reserve(r.table, total):
+                raise OutOfMemory(f"a forked generate run needs {total} tokens of KV x batch {r.ids.shape[0]}; "
+                                  "the model's KV pool has too few free blocks now")
+            return executor.generate(c.module, state, r.ids[:, fed:], kwargs, None, continues=True)
+        finally:
+            r.pool.release(r.table)  # on the run thread, while the engine waits (Note [Run hand-off])
+
+    def _execute_call(self) -> Any:
+        c = self.call
         if c.method == "forward":
             return executor.forward(c.module, c.args, c.kwargs)
         if c.kv_pool is None:
-            return executor.generate(c.module, None, c.args[0], c.kwargs, None, None, continues=False)
+            return executor.generate(c.module, None, c.args[0], c.kwargs, None, continues=False)
         from .sessions import KVState
 
         ids = c.args[0]
         state = KVState.empty(c.kv_pool, ids[:, :0])
         tokens = int(ids.shape[1]) + executor.new_tokens(c.module, int(ids.shape[1]), c.kwargs)
         if not c.kv_pool.reserve(state.table, tokens):
-            from ..protocol.errors import OutOfMemory
-
             raise OutOfMemory(f"a generate run needs {tokens} tokens of KV x batch {ids.shape[0]}; the model's "
                               "KV pool has too few free blocks now")
         try:
-            return executor.generate(c.module, state, ids, c.kwargs, None, None, continues=False)
+            return executor.generate(c.module, state, ids, c.kwargs, None, continues=False)
         finally:
             c.kv_pool.release(state.table)  # on the run thread, while the engine waits (Note [Run hand-off])
 
@@ -247,6 +344,10 @@ class Run:
             for v in kwargs.values():
                 if _is_cache(v):
                     self.cache = v
+            if self.call.method == "generate":
+                fed = kwargs.get("input_ids", args[0] if args else None)
+                rng = Stream.current(self.call.device)  # the stream this step draws from
+                self.marks.append(StepMark(self.hits, fed if isinstance(fed, torch.Tensor) else None, rng))
         return None
 
     def _before_hook(self, spec: BreakpointSpec):
@@ -256,6 +357,15 @@ class Run:
                 self._hit(spec, first, None)
             return None  # edits are in place: the module reads the edited tensor
         return hook
+
+    def snapshot(self) -> StopPoint:
+        """A copy of this run's stop for a fork: its tensors copied (the fork's own, to read and edit),
+        the module's output structure pointing at the copies."""
+        st = self.stop
+        copies = [t.clone() for t in st.tensors]
+        by_id = dict(zip(st.origin, copies))
+        return StopPoint(st.spec, st.step, st.hit, copies, _map_tensors(st.outputs, lambda t: by_id.get(id(t))),
+                         tuple(id(c) for c in copies), st.readonly)
 
     def _after_hook(self, spec: BreakpointSpec):
         def hook(module, args, output):
@@ -286,6 +396,12 @@ class Run:
                 self.log.setdefault(hit, []).append(e)
             if hit < self._replay.pause_hit:
                 return  # the parent stopped here earlier; the fork only re-applies its edits
+            want, want_step, self._replay = self._replay.spec, self._replay.step, None
+            if want is not None:  # the fork point, resumed before the fork executed: do not park, go on
+                if (want, want_step) != (spec, step):
+                    raise RemoteExecutionError(f"fork did not reach its parent's stop at {want.path} (hit {hit}): "
+                                               "the model call is not deterministic")
+                return
         self.stop, self.state = stop, RunState.PAUSED
         self.timing["park"] = time.perf_counter()
         self._to_engine.release()
@@ -390,16 +506,22 @@ def _layer_path(module: nn.Module, layer: Any) -> str:
 
 
 # -- helpers ---------------------------------------------------------------------------------------
+def _map_tensors(obj: Any, fn) -> Any:
+    """obj with each tensor leaf t (in tuples, lists, dicts, ModelOutputs) replaced by fn(t); None
+    where fn gives None (a tensor the stop does not expose). Other objects are kept as they are."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple) and not hasattr(obj, "keys"):
+        vals = [_map_tensors(v, fn) for v in obj]
+        return type(obj)(*vals) if hasattr(obj, "_fields") else tuple(vals)
+    if isinstance(obj, list):
+        return [_map_tensors(v, fn) for v in obj]
+    if isinstance(obj, dict):
+        out = {k: _map_tensors(v, fn) for k, v in obj.items()}
+        return type(obj)(**out) if any(c.__name__ == "ModelOutput" for c in type(obj).__mro__[1:]) else out
+    return obj
+
+
 def _is_cache(v: Any) -> bool:
     return any(c.__name__ == "Cache" for c in type(v).__mro__)
 
-
-def _rng_state(device: torch.device) -> tuple:
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state: tuple, device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)

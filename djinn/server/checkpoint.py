@@ -138,7 +138,7 @@ def restore_session(engine, client_id, rid, args):
     name = args.get("name", meta.get("name") or None)
     if name is not None and (not isinstance(name, str) or len(name) > 200):
         raise InvalidRequest("session name must be a string of at most 200 characters")
-    s = engine.sessions.open(client_id, name, engine.cfg.max_sessions_per_client)
+    s = engine.sessions.open(client_id, name, engine.principal(client_id))
     try:
         _install(engine, s, tensors)
     except BaseException:

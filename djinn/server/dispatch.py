@@ -21,6 +21,15 @@ Note [Queue quota and ownership]
     session holds at most N requests here, its job included; one more fails at once with
     QuotaExceeded, and the ones already queued go on. A free only releases memory: it is never refused.
 
+Note [Cancel]
+    `cancel_generate {rid, keep}` (a control op, served at once, between two steps) ends the session's
+    generate with that rid. Queued, it never starts. Running, its task is cancelled as a failure is
+    (the table goes back to its length before the call: the KV of what the session had seen is
+    untouched), then `Job.truncate(keep)` puts back the first `keep` generated tokens the client
+    consumed, whose KV the call already wrote: the session holds exactly the tokens its client saw,
+    and its next request starts from there at once. The generate's own reply is GenerateCancelled.
+    A generate that already ended is not touched (its reply is on the way).
+
 Note [When to schedule]
     `schedule` is pure and cheap, but it is called only when its inputs changed (`dirty`): a job
     arrived or ended, a swap completed, a signal came, a session closed, or the time a policy asked
@@ -36,23 +45,22 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..protocol.errors import OutOfMemory, QuotaExceeded, SessionNotFound
+from ..protocol.errors import GenerateCancelled, OutOfMemory, QuotaExceeded, SessionNotFound
 from ..scheduler import schedule
 from ..scheduler.types import MemoryView, SessionState, SessionView, View
 from ..vmu.data import GIB
+from .fast_task import PrefillBudget
 from .router import Request
+from .rng import Stream
 from .tasks import StepTask
 
 log = logging.getLogger("djinn.dispatch")
 
 #: Ops served at once, even while the session has a job (Note [Per-session order]).
-CONTROL_OPS = frozenset({"ping", "stats", "signal", "open_session", "close_session"})
+CONTROL_OPS = frozenset({"ping", "stats", "signal", "open_session", "close_session", "cancel_generate"})
 
 #: Ops that queue behind a job without counting against quota_queued_requests: they only free memory.
 UNCOUNTED_OPS = frozenset({"free"})
-
-#: Policies that make room by swapping to the host pool (recompute drops, resident moves nothing).
-SWAPPING_POLICIES = frozenset({"signal", "lru"})
 
 
 @dataclass(frozen=True)
@@ -81,7 +89,7 @@ class Job:
     model_id: str
     need: int                       # GPU bytes of the session's KV once the job is done
     body: Callable                  # body(step_hook) -> reply result
-    sampling: bool
+    rng: Stream                     # the random stream its StepTask draws from (Note [Random streams])
     device: Any
     uses_kv: bool = True            # False: no session cache, no memory to schedule; starts at once
     req: Request | None = None      # set by submit
@@ -93,6 +101,7 @@ class Job:
     make_task: Callable | None = None  # the decode fast path's task (fast_task.py); None: a StepTask
     reserve: Callable[[], bool] | None = None  # at start: reserve its KV blocks (False: none free yet)
     release: Callable[[], None] | None = None  # at the end: give back the blocks it did not write
+    truncate: Callable[[int], int] | None = None  # cancelled: keep the first n generated tokens (Note [Cancel])
 
 
 @dataclass
@@ -112,6 +121,7 @@ class Dispatcher:
         self._running: list[Job] = []       # started jobs, in round-robin order
         self._no_blocks: list[Job] = []     # jobs without a session KV that wait for free blocks
         self._arrivals = itertools.count()
+        self.prefill = PrefillBudget(engine.cfg.prefill_step_tokens)  # Note [Chunked prefill]
         self.dirty = False
         self.wake_at: float | None = None
         self.decisions = 0
@@ -209,8 +219,11 @@ class Dispatcher:
 
     def step(self) -> None:
         """Every started job takes one step; ended ones reply and let their session's next request in.
-        Fast-path jobs take theirs together: one batched step per model pool, before the tasks look."""
+        Fast-path jobs take theirs together: one batched step per model pool, before the tasks look;
+        then prefilling ones run at most a turn's budget of prompt tokens between them, first started
+        first (Note [Chunked prefill])."""
         self._step_pools()
+        self.prefill.new_turn()
         for job in list(self._running):
             if job.task.advance():
                 self._finish(job)
@@ -228,7 +241,7 @@ class Dispatcher:
 
     def view(self, now: float) -> View:
         mem = self.data.memory_view()
-        hide = self.data.host_quota is not None and self.policy.name in SWAPPING_POLICIES
+        hide = self.data.host_quota is not None and self.policy.swaps
         rows = []
         for s in self.engine.sessions:
             m = self.data.mem(s.sid)
@@ -266,8 +279,50 @@ class Dispatcher:
         for req in q.deferred:
             self.engine.reply_error(req, err)
 
+    def cancel(self, sid: str, rid: Any, keep: int) -> dict:
+        """Note [Cancel]: end the session's generate `rid`, keeping its first `keep` generated tokens."""
+        q = self._q.get(sid)
+        if q is None:
+            return {"cancelled": False, "kept": 0}
+        job = q.job
+        if job is not None and job.req is not None and job.req.header.get("rid") == rid:
+            if job.task is None:  # still waiting for memory: it never starts
+                if job in self._no_blocks:
+                    self._no_blocks.remove(job)
+                job.task = _Failed(GenerateCancelled("generate cancelled by the client before it started"))
+                job.t_start = time.monotonic()
+                self._running.append(job)
+                self.dirty = True
+                return {"cancelled": True, "kept": 0}
+            if job.task.done:
+                return {"cancelled": False, "kept": 0}  # it ended: its reply is on the way
+            job.task.cancel()
+            if job.task.error is None:
+                return {"cancelled": False, "kept": 0}  # it finished while being cancelled
+            kept = job.truncate(keep) if job.truncate is not None and keep > 0 else 0
+            job.task.error = GenerateCancelled(f"generate cancelled by the client; the session keeps {kept} "
+                                               "of its tokens")
+            job.task.error_traceback = None
+            self._finish(job)
+            return {"cancelled": True, "kept": kept}
+        for req in list(q.deferred):
+            if req.header.get("rid") == rid and req.header.get("op") == "generate":
+                q.deferred.remove(req)
+                self.engine.requests_served += 1
+                self.engine.reply_error(req, GenerateCancelled("generate cancelled by the client before it started"))
+                return {"cancelled": True, "kept": 0}
+        return {"cancelled": False, "kept": 0}
+
     def queue_length(self) -> int:
         return sum(1 for q in self._q.values() if q.job is not None and q.job.task is None)
+
+    def busy(self, sid: str) -> str | None:
+        """What any client may see of a session's job (`djinn top`): "generate running", "generate
+        queued" or None. Its timings, steps and why it waits stay its owner's (describe)."""
+        q = self._q.get(sid)
+        if q is None or q.job is None:
+            return None
+        return "generate queued" if q.job.task is None else "generate running"
 
     def describe(self, sid: str, now: float) -> dict | None:
         q = self._q.get(sid)
@@ -308,7 +363,7 @@ class Dispatcher:
             self.data.sync(job.session)  # its reservation is charged from now on
             m.counters.queue_s += waited
             self.data.totals.queue_s += waited
-        job.task = job.make_task() if job.make_task is not None else StepTask(job.body, job.device, job.sampling)
+        job.task = job.make_task() if job.make_task is not None else StepTask(job.body, job.device, job.rng)
         self._running.append(job)
 
     def _finish(self, job: Job) -> None:

@@ -4,6 +4,14 @@ It polls the router's socket (Note [One thread on the request path]), serves sho
 hands generates to the dispatcher (djinn/server/dispatch.py), which schedules sessions' KV memory and
 steps every running generate one decode step per loop, and replies on the same socket. Every failure
 becomes a typed ERROR for that request; the loop goes on.
+
+Note [Every request is answered]
+    A request gets exactly one REPLY or ERROR, whatever fails, encoding the reply included: a result
+    the codec cannot encode (it raises ProtocolError for anything it refuses) is answered with a
+    ProtocolError naming the op and the cause. Otherwise the client would wait out its whole timeout
+    for a reply that names no cause, and the exception, raised outside the op's handler, would end the
+    engine's turn (the rest of the requests it had taken) or a finishing job's bookkeeping (its
+    session's queued requests).
 """
 from __future__ import annotations
 
@@ -17,17 +25,20 @@ from ..config import ServerConfig
 from ..protocol import codec
 from ..protocol.auth import is_loopback
 from ..protocol.errors import (
-    DjinnError, InvalidRequest, OutOfMemory, RemoteExecutionError, ShuttingDown, clip, wire_error,
+    AuthError, DjinnError, InvalidRequest, OutOfMemory, ProtocolError, RemoteExecutionError, ShuttingDown, clip,
+    wire_error,
 )
 from ..protocol.messages import MsgType
-from ..scheduler.policies import get_policy
+from ..scheduler.policies import policy_from_config
 from ..vmu.data import GIB, DataSegment
 from ..vmu.text import TextSegment
 from ..vmu.uploads import Uploads
-from . import init_ops, ops, run_ops  # noqa: F401  (run_ops and init_ops register their ops)
+from . import checkpoint, fork, graph_ops, init_ops, ops, run_ops  # noqa: F401  (each registers its ops)
 from .dispatch import CONTROL_OPS, Dispatcher, Job
 from .metrics import Metrics
 from .models import ModelRegistry
+from .principals import Caps, Ledger, Resource
+from .registry import OPS
 from .router import ClientGone, Request, Router
 from .runs import RunTable
 from .sessions import Session, SessionTable
@@ -47,13 +58,18 @@ def _sticky_device_error(e: BaseException) -> bool:
     return any(s in text for s in _STICKY)
 
 
+FAULTS = ("oom", "device_error", "unencodable_reply")
+
+
 def _inject(fault: object) -> None:
-    """config.fault_injection: fail as the real fault would, where it would be seen."""
+    """config.fault_injection: fail as the real fault would, where it would be seen (before the op runs;
+    "unencodable_reply" acts after it, in `serve`)."""
     if fault == "oom":
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
     if fault == "device_error":
         raise RuntimeError("CUDA error: device-side assert triggered (injected)")
-    raise InvalidRequest(f"unknown fault {fault!r}; fault_injection knows 'oom' and 'device_error'")
+    if fault not in FAULTS:
+        raise InvalidRequest(f"unknown fault {fault!r}; fault_injection knows {list(FAULTS)}")
 
 
 class Engine(threading.Thread):
@@ -62,14 +78,14 @@ class Engine(threading.Thread):
         self.router, self.cfg, self.device, self.stop = router, cfg, device, stop
         self.loopback = is_loopback(cfg.bind)
         self.text = TextSegment()
-        self.uploads = Uploads(device, int(cfg.upload_in_flight_gb * 2**30))
+        self.ledger = Ledger(Caps.from_config(cfg))  # Note [One ledger] in principals.py
+        self.uploads = Uploads(device, self.ledger.account(Resource.UPLOAD_BYTES))
         self.models = ModelRegistry(self.text, device, cfg.architectures)
-        self.sessions = SessionTable(self.text.readonly)  # Note [Weights are read-only at run time]
-        self.runs = RunTable()
+        self.sessions = SessionTable(self.text.readonly, self.ledger)  # Note [Weights are read-only at run time]
+        self.runs = RunTable(self.ledger)
         self.data = DataSegment(device, int(cfg.host_pool_gb * GIB),
                                 (cfg.swap_bw_gbps or (25.0 if device.type == "cuda" else 4.0)) * 1e9)
-        options = {"margin_s": cfg.prefetch_margin_s, "always": cfg.swap_on_io_wait} if cfg.policy == "signal" else {}
-        self.policy = get_policy(cfg.policy, **options)
+        self.policy = policy_from_config(cfg)
         self.dispatch = Dispatcher(self, self.policy)
         self.requests_served = 0
         self.metrics = Metrics()
@@ -180,14 +196,17 @@ class Engine(threading.Thread):
             self.dispatch.defer(args["sid"], req)  # Note [Per-session order]
             return
         try:
-            handler = ops.OPS.get(op)
+            handler = OPS.get(op)
             if handler is None:
-                raise InvalidRequest(f"unknown op {op!r}; known: {sorted(ops.OPS)}")
+                raise InvalidRequest(f"unknown op {op!r}; known: {sorted(OPS)}")
             if not isinstance(args, dict):
                 raise InvalidRequest(f"args of {op} must be a map")
-            if self.cfg.fault_injection and args.get("_fault"):
-                _inject(args["_fault"])
+            fault = args.get("_fault") if self.cfg.fault_injection else None
+            if fault:
+                _inject(fault)
             result = handler(self, req.client_id, rid, args)
+            if fault == "unencodable_reply" and not isinstance(result, Job):  # the op ran; its reply
+                result = {"result": result, "unencodable": object()}           # holds what no codec sends
         except Exception as e:
             self.reply_exception(req, e, traceback.format_exc())
         else:
@@ -203,7 +222,14 @@ class Engine(threading.Thread):
         self.router.send(client_id, codec.encode(kind, header))
 
     def reply(self, req: Request, result) -> None:
-        self.send(req.client_id, MsgType.REPLY, {"rid": req.header["rid"], "result": result})
+        try:
+            frames = codec.encode(MsgType.REPLY, {"rid": req.header["rid"], "result": result})
+        except ProtocolError as e:  # Note [Every request is answered]
+            op = req.header["op"]
+            log.warning("the reply to %s could not be encoded: %s", op, e.message)
+            self.reply_error(req, ProtocolError(f"{op}: the server could not encode its reply: {e.message}"))
+            return
+        self.router.send(req.client_id, frames)
         self._observe(req, None)
 
     def _observe(self, req: Request, code: str | None) -> None:
@@ -245,6 +271,13 @@ class Engine(threading.Thread):
     def session(self, client_id: str, args: dict) -> Session:
         return self.sessions.get(args.get("sid"), client_id)
 
+    def principal(self, client_id: str) -> str:
+        """Who a new session of this client is charged to (Note [Principals] in principals.py)."""
+        p = self.router.principal(client_id)
+        if p is None:  # it said goodbye after sending the request: nobody waits for the reply
+            raise AuthError("this client has disconnected; connect again")
+        return p
+
     def release_model(self, mid: str, sid: str) -> None:
         """The session lets go of a model; the last one out frees it, and its KV pool with it."""
         self.models.release(mid, sid)
@@ -264,6 +297,7 @@ class Engine(threading.Thread):
         self.uploads.drop_session(s.sid)
         freed = s.data_bytes
         s.tensors.clear()
+        s.graphs.clear()
         s.kv.clear()
         s.models.clear()
         s.text_pins.clear()

@@ -1,6 +1,17 @@
 """Module-path execution: forward and server-side generate on models built by the registry.
 
 Runs on the engine thread only. Outputs stay on the device; the engine turns tensors into handles.
+
+Note [Effective generate arguments]
+    transformers' generate reads every argument a call leaves out from the model's generation_config,
+    which a client sends at registration, a server-side model reads from its generation_config.json,
+    and transformers fills from the model's config itself. Checked on the kwargs alone, that config
+    was a way around every check: num_beams=4096 in a generation_config ran 4096 beams. So the
+    allow-list and the ranges apply to the merged values (`effective_kwargs`, `check_generate`): a
+    config field generate() does not accept must be unset (None, False, its default, or inert
+    metadata), and an allowed one must be in range; the index checks read the merged token ids
+    (validate.check_generate). A call may still override a config value with an allowed one
+    (num_beams=1), as locally.
 """
 from __future__ import annotations
 
@@ -11,6 +22,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..protocol.errors import InvalidRequest
+from .sampling import checked_hf_kwargs
 from .sessions import KVState, Session
 
 # transformers >= 5.2x renames generate's past_key_values to cache; the old name works (with this
@@ -37,7 +49,7 @@ def forward(module: torch.nn.Module, args: list, kwargs: dict) -> Any:
 
 
 def generate(module: torch.nn.Module, state: KVState | None, input_ids: torch.Tensor, kwargs: dict,
-             seed: int | None, on_tokens: Callable[[torch.Tensor], None] | None,
+             on_tokens: Callable[[torch.Tensor], None] | None,
              step_hook: Callable[[], None] | None = None, continues: bool = True) -> torch.Tensor:
     """Run HF generate on the server over `state`'s KV blocks (None: HF's own cache, graph models only).
 
@@ -46,8 +58,10 @@ def generate(module: torch.nn.Module, state: KVState | None, input_ids: torch.Te
     concatenation returns. A state whose KV the scheduler dropped (recompute policy) has an empty
     table and its token ids: generate prefills them all again. The caller reserved the blocks for
     every token this call may add (dispatch admission). `step_hook` is called after every step.
+    It samples from torch's global generators: the caller has put the call's own stream there, seeded
+    or fresh (Note [Random streams] in rng.py).
     """
-    check_generate(input_ids, kwargs)
+    check_generate(input_ids, kwargs, module)
     kwargs = dict(kwargs)
     streamer = _TokenStreamer(on_tokens) if on_tokens is not None else None
     if state is not None:
@@ -60,8 +74,12 @@ def generate(module: torch.nn.Module, state: KVState | None, input_ids: torch.Te
         kwargs["past_key_values"] = state.cache
     if step_hook is not None:
         kwargs["stopping_criteria"] = StoppingCriteriaList([_StepCriterion(step_hook)])
-    if seed is not None:
-        torch.manual_seed(seed)  # seeds the CPU and every CUDA device, like a local torch.manual_seed
+    gc = module.generation_config
+    sampling = kwargs.get("do_sample")
+    if sampling is None:
+        sampling = getattr(gc, "do_sample", False)
+    if sampling:
+        kwargs = checked_hf_kwargs(kwargs, gc)  # Note [Scores are checked before sampling]
     before = state.table.length if state is not None else 0
     try:
         with torch.no_grad():
@@ -84,24 +102,68 @@ MAX_GENERATE_TOKENS = 1 << 20
 _INT_RANGES = {
     "max_new_tokens": (0, MAX_GENERATE_TOKENS), "min_new_tokens": (0, MAX_GENERATE_TOKENS),
     "max_length": (1, MAX_GENERATE_TOKENS), "num_beams": (1, 64), "num_return_sequences": (1, 64),
-    "top_k": (0, 1 << 24), "no_repeat_ngram_size": (0, 1 << 16),
+    "top_k": (0, 1 << 24), "no_repeat_ngram_size": (0, 1 << 16), "min_length": (0, MAX_GENERATE_TOKENS),
 }
 
 
-def check_generate(input_ids: Any, kwargs: dict) -> None:
+#: generation_config fields a client may not pass to generate but that change nothing the server
+#: bounds: metadata, and knobs that only end a call sooner or apply to beams (refused anyway).
+_INERT_CONFIG = frozenset({"transformers_version", "_from_model_config", "max_time", "early_stopping", "min_length"})
+
+
+def effective_kwargs(module: torch.nn.Module | None, kwargs: dict) -> dict:
+    """generate's arguments as transformers will use them: the call's kwargs over the model's
+    generation_config (Note [Effective generate arguments])."""
+    gc = getattr(module, "generation_config", None) if module is not None else None
+    config = gc.to_dict() if gc is not None and hasattr(gc, "to_dict") else {}
+    return {**config, **kwargs}
+
+
+def check_generate(input_ids: Any, kwargs: dict, module: torch.nn.Module | None = None) -> None:
+    """Refuse a generate whose arguments are off the allow-list or out of range, as they take effect:
+    the call's kwargs over `module`'s generation_config (Note [Effective generate arguments])."""
     bad = sorted(set(kwargs) - GENERATE_KWARGS)
     if bad:
         raise InvalidRequest(f"generate does not accept {bad}; allowed: {sorted(GENERATE_KWARGS)}")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         raise InvalidRequest("generate needs input_ids as a [batch, tokens] int64 tensor")
+    eff = effective_kwargs(module, kwargs)
+
+    def where(name: str) -> str:
+        if name in kwargs:
+            return ""
+        return " (from the model's generation_config" + ("; pass it to override)" if name in GENERATE_KWARGS else ")")
+
+    if module is not None:
+        defaults = _config_defaults()
+        for name, v in eff.items():
+            if name in GENERATE_KWARGS or name in _INERT_CONFIG or name not in defaults:
+                continue  # unknown names are attributes transformers never reads
+            if not (v is None or v is False or v == defaults[name] or (isinstance(v, (list, dict)) and not v)
+                    or (name == "cache_implementation" and v == "hybrid")):  # transformers unsets "hybrid" itself
+                raise InvalidRequest(f"generate: the model's generation_config sets {name}={v!r}, which generate "
+                                     f"does not accept (allowed: {sorted(GENERATE_KWARGS)}); register the model "
+                                     "without it")
     for name, (lo, hi) in _INT_RANGES.items():
-        v = kwargs.get(name)
+        v = eff.get(name)
         if v is not None and (type(v) is not int or not lo <= v <= hi):
-            raise InvalidRequest(f"generate: {name} must be an int in [{lo}, {hi}], got {v!r}")
+            raise InvalidRequest(f"generate: {name} must be an int in [{lo}, {hi}], got {v!r}{where(name)}")
     for name in ("num_beams", "num_return_sequences"):  # they copy and reorder cache rows (PagedLayer)
-        if (kwargs.get(name) or 1) > 1:
+        if (eff.get(name) or 1) > 1:
             raise InvalidRequest(f"generate: {name} > 1 is not supported over paged KV blocks yet; send one "
-                                 "generate per sequence (a batch of input rows works)")
+                                 f"generate per sequence (a batch of input rows works){where(name)}")
+
+
+_DEFAULTS: dict | None = None
+
+
+def _config_defaults() -> dict:
+    global _DEFAULTS
+    if _DEFAULTS is None:
+        from transformers import GenerationConfig
+
+        _DEFAULTS = GenerationConfig().to_dict()
+    return _DEFAULTS
 
 
 def new_tokens(module: torch.nn.Module, prompt_tokens: int, kwargs: dict) -> int:

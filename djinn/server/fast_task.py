@@ -1,11 +1,24 @@
 """A generate on the decode fast path, as a dispatcher task (the StepTask interface).
 
-The first `advance` prefills the call's new tokens eagerly into the state's blocks (through its
-PagedCache, in chunks of at most max_prefill_tokens) and samples the first token; the task then waits
-for a row of the model's decode pool, and from then on the pool's batched step (run once per engine
-turn by the dispatcher, before the tasks advance) produces its tokens into the same blocks. When its
-row is done the table's length is set and the task ends (Note [Fast path and the session cache] in
-fastpath.py). Everything runs on the engine thread: there is no worker thread to hand off to.
+The task first prefills the call's new tokens eagerly into the state's blocks (through its
+PagedCache), a chunk per engine turn as the turn's `PrefillBudget` allows (Note [Chunked prefill]),
+and samples the first token; it then waits for a row of the model's decode pool, and from then on the
+pool's batched step (run once per engine turn by the dispatcher, before the tasks advance) produces its
+tokens into the same blocks. When its row is done the table's length is set and the task ends (Note
+[Fast path and the session cache] in fastpath.py). Everything runs on the engine thread: there is no
+worker thread to hand off to.
+
+Note [Chunked prefill]
+    A 2k-token prompt is a forward of tens to hundreds of milliseconds on a 13B model; run whole, it
+    stalls every session that decodes on the same GPU for that long, and several arriving together
+    stall them for the sum. So each engine turn runs at most `prefill_step_tokens` tokens of pending
+    prefills (the dispatcher's `PrefillBudget`, handed out to prefilling tasks in the order they
+    started, so prompts finish first come first served) and then every decoding row takes its step:
+    a long prompt delays the others' next token by at most one chunk, as vLLM's chunked prefill does
+    with its per-step token budget. The chunk and the decode rows run as two forwards of one turn, not
+    one fused forward (the decode step is a captured graph over fixed shapes). A prompt continues from
+    the table's length, so a chunk is exactly a forward over a PagedCache that already holds the
+    chunks before it.
 """
 from __future__ import annotations
 
@@ -42,13 +55,39 @@ def pool_for(engine, entry) -> DecodePool:
     return pool
 
 
+class PrefillBudget:
+    """Prompt tokens the current engine turn may still prefill (Note [Chunked prefill])."""
+
+    def __init__(self, per_turn: int):
+        if per_turn < 1:
+            raise ValueError(f"a prefill budget needs at least one token per turn, got {per_turn}")
+        self.per_turn = per_turn
+        self.left = per_turn
+        self.turns = 0        # turns that prefilled something
+        self.chunks = 0       # forwards run under the budget
+        self._used = False
+
+    def new_turn(self) -> None:
+        self.turns += self._used
+        self.left, self._used = self.per_turn, False
+
+    def take(self, want: int) -> int:
+        """Up to `want` tokens of this turn's budget (0: none left, wait for the next turn)."""
+        n = min(want, self.left)
+        if n > 0:
+            self.left -= n
+            self.chunks += 1
+            self._used = True
+        return n
+
+
 class FastTask:
     def __init__(self, pool: DecodePool, state: KVState, input_ids: torch.Tensor, kwargs: dict,
                  seed: int | None, on_tokens: Callable[[torch.Tensor], None] | None, max_new: int,
-                 chunk: int, continues: bool = True):
+                 budget: PrefillBudget, continues: bool = True):
         self.pool, self.state, self.continues = pool, state, continues
         self.input_ids, self.kwargs, self.seed = input_ids, kwargs, seed
-        self.on_tokens, self.max_new, self.chunk = on_tokens, max_new, chunk
+        self.on_tokens, self.max_new, self.budget = on_tokens, max_new, budget
         self.done = False
         self.steps = 0
         self.result: Any = None
@@ -65,7 +104,7 @@ class FastTask:
         if self.done:
             return True
         try:
-            if self._full is None:
+            if self._first is None:
                 self._prefill()
             elif self.row is None:
                 self._try_join()
@@ -82,17 +121,24 @@ class FastTask:
 
     # -- phases -------------------------------------------------------------------------------------
     def _prefill(self) -> None:
+        """One chunk of the prompt, as this turn's budget allows; the first token once it is all in."""
         module, state = self.pool.module, self.state
-        full = torch.cat([state.ids, self.input_ids], dim=1) if self.continues else self.input_ids
-        self._full = full
-        if full.shape[1] <= state.table.length:
-            from ..protocol.errors import InvalidRequest
+        if self._full is None:
+            full = torch.cat([state.ids, self.input_ids], dim=1) if self.continues else self.input_ids
+            if full.shape[1] <= state.table.length:
+                from ..protocol.errors import InvalidRequest
 
-            raise InvalidRequest("generate has no new token to feed: its input is empty and the cache holds them all")
-        with torch.no_grad():  # chunks of max_prefill_tokens: the Stack reserve is measured at that size
-            for a in range(state.table.length, full.shape[1], self.chunk):
-                out = module(full[:, a:a + self.chunk], past_key_values=state.cache, use_cache=True,
-                             logits_to_keep=1)
+                raise InvalidRequest("generate has no new token to feed: its input is empty and the cache holds them all")
+            self._full = full
+        a = state.table.length
+        n = self.budget.take(self._full.shape[1] - a)
+        if n == 0:
+            return  # this turn's prefill budget is spent: the decode rows go first (Note [Chunked prefill])
+        with torch.no_grad():
+            out = module(self._full[:, a:a + n], past_key_values=state.cache, use_cache=True, logits_to_keep=1)
+        if state.table.length < self._full.shape[1]:
+            return
+        full = self._full
         self.sampler = Sampler.build(module, self.kwargs, self.seed, full.device)
         gc = module.generation_config
         eos = self.kwargs.get("eos_token_id", gc.eos_token_id)
@@ -119,6 +165,8 @@ class FastTask:
         self.pool.join(self.row, self.state.table)
 
     def _finish(self) -> None:
+        if self.row.error is not None:
+            raise self.row.error  # fail() drops the row and gives back what the call wrote
         self.pool.leave(self.row, self.state.table)
         self._end(self.row.new)
 

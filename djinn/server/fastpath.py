@@ -12,8 +12,12 @@ Note [Decode pool]
     copies a few block ids, never KV. Active rows are kept in slots 0..n-1 with no holes (a row that
     leaves has the last row's ids moved into its slot), and a step over n rows runs the graph of the
     buckets at or above n and the longest row. Slots past n point at the scratch block (Note [Scratch
-    block]): the step writes garbage there, never into a session's blocks. CUDA graphs are captured on
-    fixed addresses: the pool's tensor, the tables, ids and positions.
+    block]): the step writes garbage there, never into a session's blocks. No row reads it either: a
+    row's entries past its own blocks repeat its last block, so the masked positions of its length
+    bucket hold only its own keys and values. (A masked position weighs 0, but 0 x NaN is NaN: a free
+    slot's stale token whose forward is not finite would otherwise poison every row of the model
+    through the scratch block.) CUDA graphs are captured on fixed addresses: the pool's tensor, the
+    tables, ids and positions.
 
 Note [Fast path and the session cache]
     The session's KV is its block table; the eager path (a PagedCache over the same table) prefills a
@@ -37,12 +41,16 @@ Note [Fast path numerics]
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+
+from ..protocol.errors import InvalidRequest
+from .sampling import check_scores
 
 log = logging.getLogger("djinn.fastpath")
 
@@ -108,8 +116,9 @@ class Sampler:
         s = cls(bool(pick("do_sample", False)), float(pick("temperature", 1.0)), int(pick("top_k", 0)),
                 float(pick("top_p", 1.0)))
         if s.do_sample:
+            # Note [Random streams] in rng.py: unseeded, from the OS, so no one else's seed decides it.
             s.generator = torch.Generator(device)
-            s.generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+            s.generator.manual_seed(seed if seed is not None else secrets.randbits(64))
         return s
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
@@ -126,6 +135,7 @@ class Sampler:
             drop = cum <= (1 - self.top_p)
             drop[..., -1:] = False
             scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        check_scores(scores)  # Note [Scores are checked before sampling]
         probs = scores.softmax(-1)
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
 
@@ -145,6 +155,7 @@ class Row:
     new: list = field(default_factory=list)  # tokens generated in the pool (the prefill's first excluded)
     slot: int = -1
     done: bool = False
+    error: InvalidRequest | None = None  # its scores could not be sampled: it ends, the other rows go on
 
 
 class DecodePool:
@@ -189,7 +200,7 @@ class DecodePool:
             raise RuntimeError("a fast-path row joined with fewer blocks than its tokens need")
         row.slot = len(self.rows)
         ids = table.rows[0]
-        self.tables[row.slot].zero_()
+        self.tables[row.slot].fill_(ids[-1])  # never the scratch block (Note [Decode pool])
         self.tables[row.slot, :len(ids)].copy_(torch.tensor(ids, dtype=torch.long))
         self.rows.append(row)
 
@@ -236,7 +247,14 @@ class DecodePool:
         self.steps += 1
         self.rows_stepped += len(rows)
         for r in rows:
-            tok = int(r.sampler(logits[r.slot:r.slot + 1])[0]) if r.sampler.do_sample else greedy[r.slot]
+            if r.sampler.do_sample:
+                try:
+                    tok = int(r.sampler(logits[r.slot:r.slot + 1])[0])
+                except InvalidRequest as e:  # this row's request only (Note [Scores are checked before sampling])
+                    r.error, r.done = e, True
+                    continue
+            else:
+                tok = greedy[r.slot]
             r.pos += 1
             r.token = tok
             r.new.append(tok)

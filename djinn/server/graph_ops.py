@@ -1,66 +1,56 @@
 """Graph-path ops (DESIGN.md section 4.2-4.3): register_graph, run_graph, graph_stats.
 
-Registered in ops.OPS like every other op. A graph arrives once per (client, signature) and is checked
+Registered in the op registry (registry.py) like every other op. A graph arrives once per (session, signature) and is checked
 and compiled then (djinn/server/interpreter.py); later calls send the signature and their inputs only.
 
 Note [Graph cache]
-    Compiled graphs are cached per client id and signature, LRU, at most MAX_GRAPHS in all. Per client,
-    not shared: a graph can carry a tenant's constants, and the signature is the client's own claim (a
-    client that lies about it only confuses its own cache). A call naming a signature the server does
-    not hold (evicted, or a restarted server) is answered {"missing": true} and the client sends it again
-    with the graph: no error, one extra round trip.
+    Compiled graphs are cached per session and signature (`Session.graphs`, LRU, at most
+    MAX_GRAPHS_PER_SESSION), not shared: a graph carries its sender's constants, and the signature is
+    the client's own claim (a client that lies about it only confuses its own cache). The session owns
+    them: their constants are device memory charged to its Data segment and GPU quota (a new graph
+    whose constants would pass the quota is refused before they are copied in), `stats` shows them
+    per session, and they are freed with the session. A call naming a signature the session does not
+    hold (evicted, another session, or a restarted server) is answered {"missing": true} and the client
+    sends it again with the graph: no error, one extra round trip (clients remember which session holds
+    which graph, so a graph's first call in a session carries it).
 """
 from __future__ import annotations
 
 import time
 import weakref
-from collections import OrderedDict
 
 import torch
 
 from ..protocol.errors import InvalidRequest
 from ..srg.graph import from_wire
-from .interpreter import Compiled, Interpreter, compile_graph
+from .interpreter import Compiled, Interpreter, compile_graph, const_bytes
+from . import quotas
 from .models import GRAPH_ARCH
-from .ops import (_model_info, _model_of, _pack_outputs, _read, _seed, _unpack_inputs, adopt, op, over_gpu_quota,
+from .ops import (_model_info, _model_of, _pack_outputs, _read, _seed, _unpack_inputs, adopt, op,
                   pinned_tensors)
+from .rng import Stream
 
-MAX_GRAPHS = 1024
 
+class GraphCounters:
+    """Per client id: graphs compiled (received), hits, missing, runs (`graph_stats`)."""
 
-class GraphStore:
     def __init__(self) -> None:
-        self._graphs: OrderedDict[tuple[str, str], Compiled] = OrderedDict()
         self.counters: dict[str, dict[str, int]] = {}
 
     def count(self, client_id: str, what: str) -> None:
         c = self.counters.setdefault(client_id, {"compiled": 0, "hits": 0, "missing": 0, "runs": 0})
         c[what] += 1
 
-    def get(self, key: tuple[str, str]) -> Compiled | None:
-        c = self._graphs.get(key)
-        if c is not None:
-            self._graphs.move_to_end(key)
-        return c
 
-    def put(self, key: tuple[str, str], c: Compiled) -> None:
-        self._graphs[key] = c
-        while len(self._graphs) > MAX_GRAPHS:
-            self._graphs.popitem(last=False)
-
-    def held(self, client_id: str) -> int:
-        return sum(1 for k in self._graphs if k[0] == client_id)
+# One per engine, kept beside it so the engine needs no field for it.
+_COUNTERS: "weakref.WeakKeyDictionary[object, GraphCounters]" = weakref.WeakKeyDictionary()
 
 
-# One store per engine, kept beside it so the engine needs no field for it.
-_STORES: "weakref.WeakKeyDictionary[object, GraphStore]" = weakref.WeakKeyDictionary()
-
-
-def graph_store(engine) -> GraphStore:
-    store = _STORES.get(engine)
-    if store is None:
-        store = _STORES[engine] = GraphStore()
-    return store
+def graph_counters(engine) -> GraphCounters:
+    c = _COUNTERS.get(engine)
+    if c is None:
+        c = _COUNTERS[engine] = GraphCounters()
+    return c
 
 
 @op
@@ -79,26 +69,24 @@ def run_graph(engine, client_id, rid, args):
     t0 = time.perf_counter()
     s = engine.session(client_id, args)
     engine.runs.apply_edits(s, args.get("edits"))  # queued edits first: read-your-writes
-    store = graph_store(engine)
     compiled, status, weights, inputs = graph_call(engine, client_id, s, args, "run_graph")
     if compiled is None:
         return {"missing": True}
-    seed = _seed(args)
-    if seed is not None:
-        torch.manual_seed(seed)  # random ops are seeded on the server, like a local manual_seed
+    rng = Stream.new(_seed(args), engine.device)  # Note [Random streams]: as a local manual_seed, or fresh
     fetch = args.get("fetch") or []
     n_out = len(compiled.graph.outputs)
     if not isinstance(fetch, list) or not all(type(k) is int and 0 <= k < n_out for k in fetch):
         raise InvalidRequest(f"fetch must list output indices below {n_out}")
     held = set(s.tensors)
     t1 = time.perf_counter()
-    outs = Interpreter(compiled, engine.text.readonly).run(inputs, weights)
+    with rng.active():
+        outs = Interpreter(compiled, engine.text.readonly).run(inputs, weights)
     t2 = time.perf_counter()
-    store.count(client_id, "runs")
+    graph_counters(engine).count(client_id, "runs")
     result = {"outputs": _pack_outputs(s, outs), "tensors": [_read(outs[k], None) for k in fetch],
               "graph": status, "timing": {"interpret_us": round((t2 - t1) * 1e6), "server_us": 0}}
     engine.data.sync(s)
-    err = over_gpu_quota(engine, s, held, "run_graph")
+    err = quotas.over_gpu(engine, s, held, "run_graph")
     if err is not None:
         del outs, result
         raise err
@@ -112,39 +100,46 @@ def graph_call(engine, client_id: str, s, args: dict, what: str) -> tuple[Compil
     sig = args.get("sig")
     if not isinstance(sig, str) or not 0 < len(sig) <= 64:
         raise InvalidRequest(f"{what} needs sig, the graph's signature string")
-    compiled, status = compiled_for(engine, client_id, sig, args.get("graph"))
+    compiled, status = compiled_for(engine, client_id, s, sig, args.get("graph"))
     if compiled is None:
         return None, status, [], []
     weights = _weights(engine, s, args, compiled)
+    # Note [Graph peak memory]: what the run will hold at its peak, before anything is allocated.
+    quotas.check_gpu(engine, s, quotas.gpu_used(engine, s) + compiled.peak_bytes, what,
+                     f"the graph's intermediates and outputs peak at {compiled.peak_bytes} bytes")
     inputs = _unpack_inputs(engine, s, args.get("inputs", []), alias_handles=True)
     _check_inputs(compiled, inputs)
     return compiled, status, weights, inputs
 
 
-def compiled_for(engine, client_id: str, sig: str, wire) -> tuple[Compiled | None, str]:
-    """This client's compiled graph for `sig` (Note [Graph cache]), compiling `wire` if it is new;
-    (None, "missing") when the server holds no such graph and none was sent."""
-    store = graph_store(engine)
-    key = (client_id, sig)
-    compiled = store.get(key)
+def compiled_for(engine, client_id: str, s, sig: str, wire) -> tuple[Compiled | None, str]:
+    """The session's compiled graph for `sig` (Note [Graph cache]), compiling `wire` if it is new;
+    (None, "missing") when the session holds no such graph and none was sent."""
+    counters = graph_counters(engine)
+    compiled = s.graphs.get(sig)
     if compiled is not None:
-        store.count(client_id, "hits")
+        counters.count(client_id, "hits")
         return compiled, "cached"
     if wire is None:
-        store.count(client_id, "missing")
+        counters.count(client_id, "missing")
         return None, "missing"
-    compiled = compile_graph(from_wire(wire), engine.device)
-    store.put(key, compiled)
-    store.count(client_id, "compiled")
+    g = from_wire(wire)
+    consts = const_bytes(g)  # checked before compile_graph copies them to the device
+    quotas.check_gpu(engine, s, quotas.gpu_used(engine, s) + consts, "this graph",
+                     f"{consts} bytes of graph constants")
+    compiled = compile_graph(g, engine.device)
+    s.graphs.put(sig, compiled)
+    engine.data.sync(s)  # its constants are the session's now (and an evicted graph's are not)
+    counters.count(client_id, "compiled")
     return compiled, "compiled"
 
 
 @op
 def graph_stats(engine, client_id, rid, args):
-    """This client's graph cache: graphs held, compiled (graphs received), hits, missing, runs."""
-    store = graph_store(engine)
-    c = dict(store.counters.get(client_id, {"compiled": 0, "hits": 0, "missing": 0, "runs": 0}))
-    return dict(c, held=store.held(client_id))
+    """This client's graph cache: graphs held (in all its sessions), compiled (graphs received), hits,
+    missing, runs."""
+    c = dict(graph_counters(engine).counters.get(client_id, {"compiled": 0, "hits": 0, "missing": 0, "runs": 0}))
+    return dict(c, held=sum(len(s.graphs) for s in engine.sessions.of_client(client_id)))
 
 
 def _weights(engine, s, args, compiled: Compiled) -> list[torch.Tensor]:

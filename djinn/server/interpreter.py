@@ -9,6 +9,18 @@ real tensors on the engine thread; `Interpreter.run_node` is the one override po
 (breakpoints and streaming hook in there, as with torch.fx's Interpreter). The boundary is at run time
 (Note [Weights are read-only at run time] in vmu/readonly.py): before a node that writes runs, every
 tensor it writes is checked against the weights' storages, and outputs in a weight's storage are copied.
+
+Note [Graph peak memory]
+    A graph's intermediates live on the device only while it runs, but one node can ask for gigabytes,
+    so what a run will hold is estimated before it starts, from the SRG's declared shapes alone: the
+    dry run gives every node's outputs as meta tensors, whose storages are shared exactly where the
+    real ones will be (views, in-place ops, `_unsafe_view`, split's list outputs). Walking the nodes in
+    order, a storage no input, weight or constant owns is counted (whole, ALIGN-rounded) from the node
+    that makes it until the last node holding it is freed (`frees`, the interpreter's own schedule:
+    outputs are never freed), and `peak_bytes` is the most counted at once. Kernels' internal
+    workspaces are not in the SRG and not counted. Constants (`const_bytes`) are held with the compiled
+    graph, by the session that sent it (Note [Graph cache] in graph_ops.py). Both are checked against
+    the session's GPU quota before they are allocated (Note [Session quotas] in quotas.py).
 """
 from __future__ import annotations
 
@@ -21,6 +33,7 @@ from ..protocol.errors import InvalidRequest, RemoteExecutionError, WeightWriteR
 from ..srg import ops as srg_ops
 from ..srg.capture import op_info
 from ..srg.graph import CONST, DEVICE, IN, WEIGHT, Graph, Ref
+from ..vmu.data import aligned
 from ..vmu.readonly import ReadOnlyMemory
 
 _META = torch.device("meta")
@@ -38,6 +51,14 @@ class Compiled:
     frees: list[list[int]]           # after node i, drop these nodes' outputs (last use)
     writes: list[tuple]              # per node: (position, name) of each argument it may write
     ops: list[int] = field(default_factory=list)  # the op nodes in order
+    const_bytes: int = 0             # device bytes of `consts` (Note [Graph peak memory])
+    peak_bytes: int = 0              # most bytes of op outputs alive at once while it runs
+
+
+def const_bytes(g: Graph) -> int:
+    """Device bytes a graph's constants take once compiled (known before they are copied there)."""
+    return sum(aligned(node.args[0].numel() * node.args[0].element_size()) for node in g.nodes
+               if node.op == CONST and isinstance(node.args[0], torch.Tensor))
 
 
 def compile_graph(g: Graph, device: torch.device) -> Compiled:
@@ -77,7 +98,7 @@ def compile_graph(g: Graph, device: torch.device) -> Compiled:
                 roots[i] = roots[node.args[src].node]
     args = [_sub_device(node.args, device) for node in g.nodes]
     kwargs = [_sub_device(node.kwargs, device) for node in g.nodes]
-    _dry_run(g, fns, args, kwargs)
+    env = _dry_run(g, fns, args, kwargs)
     last: dict[int, int] = {}
     for i, node in enumerate(g.nodes):
         for r in _refs(node.args) + _refs(node.kwargs):
@@ -88,11 +109,49 @@ def compile_graph(g: Graph, device: torch.device) -> Compiled:
         if j not in keep:
             frees[i].append(j)
     ops = [i for i in range(n) if fns[i] is not None]
-    return Compiled(g, fns, args, kwargs, inputs, weights, consts, frees, writes, ops)
+    return Compiled(g, fns, args, kwargs, inputs, weights, consts, frees, writes, ops, const_bytes(g),
+                    peak_bytes(fns, env, frees))
 
 
-def _dry_run(g: Graph, fns: list, args: list, kwargs: list) -> None:
-    """Every op over meta tensors, checking declared outputs: shapes are checked before any allocation."""
+def peak_bytes(fns: list, env: list, frees: list[list[int]]) -> int:
+    """Note [Graph peak memory]: the most bytes of op outputs alive at once, from the dry run's meta
+    tensors (`env`, every node's outputs, all still referenced so no storage key is reused)."""
+    def key(t: torch.Tensor) -> int:
+        return t.untyped_storage()._cdata  # the StorageImpl: shared by every view of it, meta included
+
+    given: set[int] = set()           # storages of inputs, weights and constants: not the run's to allocate
+    size: dict[int, int] = {}         # storage -> bytes, while some live node holds it
+    holders: dict[int, set[int]] = {}
+    live = peak = 0
+    for i, outs in enumerate(env):
+        if fns[i] is None:
+            given.update(key(t) for t in outs)
+            continue
+        for t in outs:
+            k = key(t)
+            if k in given:
+                continue
+            if k not in size:
+                size[k] = aligned(t.untyped_storage().nbytes())
+                live += size[k]
+            holders.setdefault(k, set()).add(i)
+        peak = max(peak, live)
+        for j in frees[i]:
+            for t in env[j]:
+                k = key(t)
+                h = holders.get(k)
+                if h is None:
+                    continue
+                h.discard(j)
+                if not h:
+                    del holders[k]
+                    live -= size.pop(k)
+    return peak
+
+
+def _dry_run(g: Graph, fns: list, args: list, kwargs: list) -> list:
+    """Every op over meta tensors, checking declared outputs: shapes are checked before any allocation.
+    Returns every node's outputs (meta tensors)."""
     env: list = [None] * len(g.nodes)
     for i, node in enumerate(g.nodes):
         if fns[i] is None:
@@ -112,6 +171,7 @@ def _dry_run(g: Graph, fns: list, args: list, kwargs: list) -> None:
             raise InvalidRequest(f"graph node {i} ({node.op}) declares outputs "
                                  f"{[(str(m.dtype), list(m.shape)) for m in node.outs]} but gives {got}")
         env[i] = outs
+    return env
 
 
 def _sub_device(v: Any, device: torch.device) -> Any:

@@ -263,7 +263,12 @@ class ModelRegistry:
         with torch.device("meta"):
             module = cls._from_config(hf_config, **kwargs)
         if isinstance(generation_config, dict) and hasattr(module, "generation_config"):
-            module.generation_config = GenerationConfig.from_dict(generation_config)
+            # Its values are checked where they take effect, merged under each generate's arguments
+            # (Note [Effective generate arguments] in executor.py); here only what transformers refuses.
+            try:
+                module.generation_config = GenerationConfig.from_dict(generation_config)
+            except (ValueError, TypeError) as e:
+                raise InvalidRequest(f"bad generation_config for {cls.__name__}: {str(e)[:300]}") from None
         return module.eval()
 
 

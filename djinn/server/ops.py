@@ -1,6 +1,6 @@
 """The operations a client can request: `op(engine, client_id, rid, args) -> result`.
 
-One function per op, registered in OPS. Arguments are checked here, before anything is allocated.
+One function per op, registered in the op registry (registry.py). Arguments are checked here, before anything is allocated.
 
 Note [Isolation]
     Every handle an op takes is resolved through the calling client's own session: the session id
@@ -29,15 +29,7 @@ Note [Prefix sharing]
     (KVPool.ensure_private). Breakpoint runs never take cached blocks, so a stop sees (and may edit)
     every position it observes. Off with prefix_caching: false.
 
-Note [Session quotas]
-    quota_gpu_gb caps a session's Data segment on the GPU: its KV caches plus the tensors it holds
-    (`engine.data.acct.session(sid)["data"]`); weights are shared and never count. A generate on the
-    session's KV is refused before it is queued when its `need` (the session's KV once it is done, as
-    the scheduler reserves it) plus the held tensors would pass the quota; a forward (or a finished
-    forward run) whose new outputs would pass it has those outputs freed at once and fails. Either way
-    the reply is QuotaExceeded and the session holds what it held before. quota_host_gb is the Data
-    segment's (Note [Host quota] in djinn/vmu/data.py); quota_queued_requests the dispatcher's (Note
-    [Queue quota and ownership] in djinn/server/dispatch.py). `stats` shows each session's limits and use.
+Quotas (Note [Session quotas]) are checked through djinn/server/quotas.py.
 """
 from __future__ import annotations
 
@@ -48,26 +40,20 @@ from typing import Any, Callable
 import torch
 
 from ..protocol import structure
-from ..protocol.errors import InvalidRequest, OutOfMemory, QuotaExceeded, short
+from ..protocol.errors import InvalidRequest, OutOfMemory, short
 from ..protocol.indexing import apply_chain, decode_chain
 from ..protocol.messages import MsgType
 from ..protocol.tensors import dtype_name
-from ..vmu.accounting import DATA, HOST
-from . import executor, streaming, validate
+from . import executor, quotas, streaming, validate
 from .dispatch import Job
 from .fast_task import FastTask, pool_for
 from .kv_pools import pool_for as kv_pool_for
 from .fastpath import unsupported
+from .registry import op
+from .rng import Stream
 from .sessions import KVState, SessionState, install_restored
 
 log = logging.getLogger("djinn.ops")
-
-OPS: dict[str, Callable] = {}
-
-
-def op(fn: Callable) -> Callable:
-    OPS[fn.__name__] = fn
-    return fn
 
 
 @op
@@ -86,7 +72,7 @@ def open_session(engine, client_id, rid, args):
     budget = args.get("max_kv_tokens")
     if budget is not None and (type(budget) is not int or not 1 <= budget <= 1 << 24):
         raise InvalidRequest(f"max_kv_tokens must be an int in [1, {1 << 24}] or null, got {budget!r}")
-    s = engine.sessions.open(client_id, name, engine.cfg.max_sessions_per_client)
+    s = engine.sessions.open(client_id, name, engine.principal(client_id))
     s.max_kv_tokens = budget
     log.info("session %s opened by client %s%s", s.sid[:8], client_id[:8], f" name={name!r}" if name else "")
     if wants_checkpoint:  # Note [Checkpoint tokens] in checkpoint.py
@@ -133,7 +119,7 @@ def upload(engine, client_id, rid, args):
     for item in items:
         if not isinstance(item, dict):
             raise InvalidRequest("upload items must be maps")
-        finished = engine.uploads.put(s.sid, item, host=residency != "device")
+        finished = engine.uploads.put(s.sid, item, host=residency != "device", owner=s.principal)
         if finished is None:
             continue
         h, tensor = finished
@@ -205,10 +191,11 @@ def forward(engine, client_id, rid, args):
     check_prefill(engine, call_kwargs.get("input_ids", call_args[0] if call_args else None), "forward")
     call_args, call_kwargs = _to_device(call_args, engine.device), _to_device(call_kwargs, engine.device)
     held = set(s.tensors)
-    out = executor.forward(entry.module, call_args, call_kwargs)
+    with Stream.new(None, engine.device).active():  # Note [Random streams]: a module drawing in forward
+        out = executor.forward(entry.module, call_args, call_kwargs)
     result = {"output": _pack_outputs(s, out)}
     engine.data.sync(s)
-    err = over_gpu_quota(engine, s, held, "forward")
+    err = quotas.over_gpu(engine, s, held, "forward")
     if err is not None:
         del out, result  # the outputs are freed now, not when the error's traceback goes
         raise err
@@ -229,12 +216,15 @@ def generate(engine, client_id, rid, args):
     seed = _seed(args)
     if not isinstance(kwargs, dict):
         raise InvalidRequest("generate needs kwargs as a map")
-    executor.check_generate(input_ids, kwargs)
+    executor.check_generate(input_ids, kwargs, entry.module)  # Note [Effective generate arguments]
     check_prefill(engine, input_ids, "generate")
     on_tokens = None
+    emitted: list[int] = []  # tokens streamed to the client so far (Note [Cancel] in dispatch.py)
     if args.get("stream"):
         def on_tokens(tokens: torch.Tensor) -> None:
-            engine.send(client_id, MsgType.STREAM, {"rid": rid, "tokens": tokens.tolist()})
+            toks = tokens.tolist()
+            emitted.extend(toks)
+            engine.send(client_id, MsgType.STREAM, {"rid": rid, "tokens": toks})
     use_kv = bool(args.get("use_session_kv"))
     mid = entry.model_id
     kv_pool = kv_pool_for(engine, entry)
@@ -250,9 +240,13 @@ def generate(engine, client_id, rid, args):
                                  f"to generate), over the session's max_kv_tokens={s.max_kv_tokens}")
         tokens = s.max_kv_tokens
     grown = kv_pool.bytes_for(tokens, batch)
-    # The session's KV once this call is done: the other models' as they are, this one's grown.
+    # The session's KV once this call is done: the other models' as they are, this one's grown. A
+    # stateless call's scratch table is all it reserves (the scheduler's bytes)...
     need = max(0, engine.data.gpu_bytes(s.sid) - engine.data.kv_bytes_of(s, mid)) + grown if use_kv else grown
-    check_gpu_quota(engine, s, need, "generate")  # Note [Session quotas]: before anything is queued
+    # ...but it comes on top of everything the session holds (Note [Session quotas]): before anything is queued.
+    peak = quotas.gpu_used(engine, s) - (engine.data.kv_bytes_of(s, mid) if use_kv else 0) + grown
+    quotas.check_gpu(engine, s, peak, "generate", f"{grown} bytes of KV for {prompt} + {new} tokens x batch {batch}"
+                     + ("" if use_kv else ", a stateless call's scratch blocks"))
     capacity = kv_pool.alloc.total * kv_pool.block_bytes
     if grown > capacity:  # it could never be admitted; queued, it would wait forever (and others behind it)
         raise OutOfMemory(f"generate needs {grown / 2**20:.3f} MiB of KV ({prompt} + {new} tokens x batch "
@@ -292,12 +286,21 @@ def generate(engine, client_id, rid, args):
         else:
             kv_pool.release(state.table)
 
+    def truncate(keep: int) -> int:  # after a cancel rolled the table back: keep what the client consumed
+        state = box.get("state")
+        got = emitted[:keep]
+        if state is None or not use_kv or batch != 1 or not got:
+            return 0
+        tail = torch.tensor([got], dtype=torch.long, device=state.ids.device)
+        state.ids = torch.cat([state.ids, input_ids.to(state.ids.device), tail], dim=1)
+        state.table.length = int(state.ids.shape[1]) - 1  # the call fed all but its last token
+        return len(got)
+
     def body(step_hook):
-        out = executor.generate(entry.module, box["state"], input_ids, kwargs, seed, on_tokens, step_hook,
+        out = executor.generate(entry.module, box["state"], input_ids, kwargs, on_tokens, step_hook,
                                 continues=use_kv)
         return {"sequences": out.cpu()}
 
-    sampling = bool(kwargs.get("do_sample", getattr(entry.module.generation_config, "do_sample", False)))
     why = _why_eager(engine, entry, s, input_ids, kwargs, args.get("deterministic", False), use_kv)
     if why is None:
         try:
@@ -309,10 +312,22 @@ def generate(engine, client_id, rid, args):
     make_task = None
     if why is None:
         def make_task():
-            return FastTask(pool, box["state"], input_ids, kwargs, seed, on_tokens, new, engine.cfg.max_prefill_tokens,
+            return FastTask(pool, box["state"], input_ids, kwargs, seed, on_tokens, new, engine.dispatch.prefill,
                             continues=use_kv)
-    return Job(s, mid, need, body, sampling, engine.device, uses_kv=use_kv, make_task=make_task,
-               reserve=reserve, release=release)
+    rng = Stream.new(seed, engine.device)  # Note [Random streams]: seeded as locally, or fresh from the OS
+    return Job(s, mid, need, body, rng, engine.device, uses_kv=use_kv, make_task=make_task,
+               reserve=reserve, release=release, truncate=truncate)
+
+
+@op
+def cancel_generate(engine, client_id, rid, args):
+    """{sid, rid, keep}: end this session's generate `rid`, keeping its first `keep` generated tokens
+    (Note [Cancel] in dispatch.py). A control op: served at once, between two steps."""
+    s = engine.session(client_id, args)
+    target, keep = args.get("rid"), args.get("keep", 0)
+    if type(target) is not int or type(keep) is not int or keep < 0:
+        raise InvalidRequest("cancel_generate needs rid (the generate's request id) and keep (an int >= 0)")
+    return engine.dispatch.cancel(s.sid, target, keep)
 
 
 def _prompt_ids(state, input_ids: torch.Tensor, continues: bool) -> list[int]:
@@ -406,7 +421,9 @@ def stats(engine, client_id, rid, args):
             **engine.data.stats(s.sid, s),
             "paused": s.state == SessionState.PAUSED,
             "job": engine.dispatch.describe(s.sid, now) if s.client_id == client_id else None,
+            "busy": engine.dispatch.busy(s.sid),  # coarse, for every client, as "state" is
             "tensors": len(s.tensors),
+            "graphs": len(s.graphs), "graph_bytes": s.graphs.nbytes,  # constants, part of gpu_bytes
             "max_kv_tokens": s.max_kv_tokens,
             "kv_tokens": {**{mid: int(ids.shape[1]) for mid, (ids, _) in s.restored_kv.items()},
                           **{mid: int(kv.ids.shape[1]) for mid, kv in s.kv.items()}},
@@ -414,7 +431,7 @@ def stats(engine, client_id, rid, args):
             "idle_s": round(now - s.last_active, 3),
             "paused_bytes": engine.runs.paused_bytes(s.sid),
             "runs": engine.runs.describe(s.sid, now) if s.client_id == client_id else {},
-            "quota": _quota_stats(engine, s, s.client_id == client_id),
+            "quota": quotas.stats(engine, s, s.client_id == client_id),
             "decode": dict(s.decode, eager_why=s.eager_why) if s.client_id == client_id else None,
         }
         for s in engine.sessions
@@ -437,53 +454,16 @@ def stats(engine, client_id, rid, args):
                      "kv_pools": sum(p.nbytes for p in engine.data.pools.values())},
         "kv": engine.data.kv_summary(),
         "scheduler": {"policy": engine.policy.name, "queued": engine.dispatch.queue_length(),
-                      "decisions": engine.dispatch.decisions, **engine.data.summary()},
+                      "decisions": engine.dispatch.decisions, **engine.data.summary(),
+                      "prefill": {"step_tokens": engine.dispatch.prefill.per_turn,
+                                  "chunks": engine.dispatch.prefill.chunks, "turns": engine.dispatch.prefill.turns}},
         "quotas": vars(engine.dispatch.quotas).copy(),
+        # Note [One ledger]: the caller's own principal's use and caps, and the server-wide ones.
+        "principal": engine.ledger.stats(engine.router.principal(client_id) or ""),
         "text_entries": len(engine.text),
         "sessions": sessions,
         "models": models,
         "requests_served": engine.requests_served,
-    }
-
-
-# -- quotas (Note [Session quotas]) --------------------------------------------------------------
-def check_gpu_quota(engine, s, kv_need: int, what: str) -> None:
-    """Raise QuotaExceeded if the session's KV of `kv_need` bytes plus its held tensors would pass
-    its GPU quota (before anything is allocated)."""
-    limit = engine.dispatch.quotas.gpu_bytes
-    if limit is None:
-        return
-    tensors = engine.data.tensor_bytes(s.sid)
-    if kv_need + tensors > limit:
-        raise QuotaExceeded(f"{what} would hold {kv_need} bytes of KV cache plus {tensors} bytes of tensors in "
-                            f"session {s.sid[:8]}, over its GPU quota of {limit} bytes (quota_gpu_gb); free "
-                            "tensors, reset the cache or ask for fewer tokens")
-
-
-def over_gpu_quota(engine, s, held: set, what: str) -> QuotaExceeded | None:
-    """After a call added outputs to the session (its tensors were `held` before): if the session is now
-    over its GPU quota, free the new outputs and return the error to raise; else None."""
-    limit = engine.dispatch.quotas.gpu_bytes
-    if limit is None:
-        return None
-    used = engine.data.acct.session(s.sid)[DATA]
-    new = [h for h in s.tensors if h not in held]
-    if used <= limit or not new:
-        return None
-    for h in new:
-        del s.tensors[h]
-    engine.data.sync(s)
-    return QuotaExceeded(f"the outputs of {what} would take session {s.sid[:8]} to {used} bytes on the GPU, over "
-                         f"its quota of {limit} bytes (quota_gpu_gb); they were freed. Free tensors you hold, "
-                         "or ask for less (e.g. fewer positions, no hidden states)")
-
-
-def _quota_stats(engine, s, mine: bool) -> dict:
-    q, used = engine.dispatch.quotas, engine.data.acct.session(s.sid)
-    return {
-        "gpu_bytes": {"limit": q.gpu_bytes, "used": used[DATA]},
-        "host_bytes": {"limit": q.host_bytes, "used": used[HOST]},
-        "queued_requests": {"limit": q.queued_requests, "used": engine.dispatch.queued(s.sid) if mine else None},
     }
 
 
@@ -612,6 +592,3 @@ def _pack_outputs(s, out: Any) -> Any:
 
     return structure.pack(out, leaf)
 
-
-from . import graph_ops  # noqa: E402,F401  (registers register_graph, run_graph, graph_stats)
-from . import checkpoint  # noqa: E402,F401  (registers set_checkpoint, restore_session)

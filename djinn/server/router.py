@@ -14,7 +14,8 @@ Note [Client id and key]
     CurveZMQ on, the id is bound to the public key that first presented it (libzmq's ZAP handler puts
     the key in each message's User-Id), so a tenant with another allowed key who learned the id is
     refused with AuthError and the holder keeps its sessions. Once the holder is reclaimed (BYE or
-    silence) its sessions are closed and the id is free again.
+    silence) its sessions are closed and the id is free again. Each client also gets the principal its
+    HELLO authenticated as (Note [Principals] in djinn/server/principals.py), which caps are charged to.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from ..protocol.auth import check_secret
 from ..protocol.errors import AuthError, DjinnError, ProtocolError, ServerBusy, clip, short, wire_error
 from ..protocol.messages import CAPABILITIES, PROTOCOL_VERSION, Message, MsgType
 from .gate import Gate
+from .principals import principal_of
 
 log = logging.getLogger("djinn.router")
 
@@ -58,6 +60,7 @@ class _Client:
     client_id: str
     identity: bytes
     key: str | None = None  # the CurveZMQ public key (z85) its HELLO came with; None without Curve
+    principal: str = ""     # who its sessions are charged to (Note [Principals])
     last_seen: float = field(default_factory=time.monotonic)
 
 
@@ -118,6 +121,11 @@ class Router:
         if drained:  # heartbeats still waiting in the socket must be counted before anyone is reaped
             self._reap(time.monotonic())
         return self._events
+
+    def principal(self, client_id: str) -> str | None:
+        """The principal a connected client authenticated as; None once it is gone."""
+        client = self._by_id.get(client_id)
+        return client.principal if client is not None else None
 
     def send(self, client_id: str, frames: list) -> None:
         client = self._by_id.get(client_id)
@@ -206,7 +214,7 @@ class Router:
             # de-authenticate the live client.
             self._by_id.pop(prev.client_id, None)
             self._events.append(ClientGone(prev.client_id, "its connection said HELLO as another client"))
-        client = _Client(client_id, identity, key)
+        client = _Client(client_id, identity, key, principal_of(key, bool(self.cfg.secret)))
         self._by_identity[identity] = client
         self._by_id[client_id] = client
         reply = dict(self.server_info, version=PROTOCOL_VERSION, capabilities=list(CAPABILITIES),

@@ -1,19 +1,19 @@
 """The breakpoint ops (DESIGN.md sections 7 and 10): start, resume, fork, cancel_run, edit.
 
-Registered in ops.OPS like every other op; they live here to keep ops.py about plain calls. start,
+Registered in the op registry (registry.py) like every other op; they live here to keep ops.py about plain calls. start,
 resume and fork reply when the run parks at a breakpoint or ends, with server-side timings.
 """
 from __future__ import annotations
 
 import time
 
-from ..protocol.errors import InvalidRequest, QuotaExceeded
+from ..protocol.errors import InvalidRequest
 from .breakpoints import Call, parse_breakpoints
 from .graph_ops import graph_call
 from .graph_runs import GraphModule
-from . import executor
+from . import executor, quotas
 from .kv_pools import pool_for as kv_pool_for
-from .ops import _model_of, _seed, _unpack_inputs, check_prefill, op, over_gpu_quota
+from .ops import _model_of, _seed, _unpack_inputs, check_prefill, op
 from .validate import check_forward, check_generate
 
 METHODS = ("forward", "generate")
@@ -42,16 +42,21 @@ def start(engine, client_id, rid, args):
         raise InvalidRequest(f"a generate run takes one positional argument (input_ids), got {len(call_args)}")
     if method == "forward":  # Note [Index inputs are checked before the device sees them]
         check_forward(entry.module, call_args, call_kwargs)
-    else:
+    else:  # Note [Effective generate arguments]: the arguments first, then the indices they imply
+        executor.check_generate(call_args[0], call_kwargs, entry.module)
         check_generate(entry.module, call_args[0], call_kwargs, 0)  # a generate run is stateless
     seed = _seed(args)
-    _check_run_limit(engine, s)
     specs = parse_breakpoints(entry.module, args.get("breakpoints", []), method)
     kv_pool = None
     if method == "generate":
-        executor.check_generate(call_args[0], call_kwargs)
         check_prefill(engine, call_args[0], "a generate run")
         kv_pool = kv_pool_for(engine, entry)
+        # Its KV blocks are reserved when it starts and held while it is paused (Note [Session quotas]).
+        ids = call_args[0]
+        tokens = int(ids.shape[1]) + executor.new_tokens(entry.module, int(ids.shape[1]), call_kwargs)
+        grown = kv_pool.bytes_for(tokens, int(ids.shape[0]))
+        quotas.check_gpu(engine, s, quotas.gpu_used(engine, s) + grown, "a generate run",
+                         f"{grown} bytes of KV for {tokens} tokens x batch {int(ids.shape[0])}")
     call = Call(entry.module, method, call_args, call_kwargs, seed, engine.device, kv_pool)
     held = set(s.tensors)
     run = engine.runs.start(s, entry.model_id, call, specs)
@@ -65,7 +70,6 @@ def _start_graph(engine, client_id, s, args, t0: float) -> dict:
     if compiled is None:
         raise InvalidRequest("the server holds no graph with this signature: send it with the start")
     seed = _seed(args)
-    _check_run_limit(engine, s)
     module = GraphModule(compiled, weights, engine.text.readonly)
     specs = parse_breakpoints(module, args.get("breakpoints", []), "forward")
     call = Call(module, "forward", inputs, {}, seed, engine.device)
@@ -86,27 +90,17 @@ def resume(engine, client_id, rid, args):
 def fork(engine, client_id, rid, args):
     """A copy of a paused run, parked at the same stop (Note [Fork replays the prefix])."""
     s, parent, t0, t_edits = _paused_with_edits(engine, client_id, args)
-    _check_run_limit(engine, s)
     held = set(s.tensors)
     child = engine.runs.fork(parent)
     return _reply(engine, s, child, held, t0, t_edits)
 
 
-def _check_run_limit(engine, s) -> None:
-    """Each live run parks a thread (and its stack): bound them per session (max_runs_per_session)."""
-    limit = engine.cfg.max_runs_per_session
-    live = sum(1 for r in engine.runs if r.session is s)
-    if live >= limit:
-        raise QuotaExceeded(f"session {s.sid[:8]} already has {live} live runs (max_runs_per_session={limit}); "
-                            "resume or cancel one first")
-
-
 def _reply(engine, s, run, held: set, t0: float, t_edits: float | None = None) -> dict:
     """The run's reply; a finished forward's outputs become session tensors, charged to the session's
-    Data segment and held to its GPU quota (Note [Session quotas] in ops.py)."""
+    Data segment and held to its GPU quota (Note [Session quotas] in quotas.py)."""
     reply = engine.runs.reply(s, run, t0, t_edits)
     engine.data.sync(s)
-    err = over_gpu_quota(engine, s, held, f"run {run.run_id}")
+    err = quotas.over_gpu(engine, s, held, f"run {run.run_id}")
     if err is not None:
         del reply
         raise err

@@ -3,6 +3,9 @@
 Owned by the engine thread. A paused run's stop tensors are handles in its session's Stack map
 (`Session.stack`) while it is parked there, and only then: resuming, cancelling or ending the run
 drops them. An ended run leaves a short tombstone, so a late resume is told why it cannot continue.
+Every live run (running or paused: either way it holds an OS thread) is charged to its session's
+principal in the Ledger from before its thread starts until it leaves the table (Note [One ledger] in
+djinn/server/principals.py): the caps are per principal and server-wide, not per session.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from ..protocol.errors import InvalidRequest, RemoteExecutionError, WeightWriteR
 from ..protocol.tensors import dtype_name
 from . import edits
 from .breakpoints import BreakpointSpec, Call, LoggedEdit, Replay, Run, RunState
+from .principals import Ledger, Resource
 from .sessions import Session, SessionState
 
 log = logging.getLogger("djinn.runs")
@@ -27,9 +31,10 @@ MAX_TOMBSTONES = 1024
 
 
 class RunTable:
-    def __init__(self) -> None:
+    def __init__(self, ledger: Ledger | None = None) -> None:
         self._runs: dict[str, Run] = {}
         self._ended: OrderedDict[str, tuple[str, str]] = OrderedDict()  # run id -> (session id, why)
+        self._ledger = ledger if ledger is not None else Ledger()
 
     def __iter__(self):
         return iter(list(self._runs.values()))
@@ -37,8 +42,12 @@ class RunTable:
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self, s: Session, model_id: str, call: Call, specs: list[BreakpointSpec]) -> Run:
         run = Run(secrets.token_hex(12), s, model_id, call, specs)
-        self._runs[run.run_id] = run
-        run.start()
+        self._add(run)
+        try:
+            run.start()
+        except BaseException:  # its hooks did not register or no thread could start: it never ran
+            self._remove(run)
+            raise
         self._settle(run)
         return run
 
@@ -48,24 +57,20 @@ class RunTable:
         self._settle(run)
 
     def fork(self, parent: Run) -> Run:
-        """A new run that re-executes the parent's call, re-applies the parent's edits at each earlier
-        stop, and parks where the parent is parked (Note [Fork replays the prefix])."""
+        """A run paused at a copy of the parent's stop, executed only when resumed, from the parent's
+        KV when it can (Note [Fork replays the prefix]). No model compute and no KV block here."""
         stop = parent.stop
         log_copy = {hit: list(es) for hit, es in parent.log.items()}
         child = Run(secrets.token_hex(12), parent.session, parent.model_id, parent.call, parent.specs,
-                    Replay(log_copy, stop.hit, parent.rng0))
-        self._runs[child.run_id] = child
-        child.start()
-        if child.state == RunState.PAUSED and child.stop.hit == stop.hit and child.stop.spec == stop.spec:
-            self._settle(child)
-            return child
-        why = "fork did not reach its parent's stop"
-        if child.state == RunState.PAUSED:
-            self.cancel(child, why)
-        else:
-            self._settle(child, why)
-        raise RemoteExecutionError(f"fork of run {parent.run_id} did not reach the parent's stop at "
-                                   f"{stop.spec.path} (hit {stop.hit}): the model call is not deterministic")
+                    Replay(log_copy, stop.hit, parent.rng0, stop.spec, stop.step),
+                    resume_from=parent.resume_point(), snapshot=parent.snapshot())
+        try:
+            self._add(child)
+        except BaseException:
+            child.cancel()  # gives its KV fork back
+            raise
+        self._settle(child)
+        return child
 
     def cancel(self, run: Run, why: str) -> None:
         if run.run_id not in self._runs:
@@ -164,17 +169,26 @@ class RunTable:
         }
         return out
 
+    def per_principal(self) -> dict[str, int]:
+        """Live runs per principal, counted from the table (Ledger.check)."""
+        out: dict[str, int] = {}
+        for r in self._runs.values():
+            out[r.session.principal] = out.get(r.session.principal, 0) + 1
+        return out
+
     def of_session(self, sid: str) -> list[Run]:
         return [r for r in self._runs.values() if r.session.sid == sid]
 
-    def paused_bytes_of(self, run: Run) -> int:
+    def paused_bytes_of(self, run: Run, exclude: frozenset | set = frozenset()) -> int:
+        """Bytes a paused run keeps: its stop tensors' storages (less those in `exclude`, data pointers
+        counted elsewhere) and its cache's KV."""
         if run.stop is None:
             return 0
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in run.stop.tensors}
-        return sum(storages.values()) + _cache_bytes(run.cache)
+        return sum(n for p, n in storages.items() if p not in exclude) + _cache_bytes(run.cache)
 
-    def paused_bytes(self, sid: str) -> int:
-        return sum(self.paused_bytes_of(r) for r in self.of_session(sid))
+    def paused_bytes(self, sid: str, exclude: frozenset | set = frozenset()) -> int:
+        return sum(self.paused_bytes_of(r, exclude) for r in self.of_session(sid))
 
     def stack_bytes(self) -> int:
         return sum(self.paused_bytes_of(r) for r in self._runs.values())
@@ -182,7 +196,10 @@ class RunTable:
     def describe(self, sid: str, now: float) -> dict:
         out = {}
         for r in self.of_session(sid):
-            d: dict[str, Any] = {"state": r.state.name, "method": r.call.method, "model_id": r.model_id}
+            d: dict[str, Any] = {"state": r.state.name, "method": r.call.method, "model_id": r.model_id,
+                                 "executed": not r.lazy}
+            if r.resume_from is not None:  # a fork that starts from the parent's KV at this step
+                d["from_kv_at_step"] = r.resume_from.step
             if r.stop is not None:
                 d.update(path=r.stop.spec.path, where=r.stop.spec.where, step=r.stop.step, hit=r.stop.hit,
                          paused_s=round(now - r.paused_since, 3), paused_bytes=self.paused_bytes_of(r))
@@ -197,7 +214,7 @@ class RunTable:
             run.stop_hids = [secrets.token_hex(8) for _ in run.stop.tensors]
             s.stack.update(zip(run.stop_hids, run.stop.tensors))
         else:
-            self._runs.pop(run.run_id, None)
+            self._remove(run)
             self._ended[run.run_id] = (s.sid, why or run.state.name.lower())
             while len(self._ended) > MAX_TOMBSTONES:
                 self._ended.popitem(last=False)
@@ -210,6 +227,15 @@ class RunTable:
             if isinstance(err, Exception):
                 raise err
             raise RemoteExecutionError(f"run {run.run_id} failed: {err!r}", remote_traceback=run.error_traceback)
+
+    def _add(self, run: Run) -> None:
+        """Before its thread starts: charged to the session's principal (QuotaExceeded past a cap)."""
+        self._ledger.take(Resource.RUNS, run.session.principal)
+        self._runs[run.run_id] = run
+
+    def _remove(self, run: Run) -> None:
+        if self._runs.pop(run.run_id, None) is not None:
+            self._ledger.give(Resource.RUNS, run.session.principal)
 
     def _leave_stop(self, run: Run) -> None:
         for hid in run.stop_hids:

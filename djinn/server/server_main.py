@@ -50,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="do not share cached KV blocks between prompts that start with the same tokens")
     p.add_argument("--max-prefill-tokens", type=int, dest="max_prefill_tokens",
                    help="largest batch x new tokens one call feeds; sizes the Stack reserve (default 4096)")
+    p.add_argument("--prefill-step-tokens", type=int, dest="prefill_step_tokens",
+                   help="prompt tokens prefilled per engine turn before decoding sessions step (default 512)")
     p.add_argument("--parent-pid", type=int, help="exit when this process is gone (embedded servers)")
     p.add_argument("--no-supervise", action="store_true",
                    help="run the server in this process, with no supervisor to restart it when it dies")
@@ -71,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fast-decode-max-len", type=int, dest="fast_decode_max_len",
                    help="longest sequence the fast path takes (default 4096)")
     p.add_argument("--fast-decode-capture", dest="fast_decode_capture", choices=["lazy", "all"],
-                   help="capture decode graphs per bucket at first use (lazy, default) or all when a pool is made")
+                   help="capture every decode graph when a model's pool is made (all, default) or each at first use (lazy)")
     p.add_argument("--checkpoint-dir", dest="checkpoint_dir",
                    help="where sessions that asked are saved at shutdown (default /dev/shm/djinn-checkpoints)")
     p.add_argument("--log-format", dest="log_format", help="text (default) or json (one object per line)")
@@ -115,6 +117,7 @@ def main(argv=None) -> int:
                         quota_host_gb=args.quota_host_gb, quota_queued_requests=args.quota_queued_requests,
                         fast_decode=args.fast_decode, fast_decode_max_batch=args.fast_decode_max_batch,
                         kv_block_tokens=args.kv_block_tokens, max_prefill_tokens=args.max_prefill_tokens,
+                        prefill_step_tokens=args.prefill_step_tokens,
                         prefix_caching=args.prefix_caching,
                         fast_decode_max_len=args.fast_decode_max_len,
                         fast_decode_capture=args.fast_decode_capture, checkpoint_dir=args.checkpoint_dir,
@@ -170,7 +173,7 @@ def main(argv=None) -> int:
             stop.set()
         if not engine.is_alive():
             stop.set()
-        time.sleep(0.2)
+        stop.wait(0.2)  # a signal's handler sets it: the stop starts at once, not at the next tick
     engine.join(timeout=cfg.drain_timeout_s + 10)
     if not engine.is_alive():
         ctx.term()
@@ -181,5 +184,23 @@ def main(argv=None) -> int:
     return 0
 
 
+def exit_process(code: int) -> None:
+    """End the process once main() has returned, without the interpreter's teardown.
+
+    Note [Exit without teardown]: by then a stop has closed everything that matters explicitly
+    (sessions closed and checkpoints written, clients told, sockets closed, the zmq context
+    terminated). What the interpreter would still do is finalize torch, transformers and every tensor
+    and module, which took 1.5-3.5 s on a loaded 2-core machine: the time a script with an embedded
+    server waited for it after its last line (frontend/embedded.py stops it at exit). atexit handlers
+    do not run; the logs and stdout are flushed here."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

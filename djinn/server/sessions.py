@@ -1,7 +1,9 @@
 """Sessions: the server-side state one client keeps between calls (DESIGN.md sections 1, 3).
 
 The SessionTable is owned by the engine thread. A session belongs to the client that opened it; any
-other client asking for it gets SessionNotFound, as if it did not exist.
+other client asking for it gets SessionNotFound, as if it did not exist. It is charged to the principal
+that client authenticated as (Note [Principals] in djinn/server/principals.py): the table takes a
+session from the Ledger when it opens one and gives it back when it removes it.
 """
 from __future__ import annotations
 
@@ -9,12 +11,14 @@ import enum
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 
-from ..protocol.errors import HandleNotFound, InvalidRequest, OutOfMemory, QuotaExceeded, SessionNotFound
+from ..protocol.errors import HandleNotFound, InvalidRequest, OutOfMemory, SessionNotFound
 from ..vmu.readonly import ReadOnlyMemory
+from .principals import LOCAL, Ledger, Resource
 
 log = logging.getLogger("djinn.sessions")
 
@@ -53,11 +57,45 @@ class KVState:
         return cls(PagedCache(pool, pool.new_table(int(ids.shape[0]))), ids)
 
 
+MAX_GRAPHS_PER_SESSION = 256
+
+
+class GraphCache:
+    """A session's compiled graphs by signature, least recently used first out (Note [Graph cache] in
+    graph_ops.py). Their constants live on the device: `nbytes` is charged to the session's Data."""
+
+    def __init__(self, limit: int = MAX_GRAPHS_PER_SESSION) -> None:
+        self.limit = limit
+        self._graphs: OrderedDict[str, object] = OrderedDict()  # signature -> interpreter.Compiled
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def get(self, sig: str):
+        c = self._graphs.get(sig)
+        if c is not None:
+            self._graphs.move_to_end(sig)
+        return c
+
+    def put(self, sig: str, compiled) -> None:
+        self._graphs[sig] = compiled
+        while len(self._graphs) > self.limit:
+            self._graphs.popitem(last=False)
+
+    def clear(self) -> None:
+        self._graphs.clear()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.const_bytes for c in self._graphs.values())
+
+
 @dataclass
 class Session:
     sid: str
     client_id: str
     name: str | None
+    principal: str = LOCAL  # who its holdings are charged to (Note [Principals] in principals.py)
     created: float = field(default_factory=time.monotonic)
     last_active: float = field(default_factory=time.monotonic)
     state: SessionState = SessionState.ACTIVE
@@ -72,6 +110,7 @@ class Session:
     restored_kv: dict = field(default_factory=dict)  # model id -> (ids, layers) from a checkpoint, until first use
     checkpoint_token: str | None = None  # written to host memory at shutdown (djinn/server/checkpoint.py)                                    # why the last eager generate was not fast
     readonly: ReadOnlyMemory = field(default_factory=ReadOnlyMemory)  # the weights' memory (the Text segment's)
+    graphs: GraphCache = field(default_factory=GraphCache)  # compiled graphs it sent (Note [Graph cache])
 
     def add_tensor(self, t: torch.Tensor) -> str:
         hid = secrets.token_hex(8)
@@ -94,13 +133,14 @@ class Session:
     @property
     def data_bytes(self) -> int:
         unique = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self.tensors.values()}
-        return sum(unique.values()) + sum(kv.nbytes for kv in self.kv.values())
+        return sum(unique.values()) + sum(kv.nbytes for kv in self.kv.values()) + self.graphs.nbytes
 
 
 class SessionTable:
-    def __init__(self, readonly: ReadOnlyMemory | None = None) -> None:
+    def __init__(self, readonly: ReadOnlyMemory | None = None, ledger: Ledger | None = None) -> None:
         self._sessions: dict[str, Session] = {}
         self._readonly = readonly if readonly is not None else ReadOnlyMemory()
+        self._ledger = ledger if ledger is not None else Ledger()
 
     def __iter__(self):
         return iter(list(self._sessions.values()))
@@ -111,11 +151,10 @@ class SessionTable:
     def __contains__(self, sid: object) -> bool:
         return sid in self._sessions
 
-    def open(self, client_id: str, name: str | None, limit: int | None = None) -> Session:
-        if limit is not None and sum(1 for s in self._sessions.values() if s.client_id == client_id) >= limit:
-            raise QuotaExceeded(f"this client already has {limit} open sessions (max_sessions_per_client); "
-                                "close some first")
-        s = Session(secrets.token_hex(12), client_id, name, readonly=self._readonly)
+    def open(self, client_id: str, name: str | None, principal: str = LOCAL) -> Session:
+        """A new session of `client_id`, charged to `principal`; QuotaExceeded past its session caps."""
+        self._ledger.take(Resource.SESSIONS, principal)
+        s = Session(secrets.token_hex(12), client_id, name, principal, readonly=self._readonly)
         self._sessions[s.sid] = s
         return s
 
@@ -130,10 +169,18 @@ class SessionTable:
         s = self._sessions.pop(sid, None)
         if s is not None:
             s.state = SessionState.CLOSED
+            self._ledger.give(Resource.SESSIONS, s.principal)
         return s
 
     def of_client(self, client_id: str) -> list[Session]:
         return [s for s in self._sessions.values() if s.client_id == client_id]
+
+    def per_principal(self) -> dict[str, int]:
+        """Open sessions per principal, counted from the table (Ledger.check)."""
+        out: dict[str, int] = {}
+        for s in self._sessions.values():
+            out[s.principal] = out.get(s.principal, 0) + 1
+        return out
 
     def idle(self, timeout_s: float, now: float) -> list[Session]:
         return [s for s in self._sessions.values() if now - s.last_active > timeout_s]

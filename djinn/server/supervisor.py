@@ -106,7 +106,7 @@ class Supervisor:
                 except subprocess.TimeoutExpired:
                     child.kill()
                     return child.wait()
-            time.sleep(0.1)
+            self.stop.wait(0.1)  # a SIGTERM's handler sets it: relayed to the worker at once
 
 
 def _parent_pid(argv: list[str]) -> int | None:

@@ -4,8 +4,9 @@ DESIGN.md section 5: many sessions' requests interleave at decode-step granulari
 waits for another's whole generate. Hugging Face `generate` is one long call, so it runs on a worker
 thread (breakpoints.WORKERS, which keeps CUDA threads warm) and parks after each step in a stopping
 criterion that never stops anything; the engine lets one task take one step at a time
-(Note [Step hand-off]). Sampling tasks keep their own RNG state, so a seeded generate gives the same
-tokens whatever runs between its steps.
+(Note [Step hand-off]). Every task draws from its own random stream (Note [Random streams] in rng.py),
+so a seeded generate gives the same tokens whatever runs between its steps, and an unseeded one is
+fresh.
 
 Note [Step hand-off]
     Exactly one thread runs at a time: the engine blocks in `advance` while the task's thread runs a
@@ -21,7 +22,8 @@ from typing import Any, Callable
 
 import torch
 
-from .breakpoints import WORKERS, _rng_state, _set_rng_state
+from .breakpoints import WORKERS
+from .rng import Stream
 
 
 class Cancelled(BaseException):
@@ -36,8 +38,8 @@ class StepTask:
     `error_traceback` hold the exception.
     """
 
-    def __init__(self, body: Callable[[Callable[[], None]], Any], device: torch.device, sampling: bool):
-        self.body, self.device, self.sampling = body, device, sampling
+    def __init__(self, body: Callable[[Callable[[], None]], Any], device: torch.device, rng: Stream):
+        self.body, self.device, self.rng = body, device, rng
         self.done = False
         self.steps = 0
         self.result: Any = None
@@ -45,7 +47,6 @@ class StepTask:
         self.error_traceback: str | None = None
         self._cancel = False
         self._started = False
-        self._rng: tuple | None = None
         self._to_task = threading.Semaphore(0)
         self._to_engine = threading.Semaphore(0)
 
@@ -54,20 +55,13 @@ class StepTask:
         """Let the task run one step (the first call also runs its set-up and prefill). True when done."""
         if self.done:
             return True
-        engine_rng = None
-        if self.sampling:
-            engine_rng = _rng_state(self.device)
-            if self._rng is not None:
-                _set_rng_state(self._rng, self.device)
-        if not self._started:
-            self._started = True
-            WORKERS.submit(self._main, keep=self.device.type == "cuda")
-        else:
-            self._to_task.release()
-        self._to_engine.acquire()  # Note [Step hand-off]
-        if engine_rng is not None:
-            self._rng = _rng_state(self.device)
-            _set_rng_state(engine_rng, self.device)
+        with self.rng.active():  # Note [Random streams]: the step draws from this task's stream only
+            if not self._started:
+                self._started = True
+                WORKERS.submit(self._main, keep=self.device.type == "cuda")
+            else:
+                self._to_task.release()
+            self._to_engine.acquire()  # Note [Step hand-off]
         return self.done
 
     def cancel(self) -> None:
@@ -102,3 +96,30 @@ class StepTask:
         self._to_task.acquire()
         if self._cancel:
             raise Cancelled()
+
+
+class InstantTask:
+    """A job that needs its session's KV on the device and no decode step: `fn()` runs at its first
+    advance (a session fork of a swapped parent, djinn/server/fork.py)."""
+
+    path = "none"
+    steps = 0
+
+    def __init__(self, fn: Callable[[], Any]):
+        self.fn = fn
+        self.done = False
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.error_traceback: str | None = None
+
+    def advance(self) -> bool:
+        if not self.done:
+            try:
+                self.result = self.fn()
+            except Exception as e:  # handed to the engine, which replies with it
+                self.error, self.error_traceback = e, traceback.format_exc()
+            self.done = True
+        return True
+
+    def cancel(self) -> None:
+        self.done = True

@@ -101,6 +101,7 @@ def check_generate(module: nn.Module, input_ids: Any, kwargs: dict, seen: int) -
             if type(t) is not int or t < 0 or (vocab is not None and t >= vocab):
                 raise InvalidRequest(f"generate: {name}={v!r} is out of range: token ids must be ints in "
                                      f"[0, {vocab}) for this model")
+    _check_fed_back_pad(executor.effective_kwargs(module, kwargs), vocab)
     if lim.positions is None or not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         return
     prompt = seen + int(input_ids.shape[1])
@@ -113,6 +114,26 @@ def check_generate(module: nn.Module, input_ids: Any, kwargs: dict, seen: int) -
     mask = kwargs.get("attention_mask")
     if mask is not None:
         _check_implied_positions(lim.positions, None, mask, seen)
+
+
+def _check_fed_back_pad(eff: dict, vocab: int | None) -> None:
+    """Note [Effective generate arguments] in executor.py: the ids the model's generation_config gives
+    are only compared with generated tokens, except the pad id (the first eos id when no pad is set),
+    which generate feeds back as input to every row that has ended on an eos. So if an eos id can be
+    generated at all (it is in the vocabulary), the pad id must be an index the embedding holds."""
+    if vocab is None:
+        return
+    eos = eff.get("eos_token_id")
+    eos_ids = [eos] if type(eos) is int else [e for e in eos if type(e) is int] if isinstance(eos, list) else []
+    pad = eff.get("pad_token_id")
+    if pad is None and eos_ids:
+        pad = eos_ids[0]
+    if pad is None or not any(0 <= e < vocab for e in eos_ids):
+        return
+    if type(pad) is not int or not 0 <= pad < vocab:
+        raise InvalidRequest(f"generate: pad_token_id={pad!r} (from the model's generation_config, or its first "
+                             f"eos_token_id) is out of range: a row that ends on an eos id is fed it as input, and "
+                             f"token ids must be ints in [0, {vocab}) for this model; pass pad_token_id")
 
 
 def _check_implied_positions(positions: int, seq: int | None, mask: Any, seen: int) -> None:

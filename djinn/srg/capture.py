@@ -12,9 +12,10 @@ Note [Known values]
     like transformers' mask helpers does exactly that (`padding_mask.all()` to skip the causal mask).
     A value that depends only on constants and shapes (arange, ones, a literal) is the same on every
     call with this input signature, so the recorder also computes such small tensors for real on the
-    CPU and answers `.item()` from them; Python control flow on them is then captured correctly. A
-    value that depends on an input or a weight is not known: reading it is a CaptureError naming the
-    op and the module path (data-dependent control flow cannot be captured).
+    CPU and answers `.item()` from them; Python control flow on them is then captured correctly.
+    Small integer inputs (masks, ids) are known too, and a value read from them is a guard on the
+    capture (Note [Input values] in srg/guards.py). A value that depends on a weight or a float
+    input is not known: reading it is a CaptureError naming the op and the module path.
 
 Note [Weights are read-only]
     An in-place op whose target is a weight, or a view of one, would change the Text segment that
@@ -23,6 +24,7 @@ Note [Weights are read-only]
 """
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -32,12 +34,14 @@ from typing import Any, Callable
 import torch
 from torch.nn.modules import module as nn_module
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from ..protocol.errors import CaptureError
 from . import ops as srg_ops
 from .graph import (CONST, DECODE, IN, MAX_ARGS, MAX_CONST_BYTES, PREFILL, WEIGHT, Graph, Lifecycle, ModuleCall, Node,
                     Ref, TensorMeta)
+from .guards import Guards, ValueGuard
+from .layout import InputLayout, layout_of
 from .tree import flatten, is_cache, tensor_leaves, unflatten
 
 _KNOWN_MAX_ELEMENTS = 1 << 16   # Note [Known values]: bigger tensors are never computed on the client
@@ -92,6 +96,9 @@ class Recorder:
         self.lazy = lazy                      # real tensors become inputs (uploaded) instead of constants
         self.refs: dict[int, tuple[Ref, torch.Tensor]] = {}   # id(meta tensor) -> (ref, tensor kept alive)
         self.known: dict[int, torch.Tensor] = {}              # Note [Known values]
+        self.from_input: set[int] = set()     # ids of known metas that depend on an input (Note [Input values])
+        self.known_nodes: list[int] = []      # nodes whose outputs were computed for real, in order
+        self.guards: list[ValueGuard] = []    # Note [Input values]
         self.roots: list[int] = []            # node -> the node whose storage it views (itself if none)
         self.slots: dict[int, tuple[str, str, torch.Tensor]] = {}  # id(meta weight) -> (name, hash, meta)
         self.input_values: list[Any] = []     # what the k-th input is (a tensor, a handle, ...)
@@ -107,9 +114,15 @@ class Recorder:
         self._modes: list = []
 
     # -- declarations ------------------------------------------------------------------------------
-    def add_input(self, meta: torch.Tensor, value: Any, lifecycle: Lifecycle = Lifecycle.STACK) -> Ref:
+    def add_input(self, meta: torch.Tensor, value: Any, lifecycle: Lifecycle = Lifecycle.STACK,
+                  known: torch.Tensor | None = None) -> Ref:
+        """`known`: the input's value, for small integer inputs (Note [Input values])."""
         ref = self._node(IN, (), {}, [meta], lifecycle)
         self.input_values.append(value)
+        if known is not None:
+            self.known[id(meta)] = known
+            self.from_input.add(id(meta))
+            self.known_nodes.append(ref.node)
         return ref
 
     def add_weight_slot(self, meta: torch.Tensor, name: str, h: str) -> None:
@@ -168,9 +181,11 @@ class Recorder:
         return self.stack[-1] if self.stack else ""
 
     def _site(self, op: str) -> str:
+        """Where an op ran, for errors: module path and the user's line (a lazy op carries its own)."""
         where = f"module '{self.path}'" if self.path else "the top-level module" if not self.lazy else ""
-        if self.where:
-            where = f"{where} at {self.where}".strip()
+        line = self.where or user_site(_INTERNAL)
+        if line != "?":
+            where = f"{where} at {line}".strip()
         return f"{op} in {where}" if where else op
 
     # -- recording -------------------------------------------------------------------------------
@@ -204,7 +219,8 @@ class Recorder:
                     ref = self._node(CONST, (torch.empty_strided(v.shape, v.stride(), dtype=v.dtype),), {}, [v],
                                      Lifecycle.STACK)
                     return ref, v, _UNKNOWN
-                raise CaptureError(f"{self._site('a meta tensor')} was not produced by the capture")
+                raise CaptureError(f"{self._site('a meta tensor')} was not produced by the capture (a tensor made "
+                                   "without an aten op the capture sees; make it with torch.tensor, or on the CPU)")
             real = v.detach()
             meta = torch.empty_strided(real.shape, real.stride(), dtype=real.dtype, device=_META)
             if self.lazy:  # a local tensor mixed into remote ones: it is uploaded with the flush
@@ -216,6 +232,7 @@ class Recorder:
                                    "register it as a buffer so it is uploaded once with the weights")
             ref = self._node(CONST, (real.to(_CPU).contiguous(),), {}, [meta], Lifecycle.STACK)
             self.known[id(meta)] = real.to(_CPU)
+            self.known_nodes.append(ref.node)
             return ref, meta, real.to(_CPU)
         if isinstance(v, (list, tuple)):
             parts = [self._convert(x) for x in v]
@@ -234,8 +251,11 @@ class Recorder:
             if known is _UNKNOWN:
                 raise CaptureError(
                     f"control flow on a tensor's value ({self._site('.item() / bool(tensor)')}): the value depends "
-                    "on an input or a weight, so it is not known until the graph runs and cannot be captured")
-            return known.item()
+                    "on a weight or a float input, so it is not known until the graph runs and cannot be captured")
+            value = known.item()
+            if id(args[0]) in self.from_input:  # Note [Input values]: reused only while this holds
+                self.guards.append(ValueGuard(self.ref_of(args[0]), value))
+            return value
         info = op_info(func)
         if self.muted:
             margs = [self._convert_muted(a) for a in args]
@@ -323,9 +343,13 @@ class Recorder:
                 real = None
             if real is not None:
                 reals = real if isinstance(real, (list, tuple)) else [real]
+                inputs = any(i in self.from_input for c in tensor_args for i in _ids(c[1]))
                 for m, r in zip(outs, reals):
                     if isinstance(r, torch.Tensor):
                         self.known[id(m)] = r
+                        if inputs:
+                            self.from_input.add(id(m))
+                self.known_nodes.append(len(self.graph.nodes) - 1)
                 return
         if info.writes and self.known:  # an unknown write: every alias of the target is unknown now
             for i in info.writes:
@@ -335,6 +359,38 @@ class Recorder:
                     for tid, (r, _) in list(self.refs.items()):
                         if tid in self.known and self.roots[r.node] == root:
                             del self.known[tid]
+
+    def factory(self, func, args: tuple, kwargs: dict):
+        """Note [Tensors made in a forward]: data made into a tensor on the capture's device."""
+        kwargs = dict(kwargs)
+        if func is torch.Tensor.new_tensor:
+            src, data = args[0], args[1]
+            device = kwargs.pop("device", None) or src.device
+            kwargs.setdefault("dtype", src.dtype)
+            make, margs = torch.tensor, (data,)
+        else:
+            data, device = args[0] if args else kwargs.get("data"), kwargs.pop("device", None)
+            make, margs = func, args
+        if self.muted or device is None or torch.device(device).type != "meta" or _has_tensor_in(data):
+            return func(*args, **kwargs) if func is not torch.Tensor.new_tensor else func(*args, device=device,
+                                                                                       **kwargs)
+        with _disable_current_modes():  # the dispatch mode is still on in a function-mode handler
+            try:
+                real = make(*margs, **kwargs)  # on the CPU: the values the capture must keep
+            except Exception as e:
+                raise CaptureError(f"{self._site(getattr(func, '__name__', str(func)))} failed: "
+                                   f"{type(e).__name__}: {e}") from None
+            return self._convert(real)[1]  # a constant in the graph, and a known value
+
+    def index(self, func, args: tuple, kwargs: dict):
+        """Note [Tensors made in a forward]: `x[[0, 2]]` indexes by a tensor torch makes from the list
+        on x's device, outside any op the capture sees; made on the CPU here, it becomes a constant."""
+        idx = args[1]
+        if isinstance(idx, list) and _int_list(idx):
+            idx = _cpu_index(idx)
+        elif isinstance(idx, tuple) and any(isinstance(i, list) and _int_list(i) for i in idx):
+            idx = tuple(_cpu_index(i) if isinstance(i, list) and _int_list(i) else i for i in idx)
+        return func(args[0], idx, *args[2:], **kwargs)
 
     def function(self, func, args: tuple, kwargs: dict):
         """Note [Composite ops]: record these calls whole."""
@@ -395,6 +451,12 @@ def _memo_key(v):
     return v
 
 
+def _ids(v) -> list[int]:
+    if isinstance(v, torch.Tensor):
+        return [id(v)]
+    return [i for x in v for i in _ids(x)] if isinstance(v, (list, tuple)) else []
+
+
 def _has_tensor(v) -> bool:
     if isinstance(v, torch.Tensor):
         return True
@@ -425,7 +487,37 @@ class _FunctionMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func in _COMPOSITES:
             return self.rec.function(func, args, kwargs or {})
+        if func in _FACTORIES:
+            return self.rec.factory(func, args, kwargs or {})
+        if func in _INDEXING and len(args) >= 2 and isinstance(args[1], (list, tuple)) and not self.rec.lazy:
+            return self.rec.index(func, args, kwargs or {})
         return func(*args, **(kwargs or {}))
+
+
+# Note [Tensors made in a forward]: `torch.tensor(c, device=x.device)` and friends copy Python data into
+# a tensor outside any aten op (lift_fresh sees the finished tensor), so on the meta device the values
+# are lost and the tensor later looks "not produced by the capture". They are made on the CPU instead
+# and recorded as constants (at most MAX_CONST_BYTES, like any tensor a forward holds), which are also
+# known values (Note [Known values]). Lists as indices likewise (`_INDEXING`).
+_FACTORIES = frozenset({torch.tensor, torch.as_tensor, torch.asarray, torch.Tensor.new_tensor})
+_INDEXING = frozenset({torch.Tensor.__getitem__, torch.Tensor.__setitem__})
+_INTERNAL = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
+             os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)  # djinn's and torch's frames
+
+
+def _int_list(v) -> bool:
+    return bool(v) and all(_int_list(x) if isinstance(x, list) else (type(x) is int) for x in v)
+
+
+def _cpu_index(v: list) -> torch.Tensor:
+    with _disable_current_modes():
+        return torch.tensor(v, dtype=torch.long)
+
+
+def _has_tensor_in(v) -> bool:
+    if isinstance(v, torch.Tensor):
+        return True
+    return isinstance(v, (list, tuple)) and any(_has_tensor_in(x) for x in v)
 
 
 _COMPOSITES = frozenset({torch.nn.functional.scaled_dot_product_attention, torch.nn.functional.batch_norm,
@@ -454,6 +546,8 @@ class Captured:
     out_protos: list
     ops: int
     seconds: float
+    layout: InputLayout  # how the call's tensor leaves become the graph's inputs (Note [Input layout])
+    guards: Guards       # what this call's input values must give to reuse it (Note [Input values])
 
 
 def capture_module(module: torch.nn.Module, args: tuple, kwargs: dict, hashes: dict[str, str],
@@ -470,12 +564,24 @@ def capture_module(module: torch.nn.Module, args: tuple, kwargs: dict, hashes: d
     rec = Recorder()
     rec.record_calls = True
     rec.module_paths = {id(m): name for name, m in module.named_modules()}
-    metas = []
-    for x in leaves:
-        meta = torch.empty(tuple(x.shape), dtype=x.dtype, device=_META)
-        data = data_leaf(x) or id(x) in cache_leaves
-        rec.add_input(meta, x, Lifecycle.DATA if data else Lifecycle.STACK)
-        metas.append(meta)
+    layout = layout_of(leaves)
+    values = layout.values(leaves)
+    metas: list = [None] * len(leaves)
+    storages: dict[int, torch.Tensor] = {}  # group -> its 1-d meta storage (Note [Input layout])
+    for kind, k in layout.inputs():
+        value = values[len(rec.input_values)]
+        if kind == "leaf":
+            x = leaves[k]
+            metas[k] = torch.empty(tuple(x.shape), dtype=x.dtype, device=_META)
+            data = data_leaf(x) or id(x) in cache_leaves
+            rec.add_input(metas[k], x, Lifecycle.DATA if data else Lifecycle.STACK, _known_input(value))
+        else:
+            g = layout.groups[k]
+            storages[k] = torch.empty((g.hi - g.lo,), dtype=g.dtype, device=_META)
+            data = any(v is not None and v.group == k and id(leaves[i]) in cache_leaves
+                       for i, v in enumerate(layout.views))
+            rec.add_input(storages[k], leaves[g.first], Lifecycle.DATA if data else Lifecycle.STACK,
+                          _known_input(value))
     params: dict[str, torch.Tensor] = {}
     for name, t in list(module.named_parameters()) + list(module.named_buffers()):
         meta = torch.empty_strided(tuple(t.shape), t.stride(), dtype=t.dtype, device=_META)
@@ -483,6 +589,10 @@ def capture_module(module: torch.nn.Module, args: tuple, kwargs: dict, hashes: d
         if name not in hashes:
             raise CaptureError(f"weight {name!r} has no hash (was the module changed after djinn.remote?)")
         rec.add_weight_slot(meta, name, hashes[name])
+    with torch.no_grad(), rec:
+        for i, v in enumerate(layout.views):  # each argument as a view of its storage, recorded first
+            if v is not None:
+                metas[i] = torch.as_strided(storages[v.group], v.size, v.stride, v.offset)
     call_args, call_kwargs = unflatten(spec, metas, protos, is_leaf_spec)
     rec.graph.phase = DECODE if _has_past(call_args, call_kwargs) else PREFILL
     with torch.no_grad(), rec:
@@ -502,8 +612,19 @@ def capture_module(module: torch.nn.Module, args: tuple, kwargs: dict, hashes: d
     wire = rec.graph.to_wire()
     from .graph import signature
 
+    last = max((g.ref.node for g in rec.guards), default=-1)
+    guards = Guards(tuple(rec.guards), tuple(i for i in rec.known_nodes if i <= last))
     return Captured(rec.graph, wire, signature(wire), out_spec, out_protos, rec.ops_recorded,
-                    time.perf_counter() - t0)
+                    time.perf_counter() - t0, layout, guards)
+
+
+def _known_input(value: Any) -> torch.Tensor | None:
+    """Note [Input values]: a small local integer or bool input is a known value (a copy: the
+    recorder may run in-place ops on it)."""
+    if (isinstance(value, torch.Tensor) and value.device.type != "meta" and value.numel() <= _KNOWN_MAX_ELEMENTS
+            and not value.dtype.is_floating_point and not value.dtype.is_complex):
+        return value.detach().to(_CPU, copy=True)
+    return None
 
 
 def _cache_leaf_ids(args, kwargs, leaf) -> set[int]:

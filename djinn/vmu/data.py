@@ -10,9 +10,10 @@ Note [What the scheduler moves]
     A session's KV (its block tables, every model it generated with) moves as one unit: per model
     one host region holding its blocks in table order, filled by one copy per run of consecutive
     block ids (blocks are large: 16 tokens of every layer). The session's named tensors (outputs the
-    client holds handles to) stay on the device: they are charged to the session's Data segment but
-    are not KV, so the scheduler neither counts nor moves them. GPU bytes of KV are whole blocks, so
-    the scheduler's byte arithmetic is the allocator's block arithmetic.
+    client holds handles to) and the constants of its compiled graphs stay on the device: they are
+    charged to the session's Data segment but are not KV, so the scheduler neither counts nor moves
+    them. GPU bytes of KV are whole blocks, so the scheduler's byte arithmetic is the allocator's
+    block arithmetic.
 
 Note [Blocks in flight]
     A swap-out keeps its device blocks held until its copy completes (`poll`): another session may
@@ -123,12 +124,13 @@ class DataSegment:
         return m
 
     def sync(self, s) -> None:
-        """Charge the session what it holds now (after a request changed its KV or tensors)."""
+        """Charge the session what it holds now (after a request changed its KV, tensors or graphs)."""
         m = self.mem(s.sid)
         kv = self.kv_bytes(s)
         if m.state in (SessionState.NEW, SessionState.DROPPED) and kv and not m.inflight:
             m.state = SessionState.ACTIVE
-        tensors = _tensor_bytes(s.tensors)
+        # Graph constants stay put like tensors: Data the scheduler neither counts as KV nor moves.
+        tensors = _tensor_bytes(s.tensors) + s.graphs.nbytes
         self._tensor_bytes[s.sid] = tensors
         self._set(s.sid, DATA, kv + tensors)
         self._set(s.sid, HOST, self.host_bytes(s.sid, s))
@@ -165,6 +167,19 @@ class DataSegment:
         if kv is None or pool is None:
             return 0
         return kv.table.blocks * pool.block_bytes
+
+    def away(self, s) -> bool:
+        """Some of the session's KV is in the host tier or moving (not usable on the device now)."""
+        return bool(self.mem(s.sid).inflight) or any(id(kv.table) in self._away for kv in s.kv.values())
+
+    def kv_bytes_home(self, s) -> int:
+        """Bytes of the session's KV blocks once all of it is on the device (swapped tables included)."""
+        total = 0
+        for mid, kv in s.kv.items():
+            pool, a = self.pools.get(mid), self._away.get(id(kv.table))
+            if pool is not None:
+                total += (len(kv.table.rows) * a.per_row if a is not None else kv.table.blocks) * pool.block_bytes
+        return total
 
     def gpu_bytes(self, sid: str) -> int:
         """Bytes of KV the scheduler may move, charged on the GPU (Note [What the scheduler moves])."""

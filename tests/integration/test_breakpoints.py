@@ -273,6 +273,37 @@ def test_fork_two_continuations_from_one_pause(pair):
     assert not torch.equal(run.output, run2.output)
 
 
+def test_fork_in_a_decode_step_shares_the_kv_and_executes_only_when_resumed(pair):
+    """Note [Fork replays the prefix]: a fork of a generate paused in decode step 4 takes no KV block
+    and runs nothing until resumed; then it starts from the parent's KV blocks (copy on write) at
+    step 4, not from the prompt; its stop may be edited before it executes; both continuations equal
+    local runs (the parent unedited, the fork with the edit at step 4)."""
+    arch, model, rm = pair
+    s = rm.session
+    l1 = f"{LAYERS[arch]}.1"
+    v = vec(9, 64, scale=10.0)
+    run = s.start(rm, IDS, method="generate", max_new_tokens=8, breakpoints=[Breakpoint(l1)])
+    stop = run.wait()
+    while stop.step < 4:
+        stop = run.resume()
+    kv = s.conn.stats()["kv"]["models"][rm.model_id]
+    child = stop.fork()
+    cstop = child.wait()
+    assert child.timing["compute_us"] == 0.0                              # nothing executed yet
+    assert s.conn.stats()["kv"]["models"][rm.model_id]["blocks_free"] == kv["blocks_free"]
+    info = session_stats(s.conn, s)["runs"][child.run_id]
+    assert (info["executed"], info["from_kv_at_step"]) == (False, 4)
+    assert (cstop.path, cstop.step, cstop.hit) == (l1, 4, stop.hit)
+    assert torch.equal(cstop.activation.cpu(), stop.activation.cpu())
+    cstop.activation[:, -1] += v                                          # edit the fork before it runs
+    assert [x.step for x in drain(child)] == [x.step for x in drain(run)] == [4, 5, 6, 7]
+    plain = local_generate(model, [(l1, "after")], max_new_tokens=8)[0]
+    edited = local_generate(model, [(l1, "after")], {(l1, "after", 4): lambda t: t[:, -1].add_(v.to(t.device))},
+                            max_new_tokens=8)[0]
+    assert torch.equal(run.output, plain) and torch.equal(child.output, edited)
+    assert not torch.equal(plain, edited)
+
+
 def test_sampling_runs_keep_their_rng(local_models, conn):
     """A sampled generate paused while other sessions sample gives the tokens of an uninterrupted
     one with the same seed, and so does a fork of it."""
@@ -327,7 +358,7 @@ def test_resume_and_cancel_free_the_stop(local_models, conn):
         kv = -(-(P + 5) // 16) * 16 * 512  # the run's KV blocks, reserved for its prompt and 5 new tokens
         assert st["paused"] is True and st["paused_bytes"] == 64 * 4 + kv
         assert st["runs"][run.run_id] == {"state": "PAUSED", "method": "generate", "model_id": rm.model_id,
-                                          "path": "model.layers.1", "where": "after", "step": 2, "hit": 0,
+                                          "executed": True, "path": "model.layers.1", "where": "after", "step": 2, "hit": 0,
                                           "paused_s": st["runs"][run.run_id]["paused_s"], "paused_bytes": 64 * 4 + kv}
         assert conn.stats()["segments"]["stack"] == 64 * 4 + kv
         old = stop

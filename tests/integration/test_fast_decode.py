@@ -21,8 +21,9 @@ def fast_server():
     from ..conftest import ServerProcess
 
     # capture=all: on a GPU server every bucket is captured before the first row joins (no-op on the CPU)
+    # prefill-step-tokens 16: prompts longer than that prefill in chunks, between decode steps
     s = ServerProcess("--fast-decode", "on", "--fast-decode-max-batch", "8", "--fast-decode-max-len", "256",
-                      "--fast-decode-capture", "all")
+                      "--fast-decode-capture", "all", "--prefill-step-tokens", "16")
     yield s
     s.stop()
 
@@ -62,6 +63,32 @@ def test_concurrent_sessions_share_steps_and_match_local_greedy(fast_server, bui
         assert fast["rows"] == 0 and fast["steps"] > 0
         assert fast["rows_stepped"] > fast["steps"], "no step ever batched two sessions"
         assert all(st["sessions"][s.sid]["decode"]["fast"] == 1 for s in sessions)
+    finally:
+        conn.close()
+
+
+def test_long_prompts_prefill_in_chunks_between_decode_steps(fast_server):
+    """Note [Chunked prefill]: two 100-token prompts sent together prefill 16 tokens a turn (7 chunks
+    each), and give the local greedy tokens."""
+    model = tiny_llama(seed=9).eval()
+    conn = Connection(fast_server.address, secret=None)
+    try:
+        sessions = [conn.session() for _ in range(2)]
+        rm = djinn.remote(model, session=sessions[0])
+        rm._attach(sessions[1])
+        g = torch.Generator().manual_seed(11)
+        prompts = [torch.randint(0, VOCAB, (1, 100), generator=g) for _ in range(2)]
+        before = conn.stats()["scheduler"]["prefill"]
+        futures = [s.submit("generate", {
+            "model_id": rm.model_id, "input_ids": p, "kwargs": structure.pack({"max_new_tokens": 12, "do_sample": False}, s._leaf),
+            "seed": None, "use_session_kv": True, "stream": False}) for s, p in zip(sessions, prompts)]
+        outs = [f.result(120)["sequences"] for f in futures]
+        for out, p in zip(outs, prompts):
+            assert torch.equal(out, _local(model, p, 12))
+        after = conn.stats()["scheduler"]["prefill"]
+        assert after["step_tokens"] == 16
+        assert after["chunks"] - before["chunks"] == 14  # ceil(100 / 16) = 7 chunks per prompt
+        assert after["turns"] - before["turns"] >= 13    # at most one chunk per turn after the first
     finally:
         conn.close()
 

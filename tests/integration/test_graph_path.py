@@ -12,7 +12,7 @@ from djinn.frontend.remote import RemoteModel
 from djinn.frontend.tensor import RemoteTensor
 
 from ..conftest import DEVICE
-from ..models import tiny_gpt2, tiny_llama
+from ..models import tiny_bert, tiny_gpt2, tiny_gpt_neox, tiny_gptj, tiny_llama
 
 PROMPT = torch.tensor([[1, 17, 42, 99, 5, 250, 7, 64, 31, 128]])
 
@@ -188,6 +188,23 @@ def test_hf_kv_cache_across_calls_on_the_graph_path(session, build):
     assert torch.equal(out.logits.cpu(), ref.logits.cpu())
 
 
+@pytest.mark.parametrize("build", [tiny_bert, tiny_gptj, tiny_gpt_neox, tiny_llama],
+                         ids=["bert", "gptj", "gpt_neox", "llama"])
+def test_hf_attention_mask_all_ones_and_padded(session, build):
+    """Note [Input values]: transformers asks whether the mask is all ones; the capture guards on the
+    answer, so an all-ones mask and padded batches each get their graph, reused while it holds."""
+    model = build(seed=5)
+    rg = djinn.remote(model, session=session, path="graph")
+    ids = torch.randint(3, 200, (2, 6), generator=torch.Generator().manual_seed(14))
+    ones = torch.ones(2, 6, dtype=torch.long)
+    left = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    right = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    for mask in (ones, left, right, ones.clone()):
+        got = rg(ids, attention_mask=mask)
+        assert torch.equal(got[0].cpu(), _local(model, ids, attention_mask=mask)[0])
+    assert rg.counters["captures"] == 2   # all ones, padded: the second padded batch reuses its graph
+
+
 def test_graph_reused_by_signature(conn, session):
     m = _seeded(MLP)
     rm = djinn.remote(m, session=session)
@@ -221,6 +238,87 @@ def test_dropout_seeded_on_server(session):
     torch.manual_seed(11)
     ref = _local(m, x)
     assert torch.equal(rm(x, seed=11).cpu(), ref)
+
+
+class Layouts(nn.Module):
+    """Reads its inputs' strides and aliasing (Note [Input layout] in srg/layout.py)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x, a, b):
+        y = x.contiguous()          # a copy for a transposed x, x itself if x arrived contiguous
+        y.mul_(2)
+        a.add_(1)                   # seen through b when b is a
+        return self.lin(x + y), a * b, x.as_strided((2, 2), (1, 2), x.storage_offset() + 1)
+
+
+def test_inputs_keep_strides_offsets_and_aliasing(session):
+    m = _seeded(Layouts)
+    rm = djinn.remote(m, session=session)
+    base = torch.randn(5, 4, generator=torch.Generator().manual_seed(9))
+    x = base.t()[:, 1:]             # strides (1, 4), storage offset 4
+    a = torch.randn(3, 3, generator=torch.Generator().manual_seed(10))
+    for b_of in (lambda a: a, lambda a: a.clone()):   # the same tensor twice, then two tensors
+        a_local = a.clone()
+        ref = _local(m, x.clone(), a_local, b_of(a_local))
+        got = rm(x, a, b_of(a))
+        for g, r in zip(got, ref):
+            assert torch.equal(g.cpu(), r)
+    assert rm.counters["captures"] == 2   # aliasing is part of the signature
+
+
+class Knobs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.scale, self.relu = 2.0, True
+
+    def forward(self, x):
+        y = self.lin(x) * self.scale
+        return torch.relu(y) if self.relu else y
+
+
+def test_changed_attribute_recaptures(session):
+    """Note [Capture guards]: Python values the forward read are baked into the graph."""
+    m = _seeded(Knobs)
+    rm = djinn.remote(m, session=session)
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(12))
+    assert torch.equal(rm(x).cpu(), _local(m, x))
+    m.scale, m.relu = -3.0, False
+    assert torch.equal(rm(x).cpu(), _local(m, x))
+    m.lin.act = nn.Identity()   # a new submodule changes the tree: recapture, still the same result
+    assert torch.equal(rm(x).cpu(), _local(m, x))
+    assert rm.counters["captures"] == 3
+    rm(x)
+    assert rm.counters["captures"] == 3
+
+
+def test_weight_changed_after_remote_is_uploaded_again(session):
+    m = _seeded(Knobs)
+    rm = djinn.remote(m, session=session)
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(13))
+    rm(x)
+    with torch.no_grad():
+        m.lin.weight.mul_(-2.0)                       # in place: its version counter moves
+    assert torch.equal(rm(x).cpu(), _local(m, x))
+    m.lin.bias = nn.Parameter(torch.full((4,), 0.25))  # replaced by another tensor
+    assert torch.equal(rm(x).cpu(), _local(m, x))
+    run = session.start(rm, x, breakpoints=["lin"])     # a run sees the new weights too
+    run.wait()
+    assert run.resume() is None and torch.equal(run.output.cpu(), _local(m, x))
+
+
+def test_tensors_made_in_forward_and_list_indices(session):
+    """Note [Tensors made in a forward]: captured as constants, not "not produced by the capture"."""
+    from ..unit.test_forward_tensors import MakesTensors
+
+    m = MakesTensors()
+    rm = djinn.remote(m, session=session)
+    x = torch.randn(3, 3, generator=torch.Generator().manual_seed(15))
+    got, ref = rm(x), _local(m, x)
+    assert len(got) == len(ref) and all(torch.equal(g.cpu(), r) for g, r in zip(got, ref))
 
 
 def test_data_dependent_control_flow_is_a_capture_error(session):

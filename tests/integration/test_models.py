@@ -180,6 +180,35 @@ def test_generation_config_defaults_follow_local_model(conn, device):
         assert torch.equal(got, ref.cpu())
 
 
+def test_a_generation_config_cannot_bypass_generates_checks(conn, device, tmp_path):
+    """Note [Effective generate arguments]: arguments a generate leaves out come from the model's
+    generation_config (sent at registration, or the server's generation_config.json); the allow-list and
+    the ranges apply to them too (4096 beams once ran this way). The call can override them, as locally."""
+    wide = TINY_BUILDERS["llama"](seed=0, device=device)
+    wide.generation_config.num_beams = 4096
+    rm = RemoteModel.from_module(conn.session(), wide)
+    with pytest.raises(djinn.InvalidRequest) as info:
+        rm.generate(PROMPT, max_new_tokens=2, do_sample=False)
+    assert info.value.message == ("generate: num_beams must be an int in [1, 64], got 4096 (from the model's "
+                                  "generation_config; pass it to override)")
+    ref = _local(wide, lambda m: m.generate(PROMPT.to(device), max_new_tokens=4, num_beams=1, do_sample=False))
+    assert torch.equal(rm.generate(PROMPT, max_new_tokens=4, num_beams=1, do_sample=False), ref.cpu())
+    # A server-side directory: its generation_config.json counts the same way.
+    plain = TINY_BUILDERS["gpt2"](seed=0, device=device)
+    plain.save_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").write_text('{"num_beams": 4, "guidance_scale": 3.0}')
+    loaded = RemoteModel.from_path(conn.session(), str(tmp_path))
+    with pytest.raises(djinn.InvalidRequest, match=r"generation_config sets guidance_scale=3\.0, which generate "
+                                                   r"does not accept"):
+        loaded.generate(PROMPT, max_new_tokens=2, num_beams=1)
+    assert torch.equal(loaded(PROMPT).logits.cpu(), _local(plain, lambda m: m(PROMPT.to(device)).logits).cpu())
+    # One transformers itself refuses is a typed error at registration.
+    odd = TINY_BUILDERS["llama"](seed=0, device=device)
+    odd.generation_config.early_stopping = "sometimes"
+    with pytest.raises(djinn.InvalidRequest, match="bad generation_config for LlamaForCausalLM: `early_stopping`"):
+        RemoteModel.from_module(conn.session(), odd)
+
+
 # -- errors ----------------------------------------------------------------------------------------
 def test_unsupported_module(conn):
     with pytest.raises(djinn.ModelNotSupported):

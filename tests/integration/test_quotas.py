@@ -114,7 +114,47 @@ def test_generate_over_the_gpu_quota_is_refused_others_run_on(gpu_conn, model, d
         rm.generate(P1, max_new_tokens=40, do_sample=False, pad_token_id=0, session=big)
     with torch.no_grad():
         want = model.generate(P1.to(device), max_new_tokens=8, do_sample=False, pad_token_id=0).cpu()
-    assert torch.equal(rm.generate(P1, max_new_tokens=8, do_sample=False, pad_token_id=0, session=ok), want)
+    assert torch.equal(rm.generate(P1, max_new_tokens=8, do_sample=False, pad_token_id=0, session=big), want)
+    assert sstats(c, big)["gpu_bytes"] == kv(16)  # its scratch blocks went back
+    # ...and they come on top of what the session holds: `ok` holds its whole quota of KV, so even a
+    # stateless call whose own blocks would fit is refused (it once counted alone), as is a wide batch.
+    assert sstats(c, ok)["gpu_bytes"] == QUOTA_GPU and kv(16) < QUOTA_GPU
+    with pytest.raises(djinn.QuotaExceeded) as info:
+        rm.generate(P1, max_new_tokens=8, do_sample=False, pad_token_id=0, session=ok)
+    assert info.value.message == (
+        f"generate would take session {ok.sid[:8]} to {QUOTA_GPU + kv(16)} bytes on the device ({kv(16)} bytes of "
+        f"KV for 8 + 8 tokens x batch 1, a stateless call's scratch blocks), over its GPU quota of {QUOTA_GPU} "
+        "bytes (quota_gpu_gb); free tensors, reset the cache or ask for less")
+    with pytest.raises(djinn.QuotaExceeded, match=rf"\({64 * kv(16)} bytes of KV for 8 \+ 8 tokens x batch 64"):
+        rm.generate(P1.repeat(64, 1), max_new_tokens=8, do_sample=False, pad_token_id=0, session=big)
+    assert sstats(c, ok)["kv_tokens"] == {rm.model_id: 27} and sstats(c, ok)["gpu_bytes"] == QUOTA_GPU
+
+
+def test_generate_runs_count_against_the_gpu_quota(gpu_conn, model, device):
+    """A generate breakpoint run reserves its KV blocks when it starts and keeps them while it is paused:
+    they count against its session's quota like a generate's (they once counted nothing)."""
+    from djinn.frontend.run import Breakpoint
+
+    c = gpu_conn
+    s = c.session("runs")
+    rm = RemoteModel.from_module(s, model)
+    with pytest.raises(djinn.QuotaExceeded, match=rf"a generate run would take session .* to {kv(48)} bytes"):
+        s.start(rm, P1, method="generate", max_new_tokens=40, do_sample=False, pad_token_id=0,
+                breakpoints=[Breakpoint(layer=0)]).wait(60)
+    assert sstats(c, s)["runs"] == {} and sstats(c, s)["gpu_bytes"] == 0
+    run = s.start(rm, P1, method="generate", max_new_tokens=8, do_sample=False, pad_token_id=0,
+                  breakpoints=[Breakpoint(layer=0)])
+    run.wait(60)
+    st = sstats(c, s)
+    assert run.state == "paused" and st["paused_bytes"] >= kv(16)
+    assert st["quota"]["gpu_bytes"]["used"] == st["paused_bytes"]  # the paused run's Stack counts
+    # With the run's KV held, a generate that alone would fit does not.
+    with pytest.raises(djinn.QuotaExceeded, match="quota_gpu_gb"):
+        s.generate(rm, P1, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    run.cancel()
+    assert sstats(c, s)["quota"]["gpu_bytes"]["used"] == 0
+    ref = local_turns(model, device, (P1, GEN))[0]
+    assert torch.equal(s.generate(rm, P1, **GEN), ref)
 
 
 def test_forward_outputs_over_the_gpu_quota_are_freed(gpu_conn, model, device):
@@ -155,6 +195,52 @@ def test_forward_outputs_over_the_gpu_quota_are_freed(gpu_conn, model, device):
     # Another session of the same server is unaffected by this one's use.
     with c.session("other") as o:
         assert torch.equal(rm(P1, session=o).logits.cpu(), ref)
+
+
+def test_graph_constants_and_intermediates_count_against_the_gpu_quota(gpu_conn):
+    """Note [Graph peak memory]: a graph's constants are the session's Data (held with its compiled graph,
+    shown in stats) and its intermediates' peak, estimated from the SRG's shapes, is checked before it
+    runs. Both once ran outside any quota (a 256 KiB intermediate under this 16 KiB quota)."""
+    from ..srg_builder import Builder
+
+    c = gpu_conn
+    s = c.session("graphs")
+
+    def send(b, *outs) -> dict:
+        sig, wire = b.wire(*outs)
+        return s.call("run_graph", {"sig": sig, "graph": wire, "inputs": [], "fetch": [0]})
+
+    b = Builder()
+    (total,) = b.op("aten.sum.default", b.const(torch.arange(2048, dtype=torch.float32)))  # 8 KiB constant
+    assert send(b, total)["tensors"][0].item() == 2047 * 2048 / 2
+    st = sstats(c, s)
+    assert (st["graphs"], st["graph_bytes"], st["tensors"]) == (1, 8192, 1)
+    assert st["gpu_bytes"] == 8192 + 512 and st["quota"]["gpu_bytes"]["used"] == 8192 + 512  # + the output
+    # Constants that would pass the quota are refused before they are copied in; nothing is kept.
+    b = Builder()
+    parts = [b.const(torch.full((2048,), float(k))) for k in range(2)]
+    (both,) = b.op("aten.cat.default", parts)
+    with pytest.raises(djinn.QuotaExceeded) as info:
+        send(b, both)
+    assert info.value.message == (f"this graph would take session {s.sid[:8]} to {8704 + 16384} bytes on the device "
+                                  f"(16384 bytes of graph constants), over its GPU quota of {QUOTA_GPU} bytes "
+                                  "(quota_gpu_gb); free tensors, reset the cache or ask for less")
+    assert (sstats(c, s)["graphs"], sstats(c, s)["graph_bytes"]) == (1, 8192)
+    # A 256 KiB intermediate whose output is 4 bytes: refused before it runs.
+    b = Builder()
+    (wide,) = b.op("aten.repeat.default", b.const(torch.ones(64)), [1024])
+    (small,) = b.op("aten.sum.default", wide)
+    with pytest.raises(djinn.QuotaExceeded, match=r"run_graph would take session .* \(the graph's intermediates "
+                                                  r"and outputs peak at 262656 bytes\)"):
+        send(b, small)
+    st = sstats(c, s)
+    assert (st["tensors"], st["graphs"], st["graph_bytes"]) == (1, 2, 8192 + 512)  # compiled, never run
+    # Graphs within the quota run on; closing the session frees its graphs with it.
+    b = Builder()
+    (twice,) = b.op("aten.mul.Scalar", b.const(torch.ones(4)), 2.0)
+    assert torch.equal(send(b, twice)["tensors"][0], torch.full((4,), 2.0))
+    s.close()
+    assert s.sid not in c.stats()["sessions"]
 
 
 # -- queued requests -------------------------------------------------------------------------------

@@ -149,19 +149,18 @@ def test_session_cache_batch_mismatch(conn, local_models):
 
 def test_failed_generate_leaves_no_stale_cache(conn, local_models, device):
     """A generate that fails after the cache grew (sampling at a temperature so small that the scores
-    overflow to inf: the prefill has run, then multinomial refuses NaN probabilities) must not leave a
-    cache that no longer matches the session's tokens: the positions the failed call wrote are not part
-    of the sequence, and the session goes on from the tokens it had. (This used to run gpt2 past
-    n_positions=256 mid-decode; that is now refused before anything runs: test_index_validation.py.)"""
-    if device.type == "cuda":
-        pytest.skip("NaN probabilities reaching multinomial are a device-side assert on CUDA")
+    overflow to inf: the prefill has run, then the sampling check refuses the scores, Note [Scores are
+    checked before sampling]) must not leave a cache that no longer matches the session's tokens: the
+    positions the failed call wrote are not part of the sequence, and the session goes on from the
+    tokens it had. (This used to run gpt2 past n_positions=256 mid-decode; that is now refused before
+    anything runs: test_index_validation.py.)"""
     model = local_models["gpt2"]
     long_prompt = torch.randint(3, 256, (1, 200), generator=torch.Generator().manual_seed(2))
     with conn.session() as s:
         rm = RemoteModel.from_module(s, model)
         s.generate(rm, long_prompt, max_new_tokens=8)
         assert _kv_tokens(conn, s) == {rm.model_id: 208}
-        with pytest.raises(djinn.RemoteExecutionError, match="probability tensor contains"):
+        with pytest.raises(djinn.InvalidRequest, match="sampling refused"):
             s.generate(rm, P1, max_new_tokens=8, do_sample=True, temperature=1e-40)
         st = conn.stats()["sessions"][s.sid]
         assert st["kv_tokens"] == {rm.model_id: 208} and st["gpu_bytes"] == 13 * 16 * 2 * 2 * 64 * 4  # 207 fed

@@ -350,3 +350,51 @@ def test_split_tensor_checks_shape_and_range_before_joining():
     with pytest.raises(ProtocolError, match="tensor refers to frame 2 \\(and 2 in all\\), message has 3 frames"):
         decode([tail, body[:5], b"\0" * 4, body[5:]])
     assert decode([tail, body[:5], b"\1" * 4, b"\2" * 4, body[5:]]).header["t"].tolist() == [1] * 4 + [2] * 4
+
+
+# -- Note [Any layout travels] -----------------------------------------------------------------------
+def _one_element_cases(t: torch.Tensor, raw: np.ndarray) -> dict:
+    """One-element views torch calls contiguous whatever their strides, with the bytes they hold."""
+    flat = raw.reshape(-1, raw.shape[-1])  # [numel, itemsize]
+    col = t.reshape(1, 12)
+    return {
+        "column_of_batch_1": (col[:, 2], flat[2:3]),                          # [1], stride 12, offset 2
+        "column_kept_2d": (col[:, 5:6], flat[5:6]),                           # [1, 1], strides (12, 1)
+        "as_strided": (t.reshape(-1).as_strided((1, 1), (7, 3), 4), flat[4:5]),
+        "zero_dim_offset": (t.reshape(-1)[9], flat[9:10]),
+        "expanded_one": (t.reshape(-1)[3:4].as_strided((1,), (0,)), flat[3:4]),
+        "cloned_column": (col[:, 7].clone(), flat[7:8]),                      # clone keeps stride 12
+    }
+
+
+@pytest.mark.parametrize("name", DTYPE_NAMES)
+def test_one_element_tensors_with_any_stride_and_offset_roundtrip(name):
+    dt = DTYPES[name]
+    t, raw = random_tensor(dt, (12,), seed=9)
+    cases = _one_element_cases(t, raw)
+    assert cases["column_of_batch_1"][0].stride() == (12,) and cases["cloned_column"][0].stride() == (12,)
+    msg = decode(frame_bytes(encode(MsgType.REPLY, {k: v for k, (v, _) in cases.items()})))
+    for k, (src, want) in cases.items():
+        out = msg.header[k]
+        assert out.dtype == dt and out.shape == src.shape and out.is_contiguous(), k
+        assert out.reshape(-1).view(torch.uint8).numpy().tobytes() == want.tobytes(), k
+
+
+def test_one_element_views_hash_and_upload_as_their_values():
+    from djinn.frontend.upload import _chunks
+    from djinn.protocol.hashing import weight_hash
+
+    x = torch.randn(3, 5)
+    for v in (x[:1, 2], x.reshape(-1).as_strided((1, 1), (7, 3), 4), x[:1, 3:4].expand(1, 1)):
+        assert weight_hash(v) == weight_hash(torch.tensor(v.tolist()))
+        ((items, n),) = list(_chunks([("h", v)], 1 << 20, 1 << 20))
+        assert n == 4 and items[0]["data"].numpy().tobytes() == torch.tensor(v.tolist()).numpy().tobytes()
+
+
+def test_values_msgpack_refuses_are_protocol_errors():
+    """Encoding fails only with ProtocolError, so a sender can answer it typed: a str with a lone
+    surrogate (what surrogateescape makes of a non-UTF-8 file name), a value of no wire type."""
+    with pytest.raises(ProtocolError, match="UnicodeEncodeError"):
+        encode(MsgType.REQUEST, {"args": {"name": "caf\udce9"}})
+    with pytest.raises(ProtocolError):
+        encode(MsgType.REPLY, {"result": {"x": object()}})

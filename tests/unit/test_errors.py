@@ -16,6 +16,7 @@ EXPECTED = {
     "server_unavailable": E.ServerUnavailable, "timeout": E.RequestTimeout,
     "quota_exceeded": E.QuotaExceeded, "session_lost": E.SessionLost, "shutting_down": E.ShuttingDown,
     "capture": E.CaptureError, "weight_write_refused": E.WeightWriteRefused, "server_busy": E.ServerBusy,
+    "cancelled": E.GenerateCancelled,
 }
 
 
@@ -36,7 +37,16 @@ def test_error_from_wire_maps_every_code(code):
     assert e.message == "it broke"
     assert e.remote_traceback == tb
     assert e.args == ("it broke",)
-    assert str(e) == f"it broke\n--- remote traceback ---\n{tb}"
+    assert str(e) == "it broke"  # short under a notebook cell; the traceback is an attribute
+    assert e.__notes__ == ["(the server's traceback is in this error's .remote_traceback)"]
+
+
+def test_remote_execution_error_str_is_the_first_line_of_its_cause():
+    msg = "forward failed: RuntimeError: shapes cannot be multiplied\n\nsee the torch docs for matmul"
+    e = error_from_wire("remote_execution", msg, "Traceback (most recent call last):\n  ...")
+    assert str(e) == "forward failed: RuntimeError: shapes cannot be multiplied"
+    assert e.message == msg
+    assert error_from_wire("invalid_request", "a\nb", None).__str__() == "a\nb"  # written to be read whole
 
 
 @pytest.mark.parametrize("code", sorted(EXPECTED))

@@ -68,12 +68,13 @@ def test_join_leave_and_compaction():
         tables.append(t)
     assert [t.rows[0] for t in tables] == [[1, 2], [3, 4, 5], [6, 7]]
     assert [r.slot for r in rows] == [0, 1, 2] and pool.free_slots() == 0
-    assert pool.tables[:, :3].tolist() == [[1, 2, 0], [3, 4, 5], [6, 7, 0]]
+    assert pool.tables[:, :3].tolist() == [[1, 2, 2], [3, 4, 5], [6, 7, 7]]  # tails repeat the last block
+    assert pool.tables[:, -1].tolist() == [2, 5, 7]
     rows[2].pos = 7  # pretend row 2 decoded two tokens
     pool.leave(rows[0], tables[0])  # row 0 leaves with nothing new
     assert tables[0].length == 4
     assert rows[0].slot == -1 and rows[2].slot == 0 and [r.slot for r in pool.rows] == [0, 1]
-    assert pool.tables[:, :3].tolist() == [[6, 7, 0], [3, 4, 5], [0, 0, 0]]  # row 2's ids moved, slot 2 scratch
+    assert pool.tables[:, :3].tolist() == [[6, 7, 7], [3, 4, 5], [0, 0, 0]]  # row 2's ids moved, slot 2 scratch
     pool.leave(rows[2], tables[2])
     assert tables[2].length == 7
     assert [r.slot for r in pool.rows] == [0] and rows[1].slot == 0
@@ -111,3 +112,119 @@ def test_batched_step_over_blocks_matches_eager_decode():
     for r, t, ids in zip(rows, tables, prompts):
         pool.leave(r, t)
         assert t.length == ids.shape[1] + 5
+
+
+def _local_greedy(model, ids, n):
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
+
+
+def test_chunked_prefill_interleaves_with_decode_and_is_first_come_first_served():
+    """Note [Chunked prefill]: with a budget of 8 prompt tokens a turn, two 40-token prompts prefill in
+    5 chunks each, the one that started first entirely before the other; every turn the session that
+    already decodes takes its step in between; all three give the local greedy tokens."""
+    from djinn.server.fast_task import FastTask, PrefillBudget
+    from djinn.server.sessions import KVState
+
+    model = tiny_llama(seed=6).eval()
+    kv = KVPool(KVShape.of_module(model), 64, 4, "cpu")
+    pool = DecodePool(model, kv, 4, 64, graphs=False)
+    budget = PrefillBudget(8)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 100, (1, n), generator=g) for n in (5, 40, 40)]
+    news = [30, 6, 6]
+    tasks = []
+    for ids, n in zip(prompts, news):
+        state = KVState.empty(kv, ids[:, :0])
+        assert kv.reserve(state.table, ids.shape[1] + n)
+        tasks.append(FastTask(pool, state, ids, {"max_new_tokens": n, "do_sample": False}, None, None, n, budget,
+                              continues=False))
+    lengths = []  # per turn: (decoded tokens of task 0, table lengths of tasks 1 and 2)
+    for turn in range(40):
+        if all(t.done for t in tasks):
+            break
+        pool.step()
+        budget.new_turn()
+        for t in tasks:
+            t.advance()
+        a = tasks[0]
+        lengths.append((len(a.row.new) if a.row is not None else None,
+                        tasks[1].state.table.length, tasks[2].state.table.length))
+    # Turn 0: task 0's 5-token prompt takes 5 of the 8, task 1 the other 3; from then on 8 a turn.
+    assert [l[1:] for l in lengths[:7]] == [(3, 0), (11, 0), (19, 0), (27, 0), (35, 0), (40, 3), (40, 11)]
+    assert [l[0] for l in lengths[1:7]] == [1, 2, 3, 4, 5, 6]  # task 0 decodes a token every turn meanwhile
+    assert budget.chunks == 1 + 6 + 6 and budget.per_turn == 8
+    for t, ids, n in zip(tasks, prompts, news):
+        assert t.error is None and t.done
+        assert t.result["sequences"][0, ids.shape[1]:].tolist() == _local_greedy(model, ids, n)
+
+
+def test_prefill_budget_counts_turns_and_chunks():
+    from djinn.server.fast_task import PrefillBudget
+
+    b = PrefillBudget(10)
+    assert (b.take(4), b.take(9), b.take(3)) == (4, 6, 0) and b.left == 0
+    b.new_turn()
+    assert b.turns == 1 and b.take(2) == 2 and b.chunks == 3
+    b.new_turn()
+    b.new_turn()  # a turn that prefilled nothing is not counted
+    assert b.turns == 2
+    with pytest.raises(ValueError):
+        PrefillBudget(0)
+
+
+def test_a_row_whose_scores_are_not_finite_fails_alone():
+    """Note [Scores are checked before sampling]: a sampled row fed a token whose embedding is NaN gets NaN
+    logits; the batched step marks that row failed (InvalidRequest) and the other rows of the step go on."""
+    from djinn.protocol.errors import InvalidRequest
+
+    model = tiny_llama(seed=6).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[77] = float("nan")
+    kv = KVPool(KVShape.of_module(model), 32, 4, "cpu")
+    pool = DecodePool(model, kv, 4, 64, graphs=False)
+    rows = []
+    for token, seed in ((77, 1), (5, 2), (9, None)):
+        t = kv.new_table(1)
+        assert kv.reserve(t, 8)
+        sampler = Sampler(seed is not None, generator=torch.Generator().manual_seed(seed or 0))
+        r = Row(token, 4, 4, 3, sampler, frozenset())
+        pool.join(r, t)
+        rows.append(r)
+    pool.step()
+    bad, sampled, greedy = rows
+    assert bad.done and isinstance(bad.error, InvalidRequest) and bad.new == [] and bad.pos == 4
+    assert sampled.error is None and len(sampled.new) == 1 and sampled.pos == 5 and not sampled.done
+    assert greedy.error is None and len(greedy.new) == 1
+    pool.step()
+    assert len(sampled.new) == 2 and len(greedy.new) == 2 and bad.new == []
+
+
+def test_a_free_slots_non_finite_writes_reach_no_row():
+    """Note [Decode pool]: a row that left keeps its last token in its slot; a later step over a larger
+    bucket feeds it at position 0 into the scratch block. With a model whose forward of that token is
+    NaN, the scratch block holds NaN, and no live row may read it (0 x NaN at a masked position)."""
+    model = tiny_llama(seed=6).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[77] = float("nan")
+
+    def decode(with_poison: bool) -> list:
+        kv = KVPool(KVShape.of_module(model), 64, 4, "cpu")
+        pool = DecodePool(model, kv, 4, 64, graphs=False)
+        rows = []
+        for token in (5, 9, 11) + ((77,) if with_poison else ()):
+            t = kv.new_table(1)
+            assert kv.reserve(t, 12)
+            r = Row(token, 4, 4, 6, Sampler(False), frozenset())
+            pool.join(r, t)
+            rows.append(r)
+        pool.step()
+        if with_poison:
+            pool.drop(rows[3])
+        for _ in range(3):
+            pool.step()  # a bucket of 4 over 3 rows: the free slot writes the scratch block
+        if with_poison:
+            assert not torch.isfinite(kv.kv[0]).all()  # the poison is there
+        return [r.new for r in rows[:3]]
+
+    assert decode(True) == decode(False)

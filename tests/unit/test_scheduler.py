@@ -430,3 +430,15 @@ def test_the_scheduler_is_pure_python():
             else:
                 continue
             assert all(n.split(".")[0] in allowed for n in names), (f, names)
+
+
+def test_policy_from_config_takes_its_options_and_says_whether_it_swaps():
+    from djinn.config import ServerConfig
+    from djinn.scheduler.policies import policy_from_config
+
+    sig = policy_from_config(ServerConfig(policy="signal", prefetch_margin_s=0.25, swap_on_io_wait=True))
+    assert (sig.name, sig.margin_s, sig.always, sig.swaps) == ("signal", 0.25, True, True)
+    assert {n: policy_from_config(ServerConfig(policy=n)).swaps for n in ("lru", "recompute", "resident")} == {
+        "lru": True, "recompute": False, "resident": False}
+    with pytest.raises(ValueError, match="unknown scheduling policy 'fifo'"):
+        policy_from_config(ServerConfig(policy="fifo"))

@@ -64,3 +64,83 @@ def test_generate_counts_cached_tokens_and_the_generation_config():
     m.generation_config.max_new_tokens = 300  # no max_new_tokens in the call: the model's default counts
     with pytest.raises(InvalidRequest, match=r"0 cached \+ 10 new \+ 300 generated tokens"):
         check_generate(m, ids, {}, seen=0)
+
+
+# -- Note [Effective generate arguments] (executor.py): the model's generation_config is checked too -------
+def test_a_generation_config_cannot_bypass_the_argument_checks():
+    from djinn.server.executor import check_generate as check_args
+
+    m = tiny_gpt2()
+    ids = torch.ones(1, 4, dtype=torch.long)
+    check_args(ids, {}, m)
+    m.generation_config.num_beams = 4096  # as sent at registration, or read from generation_config.json
+    with pytest.raises(InvalidRequest) as info:
+        check_args(ids, {"max_new_tokens": 2}, m)
+    assert info.value.message == ("generate: num_beams must be an int in [1, 64], got 4096 (from the model's "
+                                  "generation_config; pass it to override)")
+    check_args(ids, {"num_beams": 1}, m)  # the call overrides it, as locally
+    m.generation_config.num_beams = 4
+    with pytest.raises(InvalidRequest, match=r"num_beams > 1 is not supported .*from the model's generation_config"):
+        check_args(ids, {}, m)
+    m.generation_config.num_beams = None
+    m.generation_config.num_return_sequences = 8
+    with pytest.raises(InvalidRequest, match="num_return_sequences > 1"):
+        check_args(ids, {}, m)
+    m.generation_config.num_return_sequences = 1
+    m.generation_config.max_new_tokens = -3
+    with pytest.raises(InvalidRequest, match=r"max_new_tokens must be an int in \[0, 1048576\], got -3 \(from"):
+        check_args(ids, {}, m)
+    check_args(ids, {"max_new_tokens": 5}, m)
+    check_args(ids, {}, None)  # without a module only the kwargs count (unit callers)
+
+
+@pytest.mark.parametrize("field,value", [("guidance_scale", 3.0), ("return_dict_in_generate", True),
+                                         ("output_scores", True), ("prompt_lookup_num_tokens", 4),
+                                         ("suppress_tokens", [10**6]), ("forced_eos_token_id", 10**6),
+                                         ("num_beam_groups", 2), ("cache_implementation", "static")])
+def test_config_fields_generate_does_not_accept_are_refused(field, value):
+    from djinn.server.executor import check_generate as check_args
+
+    m = tiny_llama()
+    setattr(m.generation_config, field, value)
+    with pytest.raises(InvalidRequest) as info:
+        check_args(torch.ones(1, 4, dtype=torch.long), {"max_new_tokens": 2}, m)
+    assert info.value.message.startswith(f"generate: the model's generation_config sets {field}={value!r}, which "
+                                         "generate does not accept")
+
+
+def test_neutral_config_fields_and_the_models_own_config_pass():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from djinn.server.executor import check_generate as check_args
+
+    m = tiny_llama()
+    g = m.generation_config
+    g.output_scores, g.guidance_scale, g.suppress_tokens, g.max_time = False, None, [], 5.0
+    g.cache_implementation = "hybrid"  # transformers unsets it itself
+    g.temperature, g.top_k, g.do_sample, g.repetition_penalty = 0.7, 40, True, 1.1
+    check_args(torch.ones(1, 4, dtype=torch.long), {}, m)
+    # transformers copies generation fields of the model's own config into its generation_config
+    cfg = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=32, bos_token_id=1, eos_token_id=2,
+                     guidance_scale=2.0)
+    with pytest.raises(InvalidRequest, match="guidance_scale=2.0"):
+        check_args(torch.ones(1, 4, dtype=torch.long), {}, GPT2LMHeadModel(cfg))
+
+
+def test_the_pad_id_a_finished_row_is_fed_must_be_in_the_vocabulary():
+    m = tiny_gpt2()  # vocab 256, eos 2
+    ids = torch.ones(1, 4, dtype=torch.long)
+    m.generation_config.pad_token_id = 10**6
+    with pytest.raises(InvalidRequest) as info:
+        check_generate(m, ids, {"max_new_tokens": 2}, seen=0)
+    assert info.value.message.startswith("generate: pad_token_id=1000000 (from the model's generation_config, or "
+                                         "its first eos_token_id) is out of range")
+    check_generate(m, ids, {"max_new_tokens": 2, "pad_token_id": 0}, seen=0)  # the call overrides it
+    m.generation_config.pad_token_id = None
+    m.generation_config.eos_token_id = [10**6, 2]  # no pad: generate pads with the first eos id
+    with pytest.raises(InvalidRequest, match="pad_token_id=1000000"):
+        check_generate(m, ids, {"max_new_tokens": 2}, seen=0)
+    # An eos id the model cannot generate ends no row, so nothing is fed back: GPT-2's default 50256 on a
+    # small vocabulary is harmless and stays accepted.
+    m.generation_config.eos_token_id = 50256
+    check_generate(m, ids, {"max_new_tokens": 2}, seen=0)

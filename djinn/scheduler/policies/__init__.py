@@ -10,6 +10,14 @@ from .signal import SignalPolicy
 POLICIES: dict[str, type] = {p.name: p for p in (SignalPolicy, LRUPolicy, RecomputePolicy, ResidentPolicy)}
 
 
+def policy_from_config(cfg) -> Policy:
+    """The policy the server config names, with the config's options for it."""
+    cls = POLICIES.get(cfg.policy)
+    if cls is None:
+        raise ValueError(f"unknown scheduling policy {cfg.policy!r}; choose one of {sorted(POLICIES)}")
+    return cls.from_config(cfg)
+
+
 def get_policy(name: str, **options) -> Policy:
     """The policy called `name`, built with `options` (only `signal` takes any: margin_s, headroom, always)."""
     cls = POLICIES.get(name)
@@ -21,4 +29,4 @@ def get_policy(name: str, **options) -> Policy:
         raise ValueError(f"policy {name!r} does not take options {sorted(options)}") from None
 
 
-__all__ = ["POLICIES", "get_policy", "LRUPolicy", "RecomputePolicy", "ResidentPolicy", "SignalPolicy"]
+__all__ = ["POLICIES", "get_policy", "policy_from_config", "LRUPolicy", "RecomputePolicy", "ResidentPolicy", "SignalPolicy"]

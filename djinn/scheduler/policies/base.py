@@ -104,6 +104,12 @@ class PolicyBase:
     """
 
     name = "base"
+    swaps = False  # makes room by moving idle sessions' KV to the host pool
+
+    @classmethod
+    def from_config(cls, cfg) -> "PolicyBase":
+        """The policy with the server config's options for it (none by default)."""
+        return cls()
 
     def schedule(self, view: View) -> Decision:
         plan = Plan(view)

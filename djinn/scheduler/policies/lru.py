@@ -10,6 +10,7 @@ from .base import Plan, PolicyBase, lru_order, swap_out_for
 
 class LRUPolicy(PolicyBase):
     name = "lru"
+    swaps = True
 
     def make_room(self, plan: Plan, s: SessionView, need: int) -> None:
         swap_out_for(plan, s, need, lru_order(plan.idle()))

@@ -30,6 +30,11 @@ from .base import Plan, PolicyBase, lru_order, swap_out_for
 
 class SignalPolicy(PolicyBase):
     name = "signal"
+    swaps = True
+
+    @classmethod
+    def from_config(cls, cfg) -> "SignalPolicy":
+        return cls(margin_s=cfg.prefetch_margin_s, always=cfg.swap_on_io_wait)
 
     def __init__(self, margin_s: float = 0.05, headroom: float = 0.1, always: bool = False):
         if not margin_s >= 0:

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One GPU job, as run on the device machines: `OSDI_Evaluation/gpu_job.sh OUTDIR PART...`.
+# Parts: exp1 (signal and resident at N=$EXP1_AGENTS, default 16,48,96), fork (forks at a 2k prefix on
+# 13B), exp1s (signal alone at N=$EXP1_AGENTS, default 48), exp1b (lru and recompute at N=48, the shared-prefix
+# variant at N=48), micro (session and run forks at a 2k prefix on 13B, 7B decode speed against HF
+# eager, swap by blocks), gpu-tests (tier 3). Each writes its JSON and log under OUTDIR.
+set -u
+out=${1:?usage: gpu_job.sh OUTDIR PART...}; shift
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt"
+here=$(cd "$(dirname "$0")" && pwd)
+for part in "$@"; do
+  case $part in
+    exp1)
+      budget=${EXP1_BUDGET_S:-560}
+      timeout $((budget + 25)) python "$here/exp1_semantic_scheduler/run_exp1.py" --policies signal,resident \
+        --agents "${EXP1_AGENTS:-16,48,96}" --time-budget-s "$budget" --out "$out" --name exp1_chunked 2>&1 \
+        | tee "$out/exp1_chunked.log" | tail -25 ;;
+    fork)
+      timeout 150 python "$here/micro/bench_fork.py" --shape 13b --prefix 2048 --out "$out/fork.json" 2>&1 | tail -5 ;;
+    exp1b)
+      timeout 400 python "$here/exp1_semantic_scheduler/run_exp1.py" --policies lru,recompute --agents 48 \
+        --time-budget-s 380 --out "$out" --name exp1_lru_recompute 2>&1 | tee "$out/exp1_lru_recompute.log" | tail -12
+      timeout 200 python "$here/exp1_semantic_scheduler/run_exp1.py" --policies signal --agents 48 \
+        --shared-prefix-tokens 1024 --time-budget-s 190 --out "$out" --name exp1_shared_prefix 2>&1 \
+        | tee "$out/exp1_shared_prefix.log" | tail -8 ;;
+    micro)
+      timeout 120 python "$here/micro/bench_fork.py" --shape 13b --prefix 2048 --out "$out/fork.json" 2>&1 | tail -5
+      timeout 200 python "$here/exp_decode/bench_decode.py" --shapes 7b --concurrency 1,32 --max-sessions 32 \
+        --out "$out/decode_7b.json" 2>&1 | tail -12
+      timeout 60 python "$here/micro/bench_swap.py" --quick --out "$out/swap.json" 2>&1 | tail -8 ;;
+    exp1s)
+      budget=${EXP1_BUDGET_S:-170}
+      timeout $((budget + 25)) python "$here/exp1_semantic_scheduler/run_exp1.py" --policies signal \
+        --agents "${EXP1_AGENTS:-48}" --time-budget-s "$budget" --out "$out" --name exp1_signal 2>&1 \
+        | tee "$out/exp1_signal.log" | tail -12 ;;
+    gpu-tests)
+      timeout 300 python -m pytest -q -x --timeout 150 tests/gpu -p no:cacheprovider 2>&1 | tail -25 ;;
+    *) echo "unknown part $part" >&2; exit 2 ;;
+  esac
+done
