@@ -45,7 +45,7 @@ import torch
 
 from ..protocol.errors import InvalidRequest, SessionNotFound, short
 from ..protocol.tensors import dtype_name
-from .ops import op
+from .registry import op
 from .sessions import KVState
 
 log = logging.getLogger("djinn.checkpoint")

@@ -44,7 +44,7 @@ from ..protocol.errors import InvalidRequest, OutOfMemory, short
 from ..protocol.indexing import apply_chain, decode_chain
 from ..protocol.messages import MsgType
 from ..protocol.tensors import dtype_name
-from . import executor, quotas, streaming, validate
+from . import checkpoint, executor, quotas, streaming, validate
 from .dispatch import Job
 from .fast_task import FastTask, pool_for
 from .kv_pools import pool_for as kv_pool_for
