@@ -421,7 +421,7 @@ def stats(engine, client_id, rid, args):
             **engine.data.stats(s.sid, s),
             "paused": s.state == SessionState.PAUSED,
             "job": engine.dispatch.describe(s.sid, now) if s.client_id == client_id else None,
-            "busy": engine.dispatch.busy(s.sid),  # coarse, for every client, as "state" is
+            "busy": engine.dispatch.job_state(s.sid),  # coarse, for every client, as "state" is
             "tensors": len(s.tensors),
             "graphs": len(s.graphs), "graph_bytes": s.graphs.nbytes,  # constants, part of gpu_bytes
             "max_kv_tokens": s.max_kv_tokens,
