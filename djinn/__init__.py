@@ -26,7 +26,7 @@ __all__ = [
     "DjinnError", "ProtocolError", "AuthError", "SessionNotFound", "HandleNotFound", "OutOfMemory",
     "ModelNotSupported", "InvalidRequest", "RemoteExecutionError", "ServerUnavailable", "RequestTimeout",
     "QuotaExceeded", "WeightWriteRefused", "GenerateCancelled",
-    "SessionLost", "ShuttingDown",
+    "SessionLost", "ShuttingDown", "ServerBusy",
 ]
 
 if TYPE_CHECKING:

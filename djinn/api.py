@@ -18,8 +18,8 @@ from .frontend.session import Session, TokenStream
 from .frontend.tensor import RemoteTensor
 from .protocol.errors import (
     AuthError, CaptureError, DjinnError, HandleNotFound, InvalidRequest, ModelNotSupported, OutOfMemory, ProtocolError,
-    QuotaExceeded, RemoteExecutionError, RequestTimeout, ServerUnavailable, SessionLost, SessionNotFound, ShuttingDown,
-    WeightWriteRefused, GenerateCancelled,
+    QuotaExceeded, RemoteExecutionError, RequestTimeout, ServerBusy, ServerUnavailable, SessionLost, SessionNotFound,
+    ShuttingDown, WeightWriteRefused, GenerateCancelled,
 )
 
 

@@ -41,13 +41,30 @@ class ServerConfig:
     """A run parked at a breakpoint this long without a resume is cancelled and its paused state freed
     (swapping it to host memory instead belongs to the VMU)."""
     max_frame_bytes: int = 1 << 30
-    """Largest tensor frame accepted in one message (uploads are chunked below this)."""
+    """Largest tensor in one message, however many wire frames carry it (uploads are chunked below this)."""
     max_frames: int = 4096
-    """Most frames in one message."""
+    """Most frames in one message (a tensor or header larger than `wire_frame_bytes` takes several)."""
     max_header_bytes: int = 16 << 20
     """Largest msgpack header."""
     max_message_bytes: int = 2 << 30
-    """Largest whole message; zmq drops a connection that sends more (socket MAXMSGSIZE)."""
+    """Largest whole message, checked when it is decoded."""
+    wire_frame_bytes: int = 1 << 20
+    """Longest ZeroMQ frame the socket accepts from any peer (ZMQ_MAXMSGSIZE; zmq drops a connection
+    that sends a longer one). libzmq applies one limit to the handshake and to every message after it,
+    so this is also what a peer that has not authenticated can make the server hold (Note [Small
+    frames] in djinn/protocol/codec.py). Clients split larger tensors and headers to fit; they learn
+    the size at HELLO."""
+    handshake_timeout_s: float = 5.0
+    """A connection must finish its ZMTP handshake (Curve or secret checked) within this long, or it is
+    closed (ZMQ_HANDSHAKE_IVL)."""
+    max_connections: int = 256
+    """Clients connected at once. A HELLO that would make one more is refused with ServerBusy; a TCP
+    connection accepted beyond max_connections + 64 (handshakes in flight) is closed at once
+    (djinn/server/gate.py, Note [Connection limit])."""
+    send_queue_messages: int = 1000
+    """Messages queued for one connection that is not reading them (ZMQ_SNDHWM); beyond it, further
+    messages to it are dropped. A djinn client's library reads whatever arrives, so only a stalled or
+    hostile peer reaches it."""
     architectures: list[str] = field(default_factory=lambda: list(DEFAULT_ARCHITECTURES))
     """Hugging Face model classes the server builds itself (the module path)."""
     model_roots: list[str] = field(default_factory=list)
@@ -164,6 +181,7 @@ class ServerConfig:
         return Limits(
             max_frames=self.max_frames, max_frame_bytes=self.max_frame_bytes,
             max_header_bytes=self.max_header_bytes, max_total_bytes=self.max_message_bytes,
+            wire_frame_bytes=self.wire_frame_bytes,
         )
 
     def validate(self) -> "ServerConfig":
@@ -179,9 +197,13 @@ class ServerConfig:
             raise ValueError(
                 f"client_timeout_s={self.client_timeout_s} must be at least twice heartbeat_s={self.heartbeat_s}"
             )
-        from .protocol.auth import check_server_curve
+        from .protocol.auth import check_secret_length, check_server_curve
 
         curve = check_server_curve(self.curve_secret_key, self.curve_allowed_dir)
+        if self.secret is not None and not isinstance(self.secret, str):
+            raise ValueError("secret must be a string")
+        if self.secret:  # "" counts as none
+            check_secret_length(self.secret, "secret")
         if not is_loopback(self.bind) and not self.secret and not curve:
             raise ValueError(
                 f"bind={self.bind!r} is not loopback: set a secret (--secret or DJINN_SECRET) and/or CurveZMQ keys "
@@ -209,6 +231,15 @@ class ServerConfig:
                 raise ValueError(f"{name}={v!r} must be a number >= 0" + (", or null" if name != "host_pool_gb" else ""))
         if self.max_frame_bytes > self.max_message_bytes:
             raise ValueError("max_frame_bytes must not exceed max_message_bytes")
+        w = self.wire_frame_bytes
+        if isinstance(w, bool) or not isinstance(w, int) or w < 4096:
+            raise ValueError(f"wire_frame_bytes={w!r} must be an int >= 4096 (a HELLO must fit in one frame)")
+        if self.max_frames * w < self.max_message_bytes:
+            raise ValueError(f"max_frames={self.max_frames} frames of wire_frame_bytes={w} cannot carry a message "
+                             f"of max_message_bytes={self.max_message_bytes}: raise max_frames to at least "
+                             f"{-(-self.max_message_bytes // w) + 2}")
+        if self.handshake_timeout_s <= 0:
+            raise ValueError(f"handshake_timeout_s={self.handshake_timeout_s} must be > 0 seconds")
         for name in ("quota_gpu_gb", "quota_host_gb"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0):
@@ -233,7 +264,8 @@ class ServerConfig:
                 and self.prefill_step_tokens > self.max_prefill_tokens:
             raise ValueError(f"prefill_step_tokens={self.prefill_step_tokens} must be <= max_prefill_tokens="
                              f"{self.max_prefill_tokens} (the Stack reserve is measured at that size)")
-        for name in ("max_sessions_per_principal", "max_sessions_total", "max_runs_per_principal", "max_runs_total"):
+        for name in ("max_sessions_per_principal", "max_sessions_total", "max_runs_per_principal", "max_runs_total",
+                     "max_connections", "send_queue_messages"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} must be an int >= 1")

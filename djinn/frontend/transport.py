@@ -41,11 +41,14 @@ from zmq.utils.monitor import recv_monitor_message
 
 from ..config import ClientConfig
 from ..protocol import codec
-from ..protocol.auth import apply_client_curve, check_client_curve, handshake_error, handshake_failed_events
+from ..protocol.auth import (
+    apply_client_curve, apply_client_secret, check_client_curve, check_secret_length, handshake_error,
+    handshake_failed_events,
+)
 from ..protocol.errors import (
     DjinnError, ProtocolError, RequestTimeout, ServerUnavailable, SessionLost, error_from_wire,
 )
-from ..protocol.messages import PROTOCOL_VERSION, MsgType
+from ..protocol.messages import PROTOCOL_VERSION, Limits, MsgType
 
 log = logging.getLogger("djinn.client")
 
@@ -79,7 +82,14 @@ class Transport:
         self.address = address
         self.cfg = cfg or ClientConfig()
         curve = check_client_curve(self.cfg.server_public_key, self.cfg.client_secret_key)  # before any socket
-        self._curve = curve is not None
+        # How the handshake authenticates (server/gate.py, Note [Credentials before any message]): Curve
+        # keys, else the secret as PLAIN's password, else nothing (a loopback server without either).
+        self._mode = "curve" if curve is not None else "secret" if secret else "none"
+        if self._mode == "secret":
+            check_secret_length(secret, "secret")  # before any socket, like the Curve settings
+        # Frames this client sends are split to the size the server announces at HELLO (Note [Small
+        # frames] in protocol/codec.py); until then the default, which a HELLO is far below.
+        self._limits = Limits()
         self.client_id = secrets.token_hex(16)
         self.server_info: dict = {}
         self._ctx = zmq.Context()
@@ -93,8 +103,10 @@ class Transport:
         dealer.setsockopt(zmq.RCVHWM, 0)
         dealer.setsockopt(zmq.HEARTBEAT_IVL, int(self.cfg.heartbeat_s * 1000))
         dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(self.cfg.liveness_s * 1000))
-        if curve is not None:  # CurveZMQ client (docs/SECURITY.md)
+        if curve is not None:  # CurveZMQ client (docs/SECURITY.md); a secret then goes in HELLO only
             apply_client_curve(dealer, curve)
+        elif secret:
+            apply_client_secret(dealer, secret)
         # The DEALER's pipe exists from connect() on and survives reconnects; libzmq drops it only after a
         # refused handshake (a protocol error: it never reconnects then). A send must fail then, not block.
         dealer.setsockopt(zmq.SNDTIMEO, 0)
@@ -153,7 +165,7 @@ class Transport:
             raise self.dead
         rid = next(self._rids)
         call = Call(self, rid)
-        frames = codec.encode(MsgType.REQUEST, {"rid": rid, "op": op, "args": args})
+        frames = codec.encode(MsgType.REQUEST, {"rid": rid, "op": op, "args": args}, self._limits)
         with self._lock:
             if self.dead is not None:  # declared dead since the check above: _fail_all may be done already
                 raise self.dead
@@ -233,6 +245,7 @@ class Transport:
                                                     "client_id": self.client_id}))
             self.server_info = fut.result(timeout=self.cfg.connect_timeout_s)
             self.boot = self.server_info.get("boot")
+            self._limits = _wire_limits(self.server_info)
         except FutureTimeout:
             dead = self.dead  # declared dead by the keeper just before the HELLO future was failed
             self.close()
@@ -240,7 +253,7 @@ class Transport:
                 raise dead from None
             hint = ("; with CurveZMQ keys set, a refused Curve handshake can look the same: check "
                     "server_public_key and that this client's .key is in the server's curve_allowed_dir"
-                    if self._curve else "")
+                    if self._mode == "curve" else "")
             raise ServerUnavailable(f"no djinn server answered at {self.address} within "
                                     f"{self.cfg.connect_timeout_s:.0f}s (a busy server, or another service on "
                                     f"that port: check the port the server printed){hint}") from None
@@ -277,7 +290,7 @@ class Transport:
             except zmq.Again:  # no connection left: libzmq gave up on it after a refused handshake
                 self._check_monitor()  # says why
                 if self.dead is None:
-                    self.dead = handshake_error(0, 0, self.address, self._curve)
+                    self.dead = handshake_error(0, 0, self.address, self._mode)
                     self._fail_all(self.dead)
                 raise self.dead from None
             self._drain()  # libzmq's FD is edge-triggered: after any socket op, take what is there
@@ -316,7 +329,7 @@ class Transport:
                 continue
             if event["event"] & handshake_failed_events() and not self.server_info and self.dead is None:
                 # Refused before HELLO (Curve key or mechanism): no message will ever come, so fail now.
-                self.dead = handshake_error(event["event"], event["value"], self.address, self._curve)
+                self.dead = handshake_error(event["event"], event["value"], self.address, self._mode)
                 self._fail_all(self.dead)
             elif event["event"] == zmq.EVENT_DISCONNECTED and self.dead is None:
                 self._connection_lost(
@@ -348,6 +361,7 @@ class Transport:
         info = fut.result()
         restarted = info.get("boot") != self.boot
         self.server_info, self.boot = info, info.get("boot")
+        self._limits = _wire_limits(info)
         if restarted:
             self.generation += 1
             log.warning("reconnected to %s: the server restarted, sessions opened before are lost", self.address)
@@ -431,6 +445,14 @@ class Transport:
                 p.stream.put(None)
         with self._cv:
             self._cv.notify_all()
+
+
+def _wire_limits(server_info: dict) -> Limits:
+    """Encode limits for requests: frames no longer than the server accepts (its HELLO says)."""
+    size = (server_info.get("limits") or {}).get("wire_frame_bytes")
+    if isinstance(size, int) and not isinstance(size, bool) and size >= 4096:
+        return Limits(wire_frame_bytes=size)
+    return Limits()
 
 
 class _Held:

@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from ..protocol.hashing import weight_hash
+from ..protocol.messages import Limits
 from ..protocol.tensors import dtype_name, flat_bytes
 
 _PROGRESS_BYTES = 256 << 20  # show a progress bar above this much to upload
-_MAX_ITEMS = 1024  # per message, well under the server's frame limit (one frame per tensor piece)
+_MAX_ITEMS = 1024  # per message, well under the server's max_frames (one frame per tensor piece)
 
 
 class HashCache:
@@ -69,7 +70,7 @@ def upload_tensors(session, tensors: list[tuple[str, torch.Tensor]], hashes: Has
     total = sum(unique[h].numel() * unique[h].element_size() for h in missing)
     bar = _progress(total)
     in_flight: deque = deque()
-    for items, nbytes in _chunks([(h, unique[h]) for h in missing], chunk_bytes):
+    for items, nbytes in _chunks([(h, unique[h]) for h in missing], chunk_bytes, _piece_bytes(session.conn.info)):
         args = {"items": items, "stage": stage} if stage else {"items": items}
         in_flight.append((session.submit("upload", args), nbytes))
         if len(in_flight) >= window:
@@ -88,15 +89,23 @@ def _wait_one(in_flight: deque, bar) -> None:
         bar.update(nbytes)
 
 
-def _chunks(tensors: list[tuple[str, torch.Tensor]], chunk_bytes: int):
-    """Yield (items, nbytes) messages of about chunk_bytes; big tensors are split across messages."""
+def _piece_bytes(server_info: dict) -> int:
+    """Largest upload item: one wire frame of the server's (Note [Small frames] in protocol/codec.py), so
+    the server copies each item into place as it came, with no join of a tensor split over frames."""
+    size = (server_info.get("limits") or {}).get("wire_frame_bytes")
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else Limits().wire_frame_bytes
+
+
+def _chunks(tensors: list[tuple[str, torch.Tensor]], chunk_bytes: int, piece_bytes: int):
+    """Yield (items, nbytes) messages of about chunk_bytes, each item at most piece_bytes; big tensors
+    are split across items and messages."""
     items, size = [], 0
     for h, t in tensors:
         raw = flat_bytes(t)  # the bytes weight_hash hashed, whatever t's layout (Note [Any layout travels])
         total = raw.numel()
         offset = 0
         while True:
-            n = min(chunk_bytes - size, total - offset)
+            n = min(chunk_bytes - size, total - offset, piece_bytes)
             items.append({"hash": h, "dtype": dtype_name(t.dtype), "shape": list(t.shape),
                           "offset": offset, "total": total, "data": raw[offset:offset + n]})
             size += n

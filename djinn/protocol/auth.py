@@ -1,5 +1,6 @@
-"""Authentication (DESIGN.md section 8, docs/SECURITY.md): the shared secret, checked once per connection at
-HELLO, and CurveZMQ keys, checked by libzmq (ZAP) before any message is delivered."""
+"""Authentication (DESIGN.md section 8, docs/SECURITY.md): CurveZMQ keys or the shared secret, checked in
+the ZMTP handshake before any message is accepted (the server's ZAP handler is djinn/server/gate.py, Note
+[Credentials before any message]), and the secret again at HELLO."""
 from __future__ import annotations
 
 import hmac
@@ -150,34 +151,6 @@ def check_client_curve(server_public_key: str | None, client_secret_key: str | N
     return server, public, secret
 
 
-def start_server_curve(ctx, sock, secret_key: str, allowed_dir: str):
-    """Make `sock` a CURVE server and start a ZAP authenticator on `ctx` admitting `allowed_dir`'s keys.
-
-    Call before bind. Returns the authenticator; stop it before the context is terminated.
-    """
-    import logging
-
-    import zmq
-    from zmq.auth.thread import ThreadAuthenticator
-
-    if not curve_available():
-        raise zmq.ZMQError(zmq.EPROTONOSUPPORT, "this libzmq was built without CURVE support")
-    public, secret = load_secret_cert(secret_key, "curve_secret_key")
-    allowed = allowed_client_keys(allowed_dir)
-    auth = ThreadAuthenticator(ctx, log=logging.getLogger("djinn.zap"))
-    auth.start()
-    try:
-        auth.configure_curve(domain="*", location=os.path.expanduser(str(allowed_dir)))
-        sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
-        sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
-        sock.setsockopt(zmq.CURVE_SERVER, 1)
-    except BaseException:
-        auth.stop()
-        raise
-    logging.getLogger("djinn.router").info("CurveZMQ on: %d allowed client key(s) from %s", len(allowed), allowed_dir)
-    return auth
-
-
 def apply_client_curve(sock, keys: tuple) -> None:
     """Make `sock` a CURVE client with keys from check_client_curve (before connect)."""
     import zmq
@@ -188,6 +161,23 @@ def apply_client_curve(sock, keys: tuple) -> None:
     sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
 
 
+def apply_client_secret(sock, secret: str) -> None:
+    """Present the shared secret in the handshake, as the PLAIN mechanism's password (before connect).
+    The server's ZAP handler checks it before it accepts any message (server/gate.py)."""
+    import zmq
+
+    sock.setsockopt(zmq.PLAIN_USERNAME, b"djinn")
+    sock.setsockopt(zmq.PLAIN_PASSWORD, check_secret_length(secret, "secret"))  # checked before, too
+
+
+def check_secret_length(secret: str, what: str) -> bytes:
+    """The secret as bytes; ValueError unless it is 1-255 bytes (what ZMTP's PLAIN mechanism carries)."""
+    raw = secret.encode()
+    if not 1 <= len(raw) <= 255:
+        raise ValueError(f"{what} is {len(raw)} bytes in UTF-8; a shared secret must be 1-255 bytes")
+    return raw
+
+
 def handshake_failed_events() -> int:
     import zmq
 
@@ -195,21 +185,30 @@ def handshake_failed_events() -> int:
             | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 
-def handshake_error(event: int, value: int, address: str, curve: bool) -> AuthError:
-    """The error for a ZMTP handshake that failed before HELLO (a socket monitor event)."""
+def handshake_error(event: int, value: int, address: str, mode: str) -> AuthError:
+    """The error for a ZMTP handshake that failed before HELLO (a socket monitor event). `mode` is how
+    this client authenticates: "curve" (keys, maybe a secret too), "secret" (PLAIN) or "none"."""
     import zmq
 
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-        return AuthError(f"the djinn server at {address} refused this client's CurveZMQ key (status {value}): "
-                         "its public .key file is not in the server's curve_allowed_dir")
+        if mode == "curve":
+            return AuthError(f"the djinn server at {address} refused this client's CurveZMQ key (status {value}): "
+                             "its public .key file is not in the server's curve_allowed_dir")
+        return AuthError(f"the djinn server at {address} refused the handshake (status {value}): wrong or "
+                         "missing secret (set DJINN_SECRET or pass secret= to djinn.connect)")
     if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
-        if curve:
+        if mode == "curve":
             return AuthError(f"the djinn server at {address} does not use CurveZMQ: connect without "
                              "server_public_key/client_secret_key, or start the server with curve keys")
-        return AuthError(f"the djinn server at {address} requires CurveZMQ: pass server_public_key= (the "
-                         "server's .key file) and client_secret_key= (this client's .key_secret file)")
-    if curve:
+        if mode == "secret":
+            return AuthError(f"the djinn server at {address} does not take a shared secret alone: it uses none "
+                             "(connect without secret=, unset DJINN_SECRET) or it requires CurveZMQ keys "
+                             "(server_public_key=, client_secret_key=)")
+        return AuthError(f"the djinn server at {address} requires a shared secret (secret= or DJINN_SECRET) or "
+                         "CurveZMQ keys (server_public_key= the server's .key file, client_secret_key= this "
+                         "client's .key_secret file)")
+    if mode == "curve":
         return AuthError(f"the CurveZMQ handshake with {address} failed: server_public_key may not be this "
                          "server's key, or the server does not use CurveZMQ")
-    return AuthError(f"the connection handshake with {address} failed: the server may require CurveZMQ "
-                     "keys (server_public_key=, client_secret_key=)")
+    return AuthError(f"the connection handshake with {address} failed: the server may require a shared secret "
+                     "or CurveZMQ keys (server_public_key=, client_secret_key=)")

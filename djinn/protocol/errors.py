@@ -5,6 +5,8 @@ other side from the explicit registry below; nothing is looked up by an arbitrar
 """
 from __future__ import annotations
 
+import reprlib
+
 
 class DjinnError(Exception):
     """Base class of every error Djinn raises."""
@@ -74,6 +76,13 @@ class WeightWriteRefused(InvalidRequest):
     code = "weight_write_refused"
 
 
+class ServerBusy(DjinnError):
+    """The server holds as many clients as it may (`max_connections` in its config): this connection was
+    refused at HELLO. Nothing of other clients changed; try again later."""
+
+    code = "server_busy"
+
+
 class RemoteExecutionError(DjinnError):
     """User code failed on the server. str() is the first line of the cause (what failed, and the
     exception's own first line); `message` holds all of it, `remote_traceback` the server's traceback."""
@@ -139,6 +148,7 @@ ERRORS: dict[str, type[DjinnError]] = {
         DjinnError, ProtocolError, AuthError, SessionNotFound, HandleNotFound, OutOfMemory,
         ModelNotSupported, InvalidRequest, RemoteExecutionError, ServerUnavailable, RequestTimeout,
         SessionLost, ShuttingDown, QuotaExceeded, CaptureError, WeightWriteRefused, GenerateCancelled,
+        ServerBusy,
     )
 }
 
@@ -146,3 +156,47 @@ ERRORS: dict[str, type[DjinnError]] = {
 def error_from_wire(code: str, message: str, remote_traceback: str | None) -> DjinnError:
     cls = ERRORS.get(code, DjinnError)
     return cls(message, remote_traceback=remote_traceback)
+
+
+# -- what an error may carry back over the wire -------------------------------------------------------
+# Note [Errors echo little]
+#     Error messages name the bad value so the caller can fix it, but the value came from the caller:
+#     echoed whole, an 8 MiB field would come back as an 8 MiB error (to a peer that may never read it)
+#     and go into the server's log. Values are shown through `short` (a bounded repr that never builds
+#     the full one), and every error header the server sends goes through `wire_error`, which bounds
+#     the message and the traceback whatever built them.
+
+MAX_MESSAGE_CHARS = 1024
+MAX_TRACEBACK_CHARS = 16384
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlong = 40
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 6
+_REPR.maxlevel = 3
+
+
+def short(value: object, limit: int = 60) -> str:
+    """A repr of `value` of about `limit` characters at most, for error messages (Note [Errors echo little])."""
+    if isinstance(value, str) and len(value) > limit:
+        return repr(value[:limit]) + f"... ({len(value)} characters)"
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # a repr that fails (an int past str()'s digit limit): name the type only
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= limit + 10 else text[:limit] + "..."
+
+
+def clip(text: str, limit: int = MAX_MESSAGE_CHARS, keep_end: bool = False) -> str:
+    """`text` cut to `limit` characters, saying how much was dropped (its end kept for a traceback)."""
+    if len(text) <= limit:
+        return text
+    cut = f"... ({len(text) - limit} characters cut) ..."
+    return cut + text[-limit:] if keep_end else text[:limit] + cut
+
+
+def wire_error(rid: int, e: DjinnError) -> dict:
+    """The ERROR header for `e`, its message and traceback bounded (Note [Errors echo little])."""
+    tb = e.remote_traceback
+    return {"rid": rid, "code": e.code, "message": clip(str(e.message)),
+            "traceback": clip(str(tb), MAX_TRACEBACK_CHARS, keep_end=True) if tb is not None else None}

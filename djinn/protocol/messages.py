@@ -4,7 +4,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: tensors and headers may span several frames (codec.py)
 
 #: The line a server prints on stdout once it listens; embedded-server launchers wait for it.
 READY_PREFIX = "djinn server ready at "
@@ -31,10 +31,14 @@ class Limits:
     """Bounds checked while decoding, before anything is allocated for a message."""
 
     max_frames: int = 4096            # frames in one message (header + tensor buffers)
-    max_frame_bytes: int = 1 << 30    # one tensor frame
+    max_frame_bytes: int = 1 << 30    # one tensor's bytes, however many wire frames carry them
     max_header_bytes: int = 16 << 20  # the msgpack header
     max_total_bytes: int = 2 << 30    # all frames together
     inline_bytes: int = 4096          # tensors up to this size travel inside the header (encode side)
+    # Encode side: no frame is longer than this; a larger header or tensor is split over several frames.
+    # The server's socket refuses longer frames from anyone, before authentication too (Note [Small
+    # frames] in codec.py), so a client must split at the size the server announced at HELLO.
+    wire_frame_bytes: int = 1 << 20
     # Maps and arrays in one header. Bytes alone do not bound the decoded size: an empty map is one
     # byte on the wire and ~64 in Python, so a header of 15 MiB of them would decode to ~1 GB.
     max_containers: int = 1 << 18

@@ -3,14 +3,21 @@
 A client marks a session (`conn.session(name, checkpoint=True)` or `s.checkpoint_on_shutdown()`) and
 gets a token back. When the server stops gracefully (SIGTERM/SIGINT, after the drain), each marked
 session's KV caches, token ids and tensors are written to `checkpoint_dir` (default
-/dev/shm/djinn-checkpoints: host memory) as one safetensors file named by the token. After a restart,
-`conn.restore_session(token)` opens a new session holding that state; the file is removed once restored.
+/dev/shm/djinn-checkpoints: host memory) as one safetensors file named by a hash of the token. After a
+restart, `conn.restore_session(token)` opens a new session holding that state; the file is removed once
+restored.
 
 Note [Checkpoint tokens]
-    The token is 128 random bits handed only to the session's client, and it is the whole capability:
-    whoever has it may restore the session, from any connection (a client process that restarted too
-    keeps working if it kept the token). Files are created 0600 in a 0700 directory. safetensors holds
-    tensors and a string map only: nothing in a checkpoint is ever unpickled or executed.
+    The token is 256 random bits (secrets.token_urlsafe) handed only to the session's client, and it is
+    the whole capability: whoever has it may restore the session, from any connection (a client process
+    that restarted too keeps working if it kept the token). So nothing on disk shows it: a checkpoint's
+    file is named by sha256(token), which a directory listing cannot turn back into a token.
+    The directory is one this server's user owns and only it may enter (0700): the server creates it,
+    or takes an existing one only after checking (a real directory, not a link, of its own user; a
+    looser mode is tightened to 0700), and refuses one of another user, who could read or plant files.
+    A file is created 0600 by os.open before the first byte is written (no window where it is looser),
+    under a temporary name, and renamed into place whole. safetensors holds tensors and a string map
+    only: nothing in a checkpoint is ever unpickled or executed.
 
 Note [What a checkpoint holds]
     The session's name, and per model id its token ids and KV cache tensors (wherever they were: on
@@ -23,34 +30,78 @@ Note [What a checkpoint holds]
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
 import secrets
+import stat
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from ..protocol.errors import InvalidRequest, SessionNotFound
+from ..protocol.errors import InvalidRequest, SessionNotFound, short
 from ..protocol.tensors import dtype_name
-from .ops import op
+from .registry import op
 from .sessions import KVState
 
 log = logging.getLogger("djinn.checkpoint")
 
 FORMAT = "djinn-session-checkpoint/1"
-_TOKEN = re.compile(r"^[0-9a-f]{32}$")
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{43}$")  # secrets.token_urlsafe(32)
 _KV_KEY = re.compile(r"^kv/([0-9a-zA-Z_:.-]{1,200})/(\d{1,6})/([a-z_]{1,40})$")
 
 
 def directory(cfg) -> Path:
     if cfg.checkpoint_dir:
-        return Path(cfg.checkpoint_dir)
+        return Path(cfg.checkpoint_dir).expanduser()
     shm = Path("/dev/shm")
     return (shm if shm.is_dir() else Path(tempfile.gettempdir())) / "djinn-checkpoints"
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)  # Note [Checkpoint tokens]
+
+
+def file_name(token: str) -> str:
+    """The checkpoint file of `token`: its hash, so a directory listing shows no token."""
+    return hashlib.sha256(token.encode()).hexdigest() + ".safetensors"
+
+
+def checked_directory(cfg) -> Path:
+    """The checkpoint directory, created 0700 if missing, else checked (Note [Checkpoint tokens]).
+    InvalidRequest, naming the directory and the fix, when it cannot be used."""
+    d = directory(cfg)
+    try:
+        d.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            pass
+        st = os.lstat(d)
+    except OSError as e:
+        raise InvalidRequest(f"this server cannot checkpoint: checkpoint_dir {d}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise InvalidRequest(f"this server cannot checkpoint: checkpoint_dir {d} is not a directory "
+                             "(a symlink or a file); remove it or set another checkpoint_dir")
+    if st.st_uid != os.geteuid():
+        raise InvalidRequest(f"this server cannot checkpoint: checkpoint_dir {d} belongs to uid {st.st_uid}, "
+                             f"not to this server's ({os.geteuid()}); remove it or set another checkpoint_dir")
+    if stat.S_IMODE(st.st_mode) != 0o700:  # ours, but others may enter it (or the umask took too much)
+        log.warning("checkpoint_dir %s had mode %o: set to 0700", d, stat.S_IMODE(st.st_mode))
+        os.chmod(d, 0o700)
+    return d
+
+
+def arm(engine, s) -> str:
+    """Mark session `s` to be checkpointed at shutdown; its token (the same one if asked twice)."""
+    checked_directory(engine.cfg)  # refuse now, not at shutdown, if it cannot be written
+    if s.checkpoint_token is None:
+        s.checkpoint_token = new_token()
+    return s.checkpoint_token
 
 
 # -- ops -----------------------------------------------------------------------------------------------
@@ -60,10 +111,10 @@ def set_checkpoint(engine, client_id, rid, args):
     s = engine.session(client_id, args)
     on = args.get("on", True)
     if not isinstance(on, bool):
-        raise InvalidRequest(f"on must be true or false, got {on!r}")
-    if on and s.checkpoint_token is None:
-        s.checkpoint_token = secrets.token_hex(16)  # Note [Checkpoint tokens]
-    elif not on:
+        raise InvalidRequest(f"on must be true or false, got {short(on)}")
+    if on:
+        arm(engine, s)
+    else:
         s.checkpoint_token = None
     return {"token": s.checkpoint_token}
 
@@ -73,9 +124,9 @@ def restore_session(engine, client_id, rid, args):
     """{token, name?}: a new session holding a checkpoint's state (Note [What a checkpoint holds])."""
     token = args.get("token")
     if not isinstance(token, str) or not _TOKEN.match(token):
-        raise InvalidRequest("restore_session needs the 32-hex-digit token that checkpointing returned")
-    path = directory(engine.cfg) / f"{token}.safetensors"
-    if not path.is_file():
+        raise InvalidRequest("restore_session needs the 43-character token that checkpointing returned")
+    path = checked_directory(engine.cfg) / file_name(token)
+    if not _own_file(path):
         raise SessionNotFound(f"no checkpoint {token[:8]}... on this server (restored already, or never written)")
     from safetensors import safe_open
 
@@ -124,17 +175,36 @@ def save_all(engine, timeout_s: float = 10.0) -> int:
 
 
 def save(engine, s) -> Path:
+    meta = {"format": FORMAT, "name": s.name or "", "created": str(time.time()), "models": json.dumps(sorted(s.kv))}
+    return write(checked_directory(engine.cfg), file_name(s.checkpoint_token), state(engine.data, s), meta)
+
+
+def write(d: Path, name: str, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Path:
+    """`tensors` as safetensors file `d/name`, private from its first byte (Note [Checkpoint tokens])."""
     from safetensors.torch import save_file
 
-    d = directory(engine.cfg)
-    d.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = d / f"{s.checkpoint_token}.safetensors"
-    tmp = path.with_suffix(".tmp")
-    meta = {"format": FORMAT, "name": s.name or "", "created": str(time.time()), "models": json.dumps(sorted(s.kv))}
-    save_file(state(engine.data, s), str(tmp), metadata=meta)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)  # a restore never sees half a file
+    path, tmp = d / name, d / f".{secrets.token_hex(8)}.tmp"
+    # Created 0600 before a byte is written; save_file then truncates and fills it, keeping its mode.
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)  # a restore never sees half a file
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+def _own_file(path: Path) -> bool:
+    """True when `path` is a regular file (not a link) of this server's user that only it may read."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o077:
+        log.warning("checkpoint file %s is not a private file of this server's user: not restored", path)
+        return False
+    return True
 
 
 def state(data, s) -> dict[str, torch.Tensor]:

@@ -316,7 +316,7 @@ class Dispatcher:
     def queue_length(self) -> int:
         return sum(1 for q in self._q.values() if q.job is not None and q.job.task is None)
 
-    def busy(self, sid: str) -> str | None:
+    def job_state(self, sid: str) -> str | None:
         """What any client may see of a session's job (`djinn top`): "generate running", "generate
         queued" or None. Its timings, steps and why it waits stay its owner's (describe)."""
         q = self._q.get(sid)

@@ -24,8 +24,10 @@ import torch
 from ..config import ServerConfig
 from ..protocol import codec
 from ..protocol.auth import is_loopback
-from ..protocol.errors import (AuthError, DjinnError, InvalidRequest, OutOfMemory, ProtocolError, RemoteExecutionError,
-                               ShuttingDown)
+from ..protocol.errors import (
+    AuthError, DjinnError, InvalidRequest, OutOfMemory, ProtocolError, RemoteExecutionError, ShuttingDown, clip,
+    wire_error,
+)
 from ..protocol.messages import MsgType
 from ..scheduler.policies import policy_from_config
 from ..vmu.data import GIB, DataSegment
@@ -237,11 +239,10 @@ class Engine(threading.Thread):
     def reply_error(self, req: Request, e: DjinnError) -> None:
         self._observe(req, e.code)
         rid = req.header["rid"]
-        header = {"rid": rid, "code": e.code, "message": e.message, "traceback": e.remote_traceback}
-        try:
-            self.send(req.client_id, MsgType.ERROR, header)
+        try:  # bounded: Note [Errors echo little] in protocol/errors.py
+            self.send(req.client_id, MsgType.ERROR, wire_error(rid, e))
         except Exception:  # an error message that cannot be encoded must not kill the loop
-            self.send(req.client_id, MsgType.ERROR, {"rid": rid, "code": e.code, "message": repr(e.message)})
+            self.send(req.client_id, MsgType.ERROR, {"rid": rid, "code": e.code, "message": clip(repr(e.message))})
 
     def reply_exception(self, req: Request, e: BaseException, tb: str | None) -> None:
         op = req.header["op"]

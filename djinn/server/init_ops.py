@@ -39,14 +39,13 @@ from ..protocol.errors import InvalidRequest
 from ..protocol.tensors import DTYPES
 from ..vmu.text import DEVICE, HOST, TextSegment
 from . import streaming
-from .models import _named_tensors
+from .models import _named_tensors, check_attn_impl, checked_config
 from .ops import _attach, _model_info, op
 
 log = logging.getLogger("djinn.init_ops")
 
 #: Dtypes weights can be initialized in: normal_/uniform_ have no integer, bool or fp8 kernels.
 INIT_DTYPES = ("float16", "bfloat16", "float32", "float64")
-ATTN_IMPLS = (None, "eager", "sdpa", "flash_attention_2", "flex_attention")  # what register accepts
 
 
 @op
@@ -58,8 +57,7 @@ def init_model(engine, client_id, rid, args):
     cls = engine.models.model_class(arch)  # ModelNotSupported before anything is built
     if not isinstance(config, dict):
         raise InvalidRequest("init_model needs the config as a map")
-    if attn_impl not in ATTN_IMPLS:  # checked by register too, but only after the build
-        raise InvalidRequest(f"attention implementation {attn_impl!r} is not supported")
+    check_attn_impl(attn_impl)  # checked by register too, but only after the build
     dtype = _dtype(args.get("dtype"))
     seed = _seed(args.get("seed", 0))
     budget = streaming.budget_bytes(args.get("weight_budget_gb"), engine.cfg.weight_budget_gb)
@@ -71,7 +69,7 @@ def init_model(engine, client_id, rid, args):
         if held is not None:  # the weights exist: register finds the module, or binds a new one to them
             config, tensors = held.config, dict(held.hashes)
         else:
-            module = _init_module(cls, _hf_config(cls, config), dtype, attn_impl, seed, engine.device)
+            module = _init_module(cls, checked_config(cls, config), dtype, attn_impl, seed, engine.device)
             config = json.loads(module.config.to_json_string(use_diff=False))
             # With a budget the weights wait on the host until the plan says which layers stay (like load_dir).
             tensors = _store(engine.text, module, key, HOST if budget is not None else DEVICE, pins)
@@ -113,21 +111,6 @@ def _seed(seed: object) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
         raise InvalidRequest(f"seed must be an int in [0, 2**64), got {seed!r}")
     return seed
-
-
-def _hf_config(cls, config: dict):
-    from transformers import AutoConfig
-
-    cfg = dict(config)
-    model_type = cfg.pop("model_type", None)
-    try:
-        hf_config = AutoConfig.for_model(model_type, **cfg)
-    except Exception as e:
-        raise InvalidRequest(f"bad config for {cls.__name__}: {e}") from None
-    if not isinstance(hf_config, cls.config_class):
-        raise InvalidRequest(f"{cls.__name__} needs a {cls.config_class.__name__}, got a "
-                             f"{type(hf_config).__name__} (model_type {model_type!r})")
-    return hf_config
 
 
 def _init_module(cls, hf_config, dtype, attn_impl, seed: int, device: torch.device) -> nn.Module:

@@ -10,18 +10,70 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..protocol.errors import InvalidRequest, ModelNotSupported
+from ..protocol.errors import InvalidRequest, ModelNotSupported, clip, short
 from ..protocol.hashing import weight_hash
 from ..vmu.text import DEVICE, HOST, TextSegment
 from . import streaming
 
 log = logging.getLogger("djinn.models")
+
+# Note [Attention implementations]
+#     transformers resolves `attn_implementation` by name, and some names fetch code: a hub kernel
+#     ("kernels-community/flash-attn", any "org/repo"), and "flash_attention_2" where the flash_attn
+#     package is missing but `kernels` is installed (it falls back to the hub kernel). A client names
+#     the implementation (register_model's and init_model's attn_impl) and can set one inside its config
+#     (an `attn_implementation` key). The server builds models only with the implementations below,
+#     which are torch code it ships with, and checks both the argument and the built config (and its
+#     sub-configs) before any module is made: anything else is InvalidRequest at registration.
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+
+
+def check_attn_impl(attn_impl: object) -> None:
+    """InvalidRequest unless `attn_impl` is None (transformers' default: sdpa, else eager) or allowed."""
+    if attn_impl is not None and attn_impl not in ATTN_IMPLEMENTATIONS:
+        raise InvalidRequest(f"attention implementation {short(attn_impl)} is not allowed on this server; "
+                             f"allowed: {list(ATTN_IMPLEMENTATIONS)} (Note [Attention implementations])")
+
+
+def checked_config(cls, config: dict):
+    """The transformers config for `cls` built from a client's (or a model directory's) config map,
+    refused unless it is `cls`'s config class and names only allowed attention implementations."""
+    from transformers import AutoConfig
+
+    cfg = dict(config)
+    model_type = cfg.pop("model_type", None)
+    try:
+        hf_config = AutoConfig.for_model(model_type, **cfg)
+    except Exception as e:
+        raise InvalidRequest(f"bad config for {cls.__name__}: {clip(str(e), 300)}") from None
+    if not isinstance(hf_config, cls.config_class):
+        raise InvalidRequest(f"{cls.__name__} needs a {cls.config_class.__name__}, got a "
+                             f"{type(hf_config).__name__} (model_type {short(model_type)})")
+    for c in _configs(hf_config):
+        check_attn_impl(getattr(c, "_attn_implementation", None))
+    return hf_config
+
+
+def _configs(hf_config) -> list:
+    """A config and its sub-configs (text_config, vision_config, ...), each once."""
+    out, todo = [], [hf_config]
+    while todo:
+        c = todo.pop()
+        if any(c is o for o in out):
+            continue
+        out.append(c)
+        for key in getattr(c, "sub_configs", None) or {}:
+            sub = getattr(c, key, None)
+            if sub is not None and hasattr(sub, "sub_configs"):
+                todo.append(sub)
+    return out
 
 
 @dataclass
@@ -83,8 +135,7 @@ class ModelRegistry:
         cls = self.model_class(arch)
         if not isinstance(config, dict) or not isinstance(tensors, dict):
             raise InvalidRequest("register_model needs a config map and a map of tensor name -> hash")
-        if attn_impl is not None and attn_impl not in ("eager", "sdpa", "flash_attention_2", "flex_attention"):
-            raise InvalidRequest(f"attention implementation {attn_impl!r} is not supported")
+        check_attn_impl(attn_impl)  # Note [Attention implementations]; the config's own is checked in _build
         missing = [h for h in tensors.values() if h not in self.text]
         if missing:
             raise InvalidRequest(f"{len(missing)} weights are not uploaded (first: {str(missing[0])[:12]})")
@@ -118,24 +169,24 @@ class ModelRegistry:
 
         streaming.check_device(self.device, weight_budget)
 
-        p = Path(path).resolve()
-        if roots:
-            if not any(p.is_relative_to(Path(r).resolve()) for r in roots):
-                raise InvalidRequest(f"{path} is outside the server's model_roots {roots}")
-        elif not loopback:
+        if not roots and not loopback:
             raise InvalidRequest("this server loads model directories only under its configured model_roots")
+        within = _RootCheck(roots)
+        p = Path(within(path, path))
         if not (p / "config.json").is_file():
-            raise InvalidRequest(f"{path} has no config.json")
-        files = sorted(p.glob("*.safetensors"))
+            raise InvalidRequest(f"{short(path)} has no config.json")
+        # Every file is read through its resolved path, which must stay under a root (Note [Model roots]).
+        config_file = within(p / "config.json", path)
+        files = [within(f, path) for f in sorted(p.glob("*.safetensors"))]
         if not files:
-            raise InvalidRequest(f"{path} has no .safetensors files (pickled checkpoints are never loaded)")
-        hf_config = AutoConfig.from_pretrained(str(p), trust_remote_code=False)
+            raise InvalidRequest(f"{short(path)} has no .safetensors files (pickled checkpoints are never loaded)")
+        hf_config = AutoConfig.from_pretrained(config_file, trust_remote_code=False)
         arch = (hf_config.architectures or [None])[0]
         self.model_class(arch)
         config = json.loads(hf_config.to_json_string(use_diff=False))
         state: dict[str, torch.Tensor] = {}
         for f in files:
-            state.update(load_file(str(f), device="cpu"))
+            state.update(load_file(f, device="cpu"))
         # Build once on meta to learn the full tensor list (tied weights, non-persistent buffers).
         module = self._build(self.model_class(arch), config, None, None)
         hashes: dict[str, str] = {}
@@ -158,7 +209,8 @@ class ModelRegistry:
         if (p / "generation_config.json").is_file():
             from transformers import GenerationConfig
 
-            gen = GenerationConfig.from_pretrained(str(p)).to_dict()
+            with open(within(p / "generation_config.json", path)) as f:
+                gen = GenerationConfig.from_dict(json.load(f)).to_dict()
         try:
             return self.register(arch, config, None, hashes, gen, weight_budget)
         finally:
@@ -203,14 +255,10 @@ class ModelRegistry:
             log.info("model %s freed", model_id[:12])
 
     def _build(self, cls, config: dict, attn_impl: object, generation_config: object) -> nn.Module:
-        from transformers import AutoConfig, GenerationConfig
+        from transformers import GenerationConfig
 
-        cfg = dict(config)
-        model_type = cfg.pop("model_type", None)
-        try:
-            hf_config = AutoConfig.for_model(model_type, **cfg)
-        except Exception as e:
-            raise InvalidRequest(f"bad config for {cls.__name__}: {e}") from None
+        check_attn_impl(attn_impl)
+        hf_config = checked_config(cls, config)
         kwargs = {"attn_implementation": attn_impl} if attn_impl else {}
         with torch.device("meta"):
             module = cls._from_config(hf_config, **kwargs)
@@ -222,6 +270,25 @@ class ModelRegistry:
             except (ValueError, TypeError) as e:
                 raise InvalidRequest(f"bad generation_config for {cls.__name__}: {str(e)[:300]}") from None
         return module.eval()
+
+
+# Note [Model roots]
+#     `model_roots` bounds what a client can make the server read. A path is checked after every symlink
+#     in it is resolved (os.path.realpath), the directory's and each file's own: a `config.json` or
+#     `.safetensors` link inside a root that points outside it is refused, and the file is then read
+#     through the resolved path. With no roots (loopback only) every path is taken.
+class _RootCheck:
+    """Resolves a path and checks it is under one of the roots (Note [Model roots])."""
+
+    def __init__(self, roots: list[str]):
+        self.roots = [os.path.realpath(os.path.expanduser(str(r))) for r in roots]
+
+    def __call__(self, p, asked: str) -> str:
+        real = os.path.realpath(p)
+        if self.roots and not any(os.path.commonpath([real, r]) == r for r in self.roots):
+            what = short(asked) if str(p) == asked else f"{os.path.basename(str(p))} in {short(asked)}"
+            raise InvalidRequest(f"{what} is outside the server's model_roots {self.roots} (symlinks resolved)")
+        return real
 
 
 GRAPH_ARCH = "graph"

@@ -34,18 +34,17 @@ Quotas (Note [Session quotas]) are checked through djinn/server/quotas.py.
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 from typing import Any, Callable
 
 import torch
 
 from ..protocol import structure
-from ..protocol.errors import InvalidRequest, OutOfMemory
+from ..protocol.errors import InvalidRequest, OutOfMemory, short
 from ..protocol.indexing import apply_chain, decode_chain
 from ..protocol.messages import MsgType
 from ..protocol.tensors import dtype_name
-from . import executor, quotas, streaming, validate
+from . import checkpoint, executor, quotas, streaming, validate
 from .dispatch import Job
 from .fast_task import FastTask, pool_for
 from .kv_pools import pool_for as kv_pool_for
@@ -67,17 +66,21 @@ def open_session(engine, client_id, rid, args):
     name = args.get("name")
     if name is not None and (not isinstance(name, str) or len(name) > 200):
         raise InvalidRequest("session name must be a string of at most 200 characters")
-    checkpoint = args.get("checkpoint", False)
-    if not isinstance(checkpoint, bool):
-        raise InvalidRequest(f"checkpoint must be true or false, got {checkpoint!r}")
+    wants_checkpoint = args.get("checkpoint", False)
+    if not isinstance(wants_checkpoint, bool):
+        raise InvalidRequest(f"checkpoint must be true or false, got {short(wants_checkpoint)}")
     budget = args.get("max_kv_tokens")
     if budget is not None and (type(budget) is not int or not 1 <= budget <= 1 << 24):
         raise InvalidRequest(f"max_kv_tokens must be an int in [1, {1 << 24}] or null, got {budget!r}")
     s = engine.sessions.open(client_id, name, engine.principal(client_id))
     s.max_kv_tokens = budget
     log.info("session %s opened by client %s%s", s.sid[:8], client_id[:8], f" name={name!r}" if name else "")
-    if checkpoint:  # Note [Checkpoint tokens] in checkpoint.py
-        s.checkpoint_token = secrets.token_hex(16)
+    if wants_checkpoint:  # Note [Checkpoint tokens] in checkpoint.py
+        try:
+            checkpoint.arm(engine, s)
+        except BaseException:
+            engine.close_session(s, "cannot checkpoint")
+            raise
     return {"sid": s.sid, "checkpoint_token": s.checkpoint_token}
 
 
@@ -418,7 +421,7 @@ def stats(engine, client_id, rid, args):
             **engine.data.stats(s.sid, s),
             "paused": s.state == SessionState.PAUSED,
             "job": engine.dispatch.describe(s.sid, now) if s.client_id == client_id else None,
-            "busy": engine.dispatch.busy(s.sid),  # coarse, for every client, as "state" is
+            "busy": engine.dispatch.job_state(s.sid),  # coarse, for every client, as "state" is
             "tensors": len(s.tensors),
             "graphs": len(s.graphs), "graph_bytes": s.graphs.nbytes,  # constants, part of gpu_bytes
             "max_kv_tokens": s.max_kv_tokens,

@@ -29,9 +29,10 @@ import zmq
 
 from ..config import ServerConfig
 from ..protocol import codec
-from ..protocol.auth import check_secret, start_server_curve
-from ..protocol.errors import AuthError, DjinnError, ProtocolError
+from ..protocol.auth import check_secret
+from ..protocol.errors import AuthError, DjinnError, ProtocolError, ServerBusy, clip, short, wire_error
 from ..protocol.messages import CAPABILITIES, PROTOCOL_VERSION, Message, MsgType
+from .gate import Gate
 from .principals import principal_of
 
 log = logging.getLogger("djinn.router")
@@ -72,26 +73,31 @@ class Router:
         self._events: list = []
         sock = self.sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_bytes)
+        # Per frame and fixed for every connection of the listener, handshake included: what a peer
+        # that has not authenticated can make the server hold (Note [Small frames] in protocol/codec.py).
+        sock.setsockopt(zmq.MAXMSGSIZE, cfg.wire_frame_bytes)
+        sock.setsockopt(zmq.HANDSHAKE_IVL, int(cfg.handshake_timeout_s * 1000))
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to vanished clients are dropped, not errors
-        sock.setsockopt(zmq.SNDHWM, 0)
+        # A peer that stops reading (its TCP window full) gets at most this many messages queued; the
+        # rest are dropped (ROUTER_MANDATORY 0), so it cannot grow the server's memory.
+        sock.setsockopt(zmq.SNDHWM, cfg.send_queue_messages)
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.HEARTBEAT_IVL, int(cfg.heartbeat_s * 1000))
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(cfg.client_timeout_s * 1000))
         host = f"[{cfg.bind}]" if ":" in cfg.bind else cfg.bind
         if ":" in cfg.bind:
             sock.setsockopt(zmq.IPV6, 1)
-        # CurveZMQ (docs/SECURITY.md): a ZAP authenticator on this context admits only the allowed client
-        # keys; it must run before bind, and is stopped in close(). Refused handshakes never reach poll().
-        self._zap = None
+        # The gate (server/gate.py) sets the security mechanism and answers ZAP before bind, so no
+        # handshake passes unchecked; refused handshakes never reach poll(). Stopped in close().
+        self._gate = None
         try:
-            if cfg.curve_secret_key:
-                self._zap = start_server_curve(ctx, sock, cfg.curve_secret_key, cfg.curve_allowed_dir)
+            self._gate = Gate(ctx, sock, cfg)
             if cfg.port == 0:
                 port = sock.bind_to_random_port(f"tcp://{host}")
             else:
                 sock.bind(f"tcp://{host}:{cfg.port}")
                 port = cfg.port
+            self._gate.port = port
         except BaseException:
             self.close()
             raise
@@ -137,9 +143,9 @@ class Router:
 
     def close(self) -> None:
         self.sock.close(linger=200)  # long enough for the goodbyes to leave
-        if self._zap is not None:  # before the context is terminated, or term() waits on its socket
-            self._zap.stop()
-            self._zap = None
+        if self._gate is not None:  # before the context is terminated, or term() waits on its sockets
+            self._gate.stop()
+            self._gate = None
 
     # -- inbound ---------------------------------------------------------------------------------
     def _receive(self, frames: list) -> None:
@@ -154,7 +160,7 @@ class Router:
             self._send_error(identity, _salvage_rid(frames), e)
             return
         if msg.kind == MsgType.HELLO:
-            self._hello(identity, msg, _curve_key(frames[1]) if self._zap is not None else None)
+            self._hello(identity, msg, _curve_key(frames[1]) if self.cfg.curve_secret_key else None)
         elif client is None:
             self._send_error(identity, msg.rid, AuthError("send HELLO before any other message"))
         elif msg.kind == MsgType.HEARTBEAT:
@@ -176,16 +182,22 @@ class Router:
         try:
             version = h.get("version")
             if type(version) is not int or version != PROTOCOL_VERSION:  # 1.0 and True are not 1
-                raise ProtocolError(f"client speaks protocol {version!r}, server speaks {PROTOCOL_VERSION}")
+                raise ProtocolError(f"client speaks protocol {short(version)}, server speaks {PROTOCOL_VERSION}")
             check_secret(self.cfg.secret, h.get("secret"))
             client_id = h.get("client_id")
             if not isinstance(client_id, str) or not 8 <= len(client_id) <= 64:
                 raise ProtocolError("HELLO needs a client_id string of 8-64 characters")
         except DjinnError as e:
-            log.warning("refused HELLO: %s", e.message)
+            log.warning("refused HELLO: %s", clip(e.message, 200))
             self._send_error(identity, _rid(msg), e)
             return
         old = self._by_id.get(client_id)
+        if old is None and identity not in self._by_identity and len(self._by_id) >= self.cfg.max_connections:
+            log.warning("refused HELLO: %d clients connected (max_connections)", len(self._by_id))
+            self._send_error(identity, _rid(msg), ServerBusy(
+                f"the server holds its limit of {self.cfg.max_connections} clients (max_connections); "
+                "try again later"))
+            return
         if old is not None and old.key != key:
             # Note [Client id and key]: a live client id is taken over (reconnect) only by the key that
             # holds it; another allowed tenant who learned the id gets what an unknown id would not.
@@ -209,7 +221,8 @@ class Router:
                      heartbeat_s=self.cfg.heartbeat_s, rid=_rid(msg),
                      architectures=sorted(self.cfg.architectures), reconnected=old is not None,
                      limits={"max_frame_bytes": self.limits.max_frame_bytes, "max_frames": self.limits.max_frames,
-                             "max_total_bytes": self.limits.max_total_bytes})
+                             "max_total_bytes": self.limits.max_total_bytes,
+                             "wire_frame_bytes": self.limits.wire_frame_bytes})
         sock.send_multipart([identity, *codec.encode(MsgType.HELLO, reply)])
         log.info("client %s connected%s", client_id[:8], " (reconnect)" if old else "")
 
@@ -227,8 +240,7 @@ class Router:
 
     # -- outbound --------------------------------------------------------------------------------
     def _send_error(self, identity: bytes, rid: int, e: DjinnError) -> None:
-        header = {"rid": rid, "code": e.code, "message": e.message, "traceback": e.remote_traceback}
-        self.sock.send_multipart([identity, *codec.encode(MsgType.ERROR, header)])
+        self.sock.send_multipart([identity, *codec.encode(MsgType.ERROR, wire_error(rid, e))])
 
 
 def _curve_key(frame) -> str | None:

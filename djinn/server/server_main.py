@@ -34,7 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--client-timeout", type=float, dest="client_timeout_s", help="seconds before a silent client's sessions are reclaimed")
     p.add_argument("--paused-run-timeout", type=float, dest="paused_run_timeout_s",
                    help="seconds a run may stay paused at a breakpoint before it is cancelled (default 600)")
-    p.add_argument("--max-frame-bytes", type=int, dest="max_frame_bytes", help="largest tensor frame accepted")
+    p.add_argument("--max-frame-bytes", type=int, dest="max_frame_bytes", help="largest tensor accepted in one message")
+    p.add_argument("--max-connections", type=int, dest="max_connections",
+                   help="clients connected at once; more are refused with ServerBusy (default 256)")
     p.add_argument("--weight-budget-gb", type=float, dest="weight_budget_gb",
                    help="default GPU weight budget per model in GiB; larger models stream layers (CUDA only)")
     p.add_argument("--policy", help="KV scheduling policy: signal (default), lru, recompute, resident")
@@ -107,7 +109,8 @@ def main(argv=None) -> int:
                         secret=args.secret or env_secret(), curve_secret_key=args.curve_secret_key,
                         curve_allowed_dir=args.curve_allowed_dir, client_timeout_s=args.client_timeout_s,
                         paused_run_timeout_s=args.paused_run_timeout_s,
-                        max_frame_bytes=args.max_frame_bytes, weight_budget_gb=args.weight_budget_gb,
+                        max_frame_bytes=args.max_frame_bytes, max_connections=args.max_connections,
+                        weight_budget_gb=args.weight_budget_gb,
                         policy=args.policy, swap_on_io_wait=args.swap_on_io_wait, host_pool_gb=args.host_pool_gb,
                         data_budget_gb=args.data_budget_gb, drain_timeout_s=args.drain_timeout_s,
                         metrics_port=args.metrics_port, quota_gpu_gb=args.quota_gpu_gb,

@@ -1,6 +1,7 @@
 """Tier 2: shared-secret authentication at HELLO, and the refusal to listen openly without one."""
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -8,10 +9,12 @@ import time
 
 import pytest
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 import djinn
 from djinn.frontend.connection import Connection
 from djinn.protocol import codec
+from djinn.protocol.auth import handshake_failed_events
 from djinn.protocol.messages import PROTOCOL_VERSION, READY_PREFIX, MsgType
 
 from ..conftest import DEVICE, ServerProcess
@@ -70,11 +73,58 @@ def test_auth_failure_leaves_other_clients_working(secret_server):
         good.close()
 
 
-def test_raw_hello_with_wrong_secret_does_not_authenticate(secret_server):
-    ctx = zmq.Context()
+def _raw_dealer(ctx, address: str, password: bytes | None):
+    """A bare DEALER, presenting `password` in the PLAIN handshake (None: the NULL mechanism), and its monitor."""
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(secret_server.address)
+    if password is not None:
+        sock.setsockopt(zmq.PLAIN_USERNAME, b"anyone")
+        sock.setsockopt(zmq.PLAIN_PASSWORD, password)
+    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | handshake_failed_events())
+    sock.connect(address)
+    return sock, monitor
+
+
+def _handshake_event(monitor) -> tuple[int, int]:
+    assert monitor.poll(15000), "no handshake event within 15s"
+    ev = recv_monitor_message(monitor)
+    return ev["event"], ev["value"]
+
+
+def test_no_message_is_accepted_before_the_secret_is_checked(secret_server):
+    """Gate, Note [Credentials before any message]: the secret is checked in the ZMTP handshake, so a
+    peer without it gets no message through at all, the right secret inside a HELLO included."""
+    ctx = zmq.Context()
+    hello = {"rid": 3, "version": PROTOCOL_VERSION, "client_id": "a" * 32, "secret": SECRET}
+    try:
+        for password in (None, b"wrong", SECRET.encode() + b" ", SECRET.upper().encode()):
+            sock, monitor = _raw_dealer(ctx, secret_server.address, password)
+            try:
+                got = _handshake_event(monitor)
+                if password is None:  # the server may hang up before this side has read why
+                    assert got in ((zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH),
+                                   (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, errno.EPIPE),
+                                   (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, errno.ECONNRESET)), got
+                else:
+                    assert got == (zmq.EVENT_HANDSHAKE_FAILED_AUTH, 400)
+                try:  # libzmq may already have dropped the refused connection's pipe
+                    sock.send_multipart(codec.encode(MsgType.HELLO, hello), zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+                assert not sock.poll(500, zmq.POLLIN)
+            finally:
+                sock.disable_monitor()
+                monitor.close(linger=0)
+                sock.close(linger=0)
+    finally:
+        ctx.term()
+    assert secret_server.alive()
+
+
+def test_raw_hello_with_wrong_secret_does_not_authenticate(secret_server):
+    """Past the handshake (the right PLAIN password), HELLO checks the secret again."""
+    ctx = zmq.Context()
+    sock, monitor = _raw_dealer(ctx, secret_server.address, SECRET.encode())
 
     def roundtrip(kind, header):
         sock.send_multipart(codec.encode(kind, header))
@@ -82,6 +132,7 @@ def test_raw_hello_with_wrong_secret_does_not_authenticate(secret_server):
         return codec.decode(sock.recv_multipart())
 
     try:
+        assert _handshake_event(monitor) == (zmq.EVENT_HANDSHAKE_SUCCEEDED, 0)
         hello = {"rid": 3, "version": PROTOCOL_VERSION, "client_id": "a" * 32}
         for rid, secret in enumerate([12345, ["s3cret"], b"s3cret", "wrong"], start=3):
             msg = roundtrip(MsgType.HELLO, dict(hello, rid=rid, secret=secret))
@@ -94,6 +145,8 @@ def test_raw_hello_with_wrong_secret_does_not_authenticate(secret_server):
         msg = roundtrip(MsgType.REQUEST, {"rid": 10, "op": "ping", "args": {}})
         assert msg.kind == MsgType.REPLY and msg.rid == 10
     finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
         sock.close(linger=0)
         ctx.term()
 

@@ -11,6 +11,7 @@ import torch
 import djinn
 from djinn.frontend.connection import Connection
 from djinn.frontend.remote import RemoteModel
+from djinn.server.checkpoint import file_name
 
 from ..conftest import DEVICE
 from ..models import VOCAB, tiny_llama
@@ -57,8 +58,9 @@ def test_checkpointed_session_continues_after_a_restart(start_server, tmp_path, 
             wait_value(lambda: conn.stats()["sessions"][s.sid]["state"] == "SWAPPED")
         _restart(srv, start_server, conn, *flags)
         files = list(tmp_path.iterdir())
-        assert [f.name for f in files] == [f"{s.checkpoint_token}.safetensors"]  # only the one that asked
-        assert files[0].stat().st_mode & 0o777 == 0o600
+        assert [f.name for f in files] == [file_name(s.checkpoint_token)]  # only the one that asked
+        assert s.checkpoint_token not in files[0].name  # a listing shows no token, only its hash
+        assert files[0].stat().st_mode & 0o777 == 0o600 and tmp_path.stat().st_mode & 0o777 == 0o700
         with pytest.raises(djinn.SessionLost):
             s.generate(rm, B, **GEN)
 
@@ -89,11 +91,11 @@ def test_checkpoint_can_be_asked_for_later_and_withdrawn(start_server, tmp_path)
     try:
         keep, drop = conn.session("keep"), conn.session("drop")
         token = keep.checkpoint_on_shutdown()
-        assert len(token) == 32 and keep.checkpoint_on_shutdown() == token  # asking twice: the same token
+        assert len(token) == 43 and keep.checkpoint_on_shutdown() == token  # asking twice: the same token
         drop.checkpoint_on_shutdown()
         assert drop.checkpoint_on_shutdown(False) is None
         _restart(srv, start_server, conn, "--checkpoint-dir", str(tmp_path))
-        assert [f.name for f in tmp_path.iterdir()] == [f"{token}.safetensors"]
+        assert [f.name for f in tmp_path.iterdir()] == [file_name(token)]
         s = conn.restore_session(token, name="renamed")
         assert s.name == "renamed" and s.kv_tokens == {} and s.restored_tensors == {}
     finally:
@@ -101,8 +103,38 @@ def test_checkpoint_can_be_asked_for_later_and_withdrawn(start_server, tmp_path)
 
 
 @pytest.mark.parametrize("token, err", [("../../etc/passwd", djinn.InvalidRequest), ("x" * 32, djinn.InvalidRequest),
-                                        (7, djinn.InvalidRequest), ("0" * 32, djinn.SessionNotFound)])
+                                        ("/" * 43, djinn.InvalidRequest), (7, djinn.InvalidRequest),
+                                        ("0" * 43, djinn.SessionNotFound)])
 def test_bad_tokens_are_typed_errors(conn, token, err):
     with pytest.raises(err):
         conn.restore_session(token)
     assert conn.ping() is not None
+
+
+def test_the_checkpoint_directory_must_be_the_servers_own(start_server, tmp_path):
+    """A directory left looser is tightened to 0700; a symlink in its place is refused when a session
+    asks to be checkpointed (a typed error then, not a failure at shutdown), and the server serves on."""
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    loose.chmod(0o777)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    link = tmp_path / "link"
+    link.symlink_to(elsewhere)
+    for d, ok in ((loose, True), (link, False)):
+        srv = start_server("--checkpoint-dir", str(d))
+        conn = Connection(srv.address, None)
+        try:
+            if ok:
+                s = conn.session("a", checkpoint=True)
+                assert s.checkpoint_token and d.stat().st_mode & 0o777 == 0o700
+            else:
+                with pytest.raises(djinn.InvalidRequest, match="is not a directory"):
+                    conn.session("a", checkpoint=True)
+                with pytest.raises(djinn.InvalidRequest, match="is not a directory"):
+                    conn.session("b").checkpoint_on_shutdown()
+                assert [v["name"] for v in conn.stats()["sessions"].values()] == ["b"]  # "a" was not kept
+            assert conn.ping() > 0
+        finally:
+            conn.close()
+            srv.stop()

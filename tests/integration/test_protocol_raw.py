@@ -78,8 +78,8 @@ def pack(obj) -> bytes:
 REQ = bytes([MsgType.REQUEST])
 
 
-def tensor_ext_frame(dtype: str, shape: list, frame: int) -> msgpack.ExtType:
-    return msgpack.ExtType(codec.EXT_TENSOR_FRAME, msgpack.packb([dtype, shape, frame]))
+def tensor_ext_frame(dtype: str, shape: list, frame: int, count: int | None = None) -> msgpack.ExtType:
+    return msgpack.ExtType(codec.EXT_TENSOR_FRAME, msgpack.packb([dtype, shape, frame] + ([count] if count else [])))
 
 
 def tensor_ext_inline(dtype: str, shape: list, data: bytes) -> msgpack.ExtType:
@@ -130,7 +130,10 @@ HOSTILE = {
          b"\0" * 8],
         (0, 50),
     ),
-    "oversized_frame": ([REQ, ping_header(51), b"\0" * (MAX_FRAME + 1)], (0, 51)),
+    # One byte over --max-frame-bytes, in two wire frames (one frame over the wire limit would instead
+    # drop the connection: test_transport_limits.py).
+    "oversized_tensor": ([REQ, ping_header(51, x=tensor_ext_frame("uint8", [MAX_FRAME + 1], 2, 2)),
+                          b"\0" * MAX_FRAME, b"\0"], (0, 51)),
     "too_many_frames": ([REQ, ping_header(52)] + [b""] * 4095, (0, 52)),
 }
 
@@ -201,7 +204,7 @@ def test_undecodable_message_gets_protocol_error(case, authed, raw, good, raw_se
         assert c.hello().kind == MsgType.HELLO
     check_good(good, raw_server)
     h = c.expect_error(frames, "protocol", rid)
-    if case == "oversized_frame":
+    if case == "oversized_tensor":
         assert str(MAX_FRAME) in h["message"]
     if case.startswith("tensor_frame_bytes"):
         assert "64 bytes" in h["message"] and "10" in h["message"]

@@ -19,6 +19,7 @@ from ._util import bits, frame_bytes, random_tensor
 DTYPE_NAMES = list(DTYPES)
 SHAPES = [(), (0,), (3, 4), (2, 0, 5), (300, 300)]
 INLINE = Limits().inline_bytes
+WIRE = Limits().wire_frame_bytes
 
 
 def wire_header(frames) -> dict:
@@ -51,15 +52,17 @@ def test_roundtrip_every_dtype_and_shape(name, shape):
     assert in_frame == (shape == (300, 300))
 
     frames = encode(MsgType.REPLY, {"t": t, "rid": 7})
-    assert len(frames) == (3 if in_frame else 2)
+    pieces = math.ceil(nbytes / WIRE) if in_frame else 0  # complex128 300x300 is over one wire frame
+    assert len(frames) == 2 + pieces
     assert bytes(frames[0]) == bytes([MsgType.REPLY])
     w = wire_header(frames)
     assert w["rid"] == 7
     assert isinstance(w["t"], msgpack.ExtType)
     if in_frame:
         assert w["t"].code == EXT_TENSOR_FRAME
-        assert meta(w["t"]) == [name, list(shape), 2]
-        assert bytes(frames[2]) == raw.tobytes()
+        assert meta(w["t"]) == [name, list(shape), 2] + ([pieces] if pieces > 1 else [])
+        assert all(len(bytes(f)) <= WIRE for f in frames)
+        assert b"".join(bytes(f) for f in frames[2:]) == raw.tobytes()
     else:
         assert w["t"].code == EXT_TENSOR_INLINE
         assert meta(w["t"]) == [name, list(shape), raw.tobytes()]
@@ -301,6 +304,54 @@ def test_encode_does_not_copy_large_contiguous_tensors():
     assert _addr(frames[2]) == big.data_ptr()
 
 
+# -- Note [Small frames] -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_tensors_and_headers_larger_than_a_wire_frame_are_split(copy):
+    limits = Limits(wire_frame_bytes=1000, inline_bytes=16)
+    t = torch.arange(1000, dtype=torch.float32)  # 4000 bytes: 4 frames
+    u = torch.arange(300, dtype=torch.int16)  # 600 bytes: 1 frame
+    header = {"rid": 3, "t": t, "u": u, "text": "z" * 2500}  # the header needs 3 frames
+    frames = encode(MsgType.REPLY, header, limits)
+    assert all(len(bytes(f)) <= 1000 for f in frames)
+    # type byte + count of the header's continuation frames, which go last
+    assert bytes(frames[0]) == bytes([MsgType.REPLY]) + (2).to_bytes(4, "little")
+    assert len(frames) == 1 + 3 + 4 + 1
+    assert b"".join(bytes(f) for f in frames[2:6]) == bits(t) and bytes(frames[6]) == bits(u)
+    body = msgpack.unpackb(bytes(frames[1]) + b"".join(bytes(f) for f in frames[7:]), raw=False)
+    assert meta(body["t"]) == ["float32", [1000], 2, 4] and meta(body["u"]) == ["int16", [300], 6]
+    msg = decode(frame_bytes(frames), copy=copy)
+    assert torch.equal(msg.header["t"], t) and torch.equal(msg.header["u"], u)
+    assert msg.header["text"] == "z" * 2500 and msg.header["rid"] == 3
+
+
+def test_a_split_tensor_is_bounded_by_max_frame_bytes_as_a_whole():
+    frames = frame_bytes(encode(MsgType.REPLY, {"t": torch.zeros(300, dtype=torch.uint8)},
+                                Limits(wire_frame_bytes=100, inline_bytes=16)))
+    assert len(frames) == 5
+    with pytest.raises(ProtocolError, match=r"^tensor in frames 2\.\.4 is 300 bytes, limit is 299$"):
+        decode(frames, Limits(max_frame_bytes=299))
+    assert decode(frames, Limits(max_frame_bytes=300)).header["t"].shape == (300,)
+
+
+def test_split_tensor_checks_shape_and_range_before_joining():
+    ext = lambda d: msgpack.ExtType(EXT_TENSOR_FRAME, msgpack.packb(d))  # noqa: E731
+    head = lambda d: msgpack.packb({"t": ext(d)}, use_bin_type=True)  # noqa: E731
+    with pytest.raises(ProtocolError, match=r"needs 12 bytes, frames have 8$"):
+        decode([bytes([MsgType.REPLY]), head(["float32", [3], 2, 2]), b"\0" * 4, b"\0" * 4])
+    for bad in (["uint8", [8], 2, 3], ["uint8", [8], 2, 0], ["uint8", [8], 2, -1], ["uint8", [8], 1, 2],
+                ["uint8", [8], 2, True]):
+        with pytest.raises(ProtocolError, match="tensor refers to frame"):
+            decode([bytes([MsgType.REPLY]), head(bad), b"\0" * 4, b"\0" * 4])
+    # a tensor cannot take its bytes from the header's continuation frames
+    tail = bytes([MsgType.REPLY]) + (1).to_bytes(4, "little")
+    body = head(["uint8", [8], 2, 2])
+    with pytest.raises(ProtocolError, match="tensor refers to frame 2 \\(and 2 in all\\), message has 3 frames"):
+        decode([tail, body[:5], b"\0" * 4, body[5:]])
+    assert decode([tail, body[:5], b"\1" * 4, b"\2" * 4, body[5:]]).header["t"].tolist() == [1] * 4 + [2] * 4
+
+
 # -- Note [Any layout travels] -----------------------------------------------------------------------
 def _one_element_cases(t: torch.Tensor, raw: np.ndarray) -> dict:
     """One-element views torch calls contiguous whatever their strides, with the bytes they hold."""
@@ -336,7 +387,7 @@ def test_one_element_views_hash_and_upload_as_their_values():
     x = torch.randn(3, 5)
     for v in (x[:1, 2], x.reshape(-1).as_strided((1, 1), (7, 3), 4), x[:1, 3:4].expand(1, 1)):
         assert weight_hash(v) == weight_hash(torch.tensor(v.tolist()))
-        ((items, n),) = list(_chunks([("h", v)], 1 << 20))
+        ((items, n),) = list(_chunks([("h", v)], 1 << 20, 1 << 20))
         assert n == 4 and items[0]["data"].numpy().tobytes() == torch.tensor(v.tolist()).numpy().tobytes()
 
 

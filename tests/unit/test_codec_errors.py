@@ -60,7 +60,13 @@ def test_unknown_type_byte(byte):
 
 @pytest.mark.parametrize("first", [b"", b"\x03\x00", b"\x02" * 10], ids=["empty", "two", "ten"])
 def test_first_frame_must_be_one_byte(first):
-    rejects([first, packb({})], rf"first frame must be one type byte, got {len(first)} bytes")
+    rejects([first, packb({})], re.escape(f"first frame must be one type byte (and a header frame count), "
+                                          f"got {len(first)} bytes"))
+
+
+@pytest.mark.parametrize("tail", [1, 2, 2**32 - 1])
+def test_header_continuation_count_must_fit_the_message(tail):
+    rejects([T + tail.to_bytes(4, "little"), packb({})], rf"^header continues in {tail} frames, message has 2$")
 
 
 # ---- header ---------------------------------------------------------------------------------------
@@ -161,11 +167,12 @@ def test_inline_data_must_be_bytes():
     rejects([T, packb({"t": inline("uint8", [1], "\x05")})], r"^inline tensor data must be bytes$")
 
 
-@pytest.mark.parametrize("desc", [["uint8", [1]], ["uint8", [1], b"\x00", 0], {"dtype": "uint8"}, "uint8", 3, []])
+@pytest.mark.parametrize("desc", [["uint8", [1]], ["uint8", [1], b"\x00", 0, 0], {"dtype": "uint8"}, "uint8", 3, []])
 def test_tensor_descriptor_shape(desc):
-    for code in (EXT_TENSOR_INLINE, EXT_TENSOR_FRAME):
-        rejects([T, packb({"t": ext(code, packb(desc))}), b"\x00"],
-                re.escape("tensor descriptor must be [dtype, shape, data]"))
+    rejects([T, packb({"t": ext(EXT_TENSOR_INLINE, packb(desc))}), b"\x00"],
+            re.escape("tensor descriptor must be [dtype, shape, data]"))
+    rejects([T, packb({"t": ext(EXT_TENSOR_FRAME, packb(desc))}), b"\x00"],
+            re.escape("tensor descriptor must be [dtype, shape, frame] or [dtype, shape, frame, count]"))
 
 
 def test_tensor_descriptor_not_msgpack():

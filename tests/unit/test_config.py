@@ -192,3 +192,29 @@ def test_run_fork_from_kv_values():
     assert ServerConfig(run_fork_from_kv=False).validate().run_fork_from_kv is False
     with pytest.raises(ValueError, match="run_fork_from_kv='yes' must be true, false or null"):
         ServerConfig(run_fork_from_kv="yes").validate()
+
+
+def test_wire_frames_and_connection_limits_are_validated():
+    cfg = ServerConfig().validate()
+    assert (cfg.wire_frame_bytes, cfg.max_connections, cfg.send_queue_messages) == (1 << 20, 256, 1000)
+    assert cfg.limits().wire_frame_bytes == 1 << 20
+    with pytest.raises(ValueError, match=r"^wire_frame_bytes=1024 must be an int >= 4096"):
+        ServerConfig(wire_frame_bytes=1024).validate()
+    with pytest.raises(ValueError, match=r"raise max_frames to at least 32770$"):
+        ServerConfig(wire_frame_bytes=1 << 16).validate()
+    ServerConfig(wire_frame_bytes=1 << 16, max_frames=32770).validate()
+    for name in ("max_connections", "send_queue_messages"):
+        with pytest.raises(ValueError, match=rf"^{name}=0 must be an int >= 1$"):
+            ServerConfig(**{name: 0}).validate()
+    with pytest.raises(ValueError, match=r"^handshake_timeout_s=0 must be > 0 seconds$"):
+        ServerConfig(handshake_timeout_s=0).validate()
+
+
+def test_a_secret_must_fit_the_handshake():
+    """The secret is the ZMTP PLAIN password (djinn/server/gate.py), which carries at most 255 bytes."""
+    ServerConfig(secret="s" * 255).validate()
+    with pytest.raises(ValueError, match=r"^secret is 256 bytes in UTF-8; a shared secret must be 1-255 bytes$"):
+        ServerConfig(secret="s" * 256).validate()
+    ServerConfig(secret="é" * 127).validate()  # 254 bytes
+    with pytest.raises(ValueError, match="^secret is 256 bytes in UTF-8"):
+        ServerConfig(secret="é" * 128).validate()

@@ -15,7 +15,8 @@ EXPECTED = {
     "invalid_request": E.InvalidRequest, "remote_execution": E.RemoteExecutionError,
     "server_unavailable": E.ServerUnavailable, "timeout": E.RequestTimeout,
     "quota_exceeded": E.QuotaExceeded, "session_lost": E.SessionLost, "shutting_down": E.ShuttingDown,
-    "capture": E.CaptureError, "weight_write_refused": E.WeightWriteRefused, "cancelled": E.GenerateCancelled,
+    "capture": E.CaptureError, "weight_write_refused": E.WeightWriteRefused, "server_busy": E.ServerBusy,
+    "cancelled": E.GenerateCancelled,
 }
 
 
@@ -79,3 +80,32 @@ def test_errors_are_catchable_by_base_class():
     with pytest.raises(DjinnError):
         raise error_from_wire("out_of_memory", "oom", None)
     assert issubclass(E.ProtocolError, Exception) and not issubclass(E.ProtocolError, ValueError)
+
+
+# -- Note [Errors echo little] ----------------------------------------------------------------------
+
+
+def test_short_shows_a_bounded_prefix_of_any_value():
+    huge = "x" * (8 << 20)
+    text = E.short(huge)
+    assert text.startswith("'xxxx") and f"({8 << 20} characters)" in text and len(text) < 100
+    assert len(E.short(b"y" * (8 << 20))) < 100
+    assert len(E.short(list(range(1 << 20)))) < 100
+    assert len(E.short({"k" * 1000: ["v" * 1000] * 1000})) < 100
+    assert len(E.short(10 ** 5000)) < 100
+    assert E.short("ok") == "'ok'" and E.short(7) == "7" and E.short(None) == "None"
+
+
+def test_wire_error_bounds_message_and_traceback():
+    tb = "Traceback\n" + "y" * (1 << 20) + "\nValueError: z"
+    e = E.InvalidRequest("bad value " + "x" * (8 << 20), remote_traceback=tb)
+    h = E.wire_error(5, e)
+    assert h["rid"] == 5 and h["code"] == "invalid_request"
+    assert h["message"].startswith("bad value xxx") and len(h["message"]) <= E.MAX_MESSAGE_CHARS + 60
+    assert "characters cut" in h["message"]
+    # a traceback keeps its end, where the error is
+    assert h["traceback"].endswith("ValueError: z") and len(h["traceback"]) <= E.MAX_TRACEBACK_CHARS + 60
+    small = E.wire_error(1, E.AuthError("no"))
+    assert small == {"rid": 1, "code": "auth", "message": "no", "traceback": None}
+    frames = encode(MsgType.ERROR, h)
+    assert sum(len(bytes(f)) for f in frames) < E.MAX_MESSAGE_CHARS + E.MAX_TRACEBACK_CHARS + 512

@@ -261,3 +261,28 @@ def test_extra_first_chunk_fields_ignored_after_start(up):
         it["dtype"], it["shape"] = "garbage", "garbage"
     h, out = send_all(up, SID, its)
     assert h == weight_hash(t) and bits(out) == bits(t)
+
+
+def test_client_chunks_fit_one_wire_frame_each_and_reassemble(up):
+    """The client splits weights into items of at most one wire frame (Note [Small frames]), so the
+    codec never has to split and rejoin an upload item; messages still carry about chunk_bytes."""
+    from djinn.frontend.upload import _chunks
+    from djinn.protocol.codec import decode, encode
+    from djinn.protocol.messages import Limits, MsgType
+
+    a, b = torch.randn(3000), torch.arange(100, dtype=torch.int16)  # 12000 and 200 bytes
+    ha, hb = weight_hash(a), weight_hash(b)
+    messages = list(_chunks([(ha, a), (hb, b)], chunk_bytes=5000, piece_bytes=1024))
+    assert [n for _, n in messages] == [5000, 5000, 2200]
+    assert [[it["data"].numel() for it in m] for m, _ in messages] == [
+        [1024] * 4 + [904], [1024] * 4 + [904], [1024, 976, 200]]
+    done = {}
+    for m, _ in messages:
+        frames = encode(MsgType.REQUEST, {"items": m}, Limits(wire_frame_bytes=1024, inline_bytes=16))
+        assert all(len(bytes(f)) <= 1024 for f in frames[2:])
+        assert len(frames) == 2 + len(m)  # one frame per item: nothing was split
+        for item in decode([bytes(f) for f in frames]).header["items"]:
+            finished = up.put(SID, item)
+            if finished is not None:
+                done[finished[0]] = finished[1]
+    assert bits(done[ha]) == bits(a) and bits(done[hb]) == bits(b)
