@@ -154,11 +154,6 @@ class Run:
         self.stop: StopPoint | None = None
         self.resume_from = resume_from
         self.marks: list[StepMark] = []  # generate runs: one per model call (forks start from the KV)
-        self.lazy = snapshot is not None  # a fork that has not executed yet (Note [Fork replays the prefix])
-        if self.lazy:
-            self.state, self.stop, self.paused_since = RunState.PAUSED, snapshot, time.monotonic()
-            now = time.perf_counter()
-            self.timing = {"release": now, "wake": now, "park": now, "back": now}
         self.stop_hids: list[str] = []  # the stop's tensors as Stack handles (set by the run table)
         self.output: Any = None
         self.error: BaseException | None = None
@@ -167,12 +162,9 @@ class Run:
         self.hits = 0
         self.cache: Any = None          # the KV cache generate passes to the model (accounted while paused)
         self.log: dict[int, list[LoggedEdit]] = {}
-        if not self.lazy:
-            self.paused_since: float | None = None
-            self.timing: dict[str, float] = {}
+        self.paused_since: float | None = None
+        self.timing: dict[str, float] = {}
         self._replay = replay
-        if replay is not None and self.lazy:
-            self.log = {hit: list(es) for hit, es in replay.log.items()}  # edits on the snapshot add to it
         # Note [Random streams]: the run draws from a stream of its own, swapped in while its thread
         # runs, so others' draws while it is parked change nothing. A fork re-executing from the start
         # starts from its parent's stream at the start; one starting from the parent's KV at step k,
@@ -182,6 +174,12 @@ class Run:
         self.rng = start.copy()
         if resume_from is not None:
             self.calls, self.hits = resume_from.step, resume_from.hits
+        self.lazy = snapshot is not None  # a fork that has not executed yet (Note [Fork replays the prefix])
+        if self.lazy:  # paused at the snapshot; edits on it add to the parent's log (the fork's own copy)
+            self.state, self.stop, self.paused_since = RunState.PAUSED, snapshot, time.monotonic()
+            now = time.perf_counter()
+            self.timing = {"release": now, "wake": now, "park": now, "back": now}
+            self.log = replay.log if replay is not None else {}
         self._cancel = False
         self._to_run = threading.Semaphore(0)
         self._to_engine = threading.Semaphore(0)

@@ -20,20 +20,24 @@ LONG = 3000  # new tokens asked for: seconds of decode on the CPU, so the cancel
 P1 = torch.tensor([[5, 17, 42, 99, 8, 61, 7]])
 P2 = torch.tensor([[33, 8, 190]])
 
+
 @pytest.fixture(scope="module")
 def srv():
     s = ServerProcess("--fast-decode", "on", "--fast-decode-max-len", "4096", "--fast-decode-max-batch", "2")
     yield s
     s.stop()
 
+
 @pytest.fixture(scope="module")
 def model():
     return tiny_llama(seed=5).eval()
+
 
 def _local(model, ids: torch.Tensor, n: int) -> torch.Tensor:
     m, ids = model.to(DEVICE), ids.to(DEVICE)
     with torch.no_grad():
         return m.generate(ids, max_new_tokens=n, do_sample=False, attention_mask=torch.ones_like(ids)).cpu()
+
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "eager"])
 def test_leaving_a_stream_keeps_exactly_the_consumed_tokens(srv, model, deterministic):
@@ -57,6 +61,7 @@ def test_leaving_a_stream_keeps_exactly_the_consumed_tokens(srv, model, determin
     finally:
         conn.close()
 
+
 @pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "eager"])
 def test_interrupting_generate_stops_it_and_keeps_nothing_of_it(srv, model, deterministic):
     conn = Connection(srv.address, None)
@@ -76,6 +81,7 @@ def test_interrupting_generate_stops_it_and_keeps_nothing_of_it(srv, model, dete
         assert dec["fast" if not deterministic else "eager"] == 3
     finally:
         conn.close()
+
 
 def test_cancel_of_an_unknown_or_finished_generate_changes_nothing(srv, model):
     conn = Connection(srv.address, None)

@@ -10,8 +10,10 @@ from djinn.frontend.remote import RemoteModel
 
 from .test_scheduling import BT, GEN, P1, P2, Q2, local_turns, model, sstats, wait_for  # noqa: F401 (fixture)
 
+
 def _blocks_free(conn, rm) -> int:
     return conn.stats()["kv"]["models"][rm.model_id]["blocks_free"]
+
 
 def test_forked_sessions_share_blocks_and_continue_bitwise(start_server, model, device):
     srv = start_server(*BT)
@@ -38,6 +40,7 @@ def test_forked_sessions_share_blocks_and_continue_bitwise(start_server, model, 
     finally:
         conn.close()
 
+
 def test_fork_of_a_swapped_parent_brings_it_back_first(start_server, model, device):
     srv = start_server("--policy", "signal", "--swap-on-io-wait", *BT)
     conn = Connection(srv.address, None)
@@ -54,6 +57,7 @@ def test_fork_of_a_swapped_parent_brings_it_back_first(start_server, model, devi
         assert torch.equal(a.generate(rm, P2, **GEN), ref[1])
     finally:
         conn.close()
+
 
 def test_forked_tensors_are_copies(start_server, model):
     srv = start_server(*BT)
