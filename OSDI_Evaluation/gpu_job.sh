@@ -34,6 +34,11 @@ for part in "$@"; do
       timeout $((budget + 25)) python "$here/exp1_semantic_scheduler/run_exp1.py" --policies signal \
         --agents "${EXP1_AGENTS:-48}" --time-budget-s "$budget" --out "$out" --name exp1_signal 2>&1 \
         | tee "$out/exp1_signal.log" | tail -12 ;;
+    decode)
+      timeout 200 python -m pytest -q -x tests/gpu/test_fast_decode_gpu.py tests/unit/test_paged_attention.py \
+        -p no:cacheprovider 2>&1 | tail -8
+      timeout 330 python "$here/exp_decode/bench_decode.py" --shapes 7b --concurrency 1,32 --max-sessions 32 \
+        --long-prompt 2048 --out "$out/decode_7b.json" 2>&1 | tail -16 ;;
     gpu-tests)
       timeout 300 python -m pytest -q -x --timeout 150 tests/gpu -p no:cacheprovider 2>&1 | tail -25 ;;
     *) echo "unknown part $part" >&2; exit 2 ;;

@@ -139,6 +139,11 @@ class ServerConfig:
     fast_decode_max_batch: int | None = None
     """Rows (sessions) one batched decode step holds; more wait for a row. Its workspace is part of
     the Stack reserve. None: as many as 4 GiB of workspace allows at fast_decode_max_len, at most 64."""
+    fast_decode_attention: str = "auto"
+    """Attention of the batched decode step over the KV blocks (djinn/server/paged_attention.py): flex
+    (PyTorch FlexAttention compiled, reading the blocks in place), gather (copy each row's blocks into a
+    dense tensor, then SDPA), or auto (flex on CUDA, gather elsewhere: flex on the CPU needs a C++
+    compiler and its first step compiles for tens of seconds)."""
     fast_decode_max_len: int = 4096
     """Longest sequence (prompt + new tokens) the fast path takes; rounded up to a power of two."""
     fast_decode_graphs: bool = True
@@ -246,6 +251,8 @@ class ServerConfig:
                 raise ValueError(f"{name}={v!r} must be a number of GiB >= 0, or null for no limit")
         if self.fast_decode not in ("auto", "on", "off"):
             raise ValueError(f"fast_decode={self.fast_decode!r} must be auto, on or off")
+        if self.fast_decode_attention not in ("auto", "gather", "flex"):
+            raise ValueError(f"fast_decode_attention={self.fast_decode_attention!r} must be auto, gather or flex")
         if self.run_fork_from_kv not in (None, True, False):
             raise ValueError(f"run_fork_from_kv={self.run_fork_from_kv!r} must be true, false or null")
         if self.fast_decode_capture not in ("lazy", "all"):

@@ -98,16 +98,16 @@ def eager(model, prompt: torch.Tensor, new: int, device) -> dict:
     return {"ms_per_token": ms, "tok_s": 1e3 / ms, "prefill_s": t1 - t0, "tokens": out[0, prompt.shape[1]:].tolist()}
 
 
-def inproc(model, prompts: list[torch.Tensor], steps: int, device, max_len: int) -> dict:
+def inproc(model, prompts: list[torch.Tensor], steps: int, device, max_len: int, attention: str = "auto") -> dict:
     """DecodePool in this process over a KV block pool of its own: prefill each prompt into its blocks,
-    join all rows, time `steps` batched steps."""
+    join all rows, time `steps` batched steps with the given decode attention (gather or flex)."""
     from djinn.server.fastpath import DecodePool, Row, Sampler
     from djinn.server.paged_cache import PagedCache
     from djinn.vmu.kv_pool import KVPool, KVShape
 
     bt = 16
     kv = KVPool(KVShape.of_module(model), len(prompts) * -(-max_len // bt) + 1, bt, device)
-    pool = DecodePool(model, kv, len(prompts), max_len)
+    pool = DecodePool(model, kv, len(prompts), max_len, attention=attention)
     rows, firsts = [], []
     for p in prompts:
         table = kv.new_table(1)
@@ -127,8 +127,8 @@ def inproc(model, prompts: list[torch.Tensor], steps: int, device, max_len: int)
         pool.step()
     sync(device)
     dt = (time.perf_counter() - t0) / steps
-    res = {"rows": len(rows), "ms_per_step": dt * 1e3, "aggregate_tok_s": len(rows) / dt,
-           "tokens_row0": [firsts[0], *rows[0].new]}
+    res = {"rows": len(rows), "context": prompts[0].shape[1], "attention": pool.attention_kind,
+           "ms_per_step": dt * 1e3, "aggregate_tok_s": len(rows) / dt, "tokens_row0": [firsts[0], *rows[0].new]}
     del pool, kv
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -195,14 +195,35 @@ def bench_shape(shape: str, args, device, dtype) -> dict:
     res["eager"] = eager(model, prompts[0], args.eager_tokens, device)
     print(f"[{shape}] eager {res['eager']['tok_s']:.1f} tok/s", flush=True)
     res["inproc"] = []
-    for n in conc:
-        r = inproc(model, prompts[:n], args.steps, device, args.max_len)
-        res["inproc"].append(r)
-        print(f"[{shape}] in-process fast path, {n} rows: {r['ms_per_step']:.2f} ms/step, "
-              f"{r['aggregate_tok_s']:.0f} tok/s", flush=True)
-    one = res["inproc"][0]
+    for attention in args.attentions:
+        for n in conc:
+            r = inproc(model, prompts[:n], args.steps, device, args.max_len, attention)
+            res["inproc"].append(r)
+            print(f"[{shape}] in-process fast path ({r['attention']}), {n} rows: {r['ms_per_step']:.2f} ms/step, "
+                  f"{r['aggregate_tok_s']:.0f} tok/s", flush=True)
+    if args.long_prompt:
+        # Agent-sized contexts, where reading the KV is a large share of the step (Note [Why FlexAttention]).
+        n = max(conc)
+        long = [torch.randint(0, vocab, (1, args.long_prompt), generator=g).to(device) for _ in range(n)]
+        res["inproc_long"] = []
+        for attention in args.attentions:
+            r = inproc(model, long, args.steps, device, args.long_prompt + args.steps + 8, attention)
+            res["inproc_long"].append(r)
+            print(f"[{shape}] in-process, {n} rows at {args.long_prompt} tokens ({r['attention']}): "
+                  f"{r['ms_per_step']:.2f} ms/step, {r['aggregate_tok_s']:.0f} tok/s", flush=True)
+        del long
+        kinds = {r["attention"]: r for r in res["inproc_long"]}
+        if len(kinds) == 2:
+            k = min(len(kinds["flex"]["tokens_row0"]), len(kinds["gather"]["tokens_row0"]))
+            res["greedy_match_long_flex_vs_gather"] = _prefix(kinds["flex"]["tokens_row0"][:k],
+                                                              kinds["gather"]["tokens_row0"][:k])
+    # The last attention's one-row result is the headline (the server's default on CUDA is flex).
+    one = [r for r in res["inproc"] if r["rows"] == conc[0]][-1]
     k = min(len(one["tokens_row0"]), len(res["eager"]["tokens"]))
     res["greedy_match_inproc_vs_eager"] = _prefix(one["tokens_row0"][:k], res["eager"]["tokens"][:k])
+    res["greedy_match_inproc_vs_eager_by_attention"] = {
+        r["attention"]: _prefix(r["tokens_row0"][:k], res["eager"]["tokens"][:k])
+        for r in res["inproc"] if r["rows"] == conc[0]}
     res["greedy_compared"] = k
     del model
     if device.type == "cuda":
@@ -210,7 +231,8 @@ def bench_shape(shape: str, args, device, dtype) -> dict:
 
     print(f"[{shape}] starting a server", flush=True)
     srv = start_server(str(device), "--fast-decode", "on", "--fast-decode-max-batch", str(max(conc)),
-                       "--fast-decode-max-len", str(args.max_len), "--log-level", "WARNING")
+                       "--fast-decode-max-len", str(args.max_len), "--log-level", "WARNING",
+                       "--fast-decode-attention", args.server_attention)
     from djinn.frontend.connection import Connection
 
     holder = Connection(srv.address, secret=None)  # keeps the model (and its decode pool) between rounds
@@ -287,9 +309,15 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=64, help="timed steps in process")
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attentions", default="gather,flex",
+                   help="decode attentions timed in process (the first one's batch-1 row is the headline)")
+    p.add_argument("--long-prompt", type=int, default=0,
+                   help="also time the largest row count in process at this context length (0: skip)")
+    p.add_argument("--server-attention", default="auto", help="the server's --fast-decode-attention")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     args.concurrency = [int(x) for x in args.concurrency.split(",")]
+    args.attentions = args.attentions.split(",")
     if args.tiny:
         args.shapes = "tiny"
         args.prompt, args.new_tokens, args.eager_tokens, args.steps = 16, 16, 8, 8

@@ -49,7 +49,7 @@ from ..protocol.errors import GenerateCancelled, OutOfMemory, QuotaExceeded, Ses
 from ..scheduler import schedule
 from ..scheduler.types import MemoryView, SessionState, SessionView, View
 from ..vmu.data import GIB
-from .fast_task import PrefillBudget
+from .fast_task import PrefillBudget, prefill_together
 from .router import Request
 from .rng import Stream
 from .tasks import StepTask
@@ -224,6 +224,7 @@ class Dispatcher:
         first (Note [Chunked prefill])."""
         self._step_pools()
         self.prefill.new_turn()
+        prefill_together([j.task for j in self._running], self.engine.cfg.max_prefill_tokens)
         for job in list(self._running):
             if job.task.advance():
                 self._finish(job)

@@ -37,6 +37,7 @@ from typing import Any, Callable
 import torch
 
 from .fastpath import DecodePool, Row, Sampler
+from .prefill_step import Chunk, groups, prefill
 from .kv_pools import pool_for as kv_pool_for
 from .sessions import KVState
 from .tasks import Cancelled
@@ -52,7 +53,7 @@ def pool_for(engine, entry) -> DecodePool:
         cfg = engine.cfg
         kv = kv_pool_for(engine, entry)
         pool = DecodePool(entry.module, kv, kv.plan.decode_rows, cfg.fast_decode_max_len,
-                          graphs=None if cfg.fast_decode_graphs else False)
+                          graphs=None if cfg.fast_decode_graphs else False, attention=cfg.fast_decode_attention)
         if cfg.fast_decode_capture == "all":
             n = pool.capture_all()
             log.info("fast path for %s: captured %d step graphs in %.1f s", type(entry.module).__name__, n,
@@ -128,9 +129,12 @@ class FastTask:
             self.fail(Cancelled(), None)
 
     # -- phases -------------------------------------------------------------------------------------
-    def _prefill(self) -> None:
-        """One chunk of the prompt, as this turn's budget allows; the first token once it is all in."""
-        module, state = self.pool.module, self.state
+    def wants_prefill(self) -> bool:
+        return not self.done and self._first is None
+
+    def take_chunk(self) -> Chunk | None:
+        """This turn's chunk of the prompt, as the turn's budget allows (None: it is spent)."""
+        state = self.state
         if self._full is None:
             full = torch.cat([state.ids, self.input_ids], dim=1) if self.continues else self.input_ids
             if full.shape[1] <= state.table.length:
@@ -141,18 +145,20 @@ class FastTask:
         a = state.table.length
         n = self.budget.take(self._full.shape[1] - a)
         if n == 0:
-            return  # this turn's prefill budget is spent: the decode rows go first (Note [Chunked prefill])
-        with torch.no_grad():
-            out = module(self._full[:, a:a + n], past_key_values=state.cache, use_cache=True, logits_to_keep=1)
-        if state.table.length < self._full.shape[1]:
+            return None  # this turn's prefill budget is spent: the decode rows go first (Note [Chunked prefill])
+        return Chunk(state.table, self._full[0, a:a + n])
+
+    def prefilled(self, logits: torch.Tensor) -> None:
+        """A chunk went in; `logits` [1, vocab] are its last token's. Once the whole prompt is in, the
+        first token is sampled and the row joins the pool."""
+        if self.state.table.length < self._full.shape[1]:
             return
-        full = self._full
+        module, full = self.pool.module, self._full
         self.sampler = Sampler.build(module, self.kwargs, self.seed, full.device)
         gc = module.generation_config
         eos = self.kwargs.get("eos_token_id", gc.eos_token_id)
         self.eos = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
         self.min_new = int(self.kwargs.get("min_new_tokens") or 0)
-        logits = out.logits[:, -1]
         if self.min_new > 0 and self.eos:  # HF's MinNewTokensLengthLogitsProcessor
             logits = logits.clone()
             logits[:, list(self.eos)] = float("-inf")
@@ -163,6 +169,11 @@ class FastTask:
             self._end([])
             return
         self._try_join()
+
+    def _prefill(self) -> None:
+        chunk = self.take_chunk()
+        if chunk is not None:
+            self.prefilled(prefill(self.pool, [chunk]))
 
     def _try_join(self) -> None:
         if self.pool.free_slots() == 0:
@@ -196,3 +207,38 @@ class FastTask:
         self.state.cache.abort_forward()
         self.state.table.length = self._before
         self.error, self.error_traceback, self.done = e, tb, True
+
+
+def prefill_together(tasks: list, max_tokens: int) -> None:
+    """This turn's prompt chunks of every prefilling fast-path task, first started first, fed as one
+    forward per model (Note [Batched prefill] in prefill_step.py). A task whose chunk fails fails
+    alone when it could be told apart, else with the others of its forward."""
+    by_pool: dict[int, tuple[DecodePool, list]] = {}
+    for t in tasks:
+        if not isinstance(t, FastTask) or not t.wants_prefill():
+            continue
+        try:
+            chunk = t.take_chunk()
+        except BaseException as e:
+            t.fail(e, traceback.format_exc())
+            continue
+        if chunk is not None:
+            by_pool.setdefault(id(t.pool), (t.pool, []))[1].append((t, chunk))
+    for pool, items in by_pool.values():
+        owner = {id(c): t for t, c in items}
+        plan = getattr(pool.kv_pool, "plan", None)
+        gather = plan.prefill_gather_tokens if plan is not None else 2 * max_tokens
+        for group in groups([c for _, c in items], pool.bt, gather, max_tokens):
+            ts = [owner[id(c)] for c in group]
+            try:
+                logits = prefill(pool, group)
+            except BaseException as e:  # e.g. a NaN-free check or a device error: every row of this forward
+                tb = traceback.format_exc()
+                for t in ts:
+                    t.fail(e, tb)
+                continue
+            for i, t in enumerate(ts):
+                try:
+                    t.prefilled(logits[i:i + 1])
+                except BaseException as e:  # its own sampling (Note [Scores are checked before sampling])
+                    t.fail(e, traceback.format_exc())

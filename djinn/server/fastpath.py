@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from ..protocol.errors import InvalidRequest
+from . import paged_attention
 from .sampling import check_scores
 
 log = logging.getLogger("djinn.fastpath")
@@ -161,7 +162,8 @@ class Row:
 class DecodePool:
     """The batched decode step of one model (Note [Decode pool]): its rows and captured step graphs."""
 
-    def __init__(self, module: torch.nn.Module, kv_pool, rows: int, max_len: int, graphs: bool | None = None):
+    def __init__(self, module: torch.nn.Module, kv_pool, rows: int, max_len: int, graphs: bool | None = None,
+                 attention: str = "auto"):
         self.module, self.kv_pool = module, kv_pool
         self.device = kv_pool.device
         cfg = module.config
@@ -182,6 +184,8 @@ class DecodePool:
         self.ids = torch.zeros(self.slots, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(self.slots, dtype=torch.long, device=self.device)
         self.rows: list[Row] = []
+        self.attention_kind = paged_attention.choose(attention, self.device)
+        self.attention = paged_attention.make(self.attention_kind, self.kv, self.slots, width, self.heads)
         self.use_graphs = self.device.type == "cuda" if graphs is None else graphs
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._mempool = torch.cuda.graph_pool_handle() if self.use_graphs else None
@@ -231,7 +235,7 @@ class DecodePool:
         n = len(self.rows)
         longest = max(r.pos for r in self.rows) + 1
         B = _bucket(n, self.slots)
-        L = _bucket(longest, self.max_len, MIN_LEN_BUCKET)
+        L = _bucket(longest, self.max_len, MIN_LEN_BUCKET) if self.attention.length_buckets else self.max_len
         # One host-to-device copy each for tokens and positions (done rows still in a slot feed a
         # harmless token at their position), one device-to-host copy for every greedy row's token.
         self.ids[:n].copy_(torch.tensor([r.token for r in self.rows], dtype=torch.long))
@@ -282,7 +286,7 @@ class DecodePool:
             bs.append(b)
             b *= 2
         bs.append(self.slots)
-        ls, n = [], MIN_LEN_BUCKET
+        ls, n = [], MIN_LEN_BUCKET if self.attention.length_buckets else self.max_len
         while n < self.max_len:
             ls.append(n)
             n *= 2
@@ -334,14 +338,12 @@ class DecodePool:
         m = self.module.model
         ids, pos = self.ids[:B], self.pos[:B]
         nb = -(-L // self.bt)
-        Lg = nb * self.bt
         h = m.embed_tokens(ids)[:, None, :]                                    # [B, 1, hidden]
         cos, sin = m.rotary_emb(h, pos[:, None])
-        mask = (torch.arange(Lg, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
         rows = torch.arange(B, device=self.device)
-        tbl = self.tables[:B, :nb]                                             # [B, nb] block ids
         blk = self.tables[rows, pos // self.bt]                                # [B] block of each row's token
         off = pos % self.bt
+        state = self.attention.prepare(self.tables[:B, :nb], pos, L)
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         for i, layer in enumerate(self.layers):
@@ -354,15 +356,12 @@ class DecodePool:
             kl, vl = self.kv[:, i, 0], self.kv[:, i, 1]                       # [blocks, bt, kv_heads, dim]
             kl[blk, off] = k[:, :, 0]
             vl[blk, off] = v[:, :, 0]
-            kc = kl[tbl].view(B, Lg, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, kv_heads, Lg, dim]
-            vc = vl[tbl].view(B, Lg, self.kv_heads, self.head_dim).transpose(1, 2)
-            o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask,
-                                               scale=attn.scaling, enable_gqa=self.heads != self.kv_heads)
+            o = self.attention.attend(q, i, state, attn.scaling)                # [B, heads, 1, dim]
             h = h + attn.o_proj(o.transpose(1, 2).reshape(B, 1, self.heads * self.head_dim))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.module.lm_head(m.norm(h)[:, -1])
 
     def stats(self) -> dict:
-        return {"slots": self.slots, "rows": len(self.rows), "max_len": self.max_len,
+        return {"slots": self.slots, "rows": len(self.rows), "max_len": self.max_len, "attention": self.attention_kind,
                 "graphs": sorted(self._graphs),
                 "capture_s": round(self.capture_s, 3), "steps": self.steps, "rows_stepped": self.rows_stepped}

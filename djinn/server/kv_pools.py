@@ -8,8 +8,9 @@ Note [Stack reserve]
     On CUDA the Stack reserve is measured, as vLLM's profile run does: a forward of one prefill chunk
     of `max_prefill_tokens` tokens with no cache, its peak allocation over the memory in use before
     it; plus what the paged cache adds to a prefill (each layer gathers its keys and values: two
-    copies of one layer's KV for the chunk), plus the batched decode step's workspace (each layer
-    gathers the batch's keys and values: `decode_workspace`), plus `stack_margin_gb` for the CUDA
+    copies of one layer's KV for the chunk), plus the batched decode step's workspace (with the gather
+    attention each layer copies the batch's keys and values; flex needs only its index tables:
+    `paged_attention.workspace_bytes`), plus `stack_margin_gb` for the CUDA
     context's own allocations, cuBLAS workspaces and allocator rounding. The pool gets what the device
     has free after that. A request larger than the measured chunk is refused (max_prefill_tokens), so
     a request never allocates past the reserve: running out of KV blocks is a scheduling decision,
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..vmu.kv_pool import KVPool, KVShape
+from . import paged_attention
 
 log = logging.getLogger("djinn.kv_pools")
 
@@ -35,6 +37,8 @@ CPU_POOL_BYTES = 2 * GIB
 MAX_DECODE_ROWS = 64
 #: The batched decode step's workspace budget when fast_decode_max_batch is not set.
 DECODE_WORKSPACE = 4 * GIB
+#: The batched prefill's gather workspace (Note [Batched prefill] in prefill_step.py).
+PREFILL_WORKSPACE = 2 * GIB
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ class PoolPlan:
     stack_reserve: int      # bytes left free for activations (Note [Stack reserve]); 0 on the CPU
     profile_peak: int       # the measured prefill's peak, bytes
     decode_rows: int        # rows of the batched decode step
+    prefill_gather_tokens: int  # padded positions one batched prefill may gather (Note [Batched prefill])
     free_before: int        # device bytes free (incl. the allocator's cache) before the pool
     seconds: float
 
@@ -54,17 +59,17 @@ class PoolPlan:
         return dict(vars(self))
 
 
-def decode_row_bytes(shape: KVShape, heads: int, max_len: int) -> int:
-    """Workspace of one row of the batched decode step at max_len: one layer's gathered keys and
-    values, plus the copies attention makes when query heads outnumber kv heads."""
-    per_pos = shape.kv_heads * shape.head_dim * shape.dtype.itemsize
-    return max_len * per_pos * (2 + 2 * max(1, heads // max(1, shape.kv_heads)))
-
-
-def decode_rows(cfg, shape: KVShape, heads: int) -> int:
+def decode_rows(cfg, shape: KVShape, heads: int, attention: str) -> int:
+    """Rows of the batched decode step: as configured, else as many as its workspace allows. Flex
+    attention reads the blocks in place (djinn/server/paged_attention.py): its rows cost a few index
+    tables, so it takes the most rows; the gather copies a row's KV per layer."""
     if cfg.fast_decode_max_batch is not None:
         return cfg.fast_decode_max_batch
-    return max(1, min(MAX_DECODE_ROWS, DECODE_WORKSPACE // decode_row_bytes(shape, heads, cfg.fast_decode_max_len)))
+    if attention == "flex":
+        return MAX_DECODE_ROWS
+    row = paged_attention.workspace_bytes("gather", 0, shape.layers, shape.kv_heads, shape.head_dim,
+                                          shape.dtype.itemsize, heads, 1, cfg.fast_decode_max_len)
+    return max(1, min(MAX_DECODE_ROWS, DECODE_WORKSPACE // row))
 
 
 def pool_for(engine, entry) -> KVPool:
@@ -76,7 +81,8 @@ def pool_for(engine, entry) -> KVPool:
     cfg, device, module = engine.cfg, engine.device, entry.module
     shape = KVShape.of_module(module)
     heads = int(getattr(module.config, "num_attention_heads", 0) or shape.kv_heads)
-    rows = decode_rows(cfg, shape, heads)
+    attention = paged_attention.choose(cfg.fast_decode_attention, device)
+    rows = decode_rows(cfg, shape, heads, attention)
     block_bytes = cfg.kv_block_tokens * shape.token_bytes
     cap = cfg.kv_pool_max_tokens * shape.token_bytes
     stack = peak = free = 0  # nothing is measured on the CPU (Note [Stack reserve])
@@ -85,10 +91,14 @@ def pool_for(engine, entry) -> KVPool:
     else:
         peak = _profile(module, device, cfg.max_prefill_tokens)
         gather = 4 * cfg.max_prefill_tokens * shape.kv_heads * shape.head_dim * shape.dtype.itemsize
-        ws = rows * decode_row_bytes(shape, heads, cfg.fast_decode_max_len) if cfg.fast_decode != "off" else 0
-        stack = peak + gather + ws + int(cfg.stack_margin_gb * GIB)
         free, _ = torch.cuda.mem_get_info(device)
         free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        ws = 0 if cfg.fast_decode == "off" else paged_attention.workspace_bytes(
+            attention, free // block_bytes + 1, shape.layers, shape.kv_heads, shape.head_dim, shape.dtype.itemsize,
+            heads, rows, cfg.fast_decode_max_len)
+        stack = peak + gather + ws + int(cfg.stack_margin_gb * GIB)
+        if cfg.fast_decode != "off":
+            stack += PREFILL_WORKSPACE
         budget = free - stack
         if cfg.data_budget_gb is not None:
             budget = min(budget, int(cfg.data_budget_gb * GIB))
@@ -102,7 +112,10 @@ def pool_for(engine, entry) -> KVPool:
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the profile's activations go back before the pool takes its share
     pool = KVPool(shape, blocks, cfg.kv_block_tokens, device)
-    plan = PoolPlan(blocks, cfg.kv_block_tokens, pool.nbytes, stack, peak, rows, free,
+    per_token = paged_attention.workspace_bytes("gather", 0, shape.layers, shape.kv_heads, shape.head_dim,
+                                                shape.dtype.itemsize, heads, 1, 1)
+    gather_tokens = max(2 * cfg.max_prefill_tokens, PREFILL_WORKSPACE // per_token)
+    plan = PoolPlan(blocks, cfg.kv_block_tokens, pool.nbytes, stack, peak, rows, gather_tokens, free,
                     round(time.perf_counter() - t0, 3))
     pool.plan = plan
     engine.data.add_pool(entry.model_id, pool)

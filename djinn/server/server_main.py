@@ -70,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="batched, CUDA-graph decode for Llama-family models (auto: on CUDA devices)")
     p.add_argument("--fast-decode-max-batch", type=int, dest="fast_decode_max_batch",
                    help="rows of one batched decode step (default: what 4 GiB of workspace holds, <= 64)")
+    p.add_argument("--fast-decode-attention", dest="fast_decode_attention", choices=["auto", "gather", "flex"],
+                   help="decode attention over the KV blocks: flex (FlexAttention, in place), gather, auto (flex on CUDA)")
     p.add_argument("--fast-decode-max-len", type=int, dest="fast_decode_max_len",
                    help="longest sequence the fast path takes (default 4096)")
     p.add_argument("--fast-decode-capture", dest="fast_decode_capture", choices=["lazy", "all"],
@@ -120,7 +122,8 @@ def main(argv=None) -> int:
                         prefill_step_tokens=args.prefill_step_tokens,
                         prefix_caching=args.prefix_caching,
                         fast_decode_max_len=args.fast_decode_max_len,
-                        fast_decode_capture=args.fast_decode_capture, checkpoint_dir=args.checkpoint_dir,
+                        fast_decode_capture=args.fast_decode_capture,
+                        fast_decode_attention=args.fast_decode_attention, checkpoint_dir=args.checkpoint_dir,
                         log_format=args.log_format, log_level=args.log_level).validate()
     except (ValueError, TypeError) as e:
         print(f"djinn server: {e}", file=sys.stderr)

@@ -15,9 +15,9 @@ pytestmark = pytest.mark.gpu
 DEV = torch.device("cuda:0")
 
 
-def _run(model, prompts, news, graphs: bool, capture_all: bool = False):
+def _run(model, prompts, news, graphs: bool, capture_all: bool = False, attention: str = "auto"):
     kv = KVPool(KVShape.of_module(model), 128, 16, DEV)
-    pool = DecodePool(model, kv, 8, 256, graphs=graphs)
+    pool = DecodePool(model, kv, 8, 256, graphs=graphs, attention=attention)
     if capture_all:
         assert pool.capture_all() == len(pool.buckets())
     rows, caches, firsts = [], [], []
@@ -41,14 +41,16 @@ def _run(model, prompts, news, graphs: bool, capture_all: bool = False):
     return seqs, caches, pool
 
 
+@pytest.mark.parametrize("attention", ["gather", "flex"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_graphs_replay_the_eager_step_bitwise_and_match_hf_greedy(dtype):
+def test_graphs_replay_the_eager_step_bitwise_and_match_hf_greedy(dtype, attention):
     model = tiny_llama(seed=0).to(DEV, dtype).eval()
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, VOCAB, (1, 3 + 5 * i), generator=g).to(DEV) for i in range(5)]
     news = [20, 7, 33, 12, 25]
-    graphed, caches, pool = _run(model, prompts, news, graphs=True)
-    eager, _, _ = _run(model, prompts, news, graphs=False)
+    graphed, caches, pool = _run(model, prompts, news, graphs=True, attention=attention)
+    eager, _, _ = _run(model, prompts, news, graphs=False, attention=attention)
+    assert pool.stats()["attention"] == attention
     assert pool.stats()["graphs"], "no graph was captured"
     for a, b in zip(graphed, eager):
         assert torch.equal(a, b)

@@ -1,0 +1,176 @@
+"""Attention of the batched decode step over the KV pool's blocks: two implementations, one interface.
+
+`GatherAttention` copies each row's blocks into a dense [rows, heads, length, dim] tensor per layer and
+runs SDPA over it with a mask; `FlexAttention` reads the blocks where they lie, through PyTorch's
+FlexAttention with a block mask (Note [Flex over the pool]). The step (fastpath.DecodePool) calls
+`prepare` once per step and `attend` once per layer; both run inside the step's CUDA graph, so every
+tensor they touch is allocated here once.
+
+Note [Why FlexAttention]
+    The gather reads the batch's KV, writes a copy and reads the copy again: three passes over the
+    KV where attention needs one. On an H100 (Llama-2-7B shape, 32 rows of 256 tokens) that was 2.9 ms
+    of a 13.3 ms step, and at 2k contexts on the 13B shape it is most of the step. The issue's
+    candidates: transformers' continuous-batching `PagedAttentionCache` gathers too (its sdpa path
+    indexes the cache into a dense copy); FlashInfer and FlashAttention's paged kernels need wheels
+    built for the exact CUDA and torch of the GPU machines; FlexAttention ships with torch, compiles
+    to one Triton kernel per shape, and takes a block table as its block mask (torch's own
+    `nn.attention.experimental._paged_attention` is built on it). We use FlexAttention directly
+    rather than that experimental class: its page table and converted masks assume one layer per
+    cache tensor, and ours holds every layer of a block together so that a swap moves one run of
+    bytes per block.
+
+Note [Flex over the pool]
+    The pool is `kv[block, layer, k|v, bt, kv_head, dim]`. Viewed as one flat sequence of token slots
+    `flat[block * layers * 2 * bt + ..., kv_head, dim]` it has one stride per token, so it is a valid
+    FlexAttention key tensor of "length" blocks * layers * 2 * bt, cut into pages of bt slots: page
+    `(b * layers + i) * 2` holds layer i's keys of block b and the next page its values. For layer i
+    the keys are the window of the flat sequence starting at page 2i and the values the window
+    starting at page 2i + 1; in both windows block b is page `2 * layers * b`, the same for every
+    layer, so one block mask serves all layers of a step. A row's block mask lists its blocks before
+    the current one as full pages (no mask function runs on them) and its current block as a partial
+    page, where `kv_idx % bt <= pos % bt` keeps the positions written so far. FlexAttention's kernel
+    reads only the pages a row's mask lists, so the rest of the pool (other sessions' blocks, the
+    scratch block) is never touched.
+
+    This relies on the compiled kernel's block sparsity: the mask function alone does not say which
+    pages are a row's (a prefix-shared block belongs to several rows), so FlexAttention run eagerly
+    (its dense reference implementation, which applies only the mask function) would attend to the
+    whole pool. `FlexAttention` therefore only ever calls the compiled function, and the compile is
+    made to fail rather than fall back to eager when it cannot compile (`_compiled`).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+ATTENTIONS = ("gather", "flex")
+
+
+def choose(kind: str, device: torch.device) -> str:
+    """The attention a decode pool on `device` uses for config value `kind` (auto, gather or flex)."""
+    if kind == "auto":
+        return "flex" if device.type == "cuda" else "gather"
+    if kind not in ATTENTIONS:
+        raise ValueError(f"fast_decode_attention={kind!r} must be auto, gather or flex")
+    return kind
+
+
+def make(kind: str, kv: torch.Tensor, slots: int, width: int, heads: int):
+    """The decode attention `kind` over pool tensor `kv` for `slots` rows of `width` blocks each."""
+    cls = {"gather": GatherAttention, "flex": FlexAttention}[kind]
+    return cls(kv, slots, width, heads)
+
+
+def workspace_bytes(kind: str, blocks: int, layers: int, kv_heads: int, head_dim: int, itemsize: int,
+                    heads: int, rows: int, max_len: int) -> int:
+    """Device bytes the step's attention needs beyond the pool, at `rows` rows of `max_len` tokens."""
+    if kind == "flex":
+        return 2 * rows * _pages(blocks, layers) * 4 + rows * 16   # two int32 index tables per row
+    per_pos = kv_heads * head_dim * itemsize  # one layer's gathered keys and values, plus GQA's copies
+    return rows * max_len * per_pos * (2 + 2 * max(1, heads // max(1, kv_heads)))
+
+
+def _pages(blocks: int, layers: int) -> int:
+    """Pages in one layer's window of the flat pool (Note [Flex over the pool])."""
+    return 2 * layers * (blocks - 1) + 1
+
+
+class GatherAttention:
+    """Each layer copies the rows' blocks into a dense tensor and runs SDPA with a length mask."""
+
+    length_buckets = True  # the work grows with the padded length bucket
+
+    def __init__(self, kv: torch.Tensor, slots: int, width: int, heads: int):
+        self.kv, self.heads = kv, heads
+        self.bt, self.kv_heads, self.head_dim = kv.shape[3], kv.shape[4], kv.shape[5]
+
+    def prepare(self, tables: torch.Tensor, pos: torch.Tensor, length: int):
+        """Per step: tables [B, nb] covering `length` positions, pos [B]."""
+        B, nb = tables.shape
+        Lg = nb * self.bt
+        mask = (torch.arange(Lg, device=pos.device)[None, :] <= pos[:, None])[:, None, None, :]
+        return tables, mask
+
+    def attend(self, q: torch.Tensor, layer: int, state, scale: float) -> torch.Tensor:
+        """q [B, heads, 1, dim] -> [B, heads, 1, dim] over layer `layer`'s KV of every row."""
+        tables, mask = state
+        B, nb = tables.shape
+        Lg = nb * self.bt
+        kl, vl = self.kv[:, layer, 0], self.kv[:, layer, 1]                   # [blocks, bt, kv_heads, dim]
+        kc = kl[tables].view(B, Lg, self.kv_heads, self.head_dim).transpose(1, 2)
+        vc = vl[tables].view(B, Lg, self.kv_heads, self.head_dim).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=scale,
+                                              enable_gqa=self.heads != self.kv_heads)
+
+
+class FlexAttention:
+    """Note [Flex over the pool]."""
+
+    length_buckets = False  # the kernel reads each row's own pages: padding the length costs nothing
+
+    def __init__(self, kv: torch.Tensor, slots: int, width: int, heads: int):
+        from torch.nn.attention.flex_attention import BlockMask
+
+        blocks, layers, _, bt, kv_heads, dim = kv.shape
+        if blocks < 2:
+            raise ValueError("a flex decode attention needs a pool of at least two blocks")
+        self.heads, self.kv_heads, self.bt, self.layers = heads, kv_heads, bt, layers
+        self.stride = 2 * layers                  # pages between consecutive blocks in a window
+        pages = _pages(blocks, layers)
+        n = pages * bt
+        flat = kv.view(blocks * layers * 2 * bt, kv_heads, dim)
+        # Layer i's keys start at page 2i, its values at page 2i + 1; both windows are n slots long.
+        self.keys = [flat[2 * i * bt:2 * i * bt + n].permute(1, 0, 2).unsqueeze(0) for i in range(layers)]
+        self.values = [flat[(2 * i + 1) * bt:(2 * i + 1) * bt + n].permute(1, 0, 2).unsqueeze(0)
+                       for i in range(layers)]
+        dev = kv.device
+        self.full = torch.zeros(slots, 1, 1, pages, dtype=torch.int32, device=dev)  # the full pages
+        self.full_n = torch.zeros(slots, 1, 1, dtype=torch.int32, device=dev)
+        self.part = torch.zeros(slots, 1, 1, pages, dtype=torch.int32, device=dev)  # the current page
+        self.part_n = torch.ones(slots, 1, 1, dtype=torch.int32, device=dev)
+        self.off = torch.zeros(slots, dtype=torch.long, device=dev)  # the current page's last offset
+        self.width = width
+        off = self.off
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (kv_idx % bt) <= off[b]
+
+        # One block mask per batch size, over views of the buffers above, made once: its construction
+        # validates on the host, which a captured step must not do.
+        self._masks = {}
+        self._make_mask = lambda B: BlockMask.from_kv_blocks(
+            self.part_n[:B], self.part[:B], self.full_n[:B], self.full[:B], BLOCK_SIZE=(128, bt),
+            mask_mod=mask_mod, seq_lengths=(1, n), compute_q_blocks=False)
+        self._flex = _compiled()
+
+    def prepare(self, tables: torch.Tensor, pos: torch.Tensor, length: int):
+        B, nb = tables.shape
+        blk = pos // self.bt
+        self.full[:B, 0, 0, :nb] = (tables * self.stride).to(torch.int32)
+        self.full_n[:B, 0, 0] = blk.to(torch.int32)
+        self.part[:B, 0, 0, 0] = (tables.gather(1, blk[:, None])[:, 0] * self.stride).to(torch.int32)
+        self.off[:B] = pos % self.bt
+        mask = self._masks.get(B)
+        if mask is None:
+            mask = self._masks[B] = self._make_mask(B)
+        return mask
+
+    def attend(self, q: torch.Tensor, layer: int, mask, scale: float) -> torch.Tensor:
+        return self._flex(q, self.keys[layer], self.values[layer], block_mask=mask, scale=scale,
+                          enable_gqa=self.heads != self.kv_heads)
+
+
+@functools.cache
+def _compiled():
+    """flex_attention compiled, shared by every pool of the process; never run eagerly (Note [Flex over
+    the pool]): a compile that cannot happen, or a recompile past dynamo's limit, raises instead of
+    falling back to the eager reference."""
+    import torch._dynamo
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # Batch sizes and pool sizes vary between steps and models: one graph with symbolic sizes.
+    if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
+        torch._dynamo.config.fail_on_recompile_limit_hit = True
+    return torch.compile(flex_attention, dynamic=True, fullgraph=True)

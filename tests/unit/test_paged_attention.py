@@ -1,0 +1,153 @@
+"""Tier 1: the decode step's two attentions over the KV pool's blocks (djinn/server/paged_attention.py)
+give the same result; flex reads only the pages a row's block mask lists (Note [Flex over the pool])."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from djinn.server import paged_attention
+from djinn.server.fastpath import DecodePool, Row, Sampler
+from djinn.server.paged_cache import PagedCache
+from djinn.vmu.kv_pool import KVPool, KVShape
+
+from ..models import tiny_llama
+
+
+def test_choose_and_workspace():
+    assert paged_attention.choose("auto", torch.device("cpu")) == "gather"
+    assert paged_attention.choose("auto", torch.device("cuda", 0)) == "flex"
+    assert paged_attention.choose("flex", torch.device("cpu")) == "flex"
+    with pytest.raises(ValueError, match="must be auto, gather or flex"):
+        paged_attention.choose("paged", torch.device("cpu"))
+    # gather: per row, one layer's keys and values at max_len plus SDPA's GQA copies (2 q heads per kv head)
+    assert paged_attention.workspace_bytes("gather", 10, 3, 2, 8, 2, 4, 1, 64) == 64 * 2 * 8 * 2 * (2 + 4)
+    # flex: two int32 index tables of 2 * layers * (blocks - 1) + 1 pages per row, plus 16 bytes
+    assert paged_attention.workspace_bytes("flex", 10, 3, 2, 8, 2, 4, 5, 64) == 2 * 5 * 55 * 4 + 5 * 16
+
+
+def test_flex_equals_gather_and_reads_only_listed_pages():
+    """Three rows, two sharing a block, at positions inside, at the end of and at the start of a block;
+    every block no row lists holds NaN: a read of any of them would poison the output."""
+    torch.manual_seed(0)
+    blocks, layers, bt, kv_heads, heads, dim = 12, 3, 16, 2, 4, 8
+    kv = torch.full((blocks, layers, 2, bt, kv_heads, dim), float("nan"))
+    tables = torch.tensor([[3, 5, 7, 7], [3, 2, 4, 9], [10, 11, 11, 11]])
+    pos = torch.tensor([40, 63, 16])
+    used = {3, 5, 7, 2, 4, 9, 10, 11}
+    for b in used:
+        kv[b] = torch.randn(layers, 2, bt, kv_heads, dim)
+    gather = paged_attention.make("gather", kv, 4, 4, heads)
+    flex = paged_attention.make("flex", kv, 4, 4, heads)
+    g_state = gather.prepare(tables, pos, 64)
+    f_state = flex.prepare(tables, pos, 64)
+    for layer in range(layers):
+        q = torch.randn(3, heads, 1, dim)
+        want = gather.attend(q, layer, g_state, 0.3)
+        got = flex.attend(q, layer, f_state, 0.3)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_pool_with_flex_gives_the_eager_tokens():
+    """The batched step with flex attention: two sessions of different lengths, greedy, equal to HF
+    eager decode over a PagedCache of the same blocks."""
+    model = tiny_llama(seed=4).eval()
+    kv = KVPool(KVShape.of_module(model), 64, 16, "cpu")
+    kv.kv[1:] = float("nan")  # blocks are zeroed when handed out; the rest must never be read
+    pool = DecodePool(model, kv, 4, 64, graphs=False, attention="flex")
+    assert pool.stats()["attention"] == "flex" and pool.buckets() == [(1, 64), (2, 64), (4, 64)]
+    prompts = [torch.tensor([[5, 9, 33, 42, 17]]), torch.tensor([[8] * 14 + [61, 3, 44, 12, 90, 7, 71, 6]])]
+    want, rows, tables = [], [], []
+    for ids in prompts:
+        ref = kv.new_table(1)
+        assert kv.reserve(ref, ids.shape[1] + 12)
+        want.append(model.generate(ids, past_key_values=PagedCache(kv, ref), max_new_tokens=12, do_sample=False,
+                                   pad_token_id=0)[0, ids.shape[1]:].tolist())
+        kv.release(ref)
+        t = kv.new_table(1)
+        assert kv.reserve(t, ids.shape[1] + 12)
+        with torch.no_grad():
+            logits = model(ids, past_key_values=PagedCache(kv, t), use_cache=True).logits[:, -1]
+        first = int(logits.argmax(-1))
+        r = Row(first, ids.shape[1], ids.shape[1], 11, Sampler(False), frozenset())
+        r.new.append(first)
+        pool.join(r, t)
+        rows.append(r)
+        tables.append(t)
+    while not all(r.done for r in rows):
+        pool.step()
+    assert [r.new for r in rows] == want
+
+
+def test_prefill_groups_respect_both_budgets():
+    from djinn.server.prefill_step import Chunk, groups
+
+    class T:
+        def __init__(self, length):
+            self.length = length
+
+    cs = [Chunk(T(0), torch.zeros(10)), Chunk(T(30), torch.zeros(4)), Chunk(T(0), torch.zeros(20)),
+          Chunk(T(100), torch.zeros(1))]
+    # blocks of 16: padded ends 16, 48, 32, 112
+    sizes = lambda gs: [[int(c.ids.numel()) for c in g] for g in gs]  # noqa: E731
+    assert sizes(groups(cs, 16, 1000, 1000)) == [[10, 4, 20, 1]]
+    assert sizes(groups(cs, 16, 96, 1000)) == [[10, 4], [20], [1]]      # 2 x 48 fits, 3 x 48 not; 112 alone
+    assert sizes(groups(cs, 16, 1000, 40)) == [[10, 4], [20, 1]]        # 3 x 20 = 60 > 40; 2 x 20 fits
+    assert sizes(groups(cs, 16, 1, 1)) == [[10], [4], [20], [1]]        # one chunk always runs
+
+
+def test_batched_prefill_of_three_sessions_gives_the_eager_tokens():
+    """Note [Batched prefill]: a fresh prompt, a session continuing its KV with a new turn and a forked
+    session (its blocks shared copy-on-write with the parent) prefill in one forward; each one's greedy
+    generate equals local greedy, and the parent's KV is untouched by the child's write."""
+    from djinn.server.fast_task import FastTask, PrefillBudget, prefill_together
+    from djinn.server.sessions import KVState
+
+    model = tiny_llama(seed=7).eval()
+    kv = KVPool(KVShape.of_module(model), 64, 4, "cpu")
+    pool = DecodePool(model, kv, 4, 64, graphs=False)
+    budget = PrefillBudget(1000)
+
+    def state_with(ids):
+        st = KVState.empty(kv, torch.zeros(1, 0, dtype=torch.long))
+        if ids is not None:  # an earlier turn left these tokens' KV in the table
+            assert kv.reserve(st.table, ids.shape[1])
+            with torch.no_grad():
+                model(ids, past_key_values=st.cache, use_cache=True)
+            st.ids = ids
+        return st
+
+    turn1 = torch.tensor([[3, 14, 15, 92, 65, 35, 89]])
+    parent = state_with(turn1)
+    child = KVState(PagedCache(kv, kv.fork(parent.table)), turn1)
+    before = [kv.kv[b].clone() for b in parent.table.rows[0][:2]]
+    fresh = state_with(None)
+    new = [torch.tensor([[7, 7, 21, 5, 100, 2, 9, 9, 30]]), torch.tensor([[11, 12]]), torch.tensor([[40, 41, 42]])]
+    states = [fresh, parent, child]
+    full = [new[0], torch.cat([turn1, new[1]], 1), torch.cat([turn1, new[2]], 1)]
+    tasks = []
+    for st, ids, f in zip(states, new, full):
+        assert kv.reserve(st.table, f.shape[1] + 5)
+        tasks.append(FastTask(pool, st, ids, {"max_new_tokens": 5}, None, None, 5, budget,
+                              continues=st is not fresh))
+    budget.new_turn()
+    prefill_together(tasks, 1000)
+    assert all(t._first is not None and t.row is not None for t in tasks)  # all three prefilled in one turn
+    assert budget.chunks == 3 and [st.table.length for st in states] == [9, 9, 10]
+    # writes into the shared block 1 went to a copy: positions 0..6 read the same through both tables
+    for st in (parent, child):
+        b0, b1 = st.table.rows[0][:2]
+        assert torch.equal(kv.kv[b0], before[0]) and torch.equal(kv.kv[b1][:, :, :3], before[1][:, :, :3])
+    assert parent.table.rows[0][1] != child.table.rows[0][1] and kv.cow_copies >= 1
+    while not all(t.done for t in tasks):
+        pool.step()
+        for t in tasks:
+            t.advance()
+    for t, f in zip(tasks, full):
+        assert t.error is None
+        assert t.result["sequences"][0, f.shape[1]:].tolist() == _local_greedy(model, f, 5)
+
+
+def _local_greedy(model, ids, n):
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
