@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One GPU job, as run on the device machines: `OSDI_Evaluation/gpu_job.sh OUTDIR PART...`.
-# Parts: exp1 (signal and resident at N=$EXP1_AGENTS, default 16,48,96), fork (forks at a 2k prefix on
+# Parts: exp1 ($EXP1_POLICIES, default signal,resident, at N=$EXP1_AGENTS, default 16,48,96), fork (forks at a 2k prefix on
 # 13B), exp1s (signal alone at N=$EXP1_AGENTS, default 48), exp1b (lru and recompute at N=48, the shared-prefix
 # variant at N=48), micro (session and run forks at a 2k prefix on 13B, 7B decode speed against HF
-# eager, swap by blocks), gpu-tests (tier 3). Each writes its JSON and log under OUTDIR.
+# eager, swap by blocks), decode (fast-path GPU tests, then 7B decode with gather and flex attention,
+# 32 rows at 128 and 2k tokens, and 32 remote sessions), gpu-tests (tier 3). Each writes its JSON and log under OUTDIR.
 set -u
 out=${1:?usage: gpu_job.sh OUTDIR PART...}; shift
 mkdir -p "$out"
@@ -13,9 +14,10 @@ for part in "$@"; do
   case $part in
     exp1)
       budget=${EXP1_BUDGET_S:-560}
-      timeout $((budget + 25)) python "$here/exp1_semantic_scheduler/run_exp1.py" --policies signal,resident \
-        --agents "${EXP1_AGENTS:-16,48,96}" --time-budget-s "$budget" --out "$out" --name exp1_chunked 2>&1 \
-        | tee "$out/exp1_chunked.log" | tail -25 ;;
+      pol=${EXP1_POLICIES:-signal,resident}
+      timeout $((budget + 25)) python "$here/exp1_semantic_scheduler/run_exp1.py" --policies "$pol" \
+        --agents "${EXP1_AGENTS:-16,48,96}" --time-budget-s "$budget" --out "$out" --name "exp1_${pol//,/_}" 2>&1 \
+        | tee "$out/exp1_${pol//,/_}.log" | tail -25 ;;
     fork)
       timeout 150 python "$here/micro/bench_fork.py" --shape 13b --prefix 2048 --out "$out/fork.json" 2>&1 | tail -5 ;;
     exp1b)

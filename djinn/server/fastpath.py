@@ -11,7 +11,8 @@ Note [Decode pool]
     through `tables[slot, j]`, the block id of the row's j-th block, so joining and leaving the batch
     copies a few block ids, never KV. Active rows are kept in slots 0..n-1 with no holes (a row that
     leaves has the last row's ids moved into its slot), and a step over n rows runs the graph of the
-    buckets at or above n and the longest row. Slots past n point at the scratch block (Note [Scratch
+    buckets at or above n and the longest row (with flex attention one length bucket serves every
+    row: Note [Flex over the pool] in paged_attention.py). Slots past n point at the scratch block (Note [Scratch
     block]): the step writes garbage there, never into a session's blocks. No row reads it either: a
     row's entries past its own blocks repeat its last block, so the masked positions of its length
     bucket hold only its own keys and values. (A masked position weighs 0, but 0 x NaN is NaN: a free
@@ -35,8 +36,9 @@ Note [Graph workspace]
 
 Note [Fast path numerics]
     The step reuses the model's own modules (norms, projections, rotary embedding, MLP), so only
-    attention differs from HF's: it runs over the padded length bucket with a mask. Results therefore
-    match eager decode to rounding, not bitwise; `deterministic=True` asks for the eager path.
+    attention differs from HF's: FlexAttention's kernel over the row's blocks, or SDPA over the padded
+    length bucket with a mask (djinn/server/paged_attention.py). Results therefore match eager decode
+    to rounding, not bitwise; `deterministic=True` asks for the eager path.
 """
 from __future__ import annotations
 
