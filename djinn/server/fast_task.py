@@ -53,7 +53,7 @@ def pool_for(engine, entry) -> DecodePool:
         cfg = engine.cfg
         kv = kv_pool_for(engine, entry)
         pool = DecodePool(entry.module, kv, kv.plan.decode_rows, cfg.fast_decode_max_len,
-                          graphs=None if cfg.fast_decode_graphs else False, attention=cfg.fast_decode_attention)
+                          graphs=None if cfg.fast_decode_graphs else False, attention=kv.plan.attention)
         if cfg.fast_decode_capture == "all":
             n = pool.capture_all()
             log.info("fast path for %s: captured %d step graphs in %.1f s", type(entry.module).__name__, n,

@@ -52,6 +52,8 @@ class PoolPlan:
     profile_peak: int       # the measured prefill's peak, bytes
     decode_rows: int        # rows of the batched decode step
     prefill_gather_tokens: int  # padded positions one batched prefill may gather (Note [Batched prefill])
+    attention: str              # the decode step's attention (djinn/server/paged_attention.py)
+    attention_fallback: str | None  # why auto did not get flex (Note [Flex is checked]); None: it did
     free_before: int        # device bytes free (incl. the allocator's cache) before the pool
     seconds: float
 
@@ -81,7 +83,12 @@ def pool_for(engine, entry) -> KVPool:
     cfg, device, module = engine.cfg, engine.device, entry.module
     shape = KVShape.of_module(module)
     heads = int(getattr(module.config, "num_attention_heads", 0) or shape.kv_heads)
-    attention = paged_attention.choose(cfg.fast_decode_attention, device)
+    attention, fallback = (paged_attention.choose(cfg.fast_decode_attention, device), None)
+    if cfg.fast_decode != "off":
+        attention, fallback = paged_attention.resolve(cfg.fast_decode_attention, device, shape.layers,
+                                                      shape.kv_heads, shape.head_dim, shape.dtype, heads)
+        if fallback:
+            log.warning("%s: decode attention falls back to the gather: %s", type(module).__name__, fallback)
     rows = decode_rows(cfg, shape, heads, attention)
     block_bytes = cfg.kv_block_tokens * shape.token_bytes
     cap = cfg.kv_pool_max_tokens * shape.token_bytes
@@ -115,8 +122,8 @@ def pool_for(engine, entry) -> KVPool:
     per_token = paged_attention.workspace_bytes("gather", 0, shape.layers, shape.kv_heads, shape.head_dim,
                                                 shape.dtype.itemsize, heads, 1, 1)
     gather_tokens = max(2 * cfg.max_prefill_tokens, PREFILL_WORKSPACE // per_token)
-    plan = PoolPlan(blocks, cfg.kv_block_tokens, pool.nbytes, stack, peak, rows, gather_tokens, free,
-                    round(time.perf_counter() - t0, 3))
+    plan = PoolPlan(blocks, cfg.kv_block_tokens, pool.nbytes, stack, peak, rows, gather_tokens, attention,
+                    fallback, free, round(time.perf_counter() - t0, 3))
     pool.plan = plan
     engine.data.add_pool(entry.model_id, pool)
     log.info("KV pool for %s: %d blocks of %d tokens (%.2f GiB); stack reserve %.2f GiB (prefill peak %.2f GiB)",

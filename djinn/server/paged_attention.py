@@ -37,6 +37,13 @@ Note [Flex over the pool]
     (its dense reference implementation, which applies only the mask function) would attend to the
     whole pool. `FlexAttention` therefore only ever calls the compiled function, and the compile is
     made to fail rather than fall back to eager when it cannot compile (`_compiled`).
+
+Note [Flex is checked]
+    Flex attention depends on the compiler stack of the machine (Inductor, Triton and their limits for
+    a head size, dtype or GPU). When `fast_decode_attention` is auto, the VMU checks it before sizing a
+    model's pool: flex against the gather on a small pool of the model's shape; if it fails to compile
+    or differs, the pool uses the gather, sized for it (its workspace is larger), the server logs why,
+    and `stats()` shows the attention in use and the reason. Named explicitly, flex is not checked.
 """
 from __future__ import annotations
 
@@ -55,6 +62,40 @@ def choose(kind: str, device: torch.device) -> str:
     if kind not in ATTENTIONS:
         raise ValueError(f"fast_decode_attention={kind!r} must be auto, gather or flex")
     return kind
+
+
+def resolve(kind: str, device: torch.device, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+            heads: int) -> tuple[str, str | None]:
+    """The attention to use and, when auto chose flex and flex does not work here, why it fell back.
+    Flex is checked against the gather on a small pool of this model's shape (Note [Flex is checked]);
+    asked for by name, it is used unchecked and its failure is the caller's error."""
+    chosen = choose(kind, device)
+    if kind != "auto" or chosen != "flex":
+        return chosen, None
+    why = flex_check(device, layers, kv_heads, head_dim, dtype, heads)
+    return ("gather", why) if why else ("flex", None)
+
+
+def flex_check(device: torch.device, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+               heads: int) -> str | None:
+    """None when compiled flex attention gives the gather's result on a 4-block pool of this shape, at
+    batch 1 and 3 (the two compiles a pool's steps need: dynamo specializes a batch of 1); else why not."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    kv = torch.randn(4, layers, 2, 16, kv_heads, head_dim, generator=g).to(device, dtype)
+    try:
+        flex, gather = make("flex", kv, 3, 2, heads), make("gather", kv, 3, 2, heads)
+        for B in (1, 3):
+            tables = torch.tensor([[1, 2], [3, 1], [2, 2]][:B], device=device)
+            pos = torch.tensor([20, 31, 5][:B], device=device)
+            q = torch.randn(B, heads, 1, head_dim, generator=g).to(device, dtype)
+            f = flex.attend(q, layers - 1, flex.prepare(tables, pos, 32), head_dim ** -0.5)
+            want = gather.attend(q, layers - 1, gather.prepare(tables, pos, 32), head_dim ** -0.5)
+            err = (f.float() - want.float()).abs().max().item()
+            if not err <= 1e-2:
+                return f"flex attention differs from the gather by {err:.3g} at batch {B}"
+    except Exception as e:  # a compiler missing or failing on this machine
+        return f"flex attention does not compile here: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    return None
 
 
 def make(kind: str, kv: torch.Tensor, slots: int, width: int, heads: int):

@@ -151,3 +151,20 @@ def test_batched_prefill_of_three_sessions_gives_the_eager_tokens():
 def _local_greedy(model, ids, n):
     with torch.no_grad():
         return model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
+
+
+def test_flex_check_passes_here_and_auto_falls_back_with_the_reason(monkeypatch):
+    """Note [Flex is checked]: on this machine flex compiles and matches the gather; when it cannot
+    compile, auto resolves to the gather and says why, while flex asked for by name is not checked."""
+    shape = dict(layers=2, kv_heads=2, head_dim=8, dtype=torch.float32, heads=4)
+    assert paged_attention.flex_check(torch.device("cpu"), **shape) is None
+    assert paged_attention.resolve("auto", torch.device("cpu"), **shape) == ("gather", None)  # the CPU default
+
+    def no_compiler():
+        raise RuntimeError("no working C++ compiler\nmore detail")
+
+    monkeypatch.setattr(paged_attention, "_compiled", no_compiler)
+    monkeypatch.setattr(paged_attention, "choose", lambda kind, device: "flex" if kind in ("auto", "flex") else kind)
+    kind, why = paged_attention.resolve("auto", torch.device("cpu"), **shape)
+    assert kind == "gather" and why == "flex attention does not compile here: RuntimeError: no working C++ compiler"
+    assert paged_attention.resolve("flex", torch.device("cpu"), **shape) == ("flex", None)
