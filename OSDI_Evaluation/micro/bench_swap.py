@@ -136,13 +136,14 @@ def peak(device: torch.device, direction: str, nbytes: int) -> float:
 
 
 # -- sessions over a pool ----------------------------------------------------------------------------------
-def session(sid: str, pool: KVPool, mid: str, table: KVTable) -> Session:
-    """A server Session whose KV for model `mid` is `table` (its token ids: zeros, never read here)."""
+def session(seg: DataSegment, sid: str, pool: KVPool, mid: str, table: KVTable) -> Session:
+    """A server Session whose KV for model `mid` is `table` (its token ids: zeros, never read here),
+    attached and charged by the Data segment."""
     from djinn.server.paged_cache import PagedCache
 
     s = Session(sid, "bench", None)
     ids = torch.zeros(table.batch, table.length, dtype=torch.long, device=pool.device)
-    s.kv[mid] = KVState(PagedCache(pool, table), ids)
+    seg.attach_kv(s, mid, KVState(PagedCache(pool, table), ids))
     return s
 
 
@@ -210,8 +211,7 @@ def bench_bandwidth(device: torch.device, sz: Sizes, seg: DataSegment) -> list[d
                 else:
                     table, other = interleaved_tables(pool, tokens)
                 fill(pool, table, tokens, gen)
-                s = session(f"bw{tokens}{layout[0]}", pool, "bw", table)
-                seg.sync(s)
+                s = session(seg, f"bw{tokens}{layout[0]}", pool, "bw", table)
                 before = read_all(pool, table)
                 copies = {"out": len(pool.runs(table.ids()))}
                 assert copies["out"] == (1 if layout == "consecutive" else table.blocks), (layout, copies)
@@ -293,8 +293,7 @@ def bench_first_step(device: torch.device, sz: Sizes, seg: DataSegment) -> dict:
             never.append(t)
             _, again = step(base_cache)
             same_logits["never_vs_never"] &= torch.equal(again, ref_logits)
-            s = session(f"step{i}", pool, "step", copy_table(pool, base, step_tokens))
-            seg.sync(s)
+            s = session(seg, f"step{i}", pool, "step", copy_table(pool, base, step_tokens))
             table = s.kv["step"].table
             before = read_all(pool, table)
             timed_swap(seg, s, "out")

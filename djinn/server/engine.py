@@ -289,7 +289,7 @@ class Engine(threading.Thread):
             return
         self.dispatch.drop_session(s.sid, reason)                  # unwinds its generate, fails what waits
         self.runs.cancel_session(s, f"session closed ({reason})")  # unwinds their threads, frees the Stack
-        counters = self.data.close(s)                              # waits for a swap in flight, frees host
+        counters = self.data.close(s)                              # waits for a swap in flight, frees its KV
         for mid in s.models:
             self.release_model(mid, s.sid)
         for h in s.text_pins:
@@ -298,7 +298,6 @@ class Engine(threading.Thread):
         freed = s.data_bytes
         s.tensors.clear()
         s.graphs.clear()
-        s.kv.clear()
         s.models.clear()
         s.text_pins.clear()
         log.info("session %s closed (%s), freed %.1f MB of data; swaps out/in %d/%d", s.sid[:8], reason,

@@ -59,11 +59,11 @@ def _fork(engine, parent: Session, name: str | None) -> dict:
             pool = engine.data.pools[mid]
             table = pool.fork(kv.table)
             shared += table.blocks
-            child.kv[mid] = KVState(PagedCache(pool, table), kv.ids.clone())
+            engine.data.attach_kv(child, mid, KVState(PagedCache(pool, table), kv.ids.clone()))
     except BaseException:
         engine.close_session(child, "fork failed")
         raise
-    engine.data.sync(child)
+    engine.data.sync(child)  # its tensors, charged by the first attach_kv or, holding no KV, here
     ms = (time.perf_counter() - t0) * 1e3
     log.info("session %s forked from %s: %d KV blocks shared, %.3f ms", child.sid[:8], parent.sid[:8], shared, ms)
     return {"sid": child.sid, "name": name, "kv_tokens": {mid: int(kv.ids.shape[1]) for mid, kv in child.kv.items()},

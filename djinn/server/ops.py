@@ -170,7 +170,7 @@ def release_model(engine, client_id, rid, args):
     s = engine.session(client_id, args)
     mid = _model_id(args)
     if mid in s.models:
-        engine.data.forget_model(s, mid)
+        engine.data.detach_kv(s, mid)
         s.restored_kv.pop(mid, None)
         s.models.discard(mid)
         engine.release_model(mid, s.sid)
@@ -259,7 +259,7 @@ def generate(engine, client_id, rid, args):
         if state is None:
             state = KVState.empty(kv_pool, input_ids[:, :0])
             if use_kv:
-                s.kv[mid] = state
+                engine.data.attach_kv(s, mid, state)
         dropped = use_kv and state.table.length == 0 and int(state.ids.shape[1])  # by the recompute policy
         shared = 0
         if engine.cfg.prefix_caching and batch == 1 and not state.table.blocks:  # Note [Prefix sharing]
@@ -386,7 +386,7 @@ def signal(engine, client_id, rid, args):
 @op
 def reset_kv(engine, client_id, rid, args):
     s = engine.session(client_id, args)
-    engine.data.forget_model(s, _model_id(args))
+    engine.data.detach_kv(s, _model_id(args))
     return {}
 
 

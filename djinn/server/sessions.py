@@ -12,7 +12,9 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import torch
 
@@ -100,7 +102,7 @@ class Session:
     last_active: float = field(default_factory=time.monotonic)
     state: SessionState = SessionState.ACTIVE
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # handle id -> tensor (Data segment)
-    kv: dict[str, KVState] = field(default_factory=dict)            # model id -> cache
+    _kv: dict[str, KVState] = field(default_factory=dict, init=False, repr=False)  # model id -> cache (`kv`)
     models: set[str] = field(default_factory=set)                   # model ids this session holds
     text_pins: set[str] = field(default_factory=set)                # weight hashes held until registration
     stack: dict[str, torch.Tensor] = field(default_factory=dict)    # handle -> stop tensor of a parked run (RunTable's)
@@ -111,6 +113,12 @@ class Session:
     checkpoint_token: str | None = None  # written to host memory at shutdown (djinn/server/checkpoint.py)                                    # why the last eager generate was not fast
     readonly: ReadOnlyMemory = field(default_factory=ReadOnlyMemory)  # the weights' memory (the Text segment's)
     graphs: GraphCache = field(default_factory=GraphCache)  # compiled graphs it sent (Note [Graph cache])
+
+    @property
+    def kv(self) -> Mapping[str, KVState]:
+        """Model id -> its cache, read-only: only the Data segment changes which KV a session holds
+        (Note [One KV writer] in djinn/vmu/data.py); an assignment here raises TypeError."""
+        return MappingProxyType(self._kv)
 
     def add_tensor(self, t: torch.Tensor) -> str:
         hid = secrets.token_hex(8)
@@ -205,5 +213,4 @@ def install_restored(engine, s, entry, pool) -> None:
     state.table.length = tokens
     state.ids = ids.to(engine.device)
     del s.restored_kv[entry.model_id]
-    s.kv[entry.model_id] = state
-    engine.data.sync(s)
+    engine.data.attach_kv(s, entry.model_id, state)

@@ -26,6 +26,15 @@ Note [Host quota]
     in the host pool. `swap_out` refuses (returns False, moves nothing) a session whose KV would take
     it past the quota, so that session stays on the GPU. The dispatcher also hides such a session from
     the policies' victim lists (`swappable`).
+
+Note [One KV writer]
+    Which KVState a session holds per model (`Session.kv`, a read-only view) changes only here:
+    `attach_kv` (a generate's first table, a fork's shared tables, a restored checkpoint's),
+    `detach_kv` (reset_kv, release_model) and `close`. Each does the whole of the bookkeeping that
+    goes with it (waiting for a swap in flight, freeing blocks and host regions, the residency state,
+    the session's charge), so no caller can forget a step and leak blocks or misstate the session to
+    the scheduler. The KVState's contents (its ids, its table's blocks and length) are the running
+    request's to write. tests/unit/test_kv_writer.py holds every other module of djinn/ to this.
 """
 from __future__ import annotations
 
@@ -143,8 +152,9 @@ class DataSegment:
             for _, h in m.inflight:
                 h.wait()
             m.inflight.clear()
-        for mid, kv in list(s.kv.items()):
+        for mid, kv in s.kv.items():
             self._free_table(mid, kv.table)
+        s._kv.clear()  # Note [One KV writer]
         self._tensor_bytes.pop(s.sid, None)
         self.acct.close_session(s.sid)
         return m.counters.as_dict() if m is not None else Counters().as_dict()
@@ -342,7 +352,15 @@ class DataSegment:
         for c in (m.counters, self.totals):
             c.recomputed_tokens += tokens
 
-    def forget_model(self, s, mid: str) -> None:
+    # -- which KV a session holds (Note [One KV writer]) ------------------------------------------
+    def attach_kv(self, s, mid: str, state) -> None:
+        """The session's KV for model `mid` is `state` from now on, charged to it at once."""
+        if mid in s.kv:  # replacing a table would leak its blocks
+            raise RuntimeError(f"session {s.sid} already holds KV for model {mid[:12]}; detach it first")
+        s._kv[mid] = state
+        self.sync(s)
+
+    def detach_kv(self, s, mid: str) -> None:
         """Drop the session's KV for one model, wherever it is."""
         m = self.mem(s.sid)
         kv = s.kv.get(mid)
@@ -351,7 +369,7 @@ class DataSegment:
                 h.wait()
             self.poll()
             self._free_table(mid, kv.table)
-            del s.kv[mid]
+            del s._kv[mid]
         if not any(id(k.table) in self._away for k in s.kv.values()) and m.state.in_host_tier:
             m.state = SessionState.ACTIVE if s.kv else SessionState.NEW
         elif not s.kv and m.state in (SessionState.ACTIVE, SessionState.IO_WAIT, SessionState.DROPPED):

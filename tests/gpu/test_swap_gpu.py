@@ -31,9 +31,10 @@ def segment(host_bytes: int) -> DataSegment:
     return DataSegment(DEV, host_bytes, swap_bw=25e9)
 
 
-def session(sid: str, pool: KVPool, table: KVTable, mid: str = "m") -> Session:
+def session(seg: DataSegment, sid: str, pool: KVPool, table: KVTable, mid: str = "m") -> Session:
     s = Session(sid, "client", None)
-    s.kv[mid] = KVState(PagedCache(pool, table), torch.zeros(table.batch, table.length, dtype=torch.long, device=DEV))
+    ids = torch.zeros(table.batch, table.length, dtype=torch.long, device=DEV)
+    seg.attach_kv(s, mid, KVState(PagedCache(pool, table), ids))
     return s
 
 
@@ -99,8 +100,7 @@ def test_swapped_blocks_continue_generation_bitwise(dtype):
     for dst, src in zip(ref_t.rows, t.rows):
         pool.kv[dst] = pool.kv[src]
     ref_t.length = 10
-    s = session("a", pool, t)
-    seg.sync(s)
+    s = session(seg, "a", pool, t)
     before = read_all(pool, t)
     ids_before = t.ids()
 
@@ -140,8 +140,7 @@ def test_swap_out_of_500_mib_is_asynchronous_and_exact(layout):
     t, other = random_table(pool, 640, layout)
     runs = len(pool.runs(t.ids()))
     assert runs == (1 if layout == "consecutive" else 40)
-    s = session("big", pool, t)
-    seg.sync(s)
+    s = session(seg, "big", pool, t)
     before = read_all(pool, t)
     side = seg.swapper.stream
     assert side is not None and side != torch.cuda.current_stream(DEV)
@@ -188,8 +187,7 @@ def test_prefetch_starts_only_once_its_blocks_are_reserved():
     seg = segment(16 * pool.block_bytes)
     seg.add_pool("m", pool)
     t, _ = random_table(pool, 160, "consecutive")            # 10 blocks
-    s = session("p", pool, t)
-    seg.sync(s)
+    s = session(seg, "p", pool, t)
     before = read_all(pool, t)
     assert seg.swap_out(s)
     wait_all(seg, "p")

@@ -326,12 +326,12 @@ def test_data_segment_refuses_a_swap_out_over_the_host_quota():
     seg.add_pool("m", pool)
     s = Session("a", "client", None)
     ids = torch.arange(3, 13).unsqueeze(0)
-    s.kv["m"] = KVState.empty(pool, ids[:, :0])
+    seg.attach_kv(s, "m", KVState.empty(pool, ids[:, :0]))
     assert pool.reserve(s.kv["m"].table, 10)
     with torch.no_grad():
         model(ids, past_key_values=s.kv["m"].cache, use_cache=True)
     s.kv["m"].ids = ids
-    seg.sync(s)
+    seg.sync(s)  # its blocks are charged from now on
     assert seg.gpu_bytes("a") == kv(10) and not seg.swappable("a", kv(10))
     assert seg.swap_out(s) is False
     assert seg.mem("a").state.name == "ACTIVE" and seg.host_bytes("a") == 0 and seg.pool.used == 0

@@ -25,7 +25,7 @@ def segment(host_bytes: int, blocks: int = 16, model=None) -> tuple[DataSegment,
     return seg, pool
 
 
-def session_with_kv(sid: str, tokens: int, model, pool) -> Session:
+def session_with_kv(seg: DataSegment, sid: str, tokens: int, model, pool) -> Session:
     s = Session(sid, "client", None)
     ids = torch.arange(3, 3 + tokens).unsqueeze(0)
     state = KVState.empty(pool, ids[:, :0])
@@ -33,7 +33,7 @@ def session_with_kv(sid: str, tokens: int, model, pool) -> Session:
     with torch.no_grad():
         model(ids, past_key_values=state.cache, use_cache=True)
     state.ids = ids
-    s.kv["m"] = state
+    seg.attach_kv(s, "m", state)
     return s
 
 
@@ -45,7 +45,7 @@ def test_kv_bytes_per_token_from_configs():
 def test_swap_out_prefetch_and_close_keep_exact_accounting():
     model = tiny_llama(seed=1)
     seg, pool = segment(1 << 20, model=model)
-    s = session_with_kv("a", 10, model, pool)
+    s = session_with_kv(seg, "a", 10, model, pool)
     t = s.kv["m"].table
     ref = [pool.read(t, i, 10) for i in (0, 1)]
     seg.sync(s)
@@ -95,8 +95,7 @@ def test_swap_out_prefetch_and_close_keep_exact_accounting():
 def test_a_swapped_session_continues_bitwise():
     model = tiny_llama(seed=1)
     seg, pool = segment(1 << 20, model=model)
-    s = session_with_kv("a", 10, model, pool)
-    seg.sync(s)
+    s = session_with_kv(seg, "a", 10, model, pool)
     more = torch.tensor([[7, 8, 9]])
     with torch.no_grad():
         ref = model(torch.cat([s.kv["m"].ids, more], 1), use_cache=False).logits[:, -3:]
@@ -112,8 +111,7 @@ def test_a_swapped_session_continues_bitwise():
 def test_prefetch_without_free_blocks_starts_nothing():
     model = tiny_llama(seed=1)
     seg, pool = segment(1 << 20, blocks=5, model=model)        # 4 usable blocks
-    s = session_with_kv("a", 10, model, pool)
-    seg.sync(s)
+    s = session_with_kv(seg, "a", 10, model, pool)
     assert seg.swap_out(s) and seg.poll() == ["a"]
     hog = pool.new_table(1)
     assert pool.reserve(hog, 8)                                  # 2 of 4 blocks: a needs 3
@@ -129,8 +127,7 @@ def test_prefetch_without_free_blocks_starts_nothing():
 def test_request_while_away_is_a_miss_and_close_frees_the_host_region():
     model = tiny_llama(seed=1)
     seg, pool = segment(1 << 20, model=model)
-    s = session_with_kv("b", 4, model, pool)
-    seg.sync(s)
+    s = session_with_kv(seg, "b", 4, model, pool)
     assert seg.swap_out(s) and seg.poll() == ["b"]
     seg.request_arrived("b")
     assert seg.mem("b").counters.prefetch_misses == 1
@@ -142,21 +139,19 @@ def test_request_while_away_is_a_miss_and_close_frees_the_host_region():
 def test_drop_keeps_ids_and_frees_the_blocks():
     model = tiny_llama(seed=1)
     seg, pool = segment(0, model=model)
-    s = session_with_kv("c", 6, model, pool)
-    seg.sync(s)
+    s = session_with_kv(seg, "c", 6, model, pool)
     seg.drop(s)
     assert seg.mem("c").state == SessionState.DROPPED
     assert s.kv["m"].table.length == 0 and s.kv["m"].ids.shape == (1, 6) and pool.alloc.held == 0
     assert seg.gpu_bytes("c") == 0 and seg.mem("c").counters.drops == 1
 
 
-def test_forget_model_of_a_swapped_session_frees_its_region():
+def test_detach_kv_of_a_swapped_session_frees_its_region():
     model = tiny_llama(seed=1)
     seg, pool = segment(1 << 20, model=model)
-    s = session_with_kv("d", 5, model, pool)
-    seg.sync(s)
+    s = session_with_kv(seg, "d", 5, model, pool)
     assert seg.swap_out(s) and seg.poll()
-    seg.forget_model(s, "m")
+    seg.detach_kv(s, "m")
     assert seg.mem("d").state == SessionState.NEW and seg.pool.used == 0
     assert seg.acct.session("d")["host"] == 0 and "m" not in s.kv
 
@@ -164,8 +159,7 @@ def test_forget_model_of_a_swapped_session_frees_its_region():
 def test_swap_out_fails_cleanly_when_the_host_pool_is_too_small():
     model = tiny_llama(seed=1)
     seg, pool = segment(1024, model=model)
-    s = session_with_kv("e", 8, model, pool)
-    seg.sync(s)
+    s = session_with_kv(seg, "e", 8, model, pool)
     assert not seg.swap_out(s)
     assert seg.mem("e").state == SessionState.ACTIVE and s.kv["m"].table.blocks == 2 and pool.alloc.held == 2
 
@@ -173,8 +167,7 @@ def test_swap_out_fails_cleanly_when_the_host_pool_is_too_small():
 def test_kv_layers_reads_the_same_tokens_from_the_device_and_the_host():
     model = tiny_llama(seed=1)
     seg, pool = segment(1 << 20, model=model)
-    s = session_with_kv("f", 7, model, pool)
-    seg.sync(s)
+    s = session_with_kv(seg, "f", 7, model, pool)
     on_device = seg.kv_layers(s, "m")
     assert len(on_device) == 2 and on_device[0][0].shape == (1, 2, 7, 16)
     assert seg.swap_out(s) and seg.poll()

@@ -128,12 +128,15 @@ def test_data_bytes_counts_shared_storage_once():
 
 
 def test_data_bytes_includes_kv_blocks():
+    from djinn.vmu.data import DataSegment
     from djinn.vmu.kv_pool import KVPool, KVShape
 
     from ..models import tiny_llama
 
     pool = KVPool(KVShape.of_module(tiny_llama()), 8, 4, "cpu")   # 2048 B blocks
+    seg = DataSegment(torch.device("cpu"), 0, swap_bw=1e9)
+    seg.add_pool("m", pool)
     s = Session("sid", "client", None)
-    s.kv["m"] = KVState.empty(pool, torch.zeros(1, 0, dtype=torch.long))
+    seg.attach_kv(s, "m", KVState.empty(pool, torch.zeros(1, 0, dtype=torch.long)))
     assert s.kv["m"].nbytes == 0 and pool.reserve(s.kv["m"].table, 9)
     assert s.kv["m"].nbytes == 3 * 2048 and s.data_bytes == 3 * 2048
