@@ -129,6 +129,13 @@ class ServerConfig:
     """Per-session quota, in GiB: the session's Data segment on the GPU (its KV caches plus the tensors
     it holds; weights are shared and never count). A generate whose KV would pass it, or a forward
     whose new outputs would, fails with QuotaExceeded and changes nothing. None: no limit."""
+    quota_principal_gpu_gb: float | None = None
+    """Per-principal quota, in GiB (a Curve key; everyone with the shared secret; every client of a
+    loopback server without either: Note [Principals] in djinn/server/principals.py): what all of the
+    principal's sessions hold on the GPU together, counted as quota_gpu_gb counts one session, plus
+    the KV its admitted generates have been promised. A request that would take the principal past it
+    fails with QuotaExceeded and changes nothing (Note [Principal GPU quota] in djinn/server/quotas.py).
+    None: no limit (a principal then holds at most max_sessions_per_principal x quota_gpu_gb)."""
     quota_host_gb: float | None = None
     """Per-session quota, in GiB, of swapped KV in the pinned host pool. A session whose KV is larger is
     never swapped out: it stays on the GPU (the scheduler picks other victims). None: no limit."""
@@ -245,7 +252,7 @@ class ServerConfig:
                              f"{-(-self.max_message_bytes // w) + 2}")
         if self.handshake_timeout_s <= 0:
             raise ValueError(f"handshake_timeout_s={self.handshake_timeout_s} must be > 0 seconds")
-        for name in ("quota_gpu_gb", "quota_host_gb"):
+        for name in ("quota_gpu_gb", "quota_principal_gpu_gb", "quota_host_gb"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0):
                 raise ValueError(f"{name}={v!r} must be a number of GiB >= 0, or null for no limit")

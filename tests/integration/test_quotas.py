@@ -93,7 +93,8 @@ def test_generate_over_the_gpu_quota_is_refused_others_run_on(gpu_conn, model, d
     st = sstats(c, big)
     assert (st["kv_tokens"], st["gpu_bytes"], st["job"]) == ({}, 0, None)  # nothing was allocated or queued
     assert st["quota"]["gpu_bytes"] == {"limit": QUOTA_GPU, "used": 0}
-    assert c.stats()["quotas"] == {"gpu_bytes": QUOTA_GPU, "host_bytes": None, "queued_requests": None}
+    assert c.stats()["quotas"] == {"gpu_bytes": QUOTA_GPU, "host_bytes": None, "queued_requests": None,
+                                   "principal_gpu_bytes": None}
 
     # Another session on the same server: bitwise local, turn after turn, while it stays within the quota.
     ref = local_turns(model, device, (P1, GEN), (P2, GEN))
