@@ -25,7 +25,7 @@ __all__ = [
     "Breakpoint", "Run", "Stop",
     "DjinnError", "ProtocolError", "AuthError", "SessionNotFound", "HandleNotFound", "OutOfMemory",
     "ModelNotSupported", "InvalidRequest", "RemoteExecutionError", "ServerUnavailable", "RequestTimeout",
-    "QuotaExceeded", "WeightWriteRefused", "GenerateCancelled",
+    "QuotaExceeded", "CostBudgetExceeded", "WeightWriteRefused", "GenerateCancelled",
     "SessionLost", "ShuttingDown", "ServerBusy",
 ]
 

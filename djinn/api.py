@@ -17,9 +17,9 @@ from .frontend.run import Breakpoint, Run, Stop
 from .frontend.session import Session, TokenStream
 from .frontend.tensor import RemoteTensor
 from .protocol.errors import (
-    AuthError, CaptureError, DjinnError, HandleNotFound, InvalidRequest, ModelNotSupported, OutOfMemory, ProtocolError,
-    QuotaExceeded, RemoteExecutionError, RequestTimeout, ServerBusy, ServerUnavailable, SessionLost, SessionNotFound,
-    ShuttingDown, WeightWriteRefused, GenerateCancelled,
+    AuthError, CaptureError, CostBudgetExceeded, DjinnError, HandleNotFound, InvalidRequest, ModelNotSupported,
+    OutOfMemory, ProtocolError, QuotaExceeded, RemoteExecutionError, RequestTimeout, ServerBusy, ServerUnavailable,
+    SessionLost, SessionNotFound, ShuttingDown, WeightWriteRefused, GenerateCancelled,
 )
 
 

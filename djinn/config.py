@@ -129,6 +129,13 @@ class ServerConfig:
     """Per-session quota, in GiB: the session's Data segment on the GPU (its KV caches plus the tensors
     it holds; weights are shared and never count). A generate whose KV would pass it, or a forward
     whose new outputs would, fails with QuotaExceeded and changes nothing. None: no limit."""
+    quota_principal_gpu_gb: float | None = None
+    """Per-principal quota, in GiB (a Curve key; everyone with the shared secret; every client of a
+    loopback server without either: Note [Principals] in djinn/server/principals.py): what all of the
+    principal's sessions hold on the GPU together, counted as quota_gpu_gb counts one session, plus
+    the KV its admitted generates have been promised. A request that would take the principal past it
+    fails with QuotaExceeded and changes nothing (Note [Principal GPU quota] in djinn/server/quotas.py).
+    None: no limit (a principal then holds at most max_sessions_per_principal x quota_gpu_gb)."""
     quota_host_gb: float | None = None
     """Per-session quota, in GiB, of swapped KV in the pinned host pool. A session whose KV is larger is
     never swapped out: it stays on the GPU (the scheduler picks other victims). None: no limit."""
@@ -177,6 +184,14 @@ class ServerConfig:
     """GiB of unfinished uploads one principal may have reserved at once, over all its sessions: a
     tensor's whole size is reserved at its first chunk. Larger than any single weight of the models in
     BASELINES.md."""
+    graph_max_flops: float | None = 1e15
+    """Per-request cost budget of a graph-path request (run_graph, a graph-path start), in operations
+    estimated from the SRG's shapes before it runs (Note [Graph cost] in djinn/server/interpreter.py):
+    2 per multiply-add of matmul, convolution and attention ops, 1 per element of every other op's
+    largest tensor, views free. A graph over it fails with CostBudgetExceeded before anything runs, and
+    the server serves others on. 1e15 is a second or more of a whole H100 in half precision (several in
+    fp32): a 7B-parameter forward over 4096 tokens is about 1e14, so the default stops only graphs that
+    would hold the engine thread, and with it every tenant, for much longer. None: no limit."""
     quota_queued_requests: int | None = None
     """Per-session quota of requests that wait behind the session's running generate (plus that
     generate itself); a request beyond it fails with QuotaExceeded at once. Frees never count. None:
@@ -245,7 +260,7 @@ class ServerConfig:
                              f"{-(-self.max_message_bytes // w) + 2}")
         if self.handshake_timeout_s <= 0:
             raise ValueError(f"handshake_timeout_s={self.handshake_timeout_s} must be > 0 seconds")
-        for name in ("quota_gpu_gb", "quota_host_gb"):
+        for name in ("quota_gpu_gb", "quota_principal_gpu_gb", "quota_host_gb"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0):
                 raise ValueError(f"{name}={v!r} must be a number of GiB >= 0, or null for no limit")
@@ -279,6 +294,10 @@ class ServerConfig:
         v = self.upload_in_flight_gb
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
             raise ValueError(f"upload_in_flight_gb={v!r} must be a number of GiB > 0")
+        f = self.graph_max_flops
+        if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float)) or not 1 <= f < float("inf")):
+            raise ValueError(f"graph_max_flops={f!r} must be a number >= 1 (operations per graph request), "
+                             "or null for no limit")
         q = self.quota_queued_requests
         if q is not None and (isinstance(q, bool) or not isinstance(q, int) or q < 1):
             raise ValueError(f"quota_queued_requests={q!r} must be an int >= 1 (the running request counts), "

@@ -115,10 +115,19 @@ class ShuttingDown(DjinnError):
 
 class QuotaExceeded(DjinnError):
     """The request would take its session past a per-session quota (quota_gpu_gb, quota_host_gb,
-    quota_queued_requests in the server config). Only this request fails; the session and every
-    other session go on."""
+    quota_queued_requests in the server config), or its principal past a per-principal cap or quota
+    (quota_principal_gpu_gb, max_sessions_per_principal, ...). Only this request fails; the session and
+    every other session go on."""
 
     code = "quota_exceeded"
+
+
+class CostBudgetExceeded(QuotaExceeded):
+    """The request's estimated cost is over the server's per-request budget (graph_max_flops in the
+    server config, for graph-path requests): the message names the estimate and the limit. Nothing
+    ran; split the work into smaller requests. A QuotaExceeded, so code that handles quotas handles it."""
+
+    code = "cost_budget_exceeded"
 
 
 class RequestTimeout(DjinnError):
@@ -148,7 +157,7 @@ ERRORS: dict[str, type[DjinnError]] = {
         DjinnError, ProtocolError, AuthError, SessionNotFound, HandleNotFound, OutOfMemory,
         ModelNotSupported, InvalidRequest, RemoteExecutionError, ServerUnavailable, RequestTimeout,
         SessionLost, ShuttingDown, QuotaExceeded, CaptureError, WeightWriteRefused, GenerateCancelled,
-        ServerBusy,
+        ServerBusy, CostBudgetExceeded,
     )
 }
 

@@ -45,6 +45,8 @@ import torch
 
 from ..protocol.errors import InvalidRequest, SessionNotFound, short
 from ..protocol.tensors import dtype_name
+from ..vmu.data import aligned
+from . import quotas
 from .registry import op
 from .sessions import KVState
 
@@ -138,7 +140,11 @@ def restore_session(engine, client_id, rid, args):
     name = args.get("name", meta.get("name") or None)
     if name is not None and (not isinstance(name, str) or len(name) > 200):
         raise InvalidRequest("session name must be a string of at most 200 characters")
-    s = engine.sessions.open(client_id, name, engine.principal(client_id))
+    principal = engine.principal(client_id)
+    nbytes = sum(aligned(t.numel() * t.element_size()) for k, t in tensors.items() if k.startswith("t/"))
+    # Note [Principal GPU quota]: its tensors go to the device now (its KV at its first generate, checked there).
+    quotas.check_principal(engine, principal, nbytes, "restore_session", f"{nbytes} bytes of restored tensors")
+    s = engine.sessions.open(client_id, name, principal)
     try:
         _install(engine, s, tensors)
     except BaseException:

@@ -65,12 +65,14 @@ UNCOUNTED_OPS = frozenset({"free"})
 
 @dataclass(frozen=True)
 class Quotas:
-    """Per-session limits from the server config (None: no limit): Data-segment bytes on the GPU,
-    swapped KV bytes in the host pool, requests queued behind (and including) the session's job."""
+    """Limits from the server config (None: no limit). Per session: Data-segment bytes on the GPU,
+    swapped KV bytes in the host pool, requests queued behind (and including) the session's job. Per
+    principal: GPU bytes of all its sessions together (Note [Principal GPU quota] in quotas.py)."""
 
     gpu_bytes: int | None = None
     host_bytes: int | None = None
     queued_requests: int | None = None
+    principal_gpu_bytes: int | None = None
 
     @classmethod
     def from_config(cls, cfg) -> "Quotas":
@@ -78,7 +80,7 @@ class Quotas:
             return None if gb is None else int(gb * GIB)
 
         return cls(nbytes(getattr(cfg, "quota_gpu_gb", None)), nbytes(getattr(cfg, "quota_host_gb", None)),
-                   getattr(cfg, "quota_queued_requests", None))
+                   getattr(cfg, "quota_queued_requests", None), nbytes(getattr(cfg, "quota_principal_gpu_gb", None)))
 
 
 @dataclass
@@ -102,6 +104,7 @@ class Job:
     reserve: Callable[[], bool] | None = None  # at start: reserve its KV blocks (False: none free yet)
     release: Callable[[], None] | None = None  # at the end: give back the blocks it did not write
     truncate: Callable[[int], int] | None = None  # cancelled: keep the first n generated tokens (Note [Cancel])
+    peak: int = 0                   # device bytes its session may hold while it runs (Note [Principal GPU quota])
 
 
 @dataclass
@@ -152,6 +155,12 @@ class Dispatcher:
         if q is None:
             return 0
         return (q.job is not None) + sum(1 for r in q.deferred if r.header.get("op") not in UNCOUNTED_OPS)
+
+    def promised(self, sid: str) -> int:
+        """Device bytes the session's job (queued or running) was admitted to hold at its peak; 0 without
+        one. Its blocks are reserved only when it starts (Note [Principal GPU quota] in quotas.py)."""
+        q = self._q.get(sid)
+        return q.job.peak if q is not None and q.job is not None else 0
 
     def _owned(self, sid: str, client_id: str) -> bool:
         try:

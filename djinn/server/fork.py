@@ -21,6 +21,8 @@ import time
 
 from ..protocol.errors import InvalidRequest
 from ..protocol.tensors import dtype_name
+from ..vmu.data import aligned
+from . import quotas
 from .dispatch import Job
 from .ops import _attach, op
 from .paged_cache import PagedCache
@@ -46,6 +48,9 @@ def fork_session(engine, client_id, rid, args):
 
 def _fork(engine, parent: Session, name: str | None) -> dict:
     t0 = time.perf_counter()
+    nbytes = _fork_bytes(engine, parent)  # Note [Principal GPU quota]: checked before anything is shared or copied
+    quotas.check_principal(engine, parent.principal, nbytes, "fork_session",
+                           f"{nbytes} bytes of KV blocks and tensor copies for the fork")
     child = engine.sessions.open(parent.client_id, name, parent.principal)
     try:
         child.max_kv_tokens = parent.max_kv_tokens
@@ -69,3 +74,13 @@ def _fork(engine, parent: Session, name: str | None) -> dict:
     return {"sid": child.sid, "name": name, "kv_tokens": {mid: int(kv.ids.shape[1]) for mid, kv in child.kv.items()},
             "shared_blocks": shared, "fork_ms": round(ms, 4),
             "tensors": {hid: {"dtype": dtype_name(t.dtype), "shape": list(t.shape)} for hid, t in child.tensors.items()}}
+
+
+def _fork_bytes(engine, parent: Session) -> int:
+    """Device bytes the fork will be charged: every block of its tables, shared or not (Note [Session
+    fork]), and a copy of each of the parent's tensors."""
+    kv = 0
+    for mid, state in parent.kv.items():
+        pool = engine.data.pools[mid]
+        kv += len(state.table.rows) * pool.blocks_for(state.table.length) * pool.block_bytes
+    return kv + sum(aligned(t.numel() * t.element_size()) for t in parent.tensors.values())

@@ -9,10 +9,11 @@ Note [Graph cache]
     the client's own claim (a client that lies about it only confuses its own cache). The session owns
     them: their constants are device memory charged to its Data segment and GPU quota (a new graph
     whose constants would pass the quota is refused before they are copied in), `stats` shows them
-    per session, and they are freed with the session. A call naming a signature the session does not
-    hold (evicted, another session, or a restarted server) is answered {"missing": true} and the client
-    sends it again with the graph: no error, one extra round trip (clients remember which session holds
-    which graph, so a graph's first call in a session carries it).
+    per session, and they are freed with the session. A graph over the cost budget (Note [Graph cost]
+    in interpreter.py) is refused when it is compiled and never cached. A call naming a signature the
+    session does not hold (evicted, another session, or a restarted server) is answered {"missing":
+    true} and the client sends it again with the graph: no error, one extra round trip (clients
+    remember which session holds which graph, so a graph's first call in a session carries it).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import weakref
 
 import torch
 
-from ..protocol.errors import InvalidRequest
+from ..protocol.errors import CostBudgetExceeded, InvalidRequest
 from ..srg.graph import from_wire
 from .interpreter import Compiled, Interpreter, compile_graph, const_bytes
 from . import quotas
@@ -128,10 +129,20 @@ def compiled_for(engine, client_id: str, s, sig: str, wire) -> tuple[Compiled | 
     quotas.check_gpu(engine, s, quotas.gpu_used(engine, s) + consts, "this graph",
                      f"{consts} bytes of graph constants")
     compiled = compile_graph(g, engine.device)
+    _check_cost(engine, compiled)  # before it is cached: the budget does not change, so a cached graph fits it
     s.graphs.put(sig, compiled)
     engine.data.sync(s)  # its constants are the session's now (and an evicted graph's are not)
     counters.count(client_id, "compiled")
     return compiled, "compiled"
+
+
+def _check_cost(engine, compiled: Compiled) -> None:
+    """Note [Graph cost]: a graph over the per-request budget fails before any of it runs."""
+    limit = engine.cfg.graph_max_flops
+    if limit is not None and compiled.flops > limit:
+        raise CostBudgetExceeded(f"this graph's estimated cost is {compiled.flops} operations, over the server's "
+                                 f"per-request budget of {limit:g} (graph_max_flops); nothing ran. Split the "
+                                 "work into smaller graphs (fewer layers, a smaller batch or sequence per call)")
 
 
 @op

@@ -21,9 +21,25 @@ Note [Graph peak memory]
     workspaces are not in the SRG and not counted. Constants (`const_bytes`) are held with the compiled
     graph, by the session that sent it (Note [Graph cache] in graph_ops.py). Both are checked against
     the session's GPU quota before they are allocated (Note [Session quotas] in quotas.py).
+
+Note [Graph cost]
+    The engine thread runs one graph at a time, and every other tenant's next step waits for it, so a
+    graph-path request has a cost budget (graph_max_flops), checked like its peak memory: estimated
+    once from the dry run's shapes, when the graph is compiled, before any of it runs (`flops`).
+    Matmul-like ops (mm, addmm, bmm, baddbmm, matmul, linear) cost 2 x their output's elements x the
+    contracted dim; a convolution 2 x its output's elements (its input's, transposed) x the weight's
+    elements per output channel; attention 2 x batch x heads x L x S x (E + Ev), for QK^T and the
+    product with V (the counts of torch.utils.flop_counter). Every other op costs one per element of
+    its largest tensor, argument or output (a floor for what it reads or writes: without it a long
+    chain of pointwise ops or reductions over a large tensor would be free), and views, which move
+    nothing, cost none. Kernels' own extra work (softmax inside attention, a convolution's im2col) is
+    not counted: the estimate bounds a graph's work by its shapes, not its time, and the budget's
+    default is far above any single forward so that only runaway graphs meet it. A graph over it is
+    CostBudgetExceeded, never cached (graph_ops.compiled_for); the session and the server go on.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +69,7 @@ class Compiled:
     ops: list[int] = field(default_factory=list)  # the op nodes in order
     const_bytes: int = 0             # device bytes of `consts` (Note [Graph peak memory])
     peak_bytes: int = 0              # most bytes of op outputs alive at once while it runs
+    flops: int = 0                   # estimated operations of one run (Note [Graph cost])
 
 
 def const_bytes(g: Graph) -> int:
@@ -109,8 +126,39 @@ def compile_graph(g: Graph, device: torch.device) -> Compiled:
         if j not in keep:
             frees[i].append(j)
     ops = [i for i in range(n) if fns[i] is not None]
+    flops = sum(node_flops(fns[i], _resolve(args[i], env, _META), _resolve(kwargs[i], env, _META), env[i])
+                for i in ops)
     return Compiled(g, fns, args, kwargs, inputs, weights, consts, frees, writes, ops, const_bytes(g),
-                    peak_bytes(fns, env, frees))
+                    peak_bytes(fns, env, frees), flops)
+
+
+#: Matmul-like ops: the argument whose last dim is contracted (Note [Graph cost]).
+_CONTRACTED = {"mm": 0, "bmm": 0, "matmul": 0, "linear": 0, "addmm": 1, "baddbmm": 1}
+_CONVOLUTIONS = frozenset({"convolution", "_convolution"})
+
+
+def node_flops(fn, args: tuple, kwargs: dict, outs: tuple) -> int:
+    """Note [Graph cost]: the estimated operations of one node, from its meta arguments and outputs."""
+    base = srg_ops.base_name(str(fn))
+    a = _bind(fn, args, kwargs)
+    if base in _CONTRACTED:
+        return 2 * outs[0].numel() * a[_CONTRACTED[base]].shape[-1]
+    if base in _CONVOLUTIONS:  # (input, weight, bias, stride, padding, dilation, transposed, ...)
+        x, w, transposed = a[0], a[1], bool(a[6])
+        return 2 * (x.numel() if transposed else outs[0].numel()) * math.prod(w.shape[1:])
+    if base == "scaled_dot_product_attention" or base.startswith("_scaled_dot_product"):
+        q, k, v = a[0], a[1], a[2]  # batch and heads as the output has them (broadcast, grouped heads)
+        return 2 * math.prod(outs[0].shape[:-2]) * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+    info = op_info(fn)
+    if not info.writes and info.view_of and all(src is not None for src in info.view_of):
+        return 0  # a view: moves nothing
+    return max((t.numel() for t in _tensors(list(a)) + _tensors(list(outs))), default=0)
+
+
+def _bind(fn, args: tuple, kwargs: dict) -> list:
+    """The call's arguments in schema order, positional or by keyword (None where left to a default)."""
+    names = [x.name for x in fn._schema.arguments]
+    return [args[i] if i < len(args) else kwargs.get(n) for i, n in enumerate(names)]
 
 
 def peak_bytes(fns: list, env: list, frees: list[list[int]]) -> int:

@@ -316,7 +316,7 @@ def generate(engine, client_id, rid, args):
                             continues=use_kv)
     rng = Stream.new(seed, engine.device)  # Note [Random streams]: seeded as locally, or fresh from the OS
     return Job(s, mid, need, body, rng, engine.device, uses_kv=use_kv, make_task=make_task,
-               reserve=reserve, release=release, truncate=truncate)
+               reserve=reserve, release=release, truncate=truncate, peak=peak)
 
 
 @op
@@ -459,12 +459,17 @@ def stats(engine, client_id, rid, args):
                                   "chunks": engine.dispatch.prefill.chunks, "turns": engine.dispatch.prefill.turns}},
         "quotas": vars(engine.dispatch.quotas).copy(),
         # Note [One ledger]: the caller's own principal's use and caps, and the server-wide ones.
-        "principal": engine.ledger.stats(engine.router.principal(client_id) or ""),
+        "principal": _principal_stats(engine, engine.router.principal(client_id) or ""),
         "text_entries": len(engine.text),
         "sessions": sessions,
         "models": models,
         "requests_served": engine.requests_served,
     }
+
+
+def _principal_stats(engine, principal: str) -> dict:
+    """The ledger's caps and the GPU quota of the caller's own principal (Note [Principal GPU quota])."""
+    return {**engine.ledger.stats(principal), "gpu_bytes": quotas.principal_stats(engine, principal)}
 
 
 # -- helpers -------------------------------------------------------------------------------------

@@ -20,7 +20,9 @@ Note [One ledger]
     `give` when they drop it, at their single add and remove points, so the counts follow the tables
     exactly (`check` verifies that against counts recomputed from the tables). `take` checks the
     principal's cap and the server-wide cap and raises QuotaExceeded naming the setting, having taken
-    nothing: only that request fails, and every other principal goes on.
+    nothing: only that request fails, and every other principal goes on. Device memory is charged to
+    the principal too (quota_principal_gpu_gb), but read from the Data segment's accounting rather than
+    counted here: Note [Principal GPU quota] in quotas.py says why.
 """
 from __future__ import annotations
 

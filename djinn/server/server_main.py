@@ -62,6 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="seconds a stopping server lets running generates finish (default 30)")
     p.add_argument("--quota-gpu-gb", type=float, dest="quota_gpu_gb",
                    help="per-session cap on GPU GiB (KV caches and named tensors); exceeding it is QuotaExceeded")
+    p.add_argument("--quota-principal-gpu-gb", type=float, dest="quota_principal_gpu_gb",
+                   help="per-principal cap on GPU GiB, all its sessions together (KV caches and named tensors)")
+    p.add_argument("--graph-max-flops", type=float, dest="graph_max_flops",
+                   help="per-request cost budget of a graph-path request, estimated before it runs (default 1e15)")
     p.add_argument("--quota-host-gb", type=float, dest="quota_host_gb",
                    help="per-session cap on pinned host GiB held by its swapped-out state")
     p.add_argument("--quota-queued-requests", type=int, dest="quota_queued_requests",
@@ -116,6 +120,7 @@ def main(argv=None) -> int:
                         policy=args.policy, swap_on_io_wait=args.swap_on_io_wait, host_pool_gb=args.host_pool_gb,
                         data_budget_gb=args.data_budget_gb, drain_timeout_s=args.drain_timeout_s,
                         metrics_port=args.metrics_port, quota_gpu_gb=args.quota_gpu_gb,
+                        quota_principal_gpu_gb=args.quota_principal_gpu_gb, graph_max_flops=args.graph_max_flops,
                         quota_host_gb=args.quota_host_gb, quota_queued_requests=args.quota_queued_requests,
                         fast_decode=args.fast_decode, fast_decode_max_batch=args.fast_decode_max_batch,
                         kv_block_tokens=args.kv_block_tokens, max_prefill_tokens=args.max_prefill_tokens,

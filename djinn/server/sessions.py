@@ -183,6 +183,9 @@ class SessionTable:
     def of_client(self, client_id: str) -> list[Session]:
         return [s for s in self._sessions.values() if s.client_id == client_id]
 
+    def of_principal(self, principal: str) -> list[Session]:
+        return [s for s in self._sessions.values() if s.principal == principal]
+
     def per_principal(self) -> dict[str, int]:
         """Open sessions per principal, counted from the table (Ledger.check)."""
         out: dict[str, int] = {}

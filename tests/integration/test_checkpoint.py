@@ -85,6 +85,32 @@ def _logits(model, ids):
         return m(i).logits.cpu()
 
 
+def test_a_restore_past_the_principals_gpu_quota_is_refused_and_keeps_the_file(start_server, tmp_path):
+    """Note [Principal GPU quota]: a restore puts the session's tensors on the device, so it is checked
+    before it copies them; refused, it opens no session and the checkpoint stays to be restored."""
+    flags = ("--checkpoint-dir", str(tmp_path))
+    srv = start_server(*flags)
+    model = tiny_llama(seed=9).eval()
+    conn = Connection(srv.address, None)
+    try:
+        s = conn.session("agent", checkpoint=True)
+        rm = RemoteModel.from_module(s, model)
+        logits = rm(A, session=s).logits  # 5 positions x 256 float32: 5120 bytes held
+        quota = 4096
+        _restart(srv, start_server, conn, *flags, "--quota-principal-gpu-gb", repr(quota / 2**30))
+        with pytest.raises(djinn.QuotaExceeded) as info:
+            conn.restore_session(s.checkpoint_token)
+        assert info.value.message == (
+            "restore_session would take this principal (local) to 5120 bytes on the device over all its sessions "
+            f"(5120 bytes of restored tensors), over its GPU quota of {quota} bytes (quota_principal_gpu_gb); "
+            "free tensors, close sessions or ask for less")
+        assert [f.name for f in tmp_path.iterdir()] == [file_name(s.checkpoint_token)]
+        assert conn.stats()["principal"]["sessions"]["used"] == 0 and conn.ping() is not None
+        del logits
+    finally:
+        conn.close()
+
+
 def test_checkpoint_can_be_asked_for_later_and_withdrawn(start_server, tmp_path):
     srv = start_server("--checkpoint-dir", str(tmp_path))
     conn = Connection(srv.address, None)

@@ -183,3 +183,67 @@ def test_each_curve_key_is_a_principal_and_others_go_on(tmp_path, tiny):
         for c in (alice1, alice2, bob):
             c.close()
         srv.stop()
+
+
+# -- the per-principal GPU quota ---------------------------------------------------------------------------
+BLOCK = 16 * 512  # the tiny Llama's KV: 512 bytes a token, in blocks of 16 tokens
+PROMPT = torch.tensor([[1, 17, 42, 99, 5, 250, 7, 64]])
+LLAMA_GEN = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)  # 8 + 8 tokens: one block of KV
+
+
+@pytest.mark.skipif(not zmq.has("curve"), reason="libzmq without CURVE")
+def test_a_principals_sessions_share_one_gpu_quota_and_others_go_on(tmp_path):
+    """Note [Principal GPU quota]: alice's sessions, opened under two client ids with her key, hold KV
+    against one quota of 2.5 blocks; the third block is refused (generate, and a fork that would copy
+    one), while bob, another key, generates on with the same tokens as before and as local torch."""
+    from djinn.frontend.remote import RemoteModel
+
+    from ..models import tiny_llama
+
+    model = tiny_llama(seed=3)
+    with torch.no_grad():
+        want = model.generate(PROMPT, **LLAMA_GEN)
+    keys = _keys(tmp_path)
+    quota = 5 * BLOCK // 2
+    srv = _server(tmp_path, {}, "--quota-principal-gpu-gb", repr(quota / 2**30),  # exact: a power-of-two divisor
+                  "--curve-secret-key", keys["server"], "--curve-allowed-dir", keys["allowed"],
+                  env=_env_without_secret())
+
+    def connect(who: str) -> Connection:
+        return Connection(srv.address, secret=None, server_public_key=keys["server_public"],
+                          client_secret_key=keys[who])
+
+    def generate(s):
+        return s.generate(RemoteModel.from_module(s, model), PROMPT, **LLAMA_GEN)
+
+    alice1, alice2, bob = connect("client-alice"), connect("client-alice"), connect("client-bob")
+    try:
+        before = generate(bob.session("bob"))
+        assert torch.equal(before, want)
+        a1, a2, a3 = alice1.session("a1"), alice2.session("a2"), alice1.session("a3")
+        assert torch.equal(generate(a1), want) and torch.equal(generate(a2), want)  # two blocks: within
+        st = alice2.stats()
+        assert st["principal"]["gpu_bytes"] == {"limit": quota, "used": 2 * BLOCK}
+        assert st["sessions"][a1.sid]["quota"]["gpu_bytes"] == {"limit": None, "used": BLOCK}
+        # A third block in any of her sessions would pass her quota: refused, and a3 holds nothing.
+        with pytest.raises(djinn.QuotaExceeded) as info:
+            generate(a3)
+        assert info.value.code == "quota_exceeded" and info.value.message.startswith(
+            f"generate would take this principal (curve) to {3 * BLOCK} bytes on the device over all its sessions")
+        assert "quota_principal_gpu_gb" in info.value.message
+        st = alice1.stats()["sessions"][a3.sid]
+        assert (st["kv_tokens"], st["gpu_bytes"], st["job"]) == ({}, 0, None)
+        with pytest.raises(djinn.QuotaExceeded, match=rf"fork_session would take .* to {3 * BLOCK} bytes"):
+            a2.fork()  # its copy would be charged a block too
+        assert alice2.stats()["principal"]["sessions"]["used"] == 3  # no fork was opened
+        # Bob, another principal, generates on: the same tokens as before alice filled her quota.
+        assert torch.equal(generate(bob.session("bob-2")), before)
+        assert bob.stats()["principal"]["gpu_bytes"] == {"limit": quota, "used": 2 * BLOCK}
+        # A closed session's KV is freed for the rest of her sessions.
+        a1.close()
+        assert torch.equal(generate(a3), want)
+        assert alice2.stats()["principal"]["gpu_bytes"]["used"] == 2 * BLOCK
+    finally:
+        for c in (alice1, alice2, bob):
+            c.close()
+        srv.stop()

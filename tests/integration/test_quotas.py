@@ -93,7 +93,8 @@ def test_generate_over_the_gpu_quota_is_refused_others_run_on(gpu_conn, model, d
     st = sstats(c, big)
     assert (st["kv_tokens"], st["gpu_bytes"], st["job"]) == ({}, 0, None)  # nothing was allocated or queued
     assert st["quota"]["gpu_bytes"] == {"limit": QUOTA_GPU, "used": 0}
-    assert c.stats()["quotas"] == {"gpu_bytes": QUOTA_GPU, "host_bytes": None, "queued_requests": None}
+    assert c.stats()["quotas"] == {"gpu_bytes": QUOTA_GPU, "host_bytes": None, "queued_requests": None,
+                                   "principal_gpu_bytes": None}
 
     # Another session on the same server: bitwise local, turn after turn, while it stays within the quota.
     ref = local_turns(model, device, (P1, GEN), (P2, GEN))
@@ -241,6 +242,51 @@ def test_graph_constants_and_intermediates_count_against_the_gpu_quota(gpu_conn)
     assert torch.equal(send(b, twice)["tensors"][0], torch.full((4,), 2.0))
     s.close()
     assert s.sid not in c.stats()["sessions"]
+
+
+# -- the per-request cost budget of graphs ----------------------------------------------------------
+def test_a_graph_over_the_cost_budget_is_refused_and_others_run_on(tmp_path, model, device):
+    """Note [Graph cost]: a 128 x 128 x 128 matmul (2 x 128^3 operations) under a budget of 10^6 fails
+    with CostBudgetExceeded naming the estimate and the limit, before it runs, as a run_graph and as a
+    graph-path start; it is not cached. The same session, another client's graphs and a generate go on."""
+    from ..srg_builder import Builder
+
+    srv = start(tmp_path, "cost", graph_max_flops=10**6)
+    c, other = Connection(srv.address, secret=None), Connection(srv.address, secret=None)
+    try:
+        s, o = c.session("heavy"), other.session("light")
+        big = Builder()
+        (prod,) = big.op("aten.mm.default", big.const(torch.ones(128, 128)), big.const(torch.ones(128, 128)))
+        (total,) = big.op("aten.sum.default", prod)
+        sig, wire = big.wire(total)
+        for op in ("run_graph", "start"):
+            with pytest.raises(djinn.CostBudgetExceeded) as info:
+                s.call(op, {"sig": sig, "graph": wire, "inputs": [], "fetch": [0]})
+            assert isinstance(info.value, QuotaExceeded) and info.value.code == "cost_budget_exceeded"
+            assert info.value.message.startswith(  # the mm's 2 x 128^3, then the sum over its 128^2 elements
+                f"this graph's estimated cost is {2 * 128**3 + 128**2} operations, over the server's per-request "
+                "budget of 1e+06 (graph_max_flops); nothing ran.")
+        st = sstats(c, s)
+        assert (st["graphs"], st["graph_bytes"], st["tensors"], st["runs"]) == (0, 0, 0, {})  # nothing kept
+
+        x16 = torch.randn(16, 16, generator=torch.Generator().manual_seed(5))
+
+        def small(sess, scale: float) -> torch.Tensor:
+            b = Builder()
+            x = b.input(x16)
+            (y,) = b.op("aten.mm.default", x, x)  # 2 x 16^3: within the budget
+            (z,) = b.op("aten.mul.Scalar", y, scale)
+            sig, wire = b.wire(z)
+            return sess.call("run_graph", {"sig": sig, "graph": wire, "inputs": [x16], "fetch": [0]})["tensors"][0]
+
+        assert torch.equal(small(o, 2.0), (x16 @ x16) * 2.0)  # another client's session
+        assert torch.equal(small(s, 3.0), (x16 @ x16) * 3.0)  # and the refused one's
+        rm = RemoteModel.from_module(o, model)
+        assert torch.equal(o.generate(rm, P1, **GEN), local_turns(model, device, (P1, GEN))[0])
+    finally:
+        c.close()
+        other.close()
+        srv.stop()
 
 
 # -- queued requests -------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ EXPECTED = {
     "server_unavailable": E.ServerUnavailable, "timeout": E.RequestTimeout,
     "quota_exceeded": E.QuotaExceeded, "session_lost": E.SessionLost, "shutting_down": E.ShuttingDown,
     "capture": E.CaptureError, "weight_write_refused": E.WeightWriteRefused, "server_busy": E.ServerBusy,
-    "cancelled": E.GenerateCancelled,
+    "cancelled": E.GenerateCancelled, "cost_budget_exceeded": E.CostBudgetExceeded,
 }
 
 
