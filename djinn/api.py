@@ -14,7 +14,8 @@ from .frontend.edits import RemoteView
 from .frontend.graph_model import GraphModel
 from .frontend.remote import RemoteModel, is_config, is_hf_model
 from .frontend.run import Breakpoint, Run, Stop
-from .frontend.session import Session, TokenStream
+from .frontend.generate import TokenStream
+from .frontend.session import Session
 from .frontend.tensor import RemoteTensor
 from .protocol.errors import (
     AuthError, CaptureError, CostBudgetExceeded, DjinnError, HandleNotFound, InvalidRequest, ModelNotSupported,

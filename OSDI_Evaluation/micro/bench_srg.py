@@ -152,8 +152,8 @@ def bench_cached_call(model, ids, device: str, reps: int) -> dict:
     work (flatten, signature lookup, packing the inputs, rebuilding the output structure with handles)
     and the transport (encode, send, and the calling thread's polling while the server computes)."""
     import djinn
+    from djinn.frontend import wire
     from djinn.frontend.connection import Connection
-    from djinn.protocol import structure
     from djinn.srg.capture import is_leaf_spec
     from djinn.srg.tree import unflatten
 
@@ -167,11 +167,11 @@ def bench_cached_call(model, ids, device: str, reps: int) -> dict:
         for _ in range(reps):
             w0, t0 = time.perf_counter(), time.thread_time()
             cap, leaves = rm._capture((ids,), {})
-            inputs = structure.pack(leaves, s._leaf)
+            inputs = wire.pack(s, leaves)
             t1 = time.thread_time()
             res = rm._run(s, cap, {"model_id": rm.model_id, "inputs": inputs, "seed": None})
             t2 = time.thread_time()
-            out = unflatten(cap.out_spec, s._unpack(res["outputs"]), cap.out_protos, is_leaf_spec)
+            out = unflatten(cap.out_spec, wire.unpack(s, res["outputs"]), cap.out_protos, is_leaf_spec)
             t3 = time.thread_time()
             own.append((t1 - t0) + (t3 - t2))
             transport.append(t2 - t1)

@@ -5,6 +5,7 @@ import dataclasses
 import logging
 
 from ..config import ClientConfig
+from . import wire
 from .address import check_reachable
 from .address import parse as parse_address
 from .embedded import EmbeddedServer
@@ -75,15 +76,11 @@ class Connection:
     def restore_session(self, token: str, name: str | None = None) -> Session:
         """A new session holding a checkpointed session's KV caches, token ids and tensors (its
         tensors are in `session.restored_tensors`). Remote the model again to continue generating."""
-        from ..protocol.tensors import dtype_from_name
-        from .tensor import RemoteTensor
-
         args = {"token": token} if name is None else {"token": token, "name": name}
         reply = self.transport.call("restore_session", args)
         s = Session(self, reply.get("name"), _restored=reply)
         s.kv_tokens = dict(reply["kv_tokens"])
-        s.restored_tensors = {hid: RemoteTensor(s, hid, dtype_from_name(m["dtype"]), m["shape"], self.info["device"])
-                              for hid, m in reply["tensors"].items()}
+        s.restored_tensors = wire.handles(s, reply["tensors"], self.info["device"])
         return s
 
     def stats(self) -> Stats:

@@ -1,7 +1,7 @@
 """In-place edits of remote tensors, recorded on the client: `stop.activation[:, -1] += steer`.
 
 `t.add_(v)`, `t[idx] += v`, `t[idx] = local`, `t.copy_(local)` append an edit record to the session's
-queue. The session ships the queue with its next resume, fork or fetch, or as an `edit` op before any
+outbox (frontend/outbox.py). The session ships the queue with its next resume, fork or fetch, or as an `edit` op before any
 other request, so edits apply on the server in the order they were written, and before anything reads
 or runs on from the edited tensor. `t[idx]` is a RemoteView: a basic-indexing view descriptor whose
 shape is known locally, which can be edited or fetched (`t[:, -1].cpu()` moves only that slice).
@@ -83,7 +83,7 @@ class Editable(LazyOps):
             return self._lazy_inplace(op, value)
         lazy.before_edit(base._session)  # Note [Lazy order]
         record = {"h": base.hid, "i": encode_chain(chain), "op": op, "v": _wire_value(base._session, value, self.shape)}
-        base._session._queue_edit(record)
+        base._session.outbox.edit(record)
         return self
 
     def _lazy_inplace(self, op: str, value: Any):
@@ -139,7 +139,7 @@ class RemoteView(Editable):
     def cpu(self) -> torch.Tensor:
         if self.base._meta is not None:
             return lazy.materialize_view(self)
-        return self.base._session._fetch([self])[0]
+        return self.base._session.fetch([self])[0]
 
     def tolist(self):
         return self.cpu().tolist()

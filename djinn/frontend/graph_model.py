@@ -9,19 +9,21 @@ so a repeated call ships only its inputs and the signature.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from ..protocol import structure
-from ..protocol.errors import ModelNotSupported
+from ..protocol.errors import InvalidRequest, ModelNotSupported
 from ..srg.capture import Captured, capture_module, is_leaf_spec
 from ..srg.layout import layout_of
 from .guards import attribute_guard, weight_versions
 from ..srg.render import render
 from ..srg.tree import flatten, unflatten
+from . import wire
 from .remote import RemoteModel
+from .run import Breakpoint, Run
 from .tensor import RemoteTensor
 from .upload import named_tensors, upload_tensors
 
@@ -78,25 +80,27 @@ class GraphModel(RemoteModel):
         `seed`: torch.manual_seed on the server first (for random ops such as dropout)."""
         s = session or self.session
         self._refresh_weights(s)
-        self._attach(s)
+        self.attach(s)
         cap, leaves = self._capture(args, kwargs)
         self.counters["calls"] += 1
-        inputs = structure.pack(cap.layout.values(leaves), s._leaf)
+        inputs = wire.pack(s, cap.layout.values(leaves))
         res = self._run(s, cap, {"model_id": self.model_id, "inputs": inputs, "seed": seed})
-        outs = s._unpack(res["outputs"])
+        outs = wire.unpack(s, res["outputs"])
         return unflatten(cap.out_spec, outs, cap.out_protos, is_leaf_spec)
 
-    def _start(self, s: "Session", args: tuple, kwargs: dict, specs: list, seed: int | None):
-        """session.start on the graph path: the capture, run as a Run that pauses at module calls
+    def start_run(self, s: "Session", args: tuple, kwargs: dict, *, method: str = "forward",
+                  breakpoints: Sequence[Breakpoint] = (), seed: int | None = None) -> Run:
+        """`s.start(rm, ...)` on the graph path: the capture, run as a Run that pauses at module calls
         (server/graph_runs.py). The graph always travels with a start (a run is rare next to calls)."""
-        from .run import Run
-
+        if method != "forward":
+            raise InvalidRequest("the graph path runs forward only: start(rm, *args) without method")
         self._refresh_weights(s)
-        self._attach(s)
+        self.attach(s)
         cap, leaves = self._capture(args, kwargs)
         self.counters["calls"] += 1
         fut = s.submit("start", {"sig": cap.sig, "graph": cap.wire, "model_id": self.model_id, "seed": seed,
-                                 "inputs": structure.pack(cap.layout.values(leaves), s._leaf), "breakpoints": specs})
+                                 "inputs": wire.pack(s, cap.layout.values(leaves)),
+                                 "breakpoints": [b.to_wire() for b in breakpoints]})
         self._server_has.add((s.sid, cap.sig))
         return Run(s, self, "forward", fut,
                    rebuild=lambda outs: unflatten(cap.out_spec, list(outs), cap.out_protos, is_leaf_spec))

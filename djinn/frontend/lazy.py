@@ -50,56 +50,57 @@ def pending(session) -> bool:
     return st is not None and bool(st.rec.graph.nodes)
 
 
-def _session_of(obj: Any):
-    from .edits import RemoteView
-    from .tensor import RemoteTensor
+def _first_base(obj: Any):
+    """The RemoteTensor under the first remote argument (a RemoteView's base), or None.
 
-    if isinstance(obj, RemoteTensor):
-        return obj._session
-    if isinstance(obj, RemoteView):
-        return obj.base._session
+    Remote arguments are recognized as LazyOps and reached through `_target()`, not by importing
+    tensor.py and edits.py, which import this module: that keeps the frontend free of import cycles."""
+    if isinstance(obj, LazyOps):
+        return obj._target()[0]
     if isinstance(obj, (list, tuple)):
         for x in obj:
-            s = _session_of(x)
-            if s is not None:
-                return s
+            b = _first_base(x)
+            if b is not None:
+                return b
     if isinstance(obj, dict):
-        return _session_of(list(obj.values()))
+        return _first_base(list(obj.values()))
     return None
 
 
 def apply(func, args: tuple, kwargs: dict | None = None) -> Any:
-    """Record `func(*args, **kwargs)` where some arguments are RemoteTensors; return pending results."""
-    from .edits import RemoteView
-    from .tensor import RemoteTensor
-
+    """Record `func(*args, **kwargs)` where some arguments are RemoteTensors; return pending results,
+    RemoteTensors of the same class as the remote arguments (as torch keeps a subclass)."""
     kwargs = kwargs or {}
-    session = _session_of((args, kwargs))
+    first = _first_base((args, kwargs))
+    session = first._session
     st = _STATE.get(session)
     if st is None:
         st = _STATE[session] = _Pending()
     rec = st.rec
     rec.where = user_site(_SKIP)
 
+    def base_meta(x):  # a RemoteTensor's meta stand-in: its pending value, else a graph input
+        if x._session is not session:
+            raise InvalidRequest("a RemoteTensor can only be used in the session that holds it")
+        if x._meta is not None:
+            return x._meta
+        x.check_live()
+        m = st.handles.get(x._hid)
+        if m is None:
+            m = st.handles[x._hid] = torch.empty(tuple(x.shape), dtype=x.dtype, device=_META)
+            rec.add_input(m, {"$h": x._hid}, Lifecycle.DATA)
+            st.keep.append(x)
+        return m
+
     def to_meta(x):
-        if isinstance(x, RemoteTensor):
-            if x._session is not session:
-                raise InvalidRequest("a RemoteTensor can only be used in the session that holds it")
-            if x._meta is not None:
-                return x._meta
-            x.check_live()
-            m = st.handles.get(x._hid)
-            if m is None:
-                m = st.handles[x._hid] = torch.empty(tuple(x.shape), dtype=x.dtype, device=_META)
-                rec.add_input(m, {"$h": x._hid}, Lifecycle.DATA)
-                st.keep.append(x)
+        if isinstance(x, LazyOps):  # a RemoteTensor (empty chain) or a RemoteView of one
+            base, chain = x._target()
+            m = base_meta(base)
+            if chain:
+                with rec:
+                    for index in chain:
+                        m = m[index]
             return m
-        if isinstance(x, RemoteView):
-            base = to_meta(x.base)
-            with rec:
-                for index in x.chain:
-                    base = base[index]
-            return base
         if isinstance(x, (list, tuple)):
             return type(x)(to_meta(v) for v in x)
         if isinstance(x, dict):
@@ -109,22 +110,20 @@ def apply(func, args: tuple, kwargs: dict | None = None) -> Any:
     margs, mkw = to_meta(tuple(args)), to_meta(kwargs)
     with rec:
         out = func(*margs, **mkw)
-    return _wrap(out, session, st)
+    return _wrap(out, type(first), session, st)
 
 
-def _wrap(out: Any, session, st: _Pending) -> Any:
-    from .tensor import RemoteTensor
-
+def _wrap(out: Any, tensor_type: type, session, st: _Pending) -> Any:
     if isinstance(out, torch.Tensor):
         if st.rec.ref_of(out) is None:
             raise InvalidRequest("a lazy op returned a tensor the recorder did not produce")
-        t = RemoteTensor.pending(session, out)
+        t = tensor_type.pending(session, out)
         st.live.append(weakref.ref(t))
         return t
     if isinstance(out, tuple) and hasattr(out, "_fields") or type(out).__module__ == "torch.return_types":
-        return type(out)([_wrap(v, session, st) for v in out])
+        return type(out)([_wrap(v, tensor_type, session, st) for v in out])
     if isinstance(out, (list, tuple)):
-        return type(out)(_wrap(v, session, st) for v in out)
+        return type(out)(_wrap(v, tensor_type, session, st) for v in out)
     return out
 
 
@@ -181,7 +180,9 @@ __or__ __xor__ __lt__ __le__ __gt__ __ge__ __eq__ __ne__""".split()
 
 
 class LazyOps:
-    """Tensor operations on remote tensors, recorded lazily (mixed into RemoteTensor and RemoteView)."""
+    """Tensor operations on remote tensors, recorded lazily (mixed into RemoteTensor and RemoteView).
+    Subclasses provide `_target() -> (the RemoteTensor, the index chain)`: `apply` reaches both kinds
+    through it."""
 
     __slots__ = ()
     __hash__ = object.__hash__

@@ -8,15 +8,19 @@ weights on its device (djinn/server/init_ops.py), so large models never cross th
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from ..protocol import structure
 from ..protocol.errors import InvalidRequest, ModelNotSupported
 from ..protocol.tensors import DTYPE_NAMES
+from . import wire
+from .generate import request as generate_request
+from .run import Breakpoint, Run
 from .stats_view import fmt_bytes, html_card
+from .tensor import RemoteTensor
 from .upload import UploadReport, named_tensors, upload_tensors
 
 if TYPE_CHECKING:
@@ -123,10 +127,10 @@ class RemoteModel:
     def forward(self, *args, session: "Session | None" = None, **kwargs) -> Any:
         """Run forward on the server; tensors in the result are RemoteTensor handles."""
         s = session or self.session
-        self._attach(s)
-        result = s.call("forward", {"model_id": self.model_id, "args": structure.pack(list(args), s._leaf),
-                                    "kwargs": structure.pack(kwargs, s._leaf)})
-        return s._unpack(result["output"])
+        self.attach(s)
+        result = s.call("forward", {"model_id": self.model_id, "args": wire.pack(s, list(args)),
+                                    "kwargs": wire.pack(s, kwargs)})
+        return wire.unpack(s, result["output"])
 
     def generate(self, input_ids: torch.Tensor, *, stream: bool = False, seed: int | None = None,
                  session: "Session | None" = None, **kwargs):
@@ -135,8 +139,20 @@ class RemoteModel:
         Stateless: each call starts fresh. Use `s.generate(rm, ...)` to keep the KV cache between calls.
         """
         s = session or self.session
-        self._attach(s)
-        return s._generate(self, input_ids, stream=stream, seed=seed, use_session_kv=False, **kwargs)
+        self.attach(s)
+        return generate_request(s, self, input_ids, stream=stream, seed=seed, use_session_kv=False, **kwargs)
+
+    def start_run(self, s: "Session", args: tuple, kwargs: dict, *, method: str = "forward",
+                  breakpoints: Sequence[Breakpoint] = (), seed: int | None = None) -> Run:
+        """`s.start(rm, ...)` on the module path: the server runs its own module (forward or generate)
+        with hooks at the breakpoints. Each model class starts its own runs, so Session.start does not
+        ask which path a model is on."""
+        self.attach(s)
+        fut = s.submit("start", {
+            "model_id": self.model_id, "method": method, "breakpoints": [b.to_wire() for b in breakpoints],
+            "seed": seed, "args": wire.pack(s, list(args)), "kwargs": wire.pack(s, kwargs),
+        })
+        return Run(s, self, method, fut)
 
     def explain(self, *args, session: "Session | None" = None, **kwargs) -> str:
         """What `rm(*args, **kwargs)` runs, as text in the graph path's layout (a title line, then
@@ -147,7 +163,9 @@ class RemoteModel:
         return explain_module_call(self, args, kwargs, st.get("models", {}).get(self.model_id, {}),
                                    st.get("sessions", {}).get(s.sid, {}), st.get("device", "?"))
 
-    def _attach(self, s: "Session") -> None:
+    def attach(self, s: "Session") -> None:
+        """Make the model usable in session `s` (one request, the first time): the server counts which
+        sessions hold a model, and frees it after the last one closes."""
         if s.sid not in self._sessions:
             s.call("attach_model", {"model_id": self.model_id})
             self._sessions.add(s.sid)
@@ -168,7 +186,6 @@ class RemoteModel:
 
 def _input_str(v: Any) -> str:
     from ..srg.render import meta_str
-    from .tensor import RemoteTensor
 
     if isinstance(v, RemoteTensor):  # already on the server: only its handle goes up
         return f"remote {meta_str(v)}"

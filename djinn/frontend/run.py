@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..protocol.errors import DjinnError, InvalidRequest, RequestTimeout
+from . import wire
 from .stats_view import fmt_bytes, html_card
 from .tensor import RemoteTensor, Scope
 
@@ -82,8 +83,8 @@ class Stop:
         self.step: int = info["step"]
         self.hit: int = info["hit"]                  # the run's n-th pause, from 0
         self.paused_bytes: int = info["paused_bytes"]
-        self.activation: RemoteTensor = s._unpack(info["activation"])
-        self.module_outputs: Any = s._unpack(info["outputs"]) if info["outputs"] is not None else None
+        self.activation: RemoteTensor = wire.unpack(s, info["activation"])
+        self.module_outputs: Any = wire.unpack(s, info["outputs"]) if info["outputs"] is not None else None
         first = _first_remote(self.module_outputs)
         if first is not None and first.hid == self.activation.hid:
             self.activation = first  # one handle object for one server tensor
@@ -215,7 +216,7 @@ class Run:
         self.timing = reply.get("timing", {})
         self._move_to(Stop(self, reply["stop"]) if self.state == "paused" else None)
         if self.state == "finished":
-            self._output = self.session._unpack(reply["output"])
+            self._output = wire.unpack(self.session, reply["output"])
             if self._rebuild is not None:
                 self._output = self._rebuild(self._output)
 

@@ -3,8 +3,8 @@
 Shape, dtype and device are known locally (no round trip). Data crosses the wire only when it is
 materialized: `.cpu()` (or `.to("cpu")`), `.tolist()`, `.item()`, `.numpy()`. `.device` is the
 server's device as a torch.device; `.to(that device)` keeps the tensor there (LazyOps.to in
-frontend/lazy.py). The server copy is freed when the handle is garbage-collected (batched with the
-session's next request). In-place edits (`add_`, `t[idx] = v`, `t[idx] += v`, `copy_`) and views
+frontend/lazy.py). The server copy is freed when the handle is garbage-collected (queued in the
+session's outbox, frontend/outbox.py, and sent with its next request). In-place edits (`add_`, `t[idx] = v`, `t[idx] += v`, `copy_`) and views
 (`t[:, -1]`) come from `edits.Editable`.
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ class RemoteTensor(Editable):
         self.dtype = dtype
         self.device = torch.device(device)  # the server's device, as torch code expects of .device
         self._session = session
-        weakref.finalize(self, session._release_handle, hid)
+        weakref.finalize(self, session.outbox.free, hid)
 
     @classmethod
     def pending(cls, session: "Session", meta: torch.Tensor) -> "RemoteTensor":
@@ -62,7 +62,7 @@ class RemoteTensor(Editable):
 
     def _bind(self, hid: str) -> None:
         self._hid, self._meta = hid, None
-        weakref.finalize(self, self._session._release_handle, hid)
+        weakref.finalize(self, self._session.outbox.free, hid)
 
     @property
     def hid(self) -> str:
@@ -105,7 +105,7 @@ class RemoteTensor(Editable):
     def cpu(self) -> torch.Tensor:
         if self._meta is not None:
             return lazy.materialize(self)  # the pending chain and this fetch: one round trip
-        return self._session._fetch([self])[0]
+        return self._session.fetch([self])[0]
 
     def numpy(self):
         return self.cpu().numpy()

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import djinn
+from djinn.frontend import wire
 from djinn.frontend.connection import Connection
 from djinn.frontend.run import Breakpoint
-from djinn.protocol import structure
 
 from ..conftest import DEVICE
 from ..models import VOCAB, tiny_gpt2, tiny_llama, tiny_mistral, tiny_qwen2
@@ -50,10 +50,10 @@ def test_concurrent_sessions_share_steps_and_match_local_greedy(fast_server, bui
         prompts = _prompts(4)
         news = [40, 15, 25, 60]  # rows leave at different steps: the pool compacts around them
         for s in sessions:
-            rm._attach(s)
+            rm.attach(s)
         # Sent back to back from one thread: the engine reads them in one poll, so they share steps.
         futures = [s.submit("generate", {
-            "model_id": rm.model_id, "input_ids": p, "kwargs": structure.pack({"max_new_tokens": n, "do_sample": False}, s._leaf),
+            "model_id": rm.model_id, "input_ids": p, "kwargs": wire.pack(s, {"max_new_tokens": n, "do_sample": False}),
             "seed": None, "use_session_kv": True, "stream": False}) for s, p, n in zip(sessions, prompts, news)]
         outs = [f.result(120)["sequences"] for f in futures]
         for i in range(4):
@@ -75,12 +75,12 @@ def test_long_prompts_prefill_in_chunks_between_decode_steps(fast_server):
     try:
         sessions = [conn.session() for _ in range(2)]
         rm = djinn.remote(model, session=sessions[0])
-        rm._attach(sessions[1])
+        rm.attach(sessions[1])
         g = torch.Generator().manual_seed(11)
         prompts = [torch.randint(0, VOCAB, (1, 100), generator=g) for _ in range(2)]
         before = conn.stats()["scheduler"]["prefill"]
         futures = [s.submit("generate", {
-            "model_id": rm.model_id, "input_ids": p, "kwargs": structure.pack({"max_new_tokens": 12, "do_sample": False}, s._leaf),
+            "model_id": rm.model_id, "input_ids": p, "kwargs": wire.pack(s, {"max_new_tokens": 12, "do_sample": False}),
             "seed": None, "use_session_kv": True, "stream": False}) for s, p in zip(sessions, prompts)]
         outs = [f.result(120)["sequences"] for f in futures]
         for out, p in zip(outs, prompts):
@@ -287,11 +287,11 @@ def test_closing_a_session_mid_generate_frees_its_row_and_others_finish(fast_ser
     try:
         doomed, other = conn.session(), conn.session()
         rm = djinn.remote(model, session=doomed)
-        rm._attach(other)
+        rm.attach(other)
         a, b = _prompts(2, seed=14)
         futs = [s.submit("generate", {"model_id": rm.model_id, "input_ids": p, "seed": None, "stream": False,
                                       "use_session_kv": True,
-                                      "kwargs": structure.pack({"max_new_tokens": n, "do_sample": False}, s._leaf)})
+                                      "kwargs": wire.pack(s, {"max_new_tokens": n, "do_sample": False})})
                 for s, p, n in ((doomed, a, 200), (other, b, 60))]
         wait_for(lambda: (conn.stats()["sessions"][doomed.sid].get("job") or {}).get("steps", 0) > 3)
         doomed.close()

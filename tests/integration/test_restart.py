@@ -13,9 +13,9 @@ import torch
 from transformers import LlamaConfig
 
 import djinn
+from djinn.frontend import wire
 from djinn.frontend.connection import Connection
 from djinn.frontend.remote import RemoteModel
-from djinn.protocol import structure
 
 from ..models import tiny_llama
 
@@ -35,9 +35,9 @@ def wait_for(pred, timeout_s: float):
 
 
 def submit_generate(s, rm, ids, **kw):
-    rm._attach(s)
+    rm.attach(s)
     return s.submit("generate", {"model_id": rm.model_id, "input_ids": ids, "use_session_kv": True,
-                                 "kwargs": structure.pack(kw, s._leaf)})
+                                 "kwargs": wire.pack(s, kw)})
 
 
 def test_killed_worker_is_restarted_and_clients_reconnect(start_server, device):

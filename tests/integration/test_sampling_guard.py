@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import djinn
+from djinn.frontend import wire
 from djinn.frontend.connection import Connection
 from djinn.frontend.remote import RemoteModel
-from djinn.protocol import structure
 
 from ..models import tiny_llama
 
@@ -32,9 +32,9 @@ def local_sample(model, device, seed: int, ids=PROMPT, **kw) -> torch.Tensor:
 
 
 def submit_generate(s, rm, ids, seed=None, **kw):
-    rm._attach(s)
+    rm.attach(s)
     return s.submit("generate", {"model_id": rm.model_id, "input_ids": ids, "use_session_kv": False,
-                                 "seed": seed, "kwargs": structure.pack(kw, s._leaf)})
+                                 "seed": seed, "kwargs": wire.pack(s, kw)})
 
 
 def test_overflowing_temperature_is_invalid_request_and_others_go_on(conn, model, device):

@@ -14,9 +14,9 @@ import time
 import pytest
 import torch
 
+from djinn.frontend import wire
 from djinn.frontend.connection import Connection
 from djinn.frontend.remote import RemoteModel
-from djinn.protocol import structure
 from djinn.protocol.errors import InvalidRequest, SessionNotFound
 
 from ..models import tiny_llama
@@ -34,9 +34,9 @@ Q2 = torch.tensor([[77, 4]])
 
 def submit_generate(s, rm, ids, **kw):
     """A session generate sent without waiting for its reply (a Future)."""
-    rm._attach(s)
+    rm.attach(s)
     return s.submit("generate", {"model_id": rm.model_id, "input_ids": ids, "use_session_kv": True,
-                                 "kwargs": structure.pack(kw, s._leaf)})
+                                 "kwargs": wire.pack(s, kw)})
 
 
 def gb(n: int) -> str:
@@ -219,7 +219,7 @@ def test_a_resident_session_grows_while_an_admission_waits(start_server, model):
         waiting = submit_generate(a2, rm, prompts[2], **GEN)      # does not fit: waits for memory
         wait_for(lambda: (sstats(conn, a2).get("job") or {}).get("why") == "no_memory")
         out = a0.call("generate", {"model_id": rm.model_id, "input_ids": torch.arange(3, 19).unsqueeze(0),
-                                   "use_session_kv": True, "kwargs": structure.pack(GEN, a0._leaf)},
+                                   "use_session_kv": True, "kwargs": wire.pack(a0, GEN)},
                       timeout=10)["sequences"]
         assert out.shape == (1, 96)                                 # grew into the free memory
         a1.close()

@@ -11,6 +11,7 @@ import torch
 from transformers import LlamaConfig
 
 from djinn import Breakpoint
+from djinn.frontend import generate
 from djinn.frontend.connection import Connection
 from djinn.frontend.remote import RemoteModel
 from djinn.frontend.top import CLEAR, render_frame
@@ -75,7 +76,7 @@ def test_another_client_sees_that_a_session_generates(start_server):
         [row] = [line for line in render_frame(st, viewer.address).splitlines() if line.startswith("(another")]
         assert row.rstrip().endswith("generate running")
         assert owner.stats()["sessions"][s.sid]["busy"] == "generate running"
-        s._cancel_generate(fut.rid, 0)
+        generate.cancel(s, fut.rid, 0)
         try:
             fut.result(timeout=60)
         except Exception:

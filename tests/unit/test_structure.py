@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutputWithPast
 
-from djinn.frontend.session import _model_output
+from djinn.frontend.wire import model_output as _model_output
 from djinn.protocol.codec import decode, encode
 from djinn.protocol.errors import ProtocolError
 from djinn.protocol.messages import MsgType

@@ -1,0 +1,92 @@
+"""Generate requests and the TokenStream: the server's decode loop, from `s.generate(rm, ids)` (the
+session's KV cache continues) and `rm.generate(ids)` (stateless: each call starts fresh).
+
+Both build the same request here from the session's public surface, so neither reaches into the other.
+"""
+from __future__ import annotations
+
+import queue
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+
+from ..protocol.errors import DjinnError, InvalidRequest
+from . import wire
+
+if TYPE_CHECKING:
+    from .remote import RemoteModel
+    from .session import Session
+
+
+def request(session: "Session", rm: "RemoteModel", input_ids: torch.Tensor, *, stream: bool, seed: int | None,
+            use_session_kv: bool, deterministic: bool = False, **kwargs):
+    """The sequences, or a TokenStream with stream=True. The caller has attached `rm` to `session`.
+
+    deterministic=True: the eager path, bitwise-equal to a local generate, never the batched fast path.
+    """
+    if not isinstance(input_ids, torch.Tensor):
+        raise InvalidRequest("input_ids must be a torch.Tensor")
+    args = {"model_id": rm.model_id, "input_ids": input_ids, "kwargs": wire.pack(session, kwargs),
+            "seed": seed, "use_session_kv": use_session_kv, "stream": stream}
+    if deterministic:
+        args["deterministic"] = True
+    if not stream:  # interrupted (Ctrl-C), the server stops it and the session keeps none of it
+        return session.call("generate", args, on_interrupt=lambda rid: cancel(session, rid, 0))["sequences"]
+    if input_ids.shape[0] != 1:
+        raise InvalidRequest("stream=True supports batch size 1 (like transformers' TextStreamer)")
+    q: queue.Queue = queue.Queue()
+    return TokenStream(q, session.submit("generate", args, stream=q), session)
+
+
+def cancel(session: "Session", rid: int, keep: int):
+    """Stop generate `rid` on the server, the session keeping its first `keep` new tokens (those the
+    caller consumed). Not waited for: the server serves it before this client's next request."""
+    if session.closed or session.lost or session.conn.transport.dead is not None:
+        return None
+    try:
+        return session.conn.transport.submit("cancel_generate", {"sid": session.sid, "rid": rid, "keep": keep})
+    except DjinnError:
+        return None
+
+
+class TokenStream:
+    """Iterator of token ids as the server produces them; `.sequences` holds the result at the end.
+
+    Leaving the loop early (`break`, an exception, Ctrl-C) or calling `cancel()` stops the generate on
+    the server; the session then holds exactly the tokens this iterator yielded (`consumed`)."""
+
+    def __init__(self, q: queue.Queue, fut, session: "Session | None" = None):
+        self._q, self._fut, self._session = q, fut, session
+        self.sequences: torch.Tensor | None = None
+        self.consumed = 0
+        self._ended = False
+        self._cancel_reply = None
+
+    def __iter__(self) -> Iterator[int]:
+        try:
+            while True:
+                item = self._fut.transport.next_stream_item(self._q)
+                if item is None:
+                    self._ended = True
+                    self.sequences = self._fut.result()["sequences"]  # raises the typed error, if any
+                    return
+                for tok in item["tokens"]:
+                    self.consumed += 1
+                    yield tok
+        finally:
+            if not self._ended:
+                self.cancel()
+
+    def cancel(self) -> None:
+        """Stop the generate now, keeping the tokens consumed so far in the session."""
+        if self._ended:
+            return
+        self._ended = True
+        if self._session is not None:
+            self._cancel_reply = cancel(self._session, self._fut.rid, self.consumed)
+
+    close = cancel
+
+    def __repr__(self) -> str:
+        done = "done" if self.sequences is not None else "cancelled" if self._ended else "streaming"
+        return f"TokenStream({done})"
