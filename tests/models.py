@@ -67,3 +67,13 @@ def tiny_bert(seed: int = 0, device="cpu"):
 
 
 TINY_BUILDERS = {"gpt2": tiny_gpt2, "llama": tiny_llama, "mistral": tiny_mistral, "qwen2": tiny_qwen2}
+
+
+def tiny_t5(seed: int = 0, device="cpu"):
+    """An encoder-decoder (T5: 2 encoder and 2 decoder blocks; a decoder block has 3 sublayers)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                   decoder_start_token_id=0)
+    return T5ForConditionalGeneration(cfg).to(device).eval()

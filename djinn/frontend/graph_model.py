@@ -17,6 +17,7 @@ from torch import nn
 
 from ..protocol.errors import InvalidRequest, ModelNotSupported
 from ..srg.capture import Captured, capture_module, is_leaf_spec
+from ..srg.layers import layer_path
 from ..srg.layout import layout_of
 from .guards import attribute_guard, weight_versions
 from ..srg.render import render
@@ -100,10 +101,17 @@ class GraphModel(RemoteModel):
         self.counters["calls"] += 1
         fut = s.submit("start", {"sig": cap.sig, "graph": cap.wire, "model_id": self.model_id, "seed": seed,
                                  "inputs": wire.pack(s, cap.layout.values(leaves)),
-                                 "breakpoints": [b.to_wire() for b in breakpoints]})
+                                 "breakpoints": [self._resolve_layer(b.to_wire()) for b in breakpoints]})
         self._server_has.add((s.sid, cap.sig))
         return Run(s, self, "forward", fut,
                    rebuild=lambda outs: unflatten(cap.out_spec, list(outs), cap.out_protos, is_leaf_spec))
+
+    def _resolve_layer(self, spec: dict) -> dict:
+        """A layer number as a module path, resolved here: the server's skeleton has no config, so it
+        cannot tell T5's decoder stack from its encoder's (Note [Layer numbers] in srg/layers.py)."""
+        if spec.get("layer") is None:
+            return spec
+        return dict(spec, path=layer_path(self.module, spec["layer"]), layer=None)
 
     def explain(self, *args, **kwargs) -> str:
         """The SRG this call runs, as text: ops grouped by module with lifecycle, cost class and sizes."""

@@ -189,6 +189,9 @@ class LazyOps:
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
+        own = _own_method(func, args)
+        if own is not None:  # `torch.Tensor.__format__(t, spec)` means `t.__format__(spec)`: it may fetch
+            return own(*args[1:], **(kwargs or {}))
         return apply(func, args, kwargs)
 
     def __getattr__(self, name: str):
@@ -227,11 +230,36 @@ class LazyOps:
     def __bool__(self) -> bool:
         return bool(self.item())
 
+    def __format__(self, spec: str) -> str:
+        """As torch.Tensor.__format__: a 0-d tensor formats its value (`f"{loss:.3f}"`, one fetch);
+        any other falls back to object's (str() for an empty spec, TypeError for another)."""
+        if self.dim() == 0:
+            return format(self.item(), spec)
+        return object.__format__(self, spec)
+
+    def __array__(self, dtype=None, copy=None):
+        """`np.asarray(t)`: the value, fetched (a fresh array, so `copy` is moot), as torch converts."""
+        a = self.numpy()
+        return a if dtype is None else a.astype(dtype, copy=False)
+
     def __float__(self) -> float:
         return float(self.item())
 
     def __int__(self) -> int:
         return int(self.item())
+
+
+def _own_method(func, args: tuple):
+    """`t.name` bound, when `func` is torch.Tensor's unbound `name` called on a remote tensor `t` whose
+    class defines `name` itself (a conversion that fetches, a metadata query, an edit); None for the
+    rest, which are lazy ops. Only Tensor methods written in Python get here: a C method
+    (`torch.Tensor.sum(t)`) refuses a self that is not a torch.Tensor before torch sees the call."""
+    name = getattr(func, "__name__", None)
+    if not args or not isinstance(args[0], LazyOps) or not name or getattr(torch.Tensor, name, None) is not func:
+        return None
+    if any(name in vars(k) for k in type(args[0]).__mro__[:-1]):  # not object's: no tensor method
+        return getattr(args[0], name)
+    return None
 
 
 def _to_args(args: tuple, kwargs: dict) -> tuple[torch.device | None, torch.dtype | None, bool]:

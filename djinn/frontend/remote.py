@@ -16,6 +16,7 @@ from torch import nn
 
 from ..protocol.errors import InvalidRequest, ModelNotSupported
 from ..protocol.tensors import DTYPE_NAMES
+from ..srg.layers import config_layers
 from . import wire
 from .generate import request as generate_request
 from .run import Breakpoint, Run
@@ -204,7 +205,7 @@ def explain_module_call(rm: RemoteModel, args: tuple, kwargs: dict, model: dict,
         kwargs["use_cache"] = False
     inputs = [_input_str(a) for a in args] + [f"{k}={_input_str(v)}" for k, v in kwargs.items()]
     n_in = sum(isinstance(a, torch.Tensor) or hasattr(a, "hid") for a in (*args, *kwargs.values()))
-    layers = (rm.config or {}).get("num_hidden_layers") or (rm.config or {}).get("n_layer")
+    layers = config_layers(rm.config)
     stream = model.get("streaming")
     kv_tokens = (session.get("kv_tokens") or {}).get(rm.model_id, 0)
     kv_title = "none kept" if not kv_tokens else f"{kv_tokens} tokens kept"

@@ -1,7 +1,8 @@
 """RemoteTensor: a handle to a tensor that lives in a server session.
 
 Shape, dtype and device are known locally (no round trip). Data crosses the wire only when it is
-materialized: `.cpu()` (or `.to("cpu")`), `.tolist()`, `.item()`, `.numpy()`. `.device` is the
+materialized: `.cpu()` (or `.to("cpu")`), `.tolist()`, `.item()`, `.numpy()`, `np.asarray(t)`,
+`format(t, ".3f")` of a 0-d tensor (frontend/lazy.py, as torch.Tensor does). `.device` is the
 server's device as a torch.device; `.to(that device)` keeps the tensor there (LazyOps.to in
 frontend/lazy.py). The server copy is freed when the handle is garbage-collected (queued in the
 session's outbox, frontend/outbox.py, and sent with its next request). In-place edits (`add_`, `t[idx] = v`, `t[idx] += v`, `copy_`) and views
@@ -116,10 +117,6 @@ class RemoteTensor(Editable):
     def item(self):
         return self.cpu().item()
 
-    def __array__(self, dtype=None, copy=None):
-        a = self.numpy()
-        return a if dtype is None else a.astype(dtype)
-
-    def __repr__(self) -> str:
+    def __repr__(self, *, tensor_contents=None) -> str:  # torch.Tensor's signature; never fetches
         state = "pending" if self._meta is not None else "gone" if self._scope and self._scope.ended else "remote"
         return f"RemoteTensor(shape={list(self.shape)}, dtype={self.dtype}, device='{self.device}', {state})"

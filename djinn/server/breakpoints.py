@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..protocol.errors import InvalidRequest, OutOfMemory, RemoteExecutionError
+from ..srg.layers import decoder_stack, layer_path
 from ..srg.tree import tensor_leaves
 from . import edits, executor
 from .rng import Stream
@@ -463,14 +464,15 @@ def parse_breakpoints(module: nn.Module, raw: Any, method: str) -> list[Breakpoi
         if (path is None) == (layer is None):
             raise InvalidRequest("a breakpoint needs exactly one of path and layer")
         if layer is not None:
-            path = _layer_path(module, layer)
+            path = layer_path(module, layer)  # Note [Layer numbers]
         if not isinstance(path, str) or len(path) > 500:
             raise InvalidRequest(f"breakpoint path must be a module path string, got {path!r:.80}")
         try:
             module.get_submodule(path)
         except AttributeError:
-            raise InvalidRequest(f"{type(module).__name__} has no module {path!r}; "
-                                 f"its decoder layers are {decoder_layers_path(module)}.0 ...") from None
+            stack = decoder_layers_path(module)
+            hint = f"; its decoder layers are {stack}.0 ..." if stack else ""
+            raise InvalidRequest(f"{type(module).__name__} has no module {path!r}{hint}") from None
         if where not in WHERE:
             raise InvalidRequest(f"where must be one of {WHERE}, got {where!r}")
         if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
@@ -482,29 +484,12 @@ def parse_breakpoints(module: nn.Module, raw: Any, method: str) -> list[Breakpoi
 
 
 def decoder_layers_path(module: nn.Module) -> str | None:
-    """The module path of the model's decoder stack ("model.layers", "transformer.h"): the ModuleList of
-    config.num_hidden_layers identical blocks, else the longest such list."""
-    want = getattr(getattr(module, "config", None), "num_hidden_layers", None)
-    best: tuple[int, str] | None = None
-    for name, m in module.named_modules():
-        if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(c) for c in m}) == 1:
-            if len(m) == want:
-                return name
-            if best is None or len(m) > best[0]:
-                best = (len(m), name)
-    return best[1] if best else None
-
-
-def _layer_path(module: nn.Module, layer: Any) -> str:
-    if not isinstance(layer, int) or isinstance(layer, bool):
-        raise InvalidRequest(f"layer must be an int, got {layer!r}")
-    stack = decoder_layers_path(module)
-    if stack is None:
-        raise InvalidRequest(f"{type(module).__name__} has no decoder layer stack; give a module path instead")
-    n = len(module.get_submodule(stack))
-    if not -n <= layer < n:
-        raise InvalidRequest(f"layer={layer} is out of range: {type(module).__name__} has {n} layers at {stack}")
-    return f"{stack}.{layer % n}"
+    """The module path of the model's decoder stack ("model.layers", "transformer.h"), or None where
+    layer numbers name none (Note [Layer numbers] in srg/layers.py)."""
+    try:
+        return decoder_stack(module)[0]
+    except InvalidRequest:
+        return None
 
 
 # -- helpers ---------------------------------------------------------------------------------------

@@ -46,8 +46,9 @@ class GraphModule(nn.Module):
 
 
 def _skeleton(tree: dict) -> nn.Module:
-    """Empty modules for a path tree; children named 0..n-1 make a ModuleList, so a decoder stack is
-    found by layer number as on the module path (breakpoints.decoder_layers_path)."""
+    """Empty modules for a path tree; children named 0..n-1 make a ModuleList, as in the module. (The
+    client sends layer numbers as paths: the skeleton has no config, Note [Layer numbers] in
+    srg/layers.py; one from a raw client resolves here only to a single outermost stack.)"""
     children = {name: _skeleton(sub) for name, sub in tree.items()}
     if children and sorted(children) == sorted(str(k) for k in range(len(children))):
         return nn.ModuleList(children[str(k)] for k in range(len(children)))

@@ -12,7 +12,7 @@ from djinn.frontend.remote import RemoteModel
 from djinn.frontend.tensor import RemoteTensor
 
 from ..conftest import DEVICE
-from ..models import tiny_bert, tiny_gpt2, tiny_gpt_neox, tiny_gptj, tiny_llama
+from ..models import tiny_bert, tiny_gpt2, tiny_gpt_neox, tiny_gptj, tiny_llama, tiny_t5
 
 PROMPT = torch.tensor([[1, 17, 42, 99, 5, 250, 7, 64, 31, 128]])
 
@@ -352,7 +352,7 @@ def test_weight_write_refused(session):
 
 
 # -- breakpoints on the graph path (server/graph_runs.py) ------------------------------------------------
-def _hooked_local(m, args, path, edit=None):
+def _hooked_local(m, args, path, edit=None, kwargs=None):
     """Local reference: the module's output at `path` (and the model output), optionally edited in place
     by a forward hook, as a breakpoint edit does on the server."""
     import copy
@@ -368,7 +368,7 @@ def _hooked_local(m, args, path, edit=None):
 
     h = m.get_submodule(path).register_forward_hook(hook)
     with torch.no_grad():
-        out = m(*[a.to(DEVICE) for a in args])
+        out = m(*[a.to(DEVICE) for a in args], **{k: v.to(DEVICE) for k, v in (kwargs or {}).items()})
     h.remove()
     return seen[0].cpu(), out
 
@@ -421,3 +421,25 @@ def test_hf_model_on_the_graph_path_stops_at_a_layer_steers_and_forks(session, b
 
         _, ref = _hooked_local(model, (PROMPT,), layer_path, edit)
         assert torch.equal(run_.output.logits.cpu(), ref.logits.cpu()), sign
+
+
+def test_layer_numbers_of_an_encoder_decoder_are_its_decoder_blocks(session):
+    """Note [Layer numbers] (srg/layers.py): layer k of T5 is decoder.block.k, not decoder.block.0.layer.k
+    (a block's 3 sublayers, the longest ModuleList), and k past the decoder's 2 blocks is refused with the
+    ModuleLists there are, not resolved to some other tensor."""
+    model = tiny_t5(seed=2)
+    rg = djinn.remote(model, session=session)  # T5 is not on the allow-list: the graph path
+    inputs = {"input_ids": PROMPT[:, :6], "decoder_input_ids": torch.tensor([[0, 7, 3]])}
+    run = session.start(rg, breakpoints=[1], **inputs)
+    stop = run.wait()
+    ref_act, ref = _hooked_local(model, (), "decoder.block.1", kwargs=inputs)
+    assert stop.path == "decoder.block.1" and torch.equal(stop.activation.cpu(), ref_act)
+    assert run.resume() is None and torch.equal(run.output.logits.cpu(), ref.logits.cpu())
+    with pytest.raises(djinn.InvalidRequest) as e:
+        session.start(rg, breakpoints=[djinn.Breakpoint(layer=2)], **inputs).wait()
+    assert str(e.value) == (
+        "layer=2 is out of range: T5ForConditionalGeneration has 2 layers at decoder.block (its ModuleLists: "
+        'encoder.block (2), decoder.block (2)); to stop elsewhere name a module path, e.g. breakpoints=["decoder.block.1"]')
+    run = session.start(rg, breakpoints=["decoder.block.0.layer.2"], **inputs)  # a sublayer, by its path
+    assert run.wait().path == "decoder.block.0.layer.2"
+    run.cancel()

@@ -1,11 +1,13 @@
-"""Tier 2: RemoteTensor follows torch's device habits, against a real server.
+"""Tier 2: RemoteTensor follows torch's device, numpy and formatting habits, against a real server.
 
 `.to("cpu")` and `.cpu()` give a local torch.Tensor; `.device` is a torch.device (the server's);
 `.to(<the server's device>)` and `.to(dtype)` stay remote; other devices are refused with what to do.
-On a CPU server "cpu" means here (frontend/lazy.py, LazyOps.to).
+On a CPU server "cpu" means here (frontend/lazy.py, LazyOps.to). `np.asarray`, `format` and unbound
+`torch.Tensor` methods written in Python give what they give on the same tensor held locally.
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -78,3 +80,52 @@ def test_dtype_and_server_device_stay_remote(pair, device):
         logits.to(other)
     with pytest.raises(TypeError, match="unexpected keyword"):
         logits.to("cpu", colour="red")
+
+
+def _views(logits, ref):
+    """(remote, local) pairs: a handle, basic-index views, a pending result and a view of one."""
+    return [(logits, ref), (logits[0, -1], ref[0, -1]), (logits[0, 1:3, :4], ref[0, 1:3, :4]),
+            (logits * 2, ref * 2), ((logits * 2)[0, -1], (ref * 2)[0, -1])]
+
+
+def test_numpy_sees_the_value_of_tensors_and_views(pair):
+    rm, ref = pair
+    logits = rm(IDS).logits
+    for got, want in _views(logits, ref):
+        for conv in (np.asarray, lambda t: np.asarray(t, dtype=np.float64), np.array,
+                     lambda t: t.__array__(), lambda t: torch.Tensor.__array__(t)):
+            a, b = conv(got), conv(want)
+            assert a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b), want.shape
+
+
+def test_format_as_torch_formats(pair):
+    rm, ref = pair
+    logits = rm(IDS).logits
+    scalars = [(logits.sum(), ref.sum(), (".3f", "+.6e", ">12.4g", "")),     # a pending 0-d result
+               (logits[0, -1, 3], ref[0, -1, 3], (".3f", "")),              # a 0-d view
+               (logits.argmax(), ref.argmax(), ("d", ">6", "x", ""))]       # an integer
+    for got, want, specs in scalars:
+        for spec in specs:
+            assert format(got, spec) == format(want, spec), spec
+            assert torch.Tensor.__format__(got, spec) == torch.Tensor.__format__(want, spec), spec
+    assert f"loss {logits.sum():.4f}" == f"loss {ref.sum():.4f}"
+    for got, want in ((logits[0, -1, :1], ref[0, -1, :1]), (logits[0], ref[0])):  # not 0-d: object's format
+        assert format(got, "") == str(got)
+        with pytest.raises(TypeError, match="unsupported format string"):
+            format(want, ".3f")
+        with pytest.raises(TypeError, match="unsupported format string"):
+            format(got, ".3f")
+
+
+def test_unbound_tensor_methods_in_python(pair):
+    """torch.Tensor methods written in Python reach __torch_function__ with the remote tensor as self:
+    its own method where it has one, else a lazy op."""
+    rm, ref = pair
+    logits = rm(IDS).logits
+    assert torch.equal(torch.Tensor.norm(logits, dim=-1).cpu(), torch.Tensor.norm(ref, dim=-1))
+    assert torch.equal(torch.Tensor.__rsub__(logits, 1).cpu(), torch.Tensor.__rsub__(ref, 1))
+    assert torch.equal(torch.Tensor.unflatten(logits[0], -1, (16, 16)).cpu(), torch.Tensor.unflatten(ref[0], -1, (16, 16)))
+    parts = torch.Tensor.split(logits, 2, dim=1)
+    assert len(parts) == 3 and all(torch.equal(g.cpu(), w) for g, w in zip(parts, torch.Tensor.split(ref, 2, dim=1)))
+    assert torch.Tensor.__len__(logits[0]) == torch.Tensor.__len__(ref[0]) == 5
+    assert torch.Tensor.__repr__(logits) == repr(logits)  # no fetch: what repr(t) shows
