@@ -3,8 +3,8 @@
 # Parts: exp1 ($EXP1_POLICIES, default signal,resident, at N=$EXP1_AGENTS, default 16,48,96), fork (forks at a 2k prefix on
 # 13B), exp1s (signal alone at N=$EXP1_AGENTS, default 48), exp1b (lru and recompute at N=48, the shared-prefix
 # variant at N=48), micro (session and run forks at a 2k prefix on 13B, 7B decode speed against HF
-# eager, swap by blocks), decode (fast-path GPU tests, then 7B decode with gather and flex attention,
-# 32 rows at 128 and 2k tokens, and 32 remote sessions), gpu-tests (tier 3). Each writes its JSON and log under OUTDIR.
+# eager, swap by blocks), decode (fast-path and swap GPU tests, 7B decode with gather and flex attention,
+# 32 rows at 128 and 2k tokens, 32 remote sessions, swap by blocks), gpu-tests (tier 3). Each writes its JSON and log under OUTDIR.
 set -u
 out=${1:?usage: gpu_job.sh OUTDIR PART...}; shift
 mkdir -p "$out"
@@ -37,9 +37,11 @@ for part in "$@"; do
         --agents "${EXP1_AGENTS:-48}" --time-budget-s "$budget" --out "$out" --name exp1_signal 2>&1 \
         | tee "$out/exp1_signal.log" | tail -12 ;;
     decode)
-      timeout 150 python -m pytest -q -x tests/gpu/test_fast_decode_gpu.py -p no:cacheprovider 2>&1 | tail -8
-      timeout 330 python "$here/exp_decode/bench_decode.py" --shapes 7b --concurrency 1,32 --max-sessions 32 \
-        --long-prompt 2048 --out "$out/decode_7b.json" 2>&1 | tail -16 ;;
+      timeout 70 python -m pytest -q -x tests/gpu/test_fast_decode_gpu.py tests/gpu/test_swap_gpu.py \
+        -p no:cacheprovider 2>&1 | tail -4
+      timeout 150 python "$here/exp_decode/bench_decode.py" --shapes 7b --concurrency 1,32 --max-sessions 32 \
+        --long-prompt 2048 --out "$out/decode_7b.json" 2>&1 | grep -v -i warn | tail -14
+      timeout 40 python "$here/micro/bench_swap.py" --quick --out "$out/swap.json" 2>&1 | tail -6 ;;
     gpu-tests)
       timeout 300 python -m pytest -q -x --timeout 150 tests/gpu -p no:cacheprovider 2>&1 | tail -25 ;;
     *) echo "unknown part $part" >&2; exit 2 ;;

@@ -186,7 +186,7 @@ def copy_table(pool: KVPool, src: KVTable, reserve_tokens: int) -> KVTable:
     reserve(pool, t, reserve_tokens)
     n = pool.blocks_for(src.length)
     for dst_row, src_row in zip(t.rows, src.rows):
-        pool.kv[dst_row[:n]] = pool.kv[src_row[:n]]
+        pool.kv[:, :, dst_row[:n]] = pool.kv[:, :, src_row[:n]]
     t.length = src.length
     return t
 

@@ -180,7 +180,7 @@ class DecodePool:
         self.slots = int(rows)
         if self.slots < 1:
             raise ValueError(f"a decode pool needs at least one row, got {rows}")
-        self.kv = kv_pool.kv                                        # [blocks, layers, k|v, bt, heads, dim]
+        self.kv = kv_pool.kv                                        # [layers, k|v, blocks, bt, heads, dim]
         width = -(-self.max_len // self.bt)
         self.tables = torch.zeros(self.slots, width, dtype=torch.long, device=self.device)  # 0: scratch
         self.ids = torch.zeros(self.slots, dtype=torch.long, device=self.device)
@@ -355,7 +355,7 @@ class DecodePool:
             k = attn.k_proj(x).view(B, 1, self.kv_heads, self.head_dim).transpose(1, 2)
             v = attn.v_proj(x).view(B, 1, self.kv_heads, self.head_dim).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            kl, vl = self.kv[:, i, 0], self.kv[:, i, 1]                       # [blocks, bt, kv_heads, dim]
+            kl, vl = self.kv[i, 0], self.kv[i, 1]                             # [blocks, bt, kv_heads, dim]
             kl[blk, off] = k[:, :, 0]
             vl[blk, off] = v[:, :, 0]
             o = self.attention.attend(q, i, state, attn.scaling)                # [B, heads, 1, dim]

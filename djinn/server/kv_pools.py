@@ -85,8 +85,13 @@ def pool_for(engine, entry) -> KVPool:
     heads = int(getattr(module.config, "num_attention_heads", 0) or shape.kv_heads)
     attention, fallback = (paged_attention.choose(cfg.fast_decode_attention, device), None)
     if cfg.fast_decode != "off":
+        most = cfg.kv_pool_max_tokens * shape.token_bytes  # the largest pool this model could get
+        if cfg.data_budget_gb is not None:
+            most = min(most, int(cfg.data_budget_gb * GIB))
+        if device.type == "cuda":
+            most = min(most, torch.cuda.mem_get_info(device)[1])
         attention, fallback = paged_attention.resolve(cfg.fast_decode_attention, device, shape.layers,
-                                                      shape.kv_heads, shape.head_dim, shape.dtype, heads)
+                                                      shape.kv_heads, shape.head_dim, shape.dtype, heads, most)
         if fallback:
             log.warning("%s: decode attention falls back to the gather: %s", type(module).__name__, fallback)
     rows = decode_rows(cfg, shape, heads, attention)

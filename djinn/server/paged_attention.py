@@ -2,35 +2,17 @@
 
 `GatherAttention` copies each row's blocks into a dense [rows, heads, length, dim] tensor per layer and
 runs SDPA over it with a mask; `FlexAttention` reads the blocks where they lie, through PyTorch's
-FlexAttention with a block mask (Note [Flex over the pool]). The step (fastpath.DecodePool) calls
-`prepare` once per step and `attend` once per layer; both run inside the step's CUDA graph, so every
-tensor they touch is allocated here once.
-
-Note [Why FlexAttention]
-    The gather reads the batch's KV, writes a copy and reads the copy again: three passes over the
-    KV where attention needs one. On an H100 (Llama-2-7B shape, 32 rows of 256 tokens) that was 2.9 ms
-    of a 13.3 ms step, and at 2k contexts on the 13B shape it is most of the step. The issue's
-    candidates: transformers' continuous-batching `PagedAttentionCache` gathers too (its sdpa path
-    indexes the cache into a dense copy); FlashInfer and FlashAttention's paged kernels need wheels
-    built for the exact CUDA and torch of the GPU machines; FlexAttention ships with torch, compiles
-    to one Triton kernel per shape, and takes a block table as its block mask (torch's own
-    `nn.attention.experimental._paged_attention` is built on it). We use FlexAttention directly
-    rather than that experimental class: its page table and converted masks assume one layer per
-    cache tensor, and ours holds every layer of a block together so that a swap moves one run of
-    bytes per block.
-
-Note [Flex over the pool]
-    The pool is `kv[block, layer, k|v, bt, kv_head, dim]`. Viewed as one flat sequence of token slots
-    `flat[block * layers * 2 * bt + ..., kv_head, dim]` it has one stride per token, so it is a valid
-    FlexAttention key tensor of "length" blocks * layers * 2 * bt, cut into pages of bt slots: page
-    `(b * layers + i) * 2` holds layer i's keys of block b and the next page its values. For layer i
-    the keys are the window of the flat sequence starting at page 2i and the values the window
-    starting at page 2i + 1; in both windows block b is page `2 * layers * b`, the same for every
-    layer, so one block mask serves all layers of a step. A row's block mask lists its blocks before
-    the current one as full pages (no mask function runs on them) and its current block as a partial
-    page, where `kv_idx % bt <= pos % bt` keeps the positions written so far. FlexAttention's kernel
-    reads only the pages a row's mask lists, so the rest of the pool (other sessions' blocks, the
-    scratch block) is never touched.
+FlexAttention with a block mask (Note [Flex over the pool]
+    The pool is layer-major, `kv[layer, k|v, block, bt, kv_head, dim]` (Note [Pool layout] in
+    djinn/vmu/kv_pool.py), so layer i's keys are one contiguous run of token slots
+    `kv[i, 0].view(blocks * bt, kv_head, dim)`: a valid FlexAttention key tensor of "length"
+    blocks * bt, cut into pages of bt slots, page b being block b; values likewise. A row's block
+    mask lists its blocks before the current one as full pages (no mask function runs on them) and
+    its current block as a partial page, where `kv_idx % bt <= pos % bt` keeps the positions written
+    so far; the same mask serves every layer of a step. FlexAttention's kernel reads only the pages a
+    row's mask lists, so the rest of the pool (other sessions' blocks, the scratch block) is never
+    touched. The kernel takes its block size as its KV tile (`BLOCK_N` = bt: the main kernel, which
+    a batch of symbolic size uses, needs the tile to divide the block).
 
     This relies on the compiled kernel's block sparsity: the mask function alone does not say which
     pages are a row's (a prefix-shared block belongs to several rows), so FlexAttention run eagerly
@@ -64,14 +46,24 @@ def choose(kind: str, device: torch.device) -> str:
     return kind
 
 
+#: FlexAttention's kernels index a key tensor with 32-bit offsets: past this many elements in one
+#: layer's keys they do not compile (torch 2.11, `OSDI_Evaluation/micro/flex_probe.py`).
+FLEX_MAX_ELEMENTS = 2**31 - 1
+
+
 def resolve(kind: str, device: torch.device, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-            heads: int) -> tuple[str, str | None]:
+            heads: int, pool_bytes: int) -> tuple[str, str | None]:
     """The attention to use and, when auto chose flex and flex does not work here, why it fell back.
-    Flex is checked against the gather on a small pool of this model's shape (Note [Flex is checked]);
-    asked for by name, it is used unchecked and its failure is the caller's error."""
+    Flex is checked against the gather on a small pool of this model's shape, and the largest pool
+    the device allows (`pool_bytes`) against its indexing limit (Note [Flex is checked]); asked for
+    by name, it is used unchecked and its failure is the caller's error."""
     chosen = choose(kind, device)
     if kind != "auto" or chosen != "flex":
         return chosen, None
+    per_layer = pool_bytes // (2 * layers * dtype.itemsize)
+    if per_layer > FLEX_MAX_ELEMENTS:
+        return "gather", (f"a pool of up to {pool_bytes / 2**30:.1f} GiB holds {per_layer} elements per layer's keys, "
+                          f"past FlexAttention's 32-bit indexing ({FLEX_MAX_ELEMENTS})")
     why = flex_check(device, layers, kv_heads, head_dim, dtype, heads)
     return ("gather", why) if why else ("flex", None)
 
@@ -81,7 +73,7 @@ def flex_check(device: torch.device, layers: int, kv_heads: int, head_dim: int, 
     """None when compiled flex attention gives the gather's result on a 4-block pool of this shape, at
     batch 1 and 3 (the two compiles a pool's steps need: dynamo specializes a batch of 1); else why not."""
     g = torch.Generator(device="cpu").manual_seed(0)
-    kv = torch.randn(4, layers, 2, 16, kv_heads, head_dim, generator=g).to(device, dtype)
+    kv = torch.randn(layers, 2, 4, 16, kv_heads, head_dim, generator=g).to(device, dtype)
     try:
         flex, gather = make("flex", kv, 3, 2, heads), make("gather", kv, 3, 2, heads)
         for B in (1, 3):
@@ -108,14 +100,9 @@ def workspace_bytes(kind: str, blocks: int, layers: int, kv_heads: int, head_dim
                     heads: int, rows: int, max_len: int) -> int:
     """Device bytes the step's attention needs beyond the pool, at `rows` rows of `max_len` tokens."""
     if kind == "flex":
-        return 2 * rows * _pages(blocks, layers) * 4 + rows * 16   # two int32 index tables per row
+        return 2 * rows * blocks * 4 + rows * 16   # two int32 index tables of a page per block, per row
     per_pos = kv_heads * head_dim * itemsize  # one layer's gathered keys and values, plus GQA's copies
     return rows * max_len * per_pos * (2 + 2 * max(1, heads // max(1, kv_heads)))
-
-
-def _pages(blocks: int, layers: int) -> int:
-    """Pages in one layer's window of the flat pool (Note [Flex over the pool])."""
-    return 2 * layers * (blocks - 1) + 1
 
 
 class GatherAttention:
@@ -125,7 +112,7 @@ class GatherAttention:
 
     def __init__(self, kv: torch.Tensor, slots: int, width: int, heads: int):
         self.kv, self.heads = kv, heads
-        self.bt, self.kv_heads, self.head_dim = kv.shape[3], kv.shape[4], kv.shape[5]
+        self.bt, self.kv_heads, self.head_dim = kv.shape[3], kv.shape[4], kv.shape[5]  # [layers, k|v, blocks, ...]
 
     def prepare(self, tables: torch.Tensor, pos: torch.Tensor, length: int):
         """Per step: tables [B, nb] covering `length` positions, pos [B]."""
@@ -139,7 +126,7 @@ class GatherAttention:
         tables, mask = state
         B, nb = tables.shape
         Lg = nb * self.bt
-        kl, vl = self.kv[:, layer, 0], self.kv[:, layer, 1]                   # [blocks, bt, kv_heads, dim]
+        kl, vl = self.kv[layer, 0], self.kv[layer, 1]                         # [blocks, bt, kv_heads, dim]
         kc = kl[tables].view(B, Lg, self.kv_heads, self.head_dim).transpose(1, 2)
         vc = vl[tables].view(B, Lg, self.kv_heads, self.head_dim).transpose(1, 2)
         return F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=scale,
@@ -154,25 +141,18 @@ class FlexAttention:
     def __init__(self, kv: torch.Tensor, slots: int, width: int, heads: int):
         from torch.nn.attention.flex_attention import BlockMask
 
-        blocks, layers, _, bt, kv_heads, dim = kv.shape
-        if blocks < 2:
-            raise ValueError("a flex decode attention needs a pool of at least two blocks")
-        self.heads, self.kv_heads, self.bt, self.layers = heads, kv_heads, bt, layers
-        self.stride = 2 * layers                  # pages between consecutive blocks in a window
-        pages = _pages(blocks, layers)
-        n = pages * bt
-        flat = kv.view(blocks * layers * 2 * bt, kv_heads, dim)
-        # Layer i's keys start at page 2i, its values at page 2i + 1; both windows are n slots long.
-        self.keys = [flat[2 * i * bt:2 * i * bt + n].permute(1, 0, 2).unsqueeze(0) for i in range(layers)]
-        self.values = [flat[(2 * i + 1) * bt:(2 * i + 1) * bt + n].permute(1, 0, 2).unsqueeze(0)
-                       for i in range(layers)]
+        layers, _, blocks, bt, kv_heads, dim = kv.shape
+        self.heads, self.kv_heads, self.bt = heads, kv_heads, bt
+        n = blocks * bt
+        self.keys = [kv[i, 0].view(n, kv_heads, dim).permute(1, 0, 2).unsqueeze(0) for i in range(layers)]
+        self.values = [kv[i, 1].view(n, kv_heads, dim).permute(1, 0, 2).unsqueeze(0) for i in range(layers)]
         dev = kv.device
-        self.full = torch.zeros(slots, 1, 1, pages, dtype=torch.int32, device=dev)  # the full pages
+        self.full = torch.zeros(slots, 1, 1, blocks, dtype=torch.int32, device=dev)  # the full pages
         self.full_n = torch.zeros(slots, 1, 1, dtype=torch.int32, device=dev)
-        self.part = torch.zeros(slots, 1, 1, pages, dtype=torch.int32, device=dev)  # the current page
+        self.part = torch.zeros(slots, 1, 1, blocks, dtype=torch.int32, device=dev)  # the current page
         self.part_n = torch.ones(slots, 1, 1, dtype=torch.int32, device=dev)
         self.off = torch.zeros(slots, dtype=torch.long, device=dev)  # the current page's last offset
-        self.width = width
+        self.options = {"BLOCK_N": bt}
         off = self.off
 
         def mask_mod(b, h, q_idx, kv_idx):
@@ -189,9 +169,9 @@ class FlexAttention:
     def prepare(self, tables: torch.Tensor, pos: torch.Tensor, length: int):
         B, nb = tables.shape
         blk = pos // self.bt
-        self.full[:B, 0, 0, :nb] = (tables * self.stride).to(torch.int32)
+        self.full[:B, 0, 0, :nb] = tables.to(torch.int32)
         self.full_n[:B, 0, 0] = blk.to(torch.int32)
-        self.part[:B, 0, 0, 0] = (tables.gather(1, blk[:, None])[:, 0] * self.stride).to(torch.int32)
+        self.part[:B, 0, 0, 0] = tables.gather(1, blk[:, None])[:, 0].to(torch.int32)
         self.off[:B] = pos % self.bt
         mask = self._masks.get(B)
         if mask is None:
@@ -200,7 +180,7 @@ class FlexAttention:
 
     def attend(self, q: torch.Tensor, layer: int, mask, scale: float) -> torch.Tensor:
         return self._flex(q, self.keys[layer], self.values[layer], block_mask=mask, scale=scale,
-                          enable_gqa=self.heads != self.kv_heads)
+                          enable_gqa=self.heads != self.kv_heads, kernel_options=self.options)
 
 
 @functools.cache

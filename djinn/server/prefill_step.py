@@ -91,7 +91,7 @@ def prefill(pool, chunks: list[Chunk]) -> torch.Tensor:
         k = attn.k_proj(x).view(R, n, Hkv, D).transpose(1, 2)
         v = attn.v_proj(x).view(R, n, Hkv, D).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        kl, vl = kv[:, i, 0], kv[:, i, 1]                                    # [blocks, bt, kv_heads, dim]
+        kl, vl = kv[i, 0], kv[i, 1]                                          # [blocks, bt, kv_heads, dim]
         kl[blk, off] = k.transpose(1, 2)[valid]
         vl[blk, off] = v.transpose(1, 2)[valid]
         kc = kl[tbl].view(R, Lg, Hkv, D).transpose(1, 2)

@@ -222,14 +222,14 @@ class DataSegment:
             return []
         away = self._away.get(id(t))
         if away is not None and not t.blocks:  # only in the host pool
-            blocks = self._host_blocks(away.host).reshape(t.batch, away.per_row, *pool.kv.shape[1:])
+            blocks = self._host_blocks(away.host)                   # [layers, k|v, batch * per_row, bt, heads, dim]
         else:
-            blocks = pool.kv[pool.device_rows(t)].cpu()             # [batch, nb, layers, k|v, bt, heads, dim]
+            blocks = pool.kv[:, :, pool.device_rows(t)].cpu()       # [layers, k|v, batch, nb, bt, heads, dim]
         out = []
         for layer in range(pool.shape.layers):
             kv2 = []
             for j in (0, 1):
-                x = blocks[:, :, layer, j].reshape(t.batch, -1, pool.shape.kv_heads, pool.shape.head_dim)
+                x = blocks[layer, j].reshape(t.batch, -1, pool.shape.kv_heads, pool.shape.head_dim)
                 kv2.append(x[:, :t.length].transpose(1, 2).contiguous().cpu())
             out.append((kv2[0], kv2[1]))
         return out
@@ -289,12 +289,10 @@ class DataSegment:
                     self.pool.release(h.alloc)
                 log.warning("swap-out of session %s: the host pool has no region of %d bytes", s.sid[:8], nbytes)
                 return False
-            hosts.append(HostCopy(a, (Slot(0, t.blocks * p.block_bytes, (t.blocks, *p.kv.shape[1:]), p.kv.dtype),)))
+            hosts.append(HostCopy(a, (Slot(0, t.blocks * p.block_bytes, p.region_shape(t.blocks), p.kv.dtype),)))
         for (mid, p, t), host in zip(tables, hosts):
-            region = self._host_blocks(host)                                     # [blocks, ...] on the host
-            ids = t.ids()
-            dsts = [region[j:j + n] for j, _, n in p.runs(ids)]
-            srcs = [p.kv[b:b + n] for _, b, n in p.runs(ids)]
+            region = self._host_blocks(host)                      # [layers, k|v, blocks, ...] on the host
+            dsts, srcs = p.copy_pairs(region, t.ids(), to_host=True)
             handle = self.swapper.start("out", host, dsts, srcs, keep=srcs)
             self._away[id(t)] = Away(host, len(t.rows[0]), mid)
             m.inflight.append((t, handle))
@@ -321,10 +319,7 @@ class DataSegment:
             got.append((p, t))
         for p, t in todo:
             away = self._away[id(t)]
-            region = self._host_blocks(away.host)
-            ids = t.ids()
-            dsts = [p.kv[b:b + n] for _, b, n in p.runs(ids)]
-            srcs = [region[j:j + n] for j, _, n in p.runs(ids)]
+            dsts, srcs = p.copy_pairs(self._host_blocks(away.host), t.ids(), to_host=False)
             m.inflight.append((t, self.swapper.start("in", away.host, dsts, srcs)))
         m.state = SessionState.PREFETCHING
         self._sessions[s.sid] = s

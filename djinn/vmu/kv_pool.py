@@ -1,11 +1,19 @@
 """A model's KV pool: the Data segment's fixed-size blocks on the device, and the tables into them.
 
-DESIGN.md section 3. One pool per model that keeps KV, allocated once (kv_pool_plan.py sizes it) as
-one tensor `kv[block, layer, k|v, block_tokens, kv_head, head_dim]`, so a block holds `block_tokens`
-tokens of every layer in one contiguous run of bytes: a swap moves whole blocks as large copies, and
-consecutive block ids coalesce into one copy. Every KV path (the eager module path through
+DESIGN.md section 3. One pool per model that keeps KV, allocated once (kv_pools.py sizes it) as one
+tensor `kv[layer, k|v, block, block_tokens, kv_head, head_dim]` (Note [Pool layout]). Every KV path (the eager module path through
 `PagedCache`, the batched decode step, breakpoints, checkpoints, swap) reads and writes these blocks;
 nothing else holds KV.
+
+Note [Pool layout]
+    Layer-major: one layer's keys (or values) of every block are one contiguous tensor
+    `kv[i, 0]` [blocks, bt, kv_heads, dim], so the decode step's FlexAttention reads a layer's blocks
+    in place through a plain block table (djinn/server/paged_attention.py). The block-major layout
+    this replaced (a block's bytes of every layer in one run) made the only flat view FlexAttention
+    can take span the whole pool, and past 2^31 elements (a few GB) its kernel does not compile in
+    torch 2.11 (`OSDI_Evaluation/micro/flex_probe.py` on an H100). What a block's bytes cost now is
+    swap: a run of consecutive block ids moves as one copy per layer and k|v (`copy_pairs`), each
+    still a contiguous range, into a host copy laid out the same way.
 
 Note [Block tables]
     A `KVTable` is one session's KV for one model: per batch row, the block ids covering positions
@@ -70,7 +78,17 @@ class KVShape:
 
 @dataclass
 class KVTable:
-    """Note [Block tables]."""
+    """Note [Pool layout]
+    Layer-major: one layer's keys (or values) of every block are one contiguous tensor
+    `kv[i, 0]` [blocks, bt, kv_heads, dim], so the decode step's FlexAttention reads a layer's blocks
+    in place through a plain block table (djinn/server/paged_attention.py). The block-major layout
+    this replaced (a block's bytes of every layer in one run) made the only flat view FlexAttention
+    can take span the whole pool, and past 2^31 elements (a few GB) its kernel does not compile in
+    torch 2.11 (`OSDI_Evaluation/micro/flex_probe.py` on an H100). What a block's bytes cost now is
+    swap: a run of consecutive block ids moves as one copy per layer and k|v (`copy_pairs`), each
+    still a contiguous range, into a host copy laid out the same way.
+
+Note [Block tables]."""
 
     rows: list[list[int]]
     length: int = 0
@@ -98,10 +116,36 @@ class KVPool:
         self.shape, self.block_tokens, self.device = shape, block_tokens, torch.device(device)
         self.alloc = BlockAllocator(num_blocks, reserved=1)  # Note [Scratch block]
         # torch.empty: on the CPU untouched pages cost nothing; nothing reads a block before writing it.
-        self.kv = torch.empty(num_blocks, shape.layers, 2, block_tokens, shape.kv_heads, shape.head_dim,
-                              dtype=shape.dtype, device=self.device)  # [blocks, layers, k|v, bt, heads, dim]
-        self.kv[SCRATCH].zero_()  # Note [Blocks start zeroed]
+        self.kv = torch.empty(shape.layers, 2, num_blocks, block_tokens, shape.kv_heads, shape.head_dim,
+                              dtype=shape.dtype, device=self.device)  # [layers, k|v, blocks, bt, heads, dim]
+        self.block(SCRATCH).zero_()  # Note [Blocks start zeroed]
         self.cow_copies = 0
+
+    # -- the layout (Note [Pool layout]) -----------------------------------------------------------
+    def block(self, b: int) -> torch.Tensor:
+        """Block b of every layer: a view [layers, k|v, bt, kv_heads, head_dim]."""
+        return self.kv[:, :, b]
+
+    def layer(self, i: int, kv: int) -> torch.Tensor:
+        """Layer i's keys (kv=0) or values (kv=1) of every block: a contiguous [blocks, bt, kv_heads, dim]."""
+        return self.kv[i, kv]
+
+    def copy_pairs(self, region: torch.Tensor, ids: list[int], to_host: bool) -> tuple[list, list]:
+        """(dsts, srcs) copying a table's blocks `ids` to (to_host) or from a region laid out as the pool
+        is ([layers, k|v, len(ids), bt, ...], a session's host copy): per run of consecutive ids, one
+        contiguous copy per layer and k|v."""
+        dsts, srcs = [], []
+        for j, b, n in self.runs(ids):
+            for i in range(self.shape.layers):
+                for kv in (0, 1):
+                    host, dev = region[i, kv, j:j + n], self.kv[i, kv, b:b + n]
+                    dsts.append(host if to_host else dev)
+                    srcs.append(dev if to_host else host)
+        return dsts, srcs
+
+    def region_shape(self, blocks: int) -> tuple[int, ...]:
+        """The shape of a host copy of `blocks` blocks (laid out as the pool is)."""
+        return (self.shape.layers, 2, blocks, *self.kv.shape[3:])
 
     # -- sizes -------------------------------------------------------------------------------------
     @property
@@ -132,7 +176,7 @@ class KVPool:
         got = self.alloc.allocate(missing)
         if got is None:
             return False
-        self.kv.index_fill_(0, torch.tensor(got, dtype=torch.long).to(self.device), 0)  # Note [Blocks start zeroed]
+        self.kv.index_fill_(2, torch.tensor(got, dtype=torch.long).to(self.device), 0)  # Note [Blocks start zeroed]
         got.reverse()  # ascending ids in each row: consecutive ids coalesce into one swap copy
         for r in table.rows:
             while len(r) < want:
@@ -179,7 +223,7 @@ class KVPool:
                         self.alloc.unpublish(b)  # only this table holds it: write in place, forget its key
                         continue
                     (nb,) = self.alloc.allocate(1) or self._no_block()  # fully overwritten: no zeroing
-                    self.kv[nb].copy_(self.kv[b])
+                    self.block(nb).copy_(self.block(b))
                     self.alloc.release([b])
                     r[j] = nb
                     self.cow_copies += 1
@@ -237,8 +281,8 @@ class KVPool:
         pos = torch.arange(start, start + n, device=self.device)                  # [n]
         blk = self.device_rows(table)[:, pos // self.block_tokens]                # [batch, n]
         off = (pos % self.block_tokens).expand_as(blk)                             # [batch, n]
-        self.kv[:, layer, 0][blk, off] = k.transpose(1, 2).to(self.shape.dtype)   # [batch, n, heads, dim]
-        self.kv[:, layer, 1][blk, off] = v.transpose(1, 2).to(self.shape.dtype)
+        self.kv[layer, 0][blk, off] = k.transpose(1, 2).to(self.shape.dtype)      # [batch, n, heads, dim]
+        self.kv[layer, 1][blk, off] = v.transpose(1, 2).to(self.shape.dtype)
 
     def read(self, table: KVTable, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of positions 0..length-1: two contiguous [batch, kv_heads, length, dim] tensors."""
@@ -246,7 +290,7 @@ class KVPool:
         idx = self.device_rows(table)[:, :nb]                                      # [batch, nb]
         out = []
         for kv in (0, 1):
-            g = self.kv[:, layer, kv][idx]                                         # [batch, nb, bt, heads, dim]
+            g = self.kv[layer, kv][idx]                                            # [batch, nb, bt, heads, dim]
             g = g.reshape(idx.shape[0], nb * self.block_tokens, *g.shape[-2:])[:, :length]
             out.append(g.transpose(1, 2).contiguous())                             # [batch, heads, length, dim]
         return out[0], out[1]

@@ -98,7 +98,7 @@ def test_swapped_blocks_continue_generation_bitwise(dtype):
     ref_t = pool.new_table(2)                                # the same bits in other blocks: never swapped
     assert pool.reserve(ref_t, 14)
     for dst, src in zip(ref_t.rows, t.rows):
-        pool.kv[dst] = pool.kv[src]
+        pool.kv[:, :, dst] = pool.kv[:, :, src]
     ref_t.length = 10
     s = session(seg, "a", pool, t)
     before = read_all(pool, t)
@@ -206,7 +206,7 @@ def test_prefetch_starts_only_once_its_blocks_are_reserved():
     assert m.state == SessionState.PREFETCHING and t.blocks == 10
     assert all(pool.alloc.refcount(b) == 1 for b in t.ids()) and pool.alloc.held == 10
     dsts = [d for _, h in m.inflight for d in h.tensors]
-    want = [pool.kv[b:b + n] for _, b, n in pool.runs(t.ids())]
+    want = [pool.kv[i, j, b:b + n] for _, b, n in pool.runs(t.ids()) for i in range(pool.shape.layers) for j in (0, 1)]
     assert [(d.data_ptr(), d.numel()) for d in dsts] == [(w.data_ptr(), w.numel()) for w in want]
     wait_all(seg, "p")
     assert seg.poll() == ["p"] and seg.host_bytes("p") == 0

@@ -86,7 +86,7 @@ def test_batched_step_over_blocks_matches_eager_decode():
     tokens equal HF eager decode over a PagedCache of the same blocks (greedy)."""
     model = tiny_llama(seed=4).eval()
     kv = KVPool(KVShape.of_module(model), 64, 4, "cpu")
-    kv.kv[1:] = float("nan")  # what freed memory may hold: blocks are zeroed when handed out (regression)
+    kv.kv[:, :, 1:] = float("nan")  # what freed memory may hold: blocks are zeroed when handed out (regression)
     pool = DecodePool(model, kv, 4, 64, graphs=False)
     prompts = [torch.tensor([[5, 9, 33, 2 + 40, 17]]), torch.tensor([[8, 1 + 60, 3, 44, 12, 90, 7, 71, 6]])]
     want, rows, tables = [], [], []
@@ -224,7 +224,7 @@ def test_a_free_slots_non_finite_writes_reach_no_row():
         for _ in range(3):
             pool.step()  # a bucket of 4 over 3 rows: the free slot writes the scratch block
         if with_poison:
-            assert not torch.isfinite(kv.kv[0]).all()  # the poison is there
+            assert not torch.isfinite(kv.block(0)).all()  # the poison is there
         return [r.new for r in rows[:3]]
 
     assert decode(True) == decode(False)

@@ -21,7 +21,7 @@ def test_shape_and_block_sizes_from_the_config():
     p = pool_of(tiny_llama(), blocks=10, bt=4)
     assert p.shape == KVShape(layers=2, kv_heads=2, head_dim=16, dtype=torch.float32)
     assert p.shape.token_bytes == 2 * 2 * 2 * 16 * 4 and p.block_bytes == 4 * 512
-    assert p.kv.shape == (10, 2, 2, 4, 2, 16) and p.nbytes == 10 * 4 * 512
+    assert p.kv.shape == (2, 2, 10, 4, 2, 16) and p.nbytes == 10 * 4 * 512  # layer-major (Note [Pool layout])
     assert (p.blocks_for(0), p.blocks_for(1), p.blocks_for(4), p.blocks_for(5)) == (0, 1, 1, 2)
     assert p.bytes_for(9, batch=2) == 2 * 3 * 2048
     assert p.alloc.total == 9  # block 0 is scratch

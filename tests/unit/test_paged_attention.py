@@ -21,8 +21,8 @@ def test_choose_and_workspace():
         paged_attention.choose("paged", torch.device("cpu"))
     # gather: per row, one layer's keys and values at max_len plus SDPA's GQA copies (2 q heads per kv head)
     assert paged_attention.workspace_bytes("gather", 10, 3, 2, 8, 2, 4, 1, 64) == 64 * 2 * 8 * 2 * (2 + 4)
-    # flex: two int32 index tables of 2 * layers * (blocks - 1) + 1 pages per row, plus 16 bytes
-    assert paged_attention.workspace_bytes("flex", 10, 3, 2, 8, 2, 4, 5, 64) == 2 * 5 * 55 * 4 + 5 * 16
+    # flex: two int32 index tables of a page per block, per row, plus 16 bytes
+    assert paged_attention.workspace_bytes("flex", 10, 3, 2, 8, 2, 4, 5, 64) == 2 * 5 * 10 * 4 + 5 * 16
 
 
 def test_flex_equals_gather_and_reads_only_listed_pages():
@@ -30,12 +30,12 @@ def test_flex_equals_gather_and_reads_only_listed_pages():
     every block no row lists holds NaN: a read of any of them would poison the output."""
     torch.manual_seed(0)
     blocks, layers, bt, kv_heads, heads, dim = 12, 3, 16, 2, 4, 8
-    kv = torch.full((blocks, layers, 2, bt, kv_heads, dim), float("nan"))
+    kv = torch.full((layers, 2, blocks, bt, kv_heads, dim), float("nan"))
     tables = torch.tensor([[3, 5, 7, 7], [3, 2, 4, 9], [10, 11, 11, 11]])
     pos = torch.tensor([40, 63, 16])
     used = {3, 5, 7, 2, 4, 9, 10, 11}
     for b in used:
-        kv[b] = torch.randn(layers, 2, bt, kv_heads, dim)
+        kv[:, :, b] = torch.randn(layers, 2, bt, kv_heads, dim)
     gather = paged_attention.make("gather", kv, 4, 4, heads)
     flex = paged_attention.make("flex", kv, 4, 4, heads)
     g_state = gather.prepare(tables, pos, 64)
@@ -53,7 +53,7 @@ def test_decode_pool_with_flex_gives_the_eager_tokens():
     eager decode over a PagedCache of the same blocks."""
     model = tiny_llama(seed=4).eval()
     kv = KVPool(KVShape.of_module(model), 64, 16, "cpu")
-    kv.kv[1:] = float("nan")  # blocks are zeroed when handed out; the rest must never be read
+    kv.kv[:, :, 1:] = float("nan")  # blocks are zeroed when handed out; the rest must never be read
     pool = DecodePool(model, kv, 4, 64, graphs=False, attention="flex")
     assert pool.stats()["attention"] == "flex" and pool.buckets() == [(1, 64), (2, 64), (4, 64)]
     prompts = [torch.tensor([[5, 9, 33, 42, 17]]), torch.tensor([[8] * 14 + [61, 3, 44, 12, 90, 7, 71, 6]])]
@@ -120,7 +120,7 @@ def test_batched_prefill_of_three_sessions_gives_the_eager_tokens():
     turn1 = torch.tensor([[3, 14, 15, 92, 65, 35, 89]])
     parent = state_with(turn1)
     child = KVState(PagedCache(kv, kv.fork(parent.table)), turn1)
-    before = [kv.kv[b].clone() for b in parent.table.rows[0][:2]]
+    before = [kv.block(b).clone() for b in parent.table.rows[0][:2]]
     fresh = state_with(None)
     new = [torch.tensor([[7, 7, 21, 5, 100, 2, 9, 9, 30]]), torch.tensor([[11, 12]]), torch.tensor([[40, 41, 42]])]
     states = [fresh, parent, child]
@@ -137,7 +137,7 @@ def test_batched_prefill_of_three_sessions_gives_the_eager_tokens():
     # writes into the shared block 1 went to a copy: positions 0..6 read the same through both tables
     for st in (parent, child):
         b0, b1 = st.table.rows[0][:2]
-        assert torch.equal(kv.kv[b0], before[0]) and torch.equal(kv.kv[b1][:, :, :3], before[1][:, :, :3])
+        assert torch.equal(kv.block(b0), before[0]) and torch.equal(kv.block(b1)[:, :, :3], before[1][:, :, :3])
     assert parent.table.rows[0][1] != child.table.rows[0][1] and kv.cow_copies >= 1
     while not all(t.done for t in tasks):
         pool.step()
@@ -158,13 +158,17 @@ def test_flex_check_passes_here_and_auto_falls_back_with_the_reason(monkeypatch)
     compile, auto resolves to the gather and says why, while flex asked for by name is not checked."""
     shape = dict(layers=2, kv_heads=2, head_dim=8, dtype=torch.float32, heads=4)
     assert paged_attention.flex_check(torch.device("cpu"), **shape) is None
-    assert paged_attention.resolve("auto", torch.device("cpu"), **shape) == ("gather", None)  # the CPU default
+    assert paged_attention.resolve("auto", torch.device("cpu"), **shape, pool_bytes=1 << 30) == ("gather", None)
 
     def no_compiler():
         raise RuntimeError("no working C++ compiler\nmore detail")
 
     monkeypatch.setattr(paged_attention, "_compiled", no_compiler)
     monkeypatch.setattr(paged_attention, "choose", lambda kind, device: "flex" if kind in ("auto", "flex") else kind)
-    kind, why = paged_attention.resolve("auto", torch.device("cpu"), **shape)
+    kind, why = paged_attention.resolve("auto", torch.device("cpu"), **shape, pool_bytes=1 << 30)
     assert kind == "gather" and why == "flex attention does not compile here: RuntimeError: no working C++ compiler"
-    assert paged_attention.resolve("flex", torch.device("cpu"), **shape) == ("flex", None)
+    assert paged_attention.resolve("flex", torch.device("cpu"), **shape, pool_bytes=1 << 30) == ("flex", None)
+    # a pool whose one layer's keys could pass 2^31 - 1 elements never gets flex (32-bit kernel offsets)
+    kind, why = paged_attention.resolve("auto", torch.device("cpu"), **shape, pool_bytes=2 * 2 * 4 * 2**31)
+    assert kind == "gather" and why == ("a pool of up to 32.0 GiB holds 2147483648 elements per layer's keys, "
+                                        "past FlexAttention's 32-bit indexing (2147483647)")
