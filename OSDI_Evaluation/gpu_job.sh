@@ -40,7 +40,7 @@ for part in "$@"; do
       timeout 70 python -m pytest -q -x tests/gpu/test_fast_decode_gpu.py tests/gpu/test_swap_gpu.py \
         -p no:cacheprovider 2>&1 | tail -4
       timeout 150 python "$here/exp_decode/bench_decode.py" --shapes 7b --concurrency 1,32 --max-sessions 32 \
-        --long-prompt 2048 --out "$out/decode_7b.json" 2>&1 | grep -v -i warn | tail -14
+        --long-prompt 2048 --server-attention flex --out "$out/decode_7b.json" 2>&1 | grep -v -i warn | tail -14
       timeout 40 python "$here/micro/bench_swap.py" --quick --out "$out/swap.json" 2>&1 | tail -6 ;;
     gpu-tests)
       timeout 300 python -m pytest -q -x --timeout 150 tests/gpu -p no:cacheprovider 2>&1 | tail -25 ;;

@@ -149,8 +149,9 @@ class ServerConfig:
     fast_decode_attention: str = "auto"
     """Attention of the batched decode step over the KV blocks (djinn/server/paged_attention.py): flex
     (PyTorch FlexAttention compiled, reading the blocks in place), gather (copy each row's blocks into a
-    dense tensor, then SDPA), or auto (flex on CUDA, gather elsewhere: flex on the CPU needs a C++
-    compiler and its first step compiles for tens of seconds)."""
+    dense tensor, then SDPA), or auto (the gather, until flex has been measured at scale on a GPU).
+    Flex is checked before a pool is sized for it and falls back to the gather, saying why, when it
+    does not compile or differs (Note [Flex is checked])."""
     fast_decode_max_len: int = 4096
     """Longest sequence (prompt + new tokens) the fast path takes; rounded up to a power of two."""
     fast_decode_graphs: bool = True

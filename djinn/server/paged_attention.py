@@ -2,7 +2,26 @@
 
 `GatherAttention` copies each row's blocks into a dense [rows, heads, length, dim] tensor per layer and
 runs SDPA over it with a mask; `FlexAttention` reads the blocks where they lie, through PyTorch's
-FlexAttention with a block mask (Note [Flex over the pool]
+FlexAttention with a block mask (Note [Flex over the pool]). The step (fastpath.DecodePool) calls
+`prepare` once per step and `attend` once per layer; both run inside the step's CUDA graph, so every
+tensor they touch is allocated here once.
+
+Note [Why FlexAttention]
+    The gather reads the batch's KV, writes a copy and reads the copy again: three passes over the
+    KV where attention needs one. On an H100 (Llama-2-7B shape, 32 rows of 256 tokens) that was 2.9 ms
+    of a 13.3 ms step; at 32 rows of 2k tokens on the 13B head shape it is 1.11 ms per layer, 44 ms a
+    step over 40 layers (`OSDI_Evaluation/micro/flex_probe.py`). The issue's candidates:
+    transformers' continuous-batching `PagedAttentionCache` gathers too (its sdpa path indexes the
+    cache into a dense copy); FlashInfer and FlashAttention's paged kernels need wheels built for the
+    exact CUDA and torch of the GPU machines; FlexAttention ships with torch, compiles to one Triton
+    kernel, and takes a block table as its block mask (torch's own
+    `nn.attention.experimental._paged_attention` is built on it). We use FlexAttention directly: that
+    experimental class converts masks per call and owns its own cache tensors. Status: flex compiled
+    and matched the gather on an H100 at 1 row, and failed to compile on the block-major pool this
+    module first used (past 2^31 elements, Note [Pool layout]); on the layer-major pool it has run on
+    the CPU only, so `auto` still means the gather.
+
+Note [Flex over the pool]
     The pool is layer-major, `kv[layer, k|v, block, bt, kv_head, dim]` (Note [Pool layout] in
     djinn/vmu/kv_pool.py), so layer i's keys are one contiguous run of token slots
     `kv[i, 0].view(blocks * bt, kv_head, dim)`: a valid FlexAttention key tensor of "length"
@@ -22,10 +41,12 @@ FlexAttention with a block mask (Note [Flex over the pool]
 
 Note [Flex is checked]
     Flex attention depends on the compiler stack of the machine (Inductor, Triton and their limits for
-    a head size, dtype or GPU). When `fast_decode_attention` is auto, the VMU checks it before sizing a
-    model's pool: flex against the gather on a small pool of the model's shape; if it fails to compile
-    or differs, the pool uses the gather, sized for it (its workspace is larger), the server logs why,
-    and `stats()` shows the attention in use and the reason. Named explicitly, flex is not checked.
+    a head size, dtype, tensor size or GPU). Before the VMU sizes a model's pool for flex it checks it:
+    flex against the gather on a small pool of the model's shape (eagerly and, on CUDA, replayed from
+    a CUDA graph), and the largest pool the device could give the model against the 32-bit offsets of
+    FlexAttention's kernels (one layer's keys at most 2^31 - 1 elements). If it would not fit, fails to
+    compile or differs, the pool uses the gather, sized for it (its workspace is larger), the server
+    logs a warning and `stats()` shows the attention in use and the reason.
 """
 from __future__ import annotations
 
@@ -38,9 +59,12 @@ ATTENTIONS = ("gather", "flex")
 
 
 def choose(kind: str, device: torch.device) -> str:
-    """The attention a decode pool on `device` uses for config value `kind` (auto, gather or flex)."""
+    """The attention a decode pool on `device` uses for config value `kind` (auto, gather or flex).
+    auto is the gather everywhere until flex has been measured at scale on a GPU: it was made to read
+    the blocks in place, but no GPU run of it on the layer-major pool exists yet (Note [Why
+    FlexAttention]); `--fast-decode-attention flex` opts in."""
     if kind == "auto":
-        return "flex" if device.type == "cuda" else "gather"
+        return "gather"
     if kind not in ATTENTIONS:
         raise ValueError(f"fast_decode_attention={kind!r} must be auto, gather or flex")
     return kind
@@ -53,12 +77,11 @@ FLEX_MAX_ELEMENTS = 2**31 - 1
 
 def resolve(kind: str, device: torch.device, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
             heads: int, pool_bytes: int) -> tuple[str, str | None]:
-    """The attention to use and, when auto chose flex and flex does not work here, why it fell back.
-    Flex is checked against the gather on a small pool of this model's shape, and the largest pool
-    the device allows (`pool_bytes`) against its indexing limit (Note [Flex is checked]); asked for
-    by name, it is used unchecked and its failure is the caller's error."""
+    """The attention to use and, when flex was chosen and does not work here, why it fell back: flex is
+    checked against the gather on a small pool of this model's shape, and the largest pool the device
+    allows (`pool_bytes`) against its indexing limit (Note [Flex is checked])."""
     chosen = choose(kind, device)
-    if kind != "auto" or chosen != "flex":
+    if chosen != "flex":
         return chosen, None
     per_layer = pool_bytes // (2 * layers * dtype.itemsize)
     if per_layer > FLEX_MAX_ELEMENTS:
@@ -71,7 +94,8 @@ def resolve(kind: str, device: torch.device, layers: int, kv_heads: int, head_di
 def flex_check(device: torch.device, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
                heads: int) -> str | None:
     """None when compiled flex attention gives the gather's result on a 4-block pool of this shape, at
-    batch 1 and 3 (the two compiles a pool's steps need: dynamo specializes a batch of 1); else why not."""
+    batch 1 and 3 (the two compiles a pool's steps need: dynamo specializes a batch of 1), eagerly
+    and, on CUDA, replayed from a CUDA graph; else why not."""
     g = torch.Generator(device="cpu").manual_seed(0)
     kv = torch.randn(layers, 2, 4, 16, kv_heads, head_dim, generator=g).to(device, dtype)
     try:
@@ -85,9 +109,29 @@ def flex_check(device: torch.device, layers: int, kv_heads: int, head_dim: int, 
             err = (f.float() - want.float()).abs().max().item()
             if not err <= 1e-2:
                 return f"flex attention differs from the gather by {err:.3g} at batch {B}"
+            if device.type == "cuda":  # the decode step replays it inside a CUDA graph
+                err = (_replayed(flex, q, tables, pos, layers - 1, head_dim ** -0.5).float() - want.float()).abs().max()
+                if not err <= 1e-2:
+                    return f"flex attention replayed from a CUDA graph differs from the gather by {err:.3g}"
     except Exception as e:  # a compiler missing or failing on this machine
         return f"flex attention does not compile here: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
     return None
+
+
+def _replayed(flex, q, tables, pos, layer: int, scale: float) -> torch.Tensor:
+    """flex's prepare and attend captured as a CUDA graph (after a warm-up on a side stream, as the
+    decode step captures its graphs), replayed once."""
+    side = torch.cuda.Stream(q.device)
+    side.wait_stream(torch.cuda.current_stream(q.device))
+    with torch.cuda.stream(side):
+        flex.attend(q, layer, flex.prepare(tables, pos, 32), scale)
+    torch.cuda.current_stream(q.device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        out = flex.attend(q, layer, flex.prepare(tables, pos, 32), scale)
+    graph.replay()
+    torch.cuda.synchronize(q.device)
+    return out
 
 
 def make(kind: str, kv: torch.Tensor, slots: int, width: int, heads: int):

@@ -75,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fast-decode-max-batch", type=int, dest="fast_decode_max_batch",
                    help="rows of one batched decode step (default: what 4 GiB of workspace holds, <= 64)")
     p.add_argument("--fast-decode-attention", dest="fast_decode_attention", choices=["auto", "gather", "flex"],
-                   help="decode attention over the KV blocks: flex (FlexAttention, in place), gather, auto (flex on CUDA)")
+                   help="decode attention over the KV blocks: flex (FlexAttention, in place), gather, auto (gather)")
     p.add_argument("--fast-decode-max-len", type=int, dest="fast_decode_max_len",
                    help="longest sequence the fast path takes (default 4096)")
     p.add_argument("--fast-decode-capture", dest="fast_decode_capture", choices=["lazy", "all"],

@@ -15,7 +15,7 @@ from ..models import tiny_llama
 
 def test_choose_and_workspace():
     assert paged_attention.choose("auto", torch.device("cpu")) == "gather"
-    assert paged_attention.choose("auto", torch.device("cuda", 0)) == "flex"
+    assert paged_attention.choose("auto", torch.device("cuda", 0)) == "gather"  # until flex is measured on a GPU
     assert paged_attention.choose("flex", torch.device("cpu")) == "flex"
     with pytest.raises(ValueError, match="must be auto, gather or flex"):
         paged_attention.choose("paged", torch.device("cpu"))
@@ -155,20 +155,19 @@ def _local_greedy(model, ids, n):
 
 def test_flex_check_passes_here_and_auto_falls_back_with_the_reason(monkeypatch):
     """Note [Flex is checked]: on this machine flex compiles and matches the gather; when it cannot
-    compile, auto resolves to the gather and says why, while flex asked for by name is not checked."""
+    compile, or a pool could pass its 32-bit offsets, the pool gets the gather and the reason."""
     shape = dict(layers=2, kv_heads=2, head_dim=8, dtype=torch.float32, heads=4)
     assert paged_attention.flex_check(torch.device("cpu"), **shape) is None
     assert paged_attention.resolve("auto", torch.device("cpu"), **shape, pool_bytes=1 << 30) == ("gather", None)
+    assert paged_attention.resolve("flex", torch.device("cpu"), **shape, pool_bytes=1 << 30) == ("flex", None)
 
     def no_compiler():
         raise RuntimeError("no working C++ compiler\nmore detail")
 
     monkeypatch.setattr(paged_attention, "_compiled", no_compiler)
-    monkeypatch.setattr(paged_attention, "choose", lambda kind, device: "flex" if kind in ("auto", "flex") else kind)
-    kind, why = paged_attention.resolve("auto", torch.device("cpu"), **shape, pool_bytes=1 << 30)
+    kind, why = paged_attention.resolve("flex", torch.device("cpu"), **shape, pool_bytes=1 << 30)
     assert kind == "gather" and why == "flex attention does not compile here: RuntimeError: no working C++ compiler"
-    assert paged_attention.resolve("flex", torch.device("cpu"), **shape, pool_bytes=1 << 30) == ("flex", None)
     # a pool whose one layer's keys could pass 2^31 - 1 elements never gets flex (32-bit kernel offsets)
-    kind, why = paged_attention.resolve("auto", torch.device("cpu"), **shape, pool_bytes=2 * 2 * 4 * 2**31)
+    kind, why = paged_attention.resolve("flex", torch.device("cpu"), **shape, pool_bytes=2 * 2 * 4 * 2**31)
     assert kind == "gather" and why == ("a pool of up to 32.0 GiB holds 2147483648 elements per layer's keys, "
                                         "past FlexAttention's 32-bit indexing (2147483647)")
