@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import _thread
 import threading
+import time
 
 import pytest
 import torch
@@ -31,6 +32,20 @@ def srv():
 @pytest.fixture(scope="module")
 def model():
     return tiny_llama(seed=5).eval()
+
+
+def _interrupt_once_running(address: str, sid: str) -> None:
+    """Ctrl-C in the main thread once the server says the session's generate runs, plus 0.2 s: a
+    fixed delay from the call failed once under load (the interrupt came late or not at all)."""
+    watcher = Connection(address, None)  # another client: it sees whether the session is busy
+    try:
+        deadline = time.monotonic() + 30
+        while watcher.stats()["sessions"][sid]["busy"] != "generate running" and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        watcher.close()
+    time.sleep(0.2)
+    _thread.interrupt_main()
 
 
 def _local(model, ids: torch.Tensor, n: int) -> torch.Tensor:
@@ -69,8 +84,8 @@ def test_interrupting_generate_stops_it_and_keeps_nothing_of_it(srv, model, dete
         s = conn.session()
         rm = RemoteModel.from_module(s, model)
         first = s.generate(rm, P1, max_new_tokens=4, do_sample=False, deterministic=deterministic)
-        timer = threading.Timer(0.5, _thread.interrupt_main)   # Ctrl-C while the long generate runs
-        timer.start()
+        timer = threading.Thread(target=_interrupt_once_running, args=(srv.address, s.sid))
+        timer.start()  # Ctrl-C while the long generate runs
         with pytest.raises(KeyboardInterrupt):
             s.generate(rm, P2, max_new_tokens=LONG, do_sample=False, deterministic=deterministic)
         timer.join()
