@@ -38,14 +38,19 @@ def _interrupt_once_running(address: str, sid: str) -> None:
     """Ctrl-C in the main thread once the server says the session's generate runs, plus 0.2 s: a
     fixed delay from the call failed once under load (the interrupt came late or not at all)."""
     watcher = Connection(address, None)  # another client: it sees whether the session is busy
+
+    def running() -> bool:
+        return watcher.stats()["sessions"][sid]["busy"] == "generate running"
+
     try:
         deadline = time.monotonic() + 30
-        while watcher.stats()["sessions"][sid]["busy"] != "generate running" and time.monotonic() < deadline:
+        while not running() and time.monotonic() < deadline:
             time.sleep(0.02)
+        time.sleep(0.2)
+        if running():  # never an interrupt that could land in later code: the test then fails on its own
+            _thread.interrupt_main()
     finally:
         watcher.close()
-    time.sleep(0.2)
-    _thread.interrupt_main()
 
 
 def _local(model, ids: torch.Tensor, n: int) -> torch.Tensor:
