@@ -5,6 +5,7 @@ On the batched fast path and on the eager path (deterministic=True)."""
 from __future__ import annotations
 
 import _thread
+import signal
 import threading
 import time
 
@@ -83,12 +84,16 @@ def test_leaving_a_stream_keeps_exactly_the_consumed_tokens(srv, model, determin
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "eager"])
-def test_interrupting_generate_stops_it_and_keeps_nothing_of_it(srv, model, deterministic):
+def test_interrupting_generate_stops_it_and_keeps_nothing_of_it(srv, model, deterministic, request):
     conn = Connection(srv.address, None)
     try:
         s = conn.session()
         rm = RemoteModel.from_module(s, model)
         first = s.generate(rm, P1, max_new_tokens=4, do_sample=False, deterministic=deterministic)
+        # A process started in the background by a non-interactive shell inherits SIGINT ignored, and
+        # then Python's Ctrl-C (interrupt_main) does nothing: give this test Python's own handler.
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
         timer = threading.Thread(target=_interrupt_once_running, args=(srv.address, s.sid))
         timer.start()  # Ctrl-C while the long generate runs
         with pytest.raises(KeyboardInterrupt):
