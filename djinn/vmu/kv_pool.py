@@ -1,9 +1,9 @@
 """A model's KV pool: the Data segment's fixed-size blocks on the device, and the tables into them.
 
 DESIGN.md section 3. One pool per model that keeps KV, allocated once (kv_pools.py sizes it) as one
-tensor `kv[layer, k|v, block, block_tokens, kv_head, head_dim]` (Note [Pool layout]). Every KV path (the eager module path through
-`PagedCache`, the batched decode step, breakpoints, checkpoints, swap) reads and writes these blocks;
-nothing else holds KV.
+tensor `kv[layer, k|v, block, block_tokens, kv_head, head_dim]` (Note [Pool layout]). Every KV path
+(the eager module path through `PagedCache`, the batched decode step, breakpoints, checkpoints,
+swap) reads and writes these blocks; nothing else holds KV.
 
 Note [Pool layout]
     Layer-major: one layer's keys (or values) of every block are one contiguous tensor
@@ -78,17 +78,7 @@ class KVShape:
 
 @dataclass
 class KVTable:
-    """Note [Pool layout]
-    Layer-major: one layer's keys (or values) of every block are one contiguous tensor
-    `kv[i, 0]` [blocks, bt, kv_heads, dim], so the decode step's FlexAttention reads a layer's blocks
-    in place through a plain block table (djinn/server/paged_attention.py). The block-major layout
-    this replaced (a block's bytes of every layer in one run) made the only flat view FlexAttention
-    can take span the whole pool, and past 2^31 elements (a few GB) its kernel does not compile in
-    torch 2.11 (`OSDI_Evaluation/micro/flex_probe.py` on an H100). What a block's bytes cost now is
-    swap: a run of consecutive block ids moves as one copy per layer and k|v (`copy_pairs`), each
-    still a contiguous range, into a host copy laid out the same way.
-
-Note [Block tables]."""
+    """Note [Block tables]."""
 
     rows: list[list[int]]
     length: int = 0

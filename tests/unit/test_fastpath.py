@@ -89,29 +89,37 @@ def test_batched_step_over_blocks_matches_eager_decode():
     kv.kv[:, :, 1:] = float("nan")  # what freed memory may hold: blocks are zeroed when handed out (regression)
     pool = DecodePool(model, kv, 4, 64, graphs=False)
     prompts = [torch.tensor([[5, 9, 33, 2 + 40, 17]]), torch.tensor([[8, 1 + 60, 3, 44, 12, 90, 7, 71, 6]])]
+    rows, tables, want = decode_with_eager_reference(model, kv, pool, prompts, 6)
+    assert [r.new for r in rows] == want
+    for r, t, ids in zip(rows, tables, prompts):
+        pool.leave(r, t)
+        assert t.length == ids.shape[1] + 5
+
+
+def decode_with_eager_reference(model, kv, pool, prompts, n):
+    """Each prompt's greedy tokens from HF eager decode over a PagedCache of `kv` (the reference), then
+    the same prompts prefilled into fresh blocks, joined to `pool` and decoded in batched steps until
+    every row has its n tokens. Returns (rows, tables, reference tokens)."""
     want, rows, tables = [], [], []
     for ids in prompts:
         ref = kv.new_table(1)
-        assert kv.reserve(ref, ids.shape[1] + 6)
-        want.append(model.generate(ids, past_key_values=PagedCache(kv, ref), max_new_tokens=6, do_sample=False,
+        assert kv.reserve(ref, ids.shape[1] + n)
+        want.append(model.generate(ids, past_key_values=PagedCache(kv, ref), max_new_tokens=n, do_sample=False,
                                    pad_token_id=0)[0, ids.shape[1]:].tolist())
         kv.release(ref)
         t = kv.new_table(1)
-        assert kv.reserve(t, ids.shape[1] + 6)
+        assert kv.reserve(t, ids.shape[1] + n)
         with torch.no_grad():
             logits = model(ids, past_key_values=PagedCache(kv, t), use_cache=True).logits[:, -1]
         first = int(logits.argmax(-1))
-        r = Row(first, ids.shape[1], ids.shape[1], 5, Sampler(False), frozenset())
+        r = Row(first, ids.shape[1], ids.shape[1], n - 1, Sampler(False), frozenset())
         r.new.append(first)
         pool.join(r, t)
         rows.append(r)
         tables.append(t)
     while not all(r.done for r in rows):
         pool.step()
-    assert [r.new for r in rows] == want
-    for r, t, ids in zip(rows, tables, prompts):
-        pool.leave(r, t)
-        assert t.length == ids.shape[1] + 5
+    return rows, tables, want
 
 
 def _local_greedy(model, ids, n):

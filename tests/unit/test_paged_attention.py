@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from djinn.server import paged_attention
-from djinn.server.fastpath import DecodePool, Row, Sampler
+from djinn.server.fastpath import DecodePool
 from djinn.server.paged_cache import PagedCache
 from djinn.vmu.kv_pool import KVPool, KVShape
 
 from ..models import tiny_llama
+from .test_fastpath import _local_greedy, decode_with_eager_reference
 
 
 def test_choose_and_workspace():
@@ -57,25 +58,7 @@ def test_decode_pool_with_flex_gives_the_eager_tokens():
     pool = DecodePool(model, kv, 4, 64, graphs=False, attention="flex")
     assert pool.stats()["attention"] == "flex" and pool.buckets() == [(1, 64), (2, 64), (4, 64)]
     prompts = [torch.tensor([[5, 9, 33, 42, 17]]), torch.tensor([[8] * 14 + [61, 3, 44, 12, 90, 7, 71, 6]])]
-    want, rows, tables = [], [], []
-    for ids in prompts:
-        ref = kv.new_table(1)
-        assert kv.reserve(ref, ids.shape[1] + 12)
-        want.append(model.generate(ids, past_key_values=PagedCache(kv, ref), max_new_tokens=12, do_sample=False,
-                                   pad_token_id=0)[0, ids.shape[1]:].tolist())
-        kv.release(ref)
-        t = kv.new_table(1)
-        assert kv.reserve(t, ids.shape[1] + 12)
-        with torch.no_grad():
-            logits = model(ids, past_key_values=PagedCache(kv, t), use_cache=True).logits[:, -1]
-        first = int(logits.argmax(-1))
-        r = Row(first, ids.shape[1], ids.shape[1], 11, Sampler(False), frozenset())
-        r.new.append(first)
-        pool.join(r, t)
-        rows.append(r)
-        tables.append(t)
-    while not all(r.done for r in rows):
-        pool.step()
+    rows, _, want = decode_with_eager_reference(model, kv, pool, prompts, 12)
     assert [r.new for r in rows] == want
 
 
@@ -147,27 +130,3 @@ def test_batched_prefill_of_three_sessions_gives_the_eager_tokens():
         assert t.error is None
         assert t.result["sequences"][0, f.shape[1]:].tolist() == _local_greedy(model, f, 5)
 
-
-def _local_greedy(model, ids, n):
-    with torch.no_grad():
-        return model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
-
-
-def test_flex_check_passes_here_and_auto_falls_back_with_the_reason(monkeypatch):
-    """Note [Flex is checked]: on this machine flex compiles and matches the gather; when it cannot
-    compile, or a pool could pass its 32-bit offsets, the pool gets the gather and the reason."""
-    shape = dict(layers=2, kv_heads=2, head_dim=8, dtype=torch.float32, heads=4)
-    assert paged_attention.flex_check(torch.device("cpu"), **shape) is None
-    assert paged_attention.resolve("auto", torch.device("cpu"), **shape, pool_bytes=1 << 30) == ("gather", None)
-    assert paged_attention.resolve("flex", torch.device("cpu"), **shape, pool_bytes=1 << 30) == ("flex", None)
-
-    def no_compiler():
-        raise RuntimeError("no working C++ compiler\nmore detail")
-
-    monkeypatch.setattr(paged_attention, "_compiled", no_compiler)
-    kind, why = paged_attention.resolve("flex", torch.device("cpu"), **shape, pool_bytes=1 << 30)
-    assert kind == "gather" and why == "flex attention does not compile here: RuntimeError: no working C++ compiler"
-    # a pool whose one layer's keys could pass 2^31 - 1 elements never gets flex (32-bit kernel offsets)
-    kind, why = paged_attention.resolve("flex", torch.device("cpu"), **shape, pool_bytes=2 * 2 * 4 * 2**31)
-    assert kind == "gather" and why == ("a pool of up to 32.0 GiB holds 2147483648 elements per layer's keys, "
-                                        "past FlexAttention's 32-bit indexing (2147483647)")
