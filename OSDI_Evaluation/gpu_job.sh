@@ -4,7 +4,8 @@
 # 13B), exp1s (signal alone at N=$EXP1_AGENTS, default 48), exp1b (lru and recompute at N=48, the shared-prefix
 # variant at N=48), micro (session and run forks at a 2k prefix on 13B, 7B decode speed against HF
 # eager, swap by blocks), decode (fast-path and swap GPU tests, 7B decode with gather and flex attention,
-# 32 rows at 128 and 2k tokens, 32 remote sessions, swap by blocks), gpu-tests (tier 3). Each writes its JSON and log under OUTDIR.
+# 32 rows at 128 and 2k tokens, 32 remote sessions, swap by blocks; with the index-validation and
+# session-flood GPU tests), gpu-tests (tier 3). Each writes its JSON and log under OUTDIR.
 set -u
 out=${1:?usage: gpu_job.sh OUTDIR PART...}; shift
 mkdir -p "$out"
@@ -37,8 +38,8 @@ for part in "$@"; do
         --agents "${EXP1_AGENTS:-48}" --time-budget-s "$budget" --out "$out" --name exp1_signal 2>&1 \
         | tee "$out/exp1_signal.log" | tail -12 ;;
     decode)
-      timeout 70 python -m pytest -q -x tests/gpu/test_fast_decode_gpu.py tests/gpu/test_swap_gpu.py \
-        -p no:cacheprovider 2>&1 | tail -4
+      timeout 150 python -m pytest -q tests/gpu/test_fast_decode_gpu.py tests/gpu/test_swap_gpu.py \
+        tests/gpu/test_index_validation_gpu.py tests/gpu/test_vmu_gpu.py -p no:cacheprovider 2>&1 | tail -8
       timeout 150 python "$here/exp_decode/bench_decode.py" --shapes 7b --concurrency 1,32 --max-sessions 32 \
         --long-prompt 2048 --server-attention flex --out "$out/decode_7b.json" 2>&1 | grep -v -i warn | tail -14
       timeout 40 python "$here/micro/bench_swap.py" --quick --out "$out/swap.json" 2>&1 | tail -6 ;;
