@@ -48,7 +48,7 @@ from . import checkpoint, executor, quotas, streaming, validate
 from .dispatch import Job
 from .fast_task import FastTask, pool_for
 from .kv_pools import pool_for as kv_pool_for
-from .fastpath import unsupported
+from .fastpath import STEP, unsupported
 from .registry import op
 from .rng import Stream
 from .sessions import KVState, SessionState, install_restored
@@ -309,6 +309,7 @@ def generate(engine, client_id, rid, args):
             why = f"no decode pool: {e}"
     s.decode["eager" if why else "fast"] += 1
     s.eager_why = why or s.eager_why
+    entry.eager_why = why or entry.eager_why
     make_task = None
     if why is None:
         def make_task():
@@ -440,6 +441,10 @@ def stats(engine, client_id, rid, args):
         m.model_id: {"architecture": m.arch, "bytes": m.nbytes, "sessions": sorted(m.refs),
                      **({"streaming": m.streamed.stats()} if m.streamed is not None else {}),
                      **({"fast_decode": m.fast.stats()} if m.fast is not None else {}),
+                     # fast: its generates decode in the batched step (the one STEP for every architecture)
+                     # unless a call's own arguments say otherwise; eager: none has yet (eager_why says why)
+                     "decode": {"path": "eager" if m.fast is None else "fast",
+                                "step": "hf-generate" if m.fast is None else STEP, "eager_why": m.eager_why},
                      **({"kv_pool": engine.data.pools[m.model_id].plan.as_dict()}
                         if m.model_id in engine.data.pools else {})}
         for m in engine.models
