@@ -1,5 +1,6 @@
-"""The decode fast path: Llama-family decode steps over an engine-owned KV pool, batched across
-sessions and, on CUDA, replayed as CUDA graphs.
+"""The decode fast path: decode steps of any supported module-path causal LM (SUPPORTED_ARCHS) over an
+engine-owned KV pool, batched across sessions and, on CUDA, replayed as CUDA graphs. The step is the
+model's own forward with attention over the pool (paged_step.py, Note [One step for every architecture]).
 
 Eager Hugging Face decode is bound by the host: one step launches hundreds of small kernels from
 Python (BASELINES.md "Decode"). Here one step of every session that decodes with the same model is a
@@ -35,10 +36,13 @@ Note [Graph workspace]
     captures largest first; the Stack reserve (kv_pools.decode_rows) covers that one capture.
 
 Note [Fast path numerics]
-    The step reuses the model's own modules (norms, projections, rotary embedding, MLP), so only
-    attention differs from HF's: FlexAttention's kernel over the row's blocks, or SDPA over the padded
-    length bucket with a mask (djinn/server/paged_attention.py). Results therefore match eager decode
-    to rounding, not bitwise; `deterministic=True` asks for the eager path.
+    The step is the model's own forward (paged_step.py), so only attention differs from HF's:
+    FlexAttention's kernel over the row's blocks, or SDPA over the padded length bucket with a mask
+    (djinn/server/paged_attention.py; with a softcap, the eager arithmetic over the same gather).
+    Results therefore match eager decode to rounding, not bitwise; `deterministic=True` asks for the
+    eager path. Which architectures pass is tested, not assumed: tests/unit/test_paged_step.py compares
+    logits and greedy tokens of every SUPPORTED_ARCHS model with HF's, and `paged_step.check` probes
+    each model once before its first fast generate.
 """
 from __future__ import annotations
 

@@ -2,9 +2,11 @@
 
 `GatherAttention` copies each row's blocks into a dense [rows, heads, length, dim] tensor per layer and
 runs SDPA over it with a mask; `FlexAttention` reads the blocks where they lie, through PyTorch's
-FlexAttention with a block mask (Note [Flex over the pool]). The step (fastpath.DecodePool) calls
-`prepare` once per step and `attend` once per layer; both run inside the step's CUDA graph, so every
-tensor they touch is allocated here once.
+FlexAttention with a block mask (Note [Flex over the pool]). The step (fastpath.DecodePool, through
+paged_step.py) calls `prepare` once per step and `attend` once per layer, from the attention function
+it registers with transformers; both run inside the step's CUDA graph, so every tensor they touch is
+allocated here once. The gather also serves the batched prefill (several queries per row) and the
+module's sliding window and softcap; flex does neither (`gather_only`).
 
 Note [Why FlexAttention]
     The gather reads the batch's KV, writes a copy and reads the copy again: three passes over the

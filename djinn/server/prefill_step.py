@@ -6,11 +6,15 @@ Note [Batched prefill]
     is a Hugging Face forward: hundreds of kernel launches from Python, tens of milliseconds of host
     time whatever its length. 32 sessions starting together on a 7B model spent about 2 s prefilling
     128-token prompts one after another, more than their whole decode (bench_decode, H100). Here the
-    turn's chunks of one model run as one forward: chunks padded to the longest one, [rows, tokens]
-    through the model's own embedding, norms, projections, rotary embedding and MLP, each row's new
-    keys and values written into its blocks at its positions, and attention per row over its blocks
-    (gathered, as the eager PagedCache does) with a causal mask offset by where the chunk starts.
-    Numerics are those of the fast path (Note [Fast path numerics]): equal to eager to rounding.
+    turn's chunks of one model run as one forward: the model's own forward (paged_step.py, Note [One
+    step for every architecture]) over chunks left-padded to the longest one, [rows, tokens] with each
+    row's own position ids, each row's new keys and values written into its blocks at its positions,
+    and attention per row over its blocks (gathered, as the eager PagedCache does) with a causal mask
+    offset by where the chunk starts (and the module's sliding window). Left-padded, every row's last
+    token is the last column, the one position whose logits the forward computes (`logits_to_keep`).
+    A padded input sits at its row's first position: it writes nowhere, and since attention is per row
+    and nothing else mixes positions, no real input sees it. Numerics are those of the fast path (Note
+    [Fast path numerics]): equal to eager to rounding.
 
     One forward stays within the Stack reserve (Note [Stack reserve] in kv_pools.py): padded, its
     rows x longest chunk are at most `max_prefill_tokens` (the prefill the reserve was measured at)
