@@ -51,7 +51,7 @@ import secrets
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 

@@ -12,7 +12,6 @@ import secrets
 import signal
 import sys
 import threading
-import time
 
 from ..protocol.messages import READY_PREFIX
 from .supervisor import _alive
@@ -87,7 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def pick_device(args, cfg) -> "torch.device":
+def pick_device(args, cfg):
+    """The torch.device to serve on."""
     import torch
 
     name = cfg.device
