@@ -34,8 +34,9 @@ def _hf_last_logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 def _hf_greedy(model, ids: torch.Tensor, n: int) -> list[int]:
     with torch.no_grad():
-        return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                              pad_token_id=0)[0, ids.shape[1]:].tolist()
+        # eos_token_id: an id no model emits, so HF runs all n steps like the rows (which have no eos)
+        return model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0,
+                              eos_token_id=VOCAB)[0, ids.shape[1]:].tolist()
 
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> None:
