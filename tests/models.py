@@ -77,3 +77,41 @@ def tiny_t5(seed: int = 0, device="cpu"):
     cfg = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                    decoder_start_token_id=0)
     return T5ForConditionalGeneration(cfg).to(device).eval()
+
+
+# -- one tiny model per module-path causal LM (tests/unit/test_paged_step.py) -------------------------
+def tiny_causal_lm(arch: str, seed: int = 0, device="cpu", **overrides):
+    """A 2-layer, 64-wide `arch` with what makes the architecture differ switched on (partial rotary,
+    GQA/MQA, sliding windows, softcapping, projections, inverse-layer scaling), seeded."""
+    import transformers
+
+    common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    rope = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=256)
+    configs = {
+        "gpt2": ("GPT2Config", dict(n_layer=2, n_embd=64, n_head=4, n_positions=256,
+                                    scale_attn_by_inverse_layer_idx=True, pad_token_id=None)),
+        "gpt_neox": ("GPTNeoXConfig", dict(rope, rotary_pct=0.5)),
+        "opt": ("OPTConfig", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                                  max_position_embeddings=256, word_embed_proj_dim=32)),
+        "phi": ("PhiConfig", dict(rope, partial_rotary_factor=0.5, num_key_value_heads=2)),
+        "phi3": ("Phi3Config", dict(rope, num_key_value_heads=2)),
+        "gemma": ("GemmaConfig", dict(rope, num_key_value_heads=1, head_dim=16)),
+        "gemma2": ("Gemma2Config", dict(rope, num_key_value_heads=2, head_dim=16, sliding_window=6,
+                                        attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                                        query_pre_attn_scalar=24)),
+        "falcon": ("FalconConfig", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                        new_decoder_architecture=True, num_kv_heads=2, alibi=False)),
+        "falcon_mqa": ("FalconConfig", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                            new_decoder_architecture=False, multi_query=True,
+                                            parallel_attn=True, alibi=False)),
+        "falcon_alibi": ("FalconConfig", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                              alibi=True)),
+        "llama": ("LlamaConfig", dict(rope, num_key_value_heads=2)),
+        "mistral": ("MistralConfig", dict(rope, num_key_value_heads=2, sliding_window=7)),
+        "qwen2": ("Qwen2Config", dict(rope, num_key_value_heads=2)),
+        "qwen3": ("Qwen3Config", dict(rope, num_key_value_heads=2, head_dim=32)),
+    }
+    cls, kw = configs[arch]
+    cfg = getattr(transformers, cls)(**{**common, **kw, **overrides})
+    return _build(cfg, seed, device)

@@ -1,5 +1,6 @@
-"""The decode fast path: Llama-family decode steps over an engine-owned KV pool, batched across
-sessions and, on CUDA, replayed as CUDA graphs.
+"""The decode fast path: decode steps of any supported module-path causal LM (SUPPORTED_ARCHS) over an
+engine-owned KV pool, batched across sessions and, on CUDA, replayed as CUDA graphs. The step is the
+model's own forward with attention over the pool (paged_step.py, Note [One step for every architecture]).
 
 Eager Hugging Face decode is bound by the host: one step launches hundreds of small kernels from
 Python (BASELINES.md "Decode"). Here one step of every session that decodes with the same model is a
@@ -35,48 +36,60 @@ Note [Graph workspace]
     captures largest first; the Stack reserve (kv_pools.decode_rows) covers that one capture.
 
 Note [Fast path numerics]
-    The step reuses the model's own modules (norms, projections, rotary embedding, MLP), so only
-    attention differs from HF's: FlexAttention's kernel over the row's blocks, or SDPA over the padded
-    length bucket with a mask (djinn/server/paged_attention.py). Results therefore match eager decode
-    to rounding, not bitwise; `deterministic=True` asks for the eager path.
+    The step is the model's own forward (paged_step.py), so only attention differs from HF's:
+    FlexAttention's kernel over the row's blocks, or SDPA over the padded length bucket with a mask
+    (djinn/server/paged_attention.py; with a softcap, the eager arithmetic over the same gather).
+    Results therefore match eager decode to rounding, not bitwise; `deterministic=True` asks for the
+    eager path. Which architectures pass is tested, not assumed: tests/unit/test_paged_step.py compares
+    logits and greedy tokens of every SUPPORTED_ARCHS model with HF's, and `paged_step.check` probes
+    each model once before its first fast generate.
 """
 from __future__ import annotations
 
 import logging
 import secrets
 import time
+import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from ..protocol.errors import InvalidRequest
-from . import paged_attention
+from . import paged_attention, paged_step
 from .sampling import check_scores
 
 log = logging.getLogger("djinn.fastpath")
 
-SUPPORTED_ARCHS = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"})
+#: Causal LMs of the module path whose paged forward gives HF generate's greedy tokens (tests/unit/
+#: test_paged_step.py); the probe (paged_step.check) must pass too. Anything else decodes eagerly.
+SUPPORTED_ARCHS = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                             "GPT2LMHeadModel", "GPTNeoXForCausalLM", "OPTForCausalLM", "PhiForCausalLM",
+                             "Phi3ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "FalconForCausalLM"})
+#: Rotary embeddings that depend on the position only: a captured step's positions are data, and
+#: "dynamic" or "longrope" recompute their frequencies from the length on the host.
 STATIC_ROPE = frozenset({"default", "linear", "llama3"})
+#: Learned position tables end at max_position_embeddings (GPT-2's n_positions, OPT's).
+LEARNED_POSITIONS = frozenset({"GPT2LMHeadModel", "OPTForCausalLM"})
+#: The one decode and prefill step (stats' "step"): the model's own HF forward over paged attention.
+STEP = "hf-paged"
 #: generate() arguments the fast path implements; any other one sends the call to the eager path.
 FAST_KWARGS = frozenset({"max_new_tokens", "min_new_tokens", "max_length", "do_sample", "temperature", "top_k",
                          "top_p", "eos_token_id", "pad_token_id", "use_cache"})
 MIN_LEN_BUCKET = 64
 
 
+def heads_of(config) -> int:
+    return int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_head", 0))
+
+
 def unsupported(module: torch.nn.Module, batch: int, kwargs: dict, total_len: int, max_len: int) -> str | None:
     """Why this generate cannot take the fast path (None: it can)."""
-    arch = type(module).__name__
-    if arch not in SUPPORTED_ARCHS:
-        return f"{arch} has no fast decode step"
-    cfg = module.config
-    rope = getattr(getattr(module.model, "rotary_emb", None), "rope_type", None)
-    if rope not in STATIC_ROPE:
-        return f"rope type {rope!r} changes with the length"
-    window = getattr(cfg, "sliding_window", None)
-    if window is not None and getattr(cfg, "use_sliding_window", True) and window < total_len:
-        return f"sliding window {window} < {total_len} tokens"
+    why = model_unsupported(module)
+    if why:
+        return why
+    if type(module).__name__ in LEARNED_POSITIONS and total_len > module.config.max_position_embeddings:
+        return f"{total_len} tokens > its {module.config.max_position_embeddings} learned positions"
     if batch != 1:
         return f"input batch {batch} (the fast path batches sessions, one row each)"
     extra = sorted(set(kwargs) - FAST_KWARGS)
@@ -87,6 +100,29 @@ def unsupported(module: torch.nn.Module, batch: int, kwargs: dict, total_len: in
     if total_len > max_len:
         return f"{total_len} tokens > fast_decode_max_len {max_len}"
     return None
+
+
+_model_why: "weakref.WeakKeyDictionary[torch.nn.Module, str | None]" = weakref.WeakKeyDictionary()
+
+
+def model_unsupported(module: torch.nn.Module) -> str | None:
+    """Why no generate of this model can take the fast path (None: they can), decided once per model."""
+    if module not in _model_why:
+        _model_why[module] = _model_reason(module)
+    return _model_why[module]
+
+
+def _model_reason(module: torch.nn.Module) -> str | None:
+    arch = type(module).__name__
+    if arch not in SUPPORTED_ARCHS:
+        return f"{arch} has no fast decode step"
+    if getattr(module.config, "alibi", False):
+        return "ALiBi position bias (Falcon alibi=True) is added through a dense mask the paged step does not build"
+    ropes = {getattr(m, "rope_type", None) for m in module.modules() if hasattr(m, "rope_type")}
+    if ropes - STATIC_ROPE:
+        return f"rope type {sorted(ropes - STATIC_ROPE, key=str)[0]!r} changes with the length"
+    why = paged_step.check(module)
+    return f"{arch}: {why}" if why else None
 
 
 def _bucket(n: int, cap: int, floor: int = 1) -> int:
@@ -168,12 +204,8 @@ class DecodePool:
                  attention: str = "auto"):
         self.module, self.kv_pool = module, kv_pool
         self.device = kv_pool.device
-        cfg = module.config
-        self.layers = module.model.layers
-        attn = self.layers[0].self_attn
-        self.head_dim = attn.head_dim
-        self.kv_heads = cfg.num_key_value_heads
-        self.heads = cfg.num_attention_heads
+        self.head_dim, self.kv_heads = kv_pool.shape.head_dim, kv_pool.shape.kv_heads
+        self.heads = heads_of(module.config) or self.kv_heads
         self.dtype = next(module.parameters()).dtype
         self.bt = kv_pool.block_tokens
         self.max_len = _bucket(max_len, 1 << 30, MIN_LEN_BUCKET)  # a power of two: buckets tile it
@@ -336,34 +368,18 @@ class DecodePool:
 
     @torch.inference_mode()
     def _forward(self, B: int, L: int) -> torch.Tensor:
-        """One decode step for slots 0..B-1 over positions 0..L-1; logits [B, vocab]."""
-        m = self.module.model
+        """One decode step for slots 0..B-1 over positions 0..L-1; logits [B, vocab]. The model's own
+        forward (Note [One step for every architecture] in paged_step.py)."""
         ids, pos = self.ids[:B], self.pos[:B]
         nb = -(-L // self.bt)
-        h = m.embed_tokens(ids)[:, None, :]                                    # [B, 1, hidden]
-        cos, sin = m.rotary_emb(h, pos[:, None])
         rows = torch.arange(B, device=self.device)
         blk = self.tables[rows, pos // self.bt]                                # [B] block of each row's token
-        off = pos % self.bt
-        state = self.attention.prepare(self.tables[:B, :nb], pos, L)
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(B, 1, self.heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(B, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(B, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            kl, vl = self.kv[i, 0], self.kv[i, 1]                             # [blocks, bt, kv_heads, dim]
-            kl[blk, off] = k[:, :, 0]
-            vl[blk, off] = v[:, :, 0]
-            o = self.attention.attend(q, i, state, attn.scaling)                # [B, heads, 1, dim]
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(B, 1, self.heads * self.head_dim))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return self.module.lm_head(m.norm(h)[:, -1])
+        step = paged_step.Step(self.kv, blk, pos % self.bt, None, self.attention,
+                               self.attention.prepare(self.tables[:B, :nb], pos, L))
+        return paged_step.forward(self.module, ids[:, None], pos[:, None], step)
 
     def stats(self) -> dict:
-        return {"slots": self.slots, "rows": len(self.rows), "max_len": self.max_len, "attention": self.attention_kind,
+        return {"path": "fast", "step": STEP, "slots": self.slots, "rows": len(self.rows), "max_len": self.max_len,
+                "attention": self.attention_kind,
                 "graphs": sorted(self._graphs),
                 "capture_s": round(self.capture_s, 3), "steps": self.steps, "rows_stepped": self.rows_stepped}

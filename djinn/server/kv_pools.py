@@ -74,6 +74,13 @@ def decode_rows(cfg, shape: KVShape, heads: int, attention: str) -> int:
     return max(1, min(MAX_DECODE_ROWS, DECODE_WORKSPACE // row))
 
 
+def _longest(max_len: int) -> int:
+    """The longest row of a decode pool for fast_decode_max_len `max_len` (DecodePool rounds it up)."""
+    from .fastpath import MIN_LEN_BUCKET, _bucket
+
+    return _bucket(max_len, 1 << 30, MIN_LEN_BUCKET)
+
+
 def pool_for(engine, entry) -> KVPool:
     """The model's pool, made (and the device sized) on first use."""
     pool = engine.data.pools.get(entry.model_id)
@@ -90,8 +97,10 @@ def pool_for(engine, entry) -> KVPool:
             most = min(most, int(cfg.data_budget_gb * GIB))
         if device.type == "cuda":
             most = min(most, torch.cuda.mem_get_info(device)[1])
-        attention, fallback = paged_attention.resolve(cfg.fast_decode_attention, device, shape.layers,
-                                                      shape.kv_heads, shape.head_dim, shape.dtype, heads, most)
+        if attention == "flex":  # a sliding window or softcap only the gather does
+            fallback = paged_attention.gather_only(module.config, _longest(cfg.fast_decode_max_len))
+        attention, fallback = ("gather", fallback) if fallback else paged_attention.resolve(
+            cfg.fast_decode_attention, device, shape.layers, shape.kv_heads, shape.head_dim, shape.dtype, heads, most)
         if fallback:
             log.warning("%s: decode attention falls back to the gather: %s", type(module).__name__, fallback)
     rows = decode_rows(cfg, shape, heads, attention)

@@ -86,6 +86,7 @@ class ModelEntry:
     refs: set[str] = field(default_factory=set)  # session ids using it
     streamed: streaming.StreamedModel | None = None  # set when it runs under a GPU weight budget
     fast: object = None  # its decode pool (fastpath.DecodePool), made at its first fast generate
+    eager_why: str | None = None  # why its last generate that decoded eagerly did not take the fast path
 
     @property
     def nbytes(self) -> int:

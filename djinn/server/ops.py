@@ -48,7 +48,7 @@ from . import checkpoint, executor, quotas, streaming, validate
 from .dispatch import Job
 from .fast_task import FastTask, pool_for
 from .kv_pools import pool_for as kv_pool_for
-from .fastpath import unsupported
+from .fastpath import STEP, unsupported
 from .registry import op
 from .rng import Stream
 from .sessions import KVState, SessionState, install_restored
@@ -218,13 +218,14 @@ def generate(engine, client_id, rid, args):
         raise InvalidRequest("generate needs kwargs as a map")
     executor.check_generate(input_ids, kwargs, entry.module)  # Note [Effective generate arguments]
     check_prefill(engine, input_ids, "generate")
-    on_tokens = None
     emitted: list[int] = []  # tokens streamed to the client so far (Note [Cancel] in dispatch.py)
-    if args.get("stream"):
-        def on_tokens(tokens: torch.Tensor) -> None:
-            toks = tokens.tolist()
-            emitted.extend(toks)
-            engine.send(client_id, MsgType.STREAM, {"rid": rid, "tokens": toks})
+
+    def stream(tokens: torch.Tensor) -> None:
+        toks = tokens.tolist()
+        emitted.extend(toks)
+        engine.send(client_id, MsgType.STREAM, {"rid": rid, "tokens": toks})
+
+    on_tokens = stream if args.get("stream") else None
     use_kv = bool(args.get("use_session_kv"))
     mid = entry.model_id
     kv_pool = kv_pool_for(engine, entry)
@@ -309,11 +310,13 @@ def generate(engine, client_id, rid, args):
             why = f"no decode pool: {e}"
     s.decode["eager" if why else "fast"] += 1
     s.eager_why = why or s.eager_why
-    make_task = None
-    if why is None:
-        def make_task():
-            return FastTask(pool, box["state"], input_ids, kwargs, seed, on_tokens, new, engine.dispatch.prefill,
-                            continues=use_kv)
+    entry.eager_why = why or entry.eager_why
+
+    def fast_task():
+        return FastTask(pool, box["state"], input_ids, kwargs, seed, on_tokens, new, engine.dispatch.prefill,
+                        continues=use_kv)
+
+    make_task = fast_task if why is None else None
     rng = Stream.new(seed, engine.device)  # Note [Random streams]: seeded as locally, or fresh from the OS
     return Job(s, mid, need, body, rng, engine.device, uses_kv=use_kv, make_task=make_task,
                reserve=reserve, release=release, truncate=truncate, peak=peak)
@@ -440,6 +443,10 @@ def stats(engine, client_id, rid, args):
         m.model_id: {"architecture": m.arch, "bytes": m.nbytes, "sessions": sorted(m.refs),
                      **({"streaming": m.streamed.stats()} if m.streamed is not None else {}),
                      **({"fast_decode": m.fast.stats()} if m.fast is not None else {}),
+                     # fast: its generates decode in the batched step (the one STEP for every architecture)
+                     # unless a call's own arguments say otherwise; eager: none has yet (eager_why says why)
+                     "decode": {"path": "eager" if m.fast is None else "fast",
+                                "step": "hf-generate" if m.fast is None else STEP, "eager_why": m.eager_why},
                      **({"kv_pool": engine.data.pools[m.model_id].plan.as_dict()}
                         if m.model_id in engine.data.pools else {})}
         for m in engine.models

@@ -2,9 +2,11 @@
 
 `GatherAttention` copies each row's blocks into a dense [rows, heads, length, dim] tensor per layer and
 runs SDPA over it with a mask; `FlexAttention` reads the blocks where they lie, through PyTorch's
-FlexAttention with a block mask (Note [Flex over the pool]). The step (fastpath.DecodePool) calls
-`prepare` once per step and `attend` once per layer; both run inside the step's CUDA graph, so every
-tensor they touch is allocated here once.
+FlexAttention with a block mask (Note [Flex over the pool]). The step (fastpath.DecodePool, through
+paged_step.py) calls `prepare` once per step and `attend` once per layer, from the attention function
+it registers with transformers; both run inside the step's CUDA graph, so every tensor they touch is
+allocated here once. The gather also serves the batched prefill (several queries per row) and the
+module's sliding window and softcap; flex does neither (`gather_only`).
 
 Note [Why FlexAttention]
     The gather reads the batch's KV, writes a copy and reads the copy again: three passes over the
@@ -68,6 +70,18 @@ def choose(kind: str, device: torch.device) -> str:
     if kind not in ATTENTIONS:
         raise ValueError(f"fast_decode_attention={kind!r} must be auto, gather or flex")
     return kind
+
+
+def gather_only(config, longest: int) -> str | None:
+    """Why flex cannot serve this model's attention, whose rows are at most `longest` tokens (None: it
+    can): its mask is a row's blocks, nothing per position, so a sliding window that can bind and
+    logit softcapping (Gemma2) are the gather's alone."""
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        return "flex does not softcap attention logits (attn_logit_softcapping)"
+    window = getattr(config, "sliding_window", None)
+    if isinstance(window, int) and getattr(config, "use_sliding_window", True) and window < longest:
+        return f"flex does not do sliding windows ({window} < {longest} tokens)"
+    return None
 
 
 #: FlexAttention's kernels index a key tensor with 32-bit offsets: past this many elements in one
@@ -150,31 +164,51 @@ def workspace_bytes(kind: str, blocks: int, layers: int, kv_heads: int, head_dim
 
 
 class GatherAttention:
-    """Each layer copies the rows' blocks into a dense tensor and runs SDPA with a length mask."""
+    """Each layer copies the rows' blocks into a dense tensor and runs SDPA with a length mask (and
+    the module's sliding window; with a softcap, the same arithmetic as transformers' eager attention)."""
 
     length_buckets = True  # the work grows with the padded length bucket
 
     def __init__(self, kv: torch.Tensor, slots: int, width: int, heads: int):
-        self.kv, self.heads = kv, heads
+        self.kv = kv
         self.bt, self.kv_heads, self.head_dim = kv.shape[3], kv.shape[4], kv.shape[5]  # [layers, k|v, blocks, ...]
 
     def prepare(self, tables: torch.Tensor, pos: torch.Tensor, length: int):
-        """Per step: tables [B, nb] covering `length` positions, pos [B]."""
+        """Per step: tables [B, nb] covering `length` positions; pos [B] (decode) or [B, n] (prefill):
+        the position of each query."""
         B, nb = tables.shape
         Lg = nb * self.bt
-        mask = (torch.arange(Lg, device=pos.device)[None, :] <= pos[:, None])[:, None, None, :]
-        return tables, mask
+        qpos = (pos if pos.dim() == 2 else pos[:, None])[:, None, :, None]    # [B, 1, n, 1]
+        kpos = torch.arange(Lg, device=pos.device)
+        return {"tables": tables, "qpos": qpos, "kpos": kpos, ("mask", None): kpos <= qpos}  # [B, 1, n, Lg]
 
-    def attend(self, q: torch.Tensor, layer: int, state, scale: float) -> torch.Tensor:
-        """q [B, heads, 1, dim] -> [B, heads, 1, dim] over layer `layer`'s KV of every row."""
-        tables, mask = state
+    def _mask(self, state, window: int | None) -> torch.Tensor:
+        """The causal mask, with the sliding window if any (transformers': kv > q - window); made once
+        per step and window, at the first layer that asks."""
+        key = ("mask", window)
+        if key not in state:
+            state[key] = state[("mask", None)] & (state["kpos"] > state["qpos"] - window)
+        return state[key]
+
+    def attend(self, q: torch.Tensor, layer: int, state, scale: float, window: int | None = None,
+               softcap: float | None = None) -> torch.Tensor:
+        """q [B, heads, n, dim] -> [B, heads, n, dim] over layer `layer`'s KV of every row."""
+        tables = state["tables"]
         B, nb = tables.shape
         Lg = nb * self.bt
+        mask = self._mask(state, window)
         kl, vl = self.kv[layer, 0], self.kv[layer, 1]                         # [blocks, bt, kv_heads, dim]
         kc = kl[tables].view(B, Lg, self.kv_heads, self.head_dim).transpose(1, 2)
         vc = vl[tables].view(B, Lg, self.kv_heads, self.head_dim).transpose(1, 2)
-        return F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=scale,
-                                              enable_gqa=self.heads != self.kv_heads)
+        if softcap is None:
+            return F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=scale,
+                                                  enable_gqa=q.shape[1] != self.kv_heads)
+        groups = q.shape[1] // self.kv_heads                                  # SDPA has no softcap (Gemma2)
+        kc, vc = kc.repeat_interleave(groups, 1), vc.repeat_interleave(groups, 1)
+        w = torch.matmul(q, kc.transpose(2, 3)) * scale
+        w = torch.tanh(w / softcap) * softcap
+        w = w.masked_fill(~mask, torch.finfo(w.dtype).min)
+        return torch.matmul(w.softmax(-1, dtype=torch.float32).to(q.dtype), vc)
 
 
 class FlexAttention:
@@ -187,6 +221,7 @@ class FlexAttention:
 
         layers, _, blocks, bt, kv_heads, dim = kv.shape
         self.heads, self.kv_heads, self.bt = heads, kv_heads, bt
+        self.longest = width * bt  # a window at least this long never masks anything
         n = blocks * bt
         self.keys = [kv[i, 0].view(n, kv_heads, dim).permute(1, 0, 2).unsqueeze(0) for i in range(layers)]
         self.values = [kv[i, 1].view(n, kv_heads, dim).permute(1, 0, 2).unsqueeze(0) for i in range(layers)]
@@ -222,9 +257,13 @@ class FlexAttention:
             mask = self._masks[B] = self._make_mask(B)
         return mask
 
-    def attend(self, q: torch.Tensor, layer: int, mask, scale: float) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, layer: int, mask, scale: float, window: int | None = None,
+               softcap: float | None = None) -> torch.Tensor:
+        if softcap is not None or (window is not None and window < self.longest):
+            raise ValueError("flex attention over the pool does not do sliding windows or softcapping "
+                             "(the pool should have taken the gather: `gather_only`)")
         return self._flex(q, self.keys[layer], self.values[layer], block_mask=mask, scale=scale,
-                          enable_gqa=self.heads != self.kv_heads, kernel_options=self.options)
+                          enable_gqa=q.shape[1] != self.kv_heads, kernel_options=self.options)
 
 
 @functools.cache

@@ -6,11 +6,15 @@ Note [Batched prefill]
     is a Hugging Face forward: hundreds of kernel launches from Python, tens of milliseconds of host
     time whatever its length. 32 sessions starting together on a 7B model spent about 2 s prefilling
     128-token prompts one after another, more than their whole decode (bench_decode, H100). Here the
-    turn's chunks of one model run as one forward: chunks padded to the longest one, [rows, tokens]
-    through the model's own embedding, norms, projections, rotary embedding and MLP, each row's new
-    keys and values written into its blocks at its positions, and attention per row over its blocks
-    (gathered, as the eager PagedCache does) with a causal mask offset by where the chunk starts.
-    Numerics are those of the fast path (Note [Fast path numerics]): equal to eager to rounding.
+    turn's chunks of one model run as one forward: the model's own forward (paged_step.py, Note [One
+    step for every architecture]) over chunks left-padded to the longest one, [rows, tokens] with each
+    row's own position ids, each row's new keys and values written into its blocks at its positions,
+    and attention per row over its blocks (gathered, as the eager PagedCache does) with a causal mask
+    offset by where the chunk starts (and the module's sliding window). Left-padded, every row's last
+    token is the last column, the one position whose logits the forward computes (`logits_to_keep`).
+    A padded input sits at its row's first position: it writes nowhere, and since attention is per row
+    and nothing else mixes positions, no real input sees it. Numerics are those of the fast path (Note
+    [Fast path numerics]): equal to eager to rounding.
 
     One forward stays within the Stack reserve (Note [Stack reserve] in kv_pools.py): padded, its
     rows x longest chunk are at most `max_prefill_tokens` (the prefill the reserve was measured at)
@@ -22,7 +26,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from . import paged_step
+from .paged_attention import GatherAttention
 
 
 @dataclass
@@ -57,7 +63,7 @@ def groups(chunks: list[Chunk], block_tokens: int, gather_tokens: int, max_token
 @torch.inference_mode()
 def prefill(pool, chunks: list[Chunk]) -> torch.Tensor:
     """Feed every chunk into its table's blocks (lengths advance); logits of each chunk's last token."""
-    m, kv, dev, bt = pool.module.model, pool.kv, pool.device, pool.bt
+    kv, dev, bt = pool.kv, pool.device, pool.bt
     R = len(chunks)
     lens = [c.ids.numel() for c in chunks]
     starts = [c.table.length for c in chunks]
@@ -67,39 +73,23 @@ def prefill(pool, chunks: list[Chunk]) -> torch.Tensor:
     nb = max(-(-(a + k) // bt) for a, k in zip(starts, lens))
     tbl = torch.tensor([(r := c.table.rows[0][:nb]) + [r[-1]] * (nb - len(r)) for c in chunks],
                        dtype=torch.long, device=dev)                         # [R, nb]; tails repeat own blocks
+    # Left-padded, so every row's last token is column n-1 (the forward computes that column's logits).
+    pad = torch.tensor([n - k for k in lens], device=dev)[:, None]
+    col = torch.arange(n, device=dev)[None, :]
+    valid = col >= pad                                                        # [R, n]
     ids = torch.zeros(R, n, dtype=torch.long, device=dev)
     for i, c in enumerate(chunks):
-        ids[i, :lens[i]] = c.ids.to(dev)
-    start = torch.tensor(starts, dtype=torch.long, device=dev)
-    pos = start[:, None] + torch.arange(n, device=dev)[None, :]               # [R, n]
-    valid = torch.arange(n, device=dev)[None, :] < torch.tensor(lens, device=dev)[:, None]
-    # Padded positions write nowhere and read their own row only: their outputs are dropped.
+        ids[i, n - lens[i]:] = c.ids.to(dev)
+    start = torch.tensor(starts, dtype=torch.long, device=dev)[:, None]
+    # A padded input sits at its row's first position: it writes nowhere, reads its own row only, and its
+    # output is dropped; a real position keeps learned position tables (GPT-2, OPT) in range.
+    pos = start + (col - pad).clamp(min=0)                                    # [R, n]
     wpos = pos[valid]
     wrow = torch.arange(R, device=dev)[:, None].expand(R, n)[valid]
-    blk, off = tbl[wrow, wpos // bt], wpos % bt
-    Lg = nb * bt
-    mask = (torch.arange(Lg, device=dev)[None, None, :] <= pos[:, :, None])[:, None]  # [R, 1, n, Lg]
-    h = m.embed_tokens(ids)                                                   # [R, n, hidden]
-    cos, sin = m.rotary_emb(h, pos)
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    H, Hkv, D = pool.heads, pool.kv_heads, pool.head_dim
-    for i, layer in enumerate(pool.layers):
-        attn = layer.self_attn
-        x = layer.input_layernorm(h)
-        q = attn.q_proj(x).view(R, n, H, D).transpose(1, 2)
-        k = attn.k_proj(x).view(R, n, Hkv, D).transpose(1, 2)
-        v = attn.v_proj(x).view(R, n, Hkv, D).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        kl, vl = kv[i, 0], kv[i, 1]                                          # [blocks, bt, kv_heads, dim]
-        kl[blk, off] = k.transpose(1, 2)[valid]
-        vl[blk, off] = v.transpose(1, 2)[valid]
-        kc = kl[tbl].view(R, Lg, Hkv, D).transpose(1, 2)
-        vc = vl[tbl].view(R, Lg, Hkv, D).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=attn.scaling, enable_gqa=H != Hkv)
-        h = h + attn.o_proj(o.transpose(1, 2).reshape(R, n, H * D))
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
-    last = h[torch.arange(R, device=dev), torch.tensor(lens, device=dev) - 1]  # [R, hidden]
+    attention = GatherAttention(kv, R, nb, pool.heads)
+    step = paged_step.Step(kv, tbl[wrow, wpos // bt], wpos % bt, valid, attention,
+                           attention.prepare(tbl, pos, nb * bt))
+    logits = paged_step.forward(pool.module, ids, pos, step)                   # [R, vocab]
     for c, k in zip(chunks, lens):
         c.table.length += k
-    return pool.module.lm_head(m.norm(last))
+    return logits

@@ -12,7 +12,6 @@ import secrets
 import signal
 import sys
 import threading
-import time
 
 from ..protocol.messages import READY_PREFIX
 from .supervisor import _alive
@@ -71,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quota-queued-requests", type=int, dest="quota_queued_requests",
                    help="per-session cap on requests waiting in the engine queue")
     p.add_argument("--fast-decode", dest="fast_decode", choices=["auto", "on", "off"],
-                   help="batched, CUDA-graph decode for Llama-family models (auto: on CUDA devices)")
+                   help="batched, CUDA-graph decode for the module path's causal LMs (auto: on CUDA devices)")
     p.add_argument("--fast-decode-max-batch", type=int, dest="fast_decode_max_batch",
                    help="rows of one batched decode step (default: what 4 GiB of workspace holds, <= 64)")
     p.add_argument("--fast-decode-attention", dest="fast_decode_attention", choices=["auto", "gather", "flex"],
@@ -87,7 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def pick_device(args, cfg) -> "torch.device":
+def pick_device(args, cfg):
+    """The torch.device to serve on."""
     import torch
 
     name = cfg.device

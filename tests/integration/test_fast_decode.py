@@ -12,7 +12,7 @@ from djinn.frontend.connection import Connection
 from djinn.frontend.run import Breakpoint
 
 from ..conftest import DEVICE
-from ..models import VOCAB, tiny_gpt2, tiny_llama, tiny_mistral, tiny_qwen2
+from ..models import VOCAB, tiny_causal_lm, tiny_llama, tiny_mistral, tiny_qwen2
 from .test_scheduling import submit_generate, wait_for
 
 
@@ -62,6 +62,33 @@ def test_concurrent_sessions_share_steps_and_match_local_greedy(fast_server, bui
         fast = st["models"][rm.model_id]["fast_decode"]
         assert fast["rows"] == 0 and fast["steps"] > 0
         assert fast["rows_stepped"] > fast["steps"], "no step ever batched two sessions"
+        assert all(st["sessions"][s.sid]["decode"]["fast"] == 1 for s in sessions)
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("arch", ["opt", "gpt2"])
+def test_learned_position_models_take_the_one_fast_step(fast_server, arch):
+    """Note [One step for every architecture] in paged_step.py: OPT (its position offset of 2, projected
+    embeddings) and GPT-2 (learned positions, inverse-layer scaling) decode in the batched step, two
+    sessions together, and equal local greedy generate; stats name the path and the step."""
+    model = tiny_causal_lm(arch, seed=4).eval()
+    conn = Connection(fast_server.address, secret=None)
+    try:
+        sessions = [conn.session() for _ in range(2)]
+        rm = djinn.remote(model, session=sessions[0])
+        rm.attach(sessions[1])
+        prompts, news = _prompts(2, seed=8), [12, 20]
+        futures = [s.submit("generate", {
+            "model_id": rm.model_id, "input_ids": p, "kwargs": wire.pack(s, {"max_new_tokens": n, "do_sample": False}),
+            "seed": None, "use_session_kv": True, "stream": False}) for s, p, n in zip(sessions, prompts, news)]
+        for f, p, n in zip(futures, prompts, news):
+            assert torch.equal(f.result(120)["sequences"], _local(model, p, n))
+        st = conn.stats()
+        m = st["models"][rm.model_id]
+        assert (m["decode"]["path"], m["decode"]["step"], m["decode"]["eager_why"]) == ("fast", "hf-paged", None)
+        assert (m["fast_decode"]["path"], m["fast_decode"]["step"]) == ("fast", "hf-paged")
+        assert m["fast_decode"]["rows_stepped"] > m["fast_decode"]["steps"], "no step batched the two sessions"
         assert all(st["sessions"][s.sid]["decode"]["fast"] == 1 for s in sessions)
     finally:
         conn.close()
@@ -132,11 +159,14 @@ def test_unsupported_models_and_arguments_fall_back_and_say_why(fast_server):
     conn = Connection(fast_server.address, secret=None)
     try:
         s = conn.session()
-        gpt2 = tiny_gpt2().eval()
-        rm = djinn.remote(gpt2, session=s)
+        alibi = tiny_causal_lm("falcon_alibi").eval()
+        rm = djinn.remote(alibi, session=s)
         (ids,) = _prompts(1, seed=5)
-        assert torch.equal(s.generate(rm, ids, max_new_tokens=4, do_sample=False), _local(gpt2, ids, 4))
-        assert "GPT2LMHeadModel has no fast decode step" in conn.stats()["sessions"][s.sid]["decode"]["eager_why"]
+        assert torch.equal(s.generate(rm, ids, max_new_tokens=4, do_sample=False), _local(alibi, ids, 4))
+        st = conn.stats()
+        assert "ALiBi position bias" in st["sessions"][s.sid]["decode"]["eager_why"]
+        decode = st["models"][rm.model_id]["decode"]
+        assert (decode["path"], decode["step"]) == ("eager", "hf-generate") and "ALiBi" in decode["eager_why"]
         llama = tiny_llama().eval()
         s2 = conn.session()
         rl = djinn.remote(llama, session=s2)

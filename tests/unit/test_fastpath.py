@@ -10,7 +10,7 @@ from djinn.server.fastpath import MIN_LEN_BUCKET, DecodePool, Row, Sampler, _buc
 from djinn.server.paged_cache import PagedCache
 from djinn.vmu.kv_pool import KVPool, KVShape
 
-from ..models import tiny_gpt2, tiny_llama
+from ..models import tiny_gpt2, tiny_gptj, tiny_llama
 
 
 @pytest.mark.parametrize("n, cap, floor, want", [(1, 64, 1, 1), (3, 64, 1, 4), (33, 64, 1, 64), (65, 64, 1, 64),
@@ -33,7 +33,9 @@ def test_pool_buckets_cover_every_step_shape():
 def test_unsupported_reasons():
     llama, gpt2 = tiny_llama(), tiny_gpt2()
     assert unsupported(llama, 1, {"max_new_tokens": 3}, 10, 256) is None
-    assert unsupported(gpt2, 1, {}, 10, 256) == "GPT2LMHeadModel has no fast decode step"
+    assert unsupported(tiny_gptj(), 1, {}, 10, 256) == "GPTJForCausalLM has no fast decode step"
+    assert unsupported(gpt2, 1, {}, 10, 512) is None
+    assert unsupported(gpt2, 1, {}, 300, 512) == "300 tokens > its 256 learned positions"
     assert unsupported(llama, 2, {}, 10, 256) == "input batch 2 (the fast path batches sessions, one row each)"
     assert unsupported(llama, 1, {"num_beams": 2}, 10, 256) == "generate arguments ['num_beams']"
     assert unsupported(llama, 1, {"use_cache": False}, 10, 256) == "use_cache=False"
