@@ -34,14 +34,14 @@ def start(engine, client_id, rid, args):
     method = args.get("method", "forward")
     if method not in METHODS:
         raise InvalidRequest(f"method must be one of {METHODS}, got {method!r}")
+    if method == "generate":
+        require_module(entry, "a generate run")
     call_args = _unpack_inputs(engine, s, args.get("args", []))
     call_kwargs = _unpack_inputs(engine, s, args.get("kwargs", {}))
     if not isinstance(call_args, list) or not isinstance(call_kwargs, dict):
         raise InvalidRequest("start needs args as a list and kwargs as a map")
     if method == "generate" and len(call_args) != 1:
         raise InvalidRequest(f"a generate run takes one positional argument (input_ids), got {len(call_args)}")
-    if method == "generate":
-        require_module(entry, "a generate run")
     if method == "forward":  # Note [Index inputs are checked before the device sees them]
         check_forward(entry.module, call_args, call_kwargs)
     else:  # Note [Effective generate arguments]: the arguments first, then the indices they imply
