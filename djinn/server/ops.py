@@ -220,13 +220,14 @@ def generate(engine, client_id, rid, args):
         raise InvalidRequest("generate needs kwargs as a map")
     executor.check_generate(input_ids, kwargs, entry.module)  # Note [Effective generate arguments]
     check_prefill(engine, input_ids, "generate")
-    on_tokens = None
     emitted: list[int] = []  # tokens streamed to the client so far (Note [Cancel] in dispatch.py)
-    if args.get("stream"):
-        def on_tokens(tokens: torch.Tensor) -> None:
-            toks = tokens.tolist()
-            emitted.extend(toks)
-            engine.send(client_id, MsgType.STREAM, {"rid": rid, "tokens": toks})
+
+    def stream(tokens: torch.Tensor) -> None:
+        toks = tokens.tolist()
+        emitted.extend(toks)
+        engine.send(client_id, MsgType.STREAM, {"rid": rid, "tokens": toks})
+
+    on_tokens = stream if args.get("stream") else None
     encdec = executor.is_encoder_decoder(entry.module)
     use_kv = bool(args.get("use_session_kv")) and not encdec  # Note [Encoder-decoder generate]
     prefix = engine.cfg.prefix_caching and not encdec  # Note [Prefix sharing]: keyed by the KV's own tokens
@@ -316,11 +317,11 @@ def generate(engine, client_id, rid, args):
             why = f"no decode pool: {e}"
     s.decode["eager" if why else "fast"] += 1
     s.eager_why = why or s.eager_why
-    make_task = None
-    if why is None:
-        def make_task():
-            return FastTask(pool, box["state"], input_ids, kwargs, seed, on_tokens, new, engine.dispatch.prefill,
-                            continues=use_kv)
+    def fast_task():
+        return FastTask(pool, box["state"], input_ids, kwargs, seed, on_tokens, new, engine.dispatch.prefill,
+                        continues=use_kv)
+
+    make_task = fast_task if why is None else None
     rng = Stream.new(seed, engine.device)  # Note [Random streams]: seeded as locally, or fresh from the OS
     return Job(s, mid, need, body, rng, engine.device, uses_kv=use_kv, make_task=make_task,
                reserve=reserve, release=release, truncate=truncate, peak=peak)
