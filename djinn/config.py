@@ -18,6 +18,9 @@ DEFAULT_ARCHITECTURES = [
     "Qwen3ForCausalLM", "Qwen3Model",
     "GPTNeoXForCausalLM", "OPTForCausalLM", "PhiForCausalLM", "Phi3ForCausalLM",
     "GemmaForCausalLM", "Gemma2ForCausalLM", "FalconForCausalLM",
+    "BloomForCausalLM", "GPTJForCausalLM", "GPTNeoForCausalLM", "StableLmForCausalLM", "CohereForCausalLM",
+    "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
+    "T5ForConditionalGeneration",
 ]
 
 

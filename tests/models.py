@@ -115,3 +115,48 @@ def tiny_causal_lm(arch: str, seed: int = 0, device="cpu", **overrides):
     cls, kw = configs[arch]
     cfg = getattr(transformers, cls)(**{**common, **kw, **overrides})
     return _build(cfg, seed, device)
+
+
+def _decoder(cls_name: str, seed: int, device, **kw):
+    import transformers
+
+    cfg = getattr(transformers, cls_name)(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, **kw)
+    return _build(cfg, seed, device)
+
+
+_LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=256)
+
+
+def tiny_bloom(seed: int = 0, device="cpu"):
+    """ALiBi: no position table."""
+    return _decoder("BloomConfig", seed, device, hidden_size=64, n_layer=2, n_head=4)
+
+
+def tiny_gpt_neo(seed: int = 0, device="cpu"):
+    """A learned position table (wpe) and a local-attention layer."""
+    return _decoder("GPTNeoConfig", seed, device, hidden_size=64, num_layers=2, num_heads=4,
+                    attention_types=[[["global", "local"], 1]], window_size=8, max_position_embeddings=256)
+
+
+def tiny_stablelm(seed: int = 0, device="cpu"):
+    return _decoder("StableLmConfig", seed, device, **_LLAMA_LIKE)
+
+
+def tiny_cohere(seed: int = 0, device="cpu"):
+    return _decoder("CohereConfig", seed, device, **_LLAMA_LIKE)
+
+
+def tiny_mixtral(seed: int = 0, device="cpu"):
+    """Mixture of experts: 4 experts, 2 per token, grouped-query attention (2 KV heads)."""
+    return _decoder("MixtralConfig", seed, device, num_local_experts=4, num_experts_per_tok=2, **_LLAMA_LIKE)
+
+
+def tiny_qwen2_moe(seed: int = 0, device="cpu"):
+    return _decoder("Qwen2MoeConfig", seed, device, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                    shared_expert_intermediate_size=64, **_LLAMA_LIKE)
+
+
+def tiny_qwen3_moe(seed: int = 0, device="cpu"):
+    return _decoder("Qwen3MoeConfig", seed, device, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                    head_dim=16, **_LLAMA_LIKE)

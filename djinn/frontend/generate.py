@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
-from ..protocol.errors import DjinnError, InvalidRequest
+from ..protocol.errors import DjinnError, InvalidRequest, ModelNotSupported
 from . import wire
 
 if TYPE_CHECKING:
@@ -24,6 +24,8 @@ def request(session: "Session", rm: "RemoteModel", input_ids: torch.Tensor, *, s
 
     deterministic=True: the eager path, bitwise-equal to a local generate, never the batched fast path.
     """
+    if getattr(rm, "path", "module") != "module":
+        raise ModelNotSupported(graph_path_why(rm.arch))
     if not isinstance(input_ids, torch.Tensor):
         raise InvalidRequest("input_ids must be a torch.Tensor")
     args = {"model_id": rm.model_id, "input_ids": input_ids, "kwargs": wire.pack(session, kwargs),
@@ -36,6 +38,15 @@ def request(session: "Session", rm: "RemoteModel", input_ids: torch.Tensor, *, s
         raise InvalidRequest("stream=True supports batch size 1 (like transformers' TextStreamer)")
     q: queue.Queue = queue.Queue()
     return TokenStream(q, session.submit("generate", args, stream=q), session)
+
+
+def graph_path_why(arch: str) -> str:
+    """Why a graph-path model cannot generate, and what to do instead (raised before anything is sent)."""
+    return (f"generate needs a model the server builds itself (the module path); this {arch} runs on the graph "
+            "path, which runs forward only (its code stays on this client). A Hugging Face model whose class is in "
+            "djinn.supported_architectures() generates on the server: djinn.remote(model) without path='graph'. "
+            "Otherwise decode with forward calls: out = rm(ids, use_cache=True), then rm(next_ids, "
+            "past_key_values=out.past_key_values, use_cache=True) keeps the cache on the server")
 
 
 def cancel(session: "Session", rid: int, keep: int):

@@ -23,6 +23,7 @@ from .guards import attribute_guard, weight_versions
 from ..srg.render import render
 from ..srg.tree import flatten, unflatten
 from . import wire
+from .generate import graph_path_why
 from .remote import RemoteModel
 from .run import Breakpoint, Run
 from .tensor import RemoteTensor
@@ -119,8 +120,7 @@ class GraphModel(RemoteModel):
         return render(cap.graph, f"SRG {self.arch} {cap.sig[:12]}")
 
     def generate(self, *args, **kwargs):
-        raise ModelNotSupported("generate runs on the module path (djinn.remote(model) for a Hugging Face model "
-                                "the server can build); the graph path runs forward")
+        raise ModelNotSupported(graph_path_why(self.arch))
 
     def _capture(self, args: tuple, kwargs: dict) -> tuple[Captured, list]:
         if self._use_cache and "use_cache" not in kwargs:

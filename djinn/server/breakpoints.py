@@ -321,7 +321,8 @@ class Run:
 
         ids = c.args[0]
         state = KVState.empty(c.kv_pool, ids[:, :0])
-        tokens = int(ids.shape[1]) + executor.new_tokens(c.module, int(ids.shape[1]), c.kwargs)
+        prompt = executor.decoder_prompt(c.module, int(ids.shape[1]))  # Note [Encoder-decoder generate]
+        tokens = prompt + executor.new_tokens(c.module, prompt, c.kwargs)
         if not c.kv_pool.reserve(state.table, tokens):
             raise OutOfMemory(f"a generate run needs {tokens} tokens of KV x batch {ids.shape[0]}; the model's "
                               "KV pool has too few free blocks now")

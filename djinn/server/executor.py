@@ -12,6 +12,23 @@ Note [Effective generate arguments]
     metadata), and an allowed one must be in range; the index checks read the merged token ids
     (validate.check_generate). A call may still override a config value with an allowed one
     (num_beams=1), as locally.
+
+Note [Encoder-decoder generate]
+    An encoder-decoder model (T5) generates on the module path like a decoder-only one, with two
+    differences. Its cache is transformers' `EncoderDecoderCache` of a `PagedCache` (the decoder's
+    self-attention KV, in the model's blocks, one block layer per decoder layer: `KVShape.of_module`)
+    and a `DynamicCache` for the cross-attention KV, which every decoder step reads unchanged: the
+    encoder's keys and values, computed once per call. Those are the call's own tensors (Stack), not
+    blocks: they are fixed once computed and no session keeps them, so the quota check counts them on
+    top of the blocks (`cross_kv_bytes`: the encoder's tokens x the decoder's per-token KV bytes).
+    `DynamicCache` would return exactly these tensors too, so greedy tokens and scores stay bitwise
+    the local `generate`'s. And a call does not continue a session's KV: its input_ids are the
+    encoder's input, and the decoder starts again from `decoder_start_token_id` (locally, a second
+    generate over the same cache would cross-attend to the first call's encoder states), so
+    `s.generate` on an encoder-decoder model is a fresh generate, as `rm.generate` is, and the session
+    keeps no KV for it. Its decoder starts from one token whatever the encoder reads
+    (`decoder_prompt`), which is what the blocks, the length limits and max_length count; prefix
+    sharing, keyed by prompt token ids, is off for it (those ids are the encoder's, not the KV's).
 """
 from __future__ import annotations
 
@@ -23,7 +40,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..protocol.errors import InvalidRequest
 from .sampling import checked_hf_kwargs
-from .sessions import KVState, Session
+from .sessions import KVState
 
 # transformers >= 5.2x renames generate's past_key_values to cache; the old name works (with this
 # warning) on every version we support, the new one only on recent ones.
@@ -35,8 +52,37 @@ GENERATE_KWARGS = {
     "max_new_tokens", "min_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p",
     "min_p", "typical_p", "repetition_penalty", "no_repeat_ngram_size", "num_beams",
     "eos_token_id", "pad_token_id", "bos_token_id", "attention_mask", "length_penalty",
-    "num_return_sequences", "use_cache",
+    "num_return_sequences", "use_cache", "decoder_start_token_id",
 }
+
+
+def is_encoder_decoder(module: torch.nn.Module | None) -> bool:
+    return bool(getattr(getattr(module, "config", None), "is_encoder_decoder", False))
+
+
+def decoder_prompt(module: torch.nn.Module, fed: int) -> int:
+    """The tokens a generate's KV holds before it generates: the `fed` prompt tokens (the session's and
+    the call's), or for an encoder-decoder model the decoder's one start token (Note [Encoder-decoder
+    generate]). What max_length, the KV blocks and the position limits count from."""
+    return 1 if is_encoder_decoder(module) else fed
+
+
+def cross_kv_bytes(module: torch.nn.Module, shape, input_ids: torch.Tensor) -> int:
+    """Bytes of an encoder-decoder generate's cross-attention KV (0 for a decoder-only model): every
+    decoder layer's keys and values of each encoder token (Note [Encoder-decoder generate])."""
+    if not is_encoder_decoder(module):
+        return 0
+    return int(input_ids.shape[0]) * int(input_ids.shape[1]) * shape.token_bytes
+
+
+def model_cache(module: torch.nn.Module, cache):
+    """The cache object generate passes to `module`: the paged cache itself, or for an encoder-decoder
+    model the paged cache as its self-attention cache (Note [Encoder-decoder generate])."""
+    if not is_encoder_decoder(module):
+        return cache
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    return EncoderDecoderCache(cache, DynamicCache())
 
 
 def forward(module: torch.nn.Module, args: list, kwargs: dict) -> Any:
@@ -67,11 +113,14 @@ def generate(module: torch.nn.Module, state: KVState | None, input_ids: torch.Te
     if state is not None:
         if state.ids.shape[0] != input_ids.shape[0]:
             raise InvalidRequest(f"session cache has batch {state.ids.shape[0]}, input has {input_ids.shape[0]}")
+        if continues and is_encoder_decoder(module):  # the callers make it a fresh generate
+            raise InvalidRequest("an encoder-decoder model's generate does not continue a KV cache "
+                                 "(Note [Encoder-decoder generate])")
         if continues:
             input_ids = torch.cat([state.ids, input_ids], dim=1)
             if "attention_mask" in kwargs:
                 raise InvalidRequest("attention_mask is not supported when continuing a session's cache")
-        kwargs["past_key_values"] = state.cache
+        kwargs["past_key_values"] = model_cache(module, state.cache)
     if step_hook is not None:
         kwargs["stopping_criteria"] = StoppingCriteriaList([_StepCriterion(step_hook)])
     gc = module.generation_config

@@ -133,7 +133,7 @@ def compile_graph(g: Graph, device: torch.device) -> Compiled:
 
 
 #: Matmul-like ops: the argument whose last dim is contracted (Note [Graph cost]).
-_CONTRACTED = {"mm": 0, "bmm": 0, "matmul": 0, "linear": 0, "addmm": 1, "baddbmm": 1}
+_CONTRACTED = {"mm": 0, "bmm": 0, "matmul": 0, "linear": 0, "addmm": 1, "baddbmm": 1, "_grouped_mm": 0}
 _CONVOLUTIONS = frozenset({"convolution", "_convolution"})
 
 
@@ -207,7 +207,7 @@ def _dry_run(g: Graph, fns: list, args: list, kwargs: list) -> list:
             env[i] = (torch.empty_strided(m.shape, m.stride, dtype=m.dtype, device=_META),)
             continue
         try:
-            out = fns[i](*_resolve(args[i], env, _META), **_resolve(kwargs[i], env, _META))
+            out = srg_ops.meta_call(fns[i], _resolve(args[i], env, _META), _resolve(kwargs[i], env, _META))
         except Exception as e:
             raise InvalidRequest(f"graph node {i} ({node.op}{' in ' + node.module if node.module else ''}) does "
                                  f"not run on its inputs: {type(e).__name__}: {str(e)[:300]}") from None
@@ -329,8 +329,27 @@ class Interpreter:
         c = self.c
         args, kwargs = _resolve(c.args[i], env), _resolve(c.kwargs[i], env)
         check_indices(c.graph.nodes[i].op, args)
-        out = c.fns[i](*args, **kwargs)
+        fix = _ON_DEVICE.get(c.graph.nodes[i].op)
+        out = fix(c.fns[i], args, kwargs) if fix is not None else c.fns[i](*args, **kwargs)
         return tuple(out) if isinstance(out, (list, tuple)) else (out,)
+
+
+# Note [Device-free captures, device-specific kernels]
+#     A graph is captured on meta tensors, so code that picks its ops by device type sees "meta" and
+#     takes its non-CPU branch. transformers' MoE experts (Mixtral, Qwen2-MoE: integrations/moe.py)
+#     count tokens per expert with histc of the expert ids as int32 off the CPU and as float32 on it,
+#     because the CPU histc has no integer kernel. The counts are the same integers either way and the
+#     graph casts them to int32 next, so a CPU server runs an integer histc in float64 (exact for every
+#     value below 2**53) and casts the counts back to the input's dtype: what the captured op computes
+#     on a device that has the kernel, and the same offsets a local CPU run computes.
+def _histc(fn, args: tuple, kwargs: dict):
+    x = args[0]
+    if x.device.type != "cpu" or x.is_floating_point():
+        return fn(*args, **kwargs)
+    return fn(x.double(), *args[1:], **kwargs).to(x.dtype)
+
+
+_ON_DEVICE = {"aten.histc.default": _histc}
 
 
 #: Ops that read or write at positions given by an index tensor: (index argument, dim argument or None
@@ -344,7 +363,10 @@ _INDEXED = {"index_select": (2, 1, 0), "gather": (2, 1, 0), "scatter": (2, 1, 0)
 
 def check_indices(op: str, args: tuple) -> None:
     """Raise IndexError for an index out of range, before a CUDA kernel would assert on it."""
-    spec = _INDEXED.get(op.split(".")[1] if op.count(".") >= 2 else op)
+    base = op.split(".")[1] if op.count(".") >= 2 else op
+    if base == "_grouped_mm":
+        return _check_group_offsets(args)
+    spec = _INDEXED.get(base)
     if spec is None:
         return
     ia, da, xa = spec
@@ -365,3 +387,28 @@ def check_indices(op: str, args: tuple) -> None:
         if bool(((t < lo) | (t >= n)).any()):
             bad = t[(t < lo) | (t >= n)].flatten()[0].item()
             raise IndexError(f"index {bad} is out of bounds for dimension {dim} with size {n}")
+
+
+def _check_group_offsets(args: tuple) -> None:
+    """`_grouped_mm(a, b, offs)`: the kernel reads the rows (2-d x 3-d), columns (3-d x 2-d) or inner
+    dim (2-d x 2-d) of each group between consecutive offsets, unchecked on the device: the offsets
+    must rise from 0 and stay within that dim, one per group (a MoE graph computes them with histc and
+    cumsum of its router's choices, so they always do)."""
+    if len(args) < 3 or not all(isinstance(t, torch.Tensor) for t in args[:2]) or not isinstance(args[2], torch.Tensor):
+        return
+    a, b, offs = args[:3]
+    if a.dim() == 2 and b.dim() == 3:
+        n, groups = a.shape[0], b.shape[0]
+    elif a.dim() == 3 and b.dim() == 2:
+        n, groups = b.shape[1], a.shape[0]
+    elif a.dim() == 2 and b.dim() == 2:
+        n, groups = a.shape[1], None
+    else:
+        return
+    if offs.dim() != 1 or (groups is not None and offs.numel() != groups):
+        raise IndexError(f"_grouped_mm offsets of shape {list(offs.shape)} for {groups} groups")
+    if offs.numel() == 0:
+        return
+    o = offs.long()
+    if bool((o < 0).any()) or bool((o > n).any()) or bool((o[1:] < o[:-1]).any()):
+        raise IndexError(f"_grouped_mm offsets {o.tolist()[:8]} must rise from 0 to at most {n}")

@@ -40,7 +40,7 @@ from typing import Any, Callable
 import torch
 
 from ..protocol import structure
-from ..protocol.errors import InvalidRequest, OutOfMemory, short
+from ..protocol.errors import InvalidRequest, ModelNotSupported, OutOfMemory, short
 from ..protocol.indexing import apply_chain, decode_chain
 from ..protocol.messages import MsgType
 from ..protocol.tensors import dtype_name
@@ -48,6 +48,7 @@ from . import checkpoint, executor, quotas, streaming, validate
 from .dispatch import Job
 from .fast_task import FastTask, pool_for
 from .kv_pools import pool_for as kv_pool_for
+from .models import GRAPH_ARCH
 from .fastpath import STEP, unsupported
 from .registry import op
 from .rng import Stream
@@ -211,6 +212,7 @@ def generate(engine, client_id, rid, args):
     scheduler's bytes are the pool's blocks); the end gives back the ones it did not write."""
     s = engine.session(client_id, args)
     entry = _model_of(engine, s, args)
+    require_module(entry, "generate")
     input_ids = _unpack_inputs(engine, s, args.get("input_ids"))
     kwargs = _unpack_inputs(engine, s, args.get("kwargs", {}))
     seed = _seed(args)
@@ -226,13 +228,16 @@ def generate(engine, client_id, rid, args):
         engine.send(client_id, MsgType.STREAM, {"rid": rid, "tokens": toks})
 
     on_tokens = stream if args.get("stream") else None
-    use_kv = bool(args.get("use_session_kv"))
+    encdec = executor.is_encoder_decoder(entry.module)
+    use_kv = bool(args.get("use_session_kv")) and not encdec  # Note [Encoder-decoder generate]
+    prefix = engine.cfg.prefix_caching and not encdec  # Note [Prefix sharing]: keyed by the KV's own tokens
     mid = entry.model_id
     kv_pool = kv_pool_for(engine, entry)
     install_restored(engine, s, entry, kv_pool)
     held = s.kv.get(mid) if use_kv else None
     seen = int(held.ids.shape[1]) if held is not None else 0
-    batch, prompt = int(input_ids.shape[0]), seen + int(input_ids.shape[1])
+    batch = int(input_ids.shape[0])
+    prompt = executor.decoder_prompt(entry.module, seen + int(input_ids.shape[1]))
     new = executor.new_tokens(entry.module, prompt, kwargs)
     tokens = prompt + new
     if use_kv and s.max_kv_tokens is not None:  # Note [Declared KV budgets]
@@ -241,13 +246,15 @@ def generate(engine, client_id, rid, args):
                                  f"to generate), over the session's max_kv_tokens={s.max_kv_tokens}")
         tokens = s.max_kv_tokens
     grown = kv_pool.bytes_for(tokens, batch)
+    cross = executor.cross_kv_bytes(entry.module, kv_pool.shape, input_ids)  # Note [Encoder-decoder generate]
     # The session's KV once this call is done: the other models' as they are, this one's grown. A
     # stateless call's scratch table is all it reserves (the scheduler's bytes)...
     need = max(0, engine.data.gpu_bytes(s.sid) - engine.data.kv_bytes_of(s, mid)) + grown if use_kv else grown
     # ...but it comes on top of everything the session holds (Note [Session quotas]): before anything is queued.
-    peak = quotas.gpu_used(engine, s) - (engine.data.kv_bytes_of(s, mid) if use_kv else 0) + grown
+    peak = quotas.gpu_used(engine, s) - (engine.data.kv_bytes_of(s, mid) if use_kv else 0) + grown + cross
     quotas.check_gpu(engine, s, peak, "generate", f"{grown} bytes of KV for {prompt} + {new} tokens x batch {batch}"
-                     + ("" if use_kv else ", a stateless call's scratch blocks"))
+                     + ("" if use_kv else ", a stateless call's scratch blocks")
+                     + (f", {cross} bytes of cross-attention KV" if cross else ""))
     capacity = kv_pool.alloc.total * kv_pool.block_bytes
     if grown > capacity:  # it could never be admitted; queued, it would wait forever (and others behind it)
         raise OutOfMemory(f"generate needs {grown / 2**20:.3f} MiB of KV ({prompt} + {new} tokens x batch "
@@ -263,7 +270,7 @@ def generate(engine, client_id, rid, args):
                 engine.data.attach_kv(s, mid, state)
         dropped = use_kv and state.table.length == 0 and int(state.ids.shape[1])  # by the recompute policy
         shared = 0
-        if engine.cfg.prefix_caching and batch == 1 and not state.table.blocks:  # Note [Prefix sharing]
+        if prefix and batch == 1 and not state.table.blocks:  # Note [Prefix sharing]
             shared = kv_pool.share_prefix(state.table, _prompt_ids(state, input_ids, use_kv), prompt - 1)
         if not kv_pool.reserve(state.table, tokens):
             if shared:
@@ -280,7 +287,7 @@ def generate(engine, client_id, rid, args):
         state = box.pop("state", None)
         if state is None:
             return
-        if engine.cfg.prefix_caching and batch == 1:  # the prompt's full blocks, for later prompts to share
+        if prefix and batch == 1:  # the prompt's full blocks, for later prompts to share
             kv_pool.publish(state.table, _prompt_ids(state, input_ids, False), prompt)
         if use_kv and s.kv.get(mid) is state:
             kv_pool.trim(state.table, s.max_kv_tokens or 0)
@@ -514,6 +521,17 @@ def _model_id(args) -> str:
     if not isinstance(mid, str):
         raise InvalidRequest(f"model_id must be a string, got {type(mid).__name__}")
     return mid
+
+
+def require_module(entry, what: str) -> None:
+    """A graph-path model (weights only, no code on the server) cannot run `what`: a typed error naming
+    what works instead, not an AttributeError on its weight table."""
+    if entry.arch == GRAPH_ARCH:
+        raise ModelNotSupported(f"{what} needs a model the server builds itself (the module path); this one runs on "
+                                "the graph path (forward only: its code stays on the client). Remote a Hugging Face "
+                                "model whose architecture is in djinn.supported_architectures(), or decode with "
+                                "forward calls: rm(ids, past_key_values=cache, use_cache=True) keeps the cache on "
+                                "the server")
 
 
 def _model_of(engine, s, args):

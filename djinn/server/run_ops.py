@@ -13,7 +13,7 @@ from .graph_ops import graph_call
 from .graph_runs import GraphModule
 from . import executor, quotas
 from .kv_pools import pool_for as kv_pool_for
-from .ops import _model_of, _seed, _unpack_inputs, check_prefill, op
+from .ops import _model_of, _seed, _unpack_inputs, check_prefill, op, require_module
 from .validate import check_forward, check_generate
 
 METHODS = ("forward", "generate")
@@ -34,6 +34,8 @@ def start(engine, client_id, rid, args):
     method = args.get("method", "forward")
     if method not in METHODS:
         raise InvalidRequest(f"method must be one of {METHODS}, got {method!r}")
+    if method == "generate":
+        require_module(entry, "a generate run")
     call_args = _unpack_inputs(engine, s, args.get("args", []))
     call_kwargs = _unpack_inputs(engine, s, args.get("kwargs", {}))
     if not isinstance(call_args, list) or not isinstance(call_kwargs, dict):
@@ -53,10 +55,13 @@ def start(engine, client_id, rid, args):
         kv_pool = kv_pool_for(engine, entry)
         # Its KV blocks are reserved when it starts and held while it is paused (Note [Session quotas]).
         ids = call_args[0]
-        tokens = int(ids.shape[1]) + executor.new_tokens(entry.module, int(ids.shape[1]), call_kwargs)
+        prompt = executor.decoder_prompt(entry.module, int(ids.shape[1]))  # Note [Encoder-decoder generate]
+        tokens = prompt + executor.new_tokens(entry.module, prompt, call_kwargs)
         grown = kv_pool.bytes_for(tokens, int(ids.shape[0]))
-        quotas.check_gpu(engine, s, quotas.gpu_used(engine, s) + grown, "a generate run",
-                         f"{grown} bytes of KV for {tokens} tokens x batch {int(ids.shape[0])}")
+        cross = executor.cross_kv_bytes(entry.module, kv_pool.shape, ids)
+        quotas.check_gpu(engine, s, quotas.gpu_used(engine, s) + grown + cross, "a generate run",
+                         f"{grown} bytes of KV for {tokens} tokens x batch {int(ids.shape[0])}"
+                         + (f", {cross} bytes of cross-attention KV" if cross else ""))
     call = Call(entry.module, method, call_args, call_kwargs, seed, engine.device, kv_pool)
     held = set(s.tensors)
     run = engine.runs.start(s, entry.model_id, call, specs)

@@ -266,6 +266,8 @@ def _cache_bytes(cache: Any) -> int:
     """Bytes of KV a paused run's cache holds: its blocks (a paged cache) or its tensors."""
     if cache is None:
         return 0
+    if hasattr(cache, "self_attention_cache"):  # an encoder-decoder's (Note [Encoder-decoder generate])
+        return _cache_bytes(cache.self_attention_cache) + _cache_bytes(cache.cross_attention_cache)
     table, pool = getattr(cache, "table", None), getattr(cache, "pool", None)
     if table is not None and pool is not None:
         return table.blocks * pool.block_bytes

@@ -10,8 +10,11 @@ Note [Index inputs are checked before the device sees them]
       input_ids, decoder_input_ids   0 <= id < rows of the (decoder's) input embedding
       token_type_ids                 0 <= id < rows of the token-type table (GPT-2 embeds them with wte)
       position_ids, cache_position   0 <= p, and p < the usable rows of a learned absolute position table
-                                     (GPT-2 wpe; OPT embed_positions less its offset of 2); rotary and
-                                     ALiBi models have no table and no upper bound
+                                     (GPT-2 wpe; OPT embed_positions less its offset of 2) or of a fixed
+                                     sin/cos table the model indexes by position (GPT-J's embed_positions
+                                     buffer, n_positions rows); rotary models that compute their angles
+                                     (Llama), ALiBi (BLOOM) and relative buckets (T5) have no table and
+                                     no upper bound
       labels                         -100 (ignored) or 0 <= l < rows of the output embedding
       logits_to_keep (a tensor)      -seq <= i < seq
       positions a model derives      with a learned table and no position_ids: the tokens (seen + new,
@@ -19,6 +22,8 @@ Note [Index inputs are checked before the device sees them]
                                      attention_mask holds only 0 and 1 (OPT and generate count positions
                                      with its cumsum)
       eos/pad/bos_token_id           0 <= id < the vocabulary (generate feeds pad back in as input)
+      decoder_start_token_id         0 <= id < the decoder's vocabulary, from the call or the model's
+                                     generation_config (an encoder-decoder's decoder is fed it first)
     A refusal is InvalidRequest naming the input, the bad value and the allowed range; nothing ran.
     The graph path checks index ops itself, node by node (interpreter.check_indices).
 """
@@ -101,10 +106,19 @@ def check_generate(module: nn.Module, input_ids: Any, kwargs: dict, seen: int) -
             if type(t) is not int or t < 0 or (vocab is not None and t >= vocab):
                 raise InvalidRequest(f"generate: {name}={v!r} is out of range: token ids must be ints in "
                                      f"[0, {vocab}) for this model")
-    _check_fed_back_pad(executor.effective_kwargs(module, kwargs), vocab)
+    eff = executor.effective_kwargs(module, kwargs)
+    _check_fed_back_pad(eff, vocab)
+    if executor.is_encoder_decoder(module):
+        start = eff.get("decoder_start_token_id")
+        for t in (start if isinstance(start, list) else [] if start is None else [start]):
+            if type(t) is not int or not 0 <= t < (lim.decoder_vocab or vocab or t + 1):
+                raise InvalidRequest(f"generate: decoder_start_token_id={start!r} is out of range: the decoder is fed "
+                                     f"it first, and token ids must be ints in [0, {lim.decoder_vocab}) for this model")
     if lim.positions is None or not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         return
-    prompt = seen + int(input_ids.shape[1])
+    if executor.is_encoder_decoder(module):  # the encoder reads the input, the decoder counts from its start token
+        _check_implied_positions(lim.positions, int(input_ids.shape[1]), kwargs.get("attention_mask"), 0)
+    prompt = executor.decoder_prompt(module, seen + int(input_ids.shape[1]))
     total = prompt + executor.new_tokens(module, prompt, kwargs)
     if total > lim.positions:
         raise InvalidRequest(f"generate: {seen} cached + {int(input_ids.shape[1])} new + "
@@ -112,7 +126,7 @@ def check_generate(module: nn.Module, input_ids: Any, kwargs: dict, seen: int) -
                              f"learned position table of {lim.positions}: allowed range is at most "
                              f"{lim.positions} positions in all; ask for fewer tokens or reset the cache")
     mask = kwargs.get("attention_mask")
-    if mask is not None:
+    if mask is not None and not executor.is_encoder_decoder(module):
         _check_implied_positions(lim.positions, None, mask, seen)
 
 
@@ -212,6 +226,9 @@ def _read_limits(module: nn.Module) -> Limits:
             positions = usable if positions is None else min(positions, usable)
         elif leaf in TOKEN_TYPE_TABLES:
             token_types = rows if token_types is None else min(token_types, rows)
+    for name, b in module.named_buffers():  # a fixed sin/cos table indexed by position (GPT-J)
+        if name.rsplit(".", 1)[-1] in POSITION_TABLES and b.dim() == 2:
+            positions = int(b.shape[0]) if positions is None else min(positions, int(b.shape[0]))
     return Limits(vocab, decoder_vocab or vocab, token_types if token_types is not None else vocab, positions,
                   _rows(_call(module, "get_output_embeddings")))
 

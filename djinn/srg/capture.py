@@ -295,15 +295,15 @@ class Recorder:
         margs = [c[1] for c in conv]
         mkw = {k: c[1] for k, c in kconv.items()}
         if info.mutable or info.random or any(v is not None for v in info.view_of):
-            return func(*margs, **mkw)
+            return srg_ops.meta_call(func, margs, mkw)
         try:
             key = (func, _memo_key(margs), _memo_key(mkw))
             hash(key)
         except TypeError:
-            return func(*margs, **mkw)
+            return srg_ops.meta_call(func, margs, mkw)
         hit = _MEMO.get(key)
         if hit is None:
-            out = func(*margs, **mkw)
+            out = srg_ops.meta_call(func, margs, mkw)
             outs = out if isinstance(out, (list, tuple)) else (out,)
             if all(isinstance(t, torch.Tensor) for t in outs):
                 _MEMO[key] = (type(out) if isinstance(out, (list, tuple)) else None,

@@ -34,7 +34,7 @@ _softmax _log_softmax _safe_softmax softmax log_softmax
 """
 _REDUCTIONS = """
 all amax amin any argmax argmin cumprod cumsum logsumexp max mean min norm prod std sum topk
-sort argsort var var_mean std_mean linalg_vector_norm kthvalue median
+sort argsort var var_mean std_mean linalg_vector_norm kthvalue median histc
 """
 _VIEWS = """
 alias as_strided detach diagonal expand permute select slice split split_with_sizes squeeze t
@@ -52,7 +52,7 @@ _RANDOM = "rand randn randint randperm bernoulli native_dropout dropout normal u
 _COMPUTE = """
 mm addmm bmm baddbmm matmul convolution _convolution linear scaled_dot_product_attention
 _scaled_dot_product_flash_attention_for_cpu _scaled_dot_product_efficient_attention
-_scaled_dot_product_flash_attention _scaled_dot_product_cudnn_attention
+_scaled_dot_product_flash_attention _scaled_dot_product_cudnn_attention _grouped_mm
 """
 _NORMS = """
 native_layer_norm native_batch_norm _native_batch_norm_legit_no_training batch_norm native_group_norm
@@ -105,6 +105,26 @@ def _build_allowed() -> dict[str, torch._ops.OpOverload]:
 
 #: name -> OpOverload. The only way a name in a graph becomes a callable (Note [Op allow-list]).
 ALLOWED: dict[str, torch._ops.OpOverload] = _build_allowed()
+
+# Note [Meta kernels narrower than the device's]
+#     Captures and the server's dry run run every op on meta tensors. `_grouped_mm`'s meta kernel
+#     checks what its CUDA kernel needs (bfloat16 inputs), while the CPU kernel, which a local run of
+#     a float32 MoE model uses (transformers' grouped_mm experts), takes float32. Its output's shape and
+#     strides do not depend on the dtype, so on meta it runs in bfloat16 and its output is given the
+#     dtype the real op returns (`out_dtype`, else the input's). The op itself still runs as captured.
+def meta_call(func, args, kwargs):
+    """`func(*args, **kwargs)` on meta tensors (Note [Meta kernels narrower than the device's])."""
+    if func is _GROUPED_MM and isinstance(args[0], torch.Tensor) and args[0].dtype != torch.bfloat16:
+        b = dict(zip(("self", "mat2", "offs", "bias", "out_dtype"), args), **kwargs)
+        bf = torch.bfloat16
+        out = func(b["self"].to(bf), b["mat2"].to(bf), b.get("offs"),
+                   None if b.get("bias") is None else b["bias"].to(bf))
+        return torch.empty_strided(out.shape, out.stride(), dtype=b.get("out_dtype") or b["self"].dtype,
+                                   device=out.device)
+    return func(*args, **kwargs)
+
+
+_GROUPED_MM = getattr(getattr(torch.ops.aten, "_grouped_mm", None), "default", None)
 
 #: Composite functions recorded whole (Note [Composite ops]): python function -> (aten name, arg order).
 _SDPA = "aten.scaled_dot_product_attention.default"

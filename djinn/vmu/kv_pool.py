@@ -60,6 +60,12 @@ class KVShape:
         cfg = getattr(cfg, "get_text_config", lambda: cfg)()
         layers = int(getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "n_layer", 0))
         heads = int(getattr(cfg, "num_attention_heads", 0) or getattr(cfg, "n_head", 0))
+        if getattr(cfg, "is_encoder_decoder", False):
+            # The blocks hold the decoder's self-attention KV only (Note [Encoder-decoder generate] in
+            # server/executor.py); an encoder-decoder's num_hidden_layers and heads are often the
+            # encoder's (T5 num_layers, BART encoder_layers).
+            layers = int(getattr(cfg, "num_decoder_layers", None) or getattr(cfg, "decoder_layers", None) or layers)
+            heads = int(getattr(cfg, "decoder_attention_heads", None) or heads)
         kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
         if getattr(cfg, "multi_query", False) and not getattr(cfg, "new_decoder_architecture", False):
             kv_heads = 1  # Falcon-7B style multi-query attention

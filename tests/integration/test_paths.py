@@ -72,7 +72,7 @@ def test_an_hf_model_the_server_does_not_build_warns_with_the_cost(connected):
     assert rm.path == "graph" and "graph path: the server does not build MyGPT2" in repr(rm)
     with torch.no_grad():
         assert torch.equal(rm(IDS).logits.cpu(), model(IDS).logits)
-    with pytest.raises(djinn.ModelNotSupported, match="generate runs on the module path"):
+    with pytest.raises(djinn.ModelNotSupported, match="generate needs a model the server builds itself"):
         rm.generate(IDS, max_new_tokens=2)
 
 

@@ -145,3 +145,23 @@ def test_generate_arguments_that_copy_or_reorder_cache_rows_are_refused_up_front
     layer = PagedCache(p, p.new_table(1)).layers[0]
     with pytest.raises(InvalidRequest, match="reordering its rows"):
         layer.reorder_cache(torch.zeros(1, dtype=torch.long))
+
+
+def test_kv_shape_reads_the_decoders_layers_and_kv_heads():
+    """An encoder-decoder's blocks hold its decoder's self-attention KV (Note [Encoder-decoder generate]):
+    T5 with 3 encoder and 2 decoder layers has 2 block layers; Mixtral's grouped-query attention has
+    2 KV heads of its 4; GPT-J's and BLOOM's fields are named n_layer / n_head."""
+    import transformers as T
+
+    cases = [(T.T5ForConditionalGeneration, T.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=3,
+                                                       num_decoder_layers=2, num_heads=4), (2, 4, 8)),
+             (T.MixtralForCausalLM, T.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                    num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                                    num_local_experts=4), (3, 2, 8)),
+             (T.GPTJForCausalLM, T.GPTJConfig(vocab_size=64, n_embd=32, n_layer=2, n_head=4, rotary_dim=4), (2, 4, 8)),
+             (T.BloomForCausalLM, T.BloomConfig(vocab_size=64, hidden_size=32, n_layer=3, n_head=2), (3, 2, 16))]
+    for cls, cfg, want in cases:
+        with torch.device("meta"):
+            m = cls(cfg)
+        s = KVShape.of_module(m)
+        assert (s.layers, s.kv_heads, s.head_dim) == want, cls.__name__

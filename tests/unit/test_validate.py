@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, BartConfig, BartForConditionalGen
 from djinn.protocol.errors import InvalidRequest
 from djinn.server.validate import Limits, check_forward, check_generate, limits_of
 
-from ..models import tiny_gpt2, tiny_llama
+from ..models import tiny_bloom, tiny_gpt2, tiny_gptj, tiny_llama, tiny_t5
 
 
 def _opt():
@@ -32,7 +32,10 @@ def _bart():
     (tiny_llama, Limits(vocab=256, decoder_vocab=256, token_types=256, positions=None, logits=256)),
     (_opt, Limits(vocab=100, decoder_vocab=100, token_types=100, positions=64, logits=100)),   # offset 2
     (_bart, Limits(vocab=128, decoder_vocab=128, token_types=128, positions=64, logits=128)),  # offset 2
-], ids=["gpt2", "llama", "opt", "bart"])
+    (tiny_gptj, Limits(vocab=256, decoder_vocab=256, token_types=256, positions=256, logits=256)),  # sin/cos buffer
+    (tiny_bloom, Limits(vocab=256, decoder_vocab=256, token_types=256, positions=None, logits=256)),  # ALiBi
+    (tiny_t5, Limits(vocab=256, decoder_vocab=256, token_types=256, positions=None, logits=256)),    # relative
+], ids=["gpt2", "llama", "opt", "bart", "gptj", "bloom", "t5"])
 def test_limits_come_from_the_tables(build, expected):
     assert limits_of(build()) == expected
 
@@ -144,3 +147,20 @@ def test_the_pad_id_a_finished_row_is_fed_must_be_in_the_vocabulary():
     # small vocabulary is harmless and stays accepted.
     m.generation_config.eos_token_id = 50256
     check_generate(m, ids, {"max_new_tokens": 2}, seen=0)
+
+
+def test_an_encoder_decoder_generate_counts_its_decoder_and_checks_its_start_token():
+    """Note [Encoder-decoder generate]: BART's decoder starts from one token whatever the encoder reads
+    (64 encoder tokens and 63 new fit its table of 64), the encoder's input must fit the table too, and
+    the decoder start id, fed first, must be in the vocabulary, from the call or the generation_config."""
+    m = _bart()
+    check_generate(m, torch.ones(1, 64, dtype=torch.long), {"max_new_tokens": 63}, 0)
+    with pytest.raises(InvalidRequest, match=r"= 65 positions"):
+        check_generate(m, torch.ones(1, 4, dtype=torch.long), {"max_new_tokens": 64}, 0)
+    with pytest.raises(InvalidRequest, match=r"a sequence of 65 tokens"):
+        check_generate(m, torch.ones(1, 65, dtype=torch.long), {"max_new_tokens": 1}, 0)
+    with pytest.raises(InvalidRequest, match=r"decoder_start_token_id=128 is out of range"):
+        check_generate(m, torch.ones(1, 4, dtype=torch.long), {"decoder_start_token_id": 128}, 0)
+    m.generation_config.decoder_start_token_id = -1
+    with pytest.raises(InvalidRequest, match=r"decoder_start_token_id=-1 is out of range"):
+        check_generate(m, torch.ones(1, 4, dtype=torch.long), {}, 0)
