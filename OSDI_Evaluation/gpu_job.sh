@@ -38,10 +38,12 @@ for part in "$@"; do
         --agents "${EXP1_AGENTS:-48}" --time-budget-s "$budget" --out "$out" --name exp1_signal 2>&1 \
         | tee "$out/exp1_signal.log" | tail -12 ;;
     decode)
-      timeout 150 python -m pytest -q tests/gpu/test_fast_decode_gpu.py tests/gpu/test_swap_gpu.py \
-        tests/gpu/test_index_validation_gpu.py tests/gpu/test_vmu_gpu.py -p no:cacheprovider 2>&1 | tail -8
-      timeout 150 python "$here/exp_decode/bench_decode.py" --shapes 7b --concurrency 1,32 --max-sessions 32 \
-        --long-prompt 2048 --server-attention flex --out "$out/decode_7b.json" 2>&1 | grep -v -i warn | tail -14
+      timeout 150 python -m pytest -q -rfE tests/gpu/test_fast_decode_gpu.py tests/gpu/test_swap_gpu.py \
+        tests/gpu/test_index_validation_gpu.py tests/gpu/test_vmu_gpu.py -p no:cacheprovider > "$out/gpu_tests.log" 2>&1
+      grep -E "^(FAILED|ERROR)|passed|failed" "$out/gpu_tests.log" | tail -12
+      timeout 240 python "$here/exp_decode/bench_decode.py" --shapes 7b --concurrency 1,32 --max-sessions 32 \
+        --long-prompt 2048 --server-attention flex --out "$out/decode_7b.json" > "$out/decode_7b.log" 2>&1
+      grep -v -i warn "$out/decode_7b.log" | grep -E "^\[|Error|error" | tail -20
       timeout 40 python "$here/micro/bench_swap.py" --quick --out "$out/swap.json" 2>&1 | tail -6 ;;
     gpu-tests)
       timeout 300 python -m pytest -q -x --timeout 150 tests/gpu -p no:cacheprovider 2>&1 | tail -25 ;;

@@ -15,6 +15,7 @@ For each model shape (Llama-2-7B and 13B, fp16, seeded random weights), in one j
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import threading
@@ -129,7 +130,8 @@ def inproc(model, prompts: list[torch.Tensor], steps: int, device, max_len: int,
     dt = (time.perf_counter() - t0) / steps
     res = {"rows": len(rows), "context": prompts[0].shape[1], "attention": pool.attention_kind,
            "ms_per_step": dt * 1e3, "aggregate_tok_s": len(rows) / dt, "tokens_row0": [firsts[0], *rows[0].new]}
-    del pool, kv
+    del pool, kv, rows, table
+    gc.collect()  # the pool's attention and graphs form reference cycles: free its KV before the next run
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return res
