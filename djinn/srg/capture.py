@@ -60,6 +60,7 @@ class OpInfo:
     mutable: bool
     view_of: tuple      # per return: index of the positional argument it aliases, or None
     writes: tuple       # positional argument indices the op writes to
+    refused: str | None = None  # why the graph path does not run it (Note [Op table] in srg/ops.py)
 
 
 _INFO: dict[Any, OpInfo] = {}
@@ -81,8 +82,10 @@ def op_info(func) -> OpInfo:
                         break
             view_of.append(idx)
         writes = tuple(i for i, a in enumerate(sets) if a is not None and a.is_write)
-        info = OpInfo(name, name in srg_ops.ALLOWED, srg_ops.cost_class(name), srg_ops.is_random(name),
-                      schema.is_mutable, tuple(view_of), writes)
+        entry = srg_ops.lookup(name)
+        info = OpInfo(name, entry is not None and entry.refused is None, srg_ops.cost_class(name),
+                      entry is not None and entry.kind == srg_ops.RANDOM, schema.is_mutable, tuple(view_of), writes,
+                      entry.refused if entry is not None else "not an aten op this torch registers")
         _INFO[func] = info
     return info
 
@@ -262,7 +265,8 @@ class Recorder:
             mkw = {k: self._convert_muted(v) for k, v in kwargs.items()}
             return func(*margs, **mkw)
         if not info.allowed:
-            raise CaptureError(f"{self._site(info.name)}: this aten op is not on the graph path's allow-list")
+            raise CaptureError(f"{self._site(info.name)}: the graph path does not run this op: {info.refused} "
+                               "(Note [Op table])")
         conv = [self._convert(a) for a in args]
         kconv = {k: self._convert(v) for k, v in kwargs.items()}
         for i in info.writes:
@@ -272,6 +276,10 @@ class Recorder:
         except CaptureError:
             raise
         except Exception as e:
+            if torch.Tag.dynamic_output_shape in func.tags:  # `x[mask]`: the mask's values set the shape
+                raise CaptureError(f"{self._site(info.name)}: its output's shape depends on tensor values here, and a "
+                                   "graph's shapes are fixed at capture (Note [Data-dependent shapes]: no graph "
+                                   f"break); {type(e).__name__}: {str(e)[:200]}") from None
             raise CaptureError(f"{self._site(info.name)} failed: {type(e).__name__}: {e}") from None
         outs = _tensor_outputs(out, info.name, self)
         view_of = tuple(conv[i][0].node if (i is not None and i < len(conv) and isinstance(conv[i][0], Ref))
@@ -464,6 +472,8 @@ def _has_tensor(v) -> bool:
 
 
 def _tensor_outputs(out: Any, name: str, rec: Recorder) -> list[torch.Tensor]:
+    if out is None and name in srg_ops.NO_RESULT_OK:
+        return []
     outs = out if isinstance(out, (list, tuple)) else [out]
     if not all(isinstance(t, torch.Tensor) for t in outs):
         raise CaptureError(f"{rec._site(name)} returned a non-tensor value; it cannot be captured")
