@@ -17,7 +17,8 @@ Note [Op table]
         fixes every shape and value flow at capture), or no result at all (an op run for a side effect),
         except `_linalg_check_errors`, which only raises;
       - an argument type a graph cannot carry (Storage, Stream, Dict, str lists, TorchScript values);
-      - `inplace_view` (changes a tensor's sizes, strides or storage in place: set_, resize_, t_);
+      - an `inplace_view` op that swaps or resizes a storage (set_, resize_); t_, squeeze_ and the like
+        run (they write `self`, so a weight is refused at run time like any write);
       - `dynamic_output_shape` (refused, not a graph break: Note [Data-dependent shapes]), except
         `index.Tensor`, whose shape is static for integer indices (a boolean mask fails its meta kernel);
       - a CompositeImplicitAutograd op other than the three recorded whole (Note [Composite ops]): such an
@@ -104,6 +105,11 @@ REVIEWED = {
     "lift_fresh_copy": None,  # allowed: copies a constant (listed to say it was reviewed)
 }
 
+#: inplace_view ops that swap or resize a tensor's storage; the others (t_, squeeze_, transpose_: matmul's
+#: decomposition squeezes its own result in place) only change sizes and strides within it, and write `self`
+#: as far as the run-time weight check is concerned.
+_STORAGE_CHANGES = frozenset({"set_", "resize_", "resize_as_", "_resize_output_", "sparse_resize_",
+                              "sparse_resize_and_clear_", "resize_as_sparse_"})
 #: Note [Op table]: ops that return nothing but are allowed (they only raise).
 NO_RESULT_OK = frozenset({"aten._linalg_check_errors.default"})
 #: Tagged dynamic_output_shape, static for the arguments a meta kernel accepts (checked at run time).
@@ -195,8 +201,8 @@ def _refusal(fn, name: str, base: str, kind: str, tags: set) -> str | None:
     bad = [f"{a.name}: {a.type}" for a in schema.arguments if str(a.type) not in _WIRE_TYPES]
     if bad:
         return f"takes {bad[0]}, which a graph cannot carry"
-    if torch.Tag.inplace_view in tags:
-        return "changes a tensor's sizes, strides or storage in place"
+    if torch.Tag.inplace_view in tags and base in _STORAGE_CHANGES:
+        return "changes a tensor's storage in place (its size or the memory it points at)"
     if kind == DYNAMIC:
         return ("its output's shape depends on tensor values, and a graph's shapes are fixed at capture "
                 "(Note [Data-dependent shapes]: no graph break)")
