@@ -1,7 +1,7 @@
 """The SRG interpreter (DESIGN.md section 4, graph path): check a graph once, then run it per call.
 
 `compile_graph` turns a decoded graph (srg.from_wire has checked its structure) into a plan: every op
-resolved through the allow-list (srg.ops.ALLOWED, never a lookup by an arbitrary name), no in-place
+resolved through the op table (srg.ops.ALLOWED, Note [Op table]: never a lookup by an arbitrary name), no in-place
 write reaching a weight that alias annotations can show (Note [Weights are read-only] in
 srg/capture.py: an early refusal, not the boundary), then a dry run over meta tensors that checks every
 node's declared shapes and dtypes before any device memory is touched. A graph that passes runs with
