@@ -83,8 +83,8 @@ def _views(b: Builder, r: Ref, rng) -> list:
     if d >= 1 and t.shape[0] > 0:
         k = int(rng.integers(t.shape[0]))
         c += [lambda: ("aten.select.int", (r, 0, k), {}), lambda: ("aten.slice.Tensor", (r, 0, k, t.shape[0]), {}),
-              lambda: ("aten.narrow.default", (r, 0, k, t.shape[0] - k), {}),
-              lambda: ("aten.split.Tensor", (r, max(1, k)), {}), lambda: ("aten.chunk.default", (r, 2), {}),
+              lambda: ("aten.slice.Tensor", (r, 0, 0, t.shape[0], 2), {}),
+              lambda: ("aten.split.Tensor", (r, max(1, k)), {}), lambda: ("aten.unsafe_split.Tensor", (r, 2), {}),
               lambda: ("aten.unbind.int", (r, 0), {})]
     if d >= 2:
         c += [lambda: ("aten.t.default", (r,), {}) if d == 2 else ("aten.transpose.int", (r, 0, 1), {}),
@@ -154,7 +154,7 @@ def random_graph(rng, weights: dict[str, tuple[str, torch.Tensor]], n_ops: int =
             outs = b.op(name, *args, **kwargs)
         except Exception:  # a shape or dtype the op does not take (a constant made for it stays unused)
             continue
-        pool.extend(outs if name.split(".")[1] in ("split", "chunk", "unbind") else outs[:1])
+        pool.extend(outs if name.split(".")[1] in ("split", "unsafe_split", "unbind") else outs[:1])
     outputs = [pool[int(i)] for i in rng.integers(len(pool), size=int(rng.integers(1, 4)))]
     path = None
     if calls:

@@ -1,7 +1,7 @@
 """The SRG interpreter (DESIGN.md section 4, graph path): check a graph once, then run it per call.
 
 `compile_graph` turns a decoded graph (srg.from_wire has checked its structure) into a plan: every op
-resolved through the allow-list (srg.ops.ALLOWED, never a lookup by an arbitrary name), no in-place
+resolved through the op table (srg.ops.ALLOWED, Note [Op table]: never a lookup by an arbitrary name), no in-place
 write reaching a weight that alias annotations can show (Note [Weights are read-only] in
 srg/capture.py: an early refusal, not the boundary), then a dry run over meta tensors that checks every
 node's declared shapes and dtypes before any device memory is touched. A graph that passes runs with
@@ -102,7 +102,8 @@ def compile_graph(g: Graph, device: torch.device) -> Compiled:
             continue
         fn = srg_ops.ALLOWED.get(node.op)
         if fn is None:
-            raise InvalidRequest(f"{where}: op {node.op!r} is not allowed on the graph path")
+            raise InvalidRequest(f"{where}: op {node.op!r} is not allowed on the graph path: "
+                                 f"{srg_ops.refusal(node.op)} (Note [Op table])")
         fns[i] = fn
         info = op_info(fn)
         writes[i] = srg_ops.written_args(fn, node.args, node.kwargs)
@@ -133,7 +134,8 @@ def compile_graph(g: Graph, device: torch.device) -> Compiled:
 
 
 #: Matmul-like ops: the argument whose last dim is contracted (Note [Graph cost]).
-_CONTRACTED = {"mm": 0, "bmm": 0, "matmul": 0, "linear": 0, "addmm": 1, "baddbmm": 1, "_grouped_mm": 0}
+_CONTRACTED = {"mm": 0, "bmm": 0, "matmul": 0, "linear": 0, "addmm": 1, "baddbmm": 1, "mv": 0, "addmv": 1,
+               "dot": 0, "vdot": 0, "_grouped_mm": 0}
 _CONVOLUTIONS = frozenset({"convolution", "_convolution"})
 
 
@@ -211,7 +213,7 @@ def _dry_run(g: Graph, fns: list, args: list, kwargs: list) -> list:
         except Exception as e:
             raise InvalidRequest(f"graph node {i} ({node.op}{' in ' + node.module if node.module else ''}) does "
                                  f"not run on its inputs: {type(e).__name__}: {str(e)[:300]}") from None
-        outs = tuple(out) if isinstance(out, (list, tuple)) else (out,)
+        outs = _outs(out)
         if len(outs) != len(node.outs) or any(
                 not isinstance(t, torch.Tensor) or t.dtype != m.dtype or tuple(t.shape) != m.shape
                 for t, m in zip(outs, node.outs)):
@@ -328,10 +330,15 @@ class Interpreter:
         """The override point: run node i given the outputs of earlier nodes; return its outputs."""
         c = self.c
         args, kwargs = _resolve(c.args[i], env), _resolve(c.kwargs[i], env)
-        check_indices(c.graph.nodes[i].op, args)
-        fix = _ON_DEVICE.get(c.graph.nodes[i].op)
-        out = fix(c.fns[i], args, kwargs) if fix is not None else c.fns[i](*args, **kwargs)
-        return tuple(out) if isinstance(out, (list, tuple)) else (out,)
+        node = c.graph.nodes[i]
+        check_indices(node.op, args)
+        fix = _ON_DEVICE.get(node.op)
+        outs = _outs(fix(c.fns[i], args, kwargs) if fix is not None else c.fns[i](*args, **kwargs))
+        if torch.Tag.dynamic_output_shape in c.fns[i].tags:  # Note [Data-dependent shapes]
+            for t, m in zip(outs, node.outs):
+                if tuple(t.shape) != m.shape:
+                    raise RuntimeError(f"gave shape {list(t.shape)} where the graph declares {list(m.shape)}")
+        return outs
 
 
 # Note [Device-free captures, device-specific kernels]
@@ -352,41 +359,73 @@ def _histc(fn, args: tuple, kwargs: dict):
 _ON_DEVICE = {"aten.histc.default": _histc}
 
 
-#: Ops that read or write at positions given by an index tensor: (index argument, dim argument or None
-#: for "a list of per-dim indices", data argument). An index out of range is a CUDA device-side assert,
-#: which poisons the process for every tenant, so on CUDA the range is checked before the kernel runs.
-_INDEXED = {"index_select": (2, 1, 0), "gather": (2, 1, 0), "scatter": (2, 1, 0), "scatter_add": (2, 1, 0),
-            "index_add": (2, 1, 0), "index_copy": (2, 1, 0), "index_fill": (2, 1, 0),
-            "embedding": (1, 0, 0), "index": (1, None, 0), "_unsafe_index": (1, None, 0),
-            "index_put": (1, None, 0), "_unsafe_index_put": (1, None, 0)}
+def _outs(out: Any) -> tuple:
+    """An op's result as a tuple of outputs (an op that only raises, `_linalg_check_errors`, has none)."""
+    if out is None:
+        return ()
+    return tuple(out) if isinstance(out, (list, tuple)) else (out,)
 
 
 def check_indices(op: str, args: tuple) -> None:
-    """Raise IndexError for an index out of range, before a CUDA kernel would assert on it."""
-    base = op.split(".")[1] if op.count(".") >= 2 else op
+    """Raise IndexError (ValueError for a value a kernel asserts on) before a CUDA kernel would assert on
+    it: the checks of srg.ops.INDEX_CHECKS and VALUE_CHECKS (Note [Op table])."""
+    base = srg_ops.base_name(op)
     if base == "_grouped_mm":
         return _check_group_offsets(args)
-    spec = _INDEXED.get(base)
+    base = base if base in srg_ops.INDEX_CHECKS or base in srg_ops.VALUE_CHECKS else base.rstrip("_")
+    value = srg_ops.VALUE_CHECKS.get(base)
+    if value is not None:
+        a, lo, hi = value
+        t = args[a] if a < len(args) else None
+        if isinstance(t, torch.Tensor) and t.numel() and bool((~((t >= lo) & (t <= hi))).any()):
+            raise ValueError(f"{base} needs every element of argument {a} in [{lo}, {hi}]")
+    spec = srg_ops.INDEX_CHECKS.get(base)
     if spec is None:
         return
-    ia, da, xa = spec
+    kind, ia, xa, extra = spec
     if len(args) <= max(ia, xa) or not isinstance(args[xa], torch.Tensor):
         return
     x, idx = args[xa], args[ia]
-    if da is None:  # a list of per-dim indices (None: the whole dim)
-        pairs = [(t, k) for k, t in enumerate(idx or ()) if isinstance(t, torch.Tensor)]
-    elif op.split(".")[1] == "embedding":
-        pairs = [(idx, 0)]
-    else:
-        pairs = [(idx, args[da] if isinstance(args[da], int) else 0)]
-    for t, dim in pairs:
-        if t.dtype in (torch.bool, torch.uint8) or t.numel() == 0 or not -x.dim() <= dim < max(1, x.dim()):
-            continue
-        n = x.shape[dim] if x.dim() else 1
-        lo = 0 if op.split(".")[1] == "embedding" else -n
-        if bool(((t < lo) | (t >= n)).any()):
-            bad = t[(t < lo) | (t >= n)].flatten()[0].item()
-            raise IndexError(f"index {bad} is out of bounds for dimension {dim} with size {n}")
+    if kind == "list":  # a list of per-dim indices (None: the whole dim)
+        for dim, t in enumerate(idx or ()):
+            if isinstance(t, torch.Tensor) and dim < max(1, x.dim()):
+                _in_range(t, -_size(x, dim), _size(x, dim), f"dimension {dim}")
+        return
+    if not isinstance(idx, torch.Tensor):
+        return
+    if kind == "dim":
+        dim = args[extra] if extra < len(args) and isinstance(args[extra], int) else 0
+        if -x.dim() <= dim < max(1, x.dim()):
+            n = _size(x, dim)
+            _in_range(idx, -n, n, f"dimension {dim}")
+    elif kind == "rows":
+        _in_range(idx, 0, _size(x, 0), "dimension 0")
+        offsets = args[extra] if extra is not None and extra < len(args) else None
+        if isinstance(offsets, torch.Tensor):
+            _in_range(offsets, 0, idx.numel() + 1, "the indices (offsets)")
+    elif kind == "flat":
+        _in_range(idx, -x.numel(), x.numel(), "the flattened input")
+    elif kind in ("class", "last", "multilabel"):
+        c = (x.shape[1] if x.dim() >= 2 else _size(x, 0)) if kind == "class" else _size(x, -1)
+        ignore = (args[extra] if extra < len(args) and isinstance(args[extra], int) else -100) if kind == "class" else None
+        t = idx[idx != ignore] if ignore is not None else idx
+        _in_range(t, -1 if kind == "multilabel" else 0, c, "the classes")
+    elif kind == "unpool":
+        size = args[extra] if extra < len(args) else None
+        if isinstance(size, (list, tuple)) and all(isinstance(d, int) for d in size):
+            _in_range(idx, 0, math.prod(size), "the output")
+
+
+def _size(x: torch.Tensor, dim: int) -> int:
+    return x.shape[dim] if x.dim() else 1
+
+
+def _in_range(t: torch.Tensor, lo: int, hi: int, what: str) -> None:
+    if t.dtype in (torch.bool, torch.uint8) or t.numel() == 0 or t.dtype.is_floating_point:
+        return
+    bad = (t < lo) | (t >= hi)
+    if bool(bad.any()):
+        raise IndexError(f"index {t[bad].flatten()[0].item()} is out of bounds for {what} with size {hi}")
 
 
 def _check_group_offsets(args: tuple) -> None:

@@ -60,6 +60,7 @@ class OpInfo:
     mutable: bool
     view_of: tuple      # per return: index of the positional argument it aliases, or None
     writes: tuple       # positional argument indices the op writes to
+    refused: str | None = None  # why the graph path does not run it (Note [Op table] in srg/ops.py)
 
 
 _INFO: dict[Any, OpInfo] = {}
@@ -81,8 +82,10 @@ def op_info(func) -> OpInfo:
                         break
             view_of.append(idx)
         writes = tuple(i for i, a in enumerate(sets) if a is not None and a.is_write)
-        info = OpInfo(name, name in srg_ops.ALLOWED, srg_ops.cost_class(name), srg_ops.is_random(name),
-                      schema.is_mutable, tuple(view_of), writes)
+        entry = srg_ops.lookup(name)
+        info = OpInfo(name, entry is not None and entry.refused is None, srg_ops.cost_class(name),
+                      entry is not None and entry.kind == srg_ops.RANDOM, schema.is_mutable, tuple(view_of), writes,
+                      entry.refused if entry is not None else "not an aten op this torch registers")
         _INFO[func] = info
     return info
 
@@ -245,13 +248,19 @@ class Recorder:
 
     def dispatch(self, func, args: tuple, kwargs: dict):
         if func.namespace != "aten":  # prim.device and friends: metadata queries, not ops
+            if any("Tensor" in str(r.type) for r in func._schema.returns):  # a custom op (torch_nn::, a library's)
+                raise CaptureError(f"{self._site(str(func))}: the graph path runs aten ops only, and this op is "
+                                   f"outside aten (namespace {func.namespace!r}) (Note [Op table])")
             return func(*args, **kwargs)
         if func is _ITEM:
             known = self.known.get(id(args[0]), _UNKNOWN)
             if known is _UNKNOWN:
+                ref = self.ref_of(args[0])
+                made_by = f" of the result of {self.graph.nodes[ref.node].op}" if ref is not None else ""
                 raise CaptureError(
-                    f"control flow on a tensor's value ({self._site('.item() / bool(tensor)')}): the value depends "
-                    "on a weight or a float input, so it is not known until the graph runs and cannot be captured")
+                    f"control flow on a tensor's value ({self._site('.item() / bool(tensor)' + made_by)}): the value "
+                    "depends on a weight or a float input, so it is not known until the graph runs and cannot be "
+                    "captured")
             value = known.item()
             if id(args[0]) in self.from_input:  # Note [Input values]: reused only while this holds
                 self.guards.append(ValueGuard(self.ref_of(args[0]), value))
@@ -262,7 +271,8 @@ class Recorder:
             mkw = {k: self._convert_muted(v) for k, v in kwargs.items()}
             return func(*margs, **mkw)
         if not info.allowed:
-            raise CaptureError(f"{self._site(info.name)}: this aten op is not on the graph path's allow-list")
+            raise CaptureError(f"{self._site(info.name)}: the graph path does not run this op: {info.refused} "
+                               "(Note [Op table])")
         conv = [self._convert(a) for a in args]
         kconv = {k: self._convert(v) for k, v in kwargs.items()}
         for i in info.writes:
@@ -272,6 +282,10 @@ class Recorder:
         except CaptureError:
             raise
         except Exception as e:
+            if torch.Tag.dynamic_output_shape in func.tags:  # `x[mask]`: the mask's values set the shape
+                raise CaptureError(f"{self._site(info.name)}: its output's shape depends on tensor values here, and a "
+                                   "graph's shapes are fixed at capture (Note [Data-dependent shapes]: no graph "
+                                   f"break); {type(e).__name__}: {str(e)[:200]}") from None
             raise CaptureError(f"{self._site(info.name)} failed: {type(e).__name__}: {e}") from None
         outs = _tensor_outputs(out, info.name, self)
         view_of = tuple(conv[i][0].node if (i is not None and i < len(conv) and isinstance(conv[i][0], Ref))
@@ -464,6 +478,8 @@ def _has_tensor(v) -> bool:
 
 
 def _tensor_outputs(out: Any, name: str, rec: Recorder) -> list[torch.Tensor]:
+    if out is None and name in srg_ops.NO_RESULT_OK:
+        return []
     outs = out if isinstance(out, (list, tuple)) else [out]
     if not all(isinstance(t, torch.Tensor) for t in outs):
         raise CaptureError(f"{rec._site(name)} returned a non-tensor value; it cannot be captured")
@@ -489,6 +505,12 @@ class _FunctionMode(TorchFunctionMode):
             return self.rec.function(func, args, kwargs or {})
         if func in _FACTORIES:
             return self.rec.factory(func, args, kwargs or {})
+        if func in _VALUE_ARGS and len(args) > 1 and isinstance(args[1], torch.Tensor):
+            known = self.rec.known.get(id(args[1]))  # Note [Known values]: tensor_split reads its indices on the CPU
+            if known is not None:
+                if id(args[1]) in self.rec.from_input:  # Note [Input values]: reused only while they are the same
+                    self.rec.guards.append(ValueGuard(self.rec.ref_of(args[1]), known.tolist()))
+                return func(args[0], known.tolist(), *args[2:], **(kwargs or {}))  # 0-d: sections, 1-d: indices
         if func in _INDEXING and len(args) >= 2 and isinstance(args[1], (list, tuple)) and not self.rec.lazy:
             return self.rec.index(func, args, kwargs or {})
         return func(*args, **(kwargs or {}))
@@ -501,6 +523,8 @@ class _FunctionMode(TorchFunctionMode):
 # known values (Note [Known values]). Lists as indices likewise (`_INDEXING`).
 _FACTORIES = frozenset({torch.tensor, torch.as_tensor, torch.asarray, torch.Tensor.new_tensor})
 _INDEXING = frozenset({torch.Tensor.__getitem__, torch.Tensor.__setitem__})
+#: Functions that read a tensor argument's values on the CPU (not an aten op): given its known value.
+_VALUE_ARGS = frozenset({torch.tensor_split, torch.Tensor.tensor_split})
 _INTERNAL = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
              os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)  # djinn's and torch's frames
 
@@ -584,7 +608,10 @@ def capture_module(module: torch.nn.Module, args: tuple, kwargs: dict, hashes: d
                           _known_input(value))
     params: dict[str, torch.Tensor] = {}
     for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-        meta = torch.empty_strided(tuple(t.shape), t.stride(), dtype=t.dtype, device=_META)
+        # Note [Stand-ins]: requires_grad too: at::matmul folds a batched matmul into one mm only when the
+        # weight does not require grad, and eager calls see the module's own flag (even under no_grad).
+        meta = torch.empty_strided(tuple(t.shape), t.stride(), dtype=t.dtype, device=_META,
+                                   requires_grad=t.requires_grad and (t.dtype.is_floating_point or t.dtype.is_complex))
         params[name] = meta
         if name not in hashes:
             raise CaptureError(f"weight {name!r} has no hash (was the module changed after djinn.remote?)")

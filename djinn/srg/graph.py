@@ -232,8 +232,8 @@ def from_wire(w: Any) -> Graph:
     if not isinstance(w, dict) or w.get("v") != VERSION:
         raise InvalidRequest(f"graph must be a map with v={VERSION}")
     nodes, outputs, paths = w.get("nodes"), w.get("outputs"), w.get("paths", [])
-    if not isinstance(nodes, list) or not 0 < len(nodes) <= MAX_NODES:
-        raise InvalidRequest(f"graph needs 1 to {MAX_NODES} nodes")
+    if not isinstance(nodes, list) or not 0 <= len(nodes) <= MAX_NODES:  # none: a forward of Python values only
+        raise InvalidRequest(f"graph needs at most {MAX_NODES} nodes")
     if not isinstance(paths, list) or not all(isinstance(p, str) and len(p) < 1024 for p in paths):
         raise InvalidRequest("graph paths must be strings")
     g = Graph(phase=w.get("phase") if w.get("phase") in (PREFILL, DECODE, NONE) else NONE,

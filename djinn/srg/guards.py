@@ -31,7 +31,7 @@ _CPU = torch.device("cpu")
 @dataclass(frozen=True)
 class ValueGuard:
     ref: Ref          # the tensor a Python value was read from
-    value: Any        # what `.item()` gave at capture (bool, int or float)
+    value: Any        # what `.item()` gave at capture (bool, int or float), or `.tolist()` for a tensor read whole
 
 
 @dataclass(frozen=True)
@@ -55,10 +55,15 @@ class Guards:
                 else:
                     out = srg_ops.ALLOWED[node.op](*_sub(node.args, env), **_sub(node.kwargs, env))
                     env[i] = list(out) if isinstance(out, (list, tuple)) else [out]
-            return all(type(v := env[g.ref.node][g.ref.k].item()) is type(g.value) and v == g.value
+            return all(type(v := _value(env[g.ref.node][g.ref.k], g.value)) is type(g.value) and v == g.value
                        for g in self.checks)
         except Exception:  # cannot be evaluated now: capture again, which reports the real problem
             return False
+
+
+def _value(t: torch.Tensor, like: Any) -> Any:
+    """What a guard compares: `.item()`, or every value (`.tolist()`) for a tensor read whole."""
+    return t.tolist() if isinstance(like, list) else t.item()
 
 
 def _sub(v: Any, env: dict[int, list]) -> Any:

@@ -1,15 +1,46 @@
 """Which aten ops an SRG may hold, and what the client and server know about each.
 
-The server resolves an op name only through `ALLOWED` (Note [Op allow-list]); nothing else named in a
-graph is ever looked up. The same table lets the client fail at capture time, naming the op and the
-module, instead of at the server.
+The server resolves an op name only through `ALLOWED` (Note [Op table]); nothing else named in a graph is
+ever looked up. The same table lets the client fail at capture time, naming the op and the module,
+instead of at the server.
 
-Note [Op allow-list]
-    Names are aten overloads as `str(OpOverload)` prints them ("aten.add.Tensor"). Left out on purpose:
-    ops whose output shape depends on values (nonzero, unique, masked_select: the graph's shapes are
-    fixed at capture), ops that read a value back to Python (_local_scalar_dense: control flow on
-    values cannot be captured), `out=` variants, ops that touch storage directly (set_, resize_),
-    and anything outside the aten namespace.
+Note [Op table]
+    Every aten overload is classified from its schema and tags (`classify`), not listed by hand:
+      kind   pure | view (returns an alias, writes nothing) | inplace (writes `self`) | mutates (writes
+             another argument) | random (`nondeterministic_seeded` or a Generator argument) |
+             dynamic_shape (`dynamic_output_shape`: nonzero, unique, masked_select) | data_dependent
+             (returns a Python value read from a tensor: item, equal, allclose)
+      nondeterministic   the `nondeterministic_bitwise` tag (runs; not bitwise between runs)
+    and allowed unless a rule refuses it, each refusal with the reason the capture and the server give:
+      - not a plain aten overload (an `out=` variant; another namespace is never looked up);
+      - a result that is not Tensor or Tensor[] (a Python value only the server would know: the graph
+        fixes every shape and value flow at capture), or no result at all (an op run for a side effect),
+        except `_linalg_check_errors`, which only raises;
+      - an argument type a graph cannot carry (Storage, Stream, Dict, str lists, TorchScript values);
+      - an `inplace_view` op that swaps or resizes a storage (set_, resize_); t_, squeeze_ and the like
+        run (they write `self`, so a weight is refused at run time like any write);
+      - `dynamic_output_shape` (refused, not a graph break: Note [Data-dependent shapes]), except
+        `index.Tensor`, whose shape is static for integer indices (a boolean mask fails its meta kernel);
+      - a CompositeImplicitAutograd op other than the three recorded whole (Note [Composite ops]): such an
+        op decomposes before `__torch_dispatch__`, so no capture ever records it, and run natively on the
+        server its inner ops would bypass the per-node write and index checks;
+      - an index tensor argument (`index`, `indices`, `offsets`, a class `target`) the server does not
+        range-check (`INDEX_CHECKS`): on CUDA an index out of range is a device-side assert that takes
+        every tenant's sessions down;
+      - a layout other than strided (sparse, nested, quantized, mkldnn: by name prefix);
+      - `REVIEWED`: the short list of exceptions a schema does not show (a file path, a write the schema
+        does not annotate, pinned host memory, device asserts), each with its reason.
+    The server still never trusts the table for weights: every node that may write is checked against
+    the weights' storages at run time (Note [Weights are read-only at run time]), and
+    tests/integration/test_opinfo.py audits OpInfo samples for writes no schema announces.
+
+Note [Data-dependent shapes]
+    nonzero, unique, masked_select, boolean-mask indexing, bincount, repeat_interleave by tensor: the
+    output's shape depends on tensor values, and an SRG's shapes are fixed at capture. They are refused
+    with a CaptureError naming the op (not a graph break: the server would have to run up to the op and
+    the client resume capture from its shape, a second protocol round per break). `nonzero_static` and
+    integer `index.Tensor` have static shapes and run; the interpreter checks at run time that a node
+    tagged `dynamic_output_shape` gave the shape its graph declared.
 
 Note [Composite ops]
     `F.scaled_dot_product_attention` and `F.batch_norm` are CompositeImplicit: by the time an op
@@ -20,91 +51,241 @@ Note [Composite ops]
 """
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-_POINTWISE = """
-abs acos acosh add addcdiv addcmul asin asinh atan atan2 atanh bitwise_and bitwise_not bitwise_or
-bitwise_xor ceil clamp clamp_max clamp_min cos cosh div elu eq erf erfc erfinv exp exp2 expm1 fill
-floor floor_divide fmod frac ge gelu gt hardsigmoid hardswish hardtanh isinf isnan le leaky_relu lerp
-lgamma log log10 log1p log2 log_sigmoid_forward logical_and logical_not logical_or logical_xor lt
-masked_fill maximum minimum mish mul nan_to_num ne neg pow reciprocal relu remainder round rsqrt rsub
-sigmoid sign silu sin sinh softplus sqrt square sub tan tanh threshold trunc where xlogy
-_softmax _log_softmax _safe_softmax softmax log_softmax
-"""
-_REDUCTIONS = """
-all amax amin any argmax argmin cumprod cumsum logsumexp max mean min norm prod std sum topk
-sort argsort var var_mean std_mean linalg_vector_norm kthvalue median histc
-"""
-_VIEWS = """
-alias as_strided detach diagonal expand permute select slice split split_with_sizes squeeze t
-transpose unbind unflatten unfold unsqueeze view view_as_real view_as_complex _unsafe_view
-_reshape_alias chunk narrow movedim lift_fresh
-"""
-_SHAPES = """
-cat stack clone contiguous _to_copy to copy flip roll repeat tril triu index_select gather scatter
-scatter_add index embedding pad constant_pad_nd reflection_pad2d replication_pad2d
-upsample_nearest2d upsample_bilinear2d _unsafe_index new_empty new_zeros new_ones new_full
-zeros_like ones_like full_like empty_like rand_like randn_like lift_fresh_copy
-"""
-_FACTORIES = "arange empty empty_strided full ones zeros scalar_tensor eye linspace"
-_RANDOM = "rand randn randint randperm bernoulli native_dropout dropout normal uniform multinomial"
 _COMPUTE = """
 mm addmm bmm baddbmm matmul convolution _convolution linear scaled_dot_product_attention
 _scaled_dot_product_flash_attention_for_cpu _scaled_dot_product_efficient_attention
-_scaled_dot_product_flash_attention _scaled_dot_product_cudnn_attention _grouped_mm
+_scaled_dot_product_flash_attention _scaled_dot_product_cudnn_attention addmv addbmm mv dot vdot addr _grouped_mm
 """
-_NORMS = """
-native_layer_norm native_batch_norm _native_batch_norm_legit_no_training batch_norm native_group_norm
-_weight_norm_interface max_pool2d_with_indices max_pool2d avg_pool2d adaptive_avg_pool2d
-_adaptive_avg_pool2d max_pool1d_with_indices avg_pool1d adaptive_avg_pool1d
-"""
-#: Base names that may also appear in place (`add_`): pointwise ops and a few fills.
-_INPLACE_OK = set(_POINTWISE.split()) | {"fill", "zero", "copy", "clamp", "masked_fill", "index_put",
-                                          "scatter", "scatter_add", "tril", "triu", "uniform", "normal",
-                                          "bernoulli", "exponential", "random"}
 
 #: Note [Unannotated writes]: allowed ops that write an argument their schema does not mark as written
 #: (`Tensor? running_mean`, no `(a!)`): op name -> (the arguments written, the flag argument that turns
-#: the write on). A scan of the allow-list's overloads on sample inputs (293 of 460 ran) found no other;
-#: tests/unit/test_weight_writes.py pins the full list of ops that may write, so a change shows in review.
+#: the write on). tests/integration/test_opinfo.py runs OpInfo samples under a mode that compares every
+#: argument before and after each aten op and finds no other; tests/unit/test_weight_writes.py pins the
+#: ops that may write, so a change shows in review.
 UNANNOTATED_WRITES = {
     "aten.native_batch_norm.default": (("running_mean", "running_var"), "training"),
     "aten.batch_norm.default": (("running_mean", "running_var"), "training"),
 }
 
 COMPUTE_BOUND = frozenset(_COMPUTE.split())
-RANDOM = frozenset(_RANDOM.split()) | {"uniform_", "normal_", "bernoulli_", "exponential_", "random_"}
+#: Random before the tags said so (the composite dropout is recorded whole and has no tag).
+_RANDOM_NAMES = frozenset("rand randn randint randperm bernoulli native_dropout dropout normal uniform multinomial "
+                          "rand_like randn_like randint_like".split())
+
+# Kinds (Note [Op table]).
+PURE, VIEW, INPLACE, MUTATES, RANDOM, DYNAMIC, DATA = ("pure", "view", "inplace", "mutates", "random",
+                                                       "dynamic_shape", "data_dependent")
+
+#: Note [Op table]: exceptions the schema does not show. Base name -> why it is refused.
+REVIEWED = {
+    "from_file": "reads a file on the server",
+    "_copy_from": "writes its `dst` argument, which its schema does not mark as written",
+    "_copy_from_and_resize": "writes and resizes its `dst` argument, which its schema does not mark",
+    "cudnn_batch_norm": "writes the running stats, which its schema does not mark as written",
+    "miopen_batch_norm": "writes the running stats, which its schema does not mark as written",
+    "_batch_norm_impl_index": "writes the running stats, which its schema does not mark as written",
+    "batch_norm_update_stats": "writes the running stats, which its schema does not mark as written",
+    "pin_memory": "allocates page-locked host memory outside the server's memory accounting",
+    "_pin_memory": "allocates page-locked host memory outside the server's memory accounting",
+    "_functional_assert_async": "a device-side assert on CUDA ends the server process for every tenant",
+    "_functional_assert_scalar": "asserts on a Python value read from a tensor",
+    "_functional_sym_constrain_range": "constrains symbolic shapes (compiler-only)",
+    "_functional_sym_constrain_range_for_size": "constrains symbolic shapes (compiler-only)",
+    "_make_dep_token": "a compiler token, not a tensor op",
+    "_nested_tensor_from_mask": "makes a nested tensor",
+    "_cudnn_init_dropout_state": "allocates cuDNN RNG state",
+    "_fused_sdp_choice": "returns a kernel choice, not a tensor",
+    "lift_fresh_copy": None,  # allowed: copies a constant (listed to say it was reviewed)
+}
+
+#: inplace_view ops that swap or resize a tensor's storage; the others (t_, squeeze_, transpose_: matmul's
+#: decomposition squeezes its own result in place) only change sizes and strides within it, and write `self`
+#: as far as the run-time weight check is concerned.
+_STORAGE_CHANGES = frozenset({"set_", "resize_", "resize_as_", "_resize_output_", "sparse_resize_",
+                              "sparse_resize_and_clear_", "resize_as_sparse_"})
+#: Note [Op table]: ops that return nothing but are allowed (they only raise).
+NO_RESULT_OK = frozenset({"aten._linalg_check_errors.default"})
+#: Tagged dynamic_output_shape, static for the arguments a meta kernel accepts (checked at run time).
+STATIC_ON_META = frozenset({"aten.index.Tensor"})
+_NON_STRIDED = re.compile(r"^_?(sparse|to_sparse|nested|to_padded|mkldnn|to_mkldnn|quantize|dequantize|q_|"
+                          r"fbgemm|_?make_per|fake_quantize|int_repr|indices|values|crow_|col_|ccol_|row_|"
+                          r"coalesce|is_coalesced|_coalesced|sparse_mask|to_dense|_to_dense|_cslt|_jagged|"
+                          r"_padded_dense|spdiags|_spdiags|segment_reduce)")
+_WIRE_TYPES = frozenset("""Tensor Optional[Tensor] List[Tensor] List[Optional[Tensor]] Optional[List[Optional[Tensor]]]
+int Optional[int] List[int] Optional[List[int]] float Optional[float] List[float] Optional[List[float]] bool
+Optional[bool] List[bool] number Optional[number] List[number] str Optional[str] Device Optional[Device]
+Optional[Generator]""".split())
+_INDEX_ARGS = frozenset({"index", "indices", "offsets"})
+_CLASS_TARGET = re.compile(r"^(nll_loss|multi_margin_loss|multilabel_margin_loss)")
+_COMPOSITES_WHOLE = frozenset({"aten.scaled_dot_product_attention.default", "aten.batch_norm.default",
+                               "aten.dropout.default"})
+
+#: Ops that read or write at positions an index tensor gives, and how the server range-checks them before
+#: the kernel (server/interpreter.py check_indices): base name -> (check, index argument, data argument,
+#: dim argument or another argument the check needs). An index out of range is a CUDA device-side assert.
+#:   dim      idx in [-n, n), n = data.shape[dim]      list   per-dim list of indices (index, index_put)
+#:   rows     idx in [0, data.shape[0])                flat   idx in [-numel, numel) of data
+#:   class    target in [0, C) or == ignore_index (C = data.shape[1], or [0] for 1-d data)
+#:   last     target in [0, data.shape[-1])            multilabel  target in [-1, data.shape[-1])
+#:   unpool   idx in [0, prod(output_size))            offsets     idx in [0, numel of the indices]
+INDEX_CHECKS = {
+    "index_select": ("dim", 2, 0, 1), "gather": ("dim", 2, 0, 1), "scatter": ("dim", 2, 0, 1),
+    "scatter_add": ("dim", 2, 0, 1), "scatter_reduce": ("dim", 2, 0, 1), "index_add": ("dim", 2, 0, 1),
+    "index_copy": ("dim", 2, 0, 1), "index_fill": ("dim", 2, 0, 1), "index_reduce": ("dim", 2, 0, 1),
+    "embedding": ("rows", 1, 0, None), "embedding_bag": ("rows", 1, 0, 2), "_embedding_bag": ("rows", 1, 0, 2),
+    "_embedding_bag_forward_only": ("rows", 1, 0, 2),
+    "index": ("list", 1, 0, None), "_unsafe_index": ("list", 1, 0, None), "index_put": ("list", 1, 0, None),
+    "_unsafe_index_put": ("list", 1, 0, None), "_index_put_impl": ("list", 1, 0, None),
+    "take": ("flat", 1, 0, None), "put": ("flat", 1, 0, None),
+    "nll_loss": ("class", 1, 0, 4), "nll_loss_forward": ("class", 1, 0, 4), "nll_loss2d": ("class", 1, 0, 4),
+    "nll_loss2d_forward": ("class", 1, 0, 4), "nll_loss_nd": ("class", 1, 0, 4),
+    "multi_margin_loss": ("last", 1, 0, None), "multilabel_margin_loss": ("multilabel", 1, 0, None),
+    "multilabel_margin_loss_forward": ("multilabel", 1, 0, None),
+    "max_unpool2d": ("unpool", 1, 0, 2), "max_unpool3d": ("unpool", 1, 0, 2),
+}
+#: Values a CUDA kernel asserts on (a device-side assert, as above): base name -> (argument, lo, hi).
+VALUE_CHECKS = {"binary_cross_entropy": (0, 0.0, 1.0)}
 
 
-def _build_allowed() -> dict[str, torch._ops.OpOverload]:
-    """Every overload of the listed ops this torch has (the non-out ones), by name."""
-    names = set()
-    for block in (_POINTWISE, _REDUCTIONS, _VIEWS, _SHAPES, _FACTORIES, _RANDOM, _COMPUTE, _NORMS):
-        names.update(block.split())
-    names.update(f"{n}_" for n in _INPLACE_OK)
-    names.add("index_put")
-    table: dict[str, torch._ops.OpOverload] = {}
-    for base in sorted(names):
-        packet = getattr(torch.ops.aten, base, None)
-        if packet is None:
-            continue
-        for overload in packet.overloads():
-            if overload == "out" or overload.endswith("_out") or "out" in overload.split("_"):
-                continue
-            fn = getattr(packet, overload)
-            schema = fn._schema
-            if any(a.is_out for a in schema.arguments):
-                continue
-            # Tensor results only: the Python-scalar overloads (aten.add.int, aten.add.str) are TorchScript's.
-            if not schema.returns or any(str(r.type) not in ("Tensor", "List[Tensor]") for r in schema.returns):
-                continue
-            table[str(fn)] = fn
-    return table
+@dataclass(frozen=True)
+class OpEntry:
+    """One aten overload in the op table (Note [Op table])."""
+    name: str
+    fn: "torch._ops.OpOverload"
+    kind: str
+    nondeterministic: bool
+    refused: str | None      # why the graph path refuses it; None: allowed
 
 
-#: name -> OpOverload. The only way a name in a graph becomes a callable (Note [Op allow-list]).
-ALLOWED: dict[str, torch._ops.OpOverload] = _build_allowed()
+def classify(fn: "torch._ops.OpOverload") -> OpEntry:
+    """Note [Op table]: an overload's kind and whether the graph path runs it, from its schema and tags."""
+    name, schema, tags = str(fn), fn._schema, set(fn.tags)
+    base = base_name(name)
+    args = schema.arguments
+    writes = [a for a in args if a.alias_info is not None and a.alias_info.is_write]
+    if torch.Tag.dynamic_output_shape in tags and name not in STATIC_ON_META:
+        kind = DYNAMIC
+    elif torch.Tag.data_dependent_output in tags:
+        kind = DATA
+    elif (torch.Tag.nondeterministic_seeded in tags or any(str(a.type) == "Optional[Generator]" for a in args)
+          or base.rstrip("_") in _RANDOM_NAMES):
+        kind = RANDOM
+    elif any(a.name != "self" for a in writes):
+        kind = MUTATES
+    elif writes:
+        kind = INPLACE
+    elif any(r.alias_info is not None for r in schema.returns):
+        kind = VIEW
+    else:
+        kind = PURE
+    return OpEntry(name, fn, kind, torch.Tag.nondeterministic_bitwise in tags, _refusal(fn, name, base, kind, tags))
+
+
+def _refusal(fn, name: str, base: str, kind: str, tags: set) -> str | None:
+    schema = fn._schema
+    if any(a.is_out for a in schema.arguments) or fn._overloadname == "out" or fn._overloadname.endswith("_out"):
+        return "an out= variant (a graph's results are its own tensors)"
+    if not schema.returns and name not in NO_RESULT_OK:
+        return "returns nothing (an op run for its side effects)"
+    bad = [str(r.type) for r in schema.returns if str(r.type) not in ("Tensor", "List[Tensor]")]
+    if bad:
+        return (f"returns {bad[0]}, a Python value only the server would know; a graph fixes its values and "
+                "shapes at capture (compare or read it on the client after the call)")
+    bad = [f"{a.name}: {a.type}" for a in schema.arguments if str(a.type) not in _WIRE_TYPES]
+    if bad:
+        return f"takes {bad[0]}, which a graph cannot carry"
+    if torch.Tag.inplace_view in tags and base in _STORAGE_CHANGES:
+        return "changes a tensor's storage in place (its size or the memory it points at)"
+    if kind == DYNAMIC:
+        return ("its output's shape depends on tensor values, and a graph's shapes are fixed at capture "
+                "(Note [Data-dependent shapes]: no graph break)")
+    if base in REVIEWED and REVIEWED[base] is not None:
+        return REVIEWED[base]
+    if _NON_STRIDED.match(base):
+        return "makes or reads a tensor that is not strided (sparse, nested, quantized, mkldnn)"
+    if name not in _COMPOSITES_WHOLE and torch._C._dispatch_has_kernel_for_dispatch_key(
+            schema.name + ("." + schema.overload_name if schema.overload_name else ""), "CompositeImplicitAutograd"):
+        return "a composite that decomposes before capture sees it (a capture records its parts, never it)"
+    key = base.rstrip("_") if base.rstrip("_") in INDEX_CHECKS else base
+    takes_index = any(a.name in _INDEX_ARGS and "Tensor" in str(a.type) for a in schema.arguments) or (
+        _CLASS_TARGET.match(base) is not None)
+    if takes_index and key not in INDEX_CHECKS:
+        return "reads or writes at positions an index tensor gives, which the server does not range-check for it"
+    return None
+
+
+_OP_NAME = re.compile(r"^aten\.([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)$")
+_KNOWN: frozenset[str] | None = None   # every aten overload this torch registers, by its `str` name
+_TABLE: dict[str, OpEntry | None] = {}
+
+
+def _known() -> frozenset[str]:
+    global _KNOWN
+    if _KNOWN is None:
+        names = set()
+        for n in torch._C._dispatch_get_all_op_names():
+            if n.startswith("aten::"):
+                base, _, overload = n[6:].partition(".")
+                names.add(f"aten.{base}.{overload or 'default'}")
+        _KNOWN = frozenset(names)
+    return _KNOWN
+
+
+def lookup(name: str) -> OpEntry | None:
+    """The table entry of an aten overload by name (allowed or not); None if torch has no such op. A name
+    is looked up only if this torch registers exactly it, so no string from a graph reaches getattr
+    otherwise (Note [Op table])."""
+    if name in _TABLE:
+        return _TABLE[name]
+    entry = None
+    m = _OP_NAME.match(name) if isinstance(name, str) else None
+    if m is not None and name in _known():
+        packet = getattr(torch.ops.aten, m.group(1), None)
+        fn = getattr(packet, m.group(2), None) if isinstance(packet, torch._ops.OpOverloadPacket) else None
+        if isinstance(fn, torch._ops.OpOverload) and str(fn) == name:
+            entry = classify(fn)
+    if len(_TABLE) < 20_000:
+        _TABLE[name] = entry
+    return entry
+
+
+def refusal(name: str) -> str:
+    """Why the graph path does not run `name` (for errors)."""
+    e = lookup(name)
+    if e is None:
+        return "not an aten op this server knows"
+    return e.refused or "allowed"
+
+
+class _Allowed(Mapping):
+    """name -> OpOverload of every allowed op: the only way a name in a graph becomes a callable."""
+
+    def __getitem__(self, name: str) -> "torch._ops.OpOverload":
+        e = lookup(name)
+        if e is None or e.refused is not None:
+            raise KeyError(name)
+        return e.fn
+
+    def __contains__(self, name: object) -> bool:
+        e = lookup(name) if isinstance(name, str) else None
+        return e is not None and e.refused is None
+
+    def __iter__(self):
+        return (n for n in sorted(_known()) if n in self)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+#: name -> OpOverload. The only way a name in a graph becomes a callable (Note [Op table]).
+ALLOWED: Mapping[str, "torch._ops.OpOverload"] = _Allowed()
 
 # Note [Meta kernels narrower than the device's]
 #     Captures and the server's dry run run every op on meta tensors. `_grouped_mm`'s meta kernel
@@ -191,5 +372,5 @@ def cost_class(name: str) -> str:
 
 
 def is_random(name: str) -> bool:
-    b = base_name(name)
-    return b in RANDOM or b.rstrip("_") in RANDOM or b in ("rand_like", "randn_like")
+    e = lookup(name)
+    return e.kind == RANDOM if e is not None else base_name(name).rstrip("_") in _RANDOM_NAMES

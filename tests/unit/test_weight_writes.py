@@ -153,18 +153,18 @@ def test_in_place_ops_on_a_tenants_own_input_still_run(one_thread):
 
 
 # -- what may write at all (Note [Unannotated writes]) ----------------------------------------------------
-#: Every allowed op (base name) that writes an argument; all write `self` except batch norm's running stats.
-WRITERS = {
-    "abs_", "acos_", "acosh_", "add_", "addcdiv_", "addcmul_", "asin_", "asinh_", "atan2_", "atan_", "atanh_",
-    "bernoulli_", "bitwise_and_", "bitwise_not_", "bitwise_or_", "bitwise_xor_", "ceil_", "clamp_", "clamp_max_",
-    "clamp_min_", "copy_", "cos_", "cosh_", "div_", "elu_", "eq_", "erf_", "erfc_", "erfinv_", "exp2_", "exp_",
-    "expm1_", "exponential_", "fill_", "floor_", "floor_divide_", "fmod_", "frac_", "ge_", "gelu_", "gt_",
-    "hardsigmoid_", "hardswish_", "hardtanh_", "index_put_", "le_", "leaky_relu_", "lerp_", "lgamma_", "log10_",
-    "log1p_", "log2_", "log_", "logical_and_", "logical_not_", "logical_or_", "logical_xor_", "lt_", "masked_fill_",
-    "mish_", "mul_", "nan_to_num_", "ne_", "neg_", "normal_", "pow_", "random_", "reciprocal_", "relu_",
-    "remainder_", "round_", "rsqrt_", "scatter_", "scatter_add_", "sigmoid_", "sign_", "silu_", "sin_", "sinh_",
-    "sqrt_", "square_", "sub_", "tan_", "tanh_", "threshold_", "tril_", "triu_", "trunc_", "uniform_", "xlogy_",
-    "zero_", "native_batch_norm", "batch_norm",
+#: Note [Op table]: the allowed ops (base names) that write an argument other than `self`, and which. Every
+#: other allowed op that writes writes only `self` and is an in-place variant (its name ends in "_").
+MUTATORS = {
+    "_amp_update_scale_": {"growth_tracker", "self"},
+    "_batch_norm_with_update": {"running_mean", "running_var"},
+    "_flash_attention_forward_no_dropout_inplace": {"out"},
+    "_fused_moving_avg_obs_fq_helper": {"running_min", "running_max", "scale", "zero_point"},
+    "_native_batch_norm_legit": {"running_mean", "running_var"},
+    "batch_norm": {"running_mean", "running_var"},            # Note [Unannotated writes]
+    "native_batch_norm": {"running_mean", "running_var"},     # Note [Unannotated writes]
+    "rrelu_with_noise": {"noise"},
+    "rrelu_with_noise_": {"noise", "self"},
 }
 
 
@@ -175,8 +175,9 @@ def test_the_ops_that_may_write_are_exactly_these():
         args = tuple([True] * n_args)  # every flag on: batch norm in training mode
         for _, arg in srg_ops.written_args(fn, args, {}):
             found.setdefault(srg_ops.base_name(name), set()).add(arg)
-    assert set(found) == WRITERS
-    assert {k for k, v in found.items() if v != {"self"}} == {"native_batch_norm", "batch_norm"}
+    assert {k: v for k, v in found.items() if v != {"self"}} == MUTATORS
+    assert all(k.endswith("_") for k, v in found.items() if v == {"self"})
+    assert {"add_", "index_put_", "copy_", "scatter_", "uniform_", "zero_"} <= set(found)
     assert found["batch_norm"] == found["native_batch_norm"] == {"running_mean", "running_var"}
 
 
@@ -223,8 +224,8 @@ def test_readonly_memory_with_many_ranges_finds_an_enclosing_one():
 
 # -- many random graphs ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("as_inputs,expected", [
-    (False, {"refused": 609, "ran": 187, "failed": 4}),
-    (True, {"refused": 630, "ran": 155, "failed": 15}),
+    (False, {"refused": 613, "ran": 182, "failed": 5}),
+    (True, {"refused": 623, "ran": 160, "failed": 17}),
 ], ids=["weights", "weights-as-inputs"])
 def test_random_graphs_never_change_a_weight(one_thread, as_inputs, expected):
     """800 random graphs of 8 ops over three weights: views of every kind, in-place and mutating ops on
