@@ -342,9 +342,17 @@ _INDEXED = {"index_select": (2, 1, 0), "gather": (2, 1, 0), "scatter": (2, 1, 0)
             "index_put": (1, None, 0), "_unsafe_index_put": (1, None, 0)}
 
 
+#: Losses that read the input at each target's class (input, target, weight, reduction, ignore_index).
+_TARGETED = ("nll_loss_forward", "nll_loss2d_forward")
+
+
 def check_indices(op: str, args: tuple) -> None:
     """Raise IndexError for an index out of range, before a CUDA kernel would assert on it."""
-    spec = _INDEXED.get(op.split(".")[1] if op.count(".") >= 2 else op)
+    base = op.split(".")[1] if op.count(".") >= 2 else op
+    if base in _TARGETED:
+        _check_targets(args)
+        return
+    spec = _INDEXED.get(base)
     if spec is None:
         return
     ia, da, xa = spec
@@ -365,3 +373,16 @@ def check_indices(op: str, args: tuple) -> None:
         if bool(((t < lo) | (t >= n)).any()):
             bad = t[(t < lo) | (t >= n)].flatten()[0].item()
             raise IndexError(f"index {bad} is out of bounds for dimension {dim} with size {n}")
+
+
+def _check_targets(args: tuple) -> None:
+    """A loss's class targets (F.cross_entropy's, F.nll_loss's) are in [0, classes) or its ignore_index."""
+    if len(args) < 2 or not isinstance(args[0], torch.Tensor) or not isinstance(args[1], torch.Tensor):
+        return
+    x, t = args[0], args[1]
+    ignore = args[4] if len(args) > 4 and isinstance(args[4], int) else -100
+    n = x.shape[1 if x.dim() >= 2 else 0] if x.dim() else 1
+    bad = (t < 0) | (t >= n)
+    bad &= t != ignore
+    if t.numel() and bool(bad.any()):
+        raise IndexError(f"target {t[bad].flatten()[0].item()} is out of bounds for {n} classes")

@@ -34,6 +34,7 @@ _softmax _log_softmax _safe_softmax softmax log_softmax
 """
 _REDUCTIONS = """
 all amax amin any argmax argmin cumprod cumsum logsumexp max mean min norm prod std sum topk
+nll_loss_forward nll_loss2d_forward
 sort argsort var var_mean std_mean linalg_vector_norm kthvalue median
 """
 _VIEWS = """
