@@ -296,7 +296,7 @@ ZOO = [
 # -- fixtures --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def zoo_conn():
-    srv = ServerProcess()
+    srv = ServerProcess("--max-prefill-tokens", "256", "--prefill-step-tokens", "256")  # a small Stack to measure
     c = Connection(srv.address, secret=None)
     yield c
     c.close()
