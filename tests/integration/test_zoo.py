@@ -10,6 +10,7 @@ flips to a failure the day it starts working (and the mark must go).
 """
 from __future__ import annotations
 
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -294,29 +295,47 @@ ZOO = [
 
 
 # -- fixtures --------------------------------------------------------------------------------------
+_LOCAL: dict[str, nn.Module] = {}
+_REMOTE: dict[str, Any] = {}
+
+
 @pytest.fixture(scope="module")
-def zoo_conn():
-    srv = ServerProcess("--max-prefill-tokens", "256", "--prefill-step-tokens", "256")  # a small Stack to measure
+def zoo_conn(device):
+    """One server for the zoo; the local models are built while it starts (2 cores: both are busy)."""
+    started: dict = {}
+
+    def start():
+        try:  # a small Stack to measure: each generate model's first KV pool measures a forward this long
+            started["srv"] = ServerProcess("--max-prefill-tokens", "256", "--prefill-step-tokens", "256")
+        except BaseException as e:  # noqa: BLE001 - re-raised on the test's thread
+            started["error"] = e
+
+    thread = threading.Thread(target=start, daemon=True)
+    thread.start()
+    for case in ZOO:
+        _LOCAL[case.name] = case.build().to(device)
+    thread.join()
+    if "error" in started:
+        raise started["error"]
+    srv = started["srv"]
     c = Connection(srv.address, secret=None)
     yield c
     c.close()
     srv.stop()
-
-
-_BUILT: dict[str, tuple] = {}
+    _LOCAL.clear()
+    _REMOTE.clear()
 
 
 @pytest.fixture
-def pair(request, zoo_conn, device):
-    """(the case, the local model, its remote twin in the case's own session), built once per module."""
+def pair(request, zoo_conn):
+    """(the case, the local model, its remote twin in the case's own session), remoted once per module."""
     case: Case = request.param
-    if case.name not in _BUILT:
-        model = case.build().to(device)
+    model = _LOCAL[case.name]
+    if case.name not in _REMOTE:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the graph path's one-line warning for HF models
-            rm = djinn.remote(model, session=zoo_conn.session(case.name))
-        _BUILT[case.name] = (model, rm)
-    yield (case, *_BUILT[case.name])
+            _REMOTE[case.name] = djinn.remote(model, session=zoo_conn.session(case.name))
+    yield case, model, _REMOTE[case.name]
 
 
 def _params(what: str):
@@ -404,10 +423,11 @@ def test_breakpoint_steers_as_a_local_hook(pair, device):
 def test_greedy_generate(pair, device):
     case, model, rm = pair
     inputs = {k: v for k, v in case.inputs().items() if k not in case.generate.get("drop", ())}
+    first = inputs.pop(next(iter(inputs)))  # positional, as generate's first parameter (input_features too)
     kw = dict(max_new_tokens=4, do_sample=False)
-    got = rm.generate(**inputs, **kw)  # first: where it is not supported yet, fail before the local work
+    got = rm.generate(first, **inputs, **kw)  # first: where it is not supported yet, fail before the local work
     with torch.no_grad():
-        ref = model.generate(**_on(device, inputs), **kw)
+        ref = model.generate(first.to(device), **_on(device, inputs), **kw)
     assert torch.equal(got.cpu() if isinstance(got, RemoteTensor) else got, ref.cpu())
 
 
