@@ -87,3 +87,29 @@ def test_a_stop_gone_before_the_op_is_still_refused_where_written(conn, device):
         assert run.resume() is None
         with pytest.raises(djinn.HandleNotFound, match="this stop is gone"):
             stop.activation.clone()
+
+
+def test_the_flush_before_a_resume_carries_the_queued_edits(conn, device, monkeypatch):
+    """Edits queued before the pending ops apply first, in the flush's own request: a resume with both
+    pending costs two requests (run_graph with the edits, resume), not three."""
+    model = tiny_llama(seed=3, device=device)
+    steer = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(5))
+    with conn.session("lazy-carry") as s:
+        rm = djinn.remote(model, session=s)
+        run = s.start(rm, IDS, breakpoints=[0])
+        stop = run.wait()
+        stop.activation[:, -1] += steer
+        edited = stop.activation[0, -1] * 1
+        ops = []
+        call = conn.transport.call
+        monkeypatch.setattr(conn.transport, "call", lambda op, args, **kw: (ops.append(op), call(op, args, **kw))[1])
+        assert run.resume() is None
+        monkeypatch.undo()
+        assert ops == ["run_graph", "resume"]
+
+        def edit(t):
+            t[:, -1] += steer.to(t.device)
+
+        ref_edited, ref_logits = _hooked(model, "model.layers.0", edit)
+        assert torch.equal(edited.cpu(), ref_edited[0, -1])
+        assert torch.equal(run.output.logits.cpu(), ref_logits)
