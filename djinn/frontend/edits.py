@@ -1,8 +1,8 @@
 """In-place edits of remote tensors, recorded on the client: `stop.activation[:, -1] += steer`.
 
 `t.add_(v)`, `t[idx] += v`, `t[idx] = local`, `t.copy_(local)` append an edit record to the session's
-outbox (frontend/outbox.py). The session ships the queue with its next resume, fork or fetch, or as an `edit` op before any
-other request, so edits apply on the server in the order they were written, and before anything reads
+outbox (frontend/outbox.py). The session ships the queue with its next resume, fork, fetch or run_graph,
+or as an `edit` op before any other request, so edits apply on the server in the order they were written, and before anything reads
 or runs on from the edited tensor. `t[idx]` is a RemoteView: a basic-indexing view descriptor whose
 shape is known locally, which can be edited or fetched (`t[:, -1].cpu()` moves only that slice).
 Indices by value (`t[idx_tensor]`, `t[mask] = 0`) are lazy ops instead (Note [Advanced indices]).

@@ -14,6 +14,8 @@ Note [Lazy order]
     RemoteTensor (frontend/edits.py) is applied before the next request's work, so writing one while
     ops are pending flushes them first: the ops see the tensor as it was when they were written.
     In-place ops on pending tensors (`y = x * 2; y[:, 0].add_(1)`) are recorded in the graph itself.
+    A paused run's resume or cancel flushes them too, while the stop's tensors still exist (Note [Lazy
+    ops on a stop] in frontend/run.py).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Frees come from RemoteTensor's GC finalizers (frontend/tensor.py), which may run on any thread, even
 one holding a lock: `free` only appends (deque append/popleft are atomic), and the session's next
 request sends the batch without waiting for it. Edits come from frontend/edits.py in the order they
-were written; the session ships them with its next resume, fork or fetch (in the same request), or as
+were written; the session ships them with its next resume, fork, fetch or run_graph (in the same request), or as
 an `edit` op before any other request (frontend/session.py). This is the queue only: sending stays
 with the session, which knows its id, its transport and whether it is still alive.
 """

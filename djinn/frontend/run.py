@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..protocol.errors import DjinnError, InvalidRequest, RequestTimeout
-from . import wire
+from . import lazy, wire
 from .stats_view import fmt_bytes, html_card
 from .tensor import RemoteTensor, Scope
 
@@ -168,6 +168,7 @@ class Run:
     def resume(self) -> Stop | None:
         """Apply the queued edits, continue to the next breakpoint or the end; the next Stop or None."""
         self._require_paused("resume")
+        self._settle()
         try:
             reply = self.session.call("resume", {"run": self.run_id})
         except InvalidRequest:
@@ -188,10 +189,14 @@ class Run:
                 return
         if self.state != "paused":
             return
-        self._move_to(None)
-        self.state = "cancelled"
-        if not self.session.closed:
-            self.session.call("cancel_run", {"run": self.run_id})
+        try:
+            if not self.session.closed and self.session.conn.transport.dead is None:
+                self._settle()
+        finally:
+            self._move_to(None)
+            self.state = "cancelled"
+            if not self.session.closed:
+                self.session.call("cancel_run", {"run": self.run_id})
 
     @property
     def output(self) -> Any:
@@ -209,6 +214,16 @@ class Run:
             self.wait()
         if self.state != "paused":
             raise InvalidRequest(f"cannot {what} run {self.run_id}: it is {self.state}")
+
+    def _settle(self) -> None:
+        """Note [Lazy ops on a stop]: run the session's pending lazy ops while the stop's tensors exist.
+
+        `saved = stop.activation.clone()` is recorded, not run (frontend/lazy.py), and the server frees a
+        stop's tensors when the run moves on; so before a resume or a cancel the pending graph is flushed
+        (one run_graph, only when something is pending) and `saved` holds the value at the stop, after
+        the edits written before it, as locally. A flush that fails raises here and the run stays paused.
+        """
+        lazy.flush(self.session)
 
     def _absorb(self, reply: dict) -> None:
         self.run_id = reply["run"]

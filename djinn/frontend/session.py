@@ -21,8 +21,9 @@ if TYPE_CHECKING:
     from .run import Run
     from .tensor import RemoteTensor
 
-#: Ops that take the queued edits along and apply them before anything else.
-_CARRY_EDITS = frozenset({"resume", "fork", "fetch"})
+#: Ops that take the queued edits along and apply them before anything else (run_graph: a lazy flush,
+#: such as the one before a resume, Note [Lazy ops on a stop] in frontend/run.py).
+_CARRY_EDITS = frozenset({"resume", "fork", "fetch", "run_graph"})
 
 
 class Session:

@@ -37,3 +37,17 @@ def test_out_of_range_is_an_index_error(op, args, msg):
     with pytest.raises(IndexError) as info:
         check_indices(op, args)
     assert str(info.value) == msg
+
+
+def test_loss_targets_are_classes_or_the_ignore_index():
+    """F.cross_entropy on the graph path records nll_loss_forward, which reads input[i, target[i]]."""
+    logits, maps = torch.zeros(3, 5), torch.zeros(2, 5, 4, 4)
+    check_indices("aten.nll_loss_forward.default", (logits, torch.tensor([0, 4, -100]), None, 1, -100))
+    check_indices("aten.nll_loss_forward.default", (logits[0], torch.tensor(4), None, 1, -100))
+    check_indices("aten.nll_loss2d_forward.default", (maps, torch.full((2, 4, 4), 7), None, 1, 7))
+    with pytest.raises(IndexError, match="target 5 is out of bounds for 5 classes"):
+        check_indices("aten.nll_loss_forward.default", (logits, torch.tensor([0, 5, 1]), None, 1, -100))
+    with pytest.raises(IndexError, match="target -1 is out of bounds for 5 classes"):
+        check_indices("aten.nll_loss_forward.default", (logits, torch.tensor([-1, 0, 1]), None, 1, -100))
+    with pytest.raises(IndexError, match="target 5 is out of bounds for 5 classes"):
+        check_indices("aten.nll_loss2d_forward.default", (maps, torch.full((2, 4, 4), 5), None, 1, -100))
