@@ -45,9 +45,9 @@ def test_loss_targets_are_classes_or_the_ignore_index():
     check_indices("aten.nll_loss_forward.default", (logits, torch.tensor([0, 4, -100]), None, 1, -100))
     check_indices("aten.nll_loss_forward.default", (logits[0], torch.tensor(4), None, 1, -100))
     check_indices("aten.nll_loss2d_forward.default", (maps, torch.full((2, 4, 4), 7), None, 1, 7))
-    with pytest.raises(IndexError, match="target 5 is out of bounds for 5 classes"):
+    with pytest.raises(IndexError, match="index 5 is out of bounds for the classes with size 5"):
         check_indices("aten.nll_loss_forward.default", (logits, torch.tensor([0, 5, 1]), None, 1, -100))
-    with pytest.raises(IndexError, match="target -1 is out of bounds for 5 classes"):
+    with pytest.raises(IndexError, match="index -1 is out of bounds for the classes with size 5"):
         check_indices("aten.nll_loss_forward.default", (logits, torch.tensor([-1, 0, 1]), None, 1, -100))
-    with pytest.raises(IndexError, match="target 5 is out of bounds for 5 classes"):
+    with pytest.raises(IndexError, match="index 5 is out of bounds for the classes with size 5"):
         check_indices("aten.nll_loss2d_forward.default", (maps, torch.full((2, 4, 4), 5), None, 1, -100))
