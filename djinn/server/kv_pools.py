@@ -10,7 +10,8 @@ Note [Stack reserve]
     it; plus what the paged cache adds to a prefill (each layer gathers its keys and values: two
     copies of one layer's KV for the chunk), plus the batched decode step's workspace (with the gather
     attention each layer copies the batch's keys and values; flex needs only its index tables:
-    `paged_attention.workspace_bytes`), plus `stack_margin_gb` for the CUDA
+    `paged_attention.workspace_bytes`), plus swap's staging buffer (Note [Staged swap] in
+    djinn/vmu/kv_pool.py), plus `stack_margin_gb` for the CUDA
     context's own allocations, cuBLAS workspaces and allocator rounding. The pool gets what the device
     has free after that. A request larger than the measured chunk is refused (max_prefill_tokens), so
     a request never allocates past the reserve: running out of KV blocks is a scheduling decision,
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..vmu.kv_pool import KVPool, KVShape
+from ..vmu.kv_pool import STAGE_BYTES, KVPool, KVShape
 from . import paged_attention
 
 log = logging.getLogger("djinn.kv_pools")
@@ -117,7 +118,7 @@ def pool_for(engine, entry) -> KVPool:
         ws = 0 if cfg.fast_decode == "off" else paged_attention.workspace_bytes(
             attention, free // block_bytes + 1, shape.layers, shape.kv_heads, shape.head_dim, shape.dtype.itemsize,
             heads, rows, cfg.fast_decode_max_len)
-        stack = peak + gather + ws + int(cfg.stack_margin_gb * GIB)
+        stack = peak + gather + ws + STAGE_BYTES + int(cfg.stack_margin_gb * GIB)
         if cfg.fast_decode != "off":
             stack += PREFILL_WORKSPACE
         budget = free - stack

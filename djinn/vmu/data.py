@@ -222,7 +222,7 @@ class DataSegment:
             return []
         away = self._away.get(id(t))
         if away is not None and not t.blocks:  # only in the host pool
-            blocks = self._host_blocks(away.host)                   # [layers, k|v, batch * per_row, bt, heads, dim]
+            blocks = pool.host_blocks(self._host_region(away.host), t.batch * away.per_row)  # [layers, k|v, blocks, ...]
         else:
             blocks = pool.kv[:, :, pool.device_rows(t)].cpu()       # [layers, k|v, batch, nb, bt, heads, dim]
         out = []
@@ -289,10 +289,10 @@ class DataSegment:
                     self.pool.release(h.alloc)
                 log.warning("swap-out of session %s: the host pool has no region of %d bytes", s.sid[:8], nbytes)
                 return False
-            hosts.append(HostCopy(a, (Slot(0, t.blocks * p.block_bytes, p.region_shape(t.blocks), p.kv.dtype),)))
+            n = t.blocks * p.block_bytes
+            hosts.append(HostCopy(a, (Slot(0, n, (n // p.kv.element_size(),), p.kv.dtype),)))
         for (mid, p, t), host in zip(tables, hosts):
-            region = self._host_blocks(host)                      # [layers, k|v, blocks, ...] on the host
-            dsts, srcs = p.copy_pairs(region, t.ids(), to_host=True)
+            dsts, srcs = p.copy_pairs(self._host_region(host), t.ids(), to_host=True)
             handle = self.swapper.start("out", host, dsts, srcs, keep=srcs)
             self._away[id(t)] = Away(host, len(t.rows[0]), mid)
             m.inflight.append((t, handle))
@@ -319,7 +319,7 @@ class DataSegment:
             got.append((p, t))
         for p, t in todo:
             away = self._away[id(t)]
-            dsts, srcs = p.copy_pairs(self._host_blocks(away.host), t.ids(), to_host=False)
+            dsts, srcs = p.copy_pairs(self._host_region(away.host), t.ids(), to_host=False)
             m.inflight.append((t, self.swapper.start("in", away.host, dsts, srcs)))
         m.state = SessionState.PREFETCHING
         self._sessions[s.sid] = s
@@ -457,9 +457,10 @@ class DataSegment:
                 "swap_bw": round(self.swap_bw), **self.totals.as_dict()}
 
     # -- internals -------------------------------------------------------------------------------
-    def _host_blocks(self, host: HostCopy) -> torch.Tensor:
+    def _host_region(self, host: HostCopy) -> torch.Tensor:
+        """A swapped table's host copy, flat (its chunks: KVPool.host_chunks)."""
         slot = host.slots[0]
-        return self.pool.view(host.alloc)[:slot.nbytes].view(slot.dtype).view(slot.shape)
+        return self.pool.view(host.alloc)[:slot.nbytes].view(slot.dtype)
 
     def _set(self, sid: str, segment: str, n: int) -> None:
         have = self.acct.session(sid)[segment]

@@ -11,9 +11,20 @@ Note [Pool layout]
     in place through a plain block table (djinn/server/paged_attention.py). The block-major layout
     this replaced (a block's bytes of every layer in one run) made the only flat view FlexAttention
     can take span the whole pool, and past 2^31 elements (a few GB) its kernel does not compile in
-    torch 2.11 (`OSDI_Evaluation/micro/flex_probe.py` on an H100). What a block's bytes cost now is
-    swap: a run of consecutive block ids moves as one copy per layer and k|v (`copy_pairs`), each
-    still a contiguous range, into a host copy laid out the same way.
+    torch 2.11 (`OSDI_Evaluation/micro/flex_probe.py` on an H100). A block's bytes are now 2 x layers
+    separate runs, which swap gathers first (Note [Staged swap]).
+
+Note [Staged swap]
+    Copied straight to the host, a block is 2 x layers small copies (160 KiB each on the 13B shape):
+    on an H100 blocks scattered over the pool moved at 28.6 GB/s that way, half the link's 55
+    (`micro/results/swap_h100_layer_major.json`). So swap goes through a staging buffer on the device
+    (`stage_bytes`, 256 MiB, in the Stack reserve): a chunk of up to `stage_blocks` of the table's
+    blocks is gathered into it by device-side copies (one strided copy per run of consecutive ids),
+    then crosses the link as one contiguous copy; a swap-in copies each chunk in and scatters it out.
+    The host copy is therefore a sequence of chunks, chunk c holding blocks c*S.. of the table laid
+    out [layers, k|v, blocks, bt, kv_heads, dim] (`host_chunks`). Every copy of a swap runs in order on
+    the swapper's one stream, so one staging buffer serves swap-outs and swap-ins alike: a chunk's
+    gather never overwrites the buffer before the copy that reads it has run.
 
 Note [Block tables]
     A `KVTable` is one session's KV for one model: per batch row, the block ids covering positions
@@ -43,6 +54,8 @@ import torch
 from .blocks import BlockAllocator, chain_key
 
 SCRATCH = 0
+#: The device buffer swap gathers blocks into before they cross the link (Note [Staged swap]).
+STAGE_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -116,6 +129,8 @@ class KVPool:
                               dtype=shape.dtype, device=self.device)  # [layers, k|v, blocks, bt, heads, dim]
         self.block(SCRATCH).zero_()  # Note [Blocks start zeroed]
         self.cow_copies = 0
+        self.stage_blocks = max(1, min(num_blocks, STAGE_BYTES // max(1, self.block_bytes)))
+        self._stage: torch.Tensor | None = None  # made at the first swap (Note [Staged swap])
 
     # -- the layout (Note [Pool layout]) -----------------------------------------------------------
     def block(self, b: int) -> torch.Tensor:
@@ -127,21 +142,46 @@ class KVPool:
         return self.kv[i, kv]
 
     def copy_pairs(self, region: torch.Tensor, ids: list[int], to_host: bool) -> tuple[list, list]:
-        """(dsts, srcs) copying a table's blocks `ids` to (to_host) or from a region laid out as the pool
-        is ([layers, k|v, len(ids), bt, ...], a session's host copy): per run of consecutive ids, one
-        contiguous copy per layer and k|v."""
+        """(dsts, srcs), in the order they must run, copying a table's blocks `ids` to (to_host) or
+        from `region`, a session's flat host copy (`host_chunks`), through the staging buffer (Note
+        [Staged swap])."""
         dsts, srcs = [], []
-        for j, b, n in self.runs(ids):
-            for i in range(self.shape.layers):
-                for kv in (0, 1):
-                    host, dev = region[i, kv, j:j + n], self.kv[i, kv, b:b + n]
-                    dsts.append(host if to_host else dev)
-                    srcs.append(dev if to_host else host)
+        for j, k, host in self.host_chunks(region, len(ids)):
+            stage = self._staging()[:host.numel()].view(host.shape)
+            runs = self.runs(ids[j:j + k])
+            if to_host:
+                for r, b, n in runs:
+                    dsts.append(stage[:, :, r:r + n])
+                    srcs.append(self.kv[:, :, b:b + n])
+                dsts.append(host)
+                srcs.append(stage)
+            else:
+                dsts.append(stage)
+                srcs.append(host)
+                for r, b, n in runs:
+                    dsts.append(self.kv[:, :, b:b + n])
+                    srcs.append(stage[:, :, r:r + n])
         return dsts, srcs
 
-    def region_shape(self, blocks: int) -> tuple[int, ...]:
-        """The shape of a host copy of `blocks` blocks (laid out as the pool is)."""
-        return (self.shape.layers, 2, blocks, *self.kv.shape[3:])
+    def host_chunks(self, region: torch.Tensor, blocks: int) -> list[tuple[int, int, torch.Tensor]]:
+        """(first block, blocks, view [layers, k|v, blocks, bt, kv_heads, dim]) of each chunk of a flat
+        host copy of `blocks` blocks (Note [Staged swap])."""
+        out, at, per = [], 0, self.block_bytes // self.kv.element_size()
+        for j in range(0, blocks, self.stage_blocks):
+            k = min(self.stage_blocks, blocks - j)
+            out.append((j, k, region[at:at + k * per].view(self.shape.layers, 2, k, *self.kv.shape[3:])))
+            at += k * per
+        return out
+
+    def host_blocks(self, region: torch.Tensor, blocks: int) -> torch.Tensor:
+        """A flat host copy of `blocks` blocks as one CPU tensor [layers, k|v, blocks, bt, ...]."""
+        return torch.cat([v for _, _, v in self.host_chunks(region, blocks)], dim=2)
+
+    def _staging(self) -> torch.Tensor:
+        if self._stage is None:
+            self._stage = torch.empty(self.stage_blocks * self.block_bytes // self.kv.element_size(),
+                                      dtype=self.kv.dtype, device=self.device)
+        return self._stage
 
     # -- sizes -------------------------------------------------------------------------------------
     @property

@@ -165,3 +165,28 @@ def test_kv_shape_reads_the_decoders_layers_and_kv_heads():
             m = cls(cfg)
         s = KVShape.of_module(m)
         assert (s.layers, s.kv_heads, s.head_dim) == want, cls.__name__
+
+
+def test_swap_copies_go_through_the_staging_buffer_in_chunks():
+    """Note [Staged swap]: scattered blocks cross the link as one copy per chunk of `stage_blocks`,
+    gathered by one device copy per run of consecutive ids, and come back bitwise."""
+    p = pool_of(tiny_llama(), blocks=12, bt=4)
+    p.stage_blocks = 2
+    ids = [1, 3, 4, 7, 9]
+    torch.manual_seed(0)
+    p.kv.normal_()
+    want, other = p.kv[:, :, ids].clone(), p.kv[:, :, [2, 5, 8]].clone()
+    region = torch.zeros(len(ids) * p.block_bytes // 4)
+    dsts, srcs = p.copy_pairs(region, ids, to_host=True)
+    # chunks [1, 3] (two runs), [4, 7] (two runs), [9]: a gather copy per run, one link copy per chunk
+    assert len(dsts) == (2 + 1) + (2 + 1) + (1 + 1)
+    assert [d.device.type == "cpu" and d.numel() * 4 == k * p.block_bytes
+            for d, k in zip([dsts[2], dsts[5], dsts[7]], (2, 2, 1))] == [True] * 3
+    for d, s in zip(dsts, srcs):
+        d.copy_(s)
+    assert torch.equal(p.host_blocks(region, len(ids)), want)
+    p.kv[:, :, ids] = 0
+    for d, s in zip(*p.copy_pairs(region, ids, to_host=False)):
+        d.copy_(s)
+    assert torch.equal(p.kv[:, :, ids], want)
+    assert torch.equal(p.kv[:, :, [2, 5, 8]], other)  # blocks between the runs are untouched
