@@ -65,6 +65,24 @@ def start_server():
         s.stop()
 
 
+@pytest.fixture(scope="module")
+def module_server():
+    """Factory for a server shared by the tests of one module that ask for the same flags: for tests that
+    need flags the shared `server` lacks but neither kill it nor depend on being its only user so far
+    (each server start costs seconds of imports on a small CI box). Stopped at the module's end."""
+    started: dict[tuple, ServerProcess] = {}
+
+    def get(*extra: str) -> ServerProcess:
+        s = started.get(extra)
+        if s is None or not s.alive():
+            s = started[extra] = ServerProcess(*extra)
+        return s
+
+    yield get
+    for s in started.values():
+        s.stop()
+
+
 @pytest.fixture
 def conn(server):
     """A fresh client connection to the shared server."""

@@ -15,8 +15,8 @@ def _blocks_free(conn, rm) -> int:
     return conn.stats()["kv"]["models"][rm.model_id]["blocks_free"]
 
 
-def test_forked_sessions_share_blocks_and_continue_bitwise(start_server, model, device):
-    srv = start_server(*BT)
+def test_forked_sessions_share_blocks_and_continue_bitwise(module_server, model, device):
+    srv = module_server(*BT)
     conn = Connection(srv.address, None)
     try:
         a = conn.session("parent")
@@ -59,8 +59,8 @@ def test_fork_of_a_swapped_parent_brings_it_back_first(start_server, model, devi
         conn.close()
 
 
-def test_forked_tensors_are_copies(start_server, model):
-    srv = start_server(*BT)
+def test_forked_tensors_are_copies(module_server, model):
+    srv = module_server(*BT)
     conn = Connection(srv.address, None)
     try:
         a = conn.session()

@@ -67,8 +67,8 @@ def wait_for(pred, timeout_s: float = 10.0):
     raise AssertionError("condition not met in time")
 
 
-def test_swapped_during_io_wait_and_back_continues_bitwise(start_server, model, device):
-    srv = start_server("--policy", "signal", "--swap-on-io-wait", *BT)
+def test_swapped_during_io_wait_and_back_continues_bitwise(module_server, model, device):
+    srv = module_server("--policy", "signal", "--swap-on-io-wait", *BT)
     conn = Connection(srv.address, None)
     try:
         a, b = conn.session("away"), conn.session("stays")
@@ -96,8 +96,8 @@ def test_swapped_during_io_wait_and_back_continues_bitwise(start_server, model, 
         conn.close()
 
 
-def test_prefetched_by_eta_is_a_hit(start_server, model, device):
-    srv = start_server("--policy", "signal", "--swap-on-io-wait", *BT)
+def test_prefetched_by_eta_is_a_hit(module_server, model, device):
+    srv = module_server("--policy", "signal", "--swap-on-io-wait", *BT)
     conn = Connection(srv.address, None)
     try:
         s = conn.session()
@@ -115,8 +115,8 @@ def test_prefetched_by_eta_is_a_hit(start_server, model, device):
         conn.close()
 
 
-def test_compute_signal_brings_a_swapped_session_back(start_server, model):
-    srv = start_server("--policy", "signal", "--swap-on-io-wait", *BT)
+def test_compute_signal_brings_a_swapped_session_back(module_server, model):
+    srv = module_server("--policy", "signal", "--swap-on-io-wait", *BT)
     conn = Connection(srv.address, None)
     try:
         s = conn.session()
@@ -176,8 +176,8 @@ def test_recompute_drops_and_prefills_again(start_server, model, device):
         conn.close()
 
 
-def test_resident_queues_until_memory_frees(start_server, model):
-    srv = start_server("--policy", "resident", "--data-budget-gb", gb(KV_ONE), *BT)
+def test_resident_queues_until_memory_frees(module_server, model):
+    srv = module_server("--policy", "resident", "--data-budget-gb", gb(KV_ONE), *BT)
     conn = Connection(srv.address, None)
     try:
         a, b, c = conn.session("a"), conn.session("b"), conn.session("c")
@@ -228,8 +228,8 @@ def test_a_resident_session_grows_while_an_admission_waits(start_server, model):
         conn.close()
 
 
-def test_closing_a_session_fails_its_queued_request(start_server, model):
-    srv = start_server("--policy", "resident", "--data-budget-gb", gb(KV_ONE), *BT)
+def test_closing_a_session_fails_its_queued_request(module_server, model):
+    srv = module_server("--policy", "resident", "--data-budget-gb", gb(KV_ONE), *BT)
     c1, c2 = Connection(srv.address, None), Connection(srv.address, None)
     try:
         a, b = c1.session(), c2.session()
@@ -262,8 +262,8 @@ def test_generates_of_sessions_interleave_by_step(server, model):
         conn.close()
 
 
-def test_accounting_returns_to_zero_after_sessions_close(start_server, model):
-    srv = start_server("--policy", "signal", "--swap-on-io-wait", *BT)
+def test_accounting_returns_to_zero_after_sessions_close(module_server, model):
+    srv = module_server("--policy", "signal", "--swap-on-io-wait", *BT)
     conn = Connection(srv.address, None)
     try:
         sessions = [conn.session() for _ in range(3)]

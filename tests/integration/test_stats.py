@@ -1,7 +1,8 @@
 """Tier 2: what the server holds, as `stats()` reports it: weight dedup, freeing, tensor handles.
 
-Tests that assert absolute Text-segment sizes start a private server, so weights other tests left on
-the shared one (e.g. all-ones norm weights every tiny model has) cannot change the expected bytes.
+Tests that assert absolute Text-segment sizes use a server of this module's own (`module_server`, not the
+shared one), and first wait until it holds no weights, so weights other tests left (e.g. all-ones norm
+weights every tiny model has) cannot change the expected bytes.
 """
 from __future__ import annotations
 
@@ -57,12 +58,12 @@ def wait_for(pred, timeout=5.0):
     return True
 
 
-def test_dedup_and_free(start_server, gpt2_a, gpt2_b):
-    srv = start_server()
+def test_dedup_and_free(module_server, gpt2_a, gpt2_b):
+    srv = module_server()
     c1 = Connection(srv.address, secret=None)
     c2 = Connection(srv.address, secret=None)
     try:
-        assert text_bytes(c1) == 0
+        assert wait_for(lambda: text_bytes(c1) == 0)  # no other test's weights
         wa, wb = unique_weights(gpt2_a), unique_weights(gpt2_b)
 
         s1 = c1.session("first")
@@ -120,11 +121,12 @@ def test_dedup_and_free(start_server, gpt2_a, gpt2_b):
         c2.close()
 
 
-def test_from_path_dedups_with_upload(start_server, llama, device, tmp_path):
+def test_from_path_dedups_with_upload(module_server, llama, device, tmp_path):
     llama.save_pretrained(tmp_path)
-    srv = start_server()
+    srv = module_server()
     c = Connection(srv.address, secret=None)
     try:
+        assert wait_for(lambda: text_bytes(c) == 0)  # no other test's weights
         with c.session("upload") as s1:
             rm_up = RemoteModel.from_module(s1, llama)
             base = text_bytes(c)

@@ -56,11 +56,10 @@ def test_top_once_prints_one_frame_of_bars_and_sessions(start_server):
         conn.close()
 
 
-def test_another_client_sees_that_a_session_generates(start_server):
+def test_another_client_sees_that_a_session_generates(server):
     """The row's "now" for another client's session: "generate running", without its timings or steps
-    (those stay its owner's `job`)."""
-    srv = start_server()
-    owner, viewer = Connection(srv.address, None), Connection(srv.address, None)
+    (those stay its owner's `job`). It looks its session up by id, so the shared server does."""
+    owner, viewer = Connection(server.address, None), Connection(server.address, None)
     try:
         cfg = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
@@ -73,7 +72,8 @@ def test_another_client_sees_that_a_session_generates(start_server):
         st = viewer.stats()
         theirs = st["sessions"][s.sid]
         assert (theirs["job"], theirs["busy"]) == (None, "generate running")
-        [row] = [line for line in render_frame(st, viewer.address).splitlines() if line.startswith("(another")]
+        [row] = [line for line in render_frame(st, viewer.address).splitlines()
+                  if line.startswith("(another") and line.rstrip().endswith("generate running")]
         assert row.rstrip().endswith("generate running")
         assert owner.stats()["sessions"][s.sid]["busy"] == "generate running"
         generate.cancel(s, fut.rid, 0)
