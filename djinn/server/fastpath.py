@@ -27,6 +27,15 @@ Note [Fast path and the session cache]
     tokens, and leaving sets the table's length. As with HF generate, the table ends one token short of
     the sequence: the last token generated has not been fed.
 
+Note [Length buckets]
+    With the gather attention a step's work grows with its length bucket: every row's keys and values
+    are gathered, padded to it, and read again by SDPA. Powers of two padded an agent's 2.1k-token
+    context to 4096 positions, so at 25 rows of the 13B shape a step moved about twice the KV it needed
+    (exp1 at N=48 on an H100: later turns' P99 2.45 s with the gather, 1.42 s with flex, which reads
+    only a row's own pages). Past 1024 positions buckets therefore grow by LEN_STEP (512): at most
+    512 positions of padding, at the price of more graphs to capture (11 length buckets instead of 7
+    at max_len 4096). Flex needs no length buckets (`length_buckets = False`).
+
 Note [Graph workspace]
     Every step graph is captured into one private memory pool. What a capture frees (the step's
     gathered keys and values, a few GiB at the largest bucket) stays in that pool and is reused by
@@ -77,6 +86,8 @@ STEP = "hf-paged"
 FAST_KWARGS = frozenset({"max_new_tokens", "min_new_tokens", "max_length", "do_sample", "temperature", "top_k",
                          "top_p", "eos_token_id", "pad_token_id", "use_cache"})
 MIN_LEN_BUCKET = 64
+#: Past 2 x LEN_STEP positions, length buckets grow by LEN_STEP (Note [Length buckets]).
+LEN_STEP = 512
 
 
 def heads_of(config) -> int:
@@ -130,6 +141,26 @@ def _bucket(n: int, cap: int, floor: int = 1) -> int:
     while b < n:
         b *= 2
     return min(b, cap)
+
+
+def length_bucket(n: int, cap: int) -> int:
+    """The padded length a step over rows whose longest has `n` positions runs at (Note [Length
+    buckets]): powers of two up to 2 x LEN_STEP, then multiples of LEN_STEP, at most `cap`."""
+    if n <= 2 * LEN_STEP:
+        return _bucket(n, cap, MIN_LEN_BUCKET)
+    return min(cap, -(-n // LEN_STEP) * LEN_STEP)
+
+
+def length_buckets(cap: int) -> list[int]:
+    """Every value `length_bucket` takes below `cap` (a power of two), ascending."""
+    out, n = [], MIN_LEN_BUCKET
+    while n < min(cap, 2 * LEN_STEP):
+        out.append(n)
+        n *= 2
+    while n < cap:
+        out.append(n)
+        n += LEN_STEP
+    return out + [cap]
 
 
 @dataclass
@@ -269,7 +300,7 @@ class DecodePool:
         n = len(self.rows)
         longest = max(r.pos for r in self.rows) + 1
         B = _bucket(n, self.slots)
-        L = _bucket(longest, self.max_len, MIN_LEN_BUCKET) if self.attention.length_buckets else self.max_len
+        L = length_bucket(longest, self.max_len) if self.attention.length_buckets else self.max_len
         # One host-to-device copy each for tokens and positions (done rows still in a slot feed a
         # harmless token at their position), one device-to-host copy for every greedy row's token.
         self.ids[:n].copy_(torch.tensor([r.token for r in self.rows], dtype=torch.long))
@@ -314,17 +345,14 @@ class DecodePool:
         return out
 
     def buckets(self) -> list[tuple[int, int]]:
-        """Every (batch, length) bucket a step can use: powers of two up to the slots and max_len."""
+        """Every (batch, length) bucket a step can use: batches in powers of two up to the slots, lengths
+        as `length_bucket` rounds them (Note [Length buckets])."""
         bs, b = [], 1
         while b < self.slots:
             bs.append(b)
             b *= 2
         bs.append(self.slots)
-        ls, n = [], MIN_LEN_BUCKET if self.attention.length_buckets else self.max_len
-        while n < self.max_len:
-            ls.append(n)
-            n *= 2
-        ls.append(self.max_len)
+        ls = length_buckets(self.max_len) if self.attention.length_buckets else [self.max_len]
         return [(B, L) for B in bs for L in ls]
 
     def capture_all(self) -> int:

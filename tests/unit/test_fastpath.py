@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from djinn.server.fastpath import MIN_LEN_BUCKET, DecodePool, Row, Sampler, _bucket, unsupported
+from djinn.server.fastpath import (DecodePool, Row, Sampler, _bucket, length_bucket, length_buckets,
+                                   unsupported)
 from djinn.server.paged_cache import PagedCache
 from djinn.vmu.kv_pool import KVPool, KVShape
 
@@ -19,12 +20,27 @@ def test_buckets(n, cap, floor, want):
     assert _bucket(n, cap, floor) == want
 
 
+@pytest.mark.parametrize("n, cap, want", [(1, 4096, 64), (65, 4096, 128), (1024, 4096, 1024), (1025, 4096, 1536),
+                                           (2100, 4096, 2560), (2560, 4096, 2560), (4000, 4096, 4096),
+                                           (300, 256, 256), (5000, 4096, 4096)])
+def test_length_buckets_grow_by_512_past_1024(n, cap, want):
+    """Note [Length buckets]: a 2.1k-token row pads to 2560, not 4096."""
+    assert length_bucket(n, cap) == want
+
+
+def test_length_buckets_list_every_value_length_bucket_takes():
+    assert length_buckets(4096) == [64, 128, 256, 512, 1024, 1536, 2048, 2560, 3072, 3584, 4096]
+    assert length_buckets(256) == [64, 128, 256] and length_buckets(64) == [64]
+    for cap in (64, 256, 1024, 2048, 4096):
+        assert sorted({length_bucket(n, cap) for n in range(1, cap + 1)}) == length_buckets(cap)
+
+
 def test_pool_buckets_cover_every_step_shape():
     """capture_all captures pool.buckets(): exactly the (batch, length) pairs a step can ask for."""
     model = tiny_llama().eval()
     pool = DecodePool(model, KVPool(KVShape.of_module(model), 8, 16, "cpu"), 5, 200)
     assert pool.slots == 5 and pool.max_len == 256
-    want = {(_bucket(n, pool.slots), _bucket(length, pool.max_len, MIN_LEN_BUCKET))
+    want = {(_bucket(n, pool.slots), length_bucket(length, pool.max_len))
             for n in range(1, pool.slots + 1) for length in range(1, pool.max_len + 1)}
     assert sorted(want) == pool.buckets() == [(B, L) for B in (1, 2, 4, 5) for L in (64, 128, 256)]
     assert pool.capture_all() == 0 and pool.stats()["graphs"] == []  # no CUDA graphs on the CPU
