@@ -409,7 +409,7 @@ class Recorder:
     def function(self, func, args: tuple, kwargs: dict):
         """Note [Composite ops]: record these calls whole."""
         name = srg_ops.composite(func)
-        if name is None or self.muted:
+        if name is None or self.muted or (name in srg_ops.RNN_OPS and not srg_ops.rnn_input_overload(args, kwargs)):
             return func(*args, **kwargs)
         pos, kw = srg_ops.composite_args(name, func, args, kwargs)
         if name == srg_ops._DROPOUT and (not pos[2] or pos[1] == 0.0 or dict(zip(
@@ -417,6 +417,10 @@ class Recorder:
             return func(*args, **kwargs)  # the identity, or in place: recorded op by op
         conv = [self._convert(a) for a in pos]
         kconv = {k: self._convert(v) for k, v in kw.items()}
+        if name in srg_ops.RNN_OPS:  # Note [RNNs recorded whole]: the server gives the kernel the same flags
+            for r, m in zip(conv[2][0], conv[2][1]):
+                if isinstance(r, Ref) and self.graph.nodes[r.node].op == WEIGHT and m.requires_grad:
+                    self.graph.nodes[r.node].kwargs["grad"] = True
         if name.endswith("batch_norm.default") and pos[5]:
             for i in (3, 4):
                 self._check_write(name, conv[i][0])
@@ -444,7 +448,8 @@ class Recorder:
         self._node(name, tuple(c[0] for c in conv), {k: c[0] for k, c in kconv.items()}, outs,
                    Lifecycle.STACK, srg_ops.cost_class(name))
         self.ops_recorded += 1
-        if (name.endswith("scaled_dot_product_attention.default") and pos[4]) or name == srg_ops._DROPOUT:
+        if ((name.endswith("scaled_dot_product_attention.default") and pos[4]) or name == srg_ops._DROPOUT
+                or (name in srg_ops.RNN_OPS and pos[5] and pos[6])):  # an RNN's dropout between layers
             self.graph.random = True
         return out
 
@@ -545,7 +550,7 @@ def _has_tensor_in(v) -> bool:
 
 
 _COMPOSITES = frozenset({torch.nn.functional.scaled_dot_product_attention, torch.nn.functional.batch_norm,
-                         torch.batch_norm, torch.nn.functional.dropout})
+                         torch.batch_norm, torch.nn.functional.dropout, *srg_ops._RNNS})
 
 
 # -- module capture -----------------------------------------------------------------------------------
