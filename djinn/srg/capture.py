@@ -28,6 +28,7 @@ import os
 import sys
 import threading
 import time
+from types import FunctionType
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -37,6 +38,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from ..protocol.errors import CaptureError
+from . import fastpaths
 from . import ops as srg_ops
 from .graph import (CONST, DECODE, IN, MAX_ARGS, MAX_CONST_BYTES, PREFILL, WEIGHT, Graph, Lifecycle, ModuleCall, Node,
                     Ref, TensorMeta)
@@ -506,6 +508,10 @@ class _FunctionMode(TorchFunctionMode):
         self.rec = rec
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        body = _REENTRANT.get(func)
+        if body is not None and not self.rec.muted:  # Note [Nested composites]
+            with self:
+                return body(*args, **(kwargs or {}))
         if func in _COMPOSITES:
             return self.rec.function(func, args, kwargs or {})
         if func in _FACTORIES:
@@ -548,6 +554,30 @@ def _has_tensor_in(v) -> bool:
         return True
     return isinstance(v, (list, tuple)) and any(_has_tensor_in(x) for x in v)
 
+
+def _no_torch_function(*args) -> bool:
+    return False
+
+
+def _reentrant(fn):
+    """Note [Nested composites]: a copy of a torch.nn.functional function written in Python whose
+    `has_torch_function*` checks answer no, so its body runs with the capture's function mode on."""
+    g = dict(fn.__globals__, has_torch_function=_no_torch_function, has_torch_function_unary=_no_torch_function,
+             has_torch_function_variadic=_no_torch_function)
+    body = FunctionType(fn.__code__, g, fn.__name__, fn.__defaults__, fn.__closure__)
+    body.__kwdefaults__ = fn.__kwdefaults__
+    return body
+
+
+# Note [Nested composites]
+#     A TorchFunctionMode is off while its handler runs, so the composites a torch.nn.functional
+#     function written in Python calls (F.multi_head_attention_forward calls SDPA and dropout) would
+#     reach the dispatch mode decomposed, not recorded whole (Note [Composite ops]). Calling the
+#     function again with the mode on would only call the handler again (its first line asks
+#     `has_torch_function`). For the functions listed here, the handler runs a copy of the function's
+#     body whose `has_torch_function*` names answer False, with the mode re-entered: its nested calls
+#     are seen, and it does not recurse. Nothing global is patched (the copy has its own globals).
+_REENTRANT = {f: _reentrant(f) for f in (torch.nn.functional.multi_head_attention_forward,)}
 
 _COMPOSITES = frozenset({torch.nn.functional.scaled_dot_product_attention, torch.nn.functional.batch_norm,
                          torch.batch_norm, torch.nn.functional.dropout, *srg_ops._RNNS})
@@ -627,7 +657,7 @@ def capture_module(module: torch.nn.Module, args: tuple, kwargs: dict, hashes: d
                 metas[i] = torch.as_strided(storages[v.group], v.size, v.stride, v.offset)
     call_args, call_kwargs = unflatten(spec, metas, protos, is_leaf_spec)
     rec.graph.phase = DECODE if _has_past(call_args, call_kwargs) else PREFILL
-    with torch.no_grad(), rec:
+    with torch.no_grad(), rec, fastpaths.install(module):  # Note [Fast paths]
         out = torch.func.functional_call(module, params, tuple(call_args), call_kwargs, strict=False,
                                          tie_weights=True)
     out_leaves: list = []

@@ -96,3 +96,93 @@ def test_weights_keep_their_requires_grad_for_the_kernel(grad):
     with torch.no_grad():
         ref = m(x)
     assert all(torch.equal(a, b) for a, b in zip(out, ref))
+
+
+# -- Note [Fast paths] ------------------------------------------------------------------------------
+class _SelfAttn(nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, **kw)
+
+    def forward(self, x, pad=None, need_weights=True):
+        return self.attn(x, x, x, key_padding_mask=pad, need_weights=need_weights)
+
+
+class _Cross(_SelfAttn):
+    def forward(self, x, y, pad=None):
+        return self.attn(x, y, y, key_padding_mask=pad, need_weights=False)
+
+
+PAD = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+
+
+def _fused(cap) -> list[str]:
+    return [n.op for n in cap.graph.nodes if "native_multi_head" in n.op or "encoder_layer_fwd" in n.op
+            or "scaled_dot_product" in n.op]
+
+
+@pytest.mark.parametrize("pad", [None, PAD], ids=["nomask", "padmask"])
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_eval_mha_batch_first_records_the_fused_op(pad, need_weights):
+    torch.manual_seed(0)
+    m = _SelfAttn(batch_first=True).eval()
+    x = torch.randn(2, 5, 16)
+    cap, c, out = _run(m, (x, pad, need_weights))
+    assert _fused(cap) == ["aten._native_multi_head_attention.default"]
+    with torch.no_grad():
+        ref = m(x, pad, need_weights)
+    ref = [t for t in ref if t is not None]
+    assert len(out) == len(ref) and all(torch.equal(a, b) for a, b in zip(out, ref))
+
+
+@pytest.mark.parametrize("kind", ["train", "seq_first", "cross"])
+def test_mha_slow_paths_stay_bitwise(kind):
+    torch.manual_seed(0)
+    m = (_Cross if kind == "cross" else _SelfAttn)(batch_first=kind != "seq_first", dropout=0.0)
+    m.train(kind == "train")
+    x = torch.randn(2, 5, 16)
+    args = (x, torch.randn(2, 5, 16)) if kind == "cross" else (x,)
+    cap, c, out = _run(m, args)
+    assert "aten._native_multi_head_attention.default" not in _fused(cap)
+    with torch.no_grad():
+        ref = m(*args)
+    ref = [t for t in ref if t is not None]
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
+
+
+class _Encoder(nn.Module):
+    def __init__(self, nested: bool, **kw):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1, batch_first=True, **kw)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=nested)
+
+    def forward(self, x, pad=None):
+        return self.enc(x, src_key_padding_mask=pad)
+
+
+@pytest.mark.parametrize("pad", [None, PAD], ids=["nomask", "padmask"])
+@pytest.mark.parametrize("kw", [{}, {"norm_first": True, "activation": "gelu"}], ids=["post", "pre_gelu"])
+def test_transformer_encoder_records_each_layers_fused_op(pad, kw):
+    torch.manual_seed(0)
+    m = _Encoder(nested=False, **kw).eval()
+    x = torch.randn(2, 5, 16)
+    cap, c, out = _run(m, (x, pad))
+    assert _fused(cap) == ["aten._transformer_encoder_layer_fwd.default"] * 2
+    with torch.no_grad():
+        assert torch.equal(out[0], m(x, pad))
+
+
+def test_transformer_encoder_over_nested_tensors_is_refused_with_the_fix():
+    from djinn.protocol.errors import CaptureError
+
+    m = _Encoder(nested=True).eval()
+    with pytest.raises(CaptureError, match="enable_nested_tensor=False"):
+        _run(m, (torch.randn(2, 5, 16), PAD))
+    torch.manual_seed(0)
+    m = _Encoder(nested=True).eval()  # no mask: no nested tensors, each layer's fast path
+    x = torch.randn(2, 5, 16)
+    cap, c, out = _run(m, (x,))
+    with torch.no_grad():
+        assert torch.equal(out[0], m(x))
+    assert not any(type(mod).__dict__.get("forward") is not mod.forward.__func__ for mod in m.modules()
+                   if "forward" in vars(mod))  # the capture's forwards are gone
