@@ -17,7 +17,7 @@ Note [Fast paths]
     which no graph carries: that capture is a CaptureError that says to pass
     `enable_nested_tensor=False` (then each layer's fast path takes the mask, and is recorded).
     The conditions follow torch 2.11-2.13 (torch/nn/modules/activation.py and transformer.py);
-    tests/unit/test_rnn_capture.py compares captures with eager for each path.
+    tests/unit/test_recorded_whole.py compares captures with eager for each path.
 """
 from __future__ import annotations
 
