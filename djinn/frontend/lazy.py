@@ -191,6 +191,9 @@ class LazyOps:
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
+        compare = _COMPARISONS.get(func)
+        if compare is not None:  # Note [Comparisons answer here]
+            return compare(*args, **(kwargs or {}))
         own = _own_method(func, args)
         if own is not None:  # `torch.Tensor.__format__(t, spec)` means `t.__format__(spec)`: it may fetch
             return own(*args[1:], **(kwargs or {}))
@@ -202,6 +205,8 @@ class LazyOps:
         attr = getattr(torch.Tensor, name, None)
         if attr is None:
             raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+        if attr in _COMPARISONS:  # `t.equal(x)`, `t.allclose(x)`: a Python bool (Note [Comparisons answer here])
+            return lambda *a, **k: _COMPARISONS[attr](self, *a, **k)
         if callable(attr):
             return lambda *a, **k: apply(attr, (self,) + a, k)
         return apply(lambda x: getattr(x, name), (self,))  # properties: .T, .mT, .real
@@ -249,6 +254,29 @@ class LazyOps:
 
     def __int__(self) -> int:
         return int(self.item())
+
+
+# Note [Comparisons answer here]
+#     torch.equal and torch.allclose return a Python bool, which no graph can hold (Note [Op table]:
+#     a result only the server would know). On remote tensors they are answered as torch answers them:
+#     the comparison is recorded as a lazy op that gives a 0-d bool tensor (`(a == b).all()`,
+#     `isclose(a, b, rtol, atol, equal_nan).all()`, which is what allclose computes), and its value is
+#     fetched: one flush of the pending graph. `equal` of tensors whose shapes or dtypes differ is False
+#     without a request, as torch.equal says (it does not broadcast); allclose broadcasts, and raises on
+#     mismatched dtypes, as torch does.
+def _equal(a, b) -> bool:
+    if tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
+        return False
+    return bool(apply(lambda x, y: torch.eq(x, y).all(), (a, b)).item())
+
+
+def _allclose(a, b, rtol: float = 1e-05, atol: float = 1e-08, equal_nan: bool = False) -> bool:
+    return bool(apply(lambda x, y: torch.isclose(x, y, rtol=rtol, atol=atol, equal_nan=equal_nan).all(),
+                      (a, b)).item())
+
+
+_COMPARISONS = {torch.equal: _equal, torch.Tensor.equal: _equal, torch.allclose: _allclose,
+                torch.Tensor.allclose: _allclose}
 
 
 def _own_method(func, args: tuple):

@@ -109,7 +109,7 @@ def compile_graph(g: Graph, device: torch.device) -> Compiled:
         writes[i] = srg_ops.written_args(fn, node.args, node.kwargs)
         for pos, name in writes[i]:
             a = node.args[pos] if pos < len(node.args) else node.kwargs.get(name)
-            if isinstance(a, Ref) and g.nodes[roots[a.node]].op == WEIGHT:
+            if any(g.nodes[roots[r.node]].op == WEIGHT for r in _refs(a)):  # a Tensor[] argument too
                 raise WeightWriteRefused(f"{where} writes to a weight in place ({name}); weights are read-only")
         for k, src in enumerate(info.view_of):
             if src is not None and src < len(node.args) and isinstance(node.args[src], Ref):
@@ -148,6 +148,10 @@ def node_flops(fn, args: tuple, kwargs: dict, outs: tuple) -> int:
     if base in _CONVOLUTIONS:  # (input, weight, bias, stride, padding, dilation, transposed, ...)
         x, w, transposed = a[0], a[1], bool(a[6])
         return 2 * (x.numel() if transposed else outs[0].numel()) * math.prod(w.shape[1:])
+    if str(fn) in srg_ops.RNN_OPS:  # Note [RNNs recorded whole]: every weight matrix, once per token
+        x, params = a[0], a[2]
+        tokens = x.numel() // max(x.shape[-1], 1)
+        return 2 * tokens * sum(w.numel() for w in params if w.dim() == 2)
     if base == "scaled_dot_product_attention" or base.startswith("_scaled_dot_product"):
         q, k, v = a[0], a[1], a[2]  # batch and heads as the output has them (broadcast, grouped heads)
         return 2 * math.prod(outs[0].shape[:-2]) * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
@@ -332,6 +336,8 @@ class Interpreter:
         args, kwargs = _resolve(c.args[i], env), _resolve(c.kwargs[i], env)
         node = c.graph.nodes[i]
         check_indices(node.op, args)
+        if node.op in srg_ops.RNN_OPS:
+            args = _rnn_params(c, i, args)
         fix = _ON_DEVICE.get(node.op)
         outs = _outs(fix(c.fns[i], args, kwargs) if fix is not None else c.fns[i](*args, **kwargs))
         if torch.Tag.dynamic_output_shape in c.fns[i].tags:  # Note [Data-dependent shapes]
@@ -357,6 +363,16 @@ def _histc(fn, args: tuple, kwargs: dict):
 
 
 _ON_DEVICE = {"aten.histc.default": _histc}
+
+
+def _rnn_params(c: Compiled, i: int, args: tuple) -> tuple:
+    """Note [RNNs recorded whole]: the CPU kernels of GRU and RNN take another path when a weight
+    requires grad, even under no_grad, so a weight whose client stand-in required it (a "$w" node marked
+    `grad`) is given to the op as a detached alias that requires grad (no autograd graph: no_grad)."""
+    refs = c.args[i][2]
+    params = [p.detach().requires_grad_() if isinstance(r, Ref) and c.graph.nodes[r.node].op == WEIGHT
+              and c.graph.nodes[r.node].kwargs.get("grad") else p for r, p in zip(refs, args[2])]
+    return (*args[:2], params, *args[3:])
 
 
 def _outs(out: Any) -> tuple:

@@ -28,6 +28,7 @@ import os
 import sys
 import threading
 import time
+from types import FunctionType
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -37,6 +38,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from ..protocol.errors import CaptureError
+from . import fastpaths
 from . import ops as srg_ops
 from .graph import (CONST, DECODE, IN, MAX_ARGS, MAX_CONST_BYTES, PREFILL, WEIGHT, Graph, Lifecycle, ModuleCall, Node,
                     Ref, TensorMeta)
@@ -409,7 +411,7 @@ class Recorder:
     def function(self, func, args: tuple, kwargs: dict):
         """Note [Composite ops]: record these calls whole."""
         name = srg_ops.composite(func)
-        if name is None or self.muted:
+        if name is None or self.muted or (name in srg_ops.RNN_OPS and not srg_ops.rnn_input_overload(args, kwargs)):
             return func(*args, **kwargs)
         pos, kw = srg_ops.composite_args(name, func, args, kwargs)
         if name == srg_ops._DROPOUT and (not pos[2] or pos[1] == 0.0 or dict(zip(
@@ -417,6 +419,10 @@ class Recorder:
             return func(*args, **kwargs)  # the identity, or in place: recorded op by op
         conv = [self._convert(a) for a in pos]
         kconv = {k: self._convert(v) for k, v in kw.items()}
+        if name in srg_ops.RNN_OPS:  # Note [RNNs recorded whole]: the server gives the kernel the same flags
+            for r, m in zip(conv[2][0], conv[2][1]):
+                if isinstance(r, Ref) and self.graph.nodes[r.node].op == WEIGHT and m.requires_grad:
+                    self.graph.nodes[r.node].kwargs["grad"] = True
         if name.endswith("batch_norm.default") and pos[5]:
             for i in (3, 4):
                 self._check_write(name, conv[i][0])
@@ -444,7 +450,8 @@ class Recorder:
         self._node(name, tuple(c[0] for c in conv), {k: c[0] for k, c in kconv.items()}, outs,
                    Lifecycle.STACK, srg_ops.cost_class(name))
         self.ops_recorded += 1
-        if (name.endswith("scaled_dot_product_attention.default") and pos[4]) or name == srg_ops._DROPOUT:
+        if ((name.endswith("scaled_dot_product_attention.default") and pos[4]) or name == srg_ops._DROPOUT
+                or (name in srg_ops.RNN_OPS and pos[5] and pos[6])):  # an RNN's dropout between layers
             self.graph.random = True
         return out
 
@@ -501,6 +508,10 @@ class _FunctionMode(TorchFunctionMode):
         self.rec = rec
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        body = _REENTRANT.get(func)
+        if body is not None and not self.rec.muted:  # Note [Nested composites]
+            with self:
+                return body(*args, **(kwargs or {}))
         if func in _COMPOSITES:
             return self.rec.function(func, args, kwargs or {})
         if func in _FACTORIES:
@@ -544,8 +555,32 @@ def _has_tensor_in(v) -> bool:
     return isinstance(v, (list, tuple)) and any(_has_tensor_in(x) for x in v)
 
 
+def _no_torch_function(*args) -> bool:
+    return False
+
+
+def _reentrant(fn):
+    """Note [Nested composites]: a copy of a torch.nn.functional function written in Python whose
+    `has_torch_function*` checks answer no, so its body runs with the capture's function mode on."""
+    g = dict(fn.__globals__, has_torch_function=_no_torch_function, has_torch_function_unary=_no_torch_function,
+             has_torch_function_variadic=_no_torch_function)
+    body = FunctionType(fn.__code__, g, fn.__name__, fn.__defaults__, fn.__closure__)
+    body.__kwdefaults__ = fn.__kwdefaults__
+    return body
+
+
+# Note [Nested composites]
+#     A TorchFunctionMode is off while its handler runs, so the composites a torch.nn.functional
+#     function written in Python calls (F.multi_head_attention_forward calls SDPA and dropout) would
+#     reach the dispatch mode decomposed, not recorded whole (Note [Composite ops]). Calling the
+#     function again with the mode on would only call the handler again (its first line asks
+#     `has_torch_function`). For the functions listed here, the handler runs a copy of the function's
+#     body whose `has_torch_function*` names answer False, with the mode re-entered: its nested calls
+#     are seen, and it does not recurse. Nothing global is patched (the copy has its own globals).
+_REENTRANT = {f: _reentrant(f) for f in (torch.nn.functional.multi_head_attention_forward,)}
+
 _COMPOSITES = frozenset({torch.nn.functional.scaled_dot_product_attention, torch.nn.functional.batch_norm,
-                         torch.batch_norm, torch.nn.functional.dropout})
+                         torch.batch_norm, torch.nn.functional.dropout, *srg_ops._RNNS})
 
 
 # -- module capture -----------------------------------------------------------------------------------
@@ -622,7 +657,7 @@ def capture_module(module: torch.nn.Module, args: tuple, kwargs: dict, hashes: d
                 metas[i] = torch.as_strided(storages[v.group], v.size, v.stride, v.offset)
     call_args, call_kwargs = unflatten(spec, metas, protos, is_leaf_spec)
     rec.graph.phase = DECODE if _has_past(call_args, call_kwargs) else PREFILL
-    with torch.no_grad(), rec:
+    with torch.no_grad(), rec, fastpaths.install(module):  # Note [Fast paths]
         out = torch.func.functional_call(module, params, tuple(call_args), call_kwargs, strict=False,
                                          tie_weights=True)
     out_leaves: list = []

@@ -3,7 +3,8 @@
 A graph is a list of nodes in execution order. Node opcodes (Note [SRG opcodes]):
 
     "$in"   a graph input (the k-th "$in" node is input k): a tensor sent with the call or a handle
-    "$w"    a weight, by content hash (the Text segment's key); args = [hash], kwargs = {"name": ...}
+    "$w"    a weight, by content hash (the Text segment's key); args = [hash], kwargs = {"name": ...,
+            "grad": true when a kernel that reads requires_grad reads it (Note [RNNs recorded whole])}
     "$c"    a small constant tensor made during capture; args = [tensor]
     other   an aten overload by name ("aten.addmm.default"), allowed only if it is in srg.ops.ALLOWED
 
@@ -261,6 +262,8 @@ def from_wire(w: Any) -> Graph:
                 raise InvalidRequest(f"graph node {i}: a weight is named by its hash")
             name = kwargs.get("name", "")
             dargs, dkw = (args[0],), {"name": name if isinstance(name, str) else ""}
+            if kwargs.get("grad") is True:  # its stand-in required grad (Note [RNNs recorded whole])
+                dkw["grad"] = True
         else:
             if op == IN and (args or kwargs):
                 raise InvalidRequest(f"graph node {i}: an input takes no arguments")

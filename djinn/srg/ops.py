@@ -21,7 +21,7 @@ Note [Op table]
         run (they write `self`, so a weight is refused at run time like any write);
       - `dynamic_output_shape` (refused, not a graph break: Note [Data-dependent shapes]), except
         `index.Tensor`, whose shape is static for integer indices (a boolean mask fails its meta kernel);
-      - a CompositeImplicitAutograd op other than the three recorded whole (Note [Composite ops]): such an
+      - a CompositeImplicitAutograd op other than those recorded whole (Note [Composite ops]): such an
         op decomposes before `__torch_dispatch__`, so no capture ever records it, and run natively on the
         server its inner ops would bypass the per-node write and index checks;
       - an index tensor argument (`index`, `indices`, `offsets`, a class `target`) the server does not
@@ -48,6 +48,20 @@ Note [Composite ops]
     flash kernel, cudnn batch norm), and under a dispatch mode SDPA even falls back to the math path.
     A graph captured on the client must run the kernel eager picks on the server's device, so capture
     records these calls whole (at `__torch_function__`), as the composite's own aten overload.
+
+Note [RNNs recorded whole]
+    nn.LSTM, nn.GRU and nn.RNN call `torch._VF.lstm/gru/rnn_tanh/rnn_relu`, CompositeImplicit too: eager
+    on the CPU runs mkldnn_rnn_layer for an LSTM and projects a GRU's whole input in one mm, while the
+    decomposition a capture would see is a per-step cell loop (other roundings, and unsafe_split and
+    transpose_ besides). They are recorded whole as their `.input` overloads (a PackedSequence's `.data`
+    overload is not, and decomposes). Their weights arrive as a `Tensor[]` argument: the op writes
+    nothing (its schema has no `(a!)`, and the OpInfo write audit covers it), and the server's write
+    checks resolve tensors inside lists like any argument. With `dropout > 0` and `train` the op draws
+    from the RNG between layers, so the graph is marked random. Cost: 2 x (tokens) x (elements of every
+    weight matrix), as torch's flop counter would count the matmuls of the decomposition.
+    The CPU kernels of GRU and RNN take another path (other roundings) when a weight requires grad,
+    even under no_grad; a weight's stand-in keeps the flag (Note [Stand-ins]), and a "$w" node an RNN
+    reads is marked `grad` when it did, so the server passes the op a detached alias that requires grad.
 """
 from __future__ import annotations
 
@@ -124,8 +138,12 @@ Optional[bool] List[bool] number Optional[number] List[number] str Optional[str]
 Optional[Generator]""".split())
 _INDEX_ARGS = frozenset({"index", "indices", "offsets"})
 _CLASS_TARGET = re.compile(r"^(nll_loss|multi_margin_loss|multilabel_margin_loss)")
+#: Note [RNNs recorded whole]: the recurrent layers' composites, by torch function -> aten overload.
+_RNNS = {torch.lstm: "aten.lstm.input", torch.gru: "aten.gru.input", torch.rnn_tanh: "aten.rnn_tanh.input",
+         torch.rnn_relu: "aten.rnn_relu.input"}
+RNN_OPS = frozenset(_RNNS.values())
 _COMPOSITES_WHOLE = frozenset({"aten.scaled_dot_product_attention.default", "aten.batch_norm.default",
-                               "aten.dropout.default"})
+                               "aten.dropout.default"}) | RNN_OPS
 
 #: Ops that read or write at positions an index tensor gives, and how the server range-checks them before
 #: the kernel (server/interpreter.py check_indices): base name -> (check, index argument, data argument,
@@ -320,7 +338,17 @@ def composite(func) -> str | None:
         return _BN
     if func is F.dropout:  # whole: CUDA runs a fused kernel with its own use of the RNG, the CPU another
         return _DROPOUT
-    return None
+    return _RNNS.get(func)
+
+
+_RNN_ARGS = ("input", "hx", "params", "has_biases", "num_layers", "dropout", "train", "bidirectional", "batch_first")
+
+
+def rnn_input_overload(args: tuple, kwargs: dict) -> bool:
+    """Note [RNNs recorded whole]: a `torch._VF.lstm/gru/...` call of the `.input` overload (hx is a
+    list for lstm, a tensor for the others; the `.data` overload puts `batch_sizes` second)."""
+    b = dict(zip(_RNN_ARGS, args), **kwargs)
+    return "params" in b and isinstance(b["params"], (list, tuple)) and len(args) + len(kwargs) == len(_RNN_ARGS)
 
 
 def composite_args(name: str, func, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -334,6 +362,9 @@ def composite_args(name: str, func, args: tuple, kwargs: dict) -> tuple[tuple, d
     if name == _DROPOUT:  # F.dropout(input, p=0.5, training=True, inplace=False)
         b = dict(zip(("input", "p", "training", "inplace"), args), **kwargs)
         return (b["input"], float(b.get("p", 0.5)), bool(b.get("training", True))), {}
+    if name in RNN_OPS:
+        b = dict(zip(_RNN_ARGS, args), **kwargs)
+        return tuple(b[n] for n in _RNN_ARGS), {}
     if func is torch.batch_norm:
         return tuple(args), dict(kwargs)
     # F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)

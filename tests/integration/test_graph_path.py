@@ -443,3 +443,29 @@ def test_layer_numbers_of_an_encoder_decoder_are_its_decoder_blocks(session):
     run = session.start(rg, breakpoints=["decoder.block.0.layer.2"], **inputs)  # a sublayer, by its path
     assert run.wait().path == "decoder.block.0.layer.2"
     run.cancel()
+
+
+class _Attention(nn.Module):
+    """Eval MHA (batch_first, a fused op in eager) and a 2-layer TransformerEncoder (a fused op a layer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+    def forward(self, x, pad=None):
+        a, w = self.mha(x, x, x, key_padding_mask=pad)
+        return self.enc(a, src_key_padding_mask=pad), w
+
+
+def test_fused_attention_fast_paths_are_bitwise(session):
+    """Note [Fast paths] in srg/fastpaths.py: eager runs _native_multi_head_attention and
+    _transformer_encoder_layer_fwd here, and so does the server (not bitwise before: 4.5e-8, 3.6e-7)."""
+    m = _seeded(_Attention)
+    rm = djinn.remote(m, session=session, path="graph")
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    for args in ((x,), (x, pad)):
+        got, ref = rm(*args), _local(m, *args)
+        assert all(torch.equal(g.cpu(), r) for g, r in zip(got, ref))

@@ -148,3 +148,25 @@ def test_inplace_on_a_concrete_tensor_with_a_pending_value_lands_in_it(remote_ou
     loc.add_(ref.softmax(-1))
     assert torch.equal(h.cpu(), loc.cpu())       # a plain fetch sees it
     assert torch.equal((h * 1).cpu(), loc.cpu())
+
+
+def test_equal_and_allclose_answer_with_a_bool(conn, remote_out):
+    """Note [Comparisons answer here]: torch.equal / torch.allclose / t.equal on remote tensors give
+    torch's bool, from one fetch; shapes or dtypes that differ need no request for equal."""
+    out, ref = remote_out
+    last, loc = out.logits[:, -1], ref[:, -1].cpu()
+    assert torch.equal(last, loc) is True and last.equal(loc) is True and torch.equal(loc, last) is True
+    assert torch.equal(last * 2, last) is False
+    assert last.allclose(loc) is True
+    for other, kw in [(loc + 1e-6, {}), (loc * (1 + 1e-6), {}), (loc + 1.0, {}), (loc + 1.0, {"atol": 2.0}),
+                      (loc[0, :1], {"rtol": 1e3})]:  # the answers local torch gives, both ways; broadcast too
+        want = torch.allclose(loc, other, **kw)
+        assert torch.allclose(last, other, **kw) is want and last.allclose(other, **kw) is want
+    assert [torch.allclose(loc + 1e-6, loc), torch.allclose(loc * (1 + 1e-6), loc)] == [False, True]
+    nan = torch.full((2,), float("nan"))
+    assert torch.allclose(last[0, :2] * nan, nan) is False and torch.allclose(last[0, :2] * nan, nan, equal_nan=True)
+    runs = _requests(conn)
+    assert torch.equal(last, loc[:, :3]) is False and torch.equal(last, loc.double()) is False
+    assert _requests(conn) == runs            # told apart by shape and dtype alone
+    assert torch.equal(last, last.clone()) is True
+    assert _requests(conn) == runs + 1        # one graph run: the clone and the comparison

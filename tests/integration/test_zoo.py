@@ -229,16 +229,6 @@ def _graph_gen(arch: str) -> dict:
     return {"generate": GRAPH_GENERATE.format(arch)}
 
 
-#: Captured over meta tensors, nn.LSTM/nn.GRU decompose into a per-step cell loop, while eager on the CPU
-#: runs another kernel (mkldnn_rnn_layer for the LSTM; the GRU projects every step's input in one mm
-#: first): the graph is not what eager runs, so outputs differ in the last bits. The fix is recording
-#: aten.lstm/aten.gru whole, as SDPA is (Note [Composite ops] in srg/ops.py).
-RNN_CAPTURE = ("nn.LSTM/nn.GRU are captured as their generic decomposition, not the kernel eager runs on the "
-               "CPU (mkldnn_rnn_layer; a GRU's batched input projection): not bitwise, and the decomposition "
-               "needs aten.unsafe_split and transpose_, which the op table lacks; needs aten.lstm/aten.gru "
-               "recorded whole (Note [Composite ops])")
-
-
 ZOO = [
     # decoder-only: the module path builds these
     _hf("gpt2", tiny_gpt2),
@@ -273,10 +263,8 @@ ZOO = [
                  "decoder_input_ids": torch.tensor([[1, 5, 6], [1, 7, 8]])},
         generate={"drop": ["decoder_input_ids"]}, xfail=_graph_gen("WhisperForConditionalGeneration")),
     # custom modules
-    Case("lstm", _seeded(RNN, nn.LSTM), lambda: {"ids": _ids()[0]}, stop="rnn",
-         xfail={"forward": RNN_CAPTURE, "breakpoint": RNN_CAPTURE}),
-    Case("gru", _seeded(RNN, nn.GRU), lambda: {"ids": _ids()[0]}, stop="rnn",
-         xfail={"forward": RNN_CAPTURE, "breakpoint": RNN_CAPTURE}),
+    Case("lstm", _seeded(RNN, nn.LSTM), lambda: {"ids": _ids()[0]}, stop="rnn"),
+    Case("gru", _seeded(RNN, nn.GRU), lambda: {"ids": _ids()[0]}, stop="rnn"),
     Case("cross_entropy", _seeded(WithLoss), lambda: {"ids": _ids()[0], "labels": _ids()[0].roll(1, 1)},
          stop="proj"),
     Case("interpolate", _seeded(Upsample), lambda: {"x": torch.randn(2, 3, 5, 5, generator=_gen())}, stop="conv"),
