@@ -39,12 +39,13 @@ def test_a_stale_stop_says_it_is_gone(conn):
         stop = run.wait()
         act = stop.activation
         outs = list(stop.module_outputs) if isinstance(stop.module_outputs, tuple) else [stop.module_outputs]
-        pending = act * 2                       # recorded while the stop was live, run after it is gone
+        pending = act * 2                       # recorded while the stop was live: runs before the resume
         live_value = act.cpu()
         assert live_value.shape == act.shape
         nxt = run.resume()
         assert nxt is not None and nxt.step == 1 and not stop.live
-        for read in (act.cpu, lambda: stop.activation[:, -1].cpu(), lambda: (act + 1).cpu(), pending.cpu,
+        assert torch.equal(pending.cpu(), live_value * 2)  # Note [Lazy ops on a stop]
+        for read in (act.cpu, lambda: stop.activation[:, -1].cpu(), lambda: (act + 1).cpu(),
                      lambda: outs[0].tolist()):
             with pytest.raises(djinn.HandleNotFound, match=GONE):
                 read()

@@ -214,4 +214,6 @@ def test_random_graphs_over_the_wire_never_change_a_weight(victim, attacker, mod
     for n, t in zip(names, got):
         assert torch.equal(t, state[n].cpu()), n
     _unchanged(victim)
-    assert outcome == {"refused": 402, "ran": 71, "stop_refused": 12, "stop_edited": 12, "InvalidRequest": 3}
+    # InvalidRequest: graphs whose declared shapes the server's meta dry run does not reproduce (the
+    # builder declares what its own tensors gave, e.g. an eval-mode native_batch_norm's empty save stats).
+    assert outcome == {"refused": 401, "ran": 65, "stop_refused": 11, "stop_edited": 10, "InvalidRequest": 13}
