@@ -20,7 +20,7 @@ DEFAULT_ARCHITECTURES = [
     "GemmaForCausalLM", "Gemma2ForCausalLM", "FalconForCausalLM",
     "BloomForCausalLM", "GPTJForCausalLM", "GPTNeoForCausalLM", "StableLmForCausalLM", "CohereForCausalLM",
     "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
-    "T5ForConditionalGeneration", "BartForConditionalGeneration",
+    "T5ForConditionalGeneration", "BartForConditionalGeneration", "WhisperForConditionalGeneration",
 ]
 
 

@@ -320,7 +320,7 @@ class Run:
         from .sessions import KVState
 
         ids = c.args[0]
-        state = KVState.empty(c.kv_pool, ids[:, :0])
+        state = KVState.empty(c.kv_pool, executor.empty_ids(ids))
         prompt = executor.decoder_prompt(c.module, int(ids.shape[1]))  # Note [Encoder-decoder generate]
         tokens = prompt + executor.new_tokens(c.module, prompt, c.kwargs)
         if not c.kv_pool.reserve(state.table, tokens):

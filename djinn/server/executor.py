@@ -29,6 +29,25 @@ Note [Encoder-decoder generate]
     keeps no KV for it. Its decoder starts from one token whatever the encoder reads
     (`decoder_prompt`), which is what the blocks, the length limits and max_length count; prefix
     sharing, keyed by prompt token ids, is off for it (those ids are the encoder's, not the KV's).
+
+Note [Whisper generate]
+    Whisper's encoder reads `input_features` (float [batch, num_mel_bins, frames], `main_input_name`)
+    instead of token ids, so generate's input is that tensor (`check_generate`), what it feeds at once
+    and its cross-attention KV count the encoder's max_source_positions per row (`fed_tokens`), and
+    the decoder's learned table (max_target_positions) is the position limit (validate.py). Its
+    generate is its own (WhisperGenerationMixin): it builds the decoder's start tokens, suppress-token
+    processors and max_length from the generation_config, then calls the common generate once for
+    short-form audio (frames <= 2 x max_source_positions; shorter input is zero-padded to that, as
+    locally). Djinn runs that same method over the paged cache, so the tokens are bitwise the local
+    ones, for what keeps the decoder's start at one token and one generate call: decoder_start_token_id,
+    suppress_tokens and begin_suppress_tokens (lists of ids, compared with torch.isin: any int is safe),
+    and greedy or sampled decoding. Whisper samples iff `temperature` > 0 (do_sample is ignored), so the
+    score check follows that (`whisper_sampling`). max_length counts from the start token there: the
+    call generates min(max_length + 1, max_target_positions) - 1 tokens (`new_tokens`). Refused, with
+    InvalidRequest naming the argument or the generation_config field, before anything runs: what
+    adds start tokens or runs other forwards (language, task, language detection through lang_to_id,
+    forced_decoder_ids, no_timestamps_token_id, prompt_ids), timestamps (return_timestamps,
+    return_token_timestamps), temperature fallback and its thresholds, and long-form audio.
 """
 from __future__ import annotations
 
@@ -55,9 +74,42 @@ GENERATE_KWARGS = {
     "num_return_sequences", "use_cache", "decoder_start_token_id",
 }
 
+#: Extra generate() arguments of a model whose encoder reads input_features (Note [Whisper generate]).
+WHISPER_KWARGS = frozenset({"suppress_tokens", "begin_suppress_tokens"})
+
+#: WhisperGenerationMixin.generate's own arguments and generation_config fields that add decoder start
+#: tokens, run other forwards, return timestamps or decode long-form audio: refused when set.
+WHISPER_REFUSED = (
+    "return_timestamps", "return_token_timestamps", "return_segments", "language", "task", "is_multilingual",
+    "lang_to_id", "forced_decoder_ids", "no_timestamps_token_id", "prompt_ids", "prompt_condition_type",
+    "condition_on_prev_tokens", "compression_ratio_threshold", "logprob_threshold", "no_speech_threshold",
+    "num_segment_frames", "time_precision", "time_precision_features", "return_dict_in_generate",
+    "force_unique_generate_call", "monitor_progress", "decoder_input_ids", "encoder_outputs",
+)
+
 
 def is_encoder_decoder(module: torch.nn.Module | None) -> bool:
     return bool(getattr(getattr(module, "config", None), "is_encoder_decoder", False))
+
+
+def takes_features(module: torch.nn.Module | None) -> bool:
+    """Whether the model's encoder reads input_features (Whisper) rather than token ids."""
+    return getattr(module, "main_input_name", "input_ids") == "input_features"
+
+
+def fed_tokens(module: torch.nn.Module | None, x: Any) -> int | None:
+    """Positions an input feeds at once (batch x tokens); for input_features (Note [Whisper generate])
+    batch x the encoder's max_source_positions, what its layers run over whatever the frames."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        return None
+    if takes_features(module) and x.dim() == 3:
+        return int(x.shape[0]) * int(module.config.max_source_positions)
+    return x.numel() if x.dim() <= 2 else int(x.shape[0]) * int(x.shape[1])
+
+
+def empty_ids(x: torch.Tensor) -> torch.Tensor:
+    """[batch, 0] token ids on x's device: a fresh KVState's (x may be input_features)."""
+    return torch.zeros((int(x.shape[0]), 0), dtype=torch.long, device=x.device)
 
 
 def decoder_prompt(module: torch.nn.Module, fed: int) -> int:
@@ -72,7 +124,7 @@ def cross_kv_bytes(module: torch.nn.Module, shape, input_ids: torch.Tensor) -> i
     decoder layer's keys and values of each encoder token (Note [Encoder-decoder generate])."""
     if not is_encoder_decoder(module):
         return 0
-    return int(input_ids.shape[0]) * int(input_ids.shape[1]) * shape.token_bytes
+    return (fed_tokens(module, input_ids) or 0) * shape.token_bytes
 
 
 def model_cache(module: torch.nn.Module, cache):
@@ -127,6 +179,8 @@ def generate(module: torch.nn.Module, state: KVState | None, input_ids: torch.Te
     sampling = kwargs.get("do_sample")
     if sampling is None:
         sampling = getattr(gc, "do_sample", False)
+    if takes_features(module):
+        sampling = whisper_sampling(kwargs)
     if sampling:
         kwargs = checked_hf_kwargs(kwargs, gc)  # Note [Scores are checked before sampling]
     before = state.table.length if state is not None else 0
@@ -171,10 +225,21 @@ def effective_kwargs(module: torch.nn.Module | None, kwargs: dict) -> dict:
 def check_generate(input_ids: Any, kwargs: dict, module: torch.nn.Module | None = None) -> None:
     """Refuse a generate whose arguments are off the allow-list or out of range, as they take effect:
     the call's kwargs over `module`'s generation_config (Note [Effective generate arguments])."""
-    bad = sorted(set(kwargs) - GENERATE_KWARGS)
+    whisper = takes_features(module)  # Note [Whisper generate]
+    allowed = GENERATE_KWARGS | WHISPER_KWARGS if whisper else GENERATE_KWARGS
+    bad = sorted(set(kwargs) - allowed)
     if bad:
-        raise InvalidRequest(f"generate does not accept {bad}; allowed: {sorted(GENERATE_KWARGS)}")
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        refused = [n for n in bad if n in WHISPER_REFUSED] if whisper else []
+        if refused:
+            raise InvalidRequest(f"generate: {refused[0]} is not supported for {type(module).__name__} on the server "
+                                 "(timestamps, language and task, prompts, decoder_input_ids and long-form audio are "
+                                 "not; short-form greedy and sampled generate are: Note [Whisper generate])")
+        raise InvalidRequest(f"generate does not accept {bad}; allowed: {sorted(allowed)}")
+    if whisper:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 3 or not input_ids.is_floating_point():
+            raise InvalidRequest(f"generate on {type(module).__name__} needs input_features as a [batch, num_mel_bins, "
+                                 "frames] float tensor")
+    elif not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         raise InvalidRequest("generate needs input_ids as a [batch, tokens] int64 tensor")
     eff = effective_kwargs(module, kwargs)
 
@@ -185,9 +250,11 @@ def check_generate(input_ids: Any, kwargs: dict, module: torch.nn.Module | None 
 
     if module is not None:
         defaults = _config_defaults()
+        if whisper:
+            _check_whisper(module, eff, where)
         for name, v in eff.items():
-            if name in GENERATE_KWARGS or name in _INERT_CONFIG or name not in defaults:
-                continue  # unknown names are attributes transformers never reads
+            if name in allowed or name in _INERT_CONFIG or name not in defaults:
+                continue  # unknown names are attributes transformers never reads (Whisper's: _check_whisper)
             if not (v is None or v is False or v == defaults[name] or (isinstance(v, (list, dict)) and not v)
                     or (name == "cache_implementation" and v == "hybrid")):  # transformers unsets "hybrid" itself
                 raise InvalidRequest(f"generate: the model's generation_config sets {name}={v!r}, which generate "
@@ -201,6 +268,35 @@ def check_generate(input_ids: Any, kwargs: dict, module: torch.nn.Module | None 
         if (eff.get(name) or 1) > 1:
             raise InvalidRequest(f"generate: {name} > 1 is not supported over paged KV blocks yet; send one "
                                  f"generate per sequence (a batch of input rows works){where(name)}")
+
+
+def _check_whisper(module: torch.nn.Module, eff: dict, where: Callable[[str], str]) -> None:
+    """Note [Whisper generate]: what Whisper's own generate reads, refused where set; the suppress lists
+    and temperature checked for type (a list of temperatures is the fallback loop)."""
+    arch = type(module).__name__
+    for name in WHISPER_REFUSED:
+        v = eff.get(name)
+        if name in eff and (name == "lang_to_id" or not (v is None or v is False or v == "first-segment")):
+            raise InvalidRequest(f"generate: {name}={v!r}{where(name)} is not supported for {arch} on the server: "
+                                 "it adds decoder start tokens, runs other forwards, returns timestamps or decodes "
+                                 "long-form audio (Note [Whisper generate]); register the model without it")
+    if getattr(module.config, "forced_decoder_ids", None) is not None:
+        raise InvalidRequest(f"generate: the model's config sets forced_decoder_ids, which is not supported for {arch} "
+                             "on the server (Note [Whisper generate]); register the model without it")
+    for name in WHISPER_KWARGS:
+        v = eff.get(name)
+        if v is not None and not (isinstance(v, list) and all(type(t) is int for t in v)):
+            raise InvalidRequest(f"generate: {name} must be a list of token ids (ints), got {v!r}{where(name)}")
+    t = eff.get("temperature")
+    if t is not None and (type(t) not in (int, float)):
+        raise InvalidRequest(f"generate: temperature must be a number for {arch} (a list of temperatures, Whisper's "
+                             f"fallback, is not supported), got {t!r}{where('temperature')}")
+
+
+def whisper_sampling(kwargs: dict) -> bool:
+    """Whether Whisper's generate samples: iff the call's temperature is > 0 (Note [Whisper generate])."""
+    t = kwargs.get("temperature")
+    return type(t) in (int, float) and t > 0
 
 
 _DEFAULTS: dict | None = None
@@ -217,6 +313,14 @@ def _config_defaults() -> dict:
 
 def new_tokens(module: torch.nn.Module, prompt_tokens: int, kwargs: dict) -> int:
     """Most tokens a generate call may add (for the scheduler's memory estimate)."""
+    if takes_features(module):  # Note [Whisper generate]: max_length counts from the start token, capped
+        gc = module.generation_config
+        most = kwargs.get("max_new_tokens")
+        most = gc.max_new_tokens if most is None else most
+        if most is not None:
+            return int(most)
+        length = kwargs.get("max_length") or gc.max_length or 20
+        return max(0, min(int(length) + prompt_tokens, int(module.config.max_target_positions)) - prompt_tokens)
     if kwargs.get("max_new_tokens") is not None:
         return int(kwargs["max_new_tokens"])
     gc = getattr(module, "generation_config", None)

@@ -189,7 +189,7 @@ def forward(engine, client_id, rid, args):
     # Note [Index inputs are checked before the device sees them]: as they came off the wire, on the
     # host, so the check does not wait for the device's queue; then the copies to the device.
     validate.check_forward(entry.module, call_args, call_kwargs)
-    check_prefill(engine, call_kwargs.get("input_ids", call_args[0] if call_args else None), "forward")
+    check_prefill(engine, call_kwargs.get("input_ids", call_args[0] if call_args else None), "forward", entry.module)
     call_args, call_kwargs = _to_device(call_args, engine.device), _to_device(call_kwargs, engine.device)
     held = set(s.tensors)
     with Stream.new(None, engine.device).active():  # Note [Random streams]: a module drawing in forward
@@ -219,7 +219,7 @@ def generate(engine, client_id, rid, args):
     if not isinstance(kwargs, dict):
         raise InvalidRequest("generate needs kwargs as a map")
     executor.check_generate(input_ids, kwargs, entry.module)  # Note [Effective generate arguments]
-    check_prefill(engine, input_ids, "generate")
+    check_prefill(engine, input_ids, "generate", entry.module)
     emitted: list[int] = []  # tokens streamed to the client so far (Note [Cancel] in dispatch.py)
 
     def stream(tokens: torch.Tensor) -> None:
@@ -265,7 +265,7 @@ def generate(engine, client_id, rid, args):
     def reserve() -> bool:  # at start: the scheduler has brought the session's KV back (or dropped it)
         state = s.kv.get(mid) if use_kv else None
         if state is None:
-            state = KVState.empty(kv_pool, input_ids[:, :0])
+            state = KVState.empty(kv_pool, executor.empty_ids(input_ids))
             if use_kv:
                 engine.data.attach_kv(s, mid, state)
         dropped = use_kv and state.table.length == 0 and int(state.ids.shape[1])  # by the recompute policy
@@ -347,10 +347,11 @@ def _prompt_ids(state, input_ids: torch.Tensor, continues: bool) -> list[int]:
     return ids[0].tolist()
 
 
-def check_prefill(engine, input_ids: Any, what: str) -> None:
-    """Note [Stack reserve] in kv_pools.py: no call feeds more new tokens at once than were measured."""
-    if isinstance(input_ids, torch.Tensor) and input_ids.dim() >= 1:
-        n = input_ids.numel() if input_ids.dim() <= 2 else int(input_ids.shape[0]) * int(input_ids.shape[1])
+def check_prefill(engine, input_ids: Any, what: str, module=None) -> None:
+    """Note [Stack reserve] in kv_pools.py: no call feeds more new tokens at once than were measured
+    (Whisper's input_features: batch x its encoder's positions, `executor.fed_tokens`)."""
+    n = executor.fed_tokens(module, input_ids)
+    if n is not None:
         limit = engine.cfg.max_prefill_tokens
         if n > limit:
             raise InvalidRequest(f"{what} feeds {n} tokens at once (batch x length), over max_prefill_tokens="

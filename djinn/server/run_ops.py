@@ -41,7 +41,8 @@ def start(engine, client_id, rid, args):
     if not isinstance(call_args, list) or not isinstance(call_kwargs, dict):
         raise InvalidRequest("start needs args as a list and kwargs as a map")
     if method == "generate" and len(call_args) != 1:
-        raise InvalidRequest(f"a generate run takes one positional argument (input_ids), got {len(call_args)}")
+        raise InvalidRequest(f"a generate run takes one positional argument (input_ids, or Whisper's input_features), "
+                             f"got {len(call_args)}")
     if method == "forward":  # Note [Index inputs are checked before the device sees them]
         check_forward(entry.module, call_args, call_kwargs)
     else:  # Note [Effective generate arguments]: the arguments first, then the indices they imply
@@ -51,7 +52,7 @@ def start(engine, client_id, rid, args):
     specs = parse_breakpoints(entry.module, args.get("breakpoints", []), method)
     kv_pool = None
     if method == "generate":
-        check_prefill(engine, call_args[0], "a generate run")
+        check_prefill(engine, call_args[0], "a generate run", entry.module)
         kv_pool = kv_pool_for(engine, entry)
         # Its KV blocks are reserved when it starts and held while it is paused (Note [Session quotas]).
         ids = call_args[0]

@@ -24,6 +24,12 @@ Note [Index inputs are checked before the device sees them]
       eos/pad/bos_token_id           0 <= id < the vocabulary (generate feeds pad back in as input)
       decoder_start_token_id         0 <= id < the decoder's vocabulary, from the call or the model's
                                      generation_config (an encoder-decoder's decoder is fed it first)
+      input_features (Whisper)       [batch, num_mel_bins, frames] with the encoder's mel bins (conv1's
+                                     input channels) and frames = 2 x max_source_positions (its stride)
+                                     for forward, at most that for generate (shorter audio is zero-padded
+                                     to it; more is long-form, refused); its encoder's position table is
+                                     read whole, so the position limit is the decoder's table
+                                     (max_target_positions: start token + max_new_tokens must fit)
     A refusal is InvalidRequest naming the input, the bad value and the allowed range; nothing ran.
     The graph path checks index ops itself, node by node (interpreter.check_indices).
 """
@@ -74,6 +80,9 @@ def check_forward(module: nn.Module, args: list, kwargs: dict) -> None:
     """Refuse a forward whose index inputs are out of range for this module (Note [Index inputs ...])."""
     named = _bind(module, args, kwargs)
     lim = limits_of(module)
+    features = executor.takes_features(module)
+    if features:
+        _check_features(module, named.get("input_features"), "forward")
     _check_range("input_ids", named.get("input_ids"), 0, lim.vocab)
     _check_range("decoder_input_ids", named.get("decoder_input_ids"), 0, lim.decoder_vocab)
     _check_range("token_type_ids", named.get("token_type_ids"), 0, lim.token_types)
@@ -84,7 +93,7 @@ def check_forward(module: nn.Module, args: list, kwargs: dict) -> None:
     keep = named.get("logits_to_keep", named.get("num_logits_to_keep"))
     if isinstance(keep, torch.Tensor) and seq is not None:
         _check_range("logits_to_keep", keep, -seq, seq)
-    if lim.positions is not None and named.get("position_ids") is None:
+    if lim.positions is not None and named.get("position_ids") is None and not features:
         _check_implied_positions(lim.positions, seq, named.get("attention_mask"), 0)
     dec = named.get("decoder_input_ids")
     if lim.positions is not None and named.get("decoder_position_ids") is None and isinstance(dec, torch.Tensor):
@@ -114,12 +123,20 @@ def check_generate(module: nn.Module, input_ids: Any, kwargs: dict, seen: int) -
             if type(t) is not int or not 0 <= t < (lim.decoder_vocab or vocab or t + 1):
                 raise InvalidRequest(f"generate: decoder_start_token_id={start!r} is out of range: the decoder is fed "
                                      f"it first, and token ids must be ints in [0, {lim.decoder_vocab}) for this model")
-    if lim.positions is None or not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+    features = executor.takes_features(module)
+    if features:  # Note [Whisper generate]: the encoder reads its position table whole
+        _check_features(module, input_ids, "generate", kwargs.get("attention_mask"))
+    if lim.positions is None or not isinstance(input_ids, torch.Tensor) or input_ids.dim() != (3 if features else 2):
         return
-    if executor.is_encoder_decoder(module):  # the encoder reads the input, the decoder counts from its start token
+    if executor.is_encoder_decoder(module) and not features:  # the encoder reads the input, the decoder counts from its start token
         _check_implied_positions(lim.positions, int(input_ids.shape[1]), kwargs.get("attention_mask"), 0)
     prompt = executor.decoder_prompt(module, seen + int(input_ids.shape[1]))
     total = prompt + executor.new_tokens(module, prompt, kwargs)
+    if total > lim.positions and executor.is_encoder_decoder(module):
+        raise InvalidRequest(f"generate: the decoder's start token + {total - prompt} generated tokens = {total} "
+                             f"positions, but this model's decoder has a learned position table of {lim.positions}: "
+                             f"allowed range is at most {lim.positions - prompt} new tokens (max_new_tokens, or "
+                             "max_length); nothing ran")
     if total > lim.positions:
         raise InvalidRequest(f"generate: {seen} cached + {int(input_ids.shape[1])} new + "
                              f"{total - prompt} generated tokens = {total} positions, but this model has a "
@@ -128,6 +145,36 @@ def check_generate(module: nn.Module, input_ids: Any, kwargs: dict, seen: int) -
     mask = kwargs.get("attention_mask")
     if mask is not None and not executor.is_encoder_decoder(module):
         _check_implied_positions(lim.positions, None, mask, seen)
+
+
+def _check_features(module: nn.Module, x: Any, what: str, mask: Any = None) -> None:
+    """Whisper's input_features (Note [Whisper generate] in executor.py): [batch, num_mel_bins, frames]
+    floats, the mel bins its first convolution takes and the frames its encoder's position table covers
+    (2 x max_source_positions: forward exactly, generate at most, as Whisper's generate pads short audio)."""
+    if x is None and what == "forward":
+        return  # encoder_outputs instead, or a call that fails in Python
+    arch = type(module).__name__
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.is_floating_point():
+        shape = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise InvalidRequest(f"{what}: input_features must be a [batch, num_mel_bins, frames] float tensor for "
+                             f"{arch}, got {shape}; nothing ran")
+    encoder = module.get_encoder()
+    bins = int(encoder.conv1.in_channels)
+    frames = int(module.config.max_source_positions) * int(encoder.conv1.stride[0]) * int(encoder.conv2.stride[0])
+    b, m, n = (int(d) for d in x.shape)
+    if m != bins:
+        raise InvalidRequest(f"{what}: input_features has {m} mel bins, but this {arch} takes num_mel_bins={bins}; "
+                             "nothing ran")
+    if what == "forward" and n != frames:
+        raise InvalidRequest(f"{what}: input_features has {n} frames, but this {arch}'s encoder takes exactly "
+                             f"{frames} (2 x max_source_positions); pad or cut the audio to {frames} frames")
+    if n < 1 or n > frames:
+        raise InvalidRequest(f"{what}: input_features has {n} frames, but this {arch} generates from 1 to {frames} "
+                             f"(2 x max_source_positions: shorter is zero-padded to it, as locally); long-form "
+                             "audio (more frames) is not supported: generate each window separately")
+    if isinstance(mask, torch.Tensor) and tuple(mask.shape) != (b, n):
+        raise InvalidRequest(f"{what}: attention_mask has shape {list(mask.shape)}; for {arch} it must be "
+                             f"[batch, frames] = {[b, n]}")
 
 
 def _check_fed_back_pad(eff: dict, vocab: int | None) -> None:
@@ -216,7 +263,13 @@ def _read_limits(module: nn.Module) -> Limits:
     decoder = _call(module, "get_decoder")
     decoder_vocab = _rows(_call(decoder, "get_input_embeddings")) if decoder is not None else None
     token_types = positions = None
+    # Whisper's encoder reads its position table whole (input_features' frames are checked instead):
+    # the limit on positions is the decoder's table (Note [Whisper generate] in executor.py).
+    skip = _call(module, "get_encoder") if executor.takes_features(module) else None
+    inside = {id(m) for m in skip.modules()} if isinstance(skip, nn.Module) else set()
     for name, m in module.named_modules():
+        if id(m) in inside:
+            continue
         leaf = name.rsplit(".", 1)[-1]
         rows = _rows(m)
         if rows is None:
@@ -226,8 +279,9 @@ def _read_limits(module: nn.Module) -> Limits:
             positions = usable if positions is None else min(positions, usable)
         elif leaf in TOKEN_TYPE_TABLES:
             token_types = rows if token_types is None else min(token_types, rows)
+    held = {id(b) for b in skip.buffers()} if isinstance(skip, nn.Module) else set()
     for name, b in module.named_buffers():  # a fixed sin/cos table indexed by position (GPT-J)
-        if name.rsplit(".", 1)[-1] in POSITION_TABLES and b.dim() == 2:
+        if name.rsplit(".", 1)[-1] in POSITION_TABLES and b.dim() == 2 and id(b) not in held:
             positions = int(b.shape[0]) if positions is None else min(positions, int(b.shape[0]))
     return Limits(vocab, decoder_vocab or vocab, token_types if token_types is not None else vocab, positions,
                   _rows(_call(module, "get_output_embeddings")))

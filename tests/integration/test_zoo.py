@@ -260,7 +260,7 @@ ZOO = [
     _hf("whisper", _whisper,
         lambda: {"input_features": torch.randn(2, 16, 32, generator=_gen()),
                  "decoder_input_ids": torch.tensor([[1, 5, 6], [1, 7, 8]])},
-        generate={"drop": ["decoder_input_ids"]}, xfail=_graph_gen("WhisperForConditionalGeneration")),
+        generate={"drop": ["decoder_input_ids"]}),
     # custom modules
     Case("lstm", _seeded(RNN, nn.LSTM), lambda: {"ids": _ids()[0]}, stop="rnn"),
     Case("gru", _seeded(RNN, nn.GRU), lambda: {"ids": _ids()[0]}, stop="rnn"),
@@ -438,3 +438,45 @@ def test_bart_positions_past_its_table_are_refused_and_the_server_keeps_serving(
     got = rm.generate(ids, max_new_tokens=4, do_sample=False)
     want = model.generate(ids, max_new_tokens=4, do_sample=False)
     assert torch.equal(got.cpu() if isinstance(got, RemoteTensor) else got, want)
+
+
+def test_whisper_generates_as_local_and_refuses_what_it_cannot(zoo_conn):
+    """Note [Whisper generate]: Whisper's own generate runs on the server over the paged blocks, greedy
+    and sampled (temperature > 0, seeded) bitwise to local, shorter audio zero-padded as locally. A
+    generate past its decoder's learned table (32 positions: the start token + 31 new), input_features
+    of the wrong shape (mel bins, or more frames than 2 x max_source_positions: long-form) and Whisper
+    arguments the server does not run (timestamps, language) are a typed InvalidRequest before any
+    kernel (a position past the table would be a device-side assert on CUDA), and the server keeps
+    serving."""
+    model = _whisper()
+    rm = djinn.remote(model, session=zoo_conn.session("whisper limits"))
+    feats = torch.randn(2, 16, 32, generator=_gen())
+
+    def same(x, seed=None, **kw):
+        got = rm.generate(x, seed=seed, **kw)
+        if seed is not None:
+            torch.manual_seed(seed)
+        with torch.no_grad():
+            want = model.generate(x, **kw)
+        assert torch.equal(got.cpu() if isinstance(got, RemoteTensor) else got, want)
+        return want
+
+    same(feats, max_new_tokens=31, do_sample=False)                     # the last position of the table
+    sampled = same(feats, seed=3, max_new_tokens=12, temperature=0.8)   # Whisper samples iff temperature > 0
+    assert len(set(sampled[0].tolist())) > 1
+    same(feats[:1, :, :20], seed=1, max_new_tokens=6, temperature=0.9, suppress_tokens=[5, 9])  # short audio
+    same(feats, max_new_tokens=4, decoder_start_token_id=7)
+    with pytest.raises(djinn.InvalidRequest, match=r"= 33 positions.*learned position table of 32"):
+        rm.generate(feats, max_new_tokens=32)
+    with pytest.raises(djinn.InvalidRequest, match="15 mel bins.*num_mel_bins=16"):
+        rm.generate(torch.randn(1, 15, 32, generator=_gen()), max_new_tokens=2)
+    with pytest.raises(djinn.InvalidRequest, match="33 frames.*long-form"):
+        rm.generate(torch.randn(1, 16, 33, generator=_gen()), max_new_tokens=2)
+    with pytest.raises(djinn.InvalidRequest, match="needs input_features"):
+        rm.generate(torch.ones(1, 16, 32, dtype=torch.long), max_new_tokens=2)
+    with pytest.raises(djinn.InvalidRequest, match="30 frames.*exactly 32"):
+        rm(input_features=feats[:, :, :30], decoder_input_ids=torch.tensor([[1], [1]])).logits.cpu()
+    for arg in ({"return_timestamps": True}, {"language": "en"}, {"temperature": [0.0, 0.5]}):
+        with pytest.raises(djinn.InvalidRequest, match=next(iter(arg))):
+            rm.generate(feats, max_new_tokens=2, **arg)
+    same(feats, max_new_tokens=4, do_sample=False)

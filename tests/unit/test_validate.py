@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, BartConfig, BartForConditionalGeneration, OPTConfig
+from transformers import (AutoModelForCausalLM, BartConfig, BartForConditionalGeneration, OPTConfig, WhisperConfig,
+                          WhisperForConditionalGeneration)
 
 from djinn.protocol.errors import InvalidRequest
+from djinn.server import executor
 from djinn.server.validate import Limits, check_forward, check_generate, limits_of
 
 from ..models import tiny_bloom, tiny_gpt2, tiny_gptj, tiny_llama, tiny_t5
@@ -27,6 +29,14 @@ def _bart():
                                                    max_position_embeddings=64)).eval()
 
 
+def _whisper():
+    torch.manual_seed(0)
+    return WhisperForConditionalGeneration(WhisperConfig(
+        vocab_size=128, num_mel_bins=8, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_source_positions=16,
+        max_target_positions=24, decoder_start_token_id=1, pad_token_id=0, eos_token_id=2)).eval()
+
+
 @pytest.mark.parametrize("build,expected", [
     (tiny_gpt2, Limits(vocab=256, decoder_vocab=256, token_types=256, positions=256, logits=256)),
     (tiny_llama, Limits(vocab=256, decoder_vocab=256, token_types=256, positions=None, logits=256)),
@@ -35,7 +45,8 @@ def _bart():
     (tiny_gptj, Limits(vocab=256, decoder_vocab=256, token_types=256, positions=256, logits=256)),  # sin/cos buffer
     (tiny_bloom, Limits(vocab=256, decoder_vocab=256, token_types=256, positions=None, logits=256)),  # ALiBi
     (tiny_t5, Limits(vocab=256, decoder_vocab=256, token_types=256, positions=None, logits=256)),    # relative
-], ids=["gpt2", "llama", "opt", "bart", "gptj", "bloom", "t5"])
+    (_whisper, Limits(vocab=128, decoder_vocab=128, token_types=128, positions=24, logits=128)),  # decoder's table
+], ids=["gpt2", "llama", "opt", "bart", "gptj", "bloom", "t5", "whisper"])
 def test_limits_come_from_the_tables(build, expected):
     assert limits_of(build()) == expected
 
@@ -164,3 +175,45 @@ def test_an_encoder_decoder_generate_counts_its_decoder_and_checks_its_start_tok
     m.generation_config.decoder_start_token_id = -1
     with pytest.raises(InvalidRequest, match=r"decoder_start_token_id=-1 is out of range"):
         check_generate(m, torch.ones(1, 4, dtype=torch.long), {}, 0)
+
+
+def test_whisper_checks_its_features_and_its_decoder_positions():
+    """Note [Whisper generate]: input_features are [batch, num_mel_bins, 2 x max_source_positions] for
+    forward (at most that many frames for generate, which pads), and the decoder's learned table (24 here,
+    not the encoder's 16) bounds the start token + max_new_tokens; max_length counts from the start token
+    and is capped at the table, as Whisper's generate does."""
+    m = _whisper()
+    feats = torch.zeros(1, 8, 32)
+    check_forward(m, [], {"input_features": feats, "decoder_input_ids": torch.ones(1, 24, dtype=torch.long)})
+    with pytest.raises(InvalidRequest, match=r"a sequence of 25 tokens"):
+        check_forward(m, [], {"input_features": feats, "decoder_input_ids": torch.ones(1, 25, dtype=torch.long)})
+    with pytest.raises(InvalidRequest, match=r"input_features has 7 mel bins"):
+        check_forward(m, [torch.zeros(1, 7, 32)], {"decoder_input_ids": torch.ones(1, 1, dtype=torch.long)})
+    with pytest.raises(InvalidRequest, match=r"input_features has 31 frames.*exactly 32"):
+        check_forward(m, [torch.zeros(1, 8, 31)], {"decoder_input_ids": torch.ones(1, 1, dtype=torch.long)})
+    check_generate(m, feats, {"max_new_tokens": 23}, 0)
+    check_generate(m, feats[:, :, :10], {"max_new_tokens": 1}, 0)     # short audio: padded, as locally
+    with pytest.raises(InvalidRequest, match=r"= 25 positions"):
+        check_generate(m, feats, {"max_new_tokens": 24}, 0)
+    with pytest.raises(InvalidRequest, match=r"33 frames.*long-form"):
+        check_generate(m, torch.zeros(1, 8, 33), {"max_new_tokens": 1}, 0)
+    assert executor.new_tokens(m, 1, {}) == 20                      # the default max_length of 20, + the start
+    assert executor.new_tokens(m, 1, {"max_length": 100}) == 23     # capped at the table
+    assert executor.fed_tokens(m, feats) == 16                      # the encoder's positions, not mel bins
+
+
+def test_whisper_generate_arguments_it_cannot_run_are_refused_by_name():
+    m = _whisper()
+    feats = torch.zeros(1, 8, 32)
+    executor.check_generate(feats, {"max_new_tokens": 2, "suppress_tokens": [3], "temperature": 0.5}, m)
+    with pytest.raises(InvalidRequest, match="return_timestamps"):
+        executor.check_generate(feats, {"return_timestamps": True}, m)
+    with pytest.raises(InvalidRequest, match="input_features"):
+        executor.check_generate(torch.zeros(1, 8, dtype=torch.long), {}, m)
+    m.generation_config.no_timestamps_token_id = 5    # would add a start token: the real checkpoints' config
+    with pytest.raises(InvalidRequest, match="no_timestamps_token_id=5 .from the model's generation_config"):
+        executor.check_generate(feats, {}, m)
+    m.generation_config.no_timestamps_token_id = None
+    m.generation_config.lang_to_id = {"<|en|>": 3}    # language detection: another forward
+    with pytest.raises(InvalidRequest, match="lang_to_id"):
+        executor.check_generate(feats, {}, m)
