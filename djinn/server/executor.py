@@ -93,8 +93,10 @@ def is_encoder_decoder(module: torch.nn.Module | None) -> bool:
 
 
 def takes_features(module: torch.nn.Module | None) -> bool:
-    """Whether the model's encoder reads input_features (Whisper) rather than token ids."""
-    return getattr(module, "main_input_name", "input_ids") == "input_features"
+    """Whether the model is a Whisper whose encoder reads input_features rather than token ids (Note
+    [Whisper generate]). Other speech models' encoders and generates differ: they are not covered."""
+    return (getattr(module, "main_input_name", "input_ids") == "input_features"
+            and any(c.__name__ == "WhisperGenerationMixin" for c in type(module).__mro__))
 
 
 def fed_tokens(module: torch.nn.Module | None, x: Any) -> int | None:
