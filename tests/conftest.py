@@ -13,6 +13,7 @@ import torch
 from djinn.frontend.connection import Connection
 from djinn.frontend.embedded import EmbeddedServer
 
+from ._serverfork import ForkedServer
 from .models import TINY_BUILDERS  # noqa: F401  (re-exported for tests)
 
 DEVICE = os.environ.get("DJINN_TEST_DEVICE", "cpu")
@@ -27,12 +28,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-class ServerProcess(EmbeddedServer):
-    """A real `python -m djinn.server.server_main` subprocess on a free loopback port."""
-
-    def __init__(self, *extra: str, device: str = DEVICE, env: dict | None = None):
-        super().__init__(device, 180.0, list(extra), env)
-        self.device = device
+def ServerProcess(*extra: str, device: str = DEVICE, env: dict | None = None, supervised: bool = False):
+    """A real server process on a free loopback port: forked warm, without the supervisor (Note [Forked
+    test servers] in tests/_serverfork.py), or, for tests of the supervisor and servers that need another
+    environment, `python -m djinn.server.server_main` started as users start it."""
+    if supervised or env is not None or os.environ.get("DJINN_TEST_SUBPROCESS"):
+        s = EmbeddedServer(device, 180.0, list(extra), env)
+    else:
+        s = ForkedServer(device, 180.0, list(extra))
+    s.device = device
+    return s
 
 
 @pytest.fixture(scope="session")

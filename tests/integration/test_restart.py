@@ -41,7 +41,7 @@ def submit_generate(s, rm, ids, **kw):
 
 
 def test_killed_worker_is_restarted_and_clients_reconnect(start_server, device):
-    srv = start_server()
+    srv = start_server(supervised=True)
     conn = Connection(srv.address, None)
     try:
         model = tiny_llama(seed=4)
@@ -74,7 +74,7 @@ def test_killed_worker_is_restarted_and_clients_reconnect(start_server, device):
 
 
 def test_sigterm_drains_running_generates_then_says_bye(start_server):
-    srv = start_server("--drain-timeout", "20")
+    srv = start_server("--drain-timeout", "20", supervised=True)
     c1, c2 = Connection(srv.address, None), Connection(srv.address, None)
     try:
         s = c1.session()
@@ -102,7 +102,7 @@ def test_a_draining_server_refuses_new_work(start_server):
     failed so once). The running generate is now 1,000 tokens of a tiny long-context model (seconds,
     and it slows with the machine as the client does), the waits are generous, and the test checks
     that the refusal came while that generate still ran (it finishes afterwards, every token there)."""
-    srv = start_server("--drain-timeout", "300")
+    srv = start_server("--drain-timeout", "300", supervised=True)
     c1, c2 = Connection(srv.address, None), Connection(srv.address, None)
     try:
         s = c1.session()
@@ -140,7 +140,7 @@ def test_a_draining_server_refuses_new_work(start_server):
 def _fault_server(start_server, tmp_path):
     cfg = tmp_path / "faults.yaml"
     cfg.write_text("fault_injection: true\n")
-    return start_server("--config", str(cfg))
+    return start_server("--config", str(cfg), supervised=True)
 
 
 def test_an_oom_in_one_request_fails_only_that_request(start_server, tmp_path, device):
