@@ -258,6 +258,16 @@ def bench_shape(shape: str, args, device, dtype) -> dict:
         remote_ms = (many - few) / (args.new_tokens - 2) * 1e3
         res["remote_ms_per_token_batch1"] = remote_ms
         res["remote_overhead_ms_per_token"] = remote_ms - one["ms_per_step"]
+        # A steered generate (one vector added at the middle layer, Note [Steering]) on the same fast path.
+        cfg = config(shape)
+        vec = torch.randn(cfg.hidden_size, generator=torch.Generator().manual_seed(3))
+        steer = {cfg.num_hidden_layers // 2: vec}
+        s_few = remote_timed(srv.address, remote, prompts[0].cpu(), 2, steer=steer)
+        s_many = remote_timed(srv.address, remote, prompts[0].cpu(), args.new_tokens, steer=steer)
+        res["remote_ms_per_token_batch1_steered"] = (s_many - s_few) / (args.new_tokens - 2) * 1e3
+        res["steered_x_unsteered"] = res["remote_ms_per_token_batch1_steered"] / remote_ms
+        print(f"[{shape}] remote, 1 session: {remote_ms:.2f} ms/token, steered "
+              f"{res['remote_ms_per_token_batch1_steered']:.2f} ({res['steered_x_unsteered']:.3f}x)", flush=True)
         toks = res["remote"][0]["tokens_row0"][args.prompt:]
         k2 = min(len(toks), len(res["eager"]["tokens"]))
         res["greedy_match_remote_vs_eager"] = _prefix(toks[:k2], res["eager"]["tokens"][:k2])
@@ -270,19 +280,21 @@ def bench_shape(shape: str, args, device, dtype) -> dict:
     return res
 
 
-def remote_timed(address, remote, prompt, new: int, reps: int = 3) -> float:
-    """Median seconds of one session's generate of `new` tokens (after one warm-up)."""
+def remote_timed(address, remote, prompt, new: int, reps: int = 3, steer: dict | None = None) -> float:
+    """Median seconds of one session's generate of `new` tokens (after one warm-up); `steer` adds a
+    vector at a layer (Note [Steering])."""
     from djinn.frontend.connection import Connection
 
     c = Connection(address, secret=None)
     try:
         s = c.session()
         rm = remote(s)
-        rm.generate(prompt, max_new_tokens=new, do_sample=False, session=s)
+        kw = {"steer": steer} if steer else {}
+        rm.generate(prompt, max_new_tokens=new, do_sample=False, session=s, **kw)
         ts = []
         for _ in range(reps):
             t0 = time.perf_counter()
-            rm.generate(prompt, max_new_tokens=new, do_sample=False, session=s)
+            rm.generate(prompt, max_new_tokens=new, do_sample=False, session=s, **kw)
             ts.append(time.perf_counter() - t0)
         return sorted(ts)[len(ts) // 2]
     finally:

@@ -19,10 +19,13 @@ if TYPE_CHECKING:
 
 
 def request(session: "Session", rm: "RemoteModel", input_ids: torch.Tensor, *, stream: bool, seed: int | None,
-            use_session_kv: bool, deterministic: bool = False, **kwargs):
+            use_session_kv: bool, deterministic: bool = False, steer: dict | None = None, **kwargs):
     """The sequences, or a TokenStream with stream=True. The caller has attached `rm` to `session`.
 
     deterministic=True: the eager path, bitwise-equal to a local generate, never the batched fast path.
+    steer={layer: vector}: `vector` (a tensor of the hidden size, local or remote) is added to decoder
+    layer `layer`'s output at every position this call feeds, as a local forward hook returning
+    `output + vector` would; steered calls stay on the batched fast path (DESIGN.md, Note [Steering]).
     """
     if getattr(rm, "path", "module") != "module":
         raise ModelNotSupported(graph_path_why(rm.arch))
@@ -32,6 +35,10 @@ def request(session: "Session", rm: "RemoteModel", input_ids: torch.Tensor, *, s
             "seed": seed, "use_session_kv": use_session_kv, "stream": stream}
     if deterministic:
         args["deterministic"] = True
+    if steer:
+        if not isinstance(steer, dict):
+            raise InvalidRequest(f"steer must be a dict {{layer number: vector}}, got {type(steer).__name__}")
+        args["steer"] = wire.pack(session, [[k, v] for k, v in steer.items()])
     if not stream:  # interrupted (Ctrl-C), the server stops it and the session keeps none of it
         return session.call("generate", args, on_interrupt=lambda rid: cancel(session, rid, 0))["sequences"]
     if input_ids.shape[0] != 1:

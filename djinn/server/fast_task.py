@@ -93,8 +93,9 @@ class PrefillBudget:
 class FastTask:
     def __init__(self, pool: DecodePool, state: KVState, input_ids: torch.Tensor, kwargs: dict,
                  seed: int | None, on_tokens: Callable[[torch.Tensor], None] | None, max_new: int,
-                 budget: PrefillBudget, continues: bool = True):
+                 budget: PrefillBudget, continues: bool = True, steer: dict | None = None):
         self.pool, self.state, self.continues = pool, state, continues
+        self.steer = steer or None  # Note [Steering] in steering.py
         self.input_ids, self.kwargs, self.seed = input_ids, kwargs, seed
         self.on_tokens, self.max_new, self.budget = on_tokens, max_new, budget
         self.done = False
@@ -146,7 +147,7 @@ class FastTask:
         n = self.budget.take(self._full.shape[1] - a)
         if n == 0:
             return None  # this turn's prefill budget is spent: the decode rows go first (Note [Chunked prefill])
-        return Chunk(state.table, self._full[0, a:a + n])
+        return Chunk(state.table, self._full[0, a:a + n], self.steer)
 
     def prefilled(self, logits: torch.Tensor) -> None:
         """A chunk went in; `logits` [1, vocab] are its last token's. Once the whole prompt is in, the
@@ -180,7 +181,7 @@ class FastTask:
             return  # every slot is taken: wait for a row to leave (next turn)
         n = self._full.shape[1]
         self.row = Row(self._first, n, n, self.max_new - 1, self.sampler, self.eos, on_token=self._emit,
-                       ban_eos=max(0, self.min_new - 1))
+                       ban_eos=max(0, self.min_new - 1), steer=self.steer)
         self.pool.join(self.row, self.state.table)
 
     def _finish(self) -> None:

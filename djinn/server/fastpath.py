@@ -65,7 +65,7 @@ from typing import Callable
 import torch
 
 from ..protocol.errors import InvalidRequest
-from . import paged_attention, paged_step
+from . import paged_attention, paged_step, steering
 from .sampling import check_scores
 
 log = logging.getLogger("djinn.fastpath")
@@ -226,6 +226,7 @@ class Row:
     slot: int = -1
     done: bool = False
     error: InvalidRequest | None = None  # its scores could not be sampled: it ends, the other rows go on
+    steer: dict | None = None    # {layer: vector [hidden]} added to that layer's output (Note [Steering])
 
 
 class DecodePool:
@@ -252,7 +253,9 @@ class DecodePool:
         self.attention_kind = paged_attention.choose(attention, self.device)
         self.attention = paged_attention.make(self.attention_kind, self.kv, self.slots, width, self.heads)
         self.use_graphs = self.device.type == "cuda" if graphs is None else graphs
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # (batch, length, steered layers) -> graph and its logits (Note [Steering] in steering.py)
+        self._graphs: dict[tuple[int, int, frozenset], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.steer: dict[int, torch.Tensor] = {}  # layer -> [slots, 1, hidden]: each slot's vector or zeros
         self._mempool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.steps = 0
         self.rows_stepped = 0
@@ -271,6 +274,15 @@ class DecodePool:
         ids = table.rows[0]
         self.tables[row.slot].fill_(ids[-1])  # never the scratch block (Note [Decode pool])
         self.tables[row.slot, :len(ids)].copy_(torch.tensor(ids, dtype=torch.long))
+        if row.steer:
+            for k, v in row.steer.items():
+                if k not in self.steer:
+                    self.steer[k] = torch.zeros(self.slots, 1, v.numel(), dtype=self.dtype, device=self.device)
+        for k, buf in self.steer.items():
+            if row.steer and k in row.steer:
+                buf[row.slot, 0].copy_(row.steer[k])
+            else:
+                buf[row.slot].zero_()
         self.rows.append(row)
 
     def leave(self, row: Row, table) -> None:
@@ -285,9 +297,13 @@ class DecodePool:
         last = self.rows[-1]
         if last is not row:
             self.tables[row.slot].copy_(self.tables[last.slot])
+            for buf in self.steer.values():
+                buf[row.slot].copy_(buf[last.slot])
             last.slot, self.rows[row.slot] = row.slot, last
         self.rows.pop()
         self.tables[len(self.rows)].zero_()
+        for buf in self.steer.values():
+            buf[len(self.rows)].zero_()
         self.pos[len(self.rows)] = 0
         row.slot = -1
 
@@ -305,7 +321,8 @@ class DecodePool:
         # harmless token at their position), one device-to-host copy for every greedy row's token.
         self.ids[:n].copy_(torch.tensor([r.token for r in self.rows], dtype=torch.long))
         self.pos[:n].copy_(torch.tensor([r.pos for r in self.rows], dtype=torch.long))
-        logits = self._run(B, L)[:n]
+        layers = frozenset(k for r in self.rows if r.steer for k in r.steer)
+        logits = self._run(B, L, layers)[:n]
         banned = [r for r in rows if r.ban_eos > 0 and r.eos]
         if banned:
             logits = logits.clone()
@@ -333,13 +350,13 @@ class DecodePool:
             if r.remaining <= 0 or tok in r.eos:
                 r.done = True
 
-    def _run(self, B: int, L: int) -> torch.Tensor:
+    def _run(self, B: int, L: int, layers: frozenset = frozenset()) -> torch.Tensor:
         if not self.use_graphs:
-            return self._forward(B, L)
-        key = (B, L)
+            return self._forward(B, L, layers)
+        key = (B, L, layers)
         entry = self._graphs.get(key)
         if entry is None:
-            entry = self._graphs[key] = self._capture(B, L)
+            entry = self._graphs[key] = self._capture(B, L, layers)
         graph, out = entry
         graph.replay()
         return out
@@ -363,39 +380,42 @@ class DecodePool:
             return 0
         if self.rows:
             raise RuntimeError("capture_all needs an empty pool (its warm-up steps write into every slot)")
-        todo = sorted((k for k in self.buckets() if k not in self._graphs), key=lambda k: -k[0] * k[1])
+        todo = sorted((k for k in ((B, L, frozenset()) for B, L in self.buckets()) if k not in self._graphs),
+                      key=lambda k: -k[0] * k[1])
         self.ids.zero_()
         self.pos.zero_()
-        for B, L in todo:
-            self._graphs[(B, L)] = self._capture(B, L)
+        for key in todo:
+            self._graphs[key] = self._capture(*key)
         return len(todo)
 
     def reserve_workspace(self) -> None:
         """Capture the largest bucket's graph now, on the empty pool (Note [Graph workspace])."""
-        if self.use_graphs and not self.rows and (self.slots, self.max_len) not in self._graphs:
+        key = (self.slots, self.max_len, frozenset())
+        if self.use_graphs and not self.rows and key not in self._graphs:
             self.ids.zero_()
             self.pos.zero_()
-            self._graphs[(self.slots, self.max_len)] = self._capture(self.slots, self.max_len)
+            self._graphs[key] = self._capture(*key)
 
-    def _capture(self, B: int, L: int):
+    def _capture(self, B: int, L: int, layers: frozenset = frozenset()):
         t0 = time.perf_counter()
         # Warm-up steps write the same KV the real step writes (same ids and positions): harmless.
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._forward(B, L)
+                self._forward(B, L, layers)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._mempool, capture_error_mode="thread_local"):
-            out = self._forward(B, L)
+            out = self._forward(B, L, layers)
         torch.cuda.synchronize(self.device)
         self.capture_s += time.perf_counter() - t0
-        log.info("captured a decode step graph: batch %d, length %d", B, L)
+        log.info("captured a decode step graph: batch %d, length %d%s", B, L,
+                 f", steering layers {sorted(layers)}" if layers else "")
         return graph, out
 
     @torch.inference_mode()
-    def _forward(self, B: int, L: int) -> torch.Tensor:
+    def _forward(self, B: int, L: int, layers: frozenset = frozenset()) -> torch.Tensor:
         """One decode step for slots 0..B-1 over positions 0..L-1; logits [B, vocab]. The model's own
         forward (Note [One step for every architecture] in paged_step.py)."""
         ids, pos = self.ids[:B], self.pos[:B]
@@ -404,10 +424,12 @@ class DecodePool:
         blk = self.tables[rows, pos // self.bt]                                # [B] block of each row's token
         step = paged_step.Step(self.kv, blk, pos % self.bt, None, self.attention,
                                self.attention.prepare(self.tables[:B, :nb], pos, L))
-        return paged_step.forward(self.module, ids[:, None], pos[:, None], step)
+        with steering.active({k: self.steer[k][:B] for k in layers}):
+            return paged_step.forward(self.module, ids[:, None], pos[:, None], step)
 
     def stats(self) -> dict:
         return {"path": "fast", "step": STEP, "slots": self.slots, "rows": len(self.rows), "max_len": self.max_len,
                 "attention": self.attention_kind,
-                "graphs": sorted(self._graphs),
+                "graphs": sorted((B, L) for B, L, ls in self._graphs if not ls),
+                "steered_graphs": sorted((B, L, sorted(ls)) for B, L, ls in self._graphs if ls),
                 "capture_s": round(self.capture_s, 3), "steps": self.steps, "rows_stepped": self.rows_stepped}

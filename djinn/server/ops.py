@@ -44,7 +44,7 @@ from ..protocol.errors import InvalidRequest, ModelNotSupported, OutOfMemory, sh
 from ..protocol.indexing import apply_chain, decode_chain
 from ..protocol.messages import MsgType
 from ..protocol.tensors import dtype_name
-from . import checkpoint, executor, quotas, streaming, validate
+from . import checkpoint, executor, quotas, steering, streaming, validate
 from .dispatch import Job
 from .fast_task import FastTask, pool_for
 from .kv_pools import pool_for as kv_pool_for
@@ -219,6 +219,7 @@ def generate(engine, client_id, rid, args):
     if not isinstance(kwargs, dict):
         raise InvalidRequest("generate needs kwargs as a map")
     executor.check_generate(input_ids, kwargs, entry.module)  # Note [Effective generate arguments]
+    steer = steering.parse(entry.module, _unpack_inputs(engine, s, args.get("steer")))  # Note [Steering]
     check_prefill(engine, input_ids, "generate", entry.module)
     emitted: list[int] = []  # tokens streamed to the client so far (Note [Cancel] in dispatch.py)
 
@@ -230,7 +231,8 @@ def generate(engine, client_id, rid, args):
     on_tokens = stream if args.get("stream") else None
     encdec = executor.is_encoder_decoder(entry.module)
     use_kv = bool(args.get("use_session_kv")) and not encdec  # Note [Encoder-decoder generate]
-    prefix = engine.cfg.prefix_caching and not encdec  # Note [Prefix sharing]: keyed by the KV's own tokens
+    # Note [Prefix sharing]: keyed by the KV's own tokens, so never a steered call's (its KV is not theirs)
+    prefix = engine.cfg.prefix_caching and not encdec and not steer
     mid = entry.model_id
     kv_pool = kv_pool_for(engine, entry)
     install_restored(engine, s, entry, kv_pool)
@@ -306,7 +308,7 @@ def generate(engine, client_id, rid, args):
 
     def body(step_hook):
         out = executor.generate(entry.module, box["state"], input_ids, kwargs, on_tokens, step_hook,
-                                continues=use_kv)
+                                continues=use_kv, steer=steer)
         return {"sequences": out.cpu()}
 
     why = _why_eager(engine, entry, s, input_ids, kwargs, args.get("deterministic", False), use_kv)
@@ -321,7 +323,7 @@ def generate(engine, client_id, rid, args):
 
     def fast_task():
         return FastTask(pool, box["state"], input_ids, kwargs, seed, on_tokens, new, engine.dispatch.prefill,
-                        continues=use_kv)
+                        continues=use_kv, steer=steer)
 
     make_task = fast_task if why is None else None
     rng = Stream.new(seed, engine.device)  # Note [Random streams]: seeded as locally, or fresh from the OS

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import paged_step
+from . import paged_step, steering
 from .paged_attention import GatherAttention
 
 
@@ -37,6 +37,7 @@ class Chunk:
 
     table: object
     ids: torch.Tensor
+    steer: dict | None = None  # {layer: vector [hidden]} added to that layer's output (Note [Steering])
 
 
 def groups(chunks: list[Chunk], block_tokens: int, gather_tokens: int, max_tokens: int) -> list[list[Chunk]]:
@@ -89,7 +90,22 @@ def prefill(pool, chunks: list[Chunk]) -> torch.Tensor:
     attention = GatherAttention(kv, R, nb, pool.heads)
     step = paged_step.Step(kv, tbl[wrow, wpos // bt], wpos % bt, valid, attention,
                            attention.prepare(tbl, pos, nb * bt))
-    logits = paged_step.forward(pool.module, ids, pos, step)                   # [R, vocab]
+    with steering.active(_row_vectors(chunks)):
+        logits = paged_step.forward(pool.module, ids, pos, step)               # [R, vocab]
     for c, k in zip(chunks, lens):
         c.table.length += k
     return logits
+
+
+def _row_vectors(chunks: list[Chunk]) -> dict[int, torch.Tensor] | None:
+    """{layer: [R, 1, hidden]}: each chunk's vector for the layers any chunk steers, zeros for the others
+    (Note [Steering] in steering.py); None when no chunk steers."""
+    layers = sorted({k for c in chunks for k in (c.steer or {})})
+    if not layers:
+        return None
+    out = {}
+    for k in layers:
+        ref = next(c.steer[k] for c in chunks if c.steer and k in c.steer)
+        out[k] = torch.stack([c.steer[k] if c.steer and k in c.steer else torch.zeros_like(ref)
+                              for c in chunks])[:, None, :]
+    return out
