@@ -111,6 +111,9 @@ def tiny_causal_lm(arch: str, seed: int = 0, device="cpu", **overrides):
         "mistral": ("MistralConfig", dict(rope, num_key_value_heads=2, sliding_window=7)),
         "qwen2": ("Qwen2Config", dict(rope, num_key_value_heads=2)),
         "qwen3": ("Qwen3Config", dict(rope, num_key_value_heads=2, head_dim=32)),
+        "gptj": ("GPTJConfig", dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=256)),
+        "stablelm": ("StableLmConfig", dict(rope, num_key_value_heads=2, partial_rotary_factor=0.5)),
+        "cohere": ("CohereConfig", dict(rope, num_key_value_heads=2, use_qk_norm=True)),
     }
     cls, kw = configs[arch]
     cfg = getattr(transformers, cls)(**{**common, **kw, **overrides})

@@ -74,12 +74,13 @@ log = logging.getLogger("djinn.fastpath")
 #: test_paged_step.py); the probe (paged_step.check) must pass too. Anything else decodes eagerly.
 SUPPORTED_ARCHS = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                              "GPT2LMHeadModel", "GPTNeoXForCausalLM", "OPTForCausalLM", "PhiForCausalLM",
-                             "Phi3ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "FalconForCausalLM"})
+                             "Phi3ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "FalconForCausalLM",
+                             "GPTJForCausalLM", "StableLmForCausalLM", "CohereForCausalLM"})
 #: Rotary embeddings that depend on the position only: a captured step's positions are data, and
 #: "dynamic" or "longrope" recompute their frequencies from the length on the host.
 STATIC_ROPE = frozenset({"default", "linear", "llama3"})
-#: Learned position tables end at max_position_embeddings (GPT-2's n_positions, OPT's).
-LEARNED_POSITIONS = frozenset({"GPT2LMHeadModel", "OPTForCausalLM"})
+#: Position tables end at max_position_embeddings (GPT-2's n_positions, OPT's, GPT-J's rotary table).
+LEARNED_POSITIONS = frozenset({"GPT2LMHeadModel", "OPTForCausalLM", "GPTJForCausalLM"})
 #: The one decode and prefill step (stats' "step"): the model's own HF forward over paged attention.
 STEP = "hf-paged"
 #: generate() arguments the fast path implements; any other one sends the call to the eager path.

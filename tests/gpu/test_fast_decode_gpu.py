@@ -79,7 +79,7 @@ def test_capture_all_up_front_gives_the_same_tokens_and_captures_nothing_later()
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "opt", "phi", "phi3", "gemma", "gemma2", "falcon", "falcon_mqa",
-                                  "mistral", "qwen3"])
+                                  "mistral", "qwen3", "gptj", "stablelm", "cohere"])
 def test_every_architecture_captures_its_own_forward_and_matches_hf_greedy(arch):
     """Note [One step for every architecture]: the model's own HF forward captured as CUDA graphs (no
     host sync in it) replays the eager step, and fp32 greedy equals HF generate (windows of 6 and 7

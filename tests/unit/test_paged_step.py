@@ -16,7 +16,7 @@ from djinn.vmu.kv_pool import KVPool, KVShape
 from ..models import VOCAB, tiny_causal_lm
 
 ARCHS = ["gpt2", "gpt_neox", "opt", "phi", "phi3", "gemma", "gemma2", "falcon", "falcon_mqa", "llama", "mistral",
-         "qwen2", "qwen3"]
+         "qwen2", "qwen3", "gptj", "stablelm", "cohere"]
 NEW = 6  # tokens each row generates
 
 
