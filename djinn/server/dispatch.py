@@ -5,7 +5,7 @@ request of one session with the GPU bytes its KV will need. The scheduler policy
 decides from a `View` of all sessions which jobs start, which wait, and which idle sessions' caches go
 to host memory (or are dropped) to make room; the dispatcher executes that through the Data segment
 (djinn/vmu/data.py) and then steps every started job by one decode step, round robin
-(djinn/server/tasks.py). So a session waits for memory, never for another session's tool call, swap,
+(djinn/server/execution/tasks.py). So a session waits for memory, never for another session's tool call, swap,
 prefetch or whole generate.
 
 Note [Per-session order]
@@ -49,10 +49,10 @@ from ..protocol.errors import GenerateCancelled, OutOfMemory, QuotaExceeded, Ses
 from ..scheduler import schedule
 from ..scheduler.types import MemoryView, SessionState, SessionView, View
 from ..vmu.data import GIB
-from .fast_task import PrefillBudget, prefill_together
+from .execution.fast_task import PrefillBudget, prefill_together
+from .execution.rng import Stream
+from .execution.tasks import StepTask
 from .router import Request
-from .rng import Stream
-from .tasks import StepTask
 
 log = logging.getLogger("djinn.dispatch")
 

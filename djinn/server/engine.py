@@ -33,17 +33,20 @@ from ..scheduler.policies import policy_from_config
 from ..vmu.data import GIB, DataSegment
 from ..vmu.text import TextSegment
 from ..vmu.uploads import Uploads
-from . import checkpoint, fork, graph_ops, init_ops, ops, run_ops  # noqa: F401  (each registers its ops)
 from .dispatch import CONTROL_OPS, Dispatcher, Job
+from .execution.runs import RunTable
+from .handlers import checkpoint, fork, graph_ops, init_ops, model_ops, ops, run_ops
+from .handlers.registry import OPS
 from .metrics import Metrics
-from .models import ModelRegistry
+from .models.registry import ModelRegistry
 from .principals import Caps, Ledger, Resource
-from .registry import OPS
 from .router import ClientGone, Request, Router
-from .runs import RunTable
 from .sessions import Session, SessionTable
 
 log = logging.getLogger("djinn.engine")
+
+#: The op modules the engine serves: importing each registers its ops in OPS (handlers/registry.py).
+HANDLERS = (checkpoint, fork, graph_ops, init_ops, model_ops, ops, run_ops)
 
 #: Ops a draining server still serves: they start no new device work.
 DRAIN_OPS = frozenset({"ping", "stats", "signal", "close_session", "free"})
@@ -108,7 +111,7 @@ class Engine(threading.Thread):
             self._drain()
         finally:
             if self.drain and not self.fatal:  # a graceful stop: sessions that asked are saved first
-                from .checkpoint import save_all
+                from .handlers.checkpoint import save_all
 
                 save_all(self)
             for s in list(self.sessions):
