@@ -243,7 +243,7 @@ def cancel_generate(engine, client_id, rid, args):
     target, keep = args.get("rid"), args.get("keep", 0)
     if type(target) is not int or type(keep) is not int or keep < 0:
         raise InvalidRequest("cancel_generate needs rid (the generate's request id) and keep (an int >= 0)")
-    return engine.dispatch.cancel(s.sid, target, keep)
+    return engine.cancel_generate(s.sid, target, keep)
 
 
 def _prompt_ids(state, input_ids: torch.Tensor, continues: bool) -> list[int]:
