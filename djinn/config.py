@@ -86,7 +86,7 @@ class ServerConfig:
     data_budget_gb: float | None = None
     """GiB of each model's KV pool (its Data segment: fixed-size KV blocks allocated once, at the
     model's first use of KV). None: on CUDA what the device has free after the weights and the
-    measured Stack reserve (djinn/server/kv_pools.py); on the CPU 2 GiB (committed only as written)."""
+    measured Stack reserve (djinn/server/execution/kv_pools.py); on the CPU 2 GiB (committed only as written)."""
     kv_block_tokens: int = 16
     """Tokens per KV block (every layer's keys and values for them): the unit of allocation, swap,
     prefix sharing and copy on write."""
@@ -101,7 +101,7 @@ class ServerConfig:
     prefill_step_tokens: int = 2048
     """Prompt tokens of fast-path generates prefilled per engine turn, in chunks, before every decoding
     session takes its next step: a long prompt delays the others' next token by at most one such chunk
-    (chunked prefill, Note [Chunked prefill] in djinn/server/fast_task.py, which says why 2048 and not
+    (chunked prefill, Note [Chunked prefill] in djinn/server/execution/fast_task.py, which says why 2048 and not
     less: smaller chunks cost prefill throughput). At most max_prefill_tokens."""
     stack_margin_gb: float = 1.0
     """GiB left free on CUDA beyond the measured Stack (CUDA context, cuBLAS workspaces, rounding)."""
@@ -143,14 +143,14 @@ class ServerConfig:
     """Per-session quota, in GiB, of swapped KV in the pinned host pool. A session whose KV is larger is
     never swapped out: it stays on the GPU (the scheduler picks other victims). None: no limit."""
     fast_decode: str = "auto"
-    """The decode fast path (batched across sessions, CUDA graphs; djinn/server/fastpath.py): auto (on
+    """The decode fast path (batched across sessions, CUDA graphs; djinn/server/execution/fastpath.py): auto (on
     for CUDA devices), on, off. Results match eager decode to rounding; a generate with
     deterministic=True, or one the path does not support, runs eagerly (stats say why)."""
     fast_decode_max_batch: int | None = None
     """Rows (sessions) one batched decode step holds; more wait for a row. Its workspace is part of
     the Stack reserve. None: as many as 4 GiB of workspace allows at fast_decode_max_len, at most 64."""
     fast_decode_attention: str = "auto"
-    """Attention of the batched decode step over the KV blocks (djinn/server/paged_attention.py): flex
+    """Attention of the batched decode step over the KV blocks (djinn/server/execution/paged_attention.py): flex
     (PyTorch FlexAttention compiled, reading the blocks in place), gather (copy each row's blocks into a
     dense tensor, then SDPA), or auto (the gather, until flex has been measured at scale on a GPU).
     Flex is checked before a pool is sized for it and falls back to the gather, saying why, when it
@@ -163,7 +163,7 @@ class ServerConfig:
     """A fork of a generate run paused in a decode step starts from the parent's KV blocks (True) or
     re-executes the call from its start (False). None: from the KV on the CPU, re-executed on CUDA,
     where the forked step, run as the first forward of a new generate call, was measured to diverge
-    from the parent's tokens in fp16 (Note [Fork replays the prefix] in djinn/server/breakpoints.py)."""
+    from the parent's tokens in fp16 (Note [Fork replays the prefix] in djinn/server/execution/breakpoints.py)."""
     fast_decode_capture: str = "all"
     """When decode step graphs are captured: all (every bucket's when the model's pool is made, at its
     first fast generate, so no later step of any session waits on a capture; stats report the seconds
@@ -171,7 +171,7 @@ class ServerConfig:
     a stall of every decoding session, at whatever moment a new batch size or length first occurs)."""
     checkpoint_dir: str | None = None
     """Where sessions that asked for it are written when the server shuts down gracefully, to be
-    restored after a restart (djinn/server/checkpoint.py). None: /dev/shm/djinn-checkpoints (host memory)."""
+    restored after a restart (djinn/server/handlers/checkpoint.py). None: /dev/shm/djinn-checkpoints (host memory)."""
     max_sessions_per_principal: int = 1024
     """Open sessions one principal may hold (a Curve key; everyone with the shared secret; every client
     of a loopback server without either: Note [Principals] in djinn/server/principals.py), however many
@@ -190,7 +190,7 @@ class ServerConfig:
     BASELINES.md."""
     graph_max_flops: float | None = 1e15
     """Per-request cost budget of a graph-path request (run_graph, a graph-path start), in operations
-    estimated from the SRG's shapes before it runs (Note [Graph cost] in djinn/server/interpreter.py):
+    estimated from the SRG's shapes before it runs (Note [Graph cost] in djinn/server/execution/interpreter.py):
     2 per multiply-add of matmul, convolution and attention ops, 1 per element of every other op's
     largest tensor, views free. A graph over it fails with CostBudgetExceeded before anything runs, and
     the server serves others on. 1e15 is a second or more of a whole H100 in half precision (several in

@@ -413,7 +413,7 @@ class Fit:
 
 
 def guess_fit(args, cfg, dtype: torch.dtype, size: KVSize, gpu_gib: float | None) -> Fit:
-    """The pool the server will likely size (djinn/server/kv_pools.py), before one has: the card's
+    """The pool the server will likely size (djinn/server/execution/kv_pools.py), before one has: the card's
     memory less the weights and a typical Stack reserve, or on the CPU the budget or 2 GiB."""
     budget = data_budget_gb(args, size)
     if gpu_gib is None:

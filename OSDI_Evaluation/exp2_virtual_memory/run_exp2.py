@@ -7,7 +7,7 @@ Llama-2-13B shape, fp16, random weights (generated on the GPU layer by layer, co
 host memory), batch 1, a 512-token prompt, greedy decode. In ONE job, on the same weights:
 - `resident`: the whole model on the GPU (HF generate, eager): the compute floor and the token reference;
 - `djinn`: Djinn's ring-buffer streaming at each GPU weight budget. It runs IN-PROCESS: the server's own
-  code (djinn.server.streaming.stream_module: planner, pinned host layers, ring, prefetch stream,
+  code (djinn.server.models.streaming.stream_module: planner, pinned host layers, ring, prefetch stream,
   hooks) on the model object, without the RPC layer, so it measures the mechanism;
 - `accelerate`: HF Accelerate infer_auto_device_map + dispatch_model with max_memory={0: budget},
   offloaded layers in pageable host memory (what `device_map="auto"` does), fewer new tokens (it is
@@ -39,7 +39,7 @@ GIB = 1 << 30
 FULL_LAYERS = 40
 DEFAULT_BUDGETS = (8.0, 12.0, 16.0, 20.0)  # GiB, for the 40-layer model
 SYSTEMS = ("resident", "djinn", "accelerate", "accelerate_pinned")
-DJINN_MODE = ("in-process: djinn.server.streaming.stream_module (the server's planner, pinned host layers, "
+DJINN_MODE = ("in-process: djinn.server.models.streaming.stream_module (the server's planner, pinned host layers, "
               "ring, prefetch stream and hooks) applied to the model object; no RPC layer")
 HOST_RAM_NOTE = (
     "Larger than host RAM: streamed layers must fit in pinned host memory (allocated once per model, at "
@@ -140,13 +140,13 @@ class Spec:
 
 
 def spec_of(cfg) -> Spec:
-    from djinn.server.models import _named_tensors
-    from djinn.server.streaming import layout_of
+    from djinn.server.models.tensors import named_tensors
+    from djinn.server.models.streaming import layout_of
 
     meta = build_meta(cfg)
     params = {n for n, _ in meta.named_parameters(remove_duplicate=False)}
     shapes, dtypes = {}, {}
-    for name, t in _named_tensors(meta):
+    for name, t in named_tensors(meta):
         shapes[name] = tuple(t.shape)
         dtypes[name] = torch.float16 if name in params else t.dtype
     return Spec(layout_of(meta, lambda n: n), shapes, dtypes)
@@ -160,7 +160,7 @@ def model_bytes(layers: int) -> int:
 
 def plan_table(layers: int, budgets_gib, slots: int = 2, alignment: int = 512) -> list[dict]:
     """The Djinn plan at each budget (pure; what the GPU run will stream)."""
-    from djinn.server.streaming import plan_for
+    from djinn.server.models.streaming import plan_for
 
     spec = spec_of(llama13b_config(layers))
     out = []
@@ -304,10 +304,10 @@ class Weights:
 
 # -- the systems -------------------------------------------------------------------------------------
 def run_resident(cfg, w: Weights, ids, args) -> tuple[dict, torch.Tensor]:
-    from djinn.server.models import _bind_tensors
+    from djinn.server.models.tensors import bind_tensors
 
     model = build_meta(cfg)
-    _bind_tensors(model, w.all_on_gpu())
+    bind_tensors(model, w.all_on_gpu())
     warm(model, ids)
     res, tokens = time_generate(model, ids, args.new_tokens)
     res["gpu_weight_bytes"] = sum(t.numel() * t.element_size() for t in w.all_on_gpu().values())
@@ -320,7 +320,7 @@ def run_resident(cfg, w: Weights, ids, args) -> tuple[dict, torch.Tensor]:
 
 
 def run_djinn(cfg, w: Weights, ids, budget_gib: float, args) -> tuple[dict, torch.Tensor]:
-    from djinn.server.streaming import plan_for, stream_module
+    from djinn.server.models.streaming import plan_for, stream_module
 
     spec = w.spec
     plan = plan_for(spec.layout, spec.nbytes, int(budget_gib * GIB), alignment=args.alignment, slots=args.slots)
@@ -362,7 +362,7 @@ def run_accelerate(cfg, w: Weights, ids, budget_gib: float, pinned: bool, args) 
     from accelerate import dispatch_model, infer_auto_device_map
     from accelerate.hooks import remove_hook_from_submodules
 
-    from djinn.server.models import _bind_tensors, _named_tensors
+    from djinn.server.models.tensors import bind_tensors, named_tensors
 
     spec = w.spec
     model = build_meta(cfg).to(torch.float16)  # sizes for the device map: fp16 parameters
@@ -378,7 +378,7 @@ def run_accelerate(cfg, w: Weights, ids, budget_gib: float, pinned: bool, args) 
         return device_map[best]
 
     tensors, moved, on_gpu = {}, 0, 0
-    for name, _ in _named_tensors(model):
+    for name, _ in named_tensors(model):
         dev = where(name)
         if name in w.fixed:
             t = w.fixed[name]
@@ -396,7 +396,7 @@ def run_accelerate(cfg, w: Weights, ids, budget_gib: float, pinned: bool, args) 
         else:
             on_gpu += spec.nbytes(name)
         tensors[name] = t
-    _bind_tensors(model, tensors)
+    bind_tensors(model, tensors)
     cpu_pinned = all(t.is_pinned() for n, t in tensors.items() if where(n) == "cpu")
     del tensors
     model = dispatch_model(model, device_map=device_map, main_device=0)

@@ -1,4 +1,4 @@
-"""Decode speed: the fast path (djinn/server/fastpath.py) against Hugging Face eager generate.
+"""Decode speed: the fast path (djinn/server/execution/fastpath.py) against Hugging Face eager generate.
 
 For each model shape (Llama-2-7B and 13B, fp16, seeded random weights), in one job:
   * HBM bandwidth (a device copy) and the floor it sets: (weights + KV read) / bandwidth per step;
@@ -48,7 +48,7 @@ def config(shape: str):
 
 
 def build_local(shape: str, device: torch.device, dtype: torch.dtype, seed: int):
-    """The server's init_model recipe (djinn/server/init_ops.py), so both hold the same bits."""
+    """The server's init_model recipe (djinn/server/handlers/init_ops.py), so both hold the same bits."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -102,8 +102,8 @@ def eager(model, prompt: torch.Tensor, new: int, device) -> dict:
 def inproc(model, prompts: list[torch.Tensor], steps: int, device, max_len: int, attention: str = "auto") -> dict:
     """DecodePool in this process over a KV block pool of its own: prefill each prompt into its blocks,
     join all rows, time `steps` batched steps with the given decode attention (gather or flex)."""
-    from djinn.server.fastpath import DecodePool, Row, Sampler
-    from djinn.server.paged_cache import PagedCache
+    from djinn.server.execution.fastpath import DecodePool, Row, Sampler
+    from djinn.server.execution.paged_cache import PagedCache
     from djinn.vmu.kv_pool import KVPool, KVShape
 
     bt = 16

@@ -108,7 +108,7 @@ def bench_interpret(model, ids, device, reps: int) -> dict:
     """Interpreter vs eager, same process, same device, alternating."""
     from djinn.protocol import codec
     from djinn.protocol.messages import MsgType
-    from djinn.server.interpreter import Interpreter, compile_graph
+    from djinn.server.execution.interpreter import Interpreter, compile_graph
     from djinn.srg.capture import capture_module
     from djinn.srg.graph import from_wire
 

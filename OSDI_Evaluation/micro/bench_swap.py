@@ -139,7 +139,7 @@ def peak(device: torch.device, direction: str, nbytes: int) -> float:
 def session(seg: DataSegment, sid: str, pool: KVPool, mid: str, table: KVTable) -> Session:
     """A server Session whose KV for model `mid` is `table` (its token ids: zeros, never read here),
     attached and charged by the Data segment."""
-    from djinn.server.paged_cache import PagedCache
+    from djinn.server.execution.paged_cache import PagedCache
 
     s = Session(sid, "bench", None)
     ids = torch.zeros(table.batch, table.length, dtype=torch.long, device=pool.device)
@@ -257,7 +257,7 @@ def build_model(cfg, device: torch.device, seed: int = 0):
 
 def bench_first_step(device: torch.device, sz: Sizes, seg: DataSegment) -> dict:
     """The decode step on KV blocks that came back from host memory vs on blocks that never left."""
-    from djinn.server.paged_cache import PagedCache
+    from djinn.server.execution.paged_cache import PagedCache
 
     cfg = sz.step_config
     model = build_model(cfg, device)

@@ -18,7 +18,7 @@ socket it is sent on, which are filled in at send time):
   deep_nesting      lists/maps nested 50-100000 deep (raw msgpack), structure tags ($tu/$d) nested > 64
   invalid_utf8      msgpack strings holding invalid UTF-8 (op names, keys, values)
   ext_garbage       ext types 1/2/3 with garbage payloads, other ext codes
-  wrong_args        a valid REQUEST for every op in djinn.server.registry.OPS, its arguments (names read from
+  wrong_args        a valid REQUEST for every op in djinn.server.handlers.registry.OPS, its arguments (names read from
                     the op's source) set to random values of random types
   semi_valid        a valid request template per op with one or two fields (or nested fields) randomized
   unknown_op        random op names, dunders, module attribute names
@@ -95,11 +95,11 @@ GEN_KWARGS = ["max_new_tokens", "min_new_tokens", "max_length", "do_sample", "te
 
 # -- ops and their argument names, read from the server's source ---------------------------------------
 def server_ops() -> dict[str, list[str]]:
-    """Every op in djinn.server.registry.OPS with the argument names its function (and the helpers it hands
+    """Every op in djinn.server.handlers.registry.OPS with the argument names its function (and the helpers it hands
     `args` to) read, so new ops and arguments are fuzzed without editing this file."""
     import djinn.server.engine  # noqa: F401  (registers every op module's ops)
-    from djinn.server import ops
-    from djinn.server.registry import OPS
+    from djinn.server.handlers import ops
+    from djinn.server.handlers.registry import OPS
 
     pat = re.compile(r'\bargs\.get\(\s*"(\w+)"|\bargs\[\s*"(\w+)"\s*\]')
 

@@ -3,7 +3,7 @@
 `GraphModel.from_module` uploads the module's weights through the usual path (content-addressed, shared
 in the Text segment) and registers them as a graph-path model. A call flattens its arguments, looks up
 its signature (srg/tree.py, Note [Input signature]); a new signature is captured (srg/capture.py), and
-the graph travels once: the server caches it by signature (Note [Graph cache] in server/graph_ops.py),
+the graph travels once: the server caches it by signature (Note [Graph cache] in server/handlers/graph_ops.py),
 so a repeated call ships only its inputs and the signature.
 """
 from __future__ import annotations
@@ -93,7 +93,7 @@ class GraphModel(RemoteModel):
     def start_run(self, s: "Session", args: tuple, kwargs: dict, *, method: str = "forward",
                   breakpoints: Sequence[Breakpoint] = (), seed: int | None = None) -> Run:
         """`s.start(rm, ...)` on the graph path: the capture, run as a Run that pauses at module calls
-        (server/graph_runs.py). The graph always travels with a start (a run is rare next to calls)."""
+        (server/execution/graph_runs.py). The graph always travels with a start (a run is rare next to calls)."""
         if method != "forward":
             raise InvalidRequest("the graph path runs forward only: start(rm, *args) without method")
         self._refresh_weights(s)

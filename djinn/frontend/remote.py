@@ -3,7 +3,7 @@
 `djinn.remote(model)` uploads the weights the server lacks and asks the server to build the same
 Hugging Face architecture from its config. `djinn.remote("/dir/on/server")` loads a checkpoint the
 server can read, and `djinn.remote(config, seed=0)` has the server build the model with seeded random
-weights on its device (djinn/server/init_ops.py), so large models never cross the wire.
+weights on its device (djinn/server/handlers/init_ops.py), so large models never cross the wire.
 """
 from __future__ import annotations
 
@@ -201,7 +201,7 @@ def explain_module_call(rm: RemoteModel, args: tuple, kwargs: dict, model: dict,
     from ..srg.render import _size
 
     kwargs = dict(kwargs)
-    if "use_cache" not in kwargs:  # server/executor.py: a forward keeps no cache unless asked
+    if "use_cache" not in kwargs:  # server/execution/executor.py: a forward keeps no cache unless asked
         kwargs["use_cache"] = False
     inputs = [_input_str(a) for a in args] + [f"{k}={_input_str(v)}" for k, v in kwargs.items()]
     n_in = sum(isinstance(a, torch.Tensor) or hasattr(a, "hid") for a in (*args, *kwargs.values()))

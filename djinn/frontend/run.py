@@ -107,7 +107,7 @@ class Stop:
         Edits queued so far apply to this run first, and the copy starts from them. The fork returns at
         once with a copy of this stop (read and edit it freely) and executes when resumed: from this
         run's KV blocks when paused in a decode step (shared copy-on-write), else by re-executing the
-        prefix (Note [Fork replays the prefix] in djinn/server/breakpoints.py).
+        prefix (Note [Fork replays the prefix] in djinn/server/execution/breakpoints.py).
         """
         if not self.live:
             raise InvalidRequest(f"{self!r} is not where its run is paused; fork from run.wait()'s stop")

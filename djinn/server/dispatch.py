@@ -3,16 +3,21 @@
 DESIGN.md section 5. The engine hands every generate to the `Dispatcher`. Each one becomes a `Job`: a
 request of one session with the GPU bytes its KV will need. The scheduler policy (djinn/scheduler)
 decides from a `View` of all sessions which jobs start, which wait, and which idle sessions' caches go
-to host memory (or are dropped) to make room; the dispatcher executes that through the Data segment
-(djinn/vmu/data.py) and then steps every started job by one decode step, round robin
-(djinn/server/tasks.py). So a session waits for memory, never for another session's tool call, swap,
-prefetch or whole generate.
+to host memory (or are dropped) to make room; the Data segment (djinn/vmu/data.py) carries out the
+moves, the dispatcher starts and queues the jobs, and then steps every started job by one decode step,
+round robin (djinn/server/execution/tasks.py). So a session waits for memory, never for another
+session's tool call, swap, prefetch or whole generate.
+
+The dispatcher never calls back into the engine: it gets the session table, the Data segment and its
+config values when it is made, and its methods return what the engine must do (`Answer`s to send, the
+next deferred request to serve, `next_deferred`). The engine's turn carries them out (engine.py).
 
 Note [Per-session order]
     A client may pipeline requests on one session. Everything but the control ops (ping, stats,
     signal, closing) that arrives while the session has a job waits in the session's `deferred`
     queue and is served, in order, when the job ends: a fetch after a generate sees its result, and a
-    second generate continues from the first's cache.
+    second generate continues from the first's cache. The engine serves them (`next_deferred`) right
+    after it sent the ended job's reply, one at a time until one of them is a job again.
 
 Note [Queue quota and ownership]
     Only the session's own client may queue behind its job: a request naming another client's session
@@ -43,16 +48,16 @@ import time
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from ..protocol.errors import GenerateCancelled, OutOfMemory, QuotaExceeded, SessionNotFound
 from ..scheduler import schedule
-from ..scheduler.types import MemoryView, SessionState, SessionView, View
+from ..scheduler.types import Decision, MemoryView, SessionState, SessionView, View
 from ..vmu.data import GIB
-from .fast_task import PrefillBudget, prefill_together
+from .execution.fast_task import PrefillBudget, prefill_together
+from .execution.rng import Stream
+from .execution.tasks import StepTask
 from .router import Request
-from .rng import Stream
-from .tasks import StepTask
 
 log = logging.getLogger("djinn.dispatch")
 
@@ -107,6 +112,19 @@ class Job:
     peak: int = 0                   # device bytes its session may hold while it runs (Note [Principal GPU quota])
 
 
+@dataclass(frozen=True)
+class Answer:
+    """A reply the engine sends for the dispatcher: `result`, or `error` (a DjinnError as it is, any other
+    exception as the engine types it, with its traceback). `served`: answered without reaching the
+    engine's `serve` (refused or cancelled while queued), so the engine counts it as a request served."""
+
+    req: Request
+    result: Any = None
+    error: BaseException | None = None
+    traceback: str | None = None
+    served: bool = False
+
+
 @dataclass
 class _SessionQueue:
     job: Job | None = None
@@ -114,40 +132,43 @@ class _SessionQueue:
 
 
 class Dispatcher:
-    def __init__(self, engine, policy):
-        self.engine, self.policy = engine, policy
-        self.data = engine.data
-        self.quotas = Quotas.from_config(engine.cfg)
+    def __init__(self, policy, data, sessions, quotas: Quotas, prefill_step_tokens: int, max_prefill_tokens: int):
+        """sessions: the engine's session table, read only (who owns a session, the rows of the view)."""
+        self.policy, self.data, self.sessions, self.quotas = policy, data, sessions, quotas
+        self.max_prefill_tokens = max_prefill_tokens
         if self.data.host_quota is None:
             self.data.host_quota = self.quotas.host_bytes  # Note [Host quota] in djinn/vmu/data.py
         self._q: dict[str, _SessionQueue] = {}
         self._running: list[Job] = []       # started jobs, in round-robin order
         self._no_blocks: list[Job] = []     # jobs without a session KV that wait for free blocks
+        self._ended: list[Answer] = []      # replies of jobs that ended, not yet handed to the engine
+        self._released: deque[str] = deque()  # sessions whose job ended with requests queued behind it
         self._arrivals = itertools.count()
-        self.prefill = PrefillBudget(engine.cfg.prefill_step_tokens)  # Note [Chunked prefill]
+        self.prefill = PrefillBudget(prefill_step_tokens)  # Note [Chunked prefill]
         self.dirty = False
         self.wake_at: float | None = None
         self.decisions = 0
 
     # -- arrivals --------------------------------------------------------------------------------
-    def busy(self, sid: Any) -> bool:
+    def busy(self, sid: Any, client_id: str) -> bool:
+        """A request of `client_id` naming session `sid` waits behind the session's job: the session has
+        one (or requests queued) and is this client's. Another client's request is served at once, and
+        fails as for any session it does not own (Note [Queue quota and ownership])."""
         q = self._q.get(sid) if isinstance(sid, str) else None
-        return q is not None and (q.job is not None or bool(q.deferred))
+        return q is not None and (q.job is not None or bool(q.deferred)) and self._owned(sid, client_id)
 
-    def defer(self, sid: str, req: Request) -> None:
-        """Queue a request behind its session's job (Note [Queue quota and ownership])."""
-        if not self._owned(sid, req.client_id):
-            self.engine.serve(req, in_order=True)  # fails at once: not a session of this client
-            return
+    def defer(self, sid: str, req: Request) -> Answer | None:
+        """Queue a request behind its session's job; the refusal to send if that passes the session's
+        queue quota (Note [Queue quota and ownership])."""
         q = self._q[sid]
         limit = self.quotas.queued_requests
         if limit is not None and req.header.get("op") not in UNCOUNTED_OPS and self.queued(sid) + 1 > limit:
-            self.engine.requests_served += 1
-            self.engine.reply_error(req, QuotaExceeded(
+            return Answer(req, error=QuotaExceeded(
                 f"session {sid[:8]} already has {self.queued(sid)} request(s) queued or running "
-                f"(quota_queued_requests={limit}): {req.header.get('op')} refused; wait for a reply first"))
-            return
+                f"(quota_queued_requests={limit}): {req.header.get('op')} refused; wait for a reply first"),
+                served=True)
         q.deferred.append(req)
+        return None
 
     def queued(self, sid: str) -> int:
         """Requests of the session queued or running here, its job included (frees not counted)."""
@@ -164,7 +185,7 @@ class Dispatcher:
 
     def _owned(self, sid: str, client_id: str) -> bool:
         try:
-            self.engine.sessions.get(sid, client_id)
+            self.sessions.get(sid, client_id)
         except SessionNotFound:
             return False
         return True
@@ -191,7 +212,9 @@ class Dispatcher:
     def due(self, now: float) -> bool:
         return self.dirty or (self.wake_at is not None and now >= self.wake_at)
 
-    def schedule(self, now: float) -> None:
+    def schedule(self, now: float) -> Decision:
+        """The policy's decision over the view of every session (Note [When to schedule]). The Data
+        segment carries out its moves (`DataSegment.apply`), then `start` its starts and queues."""
         view = self.view(now)
         try:
             decision = schedule(self.policy, view)
@@ -202,16 +225,16 @@ class Dispatcher:
             raise
         self.decisions += 1
         self.dirty, self.wake_at = False, decision.wake_at
-        sessions = {s.sid: s for s in self.engine.sessions}
-        for a in decision.swap_out:
-            self.data.swap_out(sessions[a.sid])
-        for a in decision.drop:
-            self.data.drop(sessions[a.sid])
-        for a in decision.prefetch:
-            if not self.data.prefetch(sessions[a.sid]):
-                self._fail_waiting(a.sid, OutOfMemory(
-                    f"session {a.sid[:8]}: its KV could not come back from host memory, the KV pool has too "
-                    "few free blocks; the session's KV stays in host memory, try again"))
+        return decision
+
+    def start(self, decision: Decision, not_prefetched: Iterable[str] = ()) -> None:
+        """After the Data segment applied the decision's moves: fail the requests whose KV could not come
+        back (Note [Blocks in flight] in djinn/vmu/data.py), start the admitted and running jobs (and
+        those without session KV that waited for blocks), mark the queued ones."""
+        for sid in not_prefetched:
+            self._fail_waiting(sid, OutOfMemory(
+                f"session {sid[:8]}: its KV could not come back from host memory, the KV pool has too "
+                "few free blocks; the session's KV stays in host memory, try again"))
         for a in (*decision.admit, *decision.run):
             job = self._q[a.sid].job
             if job.task is None:
@@ -226,17 +249,42 @@ class Dispatcher:
             if m.state.needs_prefill:
                 m.state = SessionState.QUEUED
 
-    def step(self) -> None:
-        """Every started job takes one step; ended ones reply and let their session's next request in.
+    def step(self) -> list[Answer]:
+        """Every started job takes one step; the replies of those that ended, in the order they ended
+        (the engine sends them, then lets each session's next request in: `next_deferred`).
         Fast-path jobs take theirs together: one batched step per model pool, before the tasks look;
         then prefilling ones run at most a turn's budget of prompt tokens between them, first started
         first (Note [Chunked prefill])."""
         self._step_pools()
         self.prefill.new_turn()
-        prefill_together([j.task for j in self._running], self.engine.cfg.max_prefill_tokens)
+        prefill_together([j.task for j in self._running], self.max_prefill_tokens)
         for job in list(self._running):
             if job.task.advance():
                 self._finish(job)
+        return self._take_ended()
+
+    def _take_ended(self) -> list[Answer]:
+        """The replies of the jobs that ended since the last call (kept here until then, so a failure later
+        in a turn loses none: Note [Every request is answered] in engine.py)."""
+        ended, self._ended = self._ended, []
+        return ended
+
+    def next_deferred(self) -> Request | None:
+        """The next request to serve of a session whose job ended, in arrival order, while that session has
+        no job again (Note [Per-session order]); None when there is none."""
+        while self._released:
+            sid = self._released[0]
+            q = self._q.get(sid)
+            if q is not None and q.job is None and q.deferred:
+                return q.deferred.popleft()
+            self._released.popleft()
+            if q is not None and q.job is None:
+                self._q.pop(sid, None)
+        return None
+
+    def running(self) -> int:
+        """Jobs started and not yet ended."""
+        return len(self._running)
 
     def _step_pools(self) -> None:
         pools = {id(j.task.pool): j.task.pool for j in self._running if getattr(j.task, "row", None) is not None}
@@ -253,7 +301,7 @@ class Dispatcher:
         mem = self.data.memory_view()
         hide = self.data.host_quota is not None and self.policy.swaps
         rows = []
-        for s in self.engine.sessions:
+        for s in self.sessions:
             m = self.data.mem(s.sid)
             q = self._q.get(s.sid)
             job = q.job if q is not None and q.job is not None and q.job.uses_kv else None
@@ -270,13 +318,14 @@ class Dispatcher:
         return View(now, tuple(rows), mem, self.data.swap_bw)
 
     # -- sessions ----------------------------------------------------------------------------------
-    def drop_session(self, sid: str, why: str) -> None:
-        """The session closed: unwind its job, fail its queued requests."""
+    def drop_session(self, sid: str, why: str) -> list[Answer]:
+        """The session closed: unwind its job; the errors its job and queued requests get."""
         self.dirty = True  # its memory is free for others
         q = self._q.pop(sid, None)
         if q is None:
-            return
+            return []
         err = SessionNotFound(f"session {sid[:8]} closed ({why}) before this request ran")
+        answers = []
         if q.job is not None:
             if q.job.task is not None:
                 q.job.task.cancel()
@@ -285,15 +334,15 @@ class Dispatcher:
                 self._no_blocks.remove(q.job)
             if q.job.release is not None:
                 q.job.release()
-            self.engine.reply_error(q.job.req, err)
-        for req in q.deferred:
-            self.engine.reply_error(req, err)
+            answers.append(Answer(q.job.req, error=err))
+        return answers + [Answer(req, error=err) for req in q.deferred]
 
-    def cancel(self, sid: str, rid: Any, keep: int) -> dict:
-        """Note [Cancel]: end the session's generate `rid`, keeping its first `keep` generated tokens."""
+    def cancel(self, sid: str, rid: Any, keep: int) -> tuple[dict, list[Answer]]:
+        """Note [Cancel]: end the session's generate `rid`, keeping its first `keep` generated tokens. The
+        cancel's reply, and the replies to send first (the generate's, when it ended here)."""
         q = self._q.get(sid)
         if q is None:
-            return {"cancelled": False, "kept": 0}
+            return {"cancelled": False, "kept": 0}, []
         job = q.job
         if job is not None and job.req is not None and job.req.header.get("rid") == rid:
             if job.task is None:  # still waiting for memory: it never starts
@@ -303,25 +352,24 @@ class Dispatcher:
                 job.t_start = time.monotonic()
                 self._running.append(job)
                 self.dirty = True
-                return {"cancelled": True, "kept": 0}
+                return {"cancelled": True, "kept": 0}, []
             if job.task.done:
-                return {"cancelled": False, "kept": 0}  # it ended: its reply is on the way
+                return {"cancelled": False, "kept": 0}, []  # it ended: its reply is on the way
             job.task.cancel()
             if job.task.error is None:
-                return {"cancelled": False, "kept": 0}  # it finished while being cancelled
+                return {"cancelled": False, "kept": 0}, []  # it finished while being cancelled
             kept = job.truncate(keep) if job.truncate is not None and keep > 0 else 0
             job.task.error = GenerateCancelled(f"generate cancelled by the client; the session keeps {kept} "
                                                "of its tokens")
             job.task.error_traceback = None
             self._finish(job)
-            return {"cancelled": True, "kept": kept}
+            return {"cancelled": True, "kept": kept}, self._take_ended()
         for req in list(q.deferred):
             if req.header.get("rid") == rid and req.header.get("op") == "generate":
                 q.deferred.remove(req)
-                self.engine.requests_served += 1
-                self.engine.reply_error(req, GenerateCancelled("generate cancelled by the client before it started"))
-                return {"cancelled": True, "kept": 0}
-        return {"cancelled": False, "kept": 0}
+                cancelled = GenerateCancelled("generate cancelled by the client before it started")
+                return {"cancelled": True, "kept": 0}, [Answer(req, error=cancelled, served=True)]
+        return {"cancelled": False, "kept": 0}, []
 
     def queue_length(self) -> int:
         return sum(1 for q in self._q.values() if q.job is not None and q.job.task is None)
@@ -377,6 +425,8 @@ class Dispatcher:
         self._running.append(job)
 
     def _finish(self, job: Job) -> None:
+        """The job ended: its blocks and its session's queue are free; its reply waits for the engine
+        (`_take_ended`), which then serves its session's queued requests (`next_deferred`)."""
         self._running.remove(job)
         if job.release is not None:
             job.release()
@@ -385,20 +435,17 @@ class Dispatcher:
         if q is not None:
             q.job = None
         t = job.task
-        if t.error is None:
-            self.engine.reply(job.req, t.result)
-        else:
-            self.engine.reply_exception(job.req, t.error, t.error_traceback)
+        self._ended.append(Answer(job.req, t.result) if t.error is None
+                           else Answer(job.req, error=t.error, traceback=t.error_traceback))
         s.last_active = time.monotonic()
-        if s.sid in self.engine.sessions:
+        if s.sid in self.sessions:
             self.data.sync(s)
         self.dirty = True
         if q is not None:
-            while q.deferred and q.job is None:
-                self.engine.serve(q.deferred.popleft(), in_order=True)
-            if q.job is None and not q.deferred:
+            if q.deferred:
+                self._released.append(s.sid)
+            else:
                 self._q.pop(s.sid, None)
-
 
 
 class _Failed:

@@ -1,9 +1,13 @@
 """The engine thread: the only thread that touches the device (DESIGN.md section 2).
 
 It polls the router's socket (Note [One thread on the request path]), serves short requests at once,
-hands generates to the dispatcher (djinn/server/dispatch.py), which schedules sessions' KV memory and
-steps every running generate one decode step per loop, and replies on the same socket. Every failure
-becomes a typed ERROR for that request; the loop goes on.
+hands generates to the dispatcher (djinn/server/dispatch.py), and replies on the same socket. One turn
+of its loop (`_turn`) reads as vLLM's step: take requests -> decision = schedule(view) -> the Data
+segment applies it (swaps, drops, prefetches) and the dispatcher starts or queues jobs -> step the
+running batch (one decode step of every started generate) -> send the replies of those that ended and
+serve the requests queued behind them. The dispatcher never calls back into the engine: it returns
+what is to be sent or served, and the engine does it. Every failure becomes a typed ERROR for that
+request; the loop goes on.
 
 Note [Every request is answered]
     A request gets exactly one REPLY or ERROR, whatever fails, encoding the reply included: a result
@@ -33,17 +37,20 @@ from ..scheduler.policies import policy_from_config
 from ..vmu.data import GIB, DataSegment
 from ..vmu.text import TextSegment
 from ..vmu.uploads import Uploads
-from . import checkpoint, fork, graph_ops, init_ops, ops, run_ops  # noqa: F401  (each registers its ops)
-from .dispatch import CONTROL_OPS, Dispatcher, Job
+from .dispatch import CONTROL_OPS, Answer, Dispatcher, Job, Quotas
+from .execution.runs import RunTable
+from .handlers import checkpoint, fork, graph_ops, init_ops, model_ops, ops, run_ops
+from .handlers.registry import OPS
 from .metrics import Metrics
-from .models import ModelRegistry
+from .models.registry import ModelRegistry
 from .principals import Caps, Ledger, Resource
-from .registry import OPS
 from .router import ClientGone, Request, Router
-from .runs import RunTable
 from .sessions import Session, SessionTable
 
 log = logging.getLogger("djinn.engine")
+
+#: The op modules the engine serves: importing each registers its ops in OPS (handlers/registry.py).
+HANDLERS = (checkpoint, fork, graph_ops, init_ops, model_ops, ops, run_ops)
 
 #: Ops a draining server still serves: they start no new device work.
 DRAIN_OPS = frozenset({"ping", "stats", "signal", "close_session", "free"})
@@ -86,7 +93,8 @@ class Engine(threading.Thread):
         self.data = DataSegment(device, int(cfg.host_pool_gb * GIB),
                                 (cfg.swap_bw_gbps or (25.0 if device.type == "cuda" else 4.0)) * 1e9)
         self.policy = policy_from_config(cfg)
-        self.dispatch = Dispatcher(self, self.policy)
+        self.dispatch = Dispatcher(self.policy, self.data, self.sessions, Quotas.from_config(cfg),
+                                   cfg.prefill_step_tokens, cfg.max_prefill_tokens)
         self.requests_served = 0
         self.metrics = Metrics()
         self.metrics_port: int | None = None
@@ -108,7 +116,7 @@ class Engine(threading.Thread):
             self._drain()
         finally:
             if self.drain and not self.fatal:  # a graceful stop: sessions that asked are saved first
-                from .checkpoint import save_all
+                from .handlers.checkpoint import save_all
 
                 save_all(self)
             for s in list(self.sessions):
@@ -139,31 +147,50 @@ class Engine(threading.Thread):
             log.warning("drain timed out after %.0f s; cancelling what still runs", self.cfg.drain_timeout_s)
 
     def _turn(self, next_reap: float) -> float:
-        """One turn of the loop: take requests, finish swaps, schedule, step every running generate."""
+        """One turn of the loop: take requests -> decision = schedule(view) -> the Data segment applies it
+        -> step the running batch -> send replies."""
         for item in self.router.poll(timeout_s=self._poll_timeout()):
-            if isinstance(item, Request):
-                self.serve(item)
-            elif isinstance(item, ClientGone):
-                for s in self.sessions.of_client(item.client_id):
-                    self.close_session(s, f"client {item.reason}")
-        if self.data.poll():
+            self._take(item)
+        if self.data.poll():  # swaps that completed change the view
             self.dispatch.dirty = True
         now = time.monotonic()
-        if self.dispatch.due(now):
-            self.dispatch.schedule(now)
-        self.dispatch.step()
+        if self.dispatch.due(now):  # Note [When to schedule] in dispatch.py
+            decision = self.dispatch.schedule(now)
+            not_prefetched = self.data.apply(decision, self.sessions)
+            self.dispatch.start(decision, not_prefetched)
+        self._send(self.dispatch.step())
         if now >= next_reap:
             next_reap = now + 1.0
             self._reap_idle()
             self._publish_metrics()
         return next_reap
 
+    def _take(self, item: Request | ClientGone) -> None:
+        if isinstance(item, Request):
+            self.serve(item)
+        elif isinstance(item, ClientGone):
+            for s in self.sessions.of_client(item.client_id):
+                self.close_session(s, f"client {item.reason}")
+
+    def _send(self, answers: list[Answer]) -> None:
+        """Send the dispatcher's replies, then serve the requests that waited behind the jobs that ended
+        (Note [Per-session order] in dispatch.py), until each session has a job again or none is left."""
+        for a in answers:
+            if a.served:
+                self.requests_served += 1
+            if a.error is None:
+                self.reply(a.req, a.result)
+            else:
+                self.reply_exception(a.req, a.error, a.traceback)
+        while (req := self.dispatch.next_deferred()) is not None:
+            self.serve(req, in_order=True)
+
     def _publish_metrics(self) -> None:
         seg = self.data.acct.segments()
         totals = self.data.totals
         self.metrics.publish(
             gauges={"sessions": len(self.sessions), "requests_queued": self.dispatch.queue_length(),
-                    "generates_running": len(self.dispatch._running), "models": sum(1 for _ in self.models),
+                    "generates_running": self.dispatch.running(), "models": sum(1 for _ in self.models),
                     "data_bytes": seg["data"], "host_swapped_bytes": seg["host"],
                     "stack_bytes": self.runs.stack_bytes(), "host_pool_capacity_bytes": self.data.pool.capacity,
                     "data_budget_bytes": self.data.capacity(), "swap_bandwidth_bytes_per_second": self.data.swap_bw},
@@ -192,8 +219,10 @@ class Engine(threading.Thread):
             self.reply_error(req, ShuttingDown(f"the server is stopping: {op} not started"))
             return
         if (not in_order and op not in CONTROL_OPS and isinstance(args, dict)
-                and self.dispatch.busy(args.get("sid"))):
-            self.dispatch.defer(args["sid"], req)  # Note [Per-session order]
+                and self.dispatch.busy(args.get("sid"), req.client_id)):
+            refused = self.dispatch.defer(args["sid"], req)  # Note [Per-session order]
+            if refused is not None:
+                self._send([refused])
             return
         try:
             handler = OPS.get(op)
@@ -278,6 +307,12 @@ class Engine(threading.Thread):
             raise AuthError("this client has disconnected; connect again")
         return p
 
+    def cancel_generate(self, sid: str, rid: object, keep: int) -> dict:
+        """Note [Cancel] in dispatch.py: the cancelled generate's reply goes out before the cancel's."""
+        result, answers = self.dispatch.cancel(sid, rid, keep)
+        self._send(answers)
+        return result
+
     def release_model(self, mid: str, sid: str) -> None:
         """The session lets go of a model; the last one out frees it, and its KV pool with it."""
         self.models.release(mid, sid)
@@ -287,7 +322,7 @@ class Engine(threading.Thread):
     def close_session(self, s: Session, reason: str) -> None:
         if self.sessions.remove(s.sid) is None:
             return
-        self.dispatch.drop_session(s.sid, reason)                  # unwinds its generate, fails what waits
+        self._send(self.dispatch.drop_session(s.sid, reason))      # unwinds its generate, fails what waits
         self.runs.cancel_session(s, f"session closed ({reason})")  # unwinds their threads, frees the Stack
         counters = self.data.close(s)                              # waits for a swap in flight, frees its KV
         for mid in s.models:

@@ -27,7 +27,7 @@ log = logging.getLogger("djinn.sessions")
 
 class SessionState(enum.IntEnum):
     ACTIVE = 1
-    PAUSED = 2  # one of its runs is parked at a breakpoint (djinn/server/runs.py)
+    PAUSED = 2  # one of its runs is parked at a breakpoint (djinn/server/execution/runs.py)
     CLOSED = 9
 
 
@@ -35,7 +35,7 @@ class SessionState(enum.IntEnum):
 class KVState:
     """A session's KV for one model: the tokens it covers and the cache over its blocks.
 
-    `cache` is a PagedCache (djinn/server/paged_cache.py) over `table`, the session's block table in
+    `cache` is a PagedCache (djinn/server/execution/paged_cache.py) over `table`, the session's block table in
     the model's pool (djinn/vmu/kv_pool.py). `ids` are every token seen so far; the table holds the KV
     of the first `table.length` of them (fewer after the scheduler dropped it: the next generate
     prefills the rest, Note [Paged layers and the write position])."""
@@ -54,7 +54,7 @@ class KVState:
     @classmethod
     def empty(cls, pool, ids: torch.Tensor) -> "KVState":
         """No KV yet: a table of `ids`' batch rows and no blocks; `ids` [batch, 0] on the device."""
-        from .paged_cache import PagedCache
+        from .execution.paged_cache import PagedCache
 
         return cls(PagedCache(pool, pool.new_table(int(ids.shape[0]))), ids)
 
@@ -107,10 +107,10 @@ class Session:
     text_pins: set[str] = field(default_factory=set)                # weight hashes held until registration
     stack: dict[str, torch.Tensor] = field(default_factory=dict)    # handle -> stop tensor of a parked run (RunTable's)
     decode: dict[str, int] = field(default_factory=lambda: {"fast": 0, "eager": 0})  # generates per path
-    eager_why: str | None = None
-    max_kv_tokens: int | None = None  # declared KV budget per model (Note [Declared KV budgets] in ops.py)
+    eager_why: str | None = None  # why the last eager generate was not fast
+    max_kv_tokens: int | None = None  # declared KV budget per model (Note [Declared KV budgets] in handlers/ops.py)
     restored_kv: dict = field(default_factory=dict)  # model id -> (ids, layers) from a checkpoint, until first use
-    checkpoint_token: str | None = None  # written to host memory at shutdown (djinn/server/checkpoint.py)                                    # why the last eager generate was not fast
+    checkpoint_token: str | None = None  # written to host memory at shutdown (djinn/server/handlers/checkpoint.py)
     readonly: ReadOnlyMemory = field(default_factory=ReadOnlyMemory)  # the weights' memory (the Text segment's)
     graphs: GraphCache = field(default_factory=GraphCache)  # compiled graphs it sent (Note [Graph cache])
 

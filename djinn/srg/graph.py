@@ -29,7 +29,7 @@ Note [Module calls]
     end), the tensors it was called with and the tensors it returned, and when it opened and closed on
     one counter of hook events. Node ranges alone cannot order calls that open or close with no node
     between them (a wrapper and its first child); the counter is the order nn.Module hooks fire in.
-    The server fires breakpoints at these boundaries on the graph path (server/graph_runs.py); they
+    The server fires breakpoints at these boundaries on the graph path (server/execution/graph_runs.py); they
     carry no computation, so a graph without them runs the same.
 """
 from __future__ import annotations

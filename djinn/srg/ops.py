@@ -146,7 +146,7 @@ _COMPOSITES_WHOLE = frozenset({"aten.scaled_dot_product_attention.default", "ate
                                "aten.dropout.default"}) | RNN_OPS
 
 #: Ops that read or write at positions an index tensor gives, and how the server range-checks them before
-#: the kernel (server/interpreter.py check_indices): base name -> (check, index argument, data argument,
+#: the kernel (server/execution/interpreter.py check_indices): base name -> (check, index argument, data argument,
 #: dim argument or another argument the check needs). An index out of range is a CUDA device-side assert.
 #:   dim      idx in [-n, n), n = data.shape[dim]      list   per-dim list of indices (index, index_put)
 #:   rows     idx in [0, data.shape[0])                flat   idx in [-numel, numel) of data

@@ -269,6 +269,21 @@ class DataSegment:
                     c.prefetch_misses += 1
 
     # -- scheduler actions -------------------------------------------------------------------------
+    def apply(self, decision, sessions) -> list[str]:
+        """Carry out a scheduler decision's moves in its order (djinn/scheduler/types.py `Decision`):
+        start the swap-outs, drop, start the prefetches. `sessions`: every open session. Returns the
+        sessions whose prefetch started nothing (Note [Blocks in flight]), for the dispatcher to fail."""
+        by_sid = {s.sid: s for s in sessions}
+        for a in decision.swap_out:
+            self.swap_out(by_sid[a.sid])
+        for a in decision.drop:
+            self.drop(by_sid[a.sid])
+        failed = []
+        for a in decision.prefetch:
+            if not self.prefetch(by_sid[a.sid]):
+                failed.append(a.sid)
+        return failed
+
     def swap_out(self, s) -> bool:
         """Start copying every block the session holds to the host pool (Note [Blocks in flight])."""
         m = self.mem(s.sid)

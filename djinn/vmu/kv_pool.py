@@ -8,7 +8,7 @@ swap) reads and writes these blocks; nothing else holds KV.
 Note [Pool layout]
     Layer-major: one layer's keys (or values) of every block are one contiguous tensor
     `kv[i, 0]` [blocks, bt, kv_heads, dim], so the decode step's FlexAttention reads a layer's blocks
-    in place through a plain block table (djinn/server/paged_attention.py). The block-major layout
+    in place through a plain block table (djinn/server/execution/paged_attention.py). The block-major layout
     this replaced (a block's bytes of every layer in one run) made the only flat view FlexAttention
     can take span the whole pool, and past 2^31 elements (a few GB) its kernel does not compile in
     torch 2.11 (`OSDI_Evaluation/micro/flex_probe.py` on an H100). A block's bytes are now 2 x layers
@@ -75,7 +75,7 @@ class KVShape:
         heads = int(getattr(cfg, "num_attention_heads", 0) or getattr(cfg, "n_head", 0))
         if getattr(cfg, "is_encoder_decoder", False):
             # The blocks hold the decoder's self-attention KV only (Note [Encoder-decoder generate] in
-            # server/executor.py); an encoder-decoder's num_hidden_layers and heads are often the
+            # server/execution/executor.py); an encoder-decoder's num_hidden_layers and heads are often the
             # encoder's (T5 num_layers, BART encoder_layers).
             layers = int(getattr(cfg, "num_decoder_layers", None) or getattr(cfg, "decoder_layers", None) or layers)
             heads = int(getattr(cfg, "decoder_attention_heads", None) or heads)

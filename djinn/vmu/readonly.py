@@ -8,11 +8,11 @@ Note [Weights are read-only at run time]
     or a breakpoint can hand the weight itself to a tenant. So the server checks storage identity when
     the write would happen. `ReadOnlyMemory` holds the byte range of every storage a Text entry lives in
     (TextSegment keeps it as entries come, move and go), and
-      - every tensor an op is about to write (server/interpreter.py: in-place outputs and mutated
-        arguments) and every edit target (server/runs.py) that overlaps one is refused with
+      - every tensor an op is about to write (server/execution/interpreter.py: in-place outputs and mutated
+        arguments) and every edit target (server/execution/runs.py) that overlaps one is refused with
         WeightWriteRefused before anything is written;
       - every tensor a tenant gets a handle to (Session.add_tensor: forward, run_graph and run outputs;
-        a breakpoint's stop tensors, server/breakpoints.py) that overlaps one is copied first, so no
+        a breakpoint's stop tensors, server/execution/breakpoints.py) that overlaps one is copied first, so no
         handle ever aliases a weight, whatever op a later request runs on it.
     Ranges, not pointers: a PINNED entry is a view into a streaming model's buffer, and storages made
     from raw memory can share bytes with another storage; an overlap of byte ranges catches every case.

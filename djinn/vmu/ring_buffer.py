@@ -23,7 +23,7 @@ Note [Stream ordering]
 Note [Parked layers]
     Breakpoints run a forward pass on a worker thread that can park inside a decoder layer (after its
     pre-hook, before its post-hook) while other passes of the same model run on other threads and
-    reuse the ring. Threads never run at the same time (djinn/server/breakpoints.py), so pre/post hooks
+    reuse the ring. Threads never run at the same time (djinn/server/execution/breakpoints.py), so pre/post hooks
     alternate per thread. A pre-hook on one thread while another thread has a layer open means that
     thread is parked there: its layer is evicted, i.e. rebound to a private device copy made from the
     pinned host buffer (one layer over budget while parked), and every run of that layer reads the

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from djinn.server.fastpath import DecodePool, Row, Sampler
-from djinn.server.paged_cache import PagedCache
+from djinn.server.execution.fastpath import DecodePool, Row, Sampler
+from djinn.server.execution.paged_cache import PagedCache
 from djinn.vmu.kv_pool import KVPool, KVShape
 
 from ..models import VOCAB, tiny_llama
@@ -84,7 +84,7 @@ def test_every_architecture_captures_its_own_forward_and_matches_hf_greedy(arch)
     """Note [One step for every architecture]: the model's own HF forward captured as CUDA graphs (no
     host sync in it) replays the eager step, and fp32 greedy equals HF generate (windows of 6 and 7
     tokens bind in gemma2 and mistral)."""
-    from djinn.server.fastpath import model_unsupported
+    from djinn.server.execution.fastpath import model_unsupported
 
     from ..models import tiny_causal_lm
 

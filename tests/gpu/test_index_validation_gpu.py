@@ -1,6 +1,6 @@
 """Tier 3: on a CUDA server, out-of-range ids of every kind fail only the request (issue 15, item 2).
 
-Before the checks (djinn/server/validate.py, Note [Index inputs are checked before the device sees
+Before the checks (djinn/server/execution/validate.py, Note [Index inputs are checked before the device sees
 them]) one tenant's token id 10^6 was a device-side assert: the worker restarted and every other
 tenant's session was lost. Here a tenant sends every bad index of tests/integration/test_index_validation
 (forward, generate on its session's KV and stateless, breakpoint runs) plus out-of-range indices through

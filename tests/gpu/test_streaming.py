@@ -16,8 +16,8 @@ import djinn
 from djinn.frontend.connection import Connection
 from djinn.frontend.remote import RemoteModel
 from djinn.protocol.hashing import weight_hash
-from djinn.server.models import _named_tensors
-from djinn.server.streaming import GIB, layout_of, plan_for, stream_module
+from djinn.server.models.tensors import named_tensors
+from djinn.server.models.streaming import GIB, layout_of, plan_for, stream_module
 from djinn.vmu.planner import pack
 
 from ..conftest import ServerProcess
@@ -51,7 +51,7 @@ def deep(arch: str, seed: int = 0, dtype=torch.float32, device=DEV):
 
 def budget_of(model, key_of, resident: int = RESIDENT) -> int:
     """The budget (bytes) under which the planner keeps exactly `resident` decoder layers."""
-    tensors = dict(_named_tensors(model))
+    tensors = dict(named_tensors(model))
     size = {key_of(n): t.numel() * t.element_size() for n, t in tensors.items()}
     layout = layout_of(model, key_of)
     fixed = sum(size[k] for k in layout.fixed_keys())
@@ -69,7 +69,7 @@ def meta_copy(model):
 
 def streamed_copy(model):
     """`model` rebuilt with most decoder layers streaming (in-process, like exp2)."""
-    tensors = dict(_named_tensors(model))
+    tensors = dict(named_tensors(model))
     layout = layout_of(model, lambda n: n)
     plan = plan_for(layout, lambda n: tensors[n].numel() * tensors[n].element_size(), budget_of(model, lambda n: n))
     rebuilt = meta_copy(model)
@@ -191,7 +191,7 @@ def gconn(gpu_server):
 
 
 def hash_budget_gb(model) -> float:
-    tensors = dict(_named_tensors(model))
+    tensors = dict(named_tensors(model))
     hashes = {n: weight_hash(t) for n, t in tensors.items()}
     return budget_of(model, hashes.__getitem__) / GIB
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from djinn.scheduler.types import SessionState
-from djinn.server.paged_cache import PagedCache
+from djinn.server.execution.paged_cache import PagedCache
 from djinn.server.sessions import KVState, Session
 from djinn.vmu.data import DataSegment
 from djinn.vmu.host_pool import HostPool

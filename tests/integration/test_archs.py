@@ -6,7 +6,7 @@ by the server and generate over the session's paged KV blocks: greedy and seeded
 bitwise a local `generate`'s, a session's second call continues its cache as a local DynamicCache does,
 and the pool's blocks are sized by the model's own KV heads. T5 (encoder-decoder) generates with the
 decoder's self-attention KV in blocks and no KV kept between calls (Note [Encoder-decoder generate] in
-djinn/server/executor.py). Index inputs are refused before the device sees them, and the server goes
+djinn/server/execution/executor.py). Index inputs are refused before the device sees them, and the server goes
 on. Graph-path models get a typed error for generate, on the client before anything is sent and on
 the server for a raw request; MoE models run forward on the graph path (histc, _grouped_mm).
 """

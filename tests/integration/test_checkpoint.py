@@ -1,5 +1,5 @@
 """Tier 2: sessions that asked are checkpointed to host memory when the server shuts down and restored
-after the restart, continuing bitwise where they were (issue 8, djinn/server/checkpoint.py)."""
+after the restart, continuing bitwise where they were (issue 8, djinn/server/handlers/checkpoint.py)."""
 from __future__ import annotations
 
 import os
@@ -11,7 +11,7 @@ import torch
 import djinn
 from djinn.frontend.connection import Connection
 from djinn.frontend.remote import RemoteModel
-from djinn.server.checkpoint import file_name
+from djinn.server.handlers.checkpoint import file_name
 
 from ..conftest import DEVICE
 from ..models import VOCAB, tiny_llama

@@ -351,7 +351,7 @@ def test_weight_write_refused(session):
         rm(torch.randn(2, 4))
 
 
-# -- breakpoints on the graph path (server/graph_runs.py) ------------------------------------------------
+# -- breakpoints on the graph path (server/execution/graph_runs.py) ------------------------------------------------
 def _hooked_local(m, args, path, edit=None, kwargs=None):
     """Local reference: the module's output at `path` (and the model output), optionally edited in place
     by a forward hook, as a breakpoint edit does on the server."""

@@ -8,7 +8,7 @@ special token ids and its length against a learned position table) is refused wi
 naming the input, the value and the allowed range, on forward, generate and a breakpoint run, while a
 bystander tenant's forward and generate stay bitwise what they were. Rotary models have no position
 table: long sequences and large positions still run there. (Note [Index inputs are checked before the
-device sees them] in djinn/server/validate.py.) The same cases run on a CUDA server in
+device sees them] in djinn/server/execution/validate.py.) The same cases run on a CUDA server in
 tests/gpu/test_index_validation_gpu.py, which checks the worker never restarts.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tier 2: models the server builds from a config with seeded random weights (djinn/server/init_ops.py).
+"""Tier 2: models the server builds from a config with seeded random weights (djinn/server/handlers/init_ops.py).
 
 Every remote result is compared bitwise with the model built locally by the documented recipe on the
 server's device (DJINN_TEST_DEVICE):
@@ -171,7 +171,7 @@ def test_weight_budget_streams_bitwise(conn, device):
     pinned memory (like load_dir); a resident request of the same identity reuses those weights."""
     if device.type != "cuda":
         pytest.skip("weight streaming needs a CUDA server (DJINN_TEST_DEVICE=cuda:0)")
-    from djinn.server.streaming import GIB
+    from djinn.server.models.streaming import GIB
 
     from ..gpu.test_streaming import LAYERS, RESIDENT, budget_of
 

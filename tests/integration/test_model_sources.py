@@ -1,7 +1,7 @@
 """Tier 2: what a client can make the server read or run when it builds a model.
 
 Model directories are read only under `model_roots`, every file after its symlinks are resolved
-(djinn/server/models.py, Note [Model roots]); attention implementations come from the server's own
+(djinn/server/models/registry.py, Note [Model roots]); attention implementations come from the server's own
 allow-list, whether named in the request or inside the config (Note [Attention implementations]).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tier 2: random streams are per call and per tenant (Note [Random streams] in djinn/server/rng.py).
+"""Tier 2: random streams are per call and per tenant (Note [Random streams] in djinn/server/execution/rng.py).
 
 Unseeded sampling is fresh every time; a seeded call draws what the same call draws locally after
 `torch.manual_seed(seed)`, whatever other tenants run, seed or sample meanwhile; and one tenant's seed

@@ -1,5 +1,5 @@
 """Tier 2: sampling from scores that are not finite is refused before torch.multinomial (Note [Scores
-are checked before sampling] in djinn/server/sampling.py), on the eager path and the decode fast path.
+are checked before sampling] in djinn/server/execution/sampling.py), on the eager path and the decode fast path.
 
 On CUDA multinomial over NaN or inf probabilities is a device-side assert that restarts the worker for
 every tenant; on the CPU it raises a RuntimeError. Either way the request must fail alone, with

@@ -1,6 +1,6 @@
 """Tier 2: sessions against a real server: KV-cache continuation, isolation, reset, closing.
 
-The local reference mirrors djinn/server/executor.generate: one DynamicCache per (session, model),
+The local reference mirrors djinn/server/execution/executor.generate: one DynamicCache per (session, model),
 passed as past_key_values, with the tokens seen so far concatenated in front of each new prompt.
 """
 from __future__ import annotations

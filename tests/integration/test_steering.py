@@ -1,4 +1,4 @@
-"""Tier 2: steered generates (Note [Steering] in djinn/server/steering.py). `generate(steer={layer: v})`
+"""Tier 2: steered generates (Note [Steering] in djinn/server/execution/steering.py). `generate(steer={layer: v})`
 adds v to a decoder layer's output at every position the call feeds: on the eager path bitwise-equal to a
 local generate with the same forward hook, on the batched fast path with the hook's greedy tokens while
 unsteered sessions share its steps and keep their own tokens; bad vectors and layers are typed errors."""

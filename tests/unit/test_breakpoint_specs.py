@@ -1,4 +1,4 @@
-"""Breakpoint specs: module paths, layer shortcuts and their errors (djinn/server/breakpoints.py)."""
+"""Breakpoint specs: module paths, layer shortcuts and their errors (djinn/server/execution/breakpoints.py)."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 from djinn import Breakpoint
 from djinn.protocol.errors import InvalidRequest
-from djinn.server.breakpoints import BreakpointSpec, decoder_layers_path, parse_breakpoints
+from djinn.server.execution.breakpoints import BreakpointSpec, decoder_layers_path, parse_breakpoints
 
 from ..models import tiny_gpt2, tiny_llama, tiny_t5
 

@@ -1,5 +1,5 @@
 """Tier 1: checkpoint files are private from their first byte, in a directory the server made or
-checked, and named so that a directory listing shows no token (djinn/server/checkpoint.py, Note
+checked, and named so that a directory listing shows no token (djinn/server/handlers/checkpoint.py, Note
 [Checkpoint tokens])."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 
 from djinn.config import ServerConfig
 from djinn.protocol.errors import InvalidRequest
-from djinn.server import checkpoint
+from djinn.server.handlers import checkpoint
 
 
 def _dir_cfg(d) -> ServerConfig:

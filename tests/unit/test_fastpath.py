@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from djinn.server.fastpath import (DecodePool, Row, Sampler, _bucket, length_bucket, length_buckets,
-                                   unsupported)
-from djinn.server.paged_cache import PagedCache
+from djinn.server.execution.fastpath import (DecodePool, Row, Sampler, _bucket, length_bucket, length_buckets,
+                                             unsupported)
+from djinn.server.execution.paged_cache import PagedCache
 from djinn.vmu.kv_pool import KVPool, KVShape
 
-from ..models import tiny_gpt2, tiny_gptj, tiny_llama
+from ..models import tiny_bloom, tiny_gpt2, tiny_llama
 
 
 @pytest.mark.parametrize("n, cap, floor, want", [(1, 64, 1, 1), (3, 64, 1, 4), (33, 64, 1, 64), (65, 64, 1, 64),
@@ -49,7 +49,7 @@ def test_pool_buckets_cover_every_step_shape():
 def test_unsupported_reasons():
     llama, gpt2 = tiny_llama(), tiny_gpt2()
     assert unsupported(llama, 1, {"max_new_tokens": 3}, 10, 256) is None
-    assert unsupported(tiny_gptj(), 1, {}, 10, 256) == "GPTJForCausalLM has no fast decode step"
+    assert unsupported(tiny_bloom(), 1, {}, 10, 256) == "BloomForCausalLM has no fast decode step"
     assert unsupported(gpt2, 1, {}, 10, 512) is None
     assert unsupported(gpt2, 1, {}, 300, 512) == "300 tokens > its 256 learned positions"
     assert unsupported(llama, 2, {}, 10, 256) == "input batch 2 (the fast path batches sessions, one row each)"
@@ -149,7 +149,7 @@ def test_chunked_prefill_interleaves_with_decode_and_is_first_come_first_served(
     """Note [Chunked prefill]: with a budget of 8 prompt tokens a turn, two 40-token prompts prefill in
     5 chunks each, the one that started first entirely before the other; every turn the session that
     already decodes takes its step in between; all three give the local greedy tokens."""
-    from djinn.server.fast_task import FastTask, PrefillBudget
+    from djinn.server.execution.fast_task import FastTask, PrefillBudget
     from djinn.server.sessions import KVState
 
     model = tiny_llama(seed=6).eval()
@@ -186,7 +186,7 @@ def test_chunked_prefill_interleaves_with_decode_and_is_first_come_first_served(
 
 
 def test_prefill_budget_counts_turns_and_chunks():
-    from djinn.server.fast_task import PrefillBudget
+    from djinn.server.execution.fast_task import PrefillBudget
 
     b = PrefillBudget(10)
     assert (b.take(4), b.take(9), b.take(3)) == (4, 6, 0) and b.left == 0

@@ -12,7 +12,7 @@ from torch import nn
 from djinn.protocol import codec
 from djinn.protocol.errors import CaptureError
 from djinn.protocol.messages import MsgType
-from djinn.server.interpreter import Interpreter, compile_graph
+from djinn.server.execution.interpreter import Interpreter, compile_graph
 from djinn.srg import from_wire
 from djinn.srg.capture import capture_module
 

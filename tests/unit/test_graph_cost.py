@@ -1,5 +1,5 @@
 """Tier 1: a graph's cost, estimated from the SRG's shapes when it is compiled, before it runs (Note [Graph
-cost] in djinn/server/interpreter.py): exact counts for matmul-like, convolution and attention ops (as
+cost] in djinn/server/execution/interpreter.py): exact counts for matmul-like, convolution and attention ops (as
 torch.utils.flop_counter counts them), one per element of the largest tensor of every other op, none for
 views; and the budget's setting (graph_max_flops)."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from djinn.config import ServerConfig
-from djinn.server.interpreter import Interpreter, compile_graph
+from djinn.server.execution.interpreter import Interpreter, compile_graph
 from djinn.srg.graph import from_wire
 
 from ..srg_builder import Builder

@@ -1,12 +1,12 @@
 """Tier 1: what a graph holds on the device, known before it runs (Note [Graph peak memory] in
-djinn/server/interpreter.py): its constants' bytes and the peak of its intermediates and outputs,
+djinn/server/execution/interpreter.py): its constants' bytes and the peak of its intermediates and outputs,
 from the SRG's declared shapes, with views, in-place ops, `_unsafe_view` and split's list outputs
 sharing their base's storage exactly as at run time."""
 from __future__ import annotations
 
 import torch
 
-from djinn.server.interpreter import Interpreter, compile_graph
+from djinn.server.execution.interpreter import Interpreter, compile_graph
 from djinn.srg.graph import from_wire
 
 from ..srg_builder import Builder

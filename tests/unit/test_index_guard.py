@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from djinn.server.interpreter import check_indices
+from djinn.server.execution.interpreter import check_indices
 
 X = torch.zeros(4, 5)
 

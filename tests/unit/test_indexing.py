@@ -1,4 +1,4 @@
-"""Basic-index chains on the wire (djinn/protocol/indexing.py) and server-side edits (djinn/server/edits.py)."""
+"""Basic-index chains on the wire (djinn/protocol/indexing.py) and server-side edits (djinn/server/execution/edits.py)."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +8,7 @@ from djinn.protocol.codec import decode, encode
 from djinn.protocol.errors import InvalidRequest, ProtocolError
 from djinn.protocol.indexing import MAX_ITEMS, apply_chain, decode_chain, encode_chain, encode_index, normalize
 from djinn.protocol.messages import MsgType
-from djinn.server import edits
+from djinn.server.execution import edits
 
 from ._util import frame_bytes
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from djinn.server.interpreter import Interpreter, compile_graph
+from djinn.server.execution.interpreter import Interpreter, compile_graph
 from djinn.srg.capture import capture_module
 from djinn.srg.layout import layout_of
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from djinn.protocol.errors import CaptureError
-from djinn.server.interpreter import Interpreter, compile_graph
+from djinn.server.execution.interpreter import Interpreter, compile_graph
 from djinn.srg.capture import capture_module
 
 

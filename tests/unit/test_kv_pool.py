@@ -1,5 +1,5 @@
 """Tier 1: a model's KV pool (djinn/vmu/kv_pool.py) and the transformers cache over it
-(djinn/server/paged_cache.py): reservation, trim, fork with copy on write, exact reads, and HF
+(djinn/server/execution/paged_cache.py): reservation, trim, fork with copy on write, exact reads, and HF
 generate over blocks bitwise-equal to HF's own DynamicCache for every tiny architecture."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from djinn.server.paged_cache import PagedCache
+from djinn.server.execution.paged_cache import PagedCache
 from djinn.vmu.kv_pool import KVPool, KVShape
 
 from ..models import TINY_BUILDERS, tiny_llama
@@ -134,7 +134,7 @@ def test_prefix_blocks_are_published_shared_by_key_and_cached_after_release():
 
 def test_generate_arguments_that_copy_or_reorder_cache_rows_are_refused_up_front():
     from djinn.protocol.errors import InvalidRequest
-    from djinn.server.executor import check_generate
+    from djinn.server.execution.executor import check_generate
 
     ids = torch.ones(1, 3, dtype=torch.long)
     check_generate(ids, {"num_beams": 1, "num_return_sequences": 1})

@@ -1,5 +1,5 @@
 """Tier 1: the ops transformers' MoE experts need on the graph path (djinn/srg/ops.py,
-djinn/server/interpreter.py): histc and _grouped_mm are allowed, a CPU server runs the integer histc a
+djinn/server/execution/interpreter.py): histc and _grouped_mm are allowed, a CPU server runs the integer histc a
 meta capture records (Note [Device-free captures, device-specific kernels]), _grouped_mm gets its
 output shape on meta in float32 too (Note [Meta kernels narrower than the device's]), costs 2mnk, and
 its group offsets are checked before the kernel reads by them."""
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from djinn.server.interpreter import _histc, check_indices, node_flops
+from djinn.server.execution.interpreter import _histc, check_indices, node_flops
 from djinn.srg.ops import ALLOWED, meta_call
 
 HISTC, GMM = ALLOWED["aten.histc.default"], ALLOWED["aten._grouped_mm.default"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from djinn.server.interpreter import check_indices
+from djinn.server.execution.interpreter import check_indices
 from djinn.srg import ops as srg_ops
 
 

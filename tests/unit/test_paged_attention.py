@@ -1,13 +1,13 @@
-"""Tier 1: the decode step's two attentions over the KV pool's blocks (djinn/server/paged_attention.py)
+"""Tier 1: the decode step's two attentions over the KV pool's blocks (djinn/server/execution/paged_attention.py)
 give the same result; flex reads only the pages a row's block mask lists (Note [Flex over the pool])."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from djinn.server import paged_attention
-from djinn.server.fastpath import DecodePool
-from djinn.server.paged_cache import PagedCache
+from djinn.server.execution import paged_attention
+from djinn.server.execution.fastpath import DecodePool
+from djinn.server.execution.paged_cache import PagedCache
 from djinn.vmu.kv_pool import KVPool, KVShape
 
 from ..models import tiny_llama
@@ -63,7 +63,7 @@ def test_decode_pool_with_flex_gives_the_eager_tokens():
 
 
 def test_prefill_groups_respect_both_budgets():
-    from djinn.server.prefill_step import Chunk, groups
+    from djinn.server.execution.prefill_step import Chunk, groups
 
     class T:
         def __init__(self, length):
@@ -83,7 +83,7 @@ def test_batched_prefill_of_three_sessions_gives_the_eager_tokens():
     """Note [Batched prefill]: a fresh prompt, a session continuing its KV with a new turn and a forked
     session (its blocks shared copy-on-write with the parent) prefill in one forward; each one's greedy
     generate equals local greedy, and the parent's KV is untouched by the child's write."""
-    from djinn.server.fast_task import FastTask, PrefillBudget, prefill_together
+    from djinn.server.execution.fast_task import FastTask, PrefillBudget, prefill_together
     from djinn.server.sessions import KVState
 
     model = tiny_llama(seed=7).eval()

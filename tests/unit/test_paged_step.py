@@ -1,4 +1,4 @@
-"""Tier 1: the one paged step (djinn/server/paged_step.py) for every module-path causal LM: batched
+"""Tier 1: the one paged step (djinn/server/execution/paged_step.py) for every module-path causal LM: batched
 prefill (fresh rows, a chunk continuing a table, a forked copy-on-write table) and batched decode over
 the KV pool's blocks give HF's logits to fp32 rounding and HF generate's greedy tokens, per row."""
 from __future__ import annotations
@@ -8,9 +8,9 @@ import inspect
 import pytest
 import torch
 
-from djinn.server import paged_step
-from djinn.server.fastpath import DecodePool, Row, Sampler, model_unsupported, unsupported
-from djinn.server.prefill_step import Chunk, prefill
+from djinn.server.execution import paged_step
+from djinn.server.execution.fastpath import DecodePool, Row, Sampler, model_unsupported, unsupported
+from djinn.server.execution.prefill_step import Chunk, prefill
 from djinn.vmu.kv_pool import KVPool, KVShape
 
 from ..models import VOCAB, tiny_causal_lm

@@ -10,9 +10,9 @@ from torch import nn
 
 from djinn.config import ServerConfig
 from djinn.protocol.errors import QuotaExceeded
-from djinn.server.breakpoints import BreakpointSpec, Call
+from djinn.server.execution.breakpoints import BreakpointSpec, Call
 from djinn.server.principals import Cap, Caps, Ledger, Resource, principal_of
-from djinn.server.runs import RunTable
+from djinn.server.execution.runs import RunTable
 from djinn.server.sessions import SessionTable
 from djinn.vmu.uploads import Uploads
 

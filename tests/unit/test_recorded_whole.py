@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from djinn.server.interpreter import Interpreter, compile_graph
+from djinn.server.execution.interpreter import Interpreter, compile_graph
 from djinn.srg import from_wire
 from djinn.srg.capture import capture_module
 from djinn.srg.tree import tensor_leaves

@@ -1,11 +1,11 @@
-"""Tier 1: random streams (Note [Random streams] in djinn/server/rng.py): a seeded stream is bitwise what
+"""Tier 1: random streams (Note [Random streams] in djinn/server/execution/rng.py): a seeded stream is bitwise what
 `torch.manual_seed` gives, an unseeded one is fresh, and a stream never changes the global state."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from djinn.server.rng import Stream
+from djinn.server.execution.rng import Stream
 
 CPU = torch.device("cpu")
 

@@ -1,9 +1,9 @@
-"""The run-thread pool (djinn/server/breakpoints._Workers): CUDA runs reuse threads, CPU runs do not."""
+"""The run-thread pool (djinn/server/execution/breakpoints._Workers): CUDA runs reuse threads, CPU runs do not."""
 from __future__ import annotations
 
 import threading
 
-from djinn.server.breakpoints import _Workers
+from djinn.server.execution.breakpoints import _Workers
 
 
 def run(workers: _Workers, keep: bool) -> threading.Thread:

@@ -1,5 +1,5 @@
 """Tier 1: scores are checked before sampling (Note [Scores are checked before sampling] in
-djinn/server/sampling.py), and the check leaves HF generate's tokens bitwise as they were."""
+djinn/server/execution/sampling.py), and the check leaves HF generate's tokens bitwise as they were."""
 from __future__ import annotations
 
 import re
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from djinn.protocol.errors import InvalidRequest
-from djinn.server.fastpath import Sampler
-from djinn.server.sampling import check_scores, checked_hf_kwargs
+from djinn.server.execution.fastpath import Sampler
+from djinn.server.execution.sampling import check_scores, checked_hf_kwargs
 
 from ..models import tiny_llama
 

@@ -10,7 +10,7 @@ import djinn
 from djinn.protocol import codec
 from djinn.protocol.errors import CaptureError, InvalidRequest
 from djinn.protocol.messages import MsgType
-from djinn.server.interpreter import Interpreter, compile_graph
+from djinn.server.execution.interpreter import Interpreter, compile_graph
 from djinn.srg import DECODE, PREFILL, Lifecycle, from_wire
 from djinn.srg.capture import capture_module
 
@@ -214,7 +214,7 @@ def test_module_calls_recorded_and_checked():
 
 
 def test_graph_run_refuses_absurd_module_trees():
-    from djinn.server.graph_runs import MAX_DEPTH, GraphModule
+    from djinn.server.execution.graph_runs import MAX_DEPTH, GraphModule
     from djinn.srg.graph import ModuleCall
 
     m = _mlp()
@@ -256,7 +256,7 @@ def test_module_calls_with_many_tensors_still_pass_from_wire():
 def test_graph_module_fires_hooks_in_module_order():
     """Nested calls that start (or end) at the same node: befores fire outer first, afters inner first,
     as nn.Module hooks would; a call that ran no op fires its before ahead of its after."""
-    from djinn.server.graph_runs import GraphModule
+    from djinn.server.execution.graph_runs import GraphModule
 
     torch.manual_seed(0)
     m = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.Identity()), nn.ReLU()).eval()

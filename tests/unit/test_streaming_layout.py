@@ -8,8 +8,8 @@ import torch
 from djinn.config import ServerConfig
 from djinn.protocol.errors import InvalidRequest
 from djinn.protocol.hashing import weight_hash
-from djinn.server.models import _named_tensors
-from djinn.server.streaming import (
+from djinn.server.models.tensors import named_tensors
+from djinn.server.models.streaming import (
     GIB, budget_bytes, check_device, find_decoder_layers, layout_of, plan_for, stream_module, upload_residency,
 )
 from djinn.vmu.planner import pack
@@ -48,7 +48,7 @@ def test_no_decoder_layers_is_a_clear_error():
 
 def test_layout_splits_fixed_and_layers_and_dedups_keys_within_a_layer():
     model = tiny_llama()
-    hashes = {name: weight_hash(t) for name, t in _named_tensors(model)}
+    hashes = {name: weight_hash(t) for name, t in named_tensors(model)}
     layout = layout_of(model, hashes.__getitem__)
     assert layout.layers_path == "model.layers"
     fixed_names = [n for n, _ in layout.fixed]
@@ -66,8 +66,8 @@ def test_layout_splits_fixed_and_layers_and_dedups_keys_within_a_layer():
 
 def test_plan_for_uses_real_sizes():
     model = deep_llama(6)
-    hashes = {name: weight_hash(t) for name, t in _named_tensors(model)}
-    sizes = {hashes[n]: t.numel() * t.element_size() for n, t in _named_tensors(model)}
+    hashes = {name: weight_hash(t) for name, t in named_tensors(model)}
+    sizes = {hashes[n]: t.numel() * t.element_size() for n, t in named_tensors(model)}
     layout = layout_of(model, hashes.__getitem__)
     fixed = sum(sizes[k] for k in layout.fixed_keys())
     layer = [sizes[k] for k in layout.keys(0)]
@@ -85,7 +85,7 @@ def test_plan_for_uses_real_sizes():
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
 def test_a_plan_that_fits_binds_on_the_cpu_and_runs_bitwise(build):
     model = build(seed=4)
-    by_name = dict(_named_tensors(model))
+    by_name = dict(named_tensors(model))
     layout = layout_of(model, lambda n: n)
     plan = plan_for(layout, lambda n: by_name[n].numel() * by_name[n].element_size(), GIB)
     rebuilt = meta_copy(model)
@@ -99,7 +99,7 @@ def test_a_plan_that_fits_binds_on_the_cpu_and_runs_bitwise(build):
 
 def test_streaming_on_the_cpu_is_a_clear_error():
     model = deep_llama(4)
-    by_name = dict(_named_tensors(model))
+    by_name = dict(named_tensors(model))
     layout = layout_of(model, lambda n: n)
     size = lambda n: by_name[n].numel() * by_name[n].element_size()  # noqa: E731
     fixed = sum(size(n) for n, _ in layout.fixed)

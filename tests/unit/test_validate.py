@@ -1,4 +1,4 @@
-"""Tier 1: the index limits a module's tables give (djinn/server/validate.py, Note [Index inputs are
+"""Tier 1: the index limits a module's tables give (djinn/server/execution/validate.py, Note [Index inputs are
 checked before the device sees them]): read from the weights' rows, not from the config."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from transformers import (AutoModelForCausalLM, BartConfig, BartForConditionalGe
                           WhisperForConditionalGeneration)
 
 from djinn.protocol.errors import InvalidRequest
-from djinn.server import executor
-from djinn.server.validate import Limits, check_forward, check_generate, limits_of
+from djinn.server.execution import executor
+from djinn.server.execution.validate import Limits, check_forward, check_generate, limits_of
 
 from ..models import tiny_bloom, tiny_gpt2, tiny_gptj, tiny_llama, tiny_t5
 
@@ -82,7 +82,7 @@ def test_generate_counts_cached_tokens_and_the_generation_config():
 
 # -- Note [Effective generate arguments] (executor.py): the model's generation_config is checked too -------
 def test_a_generation_config_cannot_bypass_the_argument_checks():
-    from djinn.server.executor import check_generate as check_args
+    from djinn.server.execution.executor import check_generate as check_args
 
     m = tiny_gpt2()
     ids = torch.ones(1, 4, dtype=torch.long)
@@ -113,7 +113,7 @@ def test_a_generation_config_cannot_bypass_the_argument_checks():
                                          ("suppress_tokens", [10**6]), ("forced_eos_token_id", 10**6),
                                          ("num_beam_groups", 2), ("cache_implementation", "static")])
 def test_config_fields_generate_does_not_accept_are_refused(field, value):
-    from djinn.server.executor import check_generate as check_args
+    from djinn.server.execution.executor import check_generate as check_args
 
     m = tiny_llama()
     setattr(m.generation_config, field, value)
@@ -126,7 +126,7 @@ def test_config_fields_generate_does_not_accept_are_refused(field, value):
 def test_neutral_config_fields_and_the_models_own_config_pass():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from djinn.server.executor import check_generate as check_args
+    from djinn.server.execution.executor import check_generate as check_args
 
     m = tiny_llama()
     g = m.generation_config

@@ -19,7 +19,7 @@ import torch
 from djinn.protocol import codec
 from djinn.protocol.errors import InvalidRequest, RemoteExecutionError, WeightWriteRefused
 from djinn.protocol.messages import MsgType
-from djinn.server.interpreter import Interpreter, compile_graph
+from djinn.server.execution.interpreter import Interpreter, compile_graph
 from djinn.srg import ops as srg_ops
 from djinn.srg.graph import IN, WEIGHT, from_wire
 from djinn.vmu.readonly import ReadOnlyMemory
@@ -289,7 +289,7 @@ def test_a_handle_never_aliases_a_weight():
 
 def test_an_edit_into_a_weight_refuses_the_whole_batch():
     """Defense in depth: even a handle that did alias a weight (put there by a bug) cannot be edited."""
-    from djinn.server.runs import RunTable
+    from djinn.server.execution.runs import RunTable
 
     w = torch.arange(6.0)
     s = _session_over([w])
@@ -302,8 +302,8 @@ def test_an_edit_into_a_weight_refuses_the_whole_batch():
 
 
 def test_a_stop_that_exposes_a_weight_is_a_read_only_copy():
-    from djinn.server.breakpoints import BreakpointSpec, Call
-    from djinn.server.runs import RunTable
+    from djinn.server.execution.breakpoints import BreakpointSpec, Call
+    from djinn.server.execution.runs import RunTable
 
     torch.manual_seed(0)
     m = Leaky().eval()

@@ -11,8 +11,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..protocol.errors import InvalidRequest, ProtocolError
-from ..protocol.indexing import apply_chain, decode_chain
+from ...protocol.errors import InvalidRequest, ProtocolError
+from ...protocol.indexing import apply_chain, decode_chain
 
 #: wire op -> the in-place torch method it runs on the view
 METHODS = {"add": "add_", "sub": "sub_", "mul": "mul_", "copy": "copy_"}

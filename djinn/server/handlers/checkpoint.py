@@ -43,12 +43,11 @@ from pathlib import Path
 
 import torch
 
-from ..protocol.errors import InvalidRequest, SessionNotFound, short
-from ..protocol.tensors import dtype_name
-from ..vmu.data import aligned
-from . import quotas
+from ...protocol.errors import InvalidRequest, SessionNotFound, short
+from ...protocol.tensors import dtype_name
+from ...vmu.data import aligned
+from .. import quotas
 from .registry import op
-from .sessions import KVState
 
 log = logging.getLogger("djinn.checkpoint")
 

@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..protocol.errors import InvalidRequest, ModelNotSupported, clip, short
-from ..protocol.hashing import weight_hash
-from ..vmu.text import DEVICE, HOST, TextSegment
+from ...protocol.errors import InvalidRequest, ModelNotSupported, clip, short
+from ...protocol.hashing import weight_hash
+from ...vmu.text import DEVICE, HOST, TextSegment
 from . import streaming
+from .tensors import bind_tensors, named_tensors, unique_tensors
 
 log = logging.getLogger("djinn.models")
 
@@ -92,7 +93,7 @@ class ModelEntry:
     def nbytes(self) -> int:
         if self.streamed is not None:  # ring views share one storage: count the weights, not the views
             return self.streamed.plan.total_bytes
-        return sum(t.numel() * t.element_size() for t in _unique_tensors(self.module))
+        return sum(t.numel() * t.element_size() for t in unique_tensors(self.module))
 
 
 class ModelRegistry:
@@ -130,7 +131,7 @@ class ModelRegistry:
 
         The caller must hold a reference on every hash (a session pin); the model takes its own.
         With `weight_budget` (bytes, CUDA only) the decoder layers that do not fit stream from pinned
-        host memory (djinn/server/streaming.py). Returns (entry, created).
+        host memory (djinn/server/models/streaming.py). Returns (entry, created).
         """
         streaming.check_device(self.device, weight_budget)
         cls = self.model_class(arch)
@@ -147,7 +148,7 @@ class ModelRegistry:
         module = self._build(cls, config, attn_impl, generation_config)
         streamed = None
         if weight_budget is None:
-            _bind_tensors(module, {name: self.text.to_device(h, self.device) for name, h in tensors.items()})
+            bind_tensors(module, {name: self.text.to_device(h, self.device) for name, h in tensors.items()})
         else:
             streamed = streaming.stream_from_text(module, tensors, self.text, self.device, weight_budget)
         for h in tensors.values():
@@ -193,7 +194,7 @@ class ModelRegistry:
         hashes: dict[str, str] = {}
         tensors: dict[str, torch.Tensor] = {}
         rebuilt: dict[str, nn.Module] = {}
-        for name, _ in _named_tensors(module):
+        for name, _ in named_tensors(module):
             src = state.get(name)
             if src is None:
                 src = _fill_missing(module, name, state, rebuilt)
@@ -220,7 +221,7 @@ class ModelRegistry:
 
     def register_weights(self, tensors: object) -> tuple[ModelEntry, bool]:
         """A graph-path model (DESIGN.md section 4.2): only its weights, no code. The server never builds
-        the module; SRGs name these weights by hash (djinn/server/graph_ops.py). Same pinning contract
+        the module; SRGs name these weights by hash (djinn/server/handlers/graph_ops.py). Same pinning contract
         as `register`: the caller holds a reference on every hash."""
         if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tensors.items()):
             raise InvalidRequest("register_graph needs tensors: {name: hash}")
@@ -319,43 +320,6 @@ def _model_id(arch, config, attn_impl, tensors, generation_config=None, weight_b
         parts.append({"weight_budget": weight_budget})
     blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
-
-
-def _named_tensors(module: nn.Module):
-    """Every parameter and buffer by name, tied ones under each of their names."""
-    for name, p in module.named_parameters(remove_duplicate=False):
-        yield name, p
-    for name, b in module.named_buffers(remove_duplicate=False):
-        yield name, b
-
-
-def _unique_tensors(module: nn.Module):
-    seen = {}
-    for _, t in _named_tensors(module):
-        if t.device.type != "meta":
-            seen.setdefault(t.untyped_storage().data_ptr() or id(t), t)
-    return seen.values()
-
-
-def _bind_tensors(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Point every parameter and buffer of a meta-built module at the given device tensors."""
-    expected = {name for name, _ in _named_tensors(module)}
-    missing = sorted(expected - set(tensors))
-    extra = sorted(set(tensors) - expected)
-    if missing or extra:
-        raise InvalidRequest(f"tensor names do not match the architecture: missing {missing[:5]}, unexpected {extra[:5]}")
-    for name, t in tensors.items():
-        owner_name, _, attr = name.rpartition(".")
-        owner = module.get_submodule(owner_name) if owner_name else module
-        if attr in owner._parameters:
-            old = owner._parameters[attr]
-            if tuple(old.shape) != tuple(t.shape):
-                raise InvalidRequest(f"{name}: architecture wants shape {list(old.shape)}, got {list(t.shape)}")
-            owner._parameters[attr] = nn.Parameter(t, requires_grad=False)
-        elif attr in owner._buffers:
-            owner._buffers[attr] = t
-        else:
-            raise InvalidRequest(f"{name} is neither a parameter nor a buffer")
 
 
 def _fill_missing(module: nn.Module, name: str, state: dict, rebuilt: dict) -> torch.Tensor:

@@ -19,15 +19,16 @@ from __future__ import annotations
 import logging
 import time
 
-from ..protocol.errors import InvalidRequest
-from ..protocol.tensors import dtype_name
-from ..vmu.data import aligned
-from . import quotas
-from .dispatch import Job
-from .ops import _attach, op
-from .paged_cache import PagedCache
-from .sessions import KVState, Session
-from .tasks import InstantTask
+from ...protocol.errors import InvalidRequest
+from ...protocol.tensors import dtype_name
+from ...vmu.data import aligned
+from .. import quotas
+from ..dispatch import Job
+from ..execution.paged_cache import PagedCache
+from ..execution.tasks import InstantTask
+from ..sessions import KVState, Session
+from .model_ops import attach
+from .registry import op
 
 log = logging.getLogger("djinn.fork")
 
@@ -55,7 +56,7 @@ def _fork(engine, parent: Session, name: str | None) -> dict:
     try:
         child.max_kv_tokens = parent.max_kv_tokens
         for mid in parent.models:
-            _attach(engine, child, engine.models.get(mid))
+            attach(engine, child, engine.models.get(mid))
         for hid, t in parent.tensors.items():
             child.tensors[hid] = t.clone()
         child.restored_kv = dict(parent.restored_kv)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper
 
-from ..protocol.errors import InvalidRequest
+from ...protocol.errors import InvalidRequest
 
 
 def check_scores(scores: torch.Tensor) -> None:

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import time
 
-from ..protocol.errors import InvalidRequest
-from .breakpoints import Call, parse_breakpoints
+from ...protocol.errors import InvalidRequest
+from .. import quotas
+from ..execution import executor
+from ..execution.breakpoints import Call, parse_breakpoints
+from ..execution.graph_runs import GraphModule
+from ..execution.kv_pools import pool_for as kv_pool_for
+from ..execution.validate import check_forward, check_generate
+from .args import check_prefill, model_of, require_module, seed_of
 from .graph_ops import graph_call
-from .graph_runs import GraphModule
-from . import executor, quotas
-from .kv_pools import pool_for as kv_pool_for
-from .ops import _model_of, _seed, _unpack_inputs, check_prefill, op, require_module
-from .validate import check_forward, check_generate
+from .registry import op
+from .values import unpack_inputs
 
 METHODS = ("forward", "generate")
 
@@ -25,7 +28,7 @@ def start(engine, client_id, rid, args):
     s = engine.session(client_id, args)
     if "sig" in args:
         return _start_graph(engine, client_id, s, args, t0)
-    entry = _model_of(engine, s, args)
+    entry = model_of(engine, s, args)
     if getattr(entry, "streamed", None) is not None and args.get("breakpoints"):
         # The ring's slots are shared by every forward through the model: while one run is parked,
         # another session's forward would overwrite the slots the parked run resumes into.
@@ -36,8 +39,8 @@ def start(engine, client_id, rid, args):
         raise InvalidRequest(f"method must be one of {METHODS}, got {method!r}")
     if method == "generate":
         require_module(entry, "a generate run")
-    call_args = _unpack_inputs(engine, s, args.get("args", []))
-    call_kwargs = _unpack_inputs(engine, s, args.get("kwargs", {}))
+    call_args = unpack_inputs(engine, s, args.get("args", []))
+    call_kwargs = unpack_inputs(engine, s, args.get("kwargs", {}))
     if not isinstance(call_args, list) or not isinstance(call_kwargs, dict):
         raise InvalidRequest("start needs args as a list and kwargs as a map")
     if method == "generate" and len(call_args) != 1:
@@ -48,7 +51,7 @@ def start(engine, client_id, rid, args):
     else:  # Note [Effective generate arguments]: the arguments first, then the indices they imply
         executor.check_generate(call_args[0], call_kwargs, entry.module)
         check_generate(entry.module, call_args[0], call_kwargs, 0)  # a generate run is stateless
-    seed = _seed(args)
+    seed = seed_of(args)
     specs = parse_breakpoints(entry.module, args.get("breakpoints", []), method)
     kv_pool = None
     if method == "generate":
@@ -70,12 +73,12 @@ def start(engine, client_id, rid, args):
 
 
 def _start_graph(engine, client_id, s, args, t0: float) -> dict:
-    """A graph-path forward as a run (server/graph_runs.py): {sig, graph?, model_id?, inputs, seed?,
+    """A graph-path forward as a run (server/execution/graph_runs.py): {sig, graph?, model_id?, inputs, seed?,
     breakpoints}; the reply is start's, its output the graph's outputs in order."""
     compiled, _, weights, inputs = graph_call(engine, client_id, s, args, "start")
     if compiled is None:
         raise InvalidRequest("the server holds no graph with this signature: send it with the start")
-    seed = _seed(args)
+    seed = seed_of(args)
     module = GraphModule(compiled, weights, engine.text.readonly)
     specs = parse_breakpoints(module, args.get("breakpoints", []), "forward")
     call = Call(module, "forward", inputs, {}, seed, engine.device)

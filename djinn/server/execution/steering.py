@@ -28,8 +28,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..protocol.errors import InvalidRequest
-from ..srg.layers import decoder_stack, layer_path
+from ...protocol.errors import InvalidRequest
+from ...srg.layers import decoder_stack, layer_path
 
 _local = threading.local()  # .vectors: {layer: tensor} of the forward running on this thread
 _installed: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()

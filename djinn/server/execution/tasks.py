@@ -100,7 +100,7 @@ class StepTask:
 
 class InstantTask:
     """A job that needs its session's KV on the device and no decode step: `fn()` runs at its first
-    advance (a session fork of a swapped parent, djinn/server/fork.py)."""
+    advance (a session fork of a swapped parent, djinn/server/handlers/fork.py)."""
 
     path = "none"
     steps = 0

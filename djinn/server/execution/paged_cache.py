@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from ..protocol.errors import InvalidRequest
-from ..vmu.kv_pool import KVPool, KVTable
+from ...protocol.errors import InvalidRequest
+from ...vmu.kv_pool import KVPool, KVTable
 
 
 class PagedLayer(DynamicLayer):

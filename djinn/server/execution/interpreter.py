@@ -45,12 +45,12 @@ from typing import Any
 
 import torch
 
-from ..protocol.errors import InvalidRequest, RemoteExecutionError, WeightWriteRefused
-from ..srg import ops as srg_ops
-from ..srg.capture import op_info
-from ..srg.graph import CONST, DEVICE, IN, WEIGHT, Graph, Ref
-from ..vmu.data import aligned
-from ..vmu.readonly import ReadOnlyMemory
+from ...protocol.errors import InvalidRequest, RemoteExecutionError, WeightWriteRefused
+from ...srg import ops as srg_ops
+from ...srg.capture import op_info
+from ...srg.graph import CONST, DEVICE, IN, WEIGHT, Graph, Ref
+from ...vmu.data import aligned
+from ...vmu.readonly import ReadOnlyMemory
 
 _META = torch.device("meta")
 

@@ -1,16 +1,7 @@
-"""The operations a client can request: `op(engine, client_id, rid, args) -> result`.
-
-One function per op, registered in the op registry (registry.py). Arguments are checked here, before anything is allocated.
-
-Note [Isolation]
-    Every handle an op takes is resolved through the calling client's own session: the session id
-    through `engine.session` (another client's session does not exist for it), tensor handles through
-    `Session.tensor` (that session's tensors and paused-stop tensors only), run ids through
-    `RunTable.get` (that session's runs only), and model ids through `_model_of` (attached to that
-    session) or, for attach_model, the models this client holds in one of its sessions. A foreign id is
-    answered exactly like one that never existed. Session, tensor, stop and run ids come from the
-    secrets module (96, 64, 64 and 96 bits). Model ids are content addresses, not secrets: knowing one
-    gives nothing, since every use checks that the session holds the model.
+"""The session ops: open and close, forward, generate and its cancel, signals, tensors (fetch, free),
+stats. One function per op, registered in the op table (registry.py); arguments are checked here
+(args.py, values.py; Note [Isolation] in args.py), before anything is allocated. Weights and models
+are model_ops.py's.
 
 Note [Declared KV budgets]
     A session opened with `max_kv_tokens=N` declares the most tokens its KV will hold (per model, per
@@ -35,24 +26,25 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from ..protocol import structure
-from ..protocol.errors import InvalidRequest, ModelNotSupported, OutOfMemory, short
-from ..protocol.indexing import apply_chain, decode_chain
-from ..protocol.messages import MsgType
-from ..protocol.tensors import dtype_name
-from . import checkpoint, executor, quotas, steering, streaming, validate
-from .dispatch import Job
-from .fast_task import FastTask, pool_for
-from .kv_pools import pool_for as kv_pool_for
-from .models import GRAPH_ARCH
-from .fastpath import STEP, unsupported
+from ...protocol.errors import InvalidRequest, OutOfMemory, short
+from ...protocol.messages import MsgType
+from .. import quotas
+from ..dispatch import Job
+from ..execution import executor, steering, validate
+from ..execution.fast_task import FastTask, pool_for
+from ..execution.fastpath import STEP, unsupported
+from ..execution.kv_pools import pool_for as kv_pool_for
+from ..execution.rng import Stream
+from ..models import streaming
+from ..sessions import KVState, SessionState, install_restored
+from . import checkpoint
+from .args import check_prefill, model_id_of, model_of, require_module, seed_of, str_list
 from .registry import op
-from .rng import Stream
-from .sessions import KVState, SessionState, install_restored
+from .values import decode_inputs, pack_outputs, read, to_device, unpack_inputs
 
 log = logging.getLogger("djinn.ops")
 
@@ -93,108 +85,22 @@ def close_session(engine, client_id, rid, args):
 
 
 @op
-def has_weights(engine, client_id, rid, args):
-    """Which of these hashes the server lacks. Present ones are pinned to the session until registration."""
-    s = engine.session(client_id, args)
-    hashes = _str_list(args.get("hashes"), "hashes")
-    missing = []
-    for h in hashes:
-        if h in engine.text:
-            if h not in s.text_pins:
-                engine.text.acquire(h)
-                s.text_pins.add(h)
-        else:
-            missing.append(h)
-    return {"missing": missing}
-
-
-@op
-def upload(engine, client_id, rid, args):
-    s = engine.session(client_id, args)
-    items = args.get("items")
-    if not isinstance(items, list):
-        raise InvalidRequest("upload needs a list of items")
-    done = 0
-    # A model with a GPU weight budget stages its uploads on the host (DESIGN.md section 10).
-    residency = streaming.upload_residency(engine.device, args.get("stage"), engine.cfg.weight_budget_gb)
-    for item in items:
-        if not isinstance(item, dict):
-            raise InvalidRequest("upload items must be maps")
-        finished = engine.uploads.put(s.sid, item, host=residency != "device", owner=s.principal)
-        if finished is None:
-            continue
-        h, tensor = finished
-        if h in s.text_pins:
-            continue  # the same bytes sent twice by one session: keep the one pin it has
-        engine.text.add(h, tensor, residency)
-        s.text_pins.add(h)
-        done += 1
-    return {"stored": done}
-
-
-@op
-def register_model(engine, client_id, rid, args):
-    s = engine.session(client_id, args)
-    tensors = pinned_tensors(s, args, "register_model")
-    budget = streaming.budget_bytes(args.get("weight_budget_gb"), engine.cfg.weight_budget_gb)
-    entry, created = engine.models.register(args.get("arch"), args.get("config"), args.get("attn_impl"),
-                                            tensors, args.get("generation_config"), budget)
-    adopt(engine, s, entry, tensors)
-    return _model_info(entry, created)
-
-
-@op
-def load_model(engine, client_id, rid, args):
-    s = engine.session(client_id, args)
-    path = args.get("path")
-    if not isinstance(path, str):
-        raise InvalidRequest("load_model needs a path string")
-    budget = streaming.budget_bytes(args.get("weight_budget_gb"), engine.cfg.weight_budget_gb)
-    entry, created = engine.models.load_dir(path, engine.cfg.model_roots, engine.loopback, budget)
-    _attach(engine, s, entry)
-    return dict(_model_info(entry, created), config=entry.config)
-
-
-@op
-def attach_model(engine, client_id, rid, args):
-    """Use a model this client already holds in another of its sessions (no upload, no rebuild)."""
-    s = engine.session(client_id, args)
-    mid = _model_id(args)
-    if not any(mid in other.models for other in engine.sessions.of_client(client_id)):
-        raise InvalidRequest(f"model {mid!r} is not held by any session of this client; remote it again")
-    _attach(engine, s, engine.models.get(mid))
-    return {}
-
-
-@op
-def release_model(engine, client_id, rid, args):
-    s = engine.session(client_id, args)
-    mid = _model_id(args)
-    if mid in s.models:
-        engine.data.detach_kv(s, mid)
-        s.restored_kv.pop(mid, None)
-        s.models.discard(mid)
-        engine.release_model(mid, s.sid)
-    return {}
-
-
-@op
 def forward(engine, client_id, rid, args):
     s = engine.session(client_id, args)
-    entry = _model_of(engine, s, args)
-    call_args = _decode_inputs(s, args.get("args", []))
-    call_kwargs = _decode_inputs(s, args.get("kwargs", {}))
+    entry = model_of(engine, s, args)
+    call_args = decode_inputs(s, args.get("args", []))
+    call_kwargs = decode_inputs(s, args.get("kwargs", {}))
     if not isinstance(call_args, list) or not isinstance(call_kwargs, dict):
         raise InvalidRequest("forward needs args as a list and kwargs as a map")
     # Note [Index inputs are checked before the device sees them]: as they came off the wire, on the
     # host, so the check does not wait for the device's queue; then the copies to the device.
     validate.check_forward(entry.module, call_args, call_kwargs)
     check_prefill(engine, call_kwargs.get("input_ids", call_args[0] if call_args else None), "forward", entry.module)
-    call_args, call_kwargs = _to_device(call_args, engine.device), _to_device(call_kwargs, engine.device)
+    call_args, call_kwargs = to_device(call_args, engine.device), to_device(call_kwargs, engine.device)
     held = set(s.tensors)
     with Stream.new(None, engine.device).active():  # Note [Random streams]: a module drawing in forward
         out = executor.forward(entry.module, call_args, call_kwargs)
-    result = {"output": _pack_outputs(s, out)}
+    result = {"output": pack_outputs(s, out)}
     engine.data.sync(s)
     err = quotas.over_gpu(engine, s, held, "forward")
     if err is not None:
@@ -211,15 +117,15 @@ def generate(engine, client_id, rid, args):
     released when it ends. Admission reserves the blocks for every token it may add (`need`, so the
     scheduler's bytes are the pool's blocks); the end gives back the ones it did not write."""
     s = engine.session(client_id, args)
-    entry = _model_of(engine, s, args)
+    entry = model_of(engine, s, args)
     require_module(entry, "generate")
-    input_ids = _unpack_inputs(engine, s, args.get("input_ids"))
-    kwargs = _unpack_inputs(engine, s, args.get("kwargs", {}))
-    seed = _seed(args)
+    input_ids = unpack_inputs(engine, s, args.get("input_ids"))
+    kwargs = unpack_inputs(engine, s, args.get("kwargs", {}))
+    seed = seed_of(args)
     if not isinstance(kwargs, dict):
         raise InvalidRequest("generate needs kwargs as a map")
     executor.check_generate(input_ids, kwargs, entry.module)  # Note [Effective generate arguments]
-    steer = steering.parse(entry.module, _unpack_inputs(engine, s, args.get("steer")))  # Note [Steering]
+    steer = steering.parse(entry.module, unpack_inputs(engine, s, args.get("steer")))  # Note [Steering]
     check_prefill(engine, input_ids, "generate", entry.module)
     emitted: list[int] = []  # tokens streamed to the client so far (Note [Cancel] in dispatch.py)
 
@@ -339,7 +245,7 @@ def cancel_generate(engine, client_id, rid, args):
     target, keep = args.get("rid"), args.get("keep", 0)
     if type(target) is not int or type(keep) is not int or keep < 0:
         raise InvalidRequest("cancel_generate needs rid (the generate's request id) and keep (an int >= 0)")
-    return engine.dispatch.cancel(s.sid, target, keep)
+    return engine.cancel_generate(s.sid, target, keep)
 
 
 def _prompt_ids(state, input_ids: torch.Tensor, continues: bool) -> list[int]:
@@ -347,17 +253,6 @@ def _prompt_ids(state, input_ids: torch.Tensor, continues: bool) -> list[int]:
     call ran, the new ones."""
     ids = torch.cat([state.ids, input_ids], dim=1) if continues else state.ids if state.ids.shape[1] else input_ids
     return ids[0].tolist()
-
-
-def check_prefill(engine, input_ids: Any, what: str, module=None) -> None:
-    """Note [Stack reserve] in kv_pools.py: no call feeds more new tokens at once than were measured
-    (Whisper's input_features: batch x its encoder's positions, `executor.fed_tokens`)."""
-    n = executor.fed_tokens(module, input_ids)
-    if n is not None:
-        limit = engine.cfg.max_prefill_tokens
-        if n > limit:
-            raise InvalidRequest(f"{what} feeds {n} tokens at once (batch x length), over max_prefill_tokens="
-                                 f"{limit}; split the input or start the server with a larger --max-prefill-tokens")
 
 
 def _why_eager(engine, entry, s, input_ids, kwargs: dict, deterministic, use_kv: bool) -> str | None:
@@ -399,7 +294,7 @@ def signal(engine, client_id, rid, args):
 @op
 def reset_kv(engine, client_id, rid, args):
     s = engine.session(client_id, args)
-    engine.data.detach_kv(s, _model_id(args))
+    engine.data.detach_kv(s, model_id_of(args))
     return {}
 
 
@@ -408,17 +303,17 @@ def fetch(engine, client_id, rid, args):
     """Tensors (or basic-index views, one index chain per handle) to the client, after its queued edits."""
     s = engine.session(client_id, args)
     engine.runs.apply_edits(s, args.get("edits"))
-    handles = _str_list(args.get("handles"), "handles")
+    handles = str_list(args.get("handles"), "handles")
     indices = args.get("indices") or [None] * len(handles)
     if not isinstance(indices, list) or len(indices) != len(handles):
         raise InvalidRequest("indices must be a list with one index chain (or null) per handle")
-    return {"tensors": [_read(s.tensor(h), i) for h, i in zip(handles, indices)]}
+    return {"tensors": [read(s.tensor(h), i) for h, i in zip(handles, indices)]}
 
 
 @op
 def free(engine, client_id, rid, args):
     s = engine.session(client_id, args)
-    for h in _str_list(args.get("handles"), "handles"):
+    for h in str_list(args.get("handles"), "handles"):
         s.tensors.pop(h, None)
     engine.data.sync(s)
     return {}
@@ -487,141 +382,3 @@ def stats(engine, client_id, rid, args):
 def _principal_stats(engine, principal: str) -> dict:
     """The ledger's caps and the GPU quota of the caller's own principal (Note [Principal GPU quota])."""
     return {**engine.ledger.stats(principal), "gpu_bytes": quotas.principal_stats(engine, principal)}
-
-
-# -- helpers -------------------------------------------------------------------------------------
-def _attach(engine, s, entry) -> None:
-    engine.models.acquire(entry, s.sid)
-    s.models.add(entry.model_id)
-
-
-def pinned_tensors(s, args: dict, op_name: str) -> dict:
-    """The {name: weight hash} map of a register op, each hash announced or uploaded by this session."""
-    tensors = args.get("tensors")
-    if not isinstance(tensors, dict) or not all(isinstance(v, str) for v in tensors.values()):
-        raise InvalidRequest(f"{op_name} needs tensors: {{name: hash}}")
-    unpinned = sorted(set(tensors.values()) - s.text_pins)
-    if unpinned:
-        raise InvalidRequest(f"{len(unpinned)} weights were not announced or uploaded by this session")
-    return tensors
-
-
-def adopt(engine, s, entry, tensors: dict) -> None:
-    """Attach a just-registered model to the session; the model now holds the weights the session
-    had pinned for it, so the session's pins are let go."""
-    _attach(engine, s, entry)
-    for h in set(tensors.values()):
-        s.text_pins.discard(h)
-        engine.text.release(h)
-
-
-def _model_info(entry, created: bool) -> dict:
-    return {"model_id": entry.model_id, "arch": entry.arch, "bytes": entry.nbytes, "created": created}
-
-
-def _model_id(args) -> str:
-    mid = args.get("model_id")
-    if not isinstance(mid, str):
-        raise InvalidRequest(f"model_id must be a string, got {type(mid).__name__}")
-    return mid
-
-
-def require_module(entry, what: str) -> None:
-    """A graph-path model (weights only, no code on the server) cannot run `what`: a typed error naming
-    what works instead, not an AttributeError on its weight table."""
-    if entry.arch == GRAPH_ARCH:
-        raise ModelNotSupported(f"{what} needs a model the server builds itself (the module path); this one runs on "
-                                "the graph path (forward only: its code stays on the client). Remote a Hugging Face "
-                                "model whose architecture is in djinn.supported_architectures(), or decode with "
-                                "forward calls: rm(ids, past_key_values=cache, use_cache=True) keeps the cache on "
-                                "the server")
-
-
-def _model_of(engine, s, args):
-    mid = _model_id(args)
-    if mid not in s.models:
-        raise InvalidRequest(f"model {mid!r} is not attached to session {s.sid[:8]}; remote it in this session")
-    return engine.models.get(mid)
-
-
-def _read(t: torch.Tensor, chain: Any) -> torch.Tensor:
-    if chain is not None:
-        try:
-            t = apply_chain(t, decode_chain(chain))
-        except (IndexError, RuntimeError) as e:
-            raise InvalidRequest(f"index {chain} does not fit shape {list(t.shape)}: {e}") from None
-    out = t.cpu()
-    # On a CPU server .cpu() is the tensor itself, and its bytes leave later, from the router thread:
-    # copy, since an edit or a resumed run may change them in place meanwhile.
-    return out.clone() if out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() else out
-
-
-def _str_list(v: Any, what: str) -> list[str]:
-    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-        raise InvalidRequest(f"{what} must be a list of strings")
-    return v
-
-
-def _seed(args: dict) -> int | None:
-    """A request's optional `seed`: None or an int (not a bool)."""
-    seed = args.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise InvalidRequest(f"seed must be an int, got {seed!r}")
-    return seed
-
-
-def _unpack_inputs(engine, s, value: Any, alias_handles: bool = False) -> Any:
-    """Wire inputs -> device tensors. `alias_handles`: a handle input is the session's tensor itself,
-    not a copy, so an in-place op a graph recorded on it (`h[idx] = v`, `h.add_(pending)`) lands in it,
-    as it would locally (run_graph); a handle in a weight's storage is still copied (weights are
-    read-only for every tenant). Otherwise every input is a copy."""
-    handles: set[int] = set()
-
-    def handle(t: torch.Tensor) -> None:
-        if alias_handles and not engine.text.holds_storage(t):  # a view of a weight stays a copy
-            handles.add(id(t))
-
-    obj = _decode_inputs(s, value, handle)
-    return _to_device(obj, engine.device, handles)
-
-
-def _decode_inputs(s, value: Any, on_handle: Callable[[torch.Tensor], None] | None = None) -> Any:
-    """Wire inputs -> tensors where they are: host tensors off the message (aliasing its frames: copy
-    them before they outlive the request), the session's own tensors for handles."""
-    def tag(name: str, v: Any):
-        if name == "$h":
-            t = s.tensor(v)
-            if on_handle is not None:
-                on_handle(t)
-            return t
-        raise InvalidRequest(f"clients do not send {name} values")
-
-    return structure.unpack(value, tag)
-
-
-def _to_device(obj: Any, device: torch.device, keep: set[int] = frozenset()) -> Any:
-    if isinstance(obj, torch.Tensor):
-        if id(obj) in keep:
-            return obj
-        # A copy: tensors decoded from the wire alias the message's frames, which are freed when the
-        # request is done, and an output may be a view of an input.
-        return obj.to(device, copy=True)
-    if isinstance(obj, list):
-        return [_to_device(v, device, keep) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_to_device(v, device, keep) for v in obj)
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device, keep) for k, v in obj.items()}
-    return obj
-
-
-def _pack_outputs(s, out: Any) -> Any:
-    def leaf(obj: Any):
-        if isinstance(obj, torch.Tensor):
-            return {"$t": [s.add_tensor(obj), dtype_name(obj.dtype), list(obj.shape), str(obj.device)]}
-        if any(c.__name__ == "Cache" for c in type(obj).__mro__):
-            return None  # caches stay server-side (sessions keep them for generate)
-        return NotImplemented
-
-    return structure.pack(out, leaf)
-

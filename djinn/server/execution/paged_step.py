@@ -178,7 +178,7 @@ def check(module: torch.nn.Module) -> str | None:
 def _probe(module: torch.nn.Module) -> str | None:
     """A 3-token prompt through the paged forward on a scratch pool of 2 blocks: every layer must update
     then attend once, and the last logits must equal the module's plain forward's to rounding."""
-    from ..vmu.kv_pool import KVShape
+    from ...vmu.kv_pool import KVShape
     from .paged_attention import GatherAttention
 
     trace: list = []

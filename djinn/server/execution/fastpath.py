@@ -47,7 +47,7 @@ Note [Graph workspace]
 Note [Fast path numerics]
     The step is the model's own forward (paged_step.py), so only attention differs from HF's:
     FlexAttention's kernel over the row's blocks, or SDPA over the padded length bucket with a mask
-    (djinn/server/paged_attention.py; with a softcap, the eager arithmetic over the same gather).
+    (djinn/server/execution/paged_attention.py; with a softcap, the eager arithmetic over the same gather).
     Results therefore match eager decode to rounding, not bitwise; `deterministic=True` asks for the
     eager path. Which architectures pass is tested, not assumed: tests/unit/test_paged_step.py compares
     logits and greedy tokens of every SUPPORTED_ARCHS model with HF's, and `paged_step.check` probes
@@ -64,7 +64,7 @@ from typing import Callable
 
 import torch
 
-from ..protocol.errors import InvalidRequest
+from ...protocol.errors import InvalidRequest
 from . import paged_attention, paged_step, steering
 from .sampling import check_scores
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..vmu.kv_pool import STAGE_BYTES, KVPool, KVShape
+from ...vmu.kv_pool import STAGE_BYTES, KVPool, KVShape
 from . import paged_attention
 
 log = logging.getLogger("djinn.kv_pools")
@@ -53,7 +53,7 @@ class PoolPlan:
     profile_peak: int       # the measured prefill's peak, bytes
     decode_rows: int        # rows of the batched decode step
     prefill_gather_tokens: int  # padded positions one batched prefill may gather (Note [Batched prefill])
-    attention: str              # the decode step's attention (djinn/server/paged_attention.py)
+    attention: str              # the decode step's attention (djinn/server/execution/paged_attention.py)
     attention_fallback: str | None  # why auto did not get flex (Note [Flex is checked]); None: it did
     free_before: int        # device bytes free (incl. the allocator's cache) before the pool
     seconds: float
@@ -64,7 +64,7 @@ class PoolPlan:
 
 def decode_rows(cfg, shape: KVShape, heads: int, attention: str) -> int:
     """Rows of the batched decode step: as configured, else as many as its workspace allows. Flex
-    attention reads the blocks in place (djinn/server/paged_attention.py): its rows cost a few index
+    attention reads the blocks in place (djinn/server/execution/paged_attention.py): its rows cost a few index
     tables, so it takes the most rows; the gather copies a row's KV per layer."""
     if cfg.fast_decode_max_batch is not None:
         return cfg.fast_decode_max_batch
@@ -126,7 +126,7 @@ def pool_for(engine, entry) -> KVPool:
             budget = min(budget, int(cfg.data_budget_gb * GIB))
     blocks = max(0, min(budget, cap)) // block_bytes + 1  # + the scratch block
     if blocks < 2:
-        from ..protocol.errors import OutOfMemory
+        from ...protocol.errors import OutOfMemory
 
         raise OutOfMemory(f"no room for a KV pool of {type(module).__name__}: {budget / GIB:.2f} GiB left after "
                           f"the weights and a Stack reserve of {stack / GIB:.2f} GiB; one block is "

@@ -15,10 +15,11 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..protocol.errors import InvalidRequest
-from ..vmu.planner import DEFAULT_ALIGNMENT, DEFAULT_SLOTS, PlanError, StreamedLayer, StreamPlan, plan_stream
-from ..vmu.ring_buffer import PinnedLayers, RingStreamer
-from ..vmu.text import DEVICE, HOST, PINNED, TextSegment
+from ...protocol.errors import InvalidRequest
+from ...vmu.planner import DEFAULT_ALIGNMENT, DEFAULT_SLOTS, PlanError, StreamedLayer, StreamPlan, plan_stream
+from ...vmu.ring_buffer import PinnedLayers, RingStreamer
+from ...vmu.text import DEVICE, HOST, PINNED, TextSegment
+from .tensors import bind_tensors, named_tensors
 
 GIB = 1 << 30  # weight_budget_gb is in GiB (2**30 bytes), like the budgets in BASELINES.md
 
@@ -85,13 +86,11 @@ class ModelLayout:
 
 
 def layout_of(module: nn.Module, key_of: Callable[[str], str]) -> ModelLayout:
-    from .models import _named_tensors
-
     path, layers = find_decoder_layers(module)
     prefix = path + "."
     per_layer: list[list[tuple[str, str]]] = [[] for _ in layers]
     fixed: list[tuple[str, str]] = []
-    for name, _ in _named_tensors(module):
+    for name, _ in named_tensors(module):
         if name.startswith(prefix):
             index = int(name[len(prefix):].split(".", 1)[0])
             per_layer[index].append((name, key_of(name)))
@@ -180,8 +179,6 @@ def stream_module(module: nn.Module, layout: ModelLayout, plan: StreamPlan, devi
     layer (Note [Host layout] in planner.py); streamed layers without one are packed from `source`
     into pinned memory allocated here, once.
     """
-    from .models import _bind_tensors
-
     device = torch.device(device)
     tensors: dict[str, torch.Tensor] = {}
     for name, key in layout.fixed:
@@ -190,7 +187,7 @@ def stream_module(module: nn.Module, layout: ModelLayout, plan: StreamPlan, devi
         for name, key in layout.layers[i]:
             tensors[name] = resident(key)
     if not plan.streamed:
-        _bind_tensors(module, tensors)
+        bind_tensors(module, tensors)
         return StreamedModel(module, layout, plan, None, None, {})
     check_device(device, plan.budget)
     host = dict(host_layers or {})
@@ -207,7 +204,7 @@ def stream_module(module: nn.Module, layout: ModelLayout, plan: StreamPlan, devi
             for name, key in layout.layers[sl.layer]:
                 src = source(key)
                 tensors[name] = streamer.view(k, index[key], src.dtype, src.shape)
-        _bind_tensors(module, tensors)
+        bind_tensors(module, tensors)
         layers = module.get_submodule(layout.layers_path)
         streamer.attach([layers[sl.layer] for sl in plan.streamed])
     except BaseException:

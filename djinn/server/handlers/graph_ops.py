@@ -1,7 +1,7 @@
 """Graph-path ops (DESIGN.md section 4.2-4.3): register_graph, run_graph, graph_stats.
 
 Registered in the op registry (registry.py) like every other op. A graph arrives once per (session, signature) and is checked
-and compiled then (djinn/server/interpreter.py); later calls send the signature and their inputs only.
+and compiled then (djinn/server/execution/interpreter.py); later calls send the signature and their inputs only.
 
 Note [Graph cache]
     Compiled graphs are cached per session and signature (`Session.graphs`, LRU, at most
@@ -22,14 +22,16 @@ import weakref
 
 import torch
 
-from ..protocol.errors import CostBudgetExceeded, InvalidRequest
-from ..srg.graph import from_wire
-from .interpreter import Compiled, Interpreter, compile_graph, const_bytes
-from . import quotas
-from .models import GRAPH_ARCH
-from .ops import (_model_info, _model_of, _pack_outputs, _read, _seed, _unpack_inputs, adopt, op,
-                  pinned_tensors)
-from .rng import Stream
+from ...protocol.errors import CostBudgetExceeded, InvalidRequest
+from ...srg.graph import from_wire
+from .. import quotas
+from ..execution.interpreter import Compiled, Interpreter, compile_graph, const_bytes
+from ..execution.rng import Stream
+from ..models.registry import GRAPH_ARCH
+from .args import model_of, seed_of
+from .model_ops import adopt, model_info, pinned_tensors
+from .registry import op
+from .values import pack_outputs, read, unpack_inputs
 
 
 class GraphCounters:
@@ -61,7 +63,7 @@ def register_graph(engine, client_id, rid, args):
     tensors = pinned_tensors(s, args, "register_graph")
     entry, created = engine.models.register_weights(tensors)
     adopt(engine, s, entry, tensors)
-    return _model_info(entry, created)
+    return model_info(entry, created)
 
 
 @op
@@ -73,7 +75,7 @@ def run_graph(engine, client_id, rid, args):
     compiled, status, weights, inputs = graph_call(engine, client_id, s, args, "run_graph")
     if compiled is None:
         return {"missing": True}
-    rng = Stream.new(_seed(args), engine.device)  # Note [Random streams]: as a local manual_seed, or fresh
+    rng = Stream.new(seed_of(args), engine.device)  # Note [Random streams]: as a local manual_seed, or fresh
     fetch = args.get("fetch") or []
     n_out = len(compiled.graph.outputs)
     if not isinstance(fetch, list) or not all(type(k) is int and 0 <= k < n_out for k in fetch):
@@ -84,7 +86,7 @@ def run_graph(engine, client_id, rid, args):
         outs = Interpreter(compiled, engine.text.readonly).run(inputs, weights)
     t2 = time.perf_counter()
     graph_counters(engine).count(client_id, "runs")
-    result = {"outputs": _pack_outputs(s, outs), "tensors": [_read(outs[k], None) for k in fetch],
+    result = {"outputs": pack_outputs(s, outs), "tensors": [read(outs[k], None) for k in fetch],
               "graph": status, "timing": {"interpret_us": round((t2 - t1) * 1e6), "server_us": 0}}
     engine.data.sync(s)
     err = quotas.over_gpu(engine, s, held, "run_graph")
@@ -108,7 +110,7 @@ def graph_call(engine, client_id: str, s, args: dict, what: str) -> tuple[Compil
     # Note [Graph peak memory]: what the run will hold at its peak, before anything is allocated.
     quotas.check_gpu(engine, s, quotas.gpu_used(engine, s) + compiled.peak_bytes, what,
                      f"the graph's intermediates and outputs peak at {compiled.peak_bytes} bytes")
-    inputs = _unpack_inputs(engine, s, args.get("inputs", []), alias_handles=True)
+    inputs = unpack_inputs(engine, s, args.get("inputs", []), alias_handles=True)
     _check_inputs(compiled, inputs)
     return compiled, status, weights, inputs
 
@@ -158,7 +160,7 @@ def _weights(engine, s, args, compiled: Compiled) -> list[torch.Tensor]:
         return []
     if args.get("model_id") is None:
         raise InvalidRequest("this graph uses weights: name the graph model (model_id) that holds them")
-    entry = _model_of(engine, s, args)  # attached to this session (Note [Isolation] in ops.py)
+    entry = model_of(engine, s, args)  # attached to this session (Note [Isolation] in args.py)
     if entry.arch != GRAPH_ARCH:
         raise InvalidRequest(f"model {entry.model_id[:12]} is not a graph-path model")
     table = entry.module.by_hash

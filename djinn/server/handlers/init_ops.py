@@ -35,12 +35,14 @@ import logging
 import torch
 from torch import nn
 
-from ..protocol.errors import InvalidRequest
-from ..protocol.tensors import DTYPES
-from ..vmu.text import DEVICE, HOST, TextSegment
-from . import streaming
-from .models import _named_tensors, check_attn_impl, checked_config
-from .ops import _attach, _model_info, op
+from ...protocol.errors import InvalidRequest
+from ...protocol.tensors import DTYPES
+from ...vmu.text import DEVICE, HOST, TextSegment
+from ..models import streaming
+from ..models.registry import check_attn_impl, checked_config
+from ..models.tensors import named_tensors
+from .model_ops import attach, model_info
+from .registry import op
 
 log = logging.getLogger("djinn.init_ops")
 
@@ -78,11 +80,11 @@ def init_model(engine, client_id, rid, args):
     finally:
         for h in pins:  # the model holds its own references now (or failed and holds none)
             engine.text.release(h)
-    _attach(engine, s, entry)
+    attach(engine, s, entry)
     if created:
         log.info("model %s from config: %s seed=%d dtype=%s%s", entry.model_id[:12], arch, seed, args.get("dtype"),
                  " (weights shared with another model)" if held is not None else "")
-    return dict(_model_info(entry, created), config=entry.config)
+    return dict(model_info(entry, created), config=entry.config)
 
 
 def identity_key(arch: str, config: dict, dtype: str | None, seed: int) -> str:
@@ -132,7 +134,7 @@ def _store(text: TextSegment, module: nn.Module, key: str, residency: str, pins:
     entry); every new entry's one reference is appended to `pins` as soon as it is taken."""
     names: dict[int, str] = {}
     tensors: dict[str, str] = {}
-    for name, t in _named_tensors(module):
+    for name, t in named_tensors(module):
         h = names.get(id(t))
         if h is None:
             h = names[id(t)] = f"init:{key}:{name}"

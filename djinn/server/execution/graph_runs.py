@@ -1,6 +1,6 @@
 """Breakpoints on the graph path: a captured forward as a module that Runs can pause (DESIGN.md section 7).
 
-A Run (server/breakpoints.py) pauses through forward hooks on the target modules of a real module tree.
+A Run (server/execution/breakpoints.py) pauses through forward hooks on the target modules of a real module tree.
 The graph path has no module tree on the server, only a compiled graph, so `GraphModule` builds a
 skeleton: an empty nn.Module at every path the capture recorded a call for (Note [Module calls] in
 srg/graph.py), under a root whose forward runs the graph. The interpreter fires the skeleton modules'
@@ -16,8 +16,8 @@ from bisect import bisect_left
 import torch
 from torch import nn
 
-from ..protocol.errors import InvalidRequest
-from ..vmu.readonly import ReadOnlyMemory
+from ...protocol.errors import InvalidRequest
+from ...vmu.readonly import ReadOnlyMemory
 from .interpreter import Compiled, Interpreter
 
 MAX_PATHS = 1 << 14  # skeleton modules a graph run may ask for (each is a small Python object)

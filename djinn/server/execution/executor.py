@@ -57,10 +57,10 @@ from typing import Any, Callable
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from ..protocol.errors import InvalidRequest
+from ...protocol.errors import InvalidRequest
+from ..sessions import KVState
 from . import steering
 from .sampling import checked_hf_kwargs
-from .sessions import KVState
 
 # transformers >= 5.2x renames generate's past_key_values to cache; the old name works (with this
 # warning) on every version we support, the new one only on recent ones.

@@ -17,13 +17,13 @@ from typing import Any
 
 import torch
 
-from ..protocol import structure
-from ..protocol.errors import InvalidRequest, RemoteExecutionError, WeightWriteRefused
-from ..protocol.tensors import dtype_name
+from ...protocol import structure
+from ...protocol.errors import InvalidRequest, RemoteExecutionError, WeightWriteRefused
+from ...protocol.tensors import dtype_name
+from ..principals import Ledger, Resource
+from ..sessions import Session, SessionState
 from . import edits
 from .breakpoints import BreakpointSpec, Call, LoggedEdit, Replay, Run, RunState
-from .principals import Ledger, Resource
-from .sessions import Session, SessionState
 
 log = logging.getLogger("djinn.runs")
 

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..protocol.errors import InvalidRequest, OutOfMemory, RemoteExecutionError
-from ..srg.layers import decoder_stack, layer_path
-from ..srg.tree import tensor_leaves
+from ...protocol.errors import InvalidRequest, OutOfMemory, RemoteExecutionError
+from ...srg.layers import decoder_stack, layer_path
+from ...srg.tree import tensor_leaves
 from . import edits, executor
 from .rng import Stream
 
@@ -291,7 +291,7 @@ class Run:
     def _execute_from_kv(self, r: ResumePoint) -> Any:
         """A fork of a generate paused in step r.step: that step and the rest, over the forked KV."""
         from .paged_cache import PagedCache
-        from .sessions import KVState
+        from ..sessions import KVState
 
         c = self.call
         prompt = int(c.args[0].shape[1])
@@ -317,7 +317,7 @@ class Run:
             return executor.forward(c.module, c.args, c.kwargs)
         if c.kv_pool is None:
             return executor.generate(c.module, None, c.args[0], c.kwargs, None, continues=False)
-        from .sessions import KVState
+        from ..sessions import KVState
 
         ids = c.args[0]
         state = KVState.empty(c.kv_pool, executor.empty_ids(ids))

@@ -36,10 +36,10 @@ from typing import Any, Callable
 
 import torch
 
+from ..sessions import KVState
 from .fastpath import DecodePool, Row, Sampler
-from .prefill_step import Chunk, groups, prefill
 from .kv_pools import pool_for as kv_pool_for
-from .sessions import KVState
+from .prefill_step import Chunk, groups, prefill
 from .tasks import Cancelled
 
 
@@ -139,7 +139,7 @@ class FastTask:
         if self._full is None:
             full = torch.cat([state.ids, self.input_ids], dim=1) if self.continues else self.input_ids
             if full.shape[1] <= state.table.length:
-                from ..protocol.errors import InvalidRequest
+                from ...protocol.errors import InvalidRequest
 
                 raise InvalidRequest("generate has no new token to feed: its input is empty and the cache holds them all")
             self._full = full

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..protocol.errors import InvalidRequest
+from ...protocol.errors import InvalidRequest
 from . import executor
 
 #: Names of learned absolute position tables (GPT-2 `wpe`, OPT `embed_positions`, BERT-style
