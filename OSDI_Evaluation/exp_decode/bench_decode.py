@@ -266,8 +266,15 @@ def bench_shape(shape: str, args, device, dtype) -> dict:
         s_many = remote_timed(srv.address, remote, prompts[0].cpu(), args.new_tokens, steer=steer)
         res["remote_ms_per_token_batch1_steered"] = (s_many - s_few) / (args.new_tokens - 2) * 1e3
         res["steered_x_unsteered"] = res["remote_ms_per_token_batch1_steered"] / remote_ms
+        # Reading that layer's output at every position as well (Note [Recorded activations]).
+        r_few = remote_timed(srv.address, remote, prompts[0].cpu(), 2, steer=steer, record=list(steer))
+        r_many = remote_timed(srv.address, remote, prompts[0].cpu(), args.new_tokens, steer=steer, record=list(steer))
+        res["remote_ms_per_token_batch1_steered_recorded"] = (r_many - r_few) / (args.new_tokens - 2) * 1e3
+        res["steered_recorded_x_unsteered"] = res["remote_ms_per_token_batch1_steered_recorded"] / remote_ms
         print(f"[{shape}] remote, 1 session: {remote_ms:.2f} ms/token, steered "
-              f"{res['remote_ms_per_token_batch1_steered']:.2f} ({res['steered_x_unsteered']:.3f}x)", flush=True)
+              f"{res['remote_ms_per_token_batch1_steered']:.2f} ({res['steered_x_unsteered']:.3f}x), steered and "
+              f"recorded {res['remote_ms_per_token_batch1_steered_recorded']:.2f} "
+              f"({res['steered_recorded_x_unsteered']:.3f}x)", flush=True)
         toks = res["remote"][0]["tokens_row0"][args.prompt:]
         k2 = min(len(toks), len(res["eager"]["tokens"]))
         res["greedy_match_remote_vs_eager"] = _prefix(toks[:k2], res["eager"]["tokens"][:k2])
@@ -280,7 +287,8 @@ def bench_shape(shape: str, args, device, dtype) -> dict:
     return res
 
 
-def remote_timed(address, remote, prompt, new: int, reps: int = 3, steer: dict | None = None) -> float:
+def remote_timed(address, remote, prompt, new: int, reps: int = 3, steer: dict | None = None,
+                 record: list | None = None) -> float:
     """Median seconds of one session's generate of `new` tokens (after one warm-up); `steer` adds a
     vector at a layer (Note [Steering])."""
     from djinn.frontend.connection import Connection
@@ -289,7 +297,7 @@ def remote_timed(address, remote, prompt, new: int, reps: int = 3, steer: dict |
     try:
         s = c.session()
         rm = remote(s)
-        kw = {"steer": steer} if steer else {}
+        kw = {**({"steer": steer} if steer else {}), **({"record": record} if record else {})}
         rm.generate(prompt, max_new_tokens=new, do_sample=False, session=s, **kw)
         ts = []
         for _ in range(reps):

@@ -19,13 +19,17 @@ if TYPE_CHECKING:
 
 
 def request(session: "Session", rm: "RemoteModel", input_ids: torch.Tensor, *, stream: bool, seed: int | None,
-            use_session_kv: bool, deterministic: bool = False, steer: dict | None = None, **kwargs):
+            use_session_kv: bool, deterministic: bool = False, steer: dict | None = None,
+            record: "list[int] | None" = None, **kwargs):
     """The sequences, or a TokenStream with stream=True. The caller has attached `rm` to `session`.
 
     deterministic=True: the eager path, bitwise-equal to a local generate, never the batched fast path.
     steer={layer: vector}: `vector` (a tensor of the hidden size, local or remote) is added to decoder
     layer `layer`'s output at every position this call feeds, as a local forward hook returning
     `output + vector` would; steered calls stay on the batched fast path (DESIGN.md, Note [Steering]).
+    record=[layer, ...]: returns `(sequences, {layer: RemoteTensor [positions, hidden]})`, each layer's
+    output at every position this call fed (its new tokens and every generated token but the last),
+    read inside the batched step (Note [Recorded activations]); input batch 1, stream=False.
     """
     if getattr(rm, "path", "module") != "module":
         raise ModelNotSupported(graph_path_why(rm.arch))
@@ -39,8 +43,15 @@ def request(session: "Session", rm: "RemoteModel", input_ids: torch.Tensor, *, s
         if not isinstance(steer, dict):
             raise InvalidRequest(f"steer must be a dict {{layer number: vector}}, got {type(steer).__name__}")
         args["steer"] = wire.pack(session, [[k, v] for k, v in steer.items()])
+    if record is not None:
+        if isinstance(record, int) or not isinstance(record, (list, tuple)) or stream:
+            raise InvalidRequest("record must be a list of layer numbers, e.g. record=[1, -1], with stream=False")
+        args["record"] = list(record)
     if not stream:  # interrupted (Ctrl-C), the server stops it and the session keeps none of it
-        return session.call("generate", args, on_interrupt=lambda rid: cancel(session, rid, 0))["sequences"]
+        reply = session.call("generate", args, on_interrupt=lambda rid: cancel(session, rid, 0))
+        if record is None:
+            return reply["sequences"]
+        return reply["sequences"], dict(zip(record, wire.unpack(session, reply["records"])))
     if input_ids.shape[0] != 1:
         raise InvalidRequest("stream=True supports batch size 1 (like transformers' TextStreamer)")
     q: queue.Queue = queue.Queue()

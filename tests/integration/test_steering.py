@@ -16,8 +16,9 @@ from ..conftest import DEVICE
 from ..models import VOCAB, tiny_causal_lm, tiny_llama
 
 
-def _hooked_generate(model, ids, steer: dict, **kw) -> torch.Tensor:
-    """The local reference: forward hooks adding each vector to its layer's output during generate."""
+def _hooked_generate(model, ids, steer: dict, record: dict | None = None, **kw) -> torch.Tensor:
+    """The local reference: forward hooks adding each vector to its layer's output during generate, and
+    appending that output (row 0) to `record[layer]` when asked."""
     model, ids = model.to(DEVICE), ids.to(DEVICE)
     hooks = []
     for layer, v in steer.items():
@@ -26,6 +27,10 @@ def _hooked_generate(model, ids, steer: dict, **kw) -> torch.Tensor:
         def add(mod, args, out, v=v):
             return (out[0] + v, *out[1:]) if isinstance(out, tuple) else out + v
         hooks.append(model.get_submodule(layer_path(model, layer)).register_forward_hook(add))
+    for layer, got in (record or {}).items():
+        def keep(mod, args, out, got=got):
+            got.append((out[0] if isinstance(out, tuple) else out)[0].detach().clone())
+        hooks.append(model.get_submodule(layer_path(model, layer)).register_forward_hook(keep))
     try:
         with torch.no_grad():
             return model.generate(ids, attention_mask=torch.ones_like(ids), **kw).cpu()
@@ -124,3 +129,41 @@ def test_bad_steering_is_a_typed_error_and_the_server_serves_on(conn):
         s.generate(rm, ids, steer=[v], max_new_tokens=3)
     out = s.generate(rm, ids, max_new_tokens=4, do_sample=False)
     assert torch.equal(out, _hooked_generate(model, ids, {}, max_new_tokens=4, do_sample=False))
+
+
+def test_recorded_activations_are_the_local_hooks_on_both_paths(conn, fast_server):
+    """Note [Recorded activations]: record=[...] returns each layer's output at every fed position, after
+    its steering vector: bitwise the local hook's on the eager path, to rounding on the batched fast path
+    (while another session shares its steps), and the tokens are unchanged by recording."""
+    model = tiny_llama().eval()
+    ids, v = _prompt(6, 4), _vector(model, 6)
+    kw = dict(max_new_tokens=9, do_sample=False)
+    got0: list = []
+    got1: list = []
+    want = _hooked_generate(model, ids, {1: v}, {0: got0, -1: got1}, **kw)
+    ref0, ref1 = torch.cat(got0).cpu(), torch.cat(got1).cpu()
+    assert ref0.shape == (6 + 9 - 1, model.config.hidden_size)
+    s = conn.session()
+    rm = djinn.remote(model, session=s)
+    seq, acts = s.generate(rm, ids, steer={1: v}, record=[0, -1], **kw)
+    assert torch.equal(seq, want) and list(acts) == [0, -1]
+    assert torch.equal(acts[0].cpu(), ref0) and torch.equal(acts[-1].cpu(), ref1)
+
+    fc = Connection(fast_server.address, secret=None)
+    try:
+        a, b = fc.session(), fc.session()
+        frm = djinn.remote(model, session=a)
+        frm.attach(b)
+        other = b.submit("generate", {"model_id": frm.model_id, "input_ids": _prompt(11, 7), "seed": None,
+                                      "kwargs": wire.pack(b, {"max_new_tokens": 12, "do_sample": False}),
+                                      "use_session_kv": True, "stream": False})
+        seq, acts = a.generate(frm, ids, steer={1: v}, record=[0, -1], **kw)
+        other.result(60)
+        assert torch.equal(seq, want)
+        torch.testing.assert_close(acts[0].cpu(), ref0, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(acts[-1].cpu(), ref1, rtol=1e-4, atol=1e-4)
+        assert fc.stats()["sessions"][a.sid]["decode"]["fast"] == 1
+        with pytest.raises(djinn.InvalidRequest, match="record"):
+            a.generate(frm, ids, record=[0, 0], max_new_tokens=2)
+    finally:
+        fc.close()

@@ -152,13 +152,15 @@ def forward(module: torch.nn.Module, args: list, kwargs: dict) -> Any:
 def generate(module: torch.nn.Module, state: KVState | None, input_ids: torch.Tensor, kwargs: dict,
              on_tokens: Callable[[torch.Tensor], None] | None,
              step_hook: Callable[[], None] | None = None, continues: bool = True,
-             steer: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+             steer: dict[int, torch.Tensor] | None = None,
+             record: dict[int, list] | None = None) -> torch.Tensor:
     """Run HF generate on the server over `state`'s KV blocks (None: HF's own cache, graph models only).
 
     With `continues`, `input_ids` are the tokens that follow what the state has seen (a session's
     KV); the result is the whole sequence so far, exactly what one long generate call over the
     concatenation returns. `steer` adds vectors to decoder layers' outputs (Note [Steering] in
-    steering.py). A state whose KV the scheduler dropped (recompute policy) has an empty
+    steering.py); `record` gets each named layer's output at every fed position appended, row 0's
+    (Note [Recorded activations]). A state whose KV the scheduler dropped (recompute policy) has an empty
     table and its token ids: generate prefills them all again. The caller reserved the blocks for
     every token this call may add (dispatch admission). `step_hook` is called after every step.
     It samples from torch's global generators: the caller has put the call's own stream there, seeded
@@ -190,7 +192,8 @@ def generate(module: torch.nn.Module, state: KVState | None, input_ids: torch.Te
         kwargs = checked_hf_kwargs(kwargs, gc)  # Note [Scores are checked before sampling]
     before = state.table.length if state is not None else 0
     try:
-        with torch.no_grad(), steering.active(steer):  # hooks installed by steering.parse
+        recorders = {k: (lambda h, got=got: got.append(h[0].detach().clone())) for k, got in (record or {}).items()}
+        with torch.no_grad(), steering.active(steer, recorders):  # hooks installed by steering.parse
             out = module.generate(input_ids, streamer=streamer, **kwargs)
     except BaseException:
         if state is not None:

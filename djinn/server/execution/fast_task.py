@@ -93,9 +93,12 @@ class PrefillBudget:
 class FastTask:
     def __init__(self, pool: DecodePool, state: KVState, input_ids: torch.Tensor, kwargs: dict,
                  seed: int | None, on_tokens: Callable[[torch.Tensor], None] | None, max_new: int,
-                 budget: PrefillBudget, continues: bool = True, steer: dict | None = None):
+                 budget: PrefillBudget, continues: bool = True, steer: dict | None = None,
+                 record: dict | None = None, finish: Callable[[torch.Tensor], dict] | None = None):
         self.pool, self.state, self.continues = pool, state, continues
-        self.steer = steer or None  # Note [Steering] in steering.py
+        self.steer = steer or None    # Note [Steering] in steering.py
+        self.record = record or None  # Note [Recorded activations] in steering.py
+        self.finish = finish or (lambda out: {"sequences": out.cpu()})  # the reply, from the whole sequence
         self.input_ids, self.kwargs, self.seed = input_ids, kwargs, seed
         self.on_tokens, self.max_new, self.budget = on_tokens, max_new, budget
         self.done = False
@@ -147,7 +150,7 @@ class FastTask:
         n = self.budget.take(self._full.shape[1] - a)
         if n == 0:
             return None  # this turn's prefill budget is spent: the decode rows go first (Note [Chunked prefill])
-        return Chunk(state.table, self._full[0, a:a + n], self.steer)
+        return Chunk(state.table, self._full[0, a:a + n], self.steer, self.record)
 
     def prefilled(self, logits: torch.Tensor) -> None:
         """A chunk went in; `logits` [1, vocab] are its last token's. Once the whole prompt is in, the
@@ -181,7 +184,7 @@ class FastTask:
             return  # every slot is taken: wait for a row to leave (next turn)
         n = self._full.shape[1]
         self.row = Row(self._first, n, n, self.max_new - 1, self.sampler, self.eos, on_token=self._emit,
-                       ban_eos=max(0, self.min_new - 1), steer=self.steer)
+                       ban_eos=max(0, self.min_new - 1), steer=self.steer, record=self.record)
         self.pool.join(self.row, self.state.table)
 
     def _finish(self) -> None:
@@ -194,7 +197,7 @@ class FastTask:
         new = torch.tensor([[self._first, *tokens]], dtype=torch.long, device=self._full.device)
         out = torch.cat([self._full, new], dim=1)
         self.state.ids = out
-        self.result = {"sequences": out.cpu()}
+        self.result = self.finish(out)
         self.done = True
 
     def _emit(self, token: int) -> None:

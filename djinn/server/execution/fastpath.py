@@ -228,6 +228,7 @@ class Row:
     done: bool = False
     error: InvalidRequest | None = None  # its scores could not be sampled: it ends, the other rows go on
     steer: dict | None = None    # {layer: vector [hidden]} added to that layer's output (Note [Steering])
+    record: dict | None = None   # {layer: list}: each fed position's output appended (Note [Recorded activations])
 
 
 class DecodePool:
@@ -254,9 +255,11 @@ class DecodePool:
         self.attention_kind = paged_attention.choose(attention, self.device)
         self.attention = paged_attention.make(self.attention_kind, self.kv, self.slots, width, self.heads)
         self.use_graphs = self.device.type == "cuda" if graphs is None else graphs
-        # (batch, length, steered layers) -> graph and its logits (Note [Steering] in steering.py)
-        self._graphs: dict[tuple[int, int, frozenset], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # (batch, length, steered layers, recorded layers) -> graph and its logits (Notes [Steering],
+        # [Recorded activations] in steering.py)
+        self._graphs: dict[tuple[int, int, frozenset, frozenset], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.steer: dict[int, torch.Tensor] = {}  # layer -> [slots, 1, hidden]: each slot's vector or zeros
+        self.rec: dict[int, torch.Tensor] = {}    # layer -> [slots, hidden]: each slot's last output there
         self._mempool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.steps = 0
         self.rows_stepped = 0
@@ -279,6 +282,9 @@ class DecodePool:
             for k, v in row.steer.items():
                 if k not in self.steer:
                     self.steer[k] = torch.zeros(self.slots, 1, v.numel(), dtype=self.dtype, device=self.device)
+        for k in row.record or ():
+            if k not in self.rec:
+                self.rec[k] = torch.zeros(self.slots, steering.hidden_size(self.module), dtype=self.dtype, device=self.device)
         for k, buf in self.steer.items():
             if row.steer and k in row.steer:
                 buf[row.slot, 0].copy_(row.steer[k])
@@ -323,7 +329,11 @@ class DecodePool:
         self.ids[:n].copy_(torch.tensor([r.token for r in self.rows], dtype=torch.long))
         self.pos[:n].copy_(torch.tensor([r.pos for r in self.rows], dtype=torch.long))
         layers = frozenset(k for r in self.rows if r.steer for k in r.steer)
-        logits = self._run(B, L, layers)[:n]
+        recorded = frozenset(k for r in rows if r.record for k in r.record)
+        logits = self._run(B, L, layers, recorded)[:n]
+        for r in rows:  # Note [Recorded activations]: the step wrote every slot's output; keep this row's
+            for k, got in (r.record or {}).items():
+                got.append(self.rec[k][r.slot:r.slot + 1].clone())
         banned = [r for r in rows if r.ban_eos > 0 and r.eos]
         if banned:
             logits = logits.clone()
@@ -351,13 +361,13 @@ class DecodePool:
             if r.remaining <= 0 or tok in r.eos:
                 r.done = True
 
-    def _run(self, B: int, L: int, layers: frozenset = frozenset()) -> torch.Tensor:
+    def _run(self, B: int, L: int, layers: frozenset = frozenset(), recorded: frozenset = frozenset()) -> torch.Tensor:
         if not self.use_graphs:
-            return self._forward(B, L, layers)
-        key = (B, L, layers)
+            return self._forward(B, L, layers, recorded)
+        key = (B, L, layers, recorded)
         entry = self._graphs.get(key)
         if entry is None:
-            entry = self._graphs[key] = self._capture(B, L, layers)
+            entry = self._graphs[key] = self._capture(*key)
         graph, out = entry
         graph.replay()
         return out
@@ -381,7 +391,7 @@ class DecodePool:
             return 0
         if self.rows:
             raise RuntimeError("capture_all needs an empty pool (its warm-up steps write into every slot)")
-        todo = sorted((k for k in ((B, L, frozenset()) for B, L in self.buckets()) if k not in self._graphs),
+        todo = sorted((k for k in ((B, L, frozenset(), frozenset()) for B, L in self.buckets()) if k not in self._graphs),
                       key=lambda k: -k[0] * k[1])
         self.ids.zero_()
         self.pos.zero_()
@@ -391,32 +401,33 @@ class DecodePool:
 
     def reserve_workspace(self) -> None:
         """Capture the largest bucket's graph now, on the empty pool (Note [Graph workspace])."""
-        key = (self.slots, self.max_len, frozenset())
+        key = (self.slots, self.max_len, frozenset(), frozenset())
         if self.use_graphs and not self.rows and key not in self._graphs:
             self.ids.zero_()
             self.pos.zero_()
             self._graphs[key] = self._capture(*key)
 
-    def _capture(self, B: int, L: int, layers: frozenset = frozenset()):
+    def _capture(self, B: int, L: int, layers: frozenset = frozenset(), recorded: frozenset = frozenset()):
         t0 = time.perf_counter()
         # Warm-up steps write the same KV the real step writes (same ids and positions): harmless.
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._forward(B, L, layers)
+                self._forward(B, L, layers, recorded)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._mempool, capture_error_mode="thread_local"):
-            out = self._forward(B, L, layers)
+            out = self._forward(B, L, layers, recorded)
         torch.cuda.synchronize(self.device)
         self.capture_s += time.perf_counter() - t0
-        log.info("captured a decode step graph: batch %d, length %d%s", B, L,
-                 f", steering layers {sorted(layers)}" if layers else "")
+        log.info("captured a decode step graph: batch %d, length %d%s%s", B, L,
+                 f", steering layers {sorted(layers)}" if layers else "",
+                 f", recording layers {sorted(recorded)}" if recorded else "")
         return graph, out
 
     @torch.inference_mode()
-    def _forward(self, B: int, L: int, layers: frozenset = frozenset()) -> torch.Tensor:
+    def _forward(self, B: int, L: int, layers: frozenset = frozenset(), recorded: frozenset = frozenset()) -> torch.Tensor:
         """One decode step for slots 0..B-1 over positions 0..L-1; logits [B, vocab]. The model's own
         forward (Note [One step for every architecture] in paged_step.py)."""
         ids, pos = self.ids[:B], self.pos[:B]
@@ -425,12 +436,14 @@ class DecodePool:
         blk = self.tables[rows, pos // self.bt]                                # [B] block of each row's token
         step = paged_step.Step(self.kv, blk, pos % self.bt, None, self.attention,
                                self.attention.prepare(self.tables[:B, :nb], pos, L))
-        with steering.active({k: self.steer[k][:B] for k in layers}):
+        recorders = {k: (lambda h, buf=self.rec[k]: buf[:h.shape[0]].copy_(h[:, -1])) for k in recorded}
+        with steering.active({k: self.steer[k][:B] for k in layers}, recorders):
             return paged_step.forward(self.module, ids[:, None], pos[:, None], step)
 
     def stats(self) -> dict:
         return {"path": "fast", "step": STEP, "slots": self.slots, "rows": len(self.rows), "max_len": self.max_len,
                 "attention": self.attention_kind,
-                "graphs": sorted((B, L) for B, L, ls in self._graphs if not ls),
-                "steered_graphs": sorted((B, L, sorted(ls)) for B, L, ls in self._graphs if ls),
+                "graphs": sorted((B, L) for B, L, ls, rs in self._graphs if not ls and not rs),
+                # graphs with steering or recording hooks: (batch, length, steered layers, recorded layers)
+                "hooked_graphs": sorted((B, L, sorted(ls), sorted(rs)) for B, L, ls, rs in self._graphs if ls or rs),
                 "capture_s": round(self.capture_s, 3), "steps": self.steps, "rows_stepped": self.rows_stepped}

@@ -38,6 +38,7 @@ class Chunk:
     table: object
     ids: torch.Tensor
     steer: dict | None = None  # {layer: vector [hidden]} added to that layer's output (Note [Steering])
+    record: dict | None = None  # {layer: list} each fed position's output is appended to (Note [Recorded activations])
 
 
 def groups(chunks: list[Chunk], block_tokens: int, gather_tokens: int, max_tokens: int) -> list[list[Chunk]]:
@@ -90,7 +91,7 @@ def prefill(pool, chunks: list[Chunk]) -> torch.Tensor:
     attention = GatherAttention(kv, R, nb, pool.heads)
     step = paged_step.Step(kv, tbl[wrow, wpos // bt], wpos % bt, valid, attention,
                            attention.prepare(tbl, pos, nb * bt))
-    with steering.active(_row_vectors(chunks)):
+    with steering.active(_row_vectors(chunks), _recorders(chunks, lens, n)):
         logits = paged_step.forward(pool.module, ids, pos, step)               # [R, vocab]
     for c, k in zip(chunks, lens):
         c.table.length += k
@@ -109,3 +110,19 @@ def _row_vectors(chunks: list[Chunk]) -> dict[int, torch.Tensor] | None:
         out[k] = torch.stack([c.steer[k] if c.steer and k in c.steer else torch.zeros_like(ref)
                               for c in chunks])[:, None, :]
     return out
+
+
+def _recorders(chunks: list[Chunk], lens: list[int], n: int) -> dict | None:
+    """{layer: recorder} appending each recording chunk's real (unpadded, so last `len`) positions of the
+    layer's output [R, n, hidden] to its list (Note [Recorded activations] in steering.py)."""
+    layers = {k for c in chunks if c.record for k in c.record}
+    if not layers:
+        return None
+
+    def recorder(k: int):
+        def rec(h: torch.Tensor) -> None:
+            for i, c in enumerate(chunks):
+                if c.record and k in c.record:
+                    c.record[k].append(h[i, n - lens[i]:].clone())
+        return rec
+    return {k: recorder(k) for k in layers}

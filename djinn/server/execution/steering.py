@@ -1,4 +1,5 @@
-"""Steered generates: a vector added to a decoder layer's output at every position a generate feeds.
+"""Steered and recorded generates: a vector added to a decoder layer's output, and that output read,
+at every position a generate feeds.
 
 Note [Steering]
     `generate(..., steer={layer: vector})` adds `vector` to the hidden states decoder layer `layer`
@@ -17,13 +18,24 @@ Note [Steering]
       - the batched prefill (prefill_step) sets each chunk's row vector, [R, 1, hidden].
     A session's earlier tokens keep the KV they were computed with: the vector applies to what this
     call feeds, as the local hook would over a continued cache.
+
+Note [Recorded activations]
+    `generate(..., record=[layer, ...])` returns, beside the sequences, each named decoder layer's output
+    (after its steering vector, if any) at every position the call fed: its new prompt tokens and every
+    generated token but the last (which no forward reads), `[positions, hidden]` per layer, kept on the
+    server as session tensors. The same hooks call the recorder the running forward set for their
+    layer: the eager path appends each forward's `[n, hidden]`; the batched prefill appends each chunk's
+    real (unpadded) positions; the batched decode step copies every row's `[hidden]` into a
+    `[slots, hidden]` buffer per recorded layer inside its graph (keyed by the recorded layers too),
+    and after the step each recording row appends its slot's copy. So reading activations costs one
+    small copy per layer per step and the row stays in the batch, where a breakpoint would pause it.
 """
 from __future__ import annotations
 
 import threading
 import weakref
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -36,7 +48,9 @@ _installed: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 def hidden_size(module: nn.Module) -> int:
-    return int(module.get_input_embeddings().embedding_dim)
+    """The width of a decoder layer's output (not the embedding's: OPT may project between them)."""
+    size = getattr(module.config, "hidden_size", None)
+    return int(size) if isinstance(size, int) else int(module.get_input_embeddings().embedding_dim)
 
 
 def parse(module: nn.Module, wire: Any) -> dict[int, torch.Tensor]:
@@ -70,6 +84,20 @@ def parse(module: nn.Module, wire: Any) -> dict[int, torch.Tensor]:
     return out
 
 
+def parse_record(module: nn.Module, wire: Any) -> list[int]:
+    """The wire's [layer, ...] -> decoder layer indices in the order asked (Note [Recorded activations])."""
+    if wire is None:
+        return []
+    _, n = decoder_stack(module)
+    if not isinstance(wire, list) or not wire or len(wire) > n:
+        raise InvalidRequest(f"record must be a list of 1 to {n} layer numbers, e.g. record=[1]")
+    out = [int(layer_path(module, layer).rsplit(".", 1)[1]) for layer in wire]  # Note [Layer numbers]
+    if len(set(out)) != len(out):
+        raise InvalidRequest(f"record names a layer twice: {wire}")
+    install(module)
+    return out
+
+
 def install(module: nn.Module) -> None:
     """Register the steering hook on every decoder layer of `module`, once."""
     if module in _installed:
@@ -83,21 +111,25 @@ def install(module: nn.Module) -> None:
 def _hook(index: int):
     def hook(mod, args, output):
         vectors = getattr(_local, "vectors", None)
-        if not vectors or index not in vectors:
-            return None
-        v = vectors[index]
-        if isinstance(output, tuple):
-            return (output[0] + v, *output[1:])
-        return output + v
+        recorders = getattr(_local, "recorders", None)
+        changed = bool(vectors) and index in vectors
+        if changed:
+            v = vectors[index]
+            output = (output[0] + v, *output[1:]) if isinstance(output, tuple) else output + v
+        if recorders and index in recorders:
+            recorders[index](output[0] if isinstance(output, tuple) else output)
+        return output if changed else None
     return hook
 
 
 @contextmanager
-def active(vectors: dict[int, torch.Tensor] | None) -> Iterator[None]:
-    """Forwards on this thread add `vectors[layer]` to decoder layer `layer`'s output."""
-    outer = getattr(_local, "vectors", None)
-    _local.vectors = vectors or None
+def active(vectors: dict[int, torch.Tensor] | None,
+           recorders: dict[int, Callable[[torch.Tensor], None]] | None = None) -> Iterator[None]:
+    """Forwards on this thread add `vectors[layer]` to decoder layer `layer`'s output, then hand that
+    output ([batch, n, hidden]) to `recorders[layer]`."""
+    outer = getattr(_local, "vectors", None), getattr(_local, "recorders", None)
+    _local.vectors, _local.recorders = vectors or None, recorders or None
     try:
         yield
     finally:
-        _local.vectors = outer
+        _local.vectors, _local.recorders = outer

@@ -126,6 +126,10 @@ def generate(engine, client_id, rid, args):
         raise InvalidRequest("generate needs kwargs as a map")
     executor.check_generate(input_ids, kwargs, entry.module)  # Note [Effective generate arguments]
     steer = steering.parse(entry.module, unpack_inputs(engine, s, args.get("steer")))  # Note [Steering]
+    record = steering.parse_record(entry.module, args.get("record"))  # Note [Recorded activations]
+    if record and (int(input_ids.shape[0]) != 1 or args.get("stream")):
+        raise InvalidRequest("record needs an input batch of 1 and stream=False")
+    records: dict[int, list] | None = {k: [] for k in record} if record else None
     check_prefill(engine, input_ids, "generate", entry.module)
     emitted: list[int] = []  # tokens streamed to the client so far (Note [Cancel] in dispatch.py)
 
@@ -137,8 +141,9 @@ def generate(engine, client_id, rid, args):
     on_tokens = stream if args.get("stream") else None
     encdec = executor.is_encoder_decoder(entry.module)
     use_kv = bool(args.get("use_session_kv")) and not encdec  # Note [Encoder-decoder generate]
-    # Note [Prefix sharing]: keyed by the KV's own tokens, so never a steered call's (its KV is not theirs)
-    prefix = engine.cfg.prefix_caching and not encdec and not steer
+    # Note [Prefix sharing]: keyed by the KV's own tokens, so never a steered call's (its KV is not theirs),
+    # nor a recording one's (a shared block's positions are not fed, so they could not be recorded)
+    prefix = engine.cfg.prefix_caching and not encdec and not steer and not record
     mid = entry.model_id
     kv_pool = kv_pool_for(engine, entry)
     install_restored(engine, s, entry, kv_pool)
@@ -159,10 +164,12 @@ def generate(engine, client_id, rid, args):
     # stateless call's scratch table is all it reserves (the scheduler's bytes)...
     need = max(0, engine.data.gpu_bytes(s.sid) - engine.data.kv_bytes_of(s, mid)) + grown if use_kv else grown
     # ...but it comes on top of everything the session holds (Note [Session quotas]): before anything is queued.
-    peak = quotas.gpu_used(engine, s) - (engine.data.kv_bytes_of(s, mid) if use_kv else 0) + grown + cross
+    recorded = len(record) * (prompt + new) * steering.hidden_size(entry.module) * kv_pool.shape.dtype.itemsize
+    peak = quotas.gpu_used(engine, s) - (engine.data.kv_bytes_of(s, mid) if use_kv else 0) + grown + cross + recorded
     quotas.check_gpu(engine, s, peak, "generate", f"{grown} bytes of KV for {prompt} + {new} tokens x batch {batch}"
                      + ("" if use_kv else ", a stateless call's scratch blocks")
-                     + (f", {cross} bytes of cross-attention KV" if cross else ""))
+                     + (f", {cross} bytes of cross-attention KV" if cross else "")
+                     + (f", {recorded} bytes of recorded activations" if recorded else ""))
     capacity = kv_pool.alloc.total * kv_pool.block_bytes
     if grown > capacity:  # it could never be admitted; queued, it would wait forever (and others behind it)
         raise OutOfMemory(f"generate needs {grown / 2**20:.3f} MiB of KV ({prompt} + {new} tokens x batch "
@@ -212,10 +219,18 @@ def generate(engine, client_id, rid, args):
         state.table.length = int(state.ids.shape[1]) - 1  # the call fed all but its last token
         return len(got)
 
+    def finish(out: torch.Tensor) -> dict:
+        """The reply: the sequences, and each recorded layer's outputs as session tensors, in the order asked."""
+        if records is None:
+            return {"sequences": out.cpu()}
+        return {"sequences": out.cpu(), "records": pack_outputs(s, [torch.cat(records[k]) for k in record])}
+
     def body(step_hook):
+        for got in (records or {}).values():
+            got.clear()
         out = executor.generate(entry.module, box["state"], input_ids, kwargs, on_tokens, step_hook,
-                                continues=use_kv, steer=steer)
-        return {"sequences": out.cpu()}
+                                continues=use_kv, steer=steer, record=records)
+        return finish(out)
 
     why = _why_eager(engine, entry, s, input_ids, kwargs, args.get("deterministic", False), use_kv)
     if why is None:
@@ -229,7 +244,7 @@ def generate(engine, client_id, rid, args):
 
     def fast_task():
         return FastTask(pool, box["state"], input_ids, kwargs, seed, on_tokens, new, engine.dispatch.prefill,
-                        continues=use_kv, steer=steer)
+                        continues=use_kv, steer=steer, record=records, finish=finish)
 
     make_task = fast_task if why is None else None
     rng = Stream.new(seed, engine.device)  # Note [Random streams]: seeded as locally, or fresh from the OS
