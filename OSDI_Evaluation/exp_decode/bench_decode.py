@@ -137,8 +137,9 @@ def inproc(model, prompts: list[torch.Tensor], steps: int, device, max_len: int,
     return res
 
 
-def remote_round(address: str, model_id_cfg, prompts, new: int) -> dict:
-    """N sessions, each on its own connection and thread, generate at once; wall times per session."""
+def remote_round(address: str, model_id_cfg, prompts, new: int, steer: dict | None = None) -> dict:
+    """N sessions, each on its own connection and thread, generate at once; wall times per session.
+    `steer`: session 0's generate adds it (Note [Steering]), the others are unsteered."""
     from djinn.frontend.connection import Connection
 
     conns = [Connection(address, secret=None) for _ in prompts]
@@ -152,7 +153,8 @@ def remote_round(address: str, model_id_cfg, prompts, new: int) -> dict:
             try:
                 barrier.wait()
                 t0 = time.perf_counter()
-                outs[i] = rms[i].generate(prompts[i], max_new_tokens=new, do_sample=False, session=sessions[i])
+                kw = {"steer": steer} if steer and i == 0 else {}
+                outs[i] = rms[i].generate(prompts[i], max_new_tokens=new, do_sample=False, session=sessions[i], **kw)
                 times[i] = time.perf_counter() - t0
             except Exception as e:
                 errors.append(repr(e))
@@ -271,6 +273,14 @@ def bench_shape(shape: str, args, device, dtype) -> dict:
         r_many = remote_timed(srv.address, remote, prompts[0].cpu(), args.new_tokens, steer=steer, record=list(steer))
         res["remote_ms_per_token_batch1_steered_recorded"] = (r_many - r_few) / (args.new_tokens - 2) * 1e3
         res["steered_recorded_x_unsteered"] = res["remote_ms_per_token_batch1_steered_recorded"] / remote_ms
+        # The largest round again with session 0 steered: the batch keeps its speed, the steered row its place.
+        n = max(conc)
+        r = remote_round(srv.address, remote, [p.cpu() for p in prompts[:n]], args.new_tokens, steer=steer)
+        res["remote_one_steered"] = {k: r[k] for k in ("sessions", "wall_s", "aggregate_tok_s", "fast", "eager")}
+        same = [x for x in res["remote"] if x["sessions"] == n][0]
+        res["remote_one_steered"]["aggregate_x_unsteered"] = r["aggregate_tok_s"] / same["aggregate_tok_s"]
+        print(f"[{shape}] remote, {n} sessions, one steered: {r['aggregate_tok_s']:.0f} tok/s aggregate "
+              f"({res['remote_one_steered']['aggregate_x_unsteered']:.3f}x unsteered)", flush=True)
         print(f"[{shape}] remote, 1 session: {remote_ms:.2f} ms/token, steered "
               f"{res['remote_ms_per_token_batch1_steered']:.2f} ({res['steered_x_unsteered']:.3f}x), steered and "
               f"recorded {res['remote_ms_per_token_batch1_steered_recorded']:.2f} "

@@ -167,3 +167,18 @@ def test_recorded_activations_are_the_local_hooks_on_both_paths(conn, fast_serve
             a.generate(frm, ids, record=[0, 0], max_new_tokens=2)
     finally:
         fc.close()
+
+
+def test_a_recorded_activation_steers_a_later_generate_without_leaving_the_server(conn):
+    """The vector may be a RemoteTensor: a direction read from one generate's recorded activations steers
+    the next, and equals the same steering with that direction fetched and sent back."""
+    model = tiny_llama().eval()
+    s = conn.session()
+    rm = djinn.remote(model, session=s)
+    ids = _prompt(6, 8)
+    _, acts = s.generate(rm, ids, record=[0], max_new_tokens=4, do_sample=False)
+    direction = acts[0][-1] - acts[0][0]                    # lazy ops on the server: a [hidden] RemoteTensor
+    got = rm.generate(ids, steer={1: 3 * direction}, max_new_tokens=8, do_sample=False)
+    local = 3 * (acts[0][-1].cpu() - acts[0][0].cpu())
+    assert torch.equal(got, rm.generate(ids, steer={1: local}, max_new_tokens=8, do_sample=False))
+    assert torch.equal(got, _hooked_generate(model, ids, {1: local}, max_new_tokens=8, do_sample=False))
