@@ -21,6 +21,25 @@ DEFAULT_ARCHITECTURES = [
     "BloomForCausalLM", "GPTJForCausalLM", "GPTNeoForCausalLM", "StableLmForCausalLM", "CohereForCausalLM",
     "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
     "T5ForConditionalGeneration", "BartForConditionalGeneration", "WhisperForConditionalGeneration",
+    # Decoder-only causal LMs that pass every check of OSDI_Evaluation/zoo/sweep_causal_lm.py (greedy and
+    # seeded sampled generate bitwise local, a session's KV continued in the paged blocks, token ids and
+    # position tables range-checked): results/causal_lm_sweep.json says why the others are not here.
+    "Apertus1p5TextForCausalLM", "ApertusForCausalLM", "ArceeForCausalLM", "AriaTextForCausalLM",
+    "BertGenerationDecoder", "BertLMHeadModel", "BigBirdForCausalLM", "BioGptForCausalLM",
+    "BitNetForCausalLM", "CTRLLMHeadModel", "CamembertForCausalLM", "CodeGenForCausalLM",
+    "Data2VecTextForCausalLM", "DiffLlamaForCausalLM", "DogeForCausalLM", "Dots1ForCausalLM",
+    "ElectraForCausalLM", "Ernie4_5ForCausalLM", "Ernie4_5_MoeForCausalLM", "FlexOlmoForCausalLM",
+    "FlintForCausalLM", "GPTBigCodeForCausalLM", "GPTNeoXJapaneseForCausalLM", "Glm4ForCausalLM",
+    "Glm4MoeForCausalLM", "GlmForCausalLM", "GraniteForCausalLM", "GraniteMoeForCausalLM",
+    "GraniteMoeSharedForCausalLM", "HYV3ForCausalLM", "HeliumForCausalLM", "HunYuanDenseV1ForCausalLM",
+    "HunYuanMoEV1ForCausalLM", "HyperCLOVAXForCausalLM", "Jais2ForCausalLM", "JetMoeForCausalLM",
+    "LagunaForCausalLM", "MegatronBertForCausalLM", "MellumForCausalLM", "MiniCPM5MoeForCausalLM",
+    "MiniMaxM2ForCausalLM", "MiniMaxM3VLForCausalLM", "Ministral3ForCausalLM", "NanoChatForCausalLM",
+    "NemotronForCausalLM", "Olmo2ForCausalLM", "OlmoForCausalLM", "OlmoeForCausalLM",
+    "PersimmonForCausalLM", "PhimoeForCausalLM", "RemBertForCausalLM", "RoFormerForCausalLM",
+    "RobertaForCausalLM", "RobertaPreLayerNormForCausalLM", "SeedOssForCausalLM", "SmolLM3ForCausalLM",
+    "SolarOpenForCausalLM", "Starcoder2ForCausalLM", "TrOCRForCausalLM", "XGLMForCausalLM",
+    "XLMRobertaForCausalLM", "XLMRobertaXLForCausalLM",
 ]
 
 

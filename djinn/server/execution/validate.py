@@ -12,7 +12,7 @@ Note [Index inputs are checked before the device sees them]
       position_ids, cache_position   0 <= p, and p < the usable rows of a learned absolute position table
                                      (GPT-2 wpe; OPT embed_positions less its offset of 2) or of a fixed
                                      sin/cos table the model indexes by position (GPT-J's embed_positions
-                                     buffer, n_positions rows); rotary models that compute their angles
+                                     buffer, CTRL's pos_encoding, n_positions rows); rotary models that compute their angles
                                      (Llama), ALiBi (BLOOM) and relative buckets (T5) have no table and
                                      no upper bound
       labels                         -100 (ignored) or 0 <= l < rows of the output embedding
@@ -49,6 +49,9 @@ from . import executor
 #: Names of learned absolute position tables (GPT-2 `wpe`, OPT `embed_positions`, BERT-style
 #: `position_embeddings`); an `offset` attribute (OPT: 2) is added to every position before the lookup.
 POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings")
+#: Names of fixed sin/cos buffers a model indexes by position (GPT-J `rotary_emb.embed_positions`, CTRL
+#: `pos_encoding`, both [positions, dim]): they bound positions as a learned table does.
+POSITION_BUFFERS = POSITION_TABLES + ("pos_encoding",)
 TOKEN_TYPE_TABLES = ("token_type_embeddings",)
 IGNORE_INDEX = -100  # what HF losses skip
 TOKEN_ID_KWARGS = ("eos_token_id", "pad_token_id", "bos_token_id")
@@ -280,8 +283,8 @@ def _read_limits(module: nn.Module) -> Limits:
         elif leaf in TOKEN_TYPE_TABLES:
             token_types = rows if token_types is None else min(token_types, rows)
     held = {id(b) for b in skip.buffers()} if isinstance(skip, nn.Module) else set()
-    for name, b in module.named_buffers():  # a fixed sin/cos table indexed by position (GPT-J)
-        if name.rsplit(".", 1)[-1] in POSITION_TABLES and b.dim() == 2 and id(b) not in held:
+    for name, b in module.named_buffers():  # a fixed sin/cos table indexed by position (GPT-J, CTRL)
+        if name.rsplit(".", 1)[-1] in POSITION_BUFFERS and b.dim() == 2 and id(b) not in held:
             positions = int(b.shape[0]) if positions is None else min(positions, int(b.shape[0]))
     return Limits(vocab, decoder_vocab or vocab, token_types if token_types is not None else vocab, positions,
                   _rows(_call(module, "get_output_embeddings")))
