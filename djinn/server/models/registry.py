@@ -115,8 +115,9 @@ class ModelRegistry:
     def model_class(self, arch: object):
         if not isinstance(arch, str) or arch not in self.architectures:
             raise ModelNotSupported(
-                f"the server cannot build {arch!r} itself; allowed architectures: {sorted(self.architectures)}. "
-                "Other modules take the graph path."
+                f"the server cannot build {arch!r} itself: it is not among the {len(self.architectures)} "
+                "architectures it allows (djinn.supported_architectures() lists them). Other modules take the "
+                "graph path."
             )
         import transformers
 
