@@ -19,6 +19,15 @@ from .models import TINY_BUILDERS  # noqa: F401  (re-exported for tests)
 DEVICE = os.environ.get("DJINN_TEST_DEVICE", "cpu")
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the test item (`item.rep_call`), for fixtures that show a server's log
+    when the test they served failed."""
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, f"rep_{rep.when}", rep)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
@@ -32,7 +41,9 @@ def ServerProcess(*extra: str, device: str = DEVICE, env: dict | None = None, su
     """A real server process on a free loopback port: forked warm, without the supervisor (Note [Forked
     test servers] in tests/_serverfork.py), or, for tests of the supervisor and servers that need another
     environment, `python -m djinn.server.server_main` started as users start it."""
-    if supervised or env is not None or os.environ.get("DJINN_TEST_SUBPROCESS"):
+    # On a GPU the tests run the command users run: a supervisor restarts a worker a device error ends, so
+    # the module's later tests still find a server (and the fork server never holds a CUDA context).
+    if supervised or env is not None or device != "cpu" or os.environ.get("DJINN_TEST_SUBPROCESS"):
         s = EmbeddedServer(device, 180.0, list(extra), env)
     else:
         s = ForkedServer(device, 180.0, list(extra))

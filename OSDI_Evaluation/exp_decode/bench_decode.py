@@ -130,7 +130,9 @@ def inproc(model, prompts: list[torch.Tensor], steps: int, device, max_len: int,
     dt = (time.perf_counter() - t0) / steps
     res = {"rows": len(rows), "context": prompts[0].shape[1], "attention": pool.attention_kind,
            "ms_per_step": dt * 1e3, "aggregate_tok_s": len(rows) / dt, "tokens_row0": [firsts[0], *rows[0].new]}
-    del pool, kv, rows, table
+    # The last prefill's output holds a PagedCache over `kv` too (an H100 ran out of memory at 32 rows x
+    # 2k tokens with it alive: the next run's 33 GiB pool came on top of this one's).
+    del pool, kv, rows, table, out
     gc.collect()  # the pool's attention and graphs form reference cycles: free its KV before the next run
     if device.type == "cuda":
         torch.cuda.empty_cache()

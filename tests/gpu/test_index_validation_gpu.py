@@ -25,7 +25,9 @@ pytestmark = pytest.mark.gpu
 
 @pytest.fixture(scope="module")
 def cuda_server():
-    s = ServerProcess(device="cuda:0")  # supervised: a device-side assert would restart the worker
+    # Supervised: a device-side assert would restart the worker. CUDA_LAUNCH_BLOCKING: were one to happen,
+    # the server's log (shown on failure) names the kernel and the request, not a later synchronization.
+    s = ServerProcess(device="cuda:0", env={"CUDA_LAUNCH_BLOCKING": "1"})
     yield s
     s.stop()
 
@@ -40,6 +42,13 @@ class Lookup(nn.Module):
 
 
 def test_out_of_range_ids_of_every_kind_fail_only_the_request(cuda_server):
+    try:
+        _every_kind(cuda_server)
+    except BaseException as e:
+        raise AssertionError(f"{type(e).__name__}: {e}\nserver log:\n{cuda_server.log_tail(80)}") from e
+
+
+def _every_kind(cuda_server):
     tenant, other = Connection(cuda_server.address, None), Connection(cuda_server.address, None)
     try:
         pid, generation = tenant.info["pid"], tenant.transport.generation

