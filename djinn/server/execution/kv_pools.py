@@ -18,6 +18,16 @@ Note [Stack reserve]
     never a CUDA out-of-memory.
     On the CPU nothing is measured: the pool is `data_budget_gb` or 2 GiB, of which only the pages
     written are ever committed.
+
+Note [Profile inputs]
+    The profile prefill must be a request the server would admit, or it measures nothing real and, worse,
+    reaches a kernel no validated request reaches: one row of 4096 tokens through a GPT-2 whose learned
+    position table has 1024 (or a tiny one's 256) rows indexed past the table, a device-side assert on
+    CUDA that ended the worker and every tenant's sessions (an H100 run at 06e4d93: the first generate of
+    any model with a position table). So its `max_prefill_tokens` come as rows no longer than the model's
+    position limit (validate.limits_of: learned tables and fixed sin/cos buffers), token ids below its
+    embedding's rows, and the inputs an encoder-decoder or Whisper needs (decoder ids within the decoder's
+    table; whole windows of audio features).
 """
 from __future__ import annotations
 
@@ -28,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from ...vmu.kv_pool import STAGE_BYTES, KVPool, KVShape
-from . import paged_attention
+from . import executor, paged_attention, validate
 
 log = logging.getLogger("djinn.kv_pools")
 
@@ -149,14 +159,34 @@ def pool_for(engine, entry) -> KVPool:
 
 def _profile(module: torch.nn.Module, device: torch.device, tokens: int) -> int:
     """Peak bytes a cache-less prefill of `tokens` tokens allocates (Note [Stack reserve])."""
-    vocab = int(getattr(module.config, "vocab_size", 2) or 2)
-    ids = torch.randint(0, vocab, (1, tokens), device=device)
+    inputs = profile_inputs(module, tokens, device)
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     with torch.no_grad():  # full logits: a client's forward returns them all
-        module(ids, use_cache=False)
+        module(**inputs, use_cache=False)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - base
-    del ids
+    del inputs
     return int(peak)
+
+
+def profile_inputs(module: torch.nn.Module, tokens: int, device: torch.device | str = "cpu") -> dict:
+    """The profile prefill's inputs: `tokens` tokens as the largest request the server admits would
+    feed them (Note [Profile inputs])."""
+    lim = validate.limits_of(module)
+    vocab = lim.vocab or int(getattr(module.config, "vocab_size", 2) or 2)
+    length = min(tokens, lim.positions) if lim.positions else tokens
+    rows = -(-tokens // length)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (rows, length), generator=g).to(device)
+    if executor.takes_features(module):  # Whisper: whole windows of audio, decoder ids within its table
+        cfg = module.config
+        rows = max(1, tokens // cfg.max_source_positions)  # as check_prefill counts the encoder's positions
+        feats = torch.randn(rows, cfg.num_mel_bins, 2 * cfg.max_source_positions, generator=g)
+        dec = torch.randint(0, lim.decoder_vocab or vocab, (rows, min(length, cfg.max_target_positions)),
+                            generator=g).to(device)
+        return {"input_features": feats.to(device, next(module.parameters()).dtype), "decoder_input_ids": dec}
+    if getattr(module.config, "is_encoder_decoder", False):
+        return {"input_ids": ids, "decoder_input_ids": ids % (lim.decoder_vocab or vocab)}
+    return {"input_ids": ids}
