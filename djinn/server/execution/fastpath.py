@@ -44,6 +44,13 @@ Note [Graph workspace]
     memory that way). So the largest bucket is captured when the pool is made, and `capture_all`
     captures largest first; the Stack reserve (kv_pools.decode_rows) covers that one capture.
 
+Note [One read per step]
+    The host waits for the device twice a step, whatever the batch: once for whether each sampled row's
+    scores are finite (Note [Scores are checked before sampling]), once for every row's next token. Each
+    sampled row's scores and multinomial draw are computed on the device from its own generator
+    (Note [Random streams]), so its tokens are the ones sampling it alone would give; reading each
+    row's check and token as it was made cost two synchronizations per sampled row.
+
 Note [Fast path numerics]
     The step is the model's own forward (paged_step.py), so only attention differs from HF's:
     FlexAttention's kernel over the row's blocks, or SDPA over the padded length bucket with a mask
@@ -137,6 +144,14 @@ def _model_reason(module: torch.nn.Module) -> str | None:
     return f"{arch}: {why}" if why else None
 
 
+def _refused() -> InvalidRequest:
+    """What a row whose scores hold no distribution gets (Note [Scores are checked before sampling])."""
+    return InvalidRequest(
+        "sampling refused: the scores hold NaN or +inf, or no finite value, so there is no distribution to "
+        "sample from (logits that are not finite, e.g. from an edit that wrote NaN or inf into an activation, "
+        "or a temperature so small that the scores overflow)")
+
+
 def _bucket(n: int, cap: int, floor: int = 1) -> int:
     b = floor
     while b < n:
@@ -196,6 +211,12 @@ class Sampler:
         """Next token ids [rows] from logits [rows, vocab]."""
         if not self.do_sample:
             return logits.argmax(-1)
+        scores = self.scores(logits)
+        check_scores(scores)  # Note [Scores are checked before sampling]
+        return self.draw(scores)
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """The sampling scores [rows, vocab]: temperature, top-k and top-p applied (nothing is read back)."""
         scores = logits.float() / max(self.temperature, 1e-5)
         if self.top_k and self.top_k < scores.shape[-1]:
             kth = torch.topk(scores, self.top_k, dim=-1).values[..., -1:]
@@ -206,9 +227,11 @@ class Sampler:
             drop = cum <= (1 - self.top_p)
             drop[..., -1:] = False
             scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-        check_scores(scores)  # Note [Scores are checked before sampling]
-        probs = scores.softmax(-1)
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+        return scores
+
+    def draw(self, scores: torch.Tensor) -> torch.Tensor:
+        """Token ids [rows] drawn from checked scores, from this session's own generator (on the device)."""
+        return torch.multinomial(scores.softmax(-1), 1, generator=self.generator).squeeze(-1)
 
 
 @dataclass
@@ -340,18 +363,14 @@ class DecodePool:
             for r in banned:
                 logits[r.slot, list(r.eos)] = float("-inf")
                 r.ban_eos -= 1
-        greedy = logits.argmax(-1).tolist() if any(not r.sampler.do_sample for r in rows) else None
+        toks = self._next_tokens(logits, rows)
         self.steps += 1
         self.rows_stepped += len(rows)
         for r in rows:
-            if r.sampler.do_sample:
-                try:
-                    tok = int(r.sampler(logits[r.slot:r.slot + 1])[0])
-                except InvalidRequest as e:  # this row's request only (Note [Scores are checked before sampling])
-                    r.error, r.done = e, True
-                    continue
-            else:
-                tok = greedy[r.slot]
+            tok = toks.get(r.slot)
+            if tok is None:  # its scores could not be sampled: its request only (Note [Scores are checked
+                r.error, r.done = _refused(), True              # before sampling])
+                continue
             r.pos += 1
             r.token = tok
             r.new.append(tok)
@@ -360,6 +379,23 @@ class DecodePool:
                 r.on_token(tok)
             if r.remaining <= 0 or tok in r.eos:
                 r.done = True
+
+    def _next_tokens(self, logits: torch.Tensor, rows: list[Row]) -> dict[int, int]:
+        """slot -> next token of every row; a sampled row whose scores are not finite is left out. Two
+        reads from the device whatever the number of rows (Note [One read per step]): each sampled row's
+        scores and draw stay on the device (its own generator), their finiteness comes back in one read,
+        and every row's token in another."""
+        sampled = [r for r in rows if r.sampler.do_sample]
+        if not sampled:
+            return dict(enumerate(logits.argmax(-1).tolist()))
+        scores = [r.sampler.scores(logits[r.slot:r.slot + 1]) for r in sampled]
+        ok = torch.isfinite(torch.cat([s.amax(-1) for s in scores])).tolist()
+        out = logits.argmax(-1)
+        for r, s, good in zip(sampled, scores, ok):
+            if good:
+                out[r.slot] = r.sampler.draw(s)[0]
+        toks = out.tolist()
+        return {r.slot: toks[r.slot] for r in rows if not r.sampler.do_sample or ok[sampled.index(r)]}
 
     def _run(self, B: int, L: int, layers: frozenset = frozenset(), recorded: frozenset = frozenset()) -> torch.Tensor:
         if not self.use_graphs:
