@@ -47,6 +47,10 @@ def _summary(st: dict) -> list[tuple[str, str]]:
     rows = [("memory", "  ".join(f"{k} {fmt_bytes(seg.get(k))}" for k in ("text", "data", "stack", "host")
                                  if k in seg)
              + (f"  (KV pools {fmt_bytes(seg['kv_pools'])})" if "kv_pools" in seg else ""))]
+    dm = st.get("device_memory")
+    if dm:  # what the device and torch's allocator say, beside the VMU's segments
+        rows.append(("device", f"{fmt_bytes(dm['reserved'])} reserved by torch ({fmt_bytes(dm['allocated'])} in "
+                               f"tensors), {fmt_bytes(dm['free'])} free of {fmt_bytes(dm['total'])}"))
     sc = st.get("scheduler") or {}
     if sc:
         rows.append(("scheduler", f"policy {sc.get('policy')}, {sc.get('queued', 0)} queued, swaps "

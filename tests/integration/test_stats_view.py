@@ -17,7 +17,7 @@ from djinn.frontend.stats_view import Stats, fmt_bytes
 
 from ..models import tiny_gpt2
 
-KEYS = {"device", "segments", "kv", "scheduler", "quotas", "principal", "text_entries", "sessions", "models",
+KEYS = {"device", "device_memory", "segments", "kv", "scheduler", "quotas", "principal", "text_entries", "sessions", "models",
         "requests_served"}
 IDS = torch.tensor([[1, 17, 42, 99, 5]])
 

@@ -376,6 +376,7 @@ def stats(engine, client_id, rid, args):
     swapped = sum(v["host_bytes"] for v in sessions.values())
     return {
         "device": str(engine.device),
+        "device_memory": _device_memory(engine.device),
         "segments": {"text": text_bytes, "data": data, "stack": engine.runs.stack_bytes(), "host": host_bytes + swapped,
                      "uploads_in_flight": engine.uploads.nbytes,
                      "kv_pools": sum(p.nbytes for p in engine.data.pools.values())},
@@ -392,6 +393,17 @@ def stats(engine, client_id, rid, args):
         "models": models,
         "requests_served": engine.requests_served,
     }
+
+
+def _device_memory(device: torch.device) -> dict | None:
+    """What the device and torch's allocator say, next to the segments the VMU accounts for (None on the
+    CPU): `reserved` is what torch holds from the device (the allocator's segments, graph pools included),
+    `allocated` what live tensors use of it."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return {"total": total, "free": free, "reserved": torch.cuda.memory_reserved(device),
+            "allocated": torch.cuda.memory_allocated(device)}
 
 
 def _principal_stats(engine, principal: str) -> dict:
