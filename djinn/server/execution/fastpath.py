@@ -73,7 +73,7 @@ import torch
 
 from ...protocol.errors import InvalidRequest
 from . import paged_attention, paged_step, steering
-from .sampling import check_scores
+from .sampling import check_scores, finite_rows, refused
 
 log = logging.getLogger("djinn.fastpath")
 
@@ -142,14 +142,6 @@ def _model_reason(module: torch.nn.Module) -> str | None:
         return f"rope type {sorted(ropes - STATIC_ROPE, key=str)[0]!r} changes with the length"
     why = paged_step.check(module)
     return f"{arch}: {why}" if why else None
-
-
-def _refused() -> InvalidRequest:
-    """What a row whose scores hold no distribution gets (Note [Scores are checked before sampling])."""
-    return InvalidRequest(
-        "sampling refused: the scores hold NaN or +inf, or no finite value, so there is no distribution to "
-        "sample from (logits that are not finite, e.g. from an edit that wrote NaN or inf into an activation, "
-        "or a temperature so small that the scores overflow)")
 
 
 def _bucket(n: int, cap: int, floor: int = 1) -> int:
@@ -369,7 +361,7 @@ class DecodePool:
         for r in rows:
             tok = toks.get(r.slot)
             if tok is None:  # its scores could not be sampled: its request only (Note [Scores are checked
-                r.error, r.done = _refused(), True              # before sampling])
+                r.error, r.done = refused([0]), True            # before sampling]): its one row
                 continue
             r.pos += 1
             r.token = tok
@@ -389,13 +381,14 @@ class DecodePool:
         if not sampled:
             return dict(enumerate(logits.argmax(-1).tolist()))
         scores = [r.sampler.scores(logits[r.slot:r.slot + 1]) for r in sampled]
-        ok = torch.isfinite(torch.cat([s.amax(-1) for s in scores])).tolist()
+        ok = finite_rows(torch.cat(scores)).tolist()
         out = logits.argmax(-1)
         for r, s, good in zip(sampled, scores, ok):
             if good:
                 out[r.slot] = r.sampler.draw(s)[0]
         toks = out.tolist()
-        return {r.slot: toks[r.slot] for r in rows if not r.sampler.do_sample or ok[sampled.index(r)]}
+        bad = {r.slot for r, good in zip(sampled, ok) if not good}
+        return {r.slot: toks[r.slot] for r in rows if r.slot not in bad}
 
     def _run(self, B: int, L: int, layers: frozenset = frozenset(), recorded: frozenset = frozenset()) -> torch.Tensor:
         if not self.use_graphs:

@@ -23,15 +23,25 @@ from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogits
 from ...protocol.errors import InvalidRequest
 
 
+def finite_rows(scores: torch.Tensor) -> torch.Tensor:
+    """[rows] bool, on the device: which rows of scores [rows, vocab] hold a distribution to sample from
+    (Note [Scores are checked before sampling])."""
+    return torch.isfinite(scores.amax(-1))
+
+
+def refused(rows: list[int]) -> InvalidRequest:
+    """The error of a sampling whose rows `rows` hold no distribution."""
+    return InvalidRequest(
+        f"sampling refused: the scores of row(s) {rows[:8]} hold NaN or +inf, or no finite value, so "
+        "there is no distribution to sample from (logits that are not finite, e.g. from an edit that "
+        "wrote NaN or inf into an activation, or a temperature so small that the scores overflow)")
+
+
 def check_scores(scores: torch.Tensor) -> None:
     """Note [Scores are checked before sampling]: scores [rows, vocab], as softmax will see them."""
-    ok = torch.isfinite(scores.amax(-1))  # [rows]
+    ok = finite_rows(scores)  # [rows]
     if not bool(ok.all()):
-        rows = (~ok).nonzero().flatten().tolist()
-        raise InvalidRequest(
-            f"sampling refused: the scores of row(s) {rows[:8]} hold NaN or +inf, or no finite value, so "
-            "there is no distribution to sample from (logits that are not finite, e.g. from an edit that "
-            "wrote NaN or inf into an activation, or a temperature so small that the scores overflow)")
+        raise refused((~ok).nonzero().flatten().tolist())
 
 
 class FiniteScores(LogitsProcessor):
