@@ -26,7 +26,7 @@ __all__ = [
     "DjinnError", "ProtocolError", "AuthError", "SessionNotFound", "HandleNotFound", "OutOfMemory",
     "ModelNotSupported", "InvalidRequest", "RemoteExecutionError", "ServerUnavailable", "RequestTimeout",
     "QuotaExceeded", "CostBudgetExceeded", "WeightWriteRefused", "GenerateCancelled",
-    "SessionLost", "ShuttingDown", "ServerBusy",
+    "SessionLost", "ShuttingDown", "ServerBusy", "GuardFailed",
 ]
 
 if TYPE_CHECKING:

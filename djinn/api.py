@@ -20,7 +20,7 @@ from .frontend.tensor import RemoteTensor
 from .protocol.errors import (
     AuthError, CaptureError, CostBudgetExceeded, DjinnError, HandleNotFound, InvalidRequest, ModelNotSupported,
     OutOfMemory, ProtocolError, QuotaExceeded, RemoteExecutionError, RequestTimeout, ServerBusy, ServerUnavailable,
-    SessionLost, SessionNotFound, ShuttingDown, WeightWriteRefused, GenerateCancelled,
+    SessionLost, SessionNotFound, ShuttingDown, WeightWriteRefused, GenerateCancelled, GuardFailed,
 )
 
 

@@ -169,16 +169,13 @@ def _as_tensors(index, read: bool = False) -> tuple:
     """List and bool items as local tensors (uploaded with the flush): torch would make them into
     tensors on the indexed tensor's device, here the capture's meta device, where they have no data.
     A read through a boolean mask has as many rows as the mask has True values: a local mask becomes
-    its nonzero() indices here; a remote one is known only on the server, so that read is refused."""
+    its nonzero() indices here; a remote one is known only on the server, which the read probes for
+    (Note [Graph breaks] in srg/capture.py)."""
     items = index if isinstance(index, tuple) else (index,)
     out: list = []
     for i in items:
         if isinstance(i, (list, bool)):
             i = torch.tensor(i)
-        if read and isinstance(i, Editable) and i.dtype in (torch.bool, torch.uint8):
-            raise TypeError("reading a remote tensor through a remote boolean mask gives a shape known only "
-                            "on the server: use torch.where(mask, t, fill) or masked_fill, or fetch the mask "
-                            "with .cpu() first")
         if read and isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8):
             out.extend(i.bool().nonzero(as_tuple=True) if i.dim() else (i,))
             continue

@@ -4,18 +4,20 @@
 in the Text segment) and registers them as a graph-path model. A call flattens its arguments, looks up
 its signature (srg/tree.py, Note [Input signature]); a new signature is captured (srg/capture.py), and
 the graph travels once: the server caches it by signature (Note [Graph cache] in server/handlers/graph_ops.py),
-so a repeated call ships only its inputs and the signature.
+so a repeated call ships only its inputs and the signature. A forward with data-dependent shapes or
+values probes the server while it is captured (Note [Graph breaks] in srg/capture.py).
 """
 from __future__ import annotations
 
 import inspect
+import secrets
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from ..protocol.errors import InvalidRequest, ModelNotSupported
+from ..protocol.errors import GuardFailed, InvalidRequest, ModelNotSupported
 from ..srg.capture import Captured, capture_module, is_leaf_spec
 from ..srg.layers import layer_path
 from ..srg.layout import layout_of
@@ -51,11 +53,12 @@ class GraphModel(RemoteModel):
         self.module = module            # the code stays here: captures run it over meta tensors
         self.hashes = hashes
         self._captures: dict[Any, list[Captured]] = {}
+        self._unstable: set = set()  # input keys whose captures with graph breaks failed a guard: probe every call
         self._server_has: set[tuple[str, str]] = set()  # (session id, signature): graphs are per session
         self._use_cache = _accepts(module, "use_cache")
         self._versions = weight_versions(named_tensors(module))  # Note [Capture guards]
-        #: captures: graphs recorded; calls; graphs_sent: calls that carried their graph
-        self.counters = {"captures": 0, "calls": 0, "graphs_sent": 0}
+        #: captures: graphs recorded; calls; graphs_sent: calls that carried their graph; probes: graph breaks
+        self.counters = {"captures": 0, "calls": 0, "graphs_sent": 0, "probes": 0}
 
     @classmethod
     def from_module(cls, session: "Session", module: nn.Module, *, reason: str | None = None, **_) -> "GraphModel":
@@ -83,10 +86,24 @@ class GraphModel(RemoteModel):
         s = session or self.session
         self._refresh_weights(s)
         self.attach(s)
-        cap, leaves = self._capture(args, kwargs)
+        own = _break_seed(seed)
+        cap, leaves, key = self._capture(s, args, kwargs, own)
+        seed = own if cap.events else seed
         self.counters["calls"] += 1
         inputs = wire.pack(s, cap.layout.values(leaves))
-        res = self._run(s, cap, {"model_id": self.model_id, "inputs": inputs, "seed": seed})
+        try:
+            res = self._run(s, cap, {"model_id": self.model_id, "inputs": inputs, "seed": seed})
+        except GuardFailed:
+            if not cap.events:
+                raise
+            # Note [Graph breaks]: this input's data-dependent shapes or values differ from the capture's;
+            # nothing after the failed check ran. Capture again with fresh probes, and keep probing.
+            self._unstable.add(key)
+            self._captures.pop(key, None)
+            cap, leaves, key = self._capture(s, args, kwargs, own)
+            seed = own
+            res = self._run(s, cap, {"model_id": self.model_id, "inputs": wire.pack(s, cap.layout.values(leaves)),
+                                     "seed": seed})
         outs = wire.unpack(s, res["outputs"])
         return unflatten(cap.out_spec, outs, cap.out_protos, is_leaf_spec)
 
@@ -98,7 +115,9 @@ class GraphModel(RemoteModel):
             raise InvalidRequest("the graph path runs forward only: start(rm, *args) without method")
         self._refresh_weights(s)
         self.attach(s)
-        cap, leaves = self._capture(args, kwargs)
+        own = _break_seed(seed)
+        cap, leaves, _ = self._capture(s, args, kwargs, own)
+        seed = own if cap.events else seed
         self.counters["calls"] += 1
         fut = s.submit("start", {"sig": cap.sig, "graph": cap.wire, "model_id": self.model_id, "seed": seed,
                                  "inputs": wire.pack(s, cap.layout.values(leaves)),
@@ -116,13 +135,14 @@ class GraphModel(RemoteModel):
 
     def explain(self, *args, **kwargs) -> str:
         """The SRG this call runs, as text: ops grouped by module with lifecycle, cost class and sizes."""
-        cap, _ = self._capture(args, kwargs)
+        cap, _, _ = self._capture(self.session, args, kwargs, None)
         return render(cap.graph, f"SRG {self.arch} {cap.sig[:12]}")
 
     def generate(self, *args, **kwargs):
         raise ModelNotSupported(graph_path_why(self.arch))
 
-    def _capture(self, args: tuple, kwargs: dict) -> tuple[Captured, list]:
+    def _capture(self, s: "Session", args: tuple, kwargs: dict, seed: int | None) -> tuple[Captured, list, Any]:
+        """(the capture for this call, its tensor leaves, its cache key)."""
         if self._use_cache and "use_cache" not in kwargs:
             kwargs = dict(kwargs, use_cache=False)  # as on the module path: no cache objects unless asked
         leaves: list = []
@@ -132,13 +152,21 @@ class GraphModel(RemoteModel):
         caps = self._captures.setdefault(key, [])
         for cap in caps:  # Note [Input values]: one capture per outcome of the guards
             if cap.guards.hold(cap.graph, cap.layout.values(leaves)):
-                return cap, leaves
+                return cap, leaves, key
+
+        def probe(graph: dict):  # Note [Graph breaks]: the graph so far, run on this call's inputs
+            self.counters["probes"] += 1
+            return s.call("run_graph", {"probe": True, "graph": graph, "model_id": self.model_id, "seed": seed,
+                                        "inputs": wire.pack(s, layout_of(leaves).values(leaves))})["probe"]
+
         cap = capture_module(self.module, args, kwargs, self.hashes, leaf_key,
-                             lambda x: isinstance(x, RemoteTensor))
+                             lambda x: isinstance(x, RemoteTensor), probe)
+        self.counters["captures"] += 1
+        if cap.events and (key in self._unstable or cap.writes_inputs):
+            return cap, leaves, key  # used once: its shapes hold for this call's inputs only
         caps.insert(0, cap)
         del caps[_MAX_GUARDED:]  # a guard that fails on every call must not grow this without bound
-        self.counters["captures"] += 1
-        return cap, leaves
+        return cap, leaves, key
 
     def _run(self, s: "Session", cap: Captured, args: dict) -> dict:
         send = (s.sid, cap.sig) not in self._server_has
@@ -160,6 +188,12 @@ class GraphModel(RemoteModel):
 
 
 _MAX_GUARDED = 8  # captures kept per input signature, differing only in their guards' values
+
+
+def _break_seed(seed: int | None) -> int | None:
+    """Note [Graph breaks]: a probe and its run must draw the same random numbers, so a call without a
+    seed gets a fresh one of its own (as a fresh stream would be); a graph without random ops ignores it."""
+    return seed if seed is not None else secrets.randbits(62)
 
 
 def _register(session: "Session", module: nn.Module) -> tuple[dict[str, str], dict, object]:

@@ -20,13 +20,14 @@ Note [Lazy order]
 from __future__ import annotations
 
 import os
+import secrets
 import weakref
 from typing import Any
 
 import torch
 
 from ..protocol.errors import InvalidRequest
-from ..srg.capture import Recorder, user_site
+from ..srg.capture import Probe, Recorder, user_site
 from ..srg.graph import Lifecycle, signature
 
 _SKIP = (os.sep + "djinn" + os.sep, os.sep + "torch" + os.sep)
@@ -38,6 +39,8 @@ class _Pending:
 
     def __init__(self) -> None:
         self.rec = Recorder(lazy=True)
+        self.rec.answers = []                       # Note [Graph breaks]: probed in place (`_probe`)
+        self.seed = secrets.randbits(62)            # a graph with breaks: its probes' and its run's stream
         self.live: list[weakref.ref] = []          # pending RemoteTensors, in creation order
         self.handles: dict[str, torch.Tensor] = {}  # handle id -> its meta input
         self.keep: list = []                        # concrete RemoteTensors used: alive until the flush
@@ -110,9 +113,27 @@ def apply(func, args: tuple, kwargs: dict | None = None) -> Any:
         return x
 
     margs, mkw = to_meta(tuple(args)), to_meta(kwargs)
-    with rec:
-        out = func(*margs, **mkw)
-    return _wrap(out, type(first), session, st)
+    while True:
+        mark = (len(rec.graph.nodes), len(rec.input_values), len(rec.graph.expects), rec.events)
+        try:
+            with rec:
+                out = func(*margs, **mkw)
+            return _wrap(out, type(first), session, st)
+        except Probe as p:
+            _probe(session, st, p, mark)
+
+
+def _probe(session, st: _Pending, p: Probe, mark: tuple) -> None:
+    """Note [Graph breaks] (srg/capture.py): ask the server for the shape or value this op met, forget
+    what this op recorded, and let it record again with the answer."""
+    reply = session.call("run_graph", {"probe": True, "graph": p.wire, "inputs": list(st.rec.input_values),
+                                       "seed": st.seed})["probe"]
+    answer = p.answer(reply)
+    rec = st.rec
+    nodes, inputs, expects, rec.events = mark
+    del rec.graph.nodes[nodes:], rec.roots[nodes:], rec.input_values[inputs:], rec.graph.expects[expects:]
+    rec.graph.outputs = []
+    rec.answers.append(answer)
 
 
 def _wrap(out: Any, tensor_type: type, session, st: _Pending) -> Any:
@@ -147,6 +168,8 @@ def flush(session, fetch: tuple = ()) -> list[torch.Tensor]:
     known = _KNOWN.setdefault(session, set())
     index = {id(t): k for k, t in enumerate(live)}
     args = {"sig": sig, "inputs": st.rec.input_values, "fetch": [index[id(t)] for t in fetch]}
+    if st.rec.events:  # Note [Graph breaks]: the stream its probes drew from
+        args["seed"] = st.seed
     if sig not in known:
         args["graph"] = wire
     res = session.call("run_graph", args)

@@ -94,6 +94,14 @@ class RemoteExecutionError(DjinnError):
         return lines[0] if lines else self.message
 
 
+class GuardFailed(RemoteExecutionError):
+    """A graph's data-dependent shape or value (Note [Graph breaks] in srg/capture.py) came out on the
+    server other than the capture's probe found: the run stopped at that node, before anything that
+    depends on it ran. A graph-path call captures again and retries once by itself."""
+
+    code = "guard_failed"
+
+
 class ServerUnavailable(DjinnError):
     """The server stopped answering (no heartbeat within the liveness window) or was never reached."""
 
@@ -157,7 +165,7 @@ ERRORS: dict[str, type[DjinnError]] = {
         DjinnError, ProtocolError, AuthError, SessionNotFound, HandleNotFound, OutOfMemory,
         ModelNotSupported, InvalidRequest, RemoteExecutionError, ServerUnavailable, RequestTimeout,
         SessionLost, ShuttingDown, QuotaExceeded, CaptureError, WeightWriteRefused, GenerateCancelled,
-        ServerBusy, CostBudgetExceeded,
+        ServerBusy, CostBudgetExceeded, GuardFailed,
     )
 }
 

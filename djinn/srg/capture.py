@@ -17,6 +17,24 @@ Note [Known values]
     capture (Note [Input values] in srg/guards.py). A value that depends on a weight or a float
     input is not known: reading it is a CaptureError naming the op and the module path.
 
+Note [Graph breaks]
+    Some shapes and values exist only on the server: the shape of `nonzero`, `unique`, `masked_select`
+    or a boolean-mask read of a tensor computed from weights, and a Python value read from one
+    (`.item()`, `bool(t)`, `if t.sum() > 0:`). torch.compile splits its graph there and runs Python
+    between the pieces; a capture cannot, since it runs before anything runs on the server. It probes
+    instead: at such an op (an "event") it sends the graph recorded so far, ending in that op or
+    reading that tensor, as a probe (run_graph with probe: true: run, report dtype, shape, strides and
+    a one-element value, keep nothing), then captures again from the start with the answer, and so on
+    until the forward completes: k events cost k probes and k + 1 captures (at most MAX_BREAKS). The
+    graph holds each answer as a check the interpreter makes where the node runs: a data-dependent
+    node must give the shape its probe found, and a value read must hold (`Graph.expects`); otherwise
+    the run stops there with GuardFailed before anything recorded after it runs, so a capture reused for
+    another input can never compute with a stale shape. A graph-path call then captures again and
+    retries once, and stops reusing captures with events for that input signature. A probe and the
+    run that follows it draw from the same seeded stream, so a random op before an event agrees.
+    Ops whose inputs are all known values (Note [Known values]) need no probe: they are computed here.
+    Lazy ops (frontend/lazy.py) probe the same way, in place, without capturing again.
+
 Note [Weights are read-only]
     An in-place op whose target is a weight, or a view of one, would change the Text segment that
     other tenants share. The recorder refuses it at capture (naming the weight and the module), and
@@ -51,6 +69,34 @@ _META = torch.device("meta")
 _CPU = torch.device("cpu")
 _ITEM = torch.ops.aten._local_scalar_dense.default
 _UNKNOWN = object()
+MAX_BREAKS = 32  # Note [Graph breaks]: probes per capture
+
+
+class Probe(BaseException):
+    """Note [Graph breaks]: raised out of a capture at an event it has no answer for. `wire`: the graph
+    recorded so far, whose outputs are what the capture asks about; `answer(reply)` turns the server's
+    report into what the capture takes. A BaseException, so model code catching Exception lets it by."""
+
+    def __init__(self, kind: str, wire: dict, site: str, n_out: int):
+        super().__init__(site)
+        self.kind, self.wire, self.site, self.n_out = kind, wire, site, n_out
+
+    def answer(self, reply: Any) -> Any:
+        from ..protocol.tensors import DTYPES
+        try:
+            if self.kind == "value":
+                value = reply[0][3]
+                if type(value) not in (bool, int, float):
+                    raise CaptureError(f"{self.site}: a tensor of shape {list(reply[0][1])} has no single value to "
+                                       "read")
+                return value
+            if len(reply) != self.n_out:
+                raise ValueError(f"{len(reply)} outputs for {self.n_out}")
+            return [(DTYPES[d], tuple(shape), tuple(stride)) for d, shape, stride, _ in reply]
+        except CaptureError:
+            raise
+        except Exception as e:
+            raise CaptureError(f"{self.site}: the server's probe answer is malformed ({e})") from None
 
 
 @dataclass(frozen=True)
@@ -117,6 +163,8 @@ class Recorder:
         self._hook_events = 0                 # one counter for pre-hooks and hooks (ModuleCall order)
         self._thread = threading.get_ident()
         self._modes: list = []
+        self.answers: list | None = None      # Note [Graph breaks]: answers to events, in order; None: no breaks
+        self.events = 0                       # events met so far
 
     # -- declarations ------------------------------------------------------------------------------
     def add_input(self, meta: torch.Tensor, value: Any, lifecycle: Lifecycle = Lifecycle.STACK,
@@ -254,8 +302,12 @@ class Recorder:
                 raise CaptureError(f"{self._site(str(func))}: the graph path runs aten ops only, and this op is "
                                    f"outside aten (namespace {func.namespace!r}) (Note [Op table])")
             return func(*args, **kwargs)
+        if func in _BOOL_READS and self.answers is not None and not self.muted:
+            return _BOOL_READS[func](self, *args, **kwargs)
         if func is _ITEM:
             known = self.known.get(id(args[0]), _UNKNOWN)
+            if known is _UNKNOWN and self.answers is not None:
+                return self._value_break(args[0])
             if known is _UNKNOWN:
                 ref = self.ref_of(args[0])
                 made_by = f" of the result of {self.graph.nodes[ref.node].op}" if ref is not None else ""
@@ -284,11 +336,9 @@ class Recorder:
         except CaptureError:
             raise
         except Exception as e:
-            if torch.Tag.dynamic_output_shape in func.tags:  # `x[mask]`: the mask's values set the shape
-                raise CaptureError(f"{self._site(info.name)}: its output's shape depends on tensor values here, and a "
-                                   "graph's shapes are fixed at capture (Note [Data-dependent shapes]: no graph "
-                                   f"break); {type(e).__name__}: {str(e)[:200]}") from None
-            raise CaptureError(f"{self._site(info.name)} failed: {type(e).__name__}: {e}") from None
+            if torch.Tag.dynamic_output_shape not in func.tags:
+                raise CaptureError(f"{self._site(info.name)} failed: {type(e).__name__}: {e}") from None
+            out = self._shape_break(func, info, conv, kconv, e)  # `x[mask]`: the mask's values set the shape
         outs = _tensor_outputs(out, info.name, self)
         view_of = tuple(conv[i][0].node if (i is not None and i < len(conv) and isinstance(conv[i][0], Ref))
                         else None for i in info.view_of) if info.view_of else ()
@@ -303,6 +353,49 @@ class Recorder:
             self.graph.random = True
         self._propagate(func, info, conv, kconv, out, outs)
         return out
+
+    # -- graph breaks (Note [Graph breaks]) ---------------------------------------------------------
+    def _next_event(self) -> tuple[int, Any]:
+        k = self.events
+        self.events += 1
+        return k, (self.answers[k] if k < len(self.answers) else _UNKNOWN)
+
+    def _value_break(self, t: torch.Tensor):
+        ref = self._convert(t)[0]
+        k, value = self._next_event()
+        if value is _UNKNOWN:
+            self.graph.outputs = [ref]
+            raise Probe("value", self.graph.to_wire(), self._site(".item() / bool(tensor)"), 1)
+        self.graph.expects.append((ref, value))
+        return value
+
+    def _shape_break(self, func, info: OpInfo, conv, kconv, err: Exception):
+        """The outputs of a data-dependent op: computed here from known values, else a probe's answer."""
+        tensor_args = [c for c in list(conv) + list(kconv.values()) if _has_tensor(c[1])]
+        if tensor_args and all(c[2] is not _UNKNOWN for c in tensor_args) and not info.random:
+            try:
+                real = func(*[c[2] for c in conv], **{k: c[2] for k, c in kconv.items()})
+            except Exception as e:
+                raise CaptureError(f"{self._site(info.name)} failed: {type(e).__name__}: {e}") from None
+            for c in tensor_args:  # Note [Input values]: the shape came from these values
+                for t in (c[1] if isinstance(c[1], (list, tuple)) else (c[1],)):
+                    if isinstance(t, torch.Tensor) and id(t) in self.from_input:
+                        self.guards.append(ValueGuard(self.ref_of(t), self.known[id(t)].tolist()))
+            return _metas_like(real)
+        if self.answers is None:
+            raise CaptureError(f"{self._site(info.name)}: its output's shape depends on tensor values here, and this "
+                               f"capture cannot probe the server for it (Note [Graph breaks]); {type(err).__name__}: "
+                               f"{str(err)[:200]}")
+        n = len(func._schema.returns)
+        k, answer = self._next_event()
+        if answer is _UNKNOWN:
+            holders = [torch.empty((0,), device=_META) for _ in range(n)]
+            ref = self._node(info.name, tuple(c[0] for c in conv), {k2: c[0] for k2, c in kconv.items()}, holders,
+                             Lifecycle.STACK, info.cost)
+            self.graph.outputs = [Ref(ref.node, j) for j in range(n)]
+            raise Probe("shape", self.graph.to_wire(), self._site(info.name), n)
+        outs = [torch.empty_strided(shape, stride, dtype=dtype, device=_META) for dtype, shape, stride in answer]
+        return outs[0] if n == 1 else tuple(outs)
 
     def _meta_call(self, func, info: OpInfo, conv, kconv):
         """Run the op on meta tensors. Note [Meta memo]: many meta kernels are Python (torch._refs) and
@@ -472,6 +565,49 @@ def _memo_key(v):
     return v
 
 
+_A = torch.ops.aten
+
+
+def _equal(rec: Recorder, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Note [Graph breaks]: `torch.equal` returns a Python bool, so it is recorded as what it computes,
+    `eq(a, b).all()`, and its value read (an event, unless known): False without a read for other shapes."""
+    if tuple(a.shape) != tuple(b.shape):
+        return False
+    t = rec.dispatch(_A.all.default, (rec.dispatch(_A.eq.Tensor, (a, b), {}),), {})
+    return bool(rec.dispatch(_ITEM, (t,), {}))
+
+
+def _allclose(rec: Recorder, a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-05, atol: float = 1e-08,
+              equal_nan: bool = False) -> bool:
+    """`torch.allclose` as ATen's isclose computes it (TensorCompare.cpp), then `.all()` read as a value."""
+    if a.dtype != b.dtype:
+        raise CaptureError(f"{rec._site('allclose')}: {a.dtype} and {b.dtype} differ (torch.allclose needs one dtype)")
+    d = rec.dispatch
+    close = d(_A.eq.Tensor, (a, b), {})
+    if equal_nan and (a.is_floating_point() or a.is_complex()):
+        close = d(_A.bitwise_or.Tensor, (close, d(_A.bitwise_and.Tensor, (d(_A.isnan.default, (a,), {}),
+                                                                            d(_A.isnan.default, (b,), {})), {})), {})
+    if rtol != 0 or atol != 0:
+        if not (a.is_floating_point() or a.is_complex()):
+            a = d(_A._to_copy.default, (a,), {"dtype": torch.get_default_dtype()})
+            b = d(_A._to_copy.default, (b,), {"dtype": torch.get_default_dtype()})
+        allowed = d(_A.add.Tensor, (d(_A.abs.default, (d(_A.mul.Tensor, (b, rtol), {}),), {}), atol), {})
+        actual = d(_A.abs.default, (d(_A.sub.Tensor, (a, b), {}),), {})
+        within = d(_A.bitwise_and.Tensor, (d(_A.ne.Scalar, (actual, float("inf")), {}),
+                                           d(_A.le.Tensor, (actual, allowed), {})), {})  # isfinite: NaN fails le
+        close = d(_A.bitwise_or.Tensor, (close, within), {})
+    return bool(d(_ITEM, (d(_A.all.default, (close,), {}),), {}))
+
+
+_BOOL_READS = {_A.equal.default: _equal, _A.allclose.default: _allclose}
+
+
+def _metas_like(real: Any) -> Any:
+    if isinstance(real, torch.Tensor):
+        return torch.empty_strided(real.shape, real.stride(), dtype=real.dtype, device=_META)
+    return type(real)(_metas_like(t) for t in real)
+
+
 def _ids(v) -> list[int]:
     if isinstance(v, torch.Tensor):
         return [id(v)]
@@ -607,20 +743,42 @@ class Captured:
     seconds: float
     layout: InputLayout  # how the call's tensor leaves become the graph's inputs (Note [Input layout])
     guards: Guards       # what this call's input values must give to reuse it (Note [Input values])
+    events: int = 0      # Note [Graph breaks]: data-dependent shapes and values the capture probed
+    writes_inputs: bool = False  # some node writes an input in place (a retried run would write it twice)
 
 
 def capture_module(module: torch.nn.Module, args: tuple, kwargs: dict, hashes: dict[str, str],
-                   leaf: Callable[[Any], Any] = leaf_key, data_leaf: Callable[[Any], bool] = lambda x: False
-                   ) -> Captured:
+                   leaf: Callable[[Any], Any] = leaf_key, data_leaf: Callable[[Any], bool] = lambda x: False,
+                   probe: Callable[[dict], Any] | None = None) -> Captured:
     """Record `module(*args, **kwargs)` as an SRG. `hashes`: parameter/buffer name -> weight hash.
     `leaf(x)` keys a tensor-like leaf (local tensors, RemoteTensors); `data_leaf(x)` says it is
-    session state (a handle), which makes its input node Data."""
+    session state (a handle), which makes its input node Data. `probe(wire)`: runs a probe graph on the
+    server and returns its report (Note [Graph breaks]); without it a data-dependent shape or value is
+    a CaptureError."""
+    t0 = time.perf_counter()
+    answers: list | None = [] if probe is not None else None
+    while True:
+        try:
+            cap = _capture_once(module, args, kwargs, hashes, leaf, data_leaf, answers)
+        except Probe as p:
+            if len(answers) >= MAX_BREAKS:
+                raise CaptureError(f"{p.site}: more than {MAX_BREAKS} data-dependent shapes or values in one forward "
+                                   "(Note [Graph breaks]); each costs a probe") from None
+            answers.append(p.answer(probe(p.wire)))
+            continue
+        cap.seconds = time.perf_counter() - t0
+        return cap
+
+
+def _capture_once(module: torch.nn.Module, args: tuple, kwargs: dict, hashes: dict[str, str],
+                  leaf: Callable[[Any], Any], data_leaf: Callable[[Any], bool], answers: list | None) -> Captured:
     t0 = time.perf_counter()
     leaves: list = []
     protos: list = []
     spec = flatten((tuple(args), dict(kwargs)), leaves, leaf, protos)
     cache_leaves = _cache_leaf_ids(args, kwargs, leaf)
     rec = Recorder()
+    rec.answers = answers
     rec.record_calls = True
     rec.module_paths = {id(m): name for name, m in module.named_modules()}
     layout = layout_of(leaves)
@@ -676,8 +834,26 @@ def capture_module(module: torch.nn.Module, args: tuple, kwargs: dict, hashes: d
 
     last = max((g.ref.node for g in rec.guards), default=-1)
     guards = Guards(tuple(rec.guards), tuple(i for i in rec.known_nodes if i <= last))
+    if rec.events < len(answers or ()):
+        raise CaptureError(f"{type(module).__name__}'s forward met {rec.events} data-dependent shapes or values on "
+                           f"this capture and {len(answers)} on an earlier one: it is not deterministic given its "
+                           "inputs, so it cannot be captured (Note [Graph breaks])")
     return Captured(rec.graph, wire, signature(wire), out_spec, out_protos, rec.ops_recorded,
-                    time.perf_counter() - t0, layout, guards)
+                    time.perf_counter() - t0, layout, guards, rec.events, rec.events > 0 and _writes_inputs(rec))
+
+
+def _writes_inputs(rec: Recorder) -> bool:
+    """Whether a node writes (in place) a graph input or a view of one."""
+    for node in rec.graph.nodes:
+        fn = srg_ops.ALLOWED.get(node.op) if not node.op.startswith("$") else None
+        if fn is None:
+            continue
+        for pos, name in srg_ops.written_args(fn, node.args, node.kwargs):
+            a = node.args[pos] if pos < len(node.args) else node.kwargs.get(name)
+            for r in (a if isinstance(a, (list, tuple)) else (a,)):
+                if isinstance(r, Ref) and rec.graph.nodes[rec.roots[r.node]].op == IN:
+                    return True
+    return False
 
 
 def _known_input(value: Any) -> torch.Tensor | None:

@@ -17,12 +17,16 @@ Note [SRG wire form]
     {"v": 1, "phase": str, "random": bool, "paths": [module paths],
      "nodes": [[op, args, kwargs, outs, [path index, lifecycle, cost, where]], ...],
      "outputs": [[node, k], ...],
-     "calls": [[path index, start, end, [[node, k], ...], [[node, k], ...], opened, closed], ...]}
+     "calls": [[path index, start, end, [[node, k], ...], [[node, k], ...], opened, closed], ...],
                                                                                   (optional)
+     "expects": [[node, k, value], ...]}                                          (optional)
     outs entries are [dtype name, shape, strides]. Refs are {"$n": [node, k]}; a dtype {"$dt": name};
     a device {"$dev": 0} (always the server's device: graphs are captured device-free); a memory format
     {"$mf": name}; a layout {"$ly": name}. `from_wire` checks all of it (limits, types, refs to earlier
     nodes only, known dtypes) before anything is built; the server then checks ops and shapes.
+    `expects` are the Python values a capture read from tensors through a graph break (Note [Graph
+    breaks] in srg/capture.py): output k of the node must hold `value` (a bool, int or float) when it
+    runs, or the run stops there with GuardFailed.
 
 Note [Module calls]
     `calls` records each submodule call of a module capture: its path, the nodes it ran (start <= i <
@@ -121,6 +125,7 @@ class Graph:
     phase: str = NONE
     random: bool = False
     calls: list[ModuleCall] = field(default_factory=list)
+    expects: list[tuple[Ref, Any]] = field(default_factory=list)  # Note [Graph breaks]: (tensor, its value)
 
     @property
     def inputs(self) -> list[int]:
@@ -138,7 +143,8 @@ class Graph:
                   [[r.node, r.k] for r in c.outs], c.opened, c.closed] for c in self.calls]
         return {"v": VERSION, "phase": self.phase, "random": self.random, "paths": list(paths),
                 "nodes": nodes, "outputs": [[r.node, r.k] for r in self.outputs],
-                **({"calls": calls} if calls else {})}
+                **({"calls": calls} if calls else {}),
+                **({"expects": [[r.node, r.k, v] for r, v in self.expects]} if self.expects else {})}
 
     def signature(self) -> str:
         return signature(self.to_wire())
@@ -296,6 +302,13 @@ def from_wire(w: Any) -> Graph:
         # A call's inputs exist when it starts; its outputs when it ends.
         g.calls.append(ModuleCall(paths[p], start, end, tuple(_dec({"$n": r}, start, n_outs) for r in ins),
                                   tuple(_dec({"$n": r}, end, n_outs) for r in outs), opened, closed))
+    expects = w.get("expects", [])
+    if not isinstance(expects, list) or len(expects) > MAX_LIST:
+        raise InvalidRequest("graph expects must be a list")
+    for e in expects:
+        if not isinstance(e, list) or len(e) != 3 or type(e[2]) not in (bool, int, float):
+            raise InvalidRequest("a graph expect is [node, k, bool | int | float]")
+        g.expects.append((_dec({"$n": e[:2]}, len(nodes), n_outs), e[2]))
     return g
 
 

@@ -19,8 +19,9 @@ Note [Op table]
       - an argument type a graph cannot carry (Storage, Stream, Dict, str lists, TorchScript values);
       - an `inplace_view` op that swaps or resizes a storage (set_, resize_); t_, squeeze_ and the like
         run (they write `self`, so a weight is refused at run time like any write);
-      - `dynamic_output_shape` (refused, not a graph break: Note [Data-dependent shapes]), except
-        `index.Tensor`, whose shape is static for integer indices (a boolean mask fails its meta kernel);
+      - `dynamic_output_shape` whose output is not bounded by its inputs (Note [Data-dependent shapes]);
+        the bounded ones (nonzero, unique, masked_select, a boolean-mask `index.Tensor`) run as graph
+        breaks;
       - a CompositeImplicitAutograd op other than those recorded whole (Note [Composite ops]): such an
         op decomposes before `__torch_dispatch__`, so no capture ever records it, and run natively on the
         server its inner ops would bypass the per-node write and index checks;
@@ -35,12 +36,14 @@ Note [Op table]
     tests/integration/test_opinfo.py audits OpInfo samples for writes no schema announces.
 
 Note [Data-dependent shapes]
-    nonzero, unique, masked_select, boolean-mask indexing, bincount, repeat_interleave by tensor: the
-    output's shape depends on tensor values, and an SRG's shapes are fixed at capture. They are refused
-    with a CaptureError naming the op (not a graph break: the server would have to run up to the op and
-    the client resume capture from its shape, a second protocol round per break). `nonzero_static` and
-    integer `index.Tensor` have static shapes and run; the interpreter checks at run time that a node
-    tagged `dynamic_output_shape` gave the shape its graph declared.
+    nonzero, unique, masked_select, boolean-mask indexing: the output's shape depends on tensor values,
+    and an SRG's shapes are fixed at capture. They run as graph breaks (Note [Graph breaks] in
+    srg/capture.py): the capture asks the server for the shape (a probe) and records the op with it,
+    and the interpreter checks at run time that the node gave that shape (GuardFailed otherwise, before
+    anything that depends on it runs). Only ops whose output is bounded by their inputs are allowed
+    (`BOUNDED_DYNAMIC`): the size of bincount, one_hot with num_classes=-1 and repeat_interleave by
+    tensor is a value (a max or a sum) that a kernel would allocate before any check could refuse it,
+    so they stay refused. `nonzero_static` and integer `index.Tensor` have static shapes.
 
 Note [Composite ops]
     `F.scaled_dot_product_attention` and `F.batch_norm` are CompositeImplicit: by the time an op
@@ -128,6 +131,9 @@ _STORAGE_CHANGES = frozenset({"set_", "resize_", "resize_as_", "_resize_output_"
 NO_RESULT_OK = frozenset({"aten._linalg_check_errors.default"})
 #: Tagged dynamic_output_shape, static for the arguments a meta kernel accepts (checked at run time).
 STATIC_ON_META = frozenset({"aten.index.Tensor"})
+#: Note [Data-dependent shapes]: dynamic-shape ops whose output is at most a few times their inputs' size.
+BOUNDED_DYNAMIC = frozenset({"nonzero", "argwhere", "masked_select", "_unique", "_unique2", "unique_consecutive",
+                             "unique_dim", "unique_dim_consecutive", "linalg_lstsq"})
 _NON_STRIDED = re.compile(r"^_?(sparse|to_sparse|nested|to_padded|mkldnn|to_mkldnn|quantize|dequantize|q_|"
                           r"fbgemm|_?make_per|fake_quantize|int_repr|indices|values|crow_|col_|ccol_|row_|"
                           r"coalesce|is_coalesced|_coalesced|sparse_mask|to_dense|_to_dense|_cslt|_jagged|"
@@ -221,9 +227,9 @@ def _refusal(fn, name: str, base: str, kind: str, tags: set) -> str | None:
         return f"takes {bad[0]}, which a graph cannot carry"
     if torch.Tag.inplace_view in tags and base in _STORAGE_CHANGES:
         return "changes a tensor's storage in place (its size or the memory it points at)"
-    if kind == DYNAMIC:
-        return ("its output's shape depends on tensor values, and a graph's shapes are fixed at capture "
-                "(Note [Data-dependent shapes]: no graph break)")
+    if kind == DYNAMIC and base not in BOUNDED_DYNAMIC:
+        return ("its output's size is a value read from a tensor (a max or a sum), which the server cannot "
+                "bound before the kernel allocates it (Note [Data-dependent shapes])")
     if base in REVIEWED and REVIEWED[base] is not None:
         return REVIEWED[base]
     if _NON_STRIDED.match(base):

@@ -17,6 +17,7 @@ EXPECTED = {
     "quota_exceeded": E.QuotaExceeded, "session_lost": E.SessionLost, "shutting_down": E.ShuttingDown,
     "capture": E.CaptureError, "weight_write_refused": E.WeightWriteRefused, "server_busy": E.ServerBusy,
     "cancelled": E.GenerateCancelled, "cost_budget_exceeded": E.CostBudgetExceeded,
+    "guard_failed": E.GuardFailed,
 }
 
 

@@ -26,7 +26,7 @@ def test_kinds_come_from_schemas_and_tags(name, kind):
     ("aten.set_.source_Tensor", "storage"), ("aten.resize_.default", "storage"),
     ("aten._copy_from.default", "dst"), ("aten.cudnn_batch_norm.default", "running stats"),
     ("aten.add.out", "out= variant"), ("aten.equal.default", "returns bool"),
-    ("aten.nonzero.default", "depends on tensor values"), ("aten.masked_select.default", "depends on tensor values"),
+    ("aten.bincount.default", "cannot bound"), ("aten.repeat_interleave.Tensor", "cannot bound"),
     ("aten._assert_async.default", "returns nothing"), ("aten.matmul.default", "composite"),
     ("aten.embedding_dense_backward.default", "range-check"), ("aten._to_sparse.default", "not strided"),
     ("aten.pin_memory.default", "page-locked"),

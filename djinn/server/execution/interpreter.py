@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from ...protocol.errors import InvalidRequest, RemoteExecutionError, WeightWriteRefused
+from ...protocol.errors import GuardFailed, InvalidRequest, RemoteExecutionError, WeightWriteRefused
 from ...srg import ops as srg_ops
 from ...srg.capture import op_info
 from ...srg.graph import CONST, DEVICE, IN, WEIGHT, Graph, Ref
@@ -70,6 +70,8 @@ class Compiled:
     const_bytes: int = 0             # device bytes of `consts` (Note [Graph peak memory])
     peak_bytes: int = 0              # most bytes of op outputs alive at once while it runs
     flops: int = 0                   # estimated operations of one run (Note [Graph cost])
+    expects: dict[int, list[tuple[int, Any]]] = field(default_factory=dict)  # node -> (k, value) (Note [Graph breaks])
+    probe: int | None = None         # a probe's last node, whose shapes are what it asks (Note [Graph breaks])
 
 
 def const_bytes(g: Graph) -> int:
@@ -78,7 +80,9 @@ def const_bytes(g: Graph) -> int:
                if node.op == CONST and isinstance(node.args[0], torch.Tensor))
 
 
-def compile_graph(g: Graph, device: torch.device) -> Compiled:
+def compile_graph(g: Graph, device: torch.device, probe: bool = False) -> Compiled:
+    """`probe`: the graph is a capture's probe (Note [Graph breaks] in srg/capture.py): its last node
+    declares placeholder outputs, which the run reports instead of checking."""
     n = len(g.nodes)
     fns: list = [None] * n
     writes: list[tuple] = [()] * n
@@ -116,7 +120,7 @@ def compile_graph(g: Graph, device: torch.device) -> Compiled:
                 roots[i] = roots[node.args[src].node]
     args = [_sub_device(node.args, device) for node in g.nodes]
     kwargs = [_sub_device(node.kwargs, device) for node in g.nodes]
-    env = _dry_run(g, fns, args, kwargs)
+    env = _dry_run(g, fns, args, kwargs, n - 1 if probe else None)
     last: dict[int, int] = {}
     for i, node in enumerate(g.nodes):
         for r in _refs(node.args) + _refs(node.kwargs):
@@ -129,8 +133,11 @@ def compile_graph(g: Graph, device: torch.device) -> Compiled:
     ops = [i for i in range(n) if fns[i] is not None]
     flops = sum(node_flops(fns[i], _resolve(args[i], env, _META), _resolve(kwargs[i], env, _META), env[i])
                 for i in ops)
+    expects: dict[int, list[tuple[int, Any]]] = {}
+    for r, v in g.expects:
+        expects.setdefault(r.node, []).append((r.k, v))
     return Compiled(g, fns, args, kwargs, inputs, weights, consts, frees, writes, ops, const_bytes(g),
-                    peak_bytes(fns, env, frees), flops)
+                    peak_bytes(fns, env, frees), flops, expects, n - 1 if probe else None)
 
 
 #: Matmul-like ops: the argument whose last dim is contracted (Note [Graph cost]).
@@ -203,15 +210,30 @@ def peak_bytes(fns: list, env: list, frees: list[list[int]]) -> int:
     return peak
 
 
-def _dry_run(g: Graph, fns: list, args: list, kwargs: list) -> list:
+def _dry_run(g: Graph, fns: list, args: list, kwargs: list, probe: int | None = None) -> list:
     """Every op over meta tensors, checking declared outputs: shapes are checked before any allocation.
-    Returns every node's outputs (meta tensors)."""
+    Returns every node's outputs (meta tensors). An op whose output shape depends on values (Note
+    [Data-dependent shapes]) has no meta kernel for its arguments: its declared outputs stand in, and
+    the run checks them (a probe's last node reports them instead)."""
     env: list = [None] * len(g.nodes)
     for i, node in enumerate(g.nodes):
         if fns[i] is None:
             m = node.outs[0]
             env[i] = (torch.empty_strided(m.shape, m.stride, dtype=m.dtype, device=_META),)
             continue
+        if i == probe or torch.Tag.dynamic_output_shape in fns[i].tags:
+            declared = tuple(torch.empty_strided(m.shape, m.stride, dtype=m.dtype, device=_META) for m in node.outs)
+            try:
+                out = srg_ops.meta_call(fns[i], _resolve(args[i], env, _META), _resolve(kwargs[i], env, _META))
+            except Exception:
+                out = None
+            n_returns = len(fns[i]._schema.returns)
+            if i == probe or out is None:
+                if len(declared) != n_returns:
+                    raise InvalidRequest(f"graph node {i} ({node.op}) declares {len(declared)} outputs; it returns "
+                                         f"{n_returns}")
+                env[i] = declared
+                continue
         try:
             out = srg_ops.meta_call(fns[i], _resolve(args[i], env, _META), _resolve(kwargs[i], env, _META))
         except Exception as e:
@@ -291,6 +313,9 @@ class Interpreter:
         for i, t in c.consts.items():
             env[i] = (t,)
         frees = self.frees()
+        for i in c.expects:  # a value read from an input, a weight or a constant (Note [Graph breaks])
+            if c.fns[i] is None:
+                _check_break(c, i, env[i])
         with torch.no_grad():
             for i in c.ops:
                 self.before_node(i, env)
@@ -298,8 +323,10 @@ class Interpreter:
                     self._refuse_weight_writes(i, env, readonly)
                 try:
                     env[i] = self.run_node(i, env)
-                except torch.OutOfMemoryError:
-                    raise  # the engine turns it into a typed OutOfMemory
+                    if i in c.expects or (i != c.probe and torch.Tag.dynamic_output_shape in c.fns[i].tags):
+                        _check_break(c, i, env[i])
+                except (torch.OutOfMemoryError, GuardFailed):
+                    raise  # the engine turns an OOM into a typed OutOfMemory
                 except Exception as e:
                     node = c.graph.nodes[i]
                     site = (f" in module '{node.module}'" if node.module else "") + (f" at {node.where}" if node.where else "")
@@ -339,12 +366,25 @@ class Interpreter:
         if node.op in srg_ops.RNN_OPS:
             args = _rnn_params(c, i, args)
         fix = _ON_DEVICE.get(node.op)
-        outs = _outs(fix(c.fns[i], args, kwargs) if fix is not None else c.fns[i](*args, **kwargs))
-        if torch.Tag.dynamic_output_shape in c.fns[i].tags:  # Note [Data-dependent shapes]
-            for t, m in zip(outs, node.outs):
-                if tuple(t.shape) != m.shape:
-                    raise RuntimeError(f"gave shape {list(t.shape)} where the graph declares {list(m.shape)}")
-        return outs
+        return _outs(fix(c.fns[i], args, kwargs) if fix is not None else c.fns[i](*args, **kwargs))
+
+
+def _check_break(c: Compiled, i: int, outs: tuple) -> None:
+    """Note [Graph breaks]: a data-dependent shape, or a value the capture read, must be what its probe
+    found; otherwise the graph recorded after it is not this input's, and the run stops here."""
+    node = c.graph.nodes[i]
+    site = f"graph node {i} ({node.op}{' in ' + node.module if node.module else ''}{' at ' + node.where if node.where else ''})"
+    if c.fns[i] is not None and torch.Tag.dynamic_output_shape in c.fns[i].tags:
+        for t, m in zip(outs, node.outs):
+            if tuple(t.shape) != m.shape or t.dtype != m.dtype:
+                raise GuardFailed(f"{site} gave {t.dtype}{list(t.shape)} where its capture found "
+                                  f"{m.dtype}{list(m.shape)} (Note [Graph breaks]): nothing after it ran")
+    for k, want in c.expects.get(i, ()):
+        t = outs[k] if k < len(outs) else None
+        got = t.item() if isinstance(t, torch.Tensor) and t.numel() == 1 else None
+        if got is None or not (got == want or (got != got and want != want)):  # NaN reads as NaN
+            raise GuardFailed(f"{site} holds {got!r} where its capture read {want!r} (Note [Graph breaks]): "
+                              "nothing after it ran")
 
 
 # Note [Device-free captures, device-specific kernels]

@@ -23,6 +23,7 @@ import weakref
 import torch
 
 from ...protocol.errors import CostBudgetExceeded, InvalidRequest
+from ...protocol.tensors import dtype_name
 from ...srg.graph import from_wire
 from .. import quotas
 from ..execution.interpreter import Compiled, Interpreter, compile_graph, const_bytes
@@ -68,10 +69,13 @@ def register_graph(engine, client_id, rid, args):
 
 @op
 def run_graph(engine, client_id, rid, args):
-    """{sig, graph?, model_id?, inputs, seed?, fetch?, edits?} -> {outputs: [$t], tensors, graph} or {missing}."""
+    """{sig, graph?, model_id?, inputs, seed?, fetch?, edits?} -> {outputs: [$t], tensors, graph} or {missing};
+    with probe: true, {graph, model_id?, inputs, seed?} -> {probe: [[dtype, shape, strides, value]]}."""
     t0 = time.perf_counter()
     s = engine.session(client_id, args)
     engine.runs.apply_edits(s, args.get("edits"))  # queued edits first: read-your-writes
+    if args.get("probe") is True:
+        return _probe(engine, s, args)
     compiled, status, weights, inputs = graph_call(engine, client_id, s, args, "run_graph")
     if compiled is None:
         return {"missing": True}
@@ -95,6 +99,29 @@ def run_graph(engine, client_id, rid, args):
         raise err
     result["timing"]["server_us"] = round((time.perf_counter() - t0) * 1e6)
     return result
+
+
+def _probe(engine, s, args: dict) -> dict:
+    """Note [Graph breaks] (srg/capture.py): run a capture's prefix and report its outputs' dtype, shape,
+    strides and, for one element, its value. Nothing is kept: the graph is not cached, no handle is
+    made, and handle inputs are copies, so a write the prefix records lands in the real run only."""
+    wire = args.get("graph")
+    if wire is None:
+        raise InvalidRequest("a probe carries its graph")
+    g = from_wire(wire)
+    consts = const_bytes(g)
+    quotas.check_gpu(engine, s, quotas.gpu_used(engine, s) + consts, "this probe", f"{consts} bytes of graph constants")
+    compiled = compile_graph(g, engine.device, probe=bool(g.nodes) and not g.nodes[-1].op.startswith("$"))
+    _check_cost(engine, compiled)
+    weights = _weights(engine, s, args, compiled)
+    quotas.check_gpu(engine, s, quotas.gpu_used(engine, s) + compiled.peak_bytes, "this probe",
+                     f"the graph's intermediates and outputs peak at {compiled.peak_bytes} bytes")
+    inputs = unpack_inputs(engine, s, args.get("inputs", []))
+    _check_inputs(compiled, inputs)
+    with Stream.new(seed_of(args), engine.device).active():
+        outs = Interpreter(compiled, engine.text.readonly).run(inputs, weights)
+    return {"probe": [[dtype_name(t.dtype), list(t.shape), list(t.stride()),
+                       t.item() if t.numel() == 1 and not t.is_complex() else None] for t in outs]}
 
 
 def graph_call(engine, client_id: str, s, args: dict, what: str) -> tuple[Compiled | None, str, list, list]:
