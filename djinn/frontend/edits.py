@@ -32,9 +32,8 @@ class Editable(LazyOps):
 
     __slots__ = ()
 
-    # Subclasses provide `shape`, `dtype` and `_target() -> (RemoteTensor, index chain)`.
-    shape: torch.Size
-    dtype: torch.dtype
+    # Subclasses provide `_target() -> (RemoteTensor, index chain)`; shape, dtype and device are the
+    # storage-less tensor's own (Note [Remote tensors are Tensors] in frontend/lazy.py).
 
     def __getitem__(self, index):
         if _by_value(index):  # Note [Advanced indices]
@@ -76,6 +75,8 @@ class Editable(LazyOps):
     __iadd__ = add_
     __isub__ = sub_
     __imul__ = mul_
+    # the other in-place operators (`t /= v`) are set below the class, from _INPLACE_OPERATORS
+
 
     def _record(self, op: str, value: Any):
         base, chain = self._target()
@@ -104,28 +105,48 @@ class Editable(LazyOps):
         return {"h": base.hid, "i": encode_chain(chain)}
 
 
+# torch's in-place operators beyond the edit table's add, sub and mul. Tensor subclasses inherit them
+# (Note [Remote tensors are Tensors] in frontend/lazy.py), so `t /= v` would otherwise be a lazy op whose
+# pending result replaces `t`'s name while `t` itself waits for a flush; as torch does, it acts in place
+# on this object: recorded lazily and, on a concrete tensor, run at once, as `_lazy_inplace` runs
+# in-place ops whose value is pending.
+_INPLACE_OPERATORS = ("__itruediv__", "__idiv__", "__ifloordiv__", "__imod__", "__ipow__", "__iand__", "__ior__",
+                      "__ixor__", "__ilshift__", "__irshift__")
+
+
+def _inplace_operator(name: str):
+    fn = getattr(torch.Tensor, name)
+
+    def method(self, other):
+        lazy.apply(fn, (self, other))
+        self._flush_if_concrete()
+        return self
+
+    method.__name__ = name
+    return method
+
+
+for _name in _INPLACE_OPERATORS:
+    setattr(Editable, _name, _inplace_operator(_name))
+
+
 class RemoteView(Editable):
     """`remote[index]`: a view of a RemoteTensor by basic indexing. No server call until it is edited
     (the edit is queued) or read (`.cpu()` fetches just the view)."""
 
-    __slots__ = ("base", "chain", "shape")
+    __slots__ = ("base", "chain")
+
+    def __new__(cls, base: "RemoteTensor", chain: tuple, shape: torch.Size):
+        return cls._shell(shape, base.dtype, base.device)  # Note [Remote tensors are Tensors]
 
     def __init__(self, base: "RemoteTensor", chain: tuple, shape: torch.Size):
-        self.base, self.chain, self.shape = base, chain, shape
+        self.base, self.chain = base, chain
 
     def _target(self):
         return self.base, self.chain
 
     def _same_as(self, other: "RemoteView") -> bool:
         return self.base is other.base and encode_chain(self.chain) == encode_chain(other.chain)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.base.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.base.device
 
     def size(self, dim: int | None = None):
         return self.shape if dim is None else self.shape[dim]

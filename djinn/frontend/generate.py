@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 
 from ..protocol.errors import DjinnError, InvalidRequest, ModelNotSupported
+from ..protocol.tensors import is_remote
 from . import wire
 
 if TYPE_CHECKING:
@@ -33,8 +34,9 @@ def request(session: "Session", rm: "RemoteModel", input_ids: torch.Tensor, *, s
     """
     if getattr(rm, "path", "module") != "module":
         raise ModelNotSupported(graph_path_why(rm.arch))
-    if not isinstance(input_ids, torch.Tensor):
-        raise InvalidRequest("input_ids must be a torch.Tensor")
+    if not isinstance(input_ids, torch.Tensor) or is_remote(input_ids):  # Note [Remote tensors are not data]
+        raise InvalidRequest("input_ids must be a local torch.Tensor"
+                             + (": .cpu() it first" if is_remote(input_ids) else ""))
     args = {"model_id": rm.model_id, "input_ids": input_ids, "kwargs": wire.pack(session, kwargs),
             "seed": seed, "use_session_kv": use_session_kv, "stream": stream}
     if deterministic:

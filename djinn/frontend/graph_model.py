@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..protocol.errors import GuardFailed, InvalidRequest, ModelNotSupported
+from ..protocol.tensors import is_remote
 from ..srg.capture import Captured, capture_module, is_leaf_spec
 from ..srg.layers import layer_path
 from ..srg.layout import layout_of
@@ -36,10 +37,10 @@ if TYPE_CHECKING:
 
 
 def leaf_key(x: Any):
-    if isinstance(x, torch.Tensor):
-        return ("$T", x.dtype, tuple(x.shape))
-    if isinstance(x, RemoteTensor):
+    if isinstance(x, RemoteTensor):  # first: a RemoteTensor is a torch.Tensor too (Note [Remote tensors are not data])
         return ("$R", x.dtype, tuple(x.shape))
+    if isinstance(x, torch.Tensor) and not is_remote(x):  # a RemoteView is not a call argument (wire.pack says so)
+        return ("$T", x.dtype, tuple(x.shape))
     return None
 
 

@@ -204,16 +204,53 @@ __rfloordiv__ __mod__ __pow__ __rpow__ __matmul__ __rmatmul__ __neg__ __pos__ __
 __or__ __xor__ __lt__ __le__ __gt__ __ge__ __eq__ __ne__""".split()
 
 
-class LazyOps:
-    """Tensor operations on remote tensors, recorded lazily (mixed into RemoteTensor and RemoteView).
+# Note [Remote tensors are Tensors]
+#     RemoteTensor and RemoteView are torch.Tensor subclasses without storage: "wrapper subclasses"
+#     (torch.Tensor._make_wrapper_subclass, as torch/testing/_internal/logging_tensor.py and FakeTensor
+#     make them), whose tensor carries the shape, dtype and the server's device (cuda:0 on a CPU-only
+#     client too: no memory is allocated) and nothing else. Being Tensors is what lets torch's own C
+#     methods take them: `torch.Tensor.sum(t)` is a method descriptor of torch._C.TensorBase, and
+#     CPython refuses a self that is not one before torch sees the call; a subclass passes, and torch
+#     then hands the call to `__torch_function__` as it does `t.sum()` and `torch.sum(t)`. Nothing in
+#     torch is patched. `__torch_function__` answers every call, in this order:
+#       - reading an attribute that is metadata (`.shape`, `.dtype`, `.device`, `.is_cuda`, `.grad`):
+#         from the storage-less tensor itself, with subclass torch functions off (_LOCAL_ATTRS); tensor
+#         valued attributes (`.T`, `.mT`, `.real`, `.data`) are lazy ops like any other;
+#       - torch.equal and allclose (Note [Comparisons answer here]);
+#       - a torch.Tensor method this class defines itself (`torch.Tensor.cpu(t)`, `.to`, `.__getitem__`,
+#         `.size`, an edit): that method (_own_method), so a conversion fetches and indexing is a view;
+#       - anything else: a lazy op (`apply`), recorded on meta stand-ins.
+#     So no call reaches torch's dispatcher with a remote tensor; if one did (a C++ path that skips
+#     torch functions), `__torch_dispatch__` refuses it by name rather than read memory that is not there.
+#     `isinstance(t, torch.Tensor)` is True for them: code that sends or groups local tensors asks
+#     `is_remote` first (protocol/tensors.py, Note [Remote tensors are not data]). Python protocols
+#     keep their remote meaning: `repr` never fetches, `iter` and `in` are refused, `hash` is by
+#     identity, `==` is a lazy op, `operator.index` is refused (no fetch behind `range(t)`), numpy
+#     functions see the fetched value and give numpy results (`__array__`, `__array_wrap__`), and
+#     pickling or deep-copying a handle is refused (it names a tensor of one live session); `copy.copy`
+#     too, since a second handle object would free the tensor twice. torch's in-place operators that
+#     the edit table lacks (`t /= v`) act in place on this object (edits.py), as `t += v` does.
+class LazyOps(torch.Tensor):
+    """Tensor operations on remote tensors, recorded lazily (the base of RemoteTensor and RemoteView).
     Subclasses provide `_target() -> (the RemoteTensor, the index chain)`: `apply` reaches both kinds
     through it."""
 
     __slots__ = ()
     __hash__ = object.__hash__
+    _djinn_remote = True  # Note [Remote tensors are not data] (protocol/tensors.py)
+
+    @classmethod
+    def _shell(cls, shape, dtype: torch.dtype, device, strides=None):
+        """The storage-less tensor of a new remote tensor (Note [Remote tensors are Tensors])."""
+        return torch.Tensor._make_wrapper_subclass(
+            cls, tuple(shape), strides=None if strides is None else tuple(strides), dtype=dtype,
+            device=torch.device(device), requires_grad=False)
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in _LOCAL_ATTRS:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
         compare = _COMPARISONS.get(func)
         if compare is not None:  # Note [Comparisons answer here]
             return compare(*args, **(kwargs or {}))
@@ -222,17 +259,13 @@ class LazyOps:
             return own(*args[1:], **(kwargs or {}))
         return apply(func, args, kwargs)
 
-    def __getattr__(self, name: str):
-        if name.startswith("_"):
-            raise AttributeError(name)
-        attr = getattr(torch.Tensor, name, None)
-        if attr is None:
-            raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
-        if attr in _COMPARISONS:  # `t.equal(x)`, `t.allclose(x)`: a Python bool (Note [Comparisons answer here])
-            return lambda *a, **k: _COMPARISONS[attr](self, *a, **k)
-        if callable(attr):
-            return lambda *a, **k: apply(attr, (self,) + a, k)
-        return apply(lambda x: getattr(x, name), (self,))  # properties: .T, .mT, .real
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise InvalidRequest(f"{func} reached torch's dispatcher with a remote tensor, which has no data on this "
+                             "machine: call it through torch (t.op(), torch.op(t)) to record it, or fetch with .cpu()")
+
+    def __getattr__(self, name: str):  # only names torch.Tensor lacks get here
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     def to(self, *args, **kwargs):
         """As torch: `.to("cpu")` is this tensor here (a local torch.Tensor, data crosses the wire), the
@@ -278,6 +311,35 @@ class LazyOps:
     def __int__(self) -> int:
         return int(self.item())
 
+    def __complex__(self) -> complex:
+        return complex(self.item())
+
+    def __index__(self):
+        # as before remote tensors were Tensors: `range(t)`, `lst[t]` do not fetch behind the user's back
+        raise TypeError(f"'{type(self).__name__}' object cannot be interpreted as an integer; use int(t) or t.item()")
+
+    def __iter__(self):
+        # Not iterable on purpose: iterating would fetch element by element. Materialize first.
+        raise TypeError(f"a {type(self).__name__} is not iterable; call .cpu() or .tolist() first")
+
+    def __contains__(self, element):
+        raise TypeError(f"a {type(self).__name__} is not iterable; call .cpu() or .tolist() first")
+
+    def __array_wrap__(self, array, context=None, return_scalar=False):
+        """A numpy function of a remote tensor (`np.exp(t)`) works on its fetched value (`__array__`)
+        and gives numpy's result, as it did before remote tensors were Tensors."""
+        return array[()] if return_scalar else array
+
+    def __dir__(self):
+        return object.__dir__(self)
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(f"a {type(self).__name__} is a handle to a tensor of a live server session and cannot be "
+                        "pickled or copied: .cpu() gives its value, .clone() a new server tensor")
+
+    def __deepcopy__(self, memo):
+        return self.__reduce_ex__(4)
+
 
 # Note [Comparisons answer here]
 #     torch.equal and torch.allclose return a Python bool, which no graph can hold (Note [Op table]:
@@ -305,14 +367,21 @@ _COMPARISONS = {torch.equal: _equal, torch.Tensor.equal: _equal, torch.allclose:
 def _own_method(func, args: tuple):
     """`t.name` bound, when `func` is torch.Tensor's unbound `name` called on a remote tensor `t` whose
     class defines `name` itself (a conversion that fetches, a metadata query, an edit); None for the
-    rest, which are lazy ops. Only Tensor methods written in Python get here: a C method
-    (`torch.Tensor.sum(t)`) refuses a self that is not a torch.Tensor before torch sees the call."""
+    rest, which are lazy ops. C methods (`torch.Tensor.cpu(t)`) get here as those written in Python do
+    (Note [Remote tensors are Tensors])."""
     name = getattr(func, "__name__", None)
     if not args or not isinstance(args[0], LazyOps) or not name or getattr(torch.Tensor, name, None) is not func:
         return None
-    if any(name in vars(k) for k in type(args[0]).__mro__[:-1]):  # not object's: no tensor method
+    if any(name in vars(k) for k in type(args[0]).__mro__ if issubclass(k, LazyOps)):  # not torch.Tensor's
         return getattr(args[0], name)
     return None
+
+
+# Note [Remote tensors are Tensors]: attributes answered by the storage-less tensor itself. Every getter
+# of torch._C.TensorBase but those that give a tensor, which are lazy ops like any other.
+_LAZY_ATTRS = {"T", "H", "mT", "mH", "real", "imag", "data"}
+_LOCAL_ATTRS = frozenset(v.__get__ for n, v in vars(torch._C.TensorBase).items()
+                         if type(v).__name__ == "getset_descriptor" and n not in _LAZY_ATTRS)
 
 
 def _to_args(args: tuple, kwargs: dict) -> tuple[torch.device | None, torch.dtype | None, bool]:

@@ -4,9 +4,11 @@ Shape, dtype and device are known locally (no round trip). Data crosses the wire
 materialized: `.cpu()` (or `.to("cpu")`), `.tolist()`, `.item()`, `.numpy()`, `np.asarray(t)`,
 `format(t, ".3f")` of a 0-d tensor (frontend/lazy.py, as torch.Tensor does). `.device` is the
 server's device as a torch.device; `.to(that device)` keeps the tensor there (LazyOps.to in
-frontend/lazy.py). The server copy is freed when the handle is garbage-collected (queued in the
-session's outbox, frontend/outbox.py, and sent with its next request). In-place edits (`add_`, `t[idx] = v`, `t[idx] += v`, `copy_`) and views
-(`t[:, -1]`) come from `edits.Editable`.
+frontend/lazy.py). A RemoteTensor is a torch.Tensor subclass without storage (Note [Remote tensors
+are Tensors] in frontend/lazy.py), so torch's unbound C methods (`torch.Tensor.sum(t)`) take it as
+they take a local tensor. The server copy is freed when the handle is garbage-collected (queued in
+the session's outbox, frontend/outbox.py, and sent with its next request). In-place edits (`add_`,
+`t[idx] = v`, `t[idx] += v`, `copy_`) and views (`t[:, -1]`) come from `edits.Editable`.
 """
 from __future__ import annotations
 
@@ -42,23 +44,24 @@ class RemoteTensor(Editable):
     """A server tensor handle, or a pending one: the result of lazy ops not yet run (frontend/lazy.py),
     which gets its handle when the session's pending graph is flushed."""
 
-    __slots__ = ("_hid", "_meta", "_scope", "shape", "dtype", "device", "_session", "__weakref__")
+    __slots__ = ("_hid", "_meta", "_scope", "_session")
+
+    def __new__(cls, session: "Session", hid: str, dtype: torch.dtype, shape, device: "str | torch.device"):
+        # shape, dtype and the server's device live in the storage-less tensor itself (Note [Remote
+        # tensors are Tensors] in frontend/lazy.py): `.device` is a torch.device, as torch code expects
+        return cls._shell(shape, dtype, device)
 
     def __init__(self, session: "Session", hid: str, dtype: torch.dtype, shape, device: "str | torch.device"):
         self._hid = hid
         self._meta = None
         self._scope: Scope | None = None
-        self.shape = torch.Size(shape)
-        self.dtype = dtype
-        self.device = torch.device(device)  # the server's device, as torch code expects of .device
         self._session = session
         weakref.finalize(self, session.outbox.free, hid)
 
     @classmethod
     def pending(cls, session: "Session", meta: torch.Tensor) -> "RemoteTensor":
-        t = cls.__new__(cls)
+        t = cls._shell(meta.shape, meta.dtype, session.conn.device, meta.stride())
         t._hid, t._meta, t._session, t._scope = None, meta, session, None
-        t.shape, t.dtype, t.device = meta.shape, meta.dtype, torch.device(session.conn.device)
         return t
 
     def _bind(self, hid: str) -> None:
@@ -97,10 +100,6 @@ class RemoteTensor(Editable):
         if not self.shape:
             raise TypeError("len() of a 0-d tensor")
         return self.shape[0]
-
-    def __iter__(self):
-        # Not iterable on purpose: iterating would fetch element by element. Materialize first.
-        raise TypeError("a RemoteTensor is not iterable; call .cpu() or .tolist() first")
 
     # -- materialization: the only points where data crosses the wire --
     def cpu(self) -> torch.Tensor:

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 from .errors import ProtocolError
+from .tensors import is_remote
 
 _SCALARS = (type(None), bool, int, float, str, bytes, torch.dtype)
 MAX_DEPTH = 64
@@ -28,8 +29,8 @@ def pack(obj: Any, leaf: Callable[[Any], Any], _depth: int = 0) -> Any:
     out = leaf(obj)
     if out is not NotImplemented:
         return out
-    if isinstance(obj, _SCALARS) or isinstance(obj, torch.Tensor):
-        return obj
+    if isinstance(obj, _SCALARS) or isinstance(obj, torch.Tensor) and not is_remote(obj):
+        return obj  # a remote tensor the leaf hook did not take is refused below (Note [Remote tensors are not data])
     if isinstance(obj, torch.Size):
         return {"$tu": list(obj)}
     if _is_model_output(obj):

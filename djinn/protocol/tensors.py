@@ -59,9 +59,24 @@ def itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+# Note [Remote tensors are not data]
+#     The client's remote tensors (RemoteTensor, RemoteView) are torch.Tensor subclasses without storage
+#     (Note [Remote tensors are Tensors] in frontend/lazy.py), so `isinstance(x, torch.Tensor)` does not
+#     say that x has values here. Code that sends, hashes, groups or computes with local tensors asks
+#     `is_remote` first: a remote tensor goes up as its handle (frontend/wire.py) or not at all, never
+#     as bytes, which would fetch it behind the user's back. They say so by a class attribute, so this
+#     module need not import the client's classes.
+def is_remote(obj: object) -> bool:
+    """A client's handle to a server tensor (Note [Remote tensors are not data])."""
+    return isinstance(obj, torch.Tensor) and getattr(type(obj), "_djinn_remote", False) is True
+
+
 def flat_bytes(t: torch.Tensor) -> torch.Tensor:
     """Note [Any layout travels]: the tensor's values in C order as a 1-d uint8 CPU tensor. Copies only if
     not contiguous, not on the CPU, or a lazy conjugate or negative view."""
+    if is_remote(t):  # Note [Remote tensors are not data]
+        raise ProtocolError(f"a {type(t).__name__} has no data here to send: it goes up as its handle, or "
+                            ".cpu() first")
     t = t.detach().resolve_conj().resolve_neg()  # lazy conj/neg views cannot be viewed as bytes
     if t.device.type != "cpu":
         t = t.cpu()

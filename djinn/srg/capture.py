@@ -56,6 +56,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from ..protocol.errors import CaptureError
+from ..protocol.tensors import is_remote
 from . import fastpaths
 from . import ops as srg_ops
 from .graph import (CONST, DECODE, IN, MAX_ARGS, MAX_CONST_BYTES, PREFILL, WEIGHT, Graph, Lifecycle, ModuleCall, Node,
@@ -258,6 +259,8 @@ class Recorder:
 
     def _convert(self, v: Any, consts_ok: bool = True):
         """One argument -> (wire value, meta value, known value or _UNKNOWN)."""
+        if is_remote(v):  # Note [Remote tensors are not data]: lazy.apply and capture_module give their metas
+            raise CaptureError(f"{self._site('a remote tensor')} reached the recorder itself; it has no data here")
         if isinstance(v, torch.Tensor):
             e = self.refs.get(id(v))
             if e is not None and e[1] is v:
@@ -721,8 +724,9 @@ _COMPOSITES = frozenset({torch.nn.functional.scaled_dot_product_attention, torch
 
 # -- module capture -----------------------------------------------------------------------------------
 def leaf_key(x: Any):
-    """Tensor leaves of a call's arguments (tree.flatten's is_leaf)."""
-    if isinstance(x, torch.Tensor):
+    """Tensor leaves of a call's arguments (tree.flatten's is_leaf): local tensors only (Note [Remote
+    tensors are not data]; the graph path's own leaf_key takes RemoteTensors as handles)."""
+    if isinstance(x, torch.Tensor) and not is_remote(x):
         return ("$T", x.dtype, tuple(x.shape))
     return None
 
@@ -859,7 +863,8 @@ def _writes_inputs(rec: Recorder) -> bool:
 def _known_input(value: Any) -> torch.Tensor | None:
     """Note [Input values]: a small local integer or bool input is a known value (a copy: the
     recorder may run in-place ops on it)."""
-    if (isinstance(value, torch.Tensor) and value.device.type != "meta" and value.numel() <= _KNOWN_MAX_ELEMENTS
+    if (isinstance(value, torch.Tensor) and not is_remote(value) and value.device.type != "meta"
+            and value.numel() <= _KNOWN_MAX_ELEMENTS
             and not value.dtype.is_floating_point and not value.dtype.is_complex):
         return value.detach().to(_CPU, copy=True)
     return None

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from ..protocol.tensors import is_remote
+
 
 @dataclass(frozen=True)
 class StorageGroup:
@@ -82,7 +84,7 @@ def _c_strides(size: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _viewable(t: Any) -> bool:
-    return (isinstance(t, torch.Tensor) and t.layout == torch.strided and t.numel() > 0
+    return (isinstance(t, torch.Tensor) and not is_remote(t) and t.layout == torch.strided and t.numel() > 0
             and t.device.type != "meta" and not t.is_conj() and not t.is_neg())
 
 

@@ -7,6 +7,10 @@ On a CPU server "cpu" means here (frontend/lazy.py, LazyOps.to). `np.asarray`, `
 """
 from __future__ import annotations
 
+import copy
+import operator
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +18,8 @@ import torch
 import djinn
 from djinn import Breakpoint
 from djinn.frontend.remote import RemoteModel
+from djinn.protocol.errors import ProtocolError
+from djinn.protocol.tensors import flat_bytes, is_remote
 
 from ..models import tiny_gpt2
 
@@ -129,3 +135,92 @@ def test_unbound_tensor_methods_in_python(pair):
     assert len(parts) == 3 and all(torch.equal(g.cpu(), w) for g, w in zip(parts, torch.Tensor.split(ref, 2, dim=1)))
     assert torch.Tensor.__len__(logits[0]) == torch.Tensor.__len__(ref[0]) == 5
     assert torch.Tensor.__repr__(logits) == repr(logits)  # no fetch: what repr(t) shows
+
+
+_UNBOUND_C = [  # torch.Tensor methods written in C: the descriptor checks its self is a torch.Tensor
+    ("sum", lambda t: torch.Tensor.sum(t)), ("sum_dim", lambda t: torch.Tensor.sum(t, -1, keepdim=True)),
+    ("sin", lambda t: torch.Tensor.sin(t)), ("add", lambda t: torch.Tensor.add(t, 1)),
+    ("add_alpha", lambda t: torch.Tensor.add(t, t, alpha=0.5)), ("view", lambda t: torch.Tensor.view(t, -1)),
+    ("softmax", lambda t: torch.Tensor.softmax(t, -1)), ("argmax", lambda t: torch.Tensor.argmax(t)),
+    ("argmax_dim", lambda t: torch.Tensor.argmax(t, dim=-1)), ("to_dtype", lambda t: torch.Tensor.to(t, torch.float64)),
+    ("float", lambda t: torch.Tensor.float(t)), ("getitem", lambda t: torch.Tensor.__getitem__(t, 0)),
+    ("getitem_slice", lambda t: torch.Tensor.__getitem__(t, (Ellipsis, slice(1, 3)))),
+]
+
+
+@pytest.mark.parametrize("call", [c for _, c in _UNBOUND_C], ids=[n for n, _ in _UNBOUND_C])
+def test_unbound_tensor_methods_in_c(pair, call):
+    """torch.Tensor methods written in C (`torch.Tensor.sum(t)`) on a handle, a view and a pending
+    tensor: the same value as on the local tensor, bitwise, and still remote until fetched."""
+    rm, ref = pair
+    logits = rm(IDS).logits
+    cases = [(logits, ref), (logits[0], ref[0]), (logits[0, -1], ref[0, -1]), (logits * 2, ref * 2),
+             ((logits * 2)[0], (ref * 2)[0])]
+    for got, want in cases:
+        out, expected = call(got), call(want)
+        assert isinstance(out, djinn.RemoteTensor | djinn.RemoteView), type(out)
+        assert out.shape == expected.shape and out.dtype == expected.dtype and out.device == got.device
+        local = out.cpu()
+        assert type(local) is torch.Tensor and torch.equal(local, expected), want.shape
+
+
+def test_unbound_c_methods_answer_metadata_and_conversions(pair):
+    """Unbound C metadata queries and conversions reach the remote tensor's own methods: no lazy op for
+    a shape, a fetch for `.cpu()`/`.tolist()`/`.item()`, and `.to("cpu")` a local tensor."""
+    rm, ref = pair
+    logits = rm(IDS).logits
+    for got, want in ((logits, ref), (logits[0, -1], ref[0, -1]), (logits * 2, ref * 2)):
+        assert torch.Tensor.size(got) == want.size() and torch.Tensor.size(got, -1) == want.size(-1)
+        assert torch.Tensor.dim(got) == want.dim() and torch.Tensor.numel(got) == want.numel()
+        assert torch.equal(torch.Tensor.cpu(got), want) and torch.equal(torch.Tensor.to(got, "cpu"), want)
+        assert torch.Tensor.tolist(got) == want.tolist()
+    assert torch.Tensor.item(logits[0, -1, 3]) == ref[0, -1, 3].item()
+    assert torch.Tensor.equal(logits, logits * 1) is True and torch.Tensor.allclose(logits, logits + 1e-9) is True
+    with pytest.raises(djinn.CaptureError, match="view size is not compatible"):  # torch's refusal, where written
+        torch.Tensor.view(logits[0, :, 1:3], -1)
+    with pytest.raises(RuntimeError, match="view size is not compatible"):
+        torch.Tensor.view(ref[0, :, 1:3], -1)
+
+
+def test_remote_tensors_are_storage_less_tensors(pair, device):
+    """Note [Remote tensors are Tensors]: a torch.Tensor to torch, with the server's device and no data
+    here; Python's protocols keep their remote meaning, and nothing sends one as local bytes."""
+    rm, ref = pair
+    logits = rm(IDS).logits
+    view, pend = logits[0], logits * 2
+    for t in (logits, view, pend):
+        assert isinstance(t, torch.Tensor) and torch.is_tensor(t) and is_remote(t)
+        assert t.device == device and t.is_cuda == (device.type == "cuda") and not t.is_meta and t.grad is None
+        assert hash(t) == object.__hash__(t) and isinstance(t == t, djinn.RemoteTensor)
+        for refused in (iter, lambda x: 1.0 in x, operator.index, pickle.dumps, copy.copy, copy.deepcopy):
+            with pytest.raises(TypeError):
+                refused(t)
+        with pytest.raises(ProtocolError, match="has no data here"):
+            flat_bytes(t)
+    assert repr(logits).startswith("RemoteTensor(") and repr(pend).endswith("pending)") and "RemoteView" in repr(view)
+    with pytest.raises(ProtocolError, match="cannot send a value of type RemoteView"):
+        rm(view)
+    with pytest.raises(djinn.InvalidRequest, match="input_ids must be a local torch.Tensor"):
+        rm.generate(logits.argmax(-1), max_new_tokens=1)
+    assert type(np.exp(view)) is np.ndarray and np.array_equal(np.exp(view), np.exp(ref[0].numpy()))
+
+
+def test_inplace_operators_act_on_the_same_object(pair):
+    """`t /= v` (torch's in-place operators beyond the edit table's add, sub, mul) changes the tensor in
+    place, as torch does, on a handle, a pending tensor and a view."""
+    rm, ref = pair
+    logits = rm(IDS).logits
+    x = logits * 1
+    alias = x
+    x /= 2
+    assert x is alias and torch.equal(alias.cpu(), ref / 2)
+    v = x[0, -1]
+    v //= 0.5
+    assert torch.equal(x.cpu()[0, -1], (ref / 2)[0, -1] // 0.5) and torch.equal(x.cpu()[0, :-1], (ref / 2)[0, :-1])
+    p = logits * 3
+    p /= 3
+    assert torch.equal(p.cpu(), ref * 3 / 3)
+    h = rm(IDS).logits  # a concrete handle: the op runs at once, so every reader sees it
+    alias = h
+    h **= 2
+    assert h is alias and h._meta is None and torch.equal(h.cpu(), ref ** 2)
