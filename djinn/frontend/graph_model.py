@@ -117,7 +117,9 @@ class GraphModel(RemoteModel):
         self._refresh_weights(s)
         self.attach(s)
         own = _break_seed(seed)
-        cap, leaves, _ = self._capture(s, args, kwargs, own)
+        # A run cannot retry after a failed guard (it may have paused and been edited by then): a capture
+        # with graph breaks is made for its own inputs (Note [Graph breaks]).
+        cap, leaves, _ = self._capture(s, args, kwargs, own, reuse_breaks=False)
         seed = own if cap.events else seed
         self.counters["calls"] += 1
         fut = s.submit("start", {"sig": cap.sig, "graph": cap.wire, "model_id": self.model_id, "seed": seed,
@@ -142,8 +144,10 @@ class GraphModel(RemoteModel):
     def generate(self, *args, **kwargs):
         raise ModelNotSupported(graph_path_why(self.arch))
 
-    def _capture(self, s: "Session", args: tuple, kwargs: dict, seed: int | None) -> tuple[Captured, list, Any]:
-        """(the capture for this call, its tensor leaves, its cache key)."""
+    def _capture(self, s: "Session", args: tuple, kwargs: dict, seed: int | None,
+                 reuse_breaks: bool = True) -> tuple[Captured, list, Any]:
+        """(the capture for this call, its tensor leaves, its cache key). `reuse_breaks`: a cached
+        capture with graph breaks may serve (its checks run on the server)."""
         if self._use_cache and "use_cache" not in kwargs:
             kwargs = dict(kwargs, use_cache=False)  # as on the module path: no cache objects unless asked
         leaves: list = []
@@ -152,7 +156,7 @@ class GraphModel(RemoteModel):
         key = (spec, layout_of(leaves), attribute_guard(list(self.module.modules())))
         caps = self._captures.setdefault(key, [])
         for cap in caps:  # Note [Input values]: one capture per outcome of the guards
-            if cap.guards.hold(cap.graph, cap.layout.values(leaves)):
+            if (reuse_breaks or not cap.events) and cap.guards.hold(cap.graph, cap.layout.values(leaves)):
                 return cap, leaves, key
 
         def probe(graph: dict):  # Note [Graph breaks]: the graph so far, run on this call's inputs

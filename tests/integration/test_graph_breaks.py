@@ -210,3 +210,18 @@ def test_forged_shape_is_refused_before_later_nodes(session):
     with pytest.raises(GuardFailed, match=r"nonzero.*\[2, 1\].*\[3, 1\]"):
         session.call("run_graph", {"sig": signature(w), "graph": w, "inputs": rec.input_values})
     assert session.call("run_graph", {"sig": "x" * 32, "inputs": []}).get("missing")  # still serving
+
+
+def test_a_run_after_a_call_probes_its_own_inputs(session):
+    """A start cannot retry after a failed check (it may pause and be edited first), so it never reuses a
+    capture with graph breaks that another input made."""
+    torch.manual_seed(0)
+    model = KeepPositive()
+    rg = djinn.remote(model, session=session, path="graph")
+    xs = [torch.randn(6, 8) for _ in range(6)]
+    rows = [int((model.lin(x).sum(-1) > 0).sum()) for x in xs]
+    a, b = next((i, j) for i in range(6) for j in range(6) if rows[i] != rows[j])
+    _same(rg(xs[a]), _local(model, xs[a]))           # caches a capture with xs[a]'s row count
+    run = session.start(rg, xs[b])
+    assert run.wait() is None
+    _same(run.output, _local(model, xs[b]))
