@@ -225,3 +225,29 @@ def test_a_run_after_a_call_probes_its_own_inputs(session):
     run = session.start(rg, xs[b])
     assert run.wait() is None
     _same(run.output, _local(model, xs[b]))
+
+
+def test_a_probe_counts_its_last_node_at_its_real_size(module_server):
+    """A probe's last node declares placeholder outputs; where a meta kernel gives the real shapes, the
+    cost budget counts those, so a forged probe cannot slip a large op past it."""
+    from djinn.frontend.connection import Connection
+    from djinn.srg.capture import Recorder
+    from djinn.srg.graph import Lifecycle, Node, Ref, TensorMeta
+
+    conn = Connection(module_server("--graph-max-flops", "1e9").address, secret=None)
+    try:
+        s = conn.session()
+
+        def probe(n: int) -> dict:  # (n, n) @ (n, n): 2 n^3 operations, declared as one element
+            rec = Recorder(lazy=True)
+            rec.add_input(torch.empty(n, n, device="meta"), torch.ones(n, n), Lifecycle.STACK)
+            rec.graph.nodes.append(Node("aten.mm.default", (Ref(0), Ref(0)), {},
+                                        [TensorMeta(torch.float32, (1,), (1,))]))
+            rec.graph.outputs = [Ref(1)]
+            return s.call("run_graph", {"probe": True, "graph": rec.graph.to_wire(), "inputs": rec.input_values})
+
+        assert probe(64)["probe"][0][:3] == ["float32", [64, 64], [64, 1]]
+        with pytest.raises(djinn.CostBudgetExceeded):
+            probe(1024)  # 2.1e9 operations
+    finally:
+        conn.close()

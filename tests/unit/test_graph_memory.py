@@ -54,3 +54,16 @@ def test_a_dead_intermediate_is_not_counted_twice():
     x2 = b2.input(torch.randn(1024))
     outs = [b2.op("aten.mul.Scalar", x2, float(k))[0] for k in range(10)]
     assert _compiled(b2, *outs).peak_bytes == 40 * KIB           # all of them are outputs
+
+
+def test_a_data_dependent_node_counts_what_its_kernel_may_allocate():
+    """nonzero's declared shape is checked only after its kernel ran, so the peak counts the most it can
+    allocate (every element of its input an index: numel x dims x 8 bytes), not the declared shape."""
+    from djinn.server.execution.interpreter import compile_graph
+    from djinn.srg.graph import Graph, Lifecycle, Node, Ref, TensorMeta
+
+    g = Graph()
+    g.nodes.append(Node("$in", (), {}, [TensorMeta(torch.float32, (64, 64), (64, 1))], lifecycle=Lifecycle.STACK))
+    g.nodes.append(Node("aten.nonzero.default", (Ref(0),), {}, [TensorMeta(torch.int64, (1, 2), (2, 1))]))
+    g.outputs = [Ref(1)]
+    assert compile_graph(g, torch.device("cpu")).peak_bytes >= 64 * 64 * 2 * 8

@@ -17,7 +17,10 @@ Note [Graph peak memory]
     real ones will be (views, in-place ops, `_unsafe_view`, split's list outputs). Walking the nodes in
     order, a storage no input, weight or constant owns is counted (whole, ALIGN-rounded) from the node
     that makes it until the last node holding it is freed (`frees`, the interpreter's own schedule:
-    outputs are never freed), and `peak_bytes` is the most counted at once. Kernels' internal
+    outputs are never freed), and `peak_bytes` is the most counted at once. A data-dependent node
+    (Note [Graph breaks] in srg/capture.py) is counted at the most its kernel may allocate (its output
+    count x its largest input's elements x its dims x 8 bytes), since its declared shape is checked
+    only after the kernel ran; a probe's last node at the real shapes its meta kernel gives. Kernels' internal
     workspaces are not in the SRG and not counted. Constants (`const_bytes`) are held with the compiled
     graph, by the session that sent it (Note [Graph cache] in graph_ops.py). Both are checked against
     the session's GPU quota before they are allocated (Note [Session quotas] in quotas.py).
@@ -120,7 +123,8 @@ def compile_graph(g: Graph, device: torch.device, probe: bool = False) -> Compil
                 roots[i] = roots[node.args[src].node]
     args = [_sub_device(node.args, device) for node in g.nodes]
     kwargs = [_sub_device(node.kwargs, device) for node in g.nodes]
-    env = _dry_run(g, fns, args, kwargs, n - 1 if probe else None)
+    bounds: dict[int, int] = {}
+    env = _dry_run(g, fns, args, kwargs, n - 1 if probe else None, bounds)
     last: dict[int, int] = {}
     for i, node in enumerate(g.nodes):
         for r in _refs(node.args) + _refs(node.kwargs):
@@ -137,7 +141,7 @@ def compile_graph(g: Graph, device: torch.device, probe: bool = False) -> Compil
     for r, v in g.expects:
         expects.setdefault(r.node, []).append((r.k, v))
     return Compiled(g, fns, args, kwargs, inputs, weights, consts, frees, writes, ops, const_bytes(g),
-                    peak_bytes(fns, env, frees), flops, expects, n - 1 if probe else None)
+                    peak_bytes(fns, env, frees, bounds), flops, expects, n - 1 if probe else None)
 
 
 #: Matmul-like ops: the argument whose last dim is contracted (Note [Graph cost]).
@@ -174,9 +178,11 @@ def _bind(fn, args: tuple, kwargs: dict) -> list:
     return [args[i] if i < len(args) else kwargs.get(n) for i, n in enumerate(names)]
 
 
-def peak_bytes(fns: list, env: list, frees: list[list[int]]) -> int:
+def peak_bytes(fns: list, env: list, frees: list[list[int]], bounds: dict[int, int] | None = None) -> int:
     """Note [Graph peak memory]: the most bytes of op outputs alive at once, from the dry run's meta
-    tensors (`env`, every node's outputs, all still referenced so no storage key is reused)."""
+    tensors (`env`, every node's outputs, all still referenced so no storage key is reused). `bounds`:
+    for a data-dependent node, the most its kernel may allocate (its declared shape is checked only
+    after the kernel ran), counted while the node's first output lives."""
     def key(t: torch.Tensor) -> int:
         return t.untyped_storage()._cdata  # the StorageImpl: shared by every view of it, meta included
 
@@ -188,12 +194,12 @@ def peak_bytes(fns: list, env: list, frees: list[list[int]]) -> int:
         if fns[i] is None:
             given.update(key(t) for t in outs)
             continue
-        for t in outs:
+        for n, t in enumerate(outs):
             k = key(t)
             if k in given:
                 continue
             if k not in size:
-                size[k] = aligned(t.untyped_storage().nbytes())
+                size[k] = aligned(max(t.untyped_storage().nbytes(), (bounds or {}).get(i, 0) if n == 0 else 0))
                 live += size[k]
             holders.setdefault(k, set()).add(i)
         peak = max(peak, live)
@@ -210,7 +216,8 @@ def peak_bytes(fns: list, env: list, frees: list[list[int]]) -> int:
     return peak
 
 
-def _dry_run(g: Graph, fns: list, args: list, kwargs: list, probe: int | None = None) -> list:
+def _dry_run(g: Graph, fns: list, args: list, kwargs: list, probe: int | None = None,
+             bounds: dict[int, int] | None = None) -> list:
     """Every op over meta tensors, checking declared outputs: shapes are checked before any allocation.
     Returns every node's outputs (meta tensors). An op whose output shape depends on values (Note
     [Data-dependent shapes]) has no meta kernel for its arguments: its declared outputs stand in, and
@@ -228,11 +235,18 @@ def _dry_run(g: Graph, fns: list, args: list, kwargs: list, probe: int | None = 
             except Exception:
                 out = None
             n_returns = len(fns[i]._schema.returns)
-            if i == probe or out is None:
+            if out is None:  # data-dependent: bounded by its inputs (BOUNDED_DYNAMIC), checked when it runs
                 if len(declared) != n_returns:
                     raise InvalidRequest(f"graph node {i} ({node.op}) declares {len(declared)} outputs; it returns "
                                          f"{n_returns}")
                 env[i] = declared
+                if bounds is not None:  # Note [Graph peak memory]: what the kernel may allocate before the check
+                    ins = _tensors(list(_resolve(args[i], env, _META)) + list(_resolve(kwargs[i], env, _META).values()))
+                    big = max(ins, key=lambda t: t.numel(), default=None)
+                    bounds[i] = 0 if big is None else n_returns * big.numel() * max(1, big.dim()) * 8
+                continue
+            if i == probe:  # a probe's placeholders say nothing: its peak and cost count the real shapes
+                env[i] = _outs(out)
                 continue
         try:
             out = srg_ops.meta_call(fns[i], _resolve(args[i], env, _META), _resolve(kwargs[i], env, _META))
