@@ -20,7 +20,7 @@ Note [Known values]
 Note [Graph breaks]
     Some shapes and values exist only on the server: the shape of `nonzero`, `unique`, `masked_select`
     or a boolean-mask read of a tensor computed from weights, and a Python value read from one
-    (`.item()`, `bool(t)`, `if t.sum() > 0:`). torch.compile splits its graph there and runs Python
+    (`.item()`, `bool(t)`, `int(t)`, `.tolist()`, `if t.sum() > 0:`). torch.compile splits its graph there and runs Python
     between the pieces; a capture cannot, since it runs before anything runs on the server. It probes
     instead: at such an op (an "event") it sends the graph recorded so far, ending in that op or
     reading that tensor, as a probe (run_graph with probe: true: run, report dtype, shape, strides and
@@ -71,6 +71,7 @@ _CPU = torch.device("cpu")
 _ITEM = torch.ops.aten._local_scalar_dense.default
 _UNKNOWN = object()
 MAX_BREAKS = 32  # Note [Graph breaks]: probes per capture
+MAX_VALUES = 4096  # values a probe reads back for `.tolist()`
 
 
 class Probe(BaseException):
@@ -85,8 +86,15 @@ class Probe(BaseException):
     def answer(self, reply: Any) -> Any:
         from ..protocol.tensors import DTYPES
         try:
+            if self.kind == "values":  # `.tolist()`: every value, as torch gives them
+                if reply[0][3] is None:
+                    raise CaptureError(f"{self.site}: `.tolist()` of a tensor of shape {list(reply[0][1])} reads more "
+                                       f"than {MAX_VALUES} values from the server; fetch it after the call instead")
+                return reply[0][3]
             if self.kind == "value":
                 value = reply[0][3]
+                while isinstance(value, list) and len(value) == 1:  # tolist() of a one-element tensor
+                    value = value[0]
                 if type(value) not in (bool, int, float):
                     raise CaptureError(f"{self.site}: a tensor of shape {list(reply[0][1])} has no single value to "
                                        "read")
@@ -363,14 +371,27 @@ class Recorder:
         self.events += 1
         return k, (self.answers[k] if k < len(self.answers) else _UNKNOWN)
 
-    def _value_break(self, t: torch.Tensor):
+    def _value_break(self, t: torch.Tensor, kind: str = "value"):
         ref = self._convert(t)[0]
         k, value = self._next_event()
         if value is _UNKNOWN:
             self.graph.outputs = [ref]
-            raise Probe("value", self.graph.to_wire(), self._site(".item() / bool(tensor)"), 1)
+            what = ".item() / bool(tensor)" if kind == "value" else ".tolist()"
+            raise Probe(kind, self.graph.to_wire(), self._site(what), 1)
         self.graph.expects.append((ref, value))
         return value
+
+    def tolist(self, t: torch.Tensor):
+        """`t.tolist()` of a recorded tensor: its known values, else a graph break (Note [Graph breaks])."""
+        known = self.known.get(id(t), _UNKNOWN)
+        if known is not _UNKNOWN:
+            if id(t) in self.from_input:  # Note [Input values]
+                self.guards.append(ValueGuard(self.ref_of(t), known.tolist()))
+            return known.tolist()
+        if self.answers is None:
+            raise CaptureError(f"{self._site('.tolist()')}: the values depend on a weight or a float input, so they "
+                               "are not known until the graph runs and cannot be captured")
+        return self._value_break(t, "values")
 
     def _shape_break(self, func, info: OpInfo, conv, kconv, err: Exception):
         """The outputs of a data-dependent op: computed here from known values, else a probe's answer."""
@@ -651,6 +672,9 @@ class _FunctionMode(TorchFunctionMode):
         if body is not None and not self.rec.muted:  # Note [Nested composites]
             with self:
                 return body(*args, **(kwargs or {}))
+        if func is torch.Tensor.tolist and not self.rec.muted and args and isinstance(args[0], torch.Tensor) \
+                and args[0].device.type == "meta":
+            return self.rec.tolist(args[0])
         if func in _COMPOSITES:
             return self.rec.function(func, args, kwargs or {})
         if func in _FACTORIES:

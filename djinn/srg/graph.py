@@ -25,8 +25,8 @@ Note [SRG wire form]
     {"$mf": name}; a layout {"$ly": name}. `from_wire` checks all of it (limits, types, refs to earlier
     nodes only, known dtypes) before anything is built; the server then checks ops and shapes.
     `expects` are the Python values a capture read from tensors through a graph break (Note [Graph
-    breaks] in srg/capture.py): output k of the node must hold `value` (a bool, int or float) when it
-    runs, or the run stops there with GuardFailed.
+    breaks] in srg/capture.py): output k of the node must hold `value` when it runs (its `.item()`, a
+    bool, int or float; or its `.tolist()`, nested lists of them), or the run stops there with GuardFailed.
 
 Note [Module calls]
     `calls` records each submodule call of a module capture: its path, the nodes it ran (start <= i <
@@ -306,10 +306,21 @@ def from_wire(w: Any) -> Graph:
     if not isinstance(expects, list) or len(expects) > MAX_LIST:
         raise InvalidRequest("graph expects must be a list")
     for e in expects:
-        if not isinstance(e, list) or len(e) != 3 or type(e[2]) not in (bool, int, float):
-            raise InvalidRequest("a graph expect is [node, k, bool | int | float]")
+        if not isinstance(e, list) or len(e) != 3 or not _plain_values(e[2], [MAX_LIST]):
+            raise InvalidRequest(f"a graph expect is [node, k, value]: a bool, int or float, or nested lists of "
+                                 f"them (at most {MAX_LIST} in all)")
         g.expects.append((_dec({"$n": e[:2]}, len(nodes), n_outs), e[2]))
     return g
+
+
+def _plain_values(v: Any, budget: list[int], depth: int = 0) -> bool:
+    """A value `.tolist()` gives: numbers or nested lists of them, at most budget[0] items in all."""
+    budget[0] -= 1
+    if budget[0] < 0 or depth > MAX_DIMS:
+        return False
+    if isinstance(v, list):
+        return all(_plain_values(x, budget, depth + 1) for x in v)
+    return type(v) in (bool, int, float)
 
 
 def _metas(i: int, outs: Any) -> list[TensorMeta]:

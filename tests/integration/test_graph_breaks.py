@@ -251,3 +251,25 @@ def test_a_probe_counts_its_last_node_at_its_real_size(module_server):
             probe(1024)  # 2.1e9 operations
     finally:
         conn.close()
+
+
+def test_python_values_read_in_a_forward(session):
+    """int(t), float(t) and t.tolist() of tensors computed from weights (tolist raised torch's
+    "unallocated storage" RuntimeError from inside the capture)."""
+
+    class Reads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 4)
+
+        def forward(self, x):
+            s = self.lin(x)
+            a, f, rows = int(s.argmax()), float(s.max()), s.argmax(-1).tolist()
+            return s[:, a % 4] * f, rows, sum(rows)
+
+    torch.manual_seed(0)
+    model = Reads()
+    rg = djinn.remote(model, session=session, path="graph")
+    for _ in range(3):
+        x = torch.randn(3, 8)
+        _same(rg(x), _local(model, x))

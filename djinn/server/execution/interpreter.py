@@ -395,6 +395,12 @@ def _check_break(c: Compiled, i: int, outs: tuple) -> None:
                                   f"{m.dtype}{list(m.shape)} (Note [Graph breaks]): nothing after it ran")
     for k, want in c.expects.get(i, ()):
         t = outs[k] if k < len(outs) else None
+        if isinstance(want, list):  # `.tolist()`
+            got = t.tolist() if isinstance(t, torch.Tensor) else None
+            if got != want:
+                raise GuardFailed(f"{site} holds other values than its capture read with .tolist() (Note [Graph "
+                                  "breaks]): nothing after it ran")
+            continue
         got = t.item() if isinstance(t, torch.Tensor) and t.numel() == 1 else None
         if got is None or not (got == want or (got != got and want != want)):  # NaN reads as NaN
             raise GuardFailed(f"{site} holds {got!r} where its capture read {want!r} (Note [Graph breaks]): "

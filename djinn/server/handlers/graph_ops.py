@@ -24,6 +24,7 @@ import torch
 
 from ...protocol.errors import CostBudgetExceeded, InvalidRequest
 from ...protocol.tensors import dtype_name
+from ...srg.capture import MAX_VALUES
 from ...srg.graph import from_wire
 from .. import quotas
 from ..execution.interpreter import Compiled, Interpreter, compile_graph, const_bytes
@@ -103,7 +104,7 @@ def run_graph(engine, client_id, rid, args):
 
 def _probe(engine, s, args: dict) -> dict:
     """Note [Graph breaks] (srg/capture.py): run a capture's prefix and report its outputs' dtype, shape,
-    strides and, for one element, its value. Nothing is kept: the graph is not cached, no handle is
+    strides and values (`.tolist()`, for at most MAX_VALUES elements). Nothing is kept: the graph is not cached, no handle is
     made, and handle inputs are copies, so a write the prefix records lands in the real run only."""
     wire = args.get("graph")
     if wire is None:
@@ -121,7 +122,7 @@ def _probe(engine, s, args: dict) -> dict:
     with Stream.new(seed_of(args), engine.device).active():
         outs = Interpreter(compiled, engine.text.readonly).run(inputs, weights)
     return {"probe": [[dtype_name(t.dtype), list(t.shape), list(t.stride()),
-                       t.item() if t.numel() == 1 and not t.is_complex() else None] for t in outs]}
+                       t.tolist() if t.numel() <= MAX_VALUES and not t.is_complex() else None] for t in outs]}
 
 
 def graph_call(engine, client_id: str, s, args: dict, what: str) -> tuple[Compiled | None, str, list, list]:
