@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ..protocol.errors import InvalidRequest
-from ..srg.capture import Probe, Recorder, user_site
+from ..srg.capture import Recorder, user_site
 from ..srg.graph import Lifecycle, signature
 
 _SKIP = (os.sep + "djinn" + os.sep, os.sep + "torch" + os.sep)
@@ -39,7 +39,6 @@ class _Pending:
 
     def __init__(self) -> None:
         self.rec = Recorder(lazy=True)
-        self.rec.answers = []                       # Note [Graph breaks]: probed in place (`_probe`)
         self.seed = secrets.randbits(62)            # a graph with breaks: its probes' and its run's stream
         self.live: list[weakref.ref] = []          # pending RemoteTensors, in creation order
         self.handles: dict[str, torch.Tensor] = {}  # handle id -> its meta input
@@ -81,6 +80,7 @@ def apply(func, args: tuple, kwargs: dict | None = None) -> Any:
     st = _STATE.get(session)
     if st is None:
         st = _STATE[session] = _Pending()
+        st.rec.probe = _prober(session, st)  # Note [Graph breaks]
     rec = st.rec
     rec.where = user_site(_SKIP)
 
@@ -113,27 +113,17 @@ def apply(func, args: tuple, kwargs: dict | None = None) -> Any:
         return x
 
     margs, mkw = to_meta(tuple(args)), to_meta(kwargs)
-    while True:
-        mark = (len(rec.graph.nodes), len(rec.input_values), len(rec.graph.expects), rec.events)
-        try:
-            with rec:
-                out = func(*margs, **mkw)
-            return _wrap(out, type(first), session, st)
-        except Probe as p:
-            _probe(session, st, p, mark)
+    with rec:
+        out = func(*margs, **mkw)
+    return _wrap(out, type(first), session, st)
 
 
-def _probe(session, st: _Pending, p: Probe, mark: tuple) -> None:
-    """Note [Graph breaks] (srg/capture.py): ask the server for the shape or value this op met, forget
-    what this op recorded, and let it record again with the answer."""
-    reply = session.call("run_graph", {"probe": True, "graph": p.wire, "inputs": list(st.rec.input_values),
-                                       "seed": st.seed})["probe"]
-    answer = p.answer(reply)
-    rec = st.rec
-    nodes, inputs, expects, rec.events = mark
-    del rec.graph.nodes[nodes:], rec.roots[nodes:], rec.input_values[inputs:], rec.graph.expects[expects:]
-    rec.graph.outputs = []
-    rec.answers.append(answer)
+def _prober(session, st: _Pending):
+    """Note [Graph breaks] (srg/capture.py): the session's pending graph so far, run as a probe."""
+    def probe(graph: dict):
+        return session.call("run_graph", {"probe": True, "graph": graph, "inputs": list(st.rec.input_values),
+                                          "seed": st.seed})["probe"]
+    return probe
 
 
 def _wrap(out: Any, tensor_type: type, session, st: _Pending) -> Any:

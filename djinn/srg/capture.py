@@ -24,8 +24,8 @@ Note [Graph breaks]
     between the pieces; a capture cannot, since it runs before anything runs on the server. It probes
     instead: at such an op (an "event") it sends the graph recorded so far, ending in that op or
     reading that tensor, as a probe (run_graph with probe: true: run, report dtype, shape, strides and
-    a one-element value, keep nothing), then captures again from the start with the answer, and so on
-    until the forward completes: k events cost k probes and k + 1 captures (at most MAX_BREAKS). The
+    values, keep nothing), and goes on with the answer, there and then, from inside the op: k events
+    cost k probes, each running the graph up to its event (at most MAX_BREAKS a capture). The
     graph holds each answer as a check the interpreter makes where the node runs: a data-dependent
     node must give the shape its probe found, and a value read must hold (`Graph.expects`); otherwise
     the run stops there with GuardFailed before anything recorded after it runs, so a capture reused for
@@ -33,7 +33,7 @@ Note [Graph breaks]
     retries once, and stops reusing captures with events for that input signature. A probe and the
     run that follows it draw from the same seeded stream, so a random op before an event agrees.
     Ops whose inputs are all known values (Note [Known values]) need no probe: they are computed here.
-    Lazy ops (frontend/lazy.py) probe the same way, in place, without capturing again.
+    Lazy ops (frontend/lazy.py) probe the same way, over the session's pending graph.
 
 Note [Weights are read-only]
     An in-place op whose target is a weight, or a view of one, would change the Text segment that
@@ -70,17 +70,16 @@ _META = torch.device("meta")
 _CPU = torch.device("cpu")
 _ITEM = torch.ops.aten._local_scalar_dense.default
 _UNKNOWN = object()
-MAX_BREAKS = 32  # Note [Graph breaks]: probes per capture
+MAX_BREAKS = 256  # Note [Graph breaks]: probes per capture
 MAX_VALUES = 4096  # values a probe reads back for `.tolist()`
 
 
-class Probe(BaseException):
-    """Note [Graph breaks]: raised out of a capture at an event it has no answer for. `wire`: the graph
-    recorded so far, whose outputs are what the capture asks about; `answer(reply)` turns the server's
-    report into what the capture takes. A BaseException, so model code catching Exception lets it by."""
+class Probe:
+    """Note [Graph breaks]: one question a capture asks the server. `wire`: the graph recorded so far,
+    whose outputs are what the capture asks about; `answer(reply)` turns the server's report into what
+    the capture takes."""
 
     def __init__(self, kind: str, wire: dict, site: str, n_out: int):
-        super().__init__(site)
         self.kind, self.wire, self.site, self.n_out = kind, wire, site, n_out
 
     def answer(self, reply: Any) -> Any:
@@ -172,8 +171,8 @@ class Recorder:
         self._hook_events = 0                 # one counter for pre-hooks and hooks (ModuleCall order)
         self._thread = threading.get_ident()
         self._modes: list = []
-        self.answers: list | None = None      # Note [Graph breaks]: answers to events, in order; None: no breaks
-        self.events = 0                       # events met so far
+        self.probe: Callable[[dict], Any] | None = None  # Note [Graph breaks]: asks the server; None: no breaks
+        self.events = 0                       # events probed so far
 
     # -- declarations ------------------------------------------------------------------------------
     def add_input(self, meta: torch.Tensor, value: Any, lifecycle: Lifecycle = Lifecycle.STACK,
@@ -313,11 +312,11 @@ class Recorder:
                 raise CaptureError(f"{self._site(str(func))}: the graph path runs aten ops only, and this op is "
                                    f"outside aten (namespace {func.namespace!r}) (Note [Op table])")
             return func(*args, **kwargs)
-        if func in _BOOL_READS and self.answers is not None and not self.muted:
+        if func in _BOOL_READS and self.probe is not None and not self.muted:
             return _BOOL_READS[func](self, *args, **kwargs)
         if func is _ITEM:
             known = self.known.get(id(args[0]), _UNKNOWN)
-            if known is _UNKNOWN and self.answers is not None:
+            if known is _UNKNOWN and self.probe is not None:
                 return self._value_break(args[0])
             if known is _UNKNOWN:
                 ref = self.ref_of(args[0])
@@ -366,18 +365,22 @@ class Recorder:
         return out
 
     # -- graph breaks (Note [Graph breaks]) ---------------------------------------------------------
-    def _next_event(self) -> tuple[int, Any]:
-        k = self.events
+    def _ask(self, kind: str, refs: list[Ref], site: str) -> Any:
+        """Probe the server about `refs` (the graph recorded so far, up to them) and return the answer."""
+        if self.events >= MAX_BREAKS:
+            raise CaptureError(f"{site}: more than {MAX_BREAKS} data-dependent shapes or values in one capture "
+                               "(Note [Graph breaks]); each costs a probe")
         self.events += 1
-        return k, (self.answers[k] if k < len(self.answers) else _UNKNOWN)
+        self.graph.outputs = refs
+        p = Probe(kind, self.graph.to_wire(), site, len(refs))
+        self.graph.outputs = []
+        with _outside_capture():
+            reply = self.probe(p.wire)
+        return p.answer(reply)
 
     def _value_break(self, t: torch.Tensor, kind: str = "value"):
         ref = self._convert(t)[0]
-        k, value = self._next_event()
-        if value is _UNKNOWN:
-            self.graph.outputs = [ref]
-            what = ".item() / bool(tensor)" if kind == "value" else ".tolist()"
-            raise Probe(kind, self.graph.to_wire(), self._site(what), 1)
+        value = self._ask(kind, [ref], self._site(".item() / bool(tensor)" if kind == "value" else ".tolist()"))
         self.graph.expects.append((ref, value))
         return value
 
@@ -388,7 +391,7 @@ class Recorder:
             if id(t) in self.from_input:  # Note [Input values]
                 self.guards.append(ValueGuard(self.ref_of(t), known.tolist()))
             return known.tolist()
-        if self.answers is None:
+        if self.probe is None:
             raise CaptureError(f"{self._site('.tolist()')}: the values depend on a weight or a float input, so they "
                                "are not known until the graph runs and cannot be captured")
         return self._value_break(t, "values")
@@ -406,18 +409,18 @@ class Recorder:
                     if isinstance(t, torch.Tensor) and id(t) in self.from_input:
                         self.guards.append(ValueGuard(self.ref_of(t), self.known[id(t)].tolist()))
             return _metas_like(real)
-        if self.answers is None:
+        if self.probe is None:
             raise CaptureError(f"{self._site(info.name)}: its output's shape depends on tensor values here, and this "
                                f"capture cannot probe the server for it (Note [Graph breaks]); {type(err).__name__}: "
                                f"{str(err)[:200]}")
         n = len(func._schema.returns)
-        k, answer = self._next_event()
-        if answer is _UNKNOWN:
-            holders = [torch.empty((0,), device=_META) for _ in range(n)]
-            ref = self._node(info.name, tuple(c[0] for c in conv), {k2: c[0] for k2, c in kconv.items()}, holders,
-                             Lifecycle.STACK, info.cost)
-            self.graph.outputs = [Ref(ref.node, j) for j in range(n)]
-            raise Probe("shape", self.graph.to_wire(), self._site(info.name), n)
+        holders = [torch.empty((0,), device=_META) for _ in range(n)]  # placeholders the probe reports on
+        ref = self._node(info.name, tuple(c[0] for c in conv), {k2: c[0] for k2, c in kconv.items()}, holders,
+                         Lifecycle.STACK, info.cost)
+        try:
+            answer = self._ask("shape", [Ref(ref.node, j) for j in range(n)], self._site(info.name))
+        finally:  # the caller records the op again, with the real shapes
+            del self.graph.nodes[ref.node:], self.roots[ref.node:]
         outs = [torch.empty_strided(shape, stride, dtype=dtype, device=_META) for dtype, shape, stride in answer]
         return outs[0] if n == 1 else tuple(outs)
 
@@ -626,6 +629,20 @@ def _allclose(rec: Recorder, a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-
 _BOOL_READS = {_A.equal.default: _equal, _A.allclose.default: _allclose}
 
 
+class _outside_capture:
+    """No capture mode while a probe goes over the wire: packing its inputs runs torch code of its own."""
+
+    def __enter__(self):
+        self._fmodes = [torch._C._pop_torch_function_stack() for _ in range(torch._C._len_torch_function_stack())]
+        self._dmodes = _disable_current_modes()
+        self._dmodes.__enter__()
+
+    def __exit__(self, *exc):
+        self._dmodes.__exit__(*exc)
+        for m in reversed(self._fmodes):
+            torch._C._push_on_torch_function_stack(m)
+
+
 def _metas_like(real: Any) -> Any:
     if isinstance(real, torch.Tensor):
         return torch.empty_strided(real.shape, real.stride(), dtype=real.dtype, device=_META)
@@ -784,29 +801,12 @@ def capture_module(module: torch.nn.Module, args: tuple, kwargs: dict, hashes: d
     server and returns its report (Note [Graph breaks]); without it a data-dependent shape or value is
     a CaptureError."""
     t0 = time.perf_counter()
-    answers: list | None = [] if probe is not None else None
-    while True:
-        try:
-            cap = _capture_once(module, args, kwargs, hashes, leaf, data_leaf, answers)
-        except Probe as p:
-            if len(answers) >= MAX_BREAKS:
-                raise CaptureError(f"{p.site}: more than {MAX_BREAKS} data-dependent shapes or values in one forward "
-                                   "(Note [Graph breaks]); each costs a probe") from None
-            answers.append(p.answer(probe(p.wire)))
-            continue
-        cap.seconds = time.perf_counter() - t0
-        return cap
-
-
-def _capture_once(module: torch.nn.Module, args: tuple, kwargs: dict, hashes: dict[str, str],
-                  leaf: Callable[[Any], Any], data_leaf: Callable[[Any], bool], answers: list | None) -> Captured:
-    t0 = time.perf_counter()
     leaves: list = []
     protos: list = []
     spec = flatten((tuple(args), dict(kwargs)), leaves, leaf, protos)
     cache_leaves = _cache_leaf_ids(args, kwargs, leaf)
     rec = Recorder()
-    rec.answers = answers
+    rec.probe = probe
     rec.record_calls = True
     rec.module_paths = {id(m): name for name, m in module.named_modules()}
     layout = layout_of(leaves)
@@ -862,10 +862,6 @@ def _capture_once(module: torch.nn.Module, args: tuple, kwargs: dict, hashes: di
 
     last = max((g.ref.node for g in rec.guards), default=-1)
     guards = Guards(tuple(rec.guards), tuple(i for i in rec.known_nodes if i <= last))
-    if rec.events < len(answers or ()):
-        raise CaptureError(f"{type(module).__name__}'s forward met {rec.events} data-dependent shapes or values on "
-                           f"this capture and {len(answers)} on an earlier one: it is not deterministic given its "
-                           "inputs, so it cannot be captured (Note [Graph breaks])")
     return Captured(rec.graph, wire, signature(wire), out_spec, out_protos, rec.ops_recorded,
                     time.perf_counter() - t0, layout, guards, rec.events, rec.events > 0 and _writes_inputs(rec))
 

@@ -273,3 +273,16 @@ def test_python_values_read_in_a_forward(session):
     for _ in range(3):
         x = torch.randn(3, 8)
         _same(rg(x), _local(model, x))
+
+
+def test_eager_experts_mixture_of_experts_model(session):
+    """transformers' eager experts loop (`experts_implementation="eager"`: a nonzero of the experts hit,
+    then a torch.where per expert) on the graph path: 42 events in one capture, bitwise to local."""
+    from ..models import tiny_mixtral
+
+    model = tiny_mixtral(seed=1)
+    model.set_experts_implementation("eager")
+    rg = djinn.remote(model, session=session, path="graph")
+    ids = torch.tensor([[1, 17, 42, 99, 5, 250, 7, 64]])
+    assert torch.equal(rg(ids).logits.cpu(), _local(model, ids).logits)
+    assert rg.counters["captures"] == 1 and rg.counters["probes"] > 32
