@@ -127,3 +127,22 @@ def test_closing_the_session_fails_a_run_that_cannot_stop(conn, local_model):
     s.close()
     with pytest.raises(djinn.SessionNotFound):
         run.wait(60)
+
+
+def test_deterministic_keeps_a_run_that_cannot_stop_eager_and_bitwise(fast_server):
+    """As for a plain generate: deterministic=True takes the eager path (bitwise the local generate)."""
+    model = tiny_llama(seed=23).eval()
+    conn = Connection(fast_server.address, secret=None)
+    try:
+        s = conn.session()
+        rm = RemoteModel.from_module(s, model)
+        ids = _prompt(5)
+        run = s.start(rm, ids, method="generate", deterministic=True, max_new_tokens=N, do_sample=False,
+                      breakpoints=[Breakpoint(layer=0, step=N)])
+        assert run.wait(60) is None and torch.equal(run.output, _local(model, ids, N))
+        d = _decode(conn, s)
+        assert (d["fast"], d["eager"], d["eager_why"]) == (0, 1, "deterministic=True")
+        with pytest.raises(djinn.InvalidRequest, match="deterministic"):
+            s.start(rm, ids, method="generate", deterministic="yes", max_new_tokens=N).wait(60)
+    finally:
+        conn.close()

@@ -14,8 +14,9 @@ Note [A run that cannot stop is a generate]
     step per engine turn among the other jobs. So the engine never blocks on it (an inline run ran
     its whole generate on the engine thread) and it costs what the generate costs. The start is
     answered when the job ends, with the reply a run that never paused gets: `{run, state:
-    "finished", output: sequences, timing}`; its run id is a tombstone ("finished") from then on, so
-    a late resume or cancel_run says it ended. As a job it keeps the job's guarantees: the session's
+    "finished", output: sequences, timing}`; `deterministic=True` keeps it on the eager path, as for
+    a plain generate (a run that can stop is eager, so bitwise, anyway). Its run id is a tombstone
+    ("finished") from then on, so a late resume or cancel_run says it ended. As a job it keeps the job's guarantees: the session's
     later requests wait behind it (Note [Per-session order]), its KV is admitted and reserved like a
     stateless generate's, quotas are the generate's (checked at start; quota_queued_requests counts
     it; it is not a live run, so max_runs_* do not), a closed session fails it with SessionNotFound,
@@ -82,8 +83,11 @@ def start(engine, client_id, rid, args):
         ids = call_args[0]
         prompt = executor.decoder_prompt(entry.module, int(ids.shape[1]))  # Note [Encoder-decoder generate]
         specs = reachable(specs, generate_calls(entry.module, prompt, call_kwargs))
+        deterministic = args.get("deterministic", False)  # a run that can stop is eager (so bitwise) anyway
+        if not isinstance(deterministic, bool):
+            raise InvalidRequest(f"deterministic must be true or false, got {deterministic!r}")
         if not specs:  # Note [A run that cannot stop is a generate]
-            return _generate_job(engine, client_id, rid, s, entry, ids, call_kwargs, seed, t0)
+            return _generate_job(engine, client_id, rid, s, entry, ids, call_kwargs, seed, deterministic, t0)
         kv_pool = kv_pool_for(engine, entry)
         # Its KV blocks are reserved when it starts and held while it is paused (Note [Session quotas]).
         tokens = prompt + executor.new_tokens(entry.module, prompt, call_kwargs)
@@ -98,7 +102,8 @@ def start(engine, client_id, rid, args):
     return _reply(engine, s, run, held, t0)
 
 
-def _generate_job(engine, client_id, rid, s, entry, ids, kwargs: dict, seed: int | None, t0: float):
+def _generate_job(engine, client_id, rid, s, entry, ids, kwargs: dict, seed: int | None, deterministic: bool,
+                  t0: float):
     """Note [A run that cannot stop is a generate]: the job, answered as a run that ended without a stop."""
     run_id = secrets.token_hex(12)  # as RunTable.start's
     job = None
@@ -112,7 +117,7 @@ def _generate_job(engine, client_id, rid, s, entry, ids, kwargs: dict, seed: int
                            "compute_us": round(compute * 1e6, 1)}}
 
     job = generate_job(engine, client_id, rid, s, entry, ids, kwargs, seed, use_kv=False, prefix=False,
-                       what="a generate run", reply=reply)
+                       deterministic=deterministic, what="a generate run", reply=reply)
     job.op = "start"
     return job
 
