@@ -149,9 +149,11 @@ class RemoteModel:
         with hooks at the breakpoints. Each model class starts its own runs, so Session.start does not
         ask which path a model is on."""
         self.attach(s)
+        kwargs = dict(kwargs)
+        extra = {"deterministic": kwargs.pop("deterministic")} if method == "generate" and "deterministic" in kwargs else {}
         fut = s.submit("start", {
             "model_id": self.model_id, "method": method, "breakpoints": [b.to_wire() for b in breakpoints],
-            "seed": seed, "args": wire.pack(s, list(args)), "kwargs": wire.pack(s, kwargs),
+            "seed": seed, "args": wire.pack(s, list(args)), "kwargs": wire.pack(s, kwargs), **extra,
         })
         return Run(s, self, method, fut)
 

@@ -102,6 +102,9 @@ class Session:
         run that pauses at `breakpoints`: module paths, layer numbers, or `djinn.Breakpoint`s.
 
         Returns at once; `run.wait()` gives the first Stop (or None if the run ended without one).
+        A generate run none of whose breakpoints can fire (none, or every step past its last model call)
+        runs as a plain generate, on the decode fast path where that applies; `deterministic=True` keeps
+        it eager and bitwise, as for `generate`.
         The model starts it (`rm.start_run`): each path knows its own start request.
         """
         if method not in ("forward", "generate"):

@@ -110,6 +110,7 @@ class Job:
     release: Callable[[], None] | None = None  # at the end: give back the blocks it did not write
     truncate: Callable[[int], int] | None = None  # cancelled: keep the first n generated tokens (Note [Cancel])
     peak: int = 0                   # device bytes its session may hold while it runs (Note [Principal GPU quota])
+    op: str = "generate"            # what stats call it: "generate", or "start" for a run that cannot stop
 
 
 @dataclass(frozen=True)
@@ -380,7 +381,7 @@ class Dispatcher:
         q = self._q.get(sid)
         if q is None or q.job is None:
             return None
-        return "generate queued" if q.job.task is None else "generate running"
+        return f"{q.job.op} queued" if q.job.task is None else f"{q.job.op} running"
 
     def describe(self, sid: str, now: float) -> dict | None:
         q = self._q.get(sid)
@@ -388,8 +389,8 @@ class Dispatcher:
             return None
         j = q.job
         if j.task is None:
-            return {"op": "generate", "waiting_s": round(now - j.t_arrive, 3), "why": j.queued_reason}
-        return {"op": "generate", "running_s": round(now - j.t_start, 3), "steps": j.task.steps,
+            return {"op": j.op, "waiting_s": round(now - j.t_arrive, 3), "why": j.queued_reason}
+        return {"op": j.op, "running_s": round(now - j.t_start, 3), "steps": j.task.steps,
                 "decode": "fast" if j.make_task is not None else "eager"}
 
     # -- internals ---------------------------------------------------------------------------------

@@ -484,6 +484,21 @@ def parse_breakpoints(module: nn.Module, raw: Any, method: str) -> list[Breakpoi
     return specs
 
 
+def reachable(specs: list[BreakpointSpec], calls: int) -> list[BreakpointSpec]:
+    """The specs that can stop a call making at most `calls` forward calls of the model (steps 0 ..
+    calls - 1; step=None stops in every one). The others can never fire: a run registers no hook for
+    them (Note [A run that cannot stop is a generate] in server/handlers/run_ops.py)."""
+    return [b for b in specs if b.step is None or b.step < calls]
+
+
+def generate_calls(module: nn.Module, prompt: int, kwargs: dict) -> int:
+    """The most forward calls of the model a generate can make: the prefill (step 0) and one per new
+    token after the first, so one per new token, at least one. `prompt` is what the KV holds before it
+    generates (executor.decoder_prompt); `kwargs` the call's, as the server runs it (executor.new_tokens
+    reads them over the model's generation_config)."""
+    return max(1, executor.new_tokens(module, prompt, kwargs))
+
+
 def decoder_layers_path(module: nn.Module) -> str | None:
     """The module path of the model's decoder stack ("model.layers", "transformer.h"), or None where
     layer numbers name none (Note [Layer numbers] in srg/layers.py)."""

@@ -107,6 +107,13 @@ class RunTable:
         ended = self._ended.get(run_id) if isinstance(run_id, str) else None
         return ended[1] if ended is not None and ended[0] == s.sid else None
 
+    def tombstone(self, s: Session, run_id: str, why: str) -> None:
+        """Remember that this session's run ended and why (a late resume or cancel_run is told), also
+        for a run that never entered the table (Note [A run that cannot stop is a generate])."""
+        self._ended[run_id] = (s.sid, why)
+        while len(self._ended) > MAX_TOMBSTONES:
+            self._ended.popitem(last=False)
+
     def paused(self, run: Run) -> Run:
         if run.state != RunState.PAUSED:
             raise InvalidRequest(f"run {run.run_id} is not paused (it is {run.state.name.lower()})")
@@ -216,9 +223,7 @@ class RunTable:
             s.stack.update(zip(run.stop_hids, run.stop.tensors))
         else:
             self._remove(run)
-            self._ended[run.run_id] = (s.sid, why or run.state.name.lower())
-            while len(self._ended) > MAX_TOMBSTONES:
-                self._ended.popitem(last=False)
+            self.tombstone(s, run.run_id, why or run.state.name.lower())
             run.log.clear()
         if s.state != SessionState.CLOSED:
             paused = any(r.state == RunState.PAUSED for r in self.of_session(s.sid))

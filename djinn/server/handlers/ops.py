@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -129,21 +129,37 @@ def generate(engine, client_id, rid, args):
     record = steering.parse_record(entry.module, args.get("record"))  # Note [Recorded activations]
     if record and (int(input_ids.shape[0]) != 1 or args.get("stream")):
         raise InvalidRequest("record needs an input batch of 1 and stream=False")
-    records: dict[int, list] | None = {k: [] for k in record} if record else None
     check_prefill(engine, input_ids, "generate", entry.module)
+    encdec = executor.is_encoder_decoder(entry.module)
+    use_kv = bool(args.get("use_session_kv")) and not encdec  # Note [Encoder-decoder generate]
+    return generate_job(engine, client_id, rid, s, entry, input_ids, kwargs, seed, use_kv=use_kv,
+                        stream=bool(args.get("stream")), steer=steer, record=record,
+                        deterministic=args.get("deterministic", False))
+
+
+def generate_job(engine, client_id, rid, s, entry, input_ids, kwargs: dict, seed: int | None, *, use_kv: bool,
+                 stream: bool = False, steer: dict | None = None, record: list | None = None,
+                 deterministic: Any = False, prefix: bool = True, what: str = "generate",
+                 reply: Callable[[dict], dict] | None = None) -> Job:
+    """The dispatcher job of a generate whose arguments were checked (executor.check_generate, steering,
+    check_prefill): its quota check, its KV admission, and its path (the decode fast path where
+    `_why_eager` allows). A plain generate's, and a generate run's that can never stop (Note [A run
+    that cannot stop is a generate] in run_ops.py): `prefix=False` takes and publishes no cached prompt
+    blocks; `reply` turns the generate's result ({sequences, records?}) into the request's reply."""
+    record = record or []
+    records: dict[int, list] | None = {k: [] for k in record} if record else None
     emitted: list[int] = []  # tokens streamed to the client so far (Note [Cancel] in dispatch.py)
 
-    def stream(tokens: torch.Tensor) -> None:
+    def send_tokens(tokens: torch.Tensor) -> None:
         toks = tokens.tolist()
         emitted.extend(toks)
         engine.send(client_id, MsgType.STREAM, {"rid": rid, "tokens": toks})
 
-    on_tokens = stream if args.get("stream") else None
+    on_tokens = send_tokens if stream else None
     encdec = executor.is_encoder_decoder(entry.module)
-    use_kv = bool(args.get("use_session_kv")) and not encdec  # Note [Encoder-decoder generate]
     # Note [Prefix sharing]: keyed by the KV's own tokens, so never a steered call's (its KV is not theirs),
     # nor a recording one's (a shared block's positions are not fed, so they could not be recorded)
-    prefix = engine.cfg.prefix_caching and not encdec and not steer and not record
+    prefix = prefix and engine.cfg.prefix_caching and not encdec and not steer and not record
     mid = entry.model_id
     kv_pool = kv_pool_for(engine, entry)
     install_restored(engine, s, entry, kv_pool)
@@ -166,7 +182,7 @@ def generate(engine, client_id, rid, args):
     # ...but it comes on top of everything the session holds (Note [Session quotas]): before anything is queued.
     recorded = len(record) * (prompt + new) * steering.hidden_size(entry.module) * kv_pool.shape.dtype.itemsize
     peak = quotas.gpu_used(engine, s) - (engine.data.kv_bytes_of(s, mid) if use_kv else 0) + grown + cross + recorded
-    quotas.check_gpu(engine, s, peak, "generate", f"{grown} bytes of KV for {prompt} + {new} tokens x batch {batch}"
+    quotas.check_gpu(engine, s, peak, what, f"{grown} bytes of KV for {prompt} + {new} tokens x batch {batch}"
                      + ("" if use_kv else ", a stateless call's scratch blocks")
                      + (f", {cross} bytes of cross-attention KV" if cross else "")
                      + (f", {recorded} bytes of recorded activations" if recorded else ""))
@@ -221,9 +237,10 @@ def generate(engine, client_id, rid, args):
 
     def finish(out: torch.Tensor) -> dict:
         """The reply: the sequences, and each recorded layer's outputs as session tensors, in the order asked."""
-        if records is None:
-            return {"sequences": out.cpu()}
-        return {"sequences": out.cpu(), "records": pack_outputs(s, [torch.cat(records[k]) for k in record])}
+        result = {"sequences": out.cpu()}
+        if records is not None:
+            result["records"] = pack_outputs(s, [torch.cat(records[k]) for k in record])
+        return result if reply is None else reply(result)
 
     def body(step_hook):
         for got in (records or {}).values():
@@ -232,7 +249,7 @@ def generate(engine, client_id, rid, args):
                                 continues=use_kv, steer=steer, record=records)
         return finish(out)
 
-    why = _why_eager(engine, entry, s, input_ids, kwargs, args.get("deterministic", False), use_kv)
+    why = _why_eager(engine, entry, s, input_ids, kwargs, deterministic, use_kv)
     if why is None:
         try:
             pool = pool_for(engine, entry)

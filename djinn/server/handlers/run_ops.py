@@ -2,20 +2,44 @@
 
 Registered in the op registry (registry.py) like every other op; they live here to keep ops.py about plain calls. start,
 resume and fork reply when the run parks at a breakpoint or ends, with server-side timings.
+
+Note [A run that cannot stop is a generate]
+    A breakpoint spec of a generate run whose step is at or past the most forward calls the generate
+    can make (`breakpoints.generate_calls`: step 0 is the prefill, then one call per new token, counted
+    from the effective arguments as admission counts them) can never fire: it is dropped, and its
+    module gets no hook. A generate run left with no spec that can fire (none given, or all dropped;
+    a spec with step=None fires in every call) is not a Run at all: `start` makes it the dispatcher
+    job a plain stateless generate would be (`ops.generate_job`): the decode fast path where
+    `_why_eager` allows, batched with other sessions' rows, else eager HF generate stepped one decode
+    step per engine turn among the other jobs. So the engine never blocks on it (an inline run ran
+    its whole generate on the engine thread) and it costs what the generate costs. The start is
+    answered when the job ends, with the reply a run that never paused gets: `{run, state:
+    "finished", output: sequences, timing}`; `deterministic=True` keeps it on the eager path, as for
+    a plain generate (a run that can stop is eager, so bitwise, anyway). Its run id is a tombstone
+    ("finished") from then on, so a late resume or cancel_run says it ended. As a job it keeps the job's guarantees: the session's
+    later requests wait behind it (Note [Per-session order]), its KV is admitted and reserved like a
+    stateless generate's, quotas are the generate's (checked at start; quota_queued_requests counts
+    it; it is not a live run, so max_runs_* do not), a closed session fails it with SessionNotFound,
+    and stats count it in the session's `decode` (fast/eager) and show it as the session's job (op
+    "start"). Like every run it takes and publishes no cached prompt blocks (Note [Prefix sharing]).
+    Tokens: those of the same generate without breakpoints on the same server (the same path, the
+    same seeded stream), so bitwise a run's on a CPU server, where generate is eager.
 """
 from __future__ import annotations
 
+import secrets
 import time
 
 from ...protocol.errors import InvalidRequest
 from .. import quotas
 from ..execution import executor
-from ..execution.breakpoints import Call, parse_breakpoints
+from ..execution.breakpoints import Call, generate_calls, parse_breakpoints, reachable
 from ..execution.graph_runs import GraphModule
 from ..execution.kv_pools import pool_for as kv_pool_for
 from ..execution.validate import check_forward, check_generate
 from .args import check_prefill, model_of, require_module, seed_of
 from .graph_ops import graph_call
+from .ops import generate_job
 from .registry import op
 from .values import unpack_inputs
 
@@ -56,10 +80,16 @@ def start(engine, client_id, rid, args):
     kv_pool = None
     if method == "generate":
         check_prefill(engine, call_args[0], "a generate run", entry.module)
-        kv_pool = kv_pool_for(engine, entry)
-        # Its KV blocks are reserved when it starts and held while it is paused (Note [Session quotas]).
         ids = call_args[0]
         prompt = executor.decoder_prompt(entry.module, int(ids.shape[1]))  # Note [Encoder-decoder generate]
+        specs = reachable(specs, generate_calls(entry.module, prompt, call_kwargs))
+        deterministic = args.get("deterministic", False)  # a run that can stop is eager (so bitwise) anyway
+        if not isinstance(deterministic, bool):
+            raise InvalidRequest(f"deterministic must be true or false, got {deterministic!r}")
+        if not specs:  # Note [A run that cannot stop is a generate]
+            return _generate_job(engine, client_id, rid, s, entry, ids, call_kwargs, seed, deterministic, t0)
+        kv_pool = kv_pool_for(engine, entry)
+        # Its KV blocks are reserved when it starts and held while it is paused (Note [Session quotas]).
         tokens = prompt + executor.new_tokens(entry.module, prompt, call_kwargs)
         grown = kv_pool.bytes_for(tokens, int(ids.shape[0]))
         cross = executor.cross_kv_bytes(entry.module, kv_pool.shape, ids)
@@ -70,6 +100,26 @@ def start(engine, client_id, rid, args):
     held = set(s.tensors)
     run = engine.runs.start(s, entry.model_id, call, specs)
     return _reply(engine, s, run, held, t0)
+
+
+def _generate_job(engine, client_id, rid, s, entry, ids, kwargs: dict, seed: int | None, deterministic: bool,
+                  t0: float):
+    """Note [A run that cannot stop is a generate]: the job, answered as a run that ended without a stop."""
+    run_id = secrets.token_hex(12)  # as RunTable.start's
+    job = None
+
+    def reply(result: dict) -> dict:
+        engine.runs.tombstone(s, run_id, "finished")
+        now = time.perf_counter()
+        compute = time.monotonic() - job.t_start if job is not None and job.t_start is not None else 0.0
+        return {"run": run_id, "state": "finished", "output": result["sequences"],
+                "timing": {"server_us": round((now - t0) * 1e6, 1), "edits_us": 0.0, "handoff_us": 0.0,
+                           "compute_us": round(compute * 1e6, 1)}}
+
+    job = generate_job(engine, client_id, rid, s, entry, ids, kwargs, seed, use_kv=False, prefix=False,
+                       deterministic=deterministic, what="a generate run", reply=reply)
+    job.op = "start"
+    return job
 
 
 def _start_graph(engine, client_id, s, args, t0: float) -> dict:
