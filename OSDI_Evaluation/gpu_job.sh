@@ -5,7 +5,8 @@
 # variant at N=48), micro (session and run forks at a 2k prefix on 13B, 7B decode speed against HF
 # eager, swap by blocks), decode (every tier-3 test, 7B decode with gather and flex attention,
 # 32 rows at 128 and 2k tokens, 32 remote sessions, steered and recorded generates, swap by blocks),
-# gpu-tests (tier 3 alone). Each writes its JSON and log under OUTDIR.
+# exp3 (white-box debugging on the 7B shape: breakpoints, steering, hooks that never fire), gpu-tests (tier 3
+# alone). Each writes its JSON and log under OUTDIR.
 set -u
 out=${1:?usage: gpu_job.sh OUTDIR PART...}; shift
 mkdir -p "$out"
@@ -44,6 +45,9 @@ for part in "$@"; do
         --long-prompt 2048 --server-attention flex --out "$out/decode_7b.json" > "$out/decode_7b.log" 2>&1
       grep -v -i warn "$out/decode_7b.log" | grep -E "^\[|Error|error" | tail -20
       timeout 40 python "$here/micro/bench_swap.py" --quick --out "$out/swap.json" 2>&1 | tail -6 ;;
+    exp3)
+      timeout 300 python "$here/exp3_whitebox_debugging/run_exp3.py" --models llama7b --out "$out" > "$out/exp3.log" 2>&1
+      tail -15 "$out/exp3.log" ;;
     gpu-tests)
       timeout 300 python -m pytest -q -x --timeout 150 tests/gpu -p no:cacheprovider 2>&1 | tail -25 ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
