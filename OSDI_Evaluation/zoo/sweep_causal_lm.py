@@ -5,6 +5,13 @@ For each class (one model type per class: the one whose config class the class n
 config names, `OVERRIDES` where those do not fit) and seeded random weights on the CPU, then, against
 one embedded CPU server whose `--config` allow-lists every class of the mapping, in order:
 
+The builder's generic rules: TINY's keys wherever the default config has them (BART-style
+encoder_/decoder_ sizes included), MLA's latent widths where the config has them, every per-layer list
+of the default config (layer kinds, MLP kinds, sparsity...) cut to two layers, the first and the first
+of another kind (an attention layer preferred), so a hybrid keeps both kinds; the same inside each
+sub-config; a class whose config class is a sub-config of its model type (Musicgen's decoder, Emu3's
+text model) gets that sub-config. `DROP` names keys a config refuses to be given.
+
   build          the class builds from the tiny config without extra packages or remote code
   decoder_only   its config is not an encoder-decoder
   local          a local greedy `generate` runs (else nothing to compare with)
@@ -74,7 +81,18 @@ TINY = dict(
     tie_word_embeddings=False,
     use_cache=True,
     is_decoder=True,        # encoder families (BERT, RoBERTa, ...) as causal decoders, as their CausalLM expects
+    # BART-style configs name their decoder's (and encoder's) sizes separately
+    encoder_layers=2, decoder_layers=2, num_encoder_layers=2, num_decoder_layers=2,
+    encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
 )
+#: Multi-head latent attention (DeepSeek-V2/V3 and their descendants), where the default config has it:
+#: rotary and non-rotary query/key parts and the value width small, and `head_dim` the rotary part's
+#: (as the configs' own __post_init__ sets it; TINY's head_dim would override that).
+MLA = dict(kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, head_dim=8)
+#: Config keys naming each layer's kind; every list of the default config as long as its layer count is
+#: cut to the TINY layers this picks (the first layer, and the first of another kind, so a hybrid keeps
+#: both kinds: an attention layer and a linear-attention/state-space one).
+LAYER_KIND_KEYS = ("layer_types", "layers_block_type")
 # Per model type, on top of TINY (or where TINY's guesses do not fit the config).
 OVERRIDES: dict[str, dict] = {
     "gpt_bigcode": dict(n_inner=128),
@@ -98,6 +116,43 @@ OVERRIDES: dict[str, dict] = {
     "rwkv": dict(attention_hidden_size=64, context_length=P),
     "deepseek_v2": dict(kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16),
     "deepseek_v3": dict(kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16),
+    # DeepSeek sparse attention's indexer (DeepSeek-V3.2 and its descendants)
+    "deepseek_v32": dict(index_n_heads=4, index_head_dim=16, index_topk=4),
+    "glm_moe_dsa": dict(index_n_heads=4, index_head_dim=16, index_topk=16),
+    "axk2": dict(index_n_heads=4, index_head_dim=16, index_topk=16),
+    # state-space / linear-attention hybrids: Mamba heads that fit hidden 64, one attention layer
+    "bamba": dict(attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_chunk_size=16),
+    "granitemoehybrid": dict(layer_types=["linear_attention", "attention"], mamba_n_heads=8, mamba_d_head=16,
+                             mamba_d_state=16, mamba_chunk_size=16),
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
+                  use_mamba_kernels=False, mamba_dt_rank=8, mamba_d_state=16),
+    "recurrent_gemma": dict(block_types=["recurrent", "attention"], head_dim=16, lru_width=64),
+    "mamba2": dict(num_heads=8, head_dim=16, expand=2, n_groups=1, state_size=16, chunk_size=16),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
+    "qwen4_exp_text": dict(head_dim=16, indexer_n_heads=4, indexer_kv_heads=1, indexer_head_dim=16,
+                           linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                           linear_num_value_heads=4, ple_embed_dim=64,
+                           indexer_budget=16, indexer_compress_ratio=4),
+    "inkling2_text": dict(swa_head_dim=16, swa_num_attention_heads=4, swa_num_key_value_heads=2,
+                          n_layers_per_attn_res_block=1),
+    "inkling2_loop_text": dict(swa_head_dim=16, swa_num_attention_heads=4, swa_num_key_value_heads=2,
+                               n_layers_per_attn_res_block=1),
+    "xlstm": dict(embedding_dim=64, num_blocks=2, num_heads=4, chunk_size=8, max_inference_chunksize=64),
+    "zaya": dict(num_experts_per_tok=1, head_dim=16),
+    "kolibri1_1": dict(layer_types=["sliding_attention", "indexed_attention"], index_layers=[1],
+                       kv_source_layers=[0, 1], mlp_only_layers=[0], index_num_heads=2, index_topk=16),
+    "gemma3n_text": dict(num_kv_shared_layers=0, hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB,
+                         laurel_rank=8, altup_num_inputs=2),
+    "musicgen": dict(decoder=dict(num_codebooks=1, pad_token_id=0, bos_token_id=1, eos_token_id=2)),                # one codebook: ids of shape (1, n)
+    "musicgen_melody": dict(decoder=dict(num_codebooks=1, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "cohere_compass_text": dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+    "dbrx": dict(attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),   # modeling reads both
+                 ffn_config=dict(ffn_hidden_size=128, moe_num_experts=4, moe_top_k=2)),
+}
+#: Keys TINY has that a config refuses to be given (a setter that raises): left at their defaults.
+DROP: dict[str, set] = {
+    "xlnet": {"max_position_embeddings"},         # no sequence length limit; its setter says so
+    "prophetnet": {"num_hidden_layers"},          # num_encoder_layers/num_decoder_layers instead
 }
 
 
@@ -106,9 +161,11 @@ def tiny_config(model_type: str):
 
     cls = CONFIG_MAPPING[model_type]
     default = cls()
-    kw = {**TINY, **OVERRIDES.get(model_type, {})}
+    mla = MLA if hasattr(default, "kv_lora_rank") and hasattr(default, "qk_rope_head_dim") else {}
+    kw = {**TINY, **mla, **_per_layer(default), **OVERRIDES.get(model_type, {})}
     chosen = {k: v for k, v in kw.items()
-              if (hasattr(default, k) and not _read_only(cls, k)) or k in OVERRIDES.get(model_type, {})}
+              if ((hasattr(default, k) and not _read_only(cls, k)) or k in OVERRIDES.get(model_type, {}))
+              and k not in DROP.get(model_type, ())}
     for key in WINDOW_KEYS:
         if isinstance(getattr(default, key, None), int) and getattr(default, key) > 0:
             chosen[key] = WINDOW
@@ -116,10 +173,35 @@ def tiny_config(model_type: str):
     for key in getattr(default, "sub_configs", None) or {}:
         sub = getattr(default, key, None)
         if sub is not None and hasattr(sub, "to_dict"):
-            sub_kw = {k: v for k, v in TINY.items() if hasattr(sub, k)}
+            sub_kw = {k: v for k, v in {**TINY, **_per_layer(sub)}.items() if hasattr(sub, k)}
             sub_kw.update({k: WINDOW for k in WINDOW_KEYS if isinstance(getattr(sub, k, None), int)})
-            chosen[key] = {**sub.to_dict(), **sub_kw}
+            own = OVERRIDES.get(model_type, {}).get(key)
+            chosen[key] = {**sub.to_dict(), **sub_kw, **(own if isinstance(own, dict) else {})}
     return cls(**chosen)
+
+
+def _per_layer(default, n: int = 2) -> dict:
+    """The default config's per-layer lists (layer kinds, MLP kinds, sparsity, ...) cut to `n` layers:
+    the first layer, then the first layer of a kind not yet picked, preferring an attention kind."""
+    try:
+        layers = default.num_hidden_layers
+    except Exception:  # noqa: BLE001 - a per-layer config's global read; nothing to cut
+        return {}
+    if not isinstance(layers, int) or layers <= n:
+        return {}
+    lists = {k: v for k, v in vars(default).items()
+             if not k.startswith("_") and isinstance(v, (list, tuple)) and len(v) == layers}
+    if not lists:
+        return {}
+    kinds = next((list(lists[k]) for k in LAYER_KIND_KEYS if k in lists), None)
+    pick = [0]
+    if kinds is not None:
+        others = [i for i in range(layers) if kinds[i] not in {kinds[j] for j in pick}]
+        attention = [i for i in others if "attention" in str(kinds[i]) and "linear" not in str(kinds[i])]
+        pick += (attention or others)[:n - 1]
+    pick += [i for i in range(layers) if i not in pick][:n - len(pick)]
+    pick.sort()
+    return {k: type(v)(v[i] for i in pick) for k, v in lists.items()}
 
 
 def _read_only(cls, key: str) -> bool:
@@ -132,6 +214,11 @@ def build(cls_name: str, model_type: str):
 
     cls = getattr(transformers, cls_name)
     cfg = tiny_config(model_type)
+    # A class whose config is one of the model type's sub-configs (Musicgen's decoder, Emu3's text model)
+    want = getattr(cls, "config_class", None)
+    if want is not None and not isinstance(cfg, want):
+        cfg = next((sub for key in getattr(cfg, "sub_configs", None) or {}
+                    if isinstance(sub := getattr(cfg, key, None), want)), cfg)
     with torch.device("meta"):
         meta = cls(cfg)
     n = sum(p.numel() for p in meta.parameters())

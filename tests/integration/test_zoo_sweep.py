@@ -52,7 +52,6 @@ ADDED = {
     "Ernie4_5ForCausalLM": "ernie4_5",
     "Ernie4_5_MoeForCausalLM": "ernie4_5_moe",
     "FlexOlmoForCausalLM": "flex_olmo",
-    "FlintForCausalLM": "flint",
     "GPTBigCodeForCausalLM": "gpt_bigcode",
     "GPTNeoXJapaneseForCausalLM": "gpt_neox_japanese",
     "Glm4ForCausalLM": "glm4",
@@ -94,6 +93,12 @@ ADDED = {
     "XGLMForCausalLM": "xglm",
     "XLMRobertaForCausalLM": "xlm-roberta",
     "XLMRobertaXLForCausalLM": "xlm-roberta-xl",
+    "BigBirdPegasusForCausalLM": "bigbird_pegasus",
+    "CohereCompassForCausalLM": "cohere_compass_text",
+    "DbrxForCausalLM": "dbrx",
+    "Emu3ForCausalLM": "emu3",
+    "MvpForCausalLM": "mvp",
+    "XLNetLMHeadModel": "xlnet",
 }
 
 
@@ -112,6 +117,10 @@ def test_the_added_classes_are_allow_listed():
 
 @pytest.mark.parametrize("arch", sorted(ADDED))
 def test_added_causal_lm_generates_bitwise_and_refuses_past_its_length(session, arch):
+    import transformers
+
+    if not hasattr(transformers, arch):   # an older transformers: the server refuses it, nothing to compare
+        pytest.skip(f"transformers {transformers.__version__} has no {arch}")
     _, model = sweep.build(arch, ADDED[arch])
     rm = RemoteModel.from_module(session, model)
     assert rm.path == "module" and rm.arch == arch
