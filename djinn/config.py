@@ -44,6 +44,9 @@ DEFAULT_ARCHITECTURES = [
     # is harmless: the registry refuses it with ModelNotSupported only when a client asks for it).
     "BigBirdPegasusForCausalLM", "CohereCompassForCausalLM", "DbrxForCausalLM", "Emu3ForCausalLM",
     "MvpForCausalLM", "XLNetLMHeadModel",
+    # Added once generate took forced_eos_token_id / forced_bos_token_id (range-checked), which their
+    # generation configs set.
+    "BartForCausalLM", "BlenderbotSmallForCausalLM", "MBartForCausalLM", "MarianForCausalLM", "PLBartForCausalLM",
 ]
 
 

@@ -348,3 +348,21 @@ def test_streaming_on_the_fast_path(fast_server):
         assert conn.stats()["sessions"][s.sid]["decode"]["fast"] == 1
     finally:
         conn.close()
+
+
+def test_a_generation_config_processor_sends_generate_to_the_eager_path(fast_server):
+    """A processor the model's generation_config turns on (repetition_penalty, forced_eos_token_id) was
+    ignored by the fast path, whose sampler does not implement it: other tokens than HF's generate."""
+    conn = Connection(fast_server.address, secret=None)
+    try:
+        for field, value in (("repetition_penalty", 1.5), ("forced_eos_token_id", 3)):
+            llama = tiny_llama().eval()
+            setattr(llama.generation_config, field, value)
+            s = conn.session()
+            rl = djinn.remote(llama, session=s)
+            (ids,) = _prompts(1, seed=9)
+            assert torch.equal(s.generate(rl, ids, max_new_tokens=6, do_sample=False), _local(llama, ids, 6)), field
+            why = conn.stats()["sessions"][s.sid]["decode"]["eager_why"]
+            assert why == f"the model's generation_config sets {field}={value!r}", why
+    finally:
+        conn.close()

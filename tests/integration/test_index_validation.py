@@ -228,3 +228,31 @@ def test_decoder_input_ids_of_an_encoder_decoder_model(start_server, tmp_path):
         assert torch.equal(rm(ids, decoder_input_ids=dec).logits.cpu(), ref)
     finally:
         conn.close()
+
+
+@pytest.mark.parametrize("where", ["call", "generation_config"])
+def test_forced_eos_and_bos_ids_are_range_checked_and_work(server, bystander, where):
+    """forced_eos_token_id / forced_bos_token_id (set by BART, Marian and mBART configs) were refused
+    outright; their logits processors index the scores by them, so now they run when in range (tokens
+    bitwise the local generate's) and an id past the scores is InvalidRequest before anything runs."""
+    conn = Connection(server.address, secret=None)
+    try:
+        s = conn.session()
+        for name, good in (("forced_eos_token_id", 7), ("forced_bos_token_id", 9)):
+            for value, ok in ((good, True), (VOCAB, False), ([good, VOCAB + 3], False)):
+                model = tiny_gpt2(seed=5, device=DEVICE)
+                kwargs = {name: value} if where == "call" else {}
+                if where == "generation_config":
+                    setattr(model.generation_config, name, value)
+                rm = RemoteModel.from_module(s, model)
+                if ok:
+                    with torch.no_grad():
+                        want = model.generate(IDS.to(DEVICE), max_new_tokens=4, do_sample=False,
+                                              attention_mask=torch.ones_like(IDS.to(DEVICE)), **kwargs).cpu()
+                    assert torch.equal(rm.generate(IDS, max_new_tokens=4, do_sample=False, **kwargs), want)
+                else:
+                    _refused(lambda: rm.generate(IDS, max_new_tokens=4, do_sample=False, **kwargs),
+                             f"{name}.*out of range")
+        bystander.check()
+    finally:
+        conn.close()

@@ -99,6 +99,11 @@ ADDED = {
     "Emu3ForCausalLM": "emu3",
     "MvpForCausalLM": "mvp",
     "XLNetLMHeadModel": "xlnet",
+    "BartForCausalLM": "bart",
+    "BlenderbotSmallForCausalLM": "blenderbot-small",
+    "MBartForCausalLM": "mbart",
+    "MarianForCausalLM": "marian",
+    "PLBartForCausalLM": "plbart",
 }
 
 

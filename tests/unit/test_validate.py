@@ -108,9 +108,26 @@ def test_a_generation_config_cannot_bypass_the_argument_checks():
     check_args(ids, {}, None)  # without a module only the kwargs count (unit callers)
 
 
+def test_forced_ids_past_the_scores_are_refused_from_the_config_too():
+    """forced_eos_token_id / forced_bos_token_id index the scores (a device-side assert on CUDA past them):
+    generate takes them (BART, Marian and mBART configs set them) in range only."""
+    from djinn.server.execution.validate import check_generate as check_ids
+
+    m = tiny_llama()
+    vocab = m.config.vocab_size
+    for field in ("forced_eos_token_id", "forced_bos_token_id"):
+        check_ids(m, torch.ones(1, 4, dtype=torch.long), {field: vocab - 1}, 0)
+        with pytest.raises(InvalidRequest, match=f"{field}={vocab}.*out of range"):
+            check_ids(m, torch.ones(1, 4, dtype=torch.long), {field: vocab}, 0)
+        setattr(m.generation_config, field, [3, vocab + 5])
+        with pytest.raises(InvalidRequest, match=rf"{field}=\[3, {vocab + 5}\] \(from the generation_config\)"):
+            check_ids(m, torch.ones(1, 4, dtype=torch.long), {}, 0)
+        setattr(m.generation_config, field, None)
+
+
 @pytest.mark.parametrize("field,value", [("guidance_scale", 3.0), ("return_dict_in_generate", True),
                                          ("output_scores", True), ("prompt_lookup_num_tokens", 4),
-                                         ("suppress_tokens", [10**6]), ("forced_eos_token_id", 10**6),
+                                         ("suppress_tokens", [10**6]), ("encoder_no_repeat_ngram_size", 3),
                                          ("num_beam_groups", 2), ("cache_implementation", "static")])
 def test_config_fields_generate_does_not_accept_are_refused(field, value):
     from djinn.server.execution.executor import check_generate as check_args

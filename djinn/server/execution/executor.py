@@ -72,7 +72,7 @@ GENERATE_KWARGS = {
     "max_new_tokens", "min_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p",
     "min_p", "typical_p", "repetition_penalty", "no_repeat_ngram_size", "num_beams",
     "eos_token_id", "pad_token_id", "bos_token_id", "attention_mask", "length_penalty",
-    "num_return_sequences", "use_cache", "decoder_start_token_id",
+    "num_return_sequences", "use_cache", "decoder_start_token_id", "forced_eos_token_id", "forced_bos_token_id",
 }
 
 #: Extra generate() arguments of a model whose encoder reads input_features (Note [Whisper generate]).

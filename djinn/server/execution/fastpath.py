@@ -121,6 +121,24 @@ def unsupported(module: torch.nn.Module, batch: int, kwargs: dict, total_len: in
     return None
 
 
+#: Logits processors generate applies when the model's generation_config sets them, which the fast path's
+#: sampler does not implement: such a config sends every generate of the model to the eager path.
+#: (The others generate reads are refused when a generation_config sets them: Note [Effective generate
+#: arguments] in executor.py.)
+CONFIG_EAGER = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_p": None, "typical_p": 1.0,
+                "forced_eos_token_id": None, "forced_bos_token_id": None}
+
+
+def config_unsupported(effective: dict, kwargs: dict) -> str | None:
+    """Why the effective generate arguments (the call's over the generation_config) need the eager
+    path: a processor the call did not ask for but the model's generation_config turns on."""
+    for name, off in CONFIG_EAGER.items():
+        v = effective.get(name, off)
+        if name not in kwargs and v not in (off, None) and not (isinstance(v, (list, dict)) and not v):
+            return f"the model's generation_config sets {name}={v!r}"
+    return None
+
+
 _model_why: "weakref.WeakKeyDictionary[torch.nn.Module, str | None]" = weakref.WeakKeyDictionary()
 
 

@@ -55,6 +55,8 @@ POSITION_BUFFERS = POSITION_TABLES + ("pos_encoding",)
 TOKEN_TYPE_TABLES = ("token_type_embeddings",)
 IGNORE_INDEX = -100  # what HF losses skip
 TOKEN_ID_KWARGS = ("eos_token_id", "pad_token_id", "bos_token_id")
+#: generate's logits processors that write the scores at these ids (BART, Marian, mBART configs set them).
+FORCED_ID_KWARGS = ("forced_eos_token_id", "forced_bos_token_id")
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,12 @@ def check_generate(module: nn.Module, input_ids: Any, kwargs: dict, seen: int) -
                                      f"[0, {vocab}) for this model")
     eff = executor.effective_kwargs(module, kwargs)
     _check_fed_back_pad(eff, vocab)
+    for name in FORCED_ID_KWARGS:  # they index the scores: an id past them is a device-side assert on CUDA
+        v = eff.get(name)
+        for t in (v if isinstance(v, list) else [] if v is None else [v]):
+            if type(t) is not int or t < 0 or (lim.logits is not None and t >= lim.logits):
+                raise InvalidRequest(f"generate: {name}={v!r}{'' if name in kwargs else ' (from the generation_config)'}"
+                                     f" is out of range: it indexes the scores, which have {lim.logits} entries")
     if executor.is_encoder_decoder(module):
         start = eff.get("decoder_start_token_id")
         for t in (start if isinstance(start, list) else [] if start is None else [start]):

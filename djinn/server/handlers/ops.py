@@ -36,7 +36,7 @@ from .. import quotas
 from ..dispatch import Job
 from ..execution import executor, steering, validate
 from ..execution.fast_task import FastTask, pool_for
-from ..execution.fastpath import STEP, unsupported
+from ..execution.fastpath import STEP, config_unsupported, unsupported
 from ..execution.kv_pools import pool_for as kv_pool_for
 from ..execution.rng import Stream
 from ..models import streaming
@@ -302,7 +302,8 @@ def _why_eager(engine, entry, s, input_ids, kwargs: dict, deterministic, use_kv:
     seen = int(held.ids.shape[1]) if held is not None else 0
     prompt = seen + int(input_ids.shape[1])
     total = prompt + executor.new_tokens(entry.module, prompt, kwargs)
-    return unsupported(entry.module, int(input_ids.shape[0]), kwargs, total, engine.cfg.fast_decode_max_len)
+    why = unsupported(entry.module, int(input_ids.shape[0]), kwargs, total, engine.cfg.fast_decode_max_len)
+    return why or config_unsupported(executor.effective_kwargs(entry.module, kwargs), kwargs)
 
 
 @op
