@@ -44,7 +44,9 @@ Note [The tail of a run]
     cancelled), else by the job's release (end, cancel, closed session), or by `_answer` when the job
     cannot be made. Kept eager to the end (no cut): any spec with step=None, deterministic=True,
     batch > 1, beams or num_return_sequences > 1, an attention_mask (a continued generate takes none),
-    an encoder-decoder. Tokens: greedy, the eager run's (bitwise on a CPU server, tested); sampled, on
+    an encoder-decoder. Tokens: greedy, the eager run's (bitwise on a CPU server, tested; on a GPU the
+    tail's first step is the first forward of a new generate call, which, as for a fork from the KV
+    (Note [Fork replays the prefix]), need not be bitwise the eager loop's step); sampled, on
     the eager path the tail draws on from the run's own stream (Note [Random streams]; a seeded run is
     bitwise the eager run on a CPU server, tested); on the fast path from a generator seeded from that
     stream, reproducible for a seed on one server but not the eager tokens (deterministic=True keeps
