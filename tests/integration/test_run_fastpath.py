@@ -1,7 +1,9 @@
 """Tier 2: a generate run whose breakpoints cannot fire is a plain generate job (Note [A run that cannot
 stop is a generate] in djinn/server/handlers/run_ops.py): it takes the path a plain generate takes (the
 decode fast path where allowed) and gives its tokens, it does not stall the engine, and it keeps the
-job's guarantees; a run with a breakpoint it can reach still pauses there."""
+job's guarantees; a run with a breakpoint it can reach still pauses there, and the steps after its last
+possible stop are such a job too (Note [The tail of a run]): batched, the eager run's tokens, every block
+given back."""
 from __future__ import annotations
 
 import pytest
@@ -146,3 +148,163 @@ def test_deterministic_keeps_a_run_that_cannot_stop_eager_and_bitwise(fast_serve
             s.start(rm, ids, method="generate", deterministic="yes", max_new_tokens=N).wait(60)
     finally:
         conn.close()
+
+
+# -- Note [The tail of a run]: the steps after a run's last possible stop are a generate job -------------
+T = 12  # max_new_tokens of the tail tests
+
+
+def _blocks_held(conn) -> int:
+    return sum(m["blocks_held"] for m in conn.stats()["kv"]["models"].values())
+
+
+def test_the_steps_after_the_last_stop_take_the_fast_path(fast_server):
+    model = tiny_llama(seed=24).eval()
+    conn = Connection(fast_server.address, secret=None)
+    try:
+        s = conn.session()
+        rm = RemoteModel.from_module(s, model)
+        ids = _prompt(6)
+        plain = rm.generate(ids, max_new_tokens=T, do_sample=False)
+        run = s.start(rm, ids, method="generate", max_new_tokens=T, do_sample=False, breakpoints=[Breakpoint(layer=1, step=1)])
+        stop = run.wait(60)
+        assert stop is not None and (stop.step, stop.hit) == (1, 0)
+        assert run.resume() is None and run.state == "finished"
+        assert torch.equal(run.output, plain) and run.output.shape[1] == ids.shape[1] + T
+        d = _decode(conn, s)
+        assert (d["fast"], d["eager"]) == (2, 0), d  # the plain generate's and the run's tail
+        assert set(run.timing) >= {"server_us", "compute_us", "handoff_us", "edits_us"}
+        with pytest.raises(djinn.InvalidRequest, match="has ended: finished"):
+            s.call("resume", {"run": run.run_id})
+        assert _blocks_held(conn) == 0
+        # deterministic=True keeps the whole run eager: no generate job
+        run = s.start(rm, ids, method="generate", deterministic=True, max_new_tokens=T, do_sample=False,
+                      breakpoints=[Breakpoint(layer=0, step=1)])
+        assert run.wait(60).step == 1 and run.resume() is None
+        assert torch.equal(run.output, _local(model, ids, T)) and _decode(conn, s) == d
+    finally:
+        conn.close()
+
+
+def test_a_fork_of_a_paused_run_with_a_tail_and_cancel_release_every_block(fast_server):
+    model = tiny_llama(seed=25).eval()
+    conn = Connection(fast_server.address, secret=None)
+    try:
+        s = conn.session()
+        rm = RemoteModel.from_module(s, model)
+        ids = _prompt(7)
+        ref = _local(model, ids, T)
+        run = s.start(rm, ids, method="generate", max_new_tokens=T, do_sample=False, breakpoints=[Breakpoint(layer=0, step=2)])
+        stop = run.wait(60)
+        assert stop.step == 2
+        child = stop.fork()
+        assert child.resume() is None and torch.equal(child.output, ref)
+        assert _decode(conn, s)["fast"] == 1  # the fork's tail
+        assert run.resume() is None and torch.equal(run.output, ref)
+        assert _decode(conn, s)["fast"] == 2
+        assert _blocks_held(conn) == 0
+        run = s.start(rm, ids, method="generate", max_new_tokens=T, do_sample=False, breakpoints=[Breakpoint(layer=0, step=1)])
+        assert run.wait(60).step == 1
+        assert _blocks_held(conn) > 0
+        run.cancel()
+        assert _blocks_held(conn) == 0 and _decode(conn, s)["fast"] == 2
+    finally:
+        conn.close()
+
+
+def test_a_run_whose_eos_comes_before_its_stop_finishes(fast_server):
+    model = tiny_llama(seed=26).eval()
+    conn = Connection(fast_server.address, secret=None)
+    try:
+        s = conn.session()
+        rm = RemoteModel.from_module(s, model)
+        ids = _prompt(8)
+        ref = _local(model, ids, T)
+        eos = int(ref[0, ids.shape[1] + 1])  # the second new token ends it
+        run = s.start(rm, ids, method="generate", max_new_tokens=T, do_sample=False, eos_token_id=eos, pad_token_id=0,
+                      breakpoints=[Breakpoint(layer=0, step=4)])
+        assert run.wait(60) is None and run.state == "finished"
+        assert torch.equal(run.output, ref[:, :ids.shape[1] + 2])
+        assert _decode(conn, s) == {**_decode(conn, s), "fast": 0}
+        assert _blocks_held(conn) == 0
+        # eos exactly at the last stop's token: the run ends there, no tail
+        eos = int(ref[0, ids.shape[1] + 2])
+        run = s.start(rm, ids, method="generate", max_new_tokens=T, do_sample=False, eos_token_id=eos, pad_token_id=0,
+                      breakpoints=[Breakpoint(layer=0, step=2)])
+        assert run.wait(60).step == 2 and run.resume() is None
+        assert torch.equal(run.output, ref[:, :ids.shape[1] + 3]) and _decode(conn, s)["fast"] == 0
+        assert _blocks_held(conn) == 0
+        # eos in the tail: the tail job ends there, as the whole generate would
+        eos = int(ref[0, ids.shape[1] + 6])
+        run = s.start(rm, ids, method="generate", max_new_tokens=T, do_sample=False, eos_token_id=eos, pad_token_id=0,
+                      breakpoints=[Breakpoint(layer=0, step=1)])
+        assert run.wait(60).step == 1 and run.resume() is None
+        end = ids.shape[1] + 1 + next(k for k in range(T) if int(ref[0, ids.shape[1] + k]) == eos)
+        assert torch.equal(run.output, ref[:, :end]) and _decode(conn, s)["fast"] == 1
+        assert _blocks_held(conn) == 0
+    finally:
+        conn.close()
+
+
+def test_a_seeded_sampled_run_with_a_tail_is_bitwise_the_eager_run_on_the_cpu_server(conn):
+    """On a server whose generate is eager, the tail continues the run's own random stream."""
+    model = tiny_llama(seed=28).eval()
+    s = conn.session()
+    rm = RemoteModel.from_module(s, model)
+    ids = _prompt(10)
+    kw = dict(max_new_tokens=T, do_sample=True, temperature=0.9, top_k=20)
+    eager = s.start(rm, ids, method="generate", seed=5, deterministic=True, breakpoints=[Breakpoint(layer=0, step=1)], **kw)
+    assert eager.wait(60).step == 1 and eager.resume() is None
+    run = s.start(rm, ids, method="generate", seed=5, breakpoints=[Breakpoint(layer=0, step=1)], **kw)
+    assert run.wait(60).step == 1 and run.resume() is None
+    assert torch.equal(run.output, eager.output) and torch.equal(run.output, rm.generate(ids, seed=5, **kw))
+    assert _decode(conn, s)["eager"] == 2  # the tail and the plain generate
+    s.close()
+
+
+def test_a_tail_after_the_prefill_and_after_several_stops(fast_server):
+    """Step 0 (the prefill) as the last stop leaves every decode step to the tail; with stops at steps
+    1 and 3 only the second resume makes the tail; min_new_tokens carries into it."""
+    model = tiny_llama(seed=29).eval()
+    conn = Connection(fast_server.address, secret=None)
+    try:
+        s = conn.session()
+        rm = RemoteModel.from_module(s, model)
+        ids = _prompt(11)
+        ref = _local(model, ids, T)
+        run = s.start(rm, ids, method="generate", max_new_tokens=T, do_sample=False, breakpoints=[Breakpoint(layer=0, step=0)])
+        assert run.wait(60).step == 0 and run.resume() is None and torch.equal(run.output, ref)
+        assert _decode(conn, s)["fast"] == 1
+        run = s.start(rm, ids, method="generate", max_new_tokens=T, do_sample=False,
+                      breakpoints=[Breakpoint(layer=0, step=1), Breakpoint(layer=1, step=3)])
+        assert run.wait(60).step == 1 and _decode(conn, s)["fast"] == 1
+        assert run.resume().step == 3 and _decode(conn, s)["fast"] == 1
+        assert run.resume() is None and torch.equal(run.output, ref) and _decode(conn, s)["fast"] == 2
+        eos = int(ref[0, ids.shape[1] + 2])  # banned by min_new_tokens: the generate goes on past it
+        want = rm.generate(ids, max_new_tokens=T, min_new_tokens=T, do_sample=False, eos_token_id=eos, pad_token_id=0)
+        run = s.start(rm, ids, method="generate", max_new_tokens=T, min_new_tokens=T, do_sample=False, eos_token_id=eos,
+                      pad_token_id=0, breakpoints=[Breakpoint(layer=0, step=1)])
+        assert run.wait(60).step == 1 and run.resume() is None
+        assert torch.equal(run.output, want) and want.shape[1] == ids.shape[1] + T
+        assert _blocks_held(conn) == 0
+    finally:
+        conn.close()
+
+
+def test_closing_the_session_during_a_runs_tail_fails_it_and_frees_its_blocks(conn, local_model):
+    import concurrent.futures
+
+    s = conn.session()
+    rm = RemoteModel.from_module(s, local_model)
+    held = _blocks_held(conn)
+    run = s.start(rm, _prompt(12), method="generate", max_new_tokens=240, do_sample=False,
+                  breakpoints=[Breakpoint(layer=0, step=1)])
+    assert run.wait(60).step == 1
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        resumed = pool.submit(run.resume)
+        job = wait_for(lambda: (j := conn.stats()["sessions"][s.sid]["job"]) and j.get("steps", 0) > 3 and j, 30)
+        assert job["op"] == "resume"  # the tail is the session's job
+        s.close()
+        with pytest.raises(djinn.SessionNotFound):
+            resumed.result(60)
+    assert wait_for(lambda: _blocks_held(conn) == held, 10)

@@ -85,6 +85,7 @@ class Call:
     seed: int | None
     device: torch.device
     kv_pool: Any = None       # generate: the model's KV pool; each execution reserves a scratch table
+    full_kwargs: dict | None = None  # generate: its own kwargs where `kwargs` end it at its last stop (Note [The tail of a run])
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,7 @@ class Run:
         self.calls = 0                  # forward calls of the model so far; the current step is calls - 1
         self.hits = 0
         self.cache: Any = None          # the KV cache generate passes to the model (accounted while paused)
+        self.kept: Any = None           # a cut generate that did not end: its KVState, for its tail job to continue
         self.log: dict[int, list[LoggedEdit]] = {}
         self.paused_since: float | None = None
         self.timing: dict[str, float] = {}
@@ -307,9 +309,12 @@ class Run:
             if not r.pool.reserve(r.table, total):
                 raise OutOfMemory(f"a forked generate run needs {total} tokens of KV x batch {r.ids.shape[0]}; "
                                   "the model's KV pool has too few free blocks now")
-            return executor.generate(c.module, state, r.ids[:, fed:], kwargs, None, continues=True)
+            out = executor.generate(c.module, state, r.ids[:, fed:], kwargs, None, continues=True)
+            self._keep_for_tail(state, out, prompt)
+            return out
         finally:
-            r.pool.release(r.table)  # on the run thread, while the engine waits (Note [Run hand-off])
+            if self.kept is None:
+                r.pool.release(r.table)  # on the run thread, while the engine waits (Note [Run hand-off])
 
     def _execute_call(self) -> Any:
         c = self.call
@@ -327,9 +332,23 @@ class Run:
             raise OutOfMemory(f"a generate run needs {tokens} tokens of KV x batch {ids.shape[0]}; the model's "
                               "KV pool has too few free blocks now")
         try:
-            return executor.generate(c.module, state, ids, c.kwargs, None, continues=False)
+            out = executor.generate(c.module, state, ids, c.kwargs, None, continues=False)
+            self._keep_for_tail(state, out, prompt)
+            return out
         finally:
-            c.kv_pool.release(state.table)  # on the run thread, while the engine waits (Note [Run hand-off])
+            if self.kept is None:
+                c.kv_pool.release(state.table)  # on the run thread, while the engine waits (Note [Run hand-off])
+
+    def _keep_for_tail(self, state, out: torch.Tensor, prompt: int) -> None:
+        """A generate cut at its last stop (Note [The tail of a run]) that did not end there (eos, or
+        fewer tokens than the cut allowed) keeps its KV for its tail job, which owns it from then on."""
+        c = self.call
+        if c.full_kwargs is None:
+            return
+        cut = int(c.kwargs["max_new_tokens"])
+        if int(out.shape[1]) - prompt < cut or int(out[0, -1]) in eos_ids(c.module, c.full_kwargs):
+            return
+        self.kept = state
 
     def _register_hooks(self) -> None:
         root = self.call.module
@@ -497,6 +516,12 @@ def generate_calls(module: nn.Module, prompt: int, kwargs: dict) -> int:
     generates (executor.decoder_prompt); `kwargs` the call's, as the server runs it (executor.new_tokens
     reads them over the model's generation_config)."""
     return max(1, executor.new_tokens(module, prompt, kwargs))
+
+
+def eos_ids(module: nn.Module, kwargs: dict) -> frozenset:
+    """The token ids that end a generate with these kwargs (the call's over the model's generation_config)."""
+    eos = executor.effective_kwargs(module, kwargs).get("eos_token_id")
+    return frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
 
 
 def decoder_layers_path(module: nn.Module) -> str | None:

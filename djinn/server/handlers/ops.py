@@ -140,12 +140,16 @@ def generate(engine, client_id, rid, args):
 def generate_job(engine, client_id, rid, s, entry, input_ids, kwargs: dict, seed: int | None, *, use_kv: bool,
                  stream: bool = False, steer: dict | None = None, record: list | None = None,
                  deterministic: Any = False, prefix: bool = True, what: str = "generate",
-                 reply: Callable[[dict], dict] | None = None) -> Job:
+                 reply: Callable[[dict], dict] | None = None, kv: KVState | None = None,
+                 rng: Stream | None = None) -> Job:
     """The dispatcher job of a generate whose arguments were checked (executor.check_generate, steering,
     check_prefill): its quota check, its KV admission, and its path (the decode fast path where
     `_why_eager` allows). A plain generate's, and a generate run's that can never stop (Note [A run
     that cannot stop is a generate] in run_ops.py): `prefix=False` takes and publishes no cached prompt
-    blocks; `reply` turns the generate's result ({sequences, records?}) into the request's reply."""
+    blocks; `reply` turns the generate's result ({sequences, records?}) into the request's reply.
+    `kv`: a table this job continues and owns (the tail of a run, Note [The tail of a run] in
+    run_ops.py): `input_ids` follow its ids, and its blocks go back exactly once, when the job ends or
+    is dropped (its caller, if this raises). `rng`: the eager path's stream, instead of `seed`'s."""
     record = record or []
     records: dict[int, list] | None = {k: [] for k in record} if record else None
     emitted: list[int] = []  # tokens streamed to the client so far (Note [Cancel] in dispatch.py)
@@ -163,7 +167,8 @@ def generate_job(engine, client_id, rid, s, entry, input_ids, kwargs: dict, seed
     mid = entry.model_id
     kv_pool = kv_pool_for(engine, entry)
     install_restored(engine, s, entry, kv_pool)
-    held = s.kv.get(mid) if use_kv else None
+    assert kv is None or not (use_kv or prefix or stream or steer or record)
+    held = s.kv.get(mid) if use_kv else kv
     seen = int(held.ids.shape[1]) if held is not None else 0
     batch = int(input_ids.shape[0])
     prompt = executor.decoder_prompt(entry.module, seen + int(input_ids.shape[1]))
@@ -190,11 +195,11 @@ def generate_job(engine, client_id, rid, s, entry, input_ids, kwargs: dict, seed
     if grown > capacity:  # it could never be admitted; queued, it would wait forever (and others behind it)
         raise OutOfMemory(f"generate needs {grown / 2**20:.3f} MiB of KV ({prompt} + {new} tokens x batch "
                           f"{batch}); the model's KV pool holds at most {capacity / 2**20:.3f} MiB")
-    validate.check_generate(entry.module, input_ids, kwargs, seen if use_kv else 0)  # before any device work
+    validate.check_generate(entry.module, input_ids, kwargs, seen if use_kv or kv is not None else 0)  # before any device work
     box: dict[str, Any] = {}
 
     def reserve() -> bool:  # at start: the scheduler has brought the session's KV back (or dropped it)
-        state = s.kv.get(mid) if use_kv else None
+        state = s.kv.get(mid) if use_kv else kv
         if state is None:
             state = KVState.empty(kv_pool, executor.empty_ids(input_ids))
             if use_kv:
@@ -208,14 +213,20 @@ def generate_job(engine, client_id, rid, s, entry, input_ids, kwargs: dict, seed
                 kv_pool.release(state.table)
                 state.table.length = 0
             return False
+        if kv is not None:
+            owned.pop("kv", None)  # from here on box["state"] is what release gives back
         engine.data.prefix_reused(s.sid, shared)
         if dropped:
             engine.data.recomputing(s, max(0, dropped - shared))
         box["state"] = state
         return True
 
+    owned = {"kv": kv} if kv is not None else {}  # the table it continues, until reserve took it
+
     def release() -> None:  # at the end, or when the job is dropped: blocks it reserved and did not write
         state = box.pop("state", None)
+        if state is None:
+            state = owned.pop("kv", None)
         if state is None:
             return
         if prefix and batch == 1:  # the prompt's full blocks, for later prompts to share
@@ -246,10 +257,10 @@ def generate_job(engine, client_id, rid, s, entry, input_ids, kwargs: dict, seed
         for got in (records or {}).values():
             got.clear()
         out = executor.generate(entry.module, box["state"], input_ids, kwargs, on_tokens, step_hook,
-                                continues=use_kv, steer=steer, record=records)
+                                continues=use_kv or kv is not None, steer=steer, record=records)
         return finish(out)
 
-    why = _why_eager(engine, entry, s, input_ids, kwargs, deterministic, use_kv)
+    why = _why_eager(engine, entry, s, input_ids, kwargs, deterministic, use_kv, seen)
     if why is None:
         try:
             pool = pool_for(engine, entry)
@@ -261,10 +272,11 @@ def generate_job(engine, client_id, rid, s, entry, input_ids, kwargs: dict, seed
 
     def fast_task():
         return FastTask(pool, box["state"], input_ids, kwargs, seed, on_tokens, new, engine.dispatch.prefill,
-                        continues=use_kv, steer=steer, record=records, finish=finish)
+                        continues=use_kv or kv is not None, steer=steer, record=records, finish=finish)
 
     make_task = fast_task if why is None else None
-    rng = Stream.new(seed, engine.device)  # Note [Random streams]: seeded as locally, or fresh from the OS
+    if rng is None:
+        rng = Stream.new(seed, engine.device)  # Note [Random streams]: seeded as locally, or fresh from the OS
     return Job(s, mid, need, body, rng, engine.device, uses_kv=use_kv, make_task=make_task,
                reserve=reserve, release=release, truncate=truncate, peak=peak)
 
@@ -287,7 +299,7 @@ def _prompt_ids(state, input_ids: torch.Tensor, continues: bool) -> list[int]:
     return ids[0].tolist()
 
 
-def _why_eager(engine, entry, s, input_ids, kwargs: dict, deterministic, use_kv: bool) -> str | None:
+def _why_eager(engine, entry, s, input_ids, kwargs: dict, deterministic, use_kv: bool, seen: int = 0) -> str | None:
     """None if this generate takes the decode fast path (fastpath.py), else why it does not."""
     if not isinstance(deterministic, bool):
         raise InvalidRequest(f"deterministic must be true or false, got {deterministic!r}")
@@ -298,8 +310,9 @@ def _why_eager(engine, entry, s, input_ids, kwargs: dict, deterministic, use_kv:
         return "deterministic=True"
     if getattr(entry, "streamed", None) is not None:
         return "the model streams its weights"
-    held = s.kv.get(entry.model_id) if use_kv else None
-    seen = int(held.ids.shape[1]) if held is not None else 0
+    if use_kv:
+        held = s.kv.get(entry.model_id)
+        seen = int(held.ids.shape[1]) if held is not None else 0
     prompt = seen + int(input_ids.shape[1])
     total = prompt + executor.new_tokens(entry.module, prompt, kwargs)
     why = unsupported(entry.module, int(input_ids.shape[0]), kwargs, total, engine.cfg.fast_decode_max_len)

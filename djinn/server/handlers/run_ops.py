@@ -24,11 +24,40 @@ Note [A run that cannot stop is a generate]
     "start"). Like every run it takes and publishes no cached prompt blocks (Note [Prefix sharing]).
     Tokens: those of the same generate without breakpoints on the same server (the same path, the
     same seeded stream), so bitwise a run's on a CPU server, where generate is eager.
+
+Note [The tail of a run]
+    A generate run that can stop gains nothing from running eagerly after its last possible stop (the
+    largest `step` of its specs): `start` cuts its generate there (`_cut_at_last_stop`:
+    max_new_tokens = step + 1, min_new_tokens no more than that; the call's own kwargs stay in
+    `Call.full_kwargs`, so a fork, which executes the same Call, is cut alike). When that generate
+    ends without having ended the whole one (not eos, not short: `Run._keep_for_tail`), the run thread
+    keeps its scratch KV (`Run.kept`) instead of releasing it, and the start or resume that ended the
+    eager part becomes the job of the tail (`_tail_job`, `ops.generate_job(kv=...)`): the remaining
+    tokens over the same block table and token ids, as a session's generate continues its KV, on the
+    path a plain generate takes (the fast path where `_why_eager` allows, batched with other
+    sessions), answered when it ends with the run's reply (state finished, the whole sequence). The
+    run itself is finished and tombstoned when its eager part ends: a resume or cancel_run waits
+    behind the job (Note [Per-session order]) and is then told it ended; stats count the tail in the
+    session's `decode` and show it as the session's job (op "start" or "resume"). Quotas are the
+    tail's generate's (its whole table, checked when it is made; the finished run no longer counts).
+    The table is released exactly once: by the run thread when there is no tail (or it failed or was
+    cancelled), else by the job's release (end, cancel, closed session), or by `_answer` when the job
+    cannot be made. Kept eager to the end (no cut): any spec with step=None, deterministic=True,
+    batch > 1, beams or num_return_sequences > 1, an attention_mask (a continued generate takes none),
+    an encoder-decoder. Tokens: greedy, the eager run's (bitwise on a CPU server, tested; on a GPU the
+    tail's first step is the first forward of a new generate call, which, as for a fork from the KV
+    (Note [Fork replays the prefix]), need not be bitwise the eager loop's step); sampled, on
+    the eager path the tail draws on from the run's own stream (Note [Random streams]; a seeded run is
+    bitwise the eager run on a CPU server, tested); on the fast path from a generator seeded from that
+    stream, reproducible for a seed on one server but not the eager tokens (deterministic=True keeps
+    those).
 """
 from __future__ import annotations
 
 import secrets
 import time
+
+import torch
 
 from ...protocol.errors import InvalidRequest
 from .. import quotas
@@ -96,10 +125,88 @@ def start(engine, client_id, rid, args):
         quotas.check_gpu(engine, s, quotas.gpu_used(engine, s) + grown + cross, "a generate run",
                          f"{grown} bytes of KV for {tokens} tokens x batch {int(ids.shape[0])}"
                          + (f", {cross} bytes of cross-attention KV" if cross else ""))
-    call = Call(entry.module, method, call_args, call_kwargs, seed, engine.device, kv_pool)
+    full = None
+    if method == "generate" and not deterministic:  # Note [The tail of a run]
+        call_kwargs, full = _cut_at_last_stop(entry.module, ids, prompt, call_kwargs, specs)
+    call = Call(entry.module, method, call_args, call_kwargs, seed, engine.device, kv_pool, full)
     held = set(s.tensors)
     run = engine.runs.start(s, entry.model_id, call, specs)
-    return _reply(engine, s, run, held, t0)
+    return _answer(engine, client_id, rid, s, run, held, t0, None, "start")
+
+
+def _cut_at_last_stop(module, ids, prompt: int, kwargs: dict, specs) -> tuple[dict, dict | None]:
+    """Note [The tail of a run]: the kwargs that end the run's generate right after its last possible
+    stop, and its own (None, kwargs unchanged: no tail, the run is eager to its end)."""
+    if any(b.step is None for b in specs) or int(ids.shape[0]) != 1 or executor.is_encoder_decoder(module):
+        return kwargs, None
+    eff = executor.effective_kwargs(module, kwargs)
+    if "attention_mask" in kwargs or (eff.get("num_beams") or 1) > 1 or (eff.get("num_return_sequences") or 1) > 1:
+        return kwargs, None
+    last = max(b.step for b in specs)
+    if last + 1 >= executor.new_tokens(module, prompt, kwargs):
+        return kwargs, None
+    cut = {k: v for k, v in kwargs.items() if k != "max_length"}
+    cut["max_new_tokens"] = last + 1  # step k makes the (k+1)-th token
+    if kwargs.get("min_new_tokens"):
+        cut["min_new_tokens"] = min(int(kwargs["min_new_tokens"]), last + 1)
+    return cut, kwargs
+
+
+def _answer(engine, client_id, rid, s, run, held: set, t0: float, t_edits: float | None, op_name: str):
+    """The reply of start or resume: the run's, or, where its cut generate did not end at its last stop,
+    the job of its tail (Note [The tail of a run])."""
+    if run.kept is None:
+        return _reply(engine, s, run, held, t0, t_edits)
+    kept, run.kept, run.output = run.kept, None, None
+    try:
+        return _tail_job(engine, client_id, rid, s, run, kept, t0, t_edits, op_name)
+    except BaseException:
+        kept.cache.pool.release(kept.table)  # the job never took it
+        raise
+
+
+def _tail_job(engine, client_id, rid, s, run, kept, t0: float, t_edits: float | None, op_name: str):
+    from ..sessions import KVState
+
+    c = run.call
+    entry = engine.models.get(run.model_id)
+    prompt = int(c.args[0].shape[1])
+    full = c.full_kwargs
+    total = executor.new_tokens(c.module, prompt, full)
+    ids, fed = kept.ids, kept.table.length
+    done = int(ids.shape[1]) - prompt
+    kwargs = {k: v for k, v in full.items() if k != "max_length"}
+    kwargs["max_new_tokens"] = total - done
+    if kwargs.get("min_new_tokens"):
+        kwargs["min_new_tokens"] = max(0, int(kwargs["min_new_tokens"]) - done)
+    state = KVState(kept.cache, ids[:, :fed])
+    # The fast path samples from a generator of its own: seeded from the run's stream, so a seeded run's
+    # tail is reproducible on one server, though not the eager tokens (deterministic=True keeps those).
+    seed = int(torch.randint(0, 2**62, (1,), generator=_generator(run.rng.cpu)))
+    t = run.timing
+    before = (t["park"] - t["wake"]) if "park" in t and "wake" in t else 0.0
+    job = None
+
+    def reply(result: dict) -> dict:
+        now = time.perf_counter()
+        compute = before + (time.monotonic() - job.t_start if job is not None and job.t_start is not None else 0.0)
+        return {"run": run.run_id, "state": "finished", "output": result["sequences"],
+                "timing": {"server_us": round((now - t0) * 1e6, 1),
+                           "edits_us": round(((t_edits or t0) - t0) * 1e6, 1),
+                           "handoff_us": round(((t.get("wake", 0) - t.get("release", 0))
+                                                + (t.get("back", 0) - t.get("park", 0))) * 1e6, 1),
+                           "compute_us": round(compute * 1e6, 1)}}
+
+    job = generate_job(engine, client_id, rid, s, entry, ids[:, fed:], kwargs, seed, use_kv=False, prefix=False,
+                       what="the tail of a generate run", reply=reply, kv=state, rng=run.rng.copy())
+    job.op = op_name
+    return job
+
+
+def _generator(state: torch.Tensor) -> torch.Generator:
+    g = torch.Generator()
+    g.set_state(state.clone())
+    return g
 
 
 def _generate_job(engine, client_id, rid, s, entry, ids, kwargs: dict, seed: int | None, deterministic: bool,
@@ -142,7 +249,7 @@ def resume(engine, client_id, rid, args):
     s, run, t0, t_edits = _paused_with_edits(engine, client_id, args)
     held = set(s.tensors)
     engine.runs.resume(run)
-    return _reply(engine, s, run, held, t0, t_edits)
+    return _answer(engine, client_id, rid, s, run, held, t0, t_edits, "resume")
 
 
 @op
