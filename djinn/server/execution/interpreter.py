@@ -74,7 +74,7 @@ class Compiled:
     peak_bytes: int = 0              # most bytes of op outputs alive at once while it runs
     flops: int = 0                   # estimated operations of one run (Note [Graph cost])
     expects: dict[int, list[tuple[int, Any]]] = field(default_factory=dict)  # node -> (k, value) (Note [Graph breaks])
-    probe: int | None = None         # a probe's last node, whose shapes are what it asks (Note [Graph breaks])
+    dynamic: frozenset[int] = frozenset()  # data-dependent nodes whose declared shapes the run checks (not a probe's last)
 
 
 def const_bytes(g: Graph) -> int:
@@ -140,8 +140,9 @@ def compile_graph(g: Graph, device: torch.device, probe: bool = False) -> Compil
     expects: dict[int, list[tuple[int, Any]]] = {}
     for r, v in g.expects:
         expects.setdefault(r.node, []).append((r.k, v))
+    dynamic = frozenset(i for i in ops if torch.Tag.dynamic_output_shape in fns[i].tags and not (probe and i == n - 1))
     return Compiled(g, fns, args, kwargs, inputs, weights, consts, frees, writes, ops, const_bytes(g),
-                    peak_bytes(fns, env, frees, bounds), flops, expects, n - 1 if probe else None)
+                    peak_bytes(fns, env, frees, bounds), flops, expects, dynamic)
 
 
 #: Matmul-like ops: the argument whose last dim is contracted (Note [Graph cost]).
@@ -228,31 +229,26 @@ def _dry_run(g: Graph, fns: list, args: list, kwargs: list, probe: int | None = 
             m = node.outs[0]
             env[i] = (torch.empty_strided(m.shape, m.stride, dtype=m.dtype, device=_META),)
             continue
-        if i == probe or torch.Tag.dynamic_output_shape in fns[i].tags:
-            declared = tuple(torch.empty_strided(m.shape, m.stride, dtype=m.dtype, device=_META) for m in node.outs)
-            try:
-                out = srg_ops.meta_call(fns[i], _resolve(args[i], env, _META), _resolve(kwargs[i], env, _META))
-            except Exception:
-                out = None
-            n_returns = len(fns[i]._schema.returns)
-            if out is None:  # data-dependent: bounded by its inputs (BOUNDED_DYNAMIC), checked when it runs
-                if len(declared) != n_returns:
-                    raise InvalidRequest(f"graph node {i} ({node.op}) declares {len(declared)} outputs; it returns "
-                                         f"{n_returns}")
-                env[i] = declared
-                if bounds is not None:  # Note [Graph peak memory]: what the kernel may allocate before the check
-                    ins = _tensors(list(_resolve(args[i], env, _META)) + list(_resolve(kwargs[i], env, _META).values()))
-                    big = max(ins, key=lambda t: t.numel(), default=None)
-                    bounds[i] = 0 if big is None else n_returns * big.numel() * max(1, big.dim()) * 8
-                continue
-            if i == probe:  # a probe's placeholders say nothing: its peak and cost count the real shapes
-                env[i] = _outs(out)
-                continue
         try:
             out = srg_ops.meta_call(fns[i], _resolve(args[i], env, _META), _resolve(kwargs[i], env, _META))
         except Exception as e:
-            raise InvalidRequest(f"graph node {i} ({node.op}{' in ' + node.module if node.module else ''}) does "
-                                 f"not run on its inputs: {type(e).__name__}: {str(e)[:300]}") from None
+            if i != probe and torch.Tag.dynamic_output_shape not in fns[i].tags:
+                raise InvalidRequest(f"graph node {i} ({node.op}{' in ' + node.module if node.module else ''}) does "
+                                     f"not run on its inputs: {type(e).__name__}: {str(e)[:300]}") from None
+            # Data-dependent: bounded by its inputs (BOUNDED_DYNAMIC); its declared outputs are checked when it runs
+            n_returns = len(fns[i]._schema.returns)
+            if len(node.outs) != n_returns:
+                raise InvalidRequest(f"graph node {i} ({node.op}) declares {len(node.outs)} outputs; it returns "
+                                     f"{n_returns}") from None
+            env[i] = tuple(torch.empty_strided(m.shape, m.stride, dtype=m.dtype, device=_META) for m in node.outs)
+            if bounds is not None:  # Note [Graph peak memory]: what the kernel may allocate before the check
+                ins = _tensors(list(_resolve(args[i], env, _META)) + list(_resolve(kwargs[i], env, _META).values()))
+                big = max(ins, key=lambda t: t.numel(), default=None)
+                bounds[i] = 0 if big is None else n_returns * big.numel() * max(1, big.dim()) * 8
+            continue
+        if i == probe:  # a probe's placeholders say nothing: its peak and cost count the real shapes
+            env[i] = _outs(out)
+            continue
         outs = _outs(out)
         if len(outs) != len(node.outs) or any(
                 not isinstance(t, torch.Tensor) or t.dtype != m.dtype or tuple(t.shape) != m.shape
@@ -337,7 +333,7 @@ class Interpreter:
                     self._refuse_weight_writes(i, env, readonly)
                 try:
                     env[i] = self.run_node(i, env)
-                    if i in c.expects or (i != c.probe and torch.Tag.dynamic_output_shape in c.fns[i].tags):
+                    if i in c.expects or i in c.dynamic:
                         _check_break(c, i, env[i])
                 except (torch.OutOfMemoryError, GuardFailed):
                     raise  # the engine turns an OOM into a typed OutOfMemory
@@ -388,7 +384,7 @@ def _check_break(c: Compiled, i: int, outs: tuple) -> None:
     found; otherwise the graph recorded after it is not this input's, and the run stops here."""
     node = c.graph.nodes[i]
     site = f"graph node {i} ({node.op}{' in ' + node.module if node.module else ''}{' at ' + node.where if node.where else ''})"
-    if c.fns[i] is not None and torch.Tag.dynamic_output_shape in c.fns[i].tags:
+    if i in c.dynamic:
         for t, m in zip(outs, node.outs):
             if tuple(t.shape) != m.shape or t.dtype != m.dtype:
                 raise GuardFailed(f"{site} gave {t.dtype}{list(t.shape)} where its capture found "
