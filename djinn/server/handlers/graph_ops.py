@@ -109,16 +109,8 @@ def _probe(engine, s, args: dict) -> dict:
     wire = args.get("graph")
     if wire is None:
         raise InvalidRequest("a probe carries its graph")
-    g = from_wire(wire)
-    consts = const_bytes(g)
-    quotas.check_gpu(engine, s, quotas.gpu_used(engine, s) + consts, "this probe", f"{consts} bytes of graph constants")
-    compiled = compile_graph(g, engine.device, probe=bool(g.nodes) and not g.nodes[-1].op.startswith("$"))
-    _check_cost(engine, compiled)
-    weights = _weights(engine, s, args, compiled)
-    quotas.check_gpu(engine, s, quotas.gpu_used(engine, s) + compiled.peak_bytes, "this probe",
-                     f"the graph's intermediates and outputs peak at {compiled.peak_bytes} bytes")
-    inputs = unpack_inputs(engine, s, args.get("inputs", []))
-    _check_inputs(compiled, inputs)
+    compiled = _compile(engine, s, wire, "this probe", probe=True)
+    weights, inputs = _bind(engine, s, args, compiled, "this probe", alias_handles=False)
     with Stream.new(seed_of(args), engine.device).active():
         outs = Interpreter(compiled, engine.text.readonly).run(inputs, weights)
     return {"probe": [[dtype_name(t.dtype), list(t.shape), list(t.stride()),
@@ -134,13 +126,30 @@ def graph_call(engine, client_id: str, s, args: dict, what: str) -> tuple[Compil
     compiled, status = compiled_for(engine, client_id, s, sig, args.get("graph"))
     if compiled is None:
         return None, status, [], []
+    weights, inputs = _bind(engine, s, args, compiled, what, alias_handles=True)
+    return compiled, status, weights, inputs
+
+
+def _bind(engine, s, args: dict, compiled: Compiled, what: str, alias_handles: bool) -> tuple[list, list]:
+    """A compiled graph's weights and this call's inputs, after its peak fits the session's quota."""
     weights = _weights(engine, s, args, compiled)
     # Note [Graph peak memory]: what the run will hold at its peak, before anything is allocated.
     quotas.check_gpu(engine, s, quotas.gpu_used(engine, s) + compiled.peak_bytes, what,
                      f"the graph's intermediates and outputs peak at {compiled.peak_bytes} bytes")
-    inputs = unpack_inputs(engine, s, args.get("inputs", []), alias_handles=True)
+    inputs = unpack_inputs(engine, s, args.get("inputs", []), alias_handles=alias_handles)
     _check_inputs(compiled, inputs)
-    return compiled, status, weights, inputs
+    return weights, inputs
+
+
+def _compile(engine, s, wire, what: str, probe: bool = False) -> Compiled:
+    """A wire graph checked and compiled, its constants within the session's quota and its cost within the
+    server's budget (a probe's last node, if an op, declares placeholders: Note [Graph breaks])."""
+    g = from_wire(wire)
+    consts = const_bytes(g)  # checked before compile_graph copies them to the device
+    quotas.check_gpu(engine, s, quotas.gpu_used(engine, s) + consts, what, f"{consts} bytes of graph constants")
+    compiled = compile_graph(g, engine.device, probe=probe and bool(g.nodes) and not g.nodes[-1].op.startswith("$"))
+    _check_cost(engine, compiled)  # before it is cached: the budget does not change, so a cached graph fits it
+    return compiled
 
 
 def compiled_for(engine, client_id: str, s, sig: str, wire) -> tuple[Compiled | None, str]:
@@ -154,12 +163,7 @@ def compiled_for(engine, client_id: str, s, sig: str, wire) -> tuple[Compiled | 
     if wire is None:
         counters.count(client_id, "missing")
         return None, "missing"
-    g = from_wire(wire)
-    consts = const_bytes(g)  # checked before compile_graph copies them to the device
-    quotas.check_gpu(engine, s, quotas.gpu_used(engine, s) + consts, "this graph",
-                     f"{consts} bytes of graph constants")
-    compiled = compile_graph(g, engine.device)
-    _check_cost(engine, compiled)  # before it is cached: the budget does not change, so a cached graph fits it
+    compiled = _compile(engine, s, wire, "this graph")
     s.graphs.put(sig, compiled)
     engine.data.sync(s)  # its constants are the session's now (and an evicted graph's are not)
     counters.count(client_id, "compiled")
