@@ -74,37 +74,31 @@ MAX_BREAKS = 256  # Note [Graph breaks]: probes per capture
 MAX_VALUES = 4096  # values a probe reads back for `.tolist()`
 
 
-class Probe:
-    """Note [Graph breaks]: one question a capture asks the server. `wire`: the graph recorded so far,
-    whose outputs are what the capture asks about; `answer(reply)` turns the server's report into what
-    the capture takes."""
-
-    def __init__(self, kind: str, wire: dict, site: str, n_out: int):
-        self.kind, self.wire, self.site, self.n_out = kind, wire, site, n_out
-
-    def answer(self, reply: Any) -> Any:
-        from ..protocol.tensors import DTYPES
-        try:
-            if self.kind == "values":  # `.tolist()`: every value, as torch gives them
-                if reply[0][3] is None:
-                    raise CaptureError(f"{self.site}: `.tolist()` of a tensor of shape {list(reply[0][1])} reads more "
-                                       f"than {MAX_VALUES} values from the server; fetch it after the call instead")
-                return reply[0][3]
-            if self.kind == "value":
-                value = reply[0][3]
-                while isinstance(value, list) and len(value) == 1:  # tolist() of a one-element tensor
-                    value = value[0]
-                if type(value) not in (bool, int, float):
-                    raise CaptureError(f"{self.site}: a tensor of shape {list(reply[0][1])} has no single value to "
-                                       "read")
-                return value
-            if len(reply) != self.n_out:
-                raise ValueError(f"{len(reply)} outputs for {self.n_out}")
-            return [(DTYPES[d], tuple(shape), tuple(stride)) for d, shape, stride, _ in reply]
-        except CaptureError:
-            raise
-        except Exception as e:
-            raise CaptureError(f"{self.site}: the server's probe answer is malformed ({e})") from None
+def probe_answer(kind: str, reply: Any, site: str, n_out: int) -> Any:
+    """Note [Graph breaks]: what a capture takes from the server's probe report (one [dtype, shape,
+    strides, values] per output it asked about): a "shape" event's output metas, a "value"'s scalar or
+    a "values"' `.tolist()`."""
+    from ..protocol.tensors import DTYPES
+    try:
+        if kind == "values":  # `.tolist()`: every value, as torch gives them
+            if reply[0][3] is None:
+                raise CaptureError(f"{site}: `.tolist()` of a tensor of shape {list(reply[0][1])} reads more "
+                                   f"than {MAX_VALUES} values from the server; fetch it after the call instead")
+            return reply[0][3]
+        if kind == "value":
+            value = reply[0][3]
+            while isinstance(value, list) and len(value) == 1:  # tolist() of a one-element tensor
+                value = value[0]
+            if type(value) not in (bool, int, float):
+                raise CaptureError(f"{site}: a tensor of shape {list(reply[0][1])} has no single value to read")
+            return value
+        if len(reply) != n_out:
+            raise ValueError(f"{len(reply)} outputs for {n_out}")
+        return [(DTYPES[d], tuple(shape), tuple(stride)) for d, shape, stride, _ in reply]
+    except CaptureError:
+        raise
+    except Exception as e:
+        raise CaptureError(f"{site}: the server's probe answer is malformed ({e})") from None
 
 
 @dataclass(frozen=True)
@@ -372,11 +366,11 @@ class Recorder:
                                "(Note [Graph breaks]); each costs a probe")
         self.events += 1
         self.graph.outputs = refs
-        p = Probe(kind, self.graph.to_wire(), site, len(refs))
+        wire = self.graph.to_wire()
         self.graph.outputs = []
         with _outside_capture():
-            reply = self.probe(p.wire)
-        return p.answer(reply)
+            reply = self.probe(wire)
+        return probe_answer(kind, reply, site, len(refs))
 
     def _value_break(self, t: torch.Tensor, kind: str = "value"):
         ref = self._convert(t)[0]
