@@ -114,20 +114,16 @@ def check_generate(module: nn.Module, input_ids: Any, kwargs: dict, seen: int) -
     vocab = min((n for n in (lim.vocab, lim.logits) if n is not None), default=None)
     for name in TOKEN_ID_KWARGS:
         v = kwargs.get(name)
-        if v is None:
-            continue
-        for t in (v if isinstance(v, list) else [v]):
-            if type(t) is not int or t < 0 or (vocab is not None and t >= vocab):
-                raise InvalidRequest(f"generate: {name}={v!r} is out of range: token ids must be ints in "
-                                     f"[0, {vocab}) for this model")
+        if not _ids_in_range(v, vocab):
+            raise InvalidRequest(f"generate: {name}={v!r} is out of range: token ids must be ints in "
+                                 f"[0, {vocab}) for this model")
     eff = executor.effective_kwargs(module, kwargs)
     _check_fed_back_pad(eff, vocab)
     for name in FORCED_ID_KWARGS:  # they index the scores: an id past them is a device-side assert on CUDA
         v = eff.get(name)
-        for t in (v if isinstance(v, list) else [] if v is None else [v]):
-            if type(t) is not int or t < 0 or (lim.logits is not None and t >= lim.logits):
-                raise InvalidRequest(f"generate: {name}={v!r}{'' if name in kwargs else ' (from the generation_config)'}"
-                                     f" is out of range: it indexes the scores, which have {lim.logits} entries")
+        if not _ids_in_range(v, lim.logits):
+            raise InvalidRequest(f"generate: {name}={v!r}{'' if name in kwargs else ' (from the generation_config)'}"
+                                 f" is out of range: it indexes the scores, which have {lim.logits} entries")
     if executor.is_encoder_decoder(module):
         start = eff.get("decoder_start_token_id")
         for t in (start if isinstance(start, list) else [] if start is None else [start]):
@@ -186,6 +182,12 @@ def _check_features(module: nn.Module, x: Any, what: str, mask: Any = None) -> N
     if isinstance(mask, torch.Tensor) and tuple(mask.shape) != (b, n):
         raise InvalidRequest(f"{what}: attention_mask has shape {list(mask.shape)}; for {arch} it must be "
                              f"[batch, frames] = {[b, n]}")
+
+
+def _ids_in_range(v: Any, hi: int | None) -> bool:
+    """Whether a token-id argument (None, an id, or a list of ids) holds only ints in [0, hi)."""
+    return all(type(t) is int and t >= 0 and (hi is None or t < hi)
+               for t in (v if isinstance(v, list) else [] if v is None else [v]))
 
 
 def _check_fed_back_pad(eff: dict, vocab: int | None) -> None:
