@@ -195,6 +195,10 @@ class ServerConfig:
     first fast generate, so no later step of any session waits on a capture; stats report the seconds
     it took) or lazy (each (batch, length) bucket's at its first step, which waits for the capture:
     a stall of every decoding session, at whatever moment a new batch size or length first occurs)."""
+    memory_history: bool = False
+    """Record the Python frames of every device allocation, so `stats()["device_memory"]["largest_unowned"]`
+    names where bytes no segment owns were allocated (Note [Device memory agrees]); debugging, costs a
+    little per allocation."""
     checkpoint_dir: str | None = None
     """Where sessions that asked for it are written when the server shuts down gracefully, to be
     restored after a restart (djinn/server/handlers/checkpoint.py). None: /dev/shm/djinn-checkpoints (host memory)."""

@@ -34,6 +34,7 @@ from ..protocol.errors import (
 )
 from ..protocol.messages import MsgType
 from ..scheduler.policies import policy_from_config
+from ..vmu import device_memory
 from ..vmu.data import GIB, DataSegment
 from ..vmu.text import TextSegment
 from ..vmu.uploads import Uploads
@@ -109,6 +110,8 @@ class Engine(threading.Thread):
     def run(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+            if self.cfg.memory_history:
+                device_memory.record_history()
         next_reap = time.monotonic() + 1.0
         try:
             while not self.stop.is_set():

@@ -91,6 +91,9 @@ class GraphCache:
     def nbytes(self) -> int:
         return sum(c.const_bytes for c in self._graphs.values())
 
+    def device_tensors(self) -> list:
+        return [t for c in self._graphs.values() for t in c.consts.values()]
+
 
 @dataclass
 class Session:

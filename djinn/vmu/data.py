@@ -455,6 +455,10 @@ class DataSegment:
                        kv_shared_blocks=shared)
         return out
 
+    def outside_pools(self) -> int:
+        """Data bytes not in a KV pool: sessions' tensors and graph constants (their KV is pool blocks)."""
+        return sum(self._tensor_bytes.values())
+
     def kv_summary(self) -> dict:
         """`djinn.stats()["kv"]`: per model its pool's blocks, and the host pool in its block size."""
         models = {}

@@ -192,6 +192,15 @@ class KVPool:
     def nbytes(self) -> int:
         return self.kv.numel() * self.kv.element_size()
 
+    @property
+    def stage_nbytes(self) -> int:
+        """The swap staging buffer's bytes, 0 until the first swap made it (Note [Staged swap])."""
+        return 0 if self._stage is None else self._stage.numel() * self._stage.element_size()
+
+    def buffers(self) -> list[torch.Tensor]:
+        """Every device tensor the pool owns (Note [Device memory agrees] in device_memory.py)."""
+        return [self.kv] + ([self._stage] if self._stage is not None else [])
+
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_tokens)
 

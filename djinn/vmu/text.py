@@ -67,6 +67,10 @@ class TextSegment:
     def pinned_nbytes(self) -> int:
         return self._bytes[PINNED]
 
+    def device_tensors(self) -> list[torch.Tensor]:
+        """The entries whose bytes are on the device (for Note [Device memory agrees])."""
+        return [e.tensor for e in self._entries.values() if e.residency == DEVICE]
+
     def get(self, h: str) -> torch.Tensor:
         return self._entries[h].tensor
 

@@ -246,8 +246,14 @@ def test_swapped_session_continues_on_the_fast_path(start_server):
         assert st["host_bytes"] > 0 and st["gpu_bytes"] == 0
         out2 = s.generate(rm, b, max_new_tokens=7, do_sample=False)  # swapped in, then the fast path
         assert torch.equal(out2, _local(model, torch.cat([out1, b], 1), 7))
-        st = conn.stats()["sessions"][s.sid]
+        full = conn.stats()
+        st = full["sessions"][s.sid]
         assert st["swaps_in"] == 1 and st["decode"]["fast"] == 2
+        # The Stack's workspace: the decode step's buffers and the swap's staging buffer (>= one block).
+        seg, kv = full["segments"], next(iter(full["kv"]["models"].values()))
+        parts = seg["workspace_parts"]
+        assert parts["graph_pools"] == parts["cached"] == 0 and seg["workspace"] == parts["buffers"]
+        assert parts["buffers"] > kv["block_bytes"]
     finally:
         conn.close()
 

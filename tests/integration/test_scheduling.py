@@ -328,6 +328,8 @@ def test_declared_kv_budgets_make_resident_overload_queue_not_jam(start_server, 
             assert all(torch.equal(a, b) for a, b in zip(outs[i], want)), i
         st = conns[0].stats()
         assert st["scheduler"]["swaps_out"] == 0 and st["scheduler"]["queue_s"] > 0
+        seg = st["segments"]  # eager decode on the CPU: no step buffers, no staging (nothing swapped)
+        assert seg["workspace"] == 0 and seg["data_outside_pools"] == 0 and st["device_memory"] is None
         kv = next(iter(st["kv"]["models"].values()))
         assert kv["blocks_held"] == 0 and kv["blocks_free"] + kv["blocks_cached"] == kv["blocks_total"] == 21
         s = conns[0].session(max_kv_tokens=8)

@@ -60,6 +60,8 @@ def pool_for(engine, entry) -> DecodePool:
                      pool.capture_s)
         else:
             pool.reserve_workspace()  # Note [Graph workspace]
+        if pool.device.type == "cuda":
+            torch.cuda.empty_cache()  # the warm-ups' cached activations (Note [One warm-up stream])
         entry.fast = pool
     return pool
 

@@ -44,6 +44,14 @@ Note [Graph workspace]
     memory that way). So the largest bucket is captured when the pool is made, and `capture_all`
     captures largest first; the Stack reserve (kv_pools.decode_rows) covers that one capture.
 
+Note [One warm-up stream]
+    cuBLAS keeps a workspace (32 MiB on an H100) for every stream it has run on, allocated through
+    torch's allocator and never given back. A warm-up on a fresh side stream per captured bucket
+    therefore left a workspace per bucket (torch hands out up to 32 pooled streams): about 1 GiB an
+    H100 server held outside every segment (tier 3, e6e6b3a). One side stream per decode pool warms
+    up every capture, and the warm-ups' cached activations go back to the device once the captures
+    are done (fast_task.pool_for).
+
 Note [One read per step]
     The host waits for the device twice a step, whatever the batch: once for whether each sampled row's
     scores are finite (Note [Scores are checked before sampling]), once for every row's next token. Each
@@ -294,9 +302,17 @@ class DecodePool:
         self.steer: dict[int, torch.Tensor] = {}  # layer -> [slots, 1, hidden]: each slot's vector or zeros
         self.rec: dict[int, torch.Tensor] = {}    # layer -> [slots, hidden]: each slot's last output there
         self._mempool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self._side = torch.cuda.Stream(self.device) if self.use_graphs else None  # Note [One warm-up stream]
         self.steps = 0
         self.rows_stepped = 0
         self.capture_s = 0.0   # seconds spent capturing step graphs, all buckets together
+
+    def buffers(self) -> list[torch.Tensor]:
+        """The step's own device tensors: row tables, ids, positions, steering and recording rows, the
+        attention's index tables. The pool's KV and the graphs' private pool are counted on their own
+        (Note [Device memory agrees] in djinn/vmu/device_memory.py)."""
+        out = [self.tables, self.ids, self.pos, *self.steer.values(), *self.rec.values()]
+        return out + [v for v in vars(self.attention).values() if isinstance(v, torch.Tensor) and v is not self.kv]
 
     def free_slots(self) -> int:
         return self.slots - len(self.rows)
@@ -457,7 +473,7 @@ class DecodePool:
     def _capture(self, B: int, L: int, layers: frozenset = frozenset(), recorded: frozenset = frozenset()):
         t0 = time.perf_counter()
         # Warm-up steps write the same KV the real step writes (same ids and positions): harmless.
-        side = torch.cuda.Stream(self.device)
+        side = self._side
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):

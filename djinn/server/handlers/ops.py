@@ -41,7 +41,7 @@ from ..execution.kv_pools import pool_for as kv_pool_for
 from ..execution.rng import Stream
 from ..models import streaming
 from ..sessions import KVState, SessionState, install_restored
-from . import checkpoint
+from . import checkpoint, memory
 from .args import check_prefill, model_id_of, model_of, require_module, seed_of, str_list
 from .registry import op
 from .values import decode_inputs, pack_outputs, read, to_device, unpack_inputs
@@ -405,12 +405,17 @@ def stats(engine, client_id, rid, args):
     text_bytes, host_bytes = streaming.segment_bytes(engine.text, engine.models)
     data = sum(v["gpu_bytes"] for v in sessions.values())
     swapped = sum(v["host_bytes"] for v in sessions.values())
+    device_memory, workspace = memory.device_memory(engine)
     return {
         "device": str(engine.device),
-        "device_memory": _device_memory(engine.device),
+        "device_memory": device_memory,
+        # Stack is `stack` (paused runs' activations, charged to their sessions) plus `workspace` (the
+        # steps' own: Note [Device memory agrees]); `data_outside_pools`: Data not in a KV pool.
         "segments": {"text": text_bytes, "data": data, "stack": engine.runs.stack_bytes(), "host": host_bytes + swapped,
                      "uploads_in_flight": engine.uploads.nbytes,
-                     "kv_pools": sum(p.nbytes for p in engine.data.pools.values())},
+                     "kv_pools": sum(p.nbytes for p in engine.data.pools.values()),
+                     "data_outside_pools": engine.data.outside_pools(),
+                     "workspace": sum(workspace.values()), "workspace_parts": workspace},
         "kv": engine.data.kv_summary(),
         "scheduler": {"policy": engine.policy.name, "queued": engine.dispatch.queue_length(),
                       "decisions": engine.dispatch.decisions, **engine.data.summary(),
@@ -424,17 +429,6 @@ def stats(engine, client_id, rid, args):
         "models": models,
         "requests_served": engine.requests_served,
     }
-
-
-def _device_memory(device: torch.device) -> dict | None:
-    """What the device and torch's allocator say, next to the segments the VMU accounts for (None on the
-    CPU): `reserved` is what torch holds from the device (the allocator's segments, graph pools included),
-    `allocated` what live tensors use of it."""
-    if device.type != "cuda":
-        return None
-    free, total = torch.cuda.mem_get_info(device)
-    return {"total": total, "free": free, "reserved": torch.cuda.memory_reserved(device),
-            "allocated": torch.cuda.memory_allocated(device)}
 
 
 def _principal_stats(engine, principal: str) -> dict:
