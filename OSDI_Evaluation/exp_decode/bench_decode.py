@@ -110,6 +110,8 @@ def inproc(model, prompts: list[torch.Tensor], steps: int, device, max_len: int,
     kv = KVPool(KVShape.of_module(model), len(prompts) * -(-max_len // bt) + 1, bt, device)
     pool = DecodePool(model, kv, len(prompts), max_len, attention=attention)
     rows, firsts = [], []
+    sync(device)
+    t_pre = time.perf_counter()
     for p in prompts:
         table = kv.new_table(1)
         assert kv.reserve(table, min(max_len, p.shape[1] + steps + 3))
@@ -120,6 +122,8 @@ def inproc(model, prompts: list[torch.Tensor], steps: int, device, max_len: int,
         row = Row(first, p.shape[1], p.shape[1], steps + 3, Sampler(False), frozenset())
         pool.join(row, table)
         rows.append(row)
+    sync(device)
+    prefill_s = time.perf_counter() - t_pre  # one prompt a forward, as a simple in-process loop would
     for _ in range(2):  # captures the graph of this bucket (and the next length bucket's, if crossed)
         pool.step()
     sync(device)
@@ -129,7 +133,8 @@ def inproc(model, prompts: list[torch.Tensor], steps: int, device, max_len: int,
     sync(device)
     dt = (time.perf_counter() - t0) / steps
     res = {"rows": len(rows), "context": prompts[0].shape[1], "attention": pool.attention_kind,
-           "ms_per_step": dt * 1e3, "aggregate_tok_s": len(rows) / dt, "tokens_row0": [firsts[0], *rows[0].new]}
+           "ms_per_step": dt * 1e3, "aggregate_tok_s": len(rows) / dt, "prefill_s": prefill_s,
+           "tokens_row0": [firsts[0], *rows[0].new]}
     # The last prefill's output holds a PagedCache over `kv` too (an H100 ran out of memory at 32 rows x
     # 2k tokens with it alive: the next run's 33 GiB pool came on top of this one's).
     del pool, kv, rows, table, out
@@ -141,13 +146,15 @@ def inproc(model, prompts: list[torch.Tensor], steps: int, device, max_len: int,
 
 def remote_round(address: str, model_id_cfg, prompts, new: int, steer: dict | None = None) -> dict:
     """N sessions, each on its own connection and thread, generate at once; wall times per session.
-    `steer`: session 0's generate adds it (Note [Steering]), the others are unsteered."""
+    `steer`: session 0's generate adds it (Note [Steering]), the others are unsteered. The server's own
+    decode steps of the round (from its stats): how much of the wall they took."""
     from djinn.frontend.connection import Connection
 
     conns = [Connection(address, secret=None) for _ in prompts]
     try:
         sessions = [c.session() for c in conns]
         rms = [model_id_cfg(s) for s in sessions]
+        before = _fast_stats(conns[0], rms[0].model_id)
         times, outs, errors = [0.0] * len(prompts), [None] * len(prompts), []
         barrier = threading.Barrier(len(prompts))
 
@@ -171,12 +178,37 @@ def remote_round(address: str, model_id_cfg, prompts, new: int, steer: dict | No
         if errors:
             raise RuntimeError(errors[0])
         paths = [c.stats()["sessions"][s.sid]["decode"] for c, s in zip(conns, sessions)]
+        after = _fast_stats(conns[0], rms[0].model_id)
+        steps = after["steps"] - before["steps"]
+        server = {"steps": steps, "rows_per_step": (after["rows_stepped"] - before["rows_stepped"]) / max(1, steps),
+                  "step_s": after["step_s"] - before["step_s"]}
         return {"sessions": len(prompts), "wall_s": wall, "per_session_tok_s": [new / t for t in times],
                 "aggregate_tok_s": len(prompts) * new / wall, "tokens_row0": outs[0][0].tolist(),
-                "fast": sum(p["fast"] for p in paths), "eager": sum(p["eager"] for p in paths)}
+                "fast": sum(p["fast"] for p in paths), "eager": sum(p["eager"] for p in paths), "server": server}
     finally:
         for c in conns:
             c.close()
+
+
+def _fast_stats(conn, model_id: str) -> dict:
+    fast = conn.stats()["models"][model_id].get("fast_decode") or {}
+    return {k: fast.get(k, 0) for k in ("steps", "rows_stepped", "step_s")}
+
+
+def same_batch_in_process(inproc_rows: list[dict], remote: dict, attention: str, new: int) -> dict | None:
+    """The remote round against the same batch in process (issue: remote >= 90 % of it): its prompts
+    prefilled, then `new` tokens each at the in-process step time of that many rows and attention."""
+    same = [r for r in inproc_rows if r["rows"] == remote["sessions"] and r["attention"] == attention]
+    if not same:
+        return None
+    r = same[-1]
+    wall = r["prefill_s"] + new * r["ms_per_step"] / 1e3
+    inproc_tok_s = r["rows"] * new / wall
+    return {"attention": attention, "inproc_end_to_end_tok_s": inproc_tok_s,
+            "remote_x_inproc_end_to_end": remote["aggregate_tok_s"] / inproc_tok_s,
+            "remote_x_inproc_steady_steps": remote["aggregate_tok_s"] / r["aggregate_tok_s"],
+            # of the remote wall: the server's decode steps, and the rest (prefills, replies, ramp, tail)
+            "remote_step_share_of_wall": remote["server"]["step_s"] / remote["wall_s"]}
 
 
 def bench_shape(shape: str, args, device, dtype) -> dict:
@@ -246,16 +278,23 @@ def bench_shape(shape: str, args, device, dtype) -> dict:
         def remote(s):
             return RemoteModel.from_config(s, config(shape), seed=args.seed, dtype=dtype)
 
-        remote(holder.session("holder"))
+        remote_id = remote(holder.session("holder")).model_id
 
         res["remote"] = []
         for n in conc:
             remote_round(srv.address, remote, [p.cpu() for p in prompts[:n]], args.new_tokens)  # warm-up
             r = remote_round(srv.address, remote, [p.cpu() for p in prompts[:n]], args.new_tokens)
             r["per_session_tok_s_p50"] = sorted(r["per_session_tok_s"])[len(r["per_session_tok_s"]) // 2]
+            server_attention = holder.stats()["models"][remote_id]["fast_decode"]["attention"]
+            r["vs_same_batch_in_process"] = same_batch_in_process(res["inproc"], r, server_attention, args.new_tokens)
             res["remote"].append(r)
+            vs = r["vs_same_batch_in_process"] or {}
             print(f"[{shape}] remote, {n} sessions: {r['per_session_tok_s_p50']:.1f} tok/s per session, "
-                  f"{r['aggregate_tok_s']:.0f} aggregate (fast {r['fast']}, eager {r['eager']})", flush=True)
+                  f"{r['aggregate_tok_s']:.0f} aggregate (fast {r['fast']}, eager {r['eager']}); "
+                  f"{vs.get('remote_x_inproc_end_to_end', float('nan')):.3f}x the same batch in process, "
+                  f"{vs.get('remote_x_inproc_steady_steps', float('nan')):.3f}x its steady steps; "
+                  f"server steps {r['server']['step_s']:.3f} s of {r['wall_s']:.3f} s, "
+                  f"{r['server']['rows_per_step']:.1f} rows a step", flush=True)
         # Remote overhead per token at one session: decode ms/token through the server minus in-process.
         few = remote_timed(srv.address, remote, prompts[0].cpu(), 2)
         many = remote_timed(srv.address, remote, prompts[0].cpu(), args.new_tokens)

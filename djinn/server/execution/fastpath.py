@@ -306,6 +306,7 @@ class DecodePool:
         self.steps = 0
         self.rows_stepped = 0
         self.capture_s = 0.0   # seconds spent capturing step graphs, all buckets together
+        self.step_s = 0.0      # host seconds inside step(), its reads of the tokens included
 
     def buffers(self) -> list[torch.Tensor]:
         """The step's own device tensors: row tables, ids, positions, steering and recording rows, the
@@ -369,6 +370,13 @@ class DecodePool:
         rows = [r for r in self.rows if not r.done]
         if not rows:
             return
+        t0 = time.perf_counter()
+        try:
+            self._step(rows)
+        finally:
+            self.step_s += time.perf_counter() - t0
+
+    def _step(self, rows: list[Row]) -> None:
         n = len(self.rows)
         longest = max(r.pos for r in self.rows) + 1
         B = _bucket(n, self.slots)
@@ -509,4 +517,4 @@ class DecodePool:
                 "graphs": sorted((B, L) for B, L, ls, rs in self._graphs if not ls and not rs),
                 # graphs with steering or recording hooks: (batch, length, steered layers, recorded layers)
                 "hooked_graphs": sorted((B, L, sorted(ls), sorted(rs)) for B, L, ls, rs in self._graphs if ls or rs),
-                "capture_s": round(self.capture_s, 3), "steps": self.steps, "rows_stepped": self.rows_stepped}
+                "capture_s": round(self.capture_s, 3), "step_s": round(self.step_s, 6), "steps": self.steps, "rows_stepped": self.rows_stepped}
