@@ -24,6 +24,35 @@ from djinn.frontend.remote import RemoteModel  # noqa: E402
 from tests.gpu.test_vmu_gpu import GEN, flood_config, local_model, prompt  # noqa: E402
 
 
+def in_process(model, i: int) -> dict:
+    """The same generate in this process over a DynamicCache and over a PagedCache of a KV pool (the
+    server's eager path): where they first differ, and how far apart the local run's two best scores
+    were at that step (a near tie turns on the last bit of any difference)."""
+    from djinn.server.execution.paged_cache import PagedCache
+    from djinn.vmu.kv_pool import KVPool, KVShape
+
+    ids = prompt(i, 0).to("cuda:0")
+    pool = KVPool(KVShape.of_module(model), 64, 16, "cuda:0")
+    table = pool.new_table(1)
+    assert pool.reserve(table, ids.shape[1] + GEN["max_new_tokens"])
+    kw = dict(GEN, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        a = model.generate(ids, **kw)
+        b = model.generate(ids, past_key_values=PagedCache(pool, table), **kw)
+    diff = (a.sequences != b.sequences).nonzero()
+    out = {"paged_equal_dynamic": bool(torch.equal(a.sequences, b.sequences)),
+           "first_diff": int(diff[0, 1]) if len(diff) else None}
+    step = (int(diff[0, 1]) if len(diff) else None)
+    if step is not None:
+        k = step - ids.shape[1]
+        top = a.scores[k][0].float().topk(2).values
+        out["top2_gap_at_diff"] = float(top[0] - top[1])
+        out["scores_max_abs_diff_at_diff"] = float((a.scores[k] - b.scores[k]).abs().max())
+    same = [float((x - y).abs().max()) for x, y in zip(a.scores, b.scores)]
+    out["first_step_scores_differ"] = next((j for j, d in enumerate(same) if d > 0), None)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sessions", default="0,29")
@@ -48,7 +77,7 @@ def main() -> None:
             want = model.generate(prompt(i, 0).to("cuda:0"), **GEN).cpu()
         diff = (out != want).nonzero()
         rows[i] = {"equal": bool(torch.equal(out, want)), "first_diff": int(diff[0, 1]) if len(diff) else None,
-                   "prompt": int(prompt(i, 0).shape[1])}
+                   "prompt": int(prompt(i, 0).shape[1]), "in_process": in_process(model, i)}
     print(json.dumps({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": rows}))
 
 
