@@ -54,7 +54,7 @@ from ..protocol.errors import GenerateCancelled, OutOfMemory, QuotaExceeded, Ses
 from ..scheduler import schedule
 from ..scheduler.types import Decision, MemoryView, SessionState, SessionView, View
 from ..vmu.data import GIB
-from .execution.fast_task import PrefillBudget, prefill_together
+from .execution.fast_task import PrefillBudget, fast_turn
 from .execution.rng import Stream
 from .execution.tasks import StepTask
 from .router import Request
@@ -253,12 +253,11 @@ class Dispatcher:
     def step(self) -> list[Answer]:
         """Every started job takes one step; the replies of those that ended, in the order they ended
         (the engine sends them, then lets each session's next request in: `next_deferred`).
-        Fast-path jobs take theirs together: one batched step per model pool, before the tasks look;
-        then prefilling ones run at most a turn's budget of prompt tokens between them, first started
-        first (Note [Chunked prefill])."""
-        self._step_pools()
+        Fast-path jobs take theirs together, before the tasks look: per model pool one forward with
+        its decode rows and this turn's prompt chunks (at most a turn's budget of prompt tokens, first
+        started first), or the decode step and then the chunks (Notes [Chunked prefill], [Mixed step])."""
         self.prefill.new_turn()
-        prefill_together([j.task for j in self._running], self.max_prefill_tokens)
+        fast_turn([j.task for j in self._running], self.max_prefill_tokens)
         for job in list(self._running):
             if job.task.advance():
                 self._finish(job)
@@ -286,17 +285,6 @@ class Dispatcher:
     def running(self) -> int:
         """Jobs started and not yet ended."""
         return len(self._running)
-
-    def _step_pools(self) -> None:
-        pools = {id(j.task.pool): j.task.pool for j in self._running if getattr(j.task, "row", None) is not None}
-        for pool in pools.values():
-            try:
-                pool.step()
-            except Exception as e:  # fails the rows of this pool only (e.g. out of memory capturing a graph)
-                tb = traceback.format_exc()
-                for job in self._running:
-                    if getattr(job.task, "pool", None) is pool and job.task.row is not None:
-                        job.task.fail(e, tb)
 
     def view(self, now: float) -> View:
         mem = self.data.memory_view()

@@ -83,7 +83,7 @@ def test_batched_prefill_of_three_sessions_gives_the_eager_tokens():
     """Note [Batched prefill]: a fresh prompt, a session continuing its KV with a new turn and a forked
     session (its blocks shared copy-on-write with the parent) prefill in one forward; each one's greedy
     generate equals local greedy, and the parent's KV is untouched by the child's write."""
-    from djinn.server.execution.fast_task import FastTask, PrefillBudget, prefill_together
+    from djinn.server.execution.fast_task import FastTask, PrefillBudget, fast_turn
     from djinn.server.sessions import KVState
 
     model = tiny_llama(seed=7).eval()
@@ -114,7 +114,7 @@ def test_batched_prefill_of_three_sessions_gives_the_eager_tokens():
         tasks.append(FastTask(pool, st, ids, {"max_new_tokens": 5}, None, None, 5, budget,
                               continues=st is not fresh))
     budget.new_turn()
-    prefill_together(tasks, 1000)
+    fast_turn(tasks, 1000)
     assert all(t._first is not None and t.row is not None for t in tasks)  # all three prefilled in one turn
     assert budget.chunks == 3 and [st.table.length for st in states] == [9, 9, 10]
     # writes into the shared block 1 went to a copy: positions 0..6 read the same through both tables

@@ -39,6 +39,7 @@ import torch
 from ..sessions import KVState
 from .fastpath import DecodePool, Row, Sampler
 from .kv_pools import pool_for as kv_pool_for
+from .mixed_step import can_mix, mixed
 from .prefill_step import Chunk, groups, prefill
 from .tasks import Cancelled
 
@@ -215,26 +216,38 @@ class FastTask:
         self.error, self.error_traceback, self.done = e, tb, True
 
 
-def prefill_together(tasks: list, max_tokens: int) -> None:
-    """This turn's prompt chunks of every prefilling fast-path task, first started first, fed as one
-    forward per model (Note [Batched prefill] in prefill_step.py). A task whose chunk fails fails
-    alone when it could be told apart, else with the others of its forward."""
-    by_pool: dict[int, tuple[DecodePool, list]] = {}
-    for t in tasks:
-        if not isinstance(t, FastTask) or not t.wants_prefill():
+def fast_turn(tasks: list, max_tokens: int) -> None:
+    """One engine turn of the fast path: per model pool, its decode rows take a step and this turn's
+    prompt chunks go in (Note [Chunked prefill]), in one forward where they can (Note [Mixed step] in
+    mixed_step.py), else the decode step and then the chunks as batched prefills (Note [Batched
+    prefill] in prefill_step.py), first started first. A failure fails the tasks of its forward only."""
+    fast = [t for t in tasks if isinstance(t, FastTask)]
+    stepping = {id(t.pool): t.pool for t in fast if t.row is not None}
+    chunks = _take_chunks(fast)
+    for key, pool in stepping.items():
+        items = chunks.get(key, (pool, []))[1]
+        mine = [t for t in fast if t.pool is pool and t.row is not None]
+        group = [c for _, c in items]
+        if sum(c.ids.numel() for c in group) <= max_tokens and can_mix(pool, group, _gather(pool, max_tokens)):
+            del chunks[key]
+            try:
+                logits = mixed(pool, group)
+            except BaseException as e:  # every row and chunk of this forward
+                tb = traceback.format_exc()
+                for t in (*mine, *(t for t, _ in items)):
+                    t.fail(e, tb)
+                continue
+            _prefilled([t for t, _ in items], logits)
             continue
         try:
-            chunk = t.take_chunk()
-        except BaseException as e:
-            t.fail(e, traceback.format_exc())
-            continue
-        if chunk is not None:
-            by_pool.setdefault(id(t.pool), (t.pool, []))[1].append((t, chunk))
-    for pool, items in by_pool.values():
+            pool.step()
+        except Exception as e:  # fails the rows of this pool only (e.g. out of memory capturing a graph)
+            tb = traceback.format_exc()
+            for t in mine:
+                t.fail(e, tb)
+    for pool, items in chunks.values():
         owner = {id(c): t for t, c in items}
-        plan = getattr(pool.kv_pool, "plan", None)
-        gather = plan.prefill_gather_tokens if plan is not None else 2 * max_tokens
-        for group in groups([c for _, c in items], pool.bt, gather, max_tokens):
+        for group in groups([c for _, c in items], pool.bt, _gather(pool, max_tokens), max_tokens):
             ts = [owner[id(c)] for c in group]
             try:
                 logits = prefill(pool, group)
@@ -243,8 +256,33 @@ def prefill_together(tasks: list, max_tokens: int) -> None:
                 for t in ts:
                     t.fail(e, tb)
                 continue
-            for i, t in enumerate(ts):
-                try:
-                    t.prefilled(logits[i:i + 1])
-                except BaseException as e:  # its own sampling (Note [Scores are checked before sampling])
-                    t.fail(e, traceback.format_exc())
+            _prefilled(ts, logits)
+
+
+def _take_chunks(tasks: list) -> dict[int, tuple[DecodePool, list]]:
+    """This turn's chunk of every prefilling task, by pool, first started first."""
+    by_pool: dict[int, tuple[DecodePool, list]] = {}
+    for t in tasks:
+        if not t.wants_prefill():
+            continue
+        try:
+            chunk = t.take_chunk()
+        except BaseException as e:
+            t.fail(e, traceback.format_exc())
+            continue
+        if chunk is not None:
+            by_pool.setdefault(id(t.pool), (t.pool, []))[1].append((t, chunk))
+    return by_pool
+
+
+def _gather(pool: DecodePool, max_tokens: int) -> int:
+    plan = getattr(pool.kv_pool, "plan", None)
+    return plan.prefill_gather_tokens if plan is not None else 2 * max_tokens
+
+
+def _prefilled(tasks: list, logits: torch.Tensor) -> None:
+    for i, t in enumerate(tasks):
+        try:
+            t.prefilled(logits[i:i + 1])
+        except BaseException as e:  # its own sampling (Note [Scores are checked before sampling])
+            t.fail(e, traceback.format_exc())

@@ -307,6 +307,7 @@ class DecodePool:
         self.rows_stepped = 0
         self.capture_s = 0.0   # seconds spent capturing step graphs, all buckets together
         self.step_s = 0.0      # host seconds inside step(), its reads of the tokens included
+        self.mixed_steps = 0   # steps taken in a forward with prompt chunks (Note [Mixed step])
 
     def buffers(self) -> list[torch.Tensor]:
         """The step's own device tensors: row tables, ids, positions, steering and recording rows, the
@@ -391,6 +392,27 @@ class DecodePool:
         for r in rows:  # Note [Recorded activations]: the step wrote every slot's output; keep this row's
             for k, got in (r.record or {}).items():
                 got.append(self.rec[k][r.slot:r.slot + 1].clone())
+        self.advance(rows, logits)
+
+    def mixable(self) -> bool:
+        """Whether this step's rows can go into a mixed forward with prompt chunks (Note [Mixed step] in
+        mixed_step.py): none steers or records (their per-slot buffers live in the graphs)."""
+        return bool(self.rows) and not any(r.steer or r.record for r in self.rows) and any(not r.done for r in self.rows)
+
+    def decode_inputs(self):
+        """(ids [n], pos [n], tables [n, nb], attention state, length) of every slot's row for a forward
+        outside the captured graphs: the mixed step's decode part (Note [Mixed step])."""
+        n = len(self.rows)
+        longest = max(r.pos for r in self.rows) + 1
+        L = length_bucket(longest, self.max_len) if self.attention.length_buckets else self.max_len
+        ids = torch.tensor([r.token for r in self.rows], dtype=torch.long).to(self.device)
+        pos = torch.tensor([r.pos for r in self.rows], dtype=torch.long).to(self.device)
+        nb = -(-L // self.bt)
+        tables = self.tables[:n, :nb]
+        return ids, pos, tables, self.attention.prepare(tables, pos, L)
+
+    def advance(self, rows: list[Row], logits: torch.Tensor) -> None:
+        """Each live row samples its next token from its slot's logits [slots in use, vocab]."""
         banned = [r for r in rows if r.ban_eos > 0 and r.eos]
         if banned:
             logits = logits.clone()
@@ -517,4 +539,4 @@ class DecodePool:
                 "graphs": sorted((B, L) for B, L, ls, rs in self._graphs if not ls and not rs),
                 # graphs with steering or recording hooks: (batch, length, steered layers, recorded layers)
                 "hooked_graphs": sorted((B, L, sorted(ls), sorted(rs)) for B, L, ls, rs in self._graphs if ls or rs),
-                "capture_s": round(self.capture_s, 3), "step_s": round(self.step_s, 6), "steps": self.steps, "rows_stepped": self.rows_stepped}
+                "capture_s": round(self.capture_s, 3), "step_s": round(self.step_s, 6), "steps": self.steps, "mixed_steps": self.mixed_steps, "rows_stepped": self.rows_stepped}

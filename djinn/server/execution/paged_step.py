@@ -126,10 +126,12 @@ def attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
 AttentionInterface.register(IMPL, attend)
 
 
-def forward(module: torch.nn.Module, ids: torch.Tensor, pos: torch.Tensor, step: Step) -> torch.Tensor:
+def forward(module: torch.nn.Module, ids: torch.Tensor, pos: torch.Tensor, step: Step,
+            keep: torch.Tensor | None = None) -> torch.Tensor:
     """Logits [B, vocab] of each row's last input: ids and pos [B, n] through the module's own forward
     with its attention over the pool (Notes [One step for every architecture], [Paged attention is set
-    per call]). Rows are left-padded: their last input is column n-1."""
+    per call]). Rows are left-padded: their last input is column n-1. `keep` (one row only): the
+    columns whose logits come back instead, [len(keep), vocab] (the mixed step's, Note [Mixed step])."""
     cfg = module.config
     before = cfg._attn_implementation_internal
     outer = getattr(_local, "step", None)
@@ -140,9 +142,12 @@ def forward(module: torch.nn.Module, ids: torch.Tensor, pos: torch.Tensor, step:
         # padding warning), which a captured step must not; the embedding module is the one HF calls.
         embeds = module.get_input_embeddings()(ids)
         kw = _kwargs(type(module))
+        some = kw["keep"] if keep is None else {"logits_to_keep": keep} if kw["keep"] else {}
         out = module(inputs_embeds=embeds, position_ids=pos, use_cache=True,
-                     **{kw["cache"]: StepCache(step.kv.shape[0])}, **kw["keep"])
-        return out.logits[:, -1]
+                     **{kw["cache"]: StepCache(step.kv.shape[0])}, **some)
+        if keep is None:
+            return out.logits[:, -1]
+        return out.logits[0] if kw["keep"] else out.logits[0, keep]
     finally:
         cfg._attn_implementation_internal = before
         _local.step = outer
