@@ -45,7 +45,6 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
