@@ -211,11 +211,12 @@ def test_server_streams_bitwise_with_session_kv(gconn, arch, dtype):
         ref = model(x).logits
         ref_gen = model.generate(x, max_new_tokens=10, do_sample=False)
     assert torch.equal(rm(x).logits.cpu(), ref.cpu())
-    assert torch.equal(rm.generate(x, max_new_tokens=10, do_sample=False), ref_gen.cpu())
+    # deterministic=True: the eager path, bitwise (the fast path, Note [Batched streaming], matches to rounding)
+    assert torch.equal(rm.generate(x, max_new_tokens=10, do_sample=False, deterministic=True), ref_gen.cpu())
     # Session KV: two calls continue one cache; the same as one local generate over the concatenation.
     more = ids(batch=1, n=5, seed=5)
-    first = s.generate(rm, x, max_new_tokens=6, do_sample=False)
-    second = s.generate(rm, more.cpu(), max_new_tokens=6, do_sample=False)
+    first = s.generate(rm, x, max_new_tokens=6, do_sample=False, deterministic=True)
+    second = s.generate(rm, more.cpu(), max_new_tokens=6, do_sample=False, deterministic=True)
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
@@ -233,6 +234,44 @@ def test_server_streams_bitwise_with_session_kv(gconn, arch, dtype):
     s.close()
     st = gconn.stats()
     assert rm.model_id not in st["models"] and st["segments"]["host"] == 0
+
+
+def test_sessions_of_a_streamed_model_decode_in_one_batch_per_pass(gpu_server, gconn):
+    """Note [Batched streaming]: four sessions generating at once on a streamed model share its passes
+    through the ring (the fast path's batched step, eager: no graphs), and each gets HF's fp32 greedy
+    tokens. Passes grow with the steps, not with sessions x steps."""
+    model = deep("llama", seed=14)
+    conns = [Connection(gpu_server.address, None) for _ in range(4)]
+    try:
+        sessions = [c.session(f"streamed{i}") for i, c in enumerate(conns)]
+        rm = RemoteModel.from_module(sessions[0], model, weight_budget_gb=hash_budget_gb(model))
+        for s in sessions[1:]:
+            rm.attach(s)
+        prompts = [ids(batch=1, n=6 + 3 * i, seed=20 + i) for i in range(4)]
+        before = gconn.stats()["models"][rm.model_id]["streaming"]["forwards"]
+        outs = [None] * 4
+
+        def one(i):
+            outs[i] = sessions[i].generate(rm, prompts[i].cpu(), max_new_tokens=24, do_sample=False)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        for p, out in zip(prompts, outs):
+            with torch.no_grad():
+                want = model.generate(p, max_new_tokens=24, do_sample=False, attention_mask=torch.ones_like(p))
+            assert torch.equal(out, want.cpu())
+        st = gconn.stats()
+        fast = st["models"][rm.model_id]["fast_decode"]
+        assert st["models"][rm.model_id]["decode"]["path"] == "fast" and fast["graphs"] == []
+        assert all(st["sessions"][s.sid]["decode"]["fast"] == 1 for s in sessions)
+        passes = st["models"][rm.model_id]["streaming"]["forwards"] - before
+        assert fast["rows_stepped"] > fast["steps"] and passes < 4 * 24, (passes, fast)
+    finally:
+        for c in conns:
+            c.close()
 
 
 def test_server_shares_weights_between_a_streamed_and_a_resident_model(gconn):

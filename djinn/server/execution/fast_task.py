@@ -48,13 +48,26 @@ log = logging.getLogger("djinn.fastpath")
 
 
 def pool_for(engine, entry) -> DecodePool:
-    """The model's decode pool, made on first use (Note [Decode pool])."""
+    """The model's decode pool, made on first use (Note [Decode pool]).
+
+    Note [Batched streaming]
+        A model that streams its weights (djinn/server/models/streaming.py) pays one pass of its
+        streamed layers through the ring per forward, at the host link's rate: 0.2-0.3 s a token for a
+        13B shape at a 12 GiB budget on an H100. Decoded session by session, N sessions got 1/N of the
+        link each. On the fast path every row of the pool takes its step in one forward, so one pass
+        serves them all (FlexGen's batching over offloaded weights), and the mixed step (Note [Mixed
+        step]) feeds prompt chunks on the same pass. The ring's hooks wait for each layer's copy on the
+        host side, which a CUDA graph cannot capture: the step runs eagerly, where its launches hide
+        behind the copies anyway."""
     pool = getattr(entry, "fast", None)
     if pool is None:
         cfg = engine.cfg
         kv = kv_pool_for(engine, entry)
+        # Note [Batched streaming]: a streamed model's step waits on its ring's copies from the host, which
+        # no CUDA graph can hold; its step runs eagerly, every row on each pass of the weights.
+        graphs = cfg.fast_decode_graphs and getattr(entry, "streamed", None) is None
         pool = DecodePool(entry.module, kv, kv.plan.decode_rows, cfg.fast_decode_max_len,
-                          graphs=None if cfg.fast_decode_graphs else False, attention=kv.plan.attention)
+                          graphs=None if graphs else False, attention=kv.plan.attention)
         if cfg.fast_decode_capture == "all":
             n = pool.capture_all()
             log.info("fast path for %s: captured %d step graphs in %.1f s", type(entry.module).__name__, n,

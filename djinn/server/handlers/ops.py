@@ -308,8 +308,6 @@ def _why_eager(engine, entry, s, input_ids, kwargs: dict, deterministic, use_kv:
         return f"fast_decode={mode} on {engine.device.type}"
     if deterministic:
         return "deterministic=True"
-    if getattr(entry, "streamed", None) is not None:
-        return "the model streams its weights"
     if use_kv:
         held = s.kv.get(entry.model_id)
         seen = int(held.ids.shape[1]) if held is not None else 0
