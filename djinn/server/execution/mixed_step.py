@@ -31,6 +31,7 @@ import time
 import torch
 
 from . import paged_step
+from .fastpath import length_bucket
 from .paged_attention import GatherAttention
 from .prefill_step import Chunk
 
@@ -60,9 +61,8 @@ def gathered_tokens(pool, chunks: list[Chunk]) -> int:
     the pool's attention reads the blocks in place."""
     bt = pool.bt
     out = sum(-(-(c.table.length + c.ids.numel()) // bt) * bt for c in chunks)
-    if pool.attention.length_buckets:  # the gather: every row over the longest row's padded length
-        longest = max(r.pos for r in pool.rows) + 1
-        out += len(pool.rows) * -(-longest // bt) * bt
+    if pool.attention.length_buckets:  # the gather: every row over the longest row's length bucket
+        out += len(pool.rows) * length_bucket(max(r.pos for r in pool.rows) + 1, pool.max_len)
     return out
 
 
