@@ -5,8 +5,9 @@
 # variant at N=48), micro (session and run forks at a 2k prefix on 13B, 7B decode speed against HF
 # eager, swap by blocks), decode (7B decode with gather and flex attention,
 # 32 rows at 128 and 2k tokens, 32 remote sessions, steered and recorded generates, swap by blocks),
-# exp3 (white-box debugging on the 7B shape: breakpoints, steering, hooks that never fire), gpu-tests (tier 3
-# alone). Each writes its JSON and log under OUTDIR.
+# exp3 (white-box debugging on the 7B shape: breakpoints, steering, hooks that never fire), exp1m (the mixed
+# step: $EXP1_POLICIES, default signal, at $EXP1_AGENTS, default 48,80, flex and 512-token chunks), streamed
+# (16 sessions on a streamed 13B shape vs one), gpu-tests (tier 3 alone). Each writes its JSON and log under OUTDIR.
 set -u
 out=${1:?usage: gpu_job.sh OUTDIR PART...}; shift
 mkdir -p "$out"
@@ -33,6 +34,15 @@ for part in "$@"; do
       timeout 200 python "$here/exp_decode/bench_decode.py" --shapes 7b --concurrency 1,32 --max-sessions 32 \
         --out "$out/decode_7b.json" 2>&1 | tail -12
       timeout 60 python "$here/micro/bench_swap.py" --quick --out "$out/swap.json" 2>&1 | tail -8 ;;
+    exp1m)  # the mixed step (decode rows and 512-token prompt chunks in one forward) with flex attention
+      budget=${EXP1_BUDGET_S:-320}
+      pol=${EXP1_POLICIES:-signal}
+      timeout $((budget + 25)) python "$here/exp1_semantic_scheduler/run_exp1.py" --policies "$pol" \
+        --agents "${EXP1_AGENTS:-48,80}" --time-budget-s "$budget" --server-arg=--fast-decode-attention \
+        --server-arg=flex --server-arg=--prefill-step-tokens --server-arg=512 --out "$out" \
+        --name "exp1_mixed512_${pol//,/_}" 2>&1 | tee "$out/exp1_mixed512_${pol//,/_}.log" | tail -25 ;;
+    streamed)  # N sessions decoding a 13B shape streamed at a 12 GiB budget, against one session
+      timeout 300 python "$here/exp2_virtual_memory/bench_streamed_batch.py" --out "$out" 2>&1 | tail -8 ;;
     exp1s)
       budget=${EXP1_BUDGET_S:-170}
       timeout $((budget + 25)) python "$here/exp1_semantic_scheduler/run_exp1.py" --policies signal \
