@@ -116,6 +116,8 @@ def test_long_prompts_prefill_in_chunks_between_decode_steps(fast_server):
         assert after["step_tokens"] == 16
         assert after["chunks"] - before["chunks"] == 14  # ceil(100 / 16) = 7 chunks per prompt
         assert after["turns"] - before["turns"] >= 13    # at most one chunk per turn after the first
+        # Note [Mixed step]: once the first prompt decodes, the second's chunks ride on its steps
+        assert conn.stats()["models"][rm.model_id]["fast_decode"]["mixed_steps"] >= 1
     finally:
         conn.close()
 
