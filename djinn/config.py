@@ -183,6 +183,9 @@ class ServerConfig:
     does not compile or differs (Note [Flex is checked])."""
     fast_decode_max_len: int = 4096
     """Longest sequence (prompt + new tokens) the fast path takes; rounded up to a power of two."""
+    fast_decode_compile: bool = False
+    """Compile the decode step with torch.compile before capturing it (Note [Compiled step] in
+    djinn/server/execution/fastpath.py): fewer, fused kernels; the first generate of a model waits for the compile."""
     fast_decode_graphs: bool = True
     """Replay decode steps as CUDA graphs (CUDA only); false: run them eagerly (debugging)."""
     run_fork_from_kv: bool | None = None

@@ -99,7 +99,8 @@ def eager(model, prompt: torch.Tensor, new: int, device) -> dict:
     return {"ms_per_token": ms, "tok_s": 1e3 / ms, "prefill_s": t1 - t0, "tokens": out[0, prompt.shape[1]:].tolist()}
 
 
-def inproc(model, prompts: list[torch.Tensor], steps: int, device, max_len: int, attention: str = "auto") -> dict:
+def inproc(model, prompts: list[torch.Tensor], steps: int, device, max_len: int, attention: str = "auto",
+           compile: bool = False) -> dict:
     """DecodePool in this process over a KV block pool of its own: prefill each prompt into its blocks,
     join all rows, time `steps` batched steps with the given decode attention (gather or flex)."""
     from djinn.server.execution.fastpath import DecodePool, Row, Sampler
@@ -108,7 +109,7 @@ def inproc(model, prompts: list[torch.Tensor], steps: int, device, max_len: int,
 
     bt = 16
     kv = KVPool(KVShape.of_module(model), len(prompts) * -(-max_len // bt) + 1, bt, device)
-    pool = DecodePool(model, kv, len(prompts), max_len, attention=attention)
+    pool = DecodePool(model, kv, len(prompts), max_len, attention=attention, compile=compile)
     rows, firsts = [], []
     sync(device)
     t_pre = time.perf_counter()
@@ -124,8 +125,11 @@ def inproc(model, prompts: list[torch.Tensor], steps: int, device, max_len: int,
         rows.append(row)
     sync(device)
     prefill_s = time.perf_counter() - t_pre  # one prompt a forward, as a simple in-process loop would
+    t_cap = time.perf_counter()
     for _ in range(2):  # captures the graph of this bucket (and the next length bucket's, if crossed)
         pool.step()
+    sync(device)
+    warm_s = time.perf_counter() - t_cap  # the compile (Note [Compiled step]) and the captures
     sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -133,6 +137,7 @@ def inproc(model, prompts: list[torch.Tensor], steps: int, device, max_len: int,
     sync(device)
     dt = (time.perf_counter() - t0) / steps
     res = {"rows": len(rows), "context": prompts[0].shape[1], "attention": pool.attention_kind,
+           "compiled": compile, "warm_s": warm_s,
            "ms_per_step": dt * 1e3, "aggregate_tok_s": len(rows) / dt, "prefill_s": prefill_s,
            "tokens_row0": [firsts[0], *rows[0].new]}
     # The last prefill's output holds a PagedCache over `kv` too (an H100 ran out of memory at 32 rows x
@@ -239,6 +244,18 @@ def bench_shape(shape: str, args, device, dtype) -> dict:
             res["inproc"].append(r)
             print(f"[{shape}] in-process fast path ({r['attention']}), {n} rows: {r['ms_per_step']:.2f} ms/step, "
                   f"{r['aggregate_tok_s']:.0f} tok/s", flush=True)
+    for n in args.compile_rows:  # Note [Compiled step]: the same step compiled, the server's attention
+        attention = args.attentions[-1]
+        r = inproc(model, prompts[:n], args.steps, device, args.max_len, attention, compile=True)
+        plain = [x for x in res["inproc"] if x["rows"] == n and x["attention"] == r["attention"]]
+        if plain:
+            r["x_uncompiled"] = plain[-1]["ms_per_step"] / r["ms_per_step"]
+            k = min(len(r["tokens_row0"]), len(plain[-1]["tokens_row0"]))
+            r["greedy_match_vs_uncompiled"] = _prefix(r["tokens_row0"][:k], plain[-1]["tokens_row0"][:k])
+        res.setdefault("inproc_compiled", []).append(r)
+        print(f"[{shape}] in-process compiled ({r['attention']}), {n} rows: {r['ms_per_step']:.2f} ms/step, "
+              f"{r['aggregate_tok_s']:.0f} tok/s ({r.get('x_uncompiled', float('nan')):.3f}x uncompiled; "
+              f"compile and capture {r['warm_s']:.0f} s)", flush=True)
     if args.long_prompt:
         # Agent-sized contexts, where reading the KV is a large share of the step (Note [Why FlexAttention]).
         n = max(conc)
@@ -263,6 +280,9 @@ def bench_shape(shape: str, args, device, dtype) -> dict:
         r["attention"]: _prefix(r["tokens_row0"][:k], res["eager"]["tokens"][:k])
         for r in res["inproc"] if r["rows"] == conc[0]}
     res["greedy_compared"] = k
+    if args.in_process_only:
+        res["fast_x_eager_batch1"] = 1e3 / one["ms_per_step"] / res["eager"]["tok_s"]
+        return res
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -387,10 +407,15 @@ def main() -> int:
     p.add_argument("--long-prompt", type=int, default=0,
                    help="also time the largest row count in process at this context length (0: skip)")
     p.add_argument("--server-attention", default="auto", help="the server's --fast-decode-attention")
+    p.add_argument("--compile-rows", default="", dest="compile_rows",
+                   help="row counts to time again with the step compiled (Note [Compiled step]), e.g. 1,32")
+    p.add_argument("--in-process-only", action="store_true", dest="in_process_only",
+                   help="skip the server rounds")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     args.concurrency = [int(x) for x in args.concurrency.split(",")]
     args.attentions = args.attentions.split(",")
+    args.compile_rows = [int(x) for x in args.compile_rows.split(",") if x]
     if args.tiny:
         args.shapes = "tiny"
         args.prompt, args.new_tokens, args.eager_tokens, args.steps = 16, 16, 8, 8

@@ -79,6 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="longest sequence the fast path takes (default 4096)")
     p.add_argument("--fast-decode-capture", dest="fast_decode_capture", choices=["lazy", "all"],
                    help="capture every decode graph when a model's pool is made (all, default) or each at first use (lazy)")
+    p.add_argument("--fast-decode-compile", dest="fast_decode_compile", action="store_const", const=True,
+                   help="compile the decode step with torch.compile before capturing its graphs")
     p.add_argument("--memory-history", dest="memory_history", action="store_const", const=True,
                    help="record each device allocation's frames, shown for memory no segment owns (debugging)")
     p.add_argument("--checkpoint-dir", dest="checkpoint_dir",
@@ -130,6 +132,7 @@ def main(argv=None) -> int:
                         prefix_caching=args.prefix_caching,
                         fast_decode_max_len=args.fast_decode_max_len,
                         fast_decode_capture=args.fast_decode_capture, memory_history=args.memory_history,
+                        fast_decode_compile=args.fast_decode_compile,
                         fast_decode_attention=args.fast_decode_attention, checkpoint_dir=args.checkpoint_dir,
                         log_format=args.log_format, log_level=args.log_level).validate()
     except (ValueError, TypeError) as e:

@@ -1,0 +1,29 @@
+"""Note [Compiled step]: the decode step compiled by torch.compile gives the eager step's greedy tokens,
+one compile for every batch size (CPU inductor here; tier 3 captures it as CUDA graphs)."""
+from __future__ import annotations
+
+import torch
+
+from djinn.server.execution.fast_task import PrefillBudget
+from djinn.server.execution.fastpath import DecodePool
+from djinn.vmu.kv_pool import KVPool, KVShape
+
+from ..models import tiny_llama
+from .test_fastpath import _local_greedy
+from .test_mixed_step import _run, _task
+
+
+def test_compiled_step_keeps_greedy_tokens_across_batch_sizes():
+    torch._dynamo.reset()
+    model = tiny_llama(seed=6).eval()
+    kv = KVPool(KVShape.of_module(model), 96, 4, "cpu")
+    pool = DecodePool(model, kv, 4, 64, graphs=False, compile=True)
+    budget = PrefillBudget(64)
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(3, 250, (1, n), generator=g) for n in (5, 8, 3)]
+    news = [14, 6, 9]  # rows leave at different steps: batches of 3, 2 and 1 row
+    done = _run([_task(pool, kv, p, n, budget) for p, n in zip(prompts, news)], budget)
+    assert pool.stats()["compiled"]
+    for t, p, n in zip(done, prompts, news):
+        assert t.error is None
+        assert t.result["sequences"][0, p.shape[1]:].tolist() == _local_greedy(model, p, n)
