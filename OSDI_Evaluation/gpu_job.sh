@@ -19,7 +19,7 @@ for part in "$@"; do
       budget=${EXP1_BUDGET_S:-560}
       pol=${EXP1_POLICIES:-signal,resident}
       timeout $((budget + 25)) python "$here/exp1_semantic_scheduler/run_exp1.py" --policies "$pol" \
-        --agents "${EXP1_AGENTS:-16,48,96}" --time-budget-s "$budget" --out "$out" --name "exp1_${pol//,/_}" 2>&1 \
+        --agents "${EXP1_AGENTS:-16,48,96}" --shared-base --time-budget-s "$budget" --out "$out" --name "exp1_${pol//,/_}" 2>&1 \
         | tee "$out/exp1_${pol//,/_}.log" | tail -25 ;;
     fork)
       timeout 150 python "$here/micro/bench_fork.py" --shape 13b --prefix 2048 --out "$out/fork.json" 2>&1 | tail -5 ;;

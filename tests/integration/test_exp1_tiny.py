@@ -165,3 +165,28 @@ def test_exp1_time_budget_and_merge(exp1, tiny, tmp_path):
     hl = merged["headline"]
     assert hl["failed_rows"]["signal"] == [2] and hl["max_agents_within_slo"]["signal"] <= 1
     assert hl["slo_base_policy"] == "resident"
+
+
+def test_exp1_shared_base_runs_one_single_agent_row(exp1, tiny, tmp_path):
+    """--shared-base: N=1 only under resident, the SLO base; the other policies' densities count from
+    N=2 against that base."""
+    assert exp1.main(["--tiny", "--policies", "signal,resident", "--shared-base", "--time-budget-s", "1",
+                      "--out", str(tmp_path), "--name", "shared"]) == 0
+    planned = json.loads((tmp_path / "shared.json").read_text())
+    assert sorted((r["policy"], r["agents"]) for r in planned["rows"]) == sorted(
+        [("resident", n) for n in AGENTS] + [("signal", n) for n in AGENTS if n != 1])
+    res = json.loads(tiny.read_text())
+    rows = [r for r in res["rows"] if r["policy"] in ("signal", "resident") and (r["policy"], r["agents"]) != ("signal", 1)]
+    args = exp1.argparse.Namespace(**dict(res["args"], policy_list=["signal", "resident"], shared_base=True))
+    hl = exp1.headline(rows, args)
+    full = exp1.headline([r for r in res["rows"] if r["policy"] in ("signal", "resident")],
+                         exp1.argparse.Namespace(**dict(res["args"], policy_list=["signal", "resident"])))
+    assert hl["slo_p99_s"] == full["slo_p99_s"]
+    assert hl["max_agents_within_slo"]["resident"] == full["max_agents_within_slo"]["resident"]
+    want = 0  # signal's density counts from N=2, its N=1 being resident's
+    for n in AGENTS[1:]:
+        r = next(x for x in rows if x["policy"] == "signal" and x["agents"] == n)
+        if exp1.is_failed(r) or r.get("p99_s") is None or r["p99_s"] > hl["slo_p99_s"]:
+            break
+        want = n
+    assert hl["max_agents_within_slo"]["signal"] == want
