@@ -317,10 +317,16 @@ def bench_shape(shape: str, args, device, dtype) -> dict:
                   f"{r['server']['rows_per_step']:.1f} rows a step", flush=True)
         # Remote overhead per token at one session: decode ms/token through the server minus in-process.
         few = remote_timed(srv.address, remote, prompts[0].cpu(), 2)
+        before = _fast_stats(holder, remote_id)
         many = remote_timed(srv.address, remote, prompts[0].cpu(), args.new_tokens)
+        after = _fast_stats(holder, remote_id)
         remote_ms = (many - few) / (args.new_tokens - 2) * 1e3
         res["remote_ms_per_token_batch1"] = remote_ms
         res["remote_overhead_ms_per_token"] = remote_ms - one["ms_per_step"]
+        # Inside the server's step (its graph replay and token read) vs around it (the engine's turn):
+        # which side of the step the remote overhead is on.
+        steps = max(1, after["steps"] - before["steps"])
+        res["remote_batch1_server_step_ms"] = (after["step_s"] - before["step_s"]) / steps * 1e3
         # A steered generate (one vector added at the middle layer, Note [Steering]) on the same fast path.
         cfg = config(shape)
         vec = torch.randn(cfg.hidden_size, generator=torch.Generator().manual_seed(3))
@@ -342,7 +348,9 @@ def bench_shape(shape: str, args, device, dtype) -> dict:
         res["remote_one_steered"]["aggregate_x_unsteered"] = r["aggregate_tok_s"] / same["aggregate_tok_s"]
         print(f"[{shape}] remote, {n} sessions, one steered: {r['aggregate_tok_s']:.0f} tok/s aggregate "
               f"({res['remote_one_steered']['aggregate_x_unsteered']:.3f}x unsteered)", flush=True)
-        print(f"[{shape}] remote, 1 session: {remote_ms:.2f} ms/token, steered "
+        print(f"[{shape}] remote, 1 session: {remote_ms:.2f} ms/token ({res['remote_batch1_server_step_ms']:.2f} ms "
+              f"of it inside the server's step, {one['ms_per_step']:.2f} in process)", flush=True)
+        print(f"[{shape}] remote, 1 session: steered "
               f"{res['remote_ms_per_token_batch1_steered']:.2f} ({res['steered_x_unsteered']:.3f}x), steered and "
               f"recorded {res['remote_ms_per_token_batch1_steered_recorded']:.2f} "
               f"({res['steered_recorded_x_unsteered']:.3f}x)", flush=True)
