@@ -27,3 +27,20 @@ def test_compiled_step_keeps_greedy_tokens_across_batch_sizes():
     for t, p, n in zip(done, prompts, news):
         assert t.error is None
         assert t.result["sequences"][0, p.shape[1]:].tolist() == _local_greedy(model, p, n)
+
+
+def test_a_compiled_step_that_fails_falls_back_to_the_eager_step_and_says_why():
+    model = tiny_llama(seed=7).eval()
+    kv = KVPool(KVShape.of_module(model), 64, 4, "cpu")
+    pool = DecodePool(model, kv, 4, 64, graphs=False, compile=True)
+
+    def broken(B, L):
+        raise RuntimeError("CppCompileError: no compiler here")
+
+    pool._compiled = broken
+    budget = PrefillBudget(64)
+    p = torch.tensor([[3, 14, 15, 92, 65]])
+    (t,) = _run([_task(pool, kv, p, 7, budget)], budget)
+    assert t.error is None and t.result["sequences"][0, 5:].tolist() == _local_greedy(model, p, 7)
+    st = pool.stats()
+    assert not st["compiled"] and st["compile_error"] == "RuntimeError: CppCompileError: no compiler here"

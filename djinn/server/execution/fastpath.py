@@ -62,7 +62,10 @@ Note [Compiled step]
     pool writes), batch and length symbolic, so one compile serves every bucket. Compiled numerics are
     the fast path's (Note [Fast path numerics]): equal to eager decode to rounding. It runs under
     no_grad, not inference mode: a compiled in-place write into the pool under inference mode fails
-    (torch 2.13: "Cannot set version_counter for inference tensor"). Off by default until measured.
+    (torch 2.13: "Cannot set version_counter for inference tensor"). A compile that fails (a compiler
+    missing or failing on the machine) leaves the pool stepping uncompiled, with `stats()` saying why;
+    the step it failed in runs eagerly, writing the same positions. A streamed model's step is never
+    compiled (Note [Batched streaming]: its ring's hooks wait on the host). Off by default until measured.
 
 Note [One read per step]
     The host waits for the device twice a step, whatever the batch: once for whether each sampled row's
@@ -317,6 +320,7 @@ class DecodePool:
         self._side = torch.cuda.Stream(self.device) if self.use_graphs else None  # Note [One warm-up stream]
         # Note [Compiled step]: batch and length symbolic, so one compile serves every bucket
         self._compiled = torch.compile(self._step_body, dynamic=True) if compile else None
+        self.compile_error: str | None = None  # why a compiled step fell back (it then stays uncompiled)
         self.steps = 0
         self.rows_stepped = 0
         self.capture_s = 0.0   # seconds spent capturing step graphs, all buckets together
@@ -537,8 +541,14 @@ class DecodePool:
         """One decode step for slots 0..B-1 over positions 0..L-1; logits [B, vocab] (Note [Compiled
         step]: compiled where asked, for the plain step)."""
         if self._compiled is not None and not layers and not recorded:
-            with torch.no_grad():  # inference mode and a compiled in-place write of the pool do not mix
-                return self._compiled(B, L)
+            try:
+                with torch.no_grad():  # inference mode and a compiled in-place write of the pool do not mix
+                    return self._compiled(B, L)
+            except Exception as e:  # a compiler failing on this machine: step uncompiled from now on
+                if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                    raise  # not a compile (that happens in the warm-ups before a capture)
+                self._compiled, self.compile_error = None, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+                log.warning("the compiled decode step failed, stepping uncompiled: %s", self.compile_error)
         return self._eager(B, L, layers, recorded)
 
     @torch.inference_mode()
@@ -560,6 +570,7 @@ class DecodePool:
     def stats(self) -> dict:
         return {"path": "fast", "step": STEP, "slots": self.slots, "rows": len(self.rows), "max_len": self.max_len,
                 "attention": self.attention_kind, "compiled": self._compiled is not None,
+                "compile_error": self.compile_error,
                 "graphs": sorted((B, L) for B, L, ls, rs in self._graphs if not ls and not rs),
                 # graphs with steering or recording hooks: (batch, length, steered layers, recorded layers)
                 "hooked_graphs": sorted((B, L, sorted(ls), sorted(rs)) for B, L, ls, rs in self._graphs if ls or rs),
