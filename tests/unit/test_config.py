@@ -218,3 +218,13 @@ def test_a_secret_must_fit_the_handshake():
     ServerConfig(secret="é" * 127).validate()  # 254 bytes
     with pytest.raises(ValueError, match="^secret is 256 bytes in UTF-8"):
         ServerConfig(secret="é" * 128).validate()
+
+
+def test_compile_and_memory_history_flags_reach_the_config():
+    from djinn.server.server_main import parse_args
+
+    args = parse_args(["--fast-decode-compile", "--memory-history"])
+    assert args.fast_decode_compile is True and args.memory_history is True
+    none = parse_args([])
+    assert none.fast_decode_compile is None and none.memory_history is None  # None: keep the config's
+    assert ServerConfig().fast_decode_compile is False and ServerConfig().memory_history is False
