@@ -290,7 +290,8 @@ def bench_shape(shape: str, args, device, dtype) -> dict:
     print(f"[{shape}] starting a server", flush=True)
     srv = start_server(str(device), "--fast-decode", "on", "--fast-decode-max-batch", str(max(conc)),
                        "--fast-decode-max-len", str(args.max_len), "--log-level", "WARNING",
-                       "--fast-decode-attention", args.server_attention)
+                       "--fast-decode-attention", args.server_attention,
+                       *(["--fast-decode-compile"] if args.server_compile else []))
     from djinn.frontend.connection import Connection
 
     holder = Connection(srv.address, secret=None)  # keeps the model (and its decode pool) between rounds
@@ -417,6 +418,8 @@ def main() -> int:
     p.add_argument("--server-attention", default="auto", help="the server's --fast-decode-attention")
     p.add_argument("--compile-rows", default="", dest="compile_rows",
                    help="row counts to time again with the step compiled (Note [Compiled step]), e.g. 1,32")
+    p.add_argument("--server-compile", action="store_true", dest="server_compile",
+                   help="the server compiles its decode step (--fast-decode-compile, Note [Compiled step])")
     p.add_argument("--in-process-only", action="store_true", dest="in_process_only",
                    help="skip the server rounds")
     p.add_argument("--out", required=True)
