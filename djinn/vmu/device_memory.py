@@ -13,7 +13,8 @@ Note [Device memory agrees]
     - `unowned`: allocated blocks no owner names. This is the number that must stay small; its largest
       blocks are listed with their allocation frames when the server records memory history
       (`--memory-history`), so a leak names its line.
-    A snapshot walks every block (a few ms at tens of thousands of blocks), so only `stats` asks.
+    A snapshot walks every block, on the engine thread, so only `stats` asks, and one snapshot serves
+    the stats calls of two seconds (`age_s` says how old it is; server/handlers/memory.py).
 """
 from __future__ import annotations
 

@@ -37,3 +37,33 @@ def test_frames_of_an_allocation_without_our_frames_are_the_innermost():
     s = seg(0, [(MIB, "active_allocated")])
     s["blocks"][0]["frames"] = [{"filename": "??", "line": 0, "name": "cublasCreate"}]
     assert classify([s], {}).largest_unowned == [{"size": MIB, "frames": ["??:0 cublasCreate"]}]
+
+
+def test_stats_reuse_one_snapshot_for_a_couple_of_seconds(monkeypatch):
+    """stats() is polled on the engine thread; a snapshot walks every block: one serves SNAPSHOT_TTL_S."""
+    import types
+
+    import torch
+
+    from djinn.server.handlers import memory
+    from djinn.vmu.device_memory import Breakdown
+
+    calls, clock = [], [100.0]
+    monkeypatch.setattr(memory, "breakdown", lambda dev, own: calls.append(own) or Breakdown(10, 8, {}, 1, 2, 0))
+    monkeypatch.setattr(memory.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev: (5, 20))
+
+    class Engine:  # what device_memory reads of an engine
+        device = torch.device("cuda:0")
+        data = types.SimpleNamespace(pools={})
+        models, sessions = [], []
+        text = types.SimpleNamespace(device_tensors=lambda: [])
+
+    e = Engine()
+    first, parts = memory.device_memory(e)
+    clock[0] += memory.SNAPSHOT_TTL_S / 2
+    second, _ = memory.device_memory(e)
+    assert len(calls) == 1 and first["age_s"] == 0 and second["age_s"] == memory.SNAPSHOT_TTL_S / 2
+    assert parts == {"buffers": 0, "graph_pools": 1, "cached": 2} and second["reserved"] == 10
+    clock[0] += memory.SNAPSHOT_TTL_S
+    assert memory.device_memory(e)[0]["age_s"] == 0 and len(calls) == 2
