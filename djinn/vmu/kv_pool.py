@@ -192,14 +192,10 @@ class KVPool:
     def nbytes(self) -> int:
         return self.kv.numel() * self.kv.element_size()
 
-    @property
-    def stage_nbytes(self) -> int:
-        """The swap staging buffer's bytes, 0 until the first swap made it (Note [Staged swap])."""
-        return 0 if self._stage is None else self._stage.numel() * self._stage.element_size()
-
-    def buffers(self) -> list[torch.Tensor]:
-        """Every device tensor the pool owns (Note [Device memory agrees] in device_memory.py)."""
-        return [self.kv] + ([self._stage] if self._stage is not None else [])
+    def staging(self) -> list[torch.Tensor]:
+        """The swap staging buffer, once the first swap made it (Note [Staged swap]): the pool's one
+        device tensor besides its blocks (Note [Device memory agrees] in device_memory.py)."""
+        return [] if self._stage is None else [self._stage]
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_tokens)

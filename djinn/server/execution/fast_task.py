@@ -242,7 +242,7 @@ def fast_turn(tasks: list, max_tokens: int) -> None:
         items = chunks.get(key, (pool, []))[1]
         mine = [t for t in fast if t.pool is pool and t.row is not None]
         group = [c for _, c in items]
-        if sum(c.ids.numel() for c in group) <= max_tokens and can_mix(pool, group, _gather(pool, max_tokens)):
+        if can_mix(pool, group, max_tokens, _gather(pool, max_tokens)):
             del chunks[key]
             try:
                 logits = mixed(pool, group)

@@ -395,11 +395,16 @@ class DecodePool:
         finally:
             self.step_s += time.perf_counter() - t0
 
+    def length(self) -> int:
+        """The positions this step's attention spans: the longest row's length bucket with the gather,
+        the pool's max_len with flex (Note [Length buckets])."""
+        longest = max(r.pos for r in self.rows) + 1
+        return length_bucket(longest, self.max_len) if self.attention.length_buckets else self.max_len
+
     def _step(self, rows: list[Row]) -> None:
         n = len(self.rows)
-        longest = max(r.pos for r in self.rows) + 1
         B = _bucket(n, self.slots)
-        L = length_bucket(longest, self.max_len) if self.attention.length_buckets else self.max_len
+        L = self.length()
         # One host-to-device copy each for tokens and positions (done rows still in a slot feed a
         # harmless token at their position), one device-to-host copy for every greedy row's token.
         self.ids[:n].copy_(torch.tensor([r.token for r in self.rows], dtype=torch.long))
@@ -415,14 +420,12 @@ class DecodePool:
     def mixable(self) -> bool:
         """Whether this step's rows can go into a mixed forward with prompt chunks (Note [Mixed step] in
         mixed_step.py): none steers or records (their per-slot buffers live in the graphs)."""
-        return bool(self.rows) and not any(r.steer or r.record for r in self.rows) and any(not r.done for r in self.rows)
+        return any(not r.done for r in self.rows) and not any(r.steer or r.record for r in self.rows)
 
     def decode_inputs(self):
-        """(ids [n], pos [n], tables [n, nb], attention state, length) of every slot's row for a forward
-        outside the captured graphs: the mixed step's decode part (Note [Mixed step])."""
-        n = len(self.rows)
-        longest = max(r.pos for r in self.rows) + 1
-        L = length_bucket(longest, self.max_len) if self.attention.length_buckets else self.max_len
+        """(ids [n], pos [n], tables [n, nb], attention state) of every slot's row for a forward outside
+        the captured graphs: the mixed step's decode part (Note [Mixed step])."""
+        n, L = len(self.rows), self.length()
         ids = torch.tensor([r.token for r in self.rows], dtype=torch.long).to(self.device)
         pos = torch.tensor([r.pos for r in self.rows], dtype=torch.long).to(self.device)
         nb = -(-L // self.bt)

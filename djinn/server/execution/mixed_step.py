@@ -31,7 +31,6 @@ import time
 import torch
 
 from . import paged_step
-from .fastpath import length_bucket
 from .paged_attention import GatherAttention
 from .prefill_step import Chunk
 
@@ -62,14 +61,15 @@ def gathered_tokens(pool, chunks: list[Chunk]) -> int:
     bt = pool.bt
     out = sum(-(-(c.table.length + c.ids.numel()) // bt) * bt for c in chunks)
     if pool.attention.length_buckets:  # the gather: every row over the longest row's length bucket
-        out += len(pool.rows) * length_bucket(max(r.pos for r in pool.rows) + 1, pool.max_len)
+        out += len(pool.rows) * pool.length()
     return out
 
 
-def can_mix(pool, chunks: list[Chunk], gather_tokens: int) -> bool:
-    """Note [Mixed step]: what may go into one forward."""
+def can_mix(pool, chunks: list[Chunk], max_tokens: int, gather_tokens: int) -> bool:
+    """Note [Mixed step]: what may go into one forward (prompt tokens within `max_tokens`, the prefill
+    the Stack reserve was measured at)."""
     return (bool(chunks) and pool.mixable() and not any(c.steer or c.record for c in chunks)
-            and gathered_tokens(pool, chunks) <= gather_tokens)
+            and sum(c.ids.numel() for c in chunks) <= max_tokens and gathered_tokens(pool, chunks) <= gather_tokens)
 
 
 @torch.inference_mode()
