@@ -23,8 +23,8 @@ Note [One step for every architecture]
     without building anything: the masks are the paged attention's own (a row's length, its window).
     Every layer must call update then attend exactly once, in that order (the attend reads the layer
     the update named); `check` runs a 3-token probe forward per model and refuses one that does not,
-    or whose logits differ from its plain forward: e.g. Falcon before transformers 5.2x, whose
-    attention does not dispatch through the interface.
+    or whose logits differ from its plain forward. A module class whose release does not dispatch
+    (Falcon before transformers 5.2x) gets an adapter if one exists (Note [Attention adapters]).
     The kernels are the ones the Llama-only step this replaced issued by hand (the same projections,
     rotary, norms and MLP modules, the same writes and attention): the Python around them differs,
     and on CUDA the step is a captured graph, so that Python runs only at capture.
@@ -50,6 +50,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
+
+from . import attention_adapters
 
 IMPL = "djinn_paged"
 
@@ -175,7 +177,12 @@ def check(module: torch.nn.Module) -> str | None:
     """None when the paged forward works for this module, else why not (Note [One step for every
     architecture]); probed once per module."""
     if module not in _checked:
-        _checked[module] = _probe(module)
+        why = _probe(module)
+        if why == _NOT_DISPATCHED and attention_adapters.install(module):  # Note [Attention adapters]
+            why = _probe(module)
+            if why is not None:
+                attention_adapters.uninstall(module)
+        _checked[module] = why
     return _checked[module]
 
 
