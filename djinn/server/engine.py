@@ -105,6 +105,7 @@ class Engine(threading.Thread):
         self.draining = False
         self.drain = True  # on stop, let running work finish first (server_main clears it when orphaned)
         self.fatal: str | None = None  # a sticky device error: the process must be replaced
+        self.meta: dict = {}  # the request being served's Request.meta (Note [One server, several workers])
 
     # -- loop ------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -166,14 +167,35 @@ class Engine(threading.Thread):
             next_reap = now + 1.0
             self._reap_idle()
             self._publish_metrics()
+            self.router.report(self.load())
         return next_reap
 
-    def _take(self, item: Request | ClientGone) -> None:
+    def _take(self, item) -> None:
         if isinstance(item, Request):
             self.serve(item)
         elif isinstance(item, ClientGone):
             for s in self.sessions.of_client(item.client_id):
                 self.close_session(s, f"client {item.reason}")
+        else:  # a front's own message to this worker (cluster/link.py)
+            self._control(item)
+
+    def _control(self, item) -> None:
+        if item.op == "stats":
+            try:
+                result = OPS["stats"](self, str(item.fields.get("client")), 0, {})
+            except Exception as e:  # the front must still hear from this worker, or its stats call waits
+                result = {"error": f"{type(e).__name__}: {e}"}
+            self.router.control("stats", gid=item.fields.get("gid"), result=result)
+        else:
+            log.error("unknown control op %r from the front", item.op)
+
+    def load(self) -> dict:
+        """What a front places new sessions by (Note [One server, several workers]): free KV bytes
+        (free blocks of every pool, and device memory no pool holds), and the sessions held."""
+        free = sum(p.alloc.free * p.block_bytes for p in self.data.pools.values())
+        if self.device.type == "cuda":
+            free += torch.cuda.mem_get_info(self.device)[0]
+        return {"free_kv_bytes": int(free), "sessions": len(self.sessions)}
 
     def _send(self, answers: list[Answer]) -> None:
         """Send the dispatcher's replies, then serve the requests that waited behind the jobs that ended
@@ -227,6 +249,7 @@ class Engine(threading.Thread):
             if refused is not None:
                 self._send([refused])
             return
+        self.meta = req.meta  # what a front added: the id of a session it placed here
         try:
             handler = OPS.get(op)
             if handler is None:
@@ -248,6 +271,7 @@ class Engine(threading.Thread):
                 self.reply(req, result)
         finally:
             self.requests_served += 1
+            self.meta = {}
 
     # -- replies ---------------------------------------------------------------------------------
     def send(self, client_id: str, kind: MsgType, header: dict) -> None:
@@ -325,6 +349,7 @@ class Engine(threading.Thread):
     def close_session(self, s: Session, reason: str) -> None:
         if self.sessions.remove(s.sid) is None:
             return
+        self.router.session_closed(s.sid)
         self._send(self.dispatch.drop_session(s.sid, reason))      # unwinds its generate, fails what waits
         self.runs.cancel_session(s, f"session closed ({reason})")  # unwinds their threads, frees the Stack
         counters = self.data.close(s)                              # waits for a swap in flight, frees its KV

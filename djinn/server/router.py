@@ -43,6 +43,7 @@ class Request:
     client_id: str
     msg: Message
     t0: float | None = None  # when the engine first saw it (perf_counter), for the latency histogram
+    meta: dict = field(default_factory=dict)  # what a front adds (Note [One server, several workers])
 
     @property
     def header(self) -> dict:
@@ -131,6 +132,12 @@ class Router:
         client = self._by_id.get(client_id)
         if client is not None:  # a client that went away just misses its reply
             self.sock.send_multipart([client.identity, *frames], copy=False)
+
+    def report(self, load: dict) -> None:
+        """A one-device server places nothing: the engine's load is for a front (cluster/link.py)."""
+
+    def session_closed(self, sid: str) -> None:
+        """Only a front keeps a table of sessions (cluster/link.py)."""
 
     def bye_all(self) -> None:
         """Tell every connected client that the server is going away (they fail fast, then reconnect)."""

@@ -22,6 +22,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--gpu", type=int, help="serve on cuda:N")
     g.add_argument("--device", help="torch device to serve on (cpu, cuda:0); default: cuda:0 if present, else cpu")
+    p.add_argument("--gpus", help="serve on several GPUs, one worker each: e.g. 0,1 (Note [One server, several workers])")
+    p.add_argument("--workers", type=int, default=1,
+                   help="with --device: that many worker processes on it (e.g. --device cpu --workers 2, for tests)")
+    p.add_argument("--front", help=argparse.SUPPRESS)        # a worker of a front: its internal address
+    p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--world", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--dist-port", type=int, dest="dist_port", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help="TCP port (default 5556; 0 picks a free one)")
     p.add_argument("--bind", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--config", help="YAML file of ServerConfig settings")
@@ -156,6 +163,8 @@ def main(argv=None) -> int:
     from .engine import Engine
     from .router import Router
 
+    if args.front is None and (args.gpus or args.workers > 1):
+        return _serve_front(args, cfg, list(sys.argv[1:] if argv is None else argv))
     device = pick_device(args, cfg)
     if cfg.weight_budget_gb is not None and device.type != "cuda":
         print(f"djinn server: weight_budget_gb={cfg.weight_budget_gb} needs a CUDA device (weight streaming keeps "
@@ -171,11 +180,17 @@ def main(argv=None) -> int:
         "pid": os.getpid(), "boot": secrets.token_hex(8),  # a new boot id: clients see a restart
     }
     ctx = zmq.Context()
-    try:
-        router = Router(ctx, cfg, info)
-    except zmq.ZMQError as e:
-        print(f"djinn server: cannot listen on {cfg.bind}:{cfg.port}: {e}", file=sys.stderr)
-        return 1
+    if args.front is not None:  # a worker of a front (Note [One server, several workers])
+        from .cluster.link import WorkerLink
+
+        _join_group(args, device)
+        router = WorkerLink(ctx, args.front, args.rank, cfg, info)
+    else:
+        try:
+            router = Router(ctx, cfg, info)
+        except zmq.ZMQError as e:
+            print(f"djinn server: cannot listen on {cfg.bind}:{cfg.port}: {e}", file=sys.stderr)
+            return 1
     engine = Engine(router, cfg, device, stop)
     engine.start()
     print(f"{READY_PREFIX}{router.address} (device {device}, {info['device_name']})", flush=True)
@@ -195,6 +210,72 @@ def main(argv=None) -> int:
         return 3  # supervisor.EXIT_FATAL_DEVICE: restart in a fresh process
     logging.getLogger("djinn.server").info("stopped")
     return 0
+
+
+# Flags a front passes on to its workers as they are, minus the ones that say where and how many.
+_FRONT_ONLY = ("--gpus", "--workers", "--device", "--gpu", "--port", "--bind", "--parent-pid", "--metrics-port",
+               "--curve-secret-key", "--curve-allowed-dir", "--secret")
+
+
+def _serve_front(args, cfg, argv: list[str]) -> int:
+    """A front and one worker per device (Note [One server, several workers] in cluster/front.py)."""
+    import torch
+
+    from .. import __version__
+    from .cluster.front import Front
+    from .supervisor import _drop_flag
+
+    if args.gpus:
+        devices = [f"cuda:{int(g)}" for g in args.gpus.split(",")]
+        if not torch.cuda.is_available() or max(int(g) for g in args.gpus.split(",")) >= torch.cuda.device_count():
+            print(f"djinn server: --gpus {args.gpus} but this machine has {torch.cuda.device_count()} GPU(s)",
+                  file=sys.stderr)
+            return 2
+    else:
+        devices = [str(pick_device(args, cfg))] * args.workers
+    for flag in _FRONT_ONLY:
+        argv = _drop_flag(argv, flag)
+    argv = [a for a in argv if a not in ("--worker", "--no-supervise")]
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    info = {"server": f"djinn {__version__}", "torch": torch.__version__, "device": ", ".join(devices),
+            "device_name": f"{len(devices)} workers", "pid": os.getpid(), "boot": secrets.token_hex(8)}
+    front = Front(cfg, devices, argv, info)
+    code = 1
+    try:
+        front.wait_ready()
+        address = front.listen()
+        print(f"{READY_PREFIX}{address} (devices {', '.join(devices)}, {len(devices)} workers)", flush=True)
+        if args.parent_pid:
+            threading.Thread(target=_watch_parent, args=(args.parent_pid, stop), daemon=True).start()
+        code = front.serve(stop)
+    finally:
+        front.close(cfg.drain_timeout_s)
+    return code
+
+
+def _watch_parent(pid: int, stop: threading.Event) -> None:
+    while not stop.is_set():
+        if not _alive(pid):
+            stop.set()
+        stop.wait(0.2)
+
+
+def _join_group(args, device) -> None:
+    """The workers' torch.distributed group: tensors between workers travel over it (gloo on CPUs,
+    NCCL on GPUs); the front is not in it."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            init_method=f"tcp://127.0.0.1:{args.dist_port}", rank=args.rank,
+                            world_size=args.world, timeout=timedelta(seconds=120))
 
 
 def exit_process(code: int) -> None:

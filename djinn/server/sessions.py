@@ -162,10 +162,13 @@ class SessionTable:
     def __contains__(self, sid: object) -> bool:
         return sid in self._sessions
 
-    def open(self, client_id: str, name: str | None, principal: str = LOCAL) -> Session:
-        """A new session of `client_id`, charged to `principal`; QuotaExceeded past its session caps."""
+    def open(self, client_id: str, name: str | None, principal: str = LOCAL, sid: str | None = None) -> Session:
+        """A new session of `client_id`, charged to `principal`; QuotaExceeded past its session caps.
+        `sid`: the id a front chose (Note [One server, several workers]); else a new random one."""
+        if sid is not None and sid in self._sessions:
+            raise ValueError(f"session id {sid[:12]} is taken")
         self._ledger.take(Resource.SESSIONS, principal)
-        s = Session(secrets.token_hex(12), client_id, name, principal, readonly=self._readonly)
+        s = Session(sid or secrets.token_hex(12), client_id, name, principal, readonly=self._readonly)
         self._sessions[s.sid] = s
         return s
 

@@ -1,0 +1,1 @@
+"""Several workers behind one address (Note [One server, several workers] in front.py)."""

@@ -1,0 +1,337 @@
+"""The front of a server with several workers: one address for clients, one engine per device.
+
+Note [One server, several workers]
+    `server_main --gpus 0,1` (or `--device cpu --workers 2`) runs this front and one worker process per
+    device. The front owns the clients' socket (the same Router as a one-device server: HELLO, auth,
+    heartbeats, reaping), the session table (session id -> worker) and placement; each worker runs an
+    unchanged Engine (its VMU, scheduler, dispatcher and fast path) on its device, polling a WorkerLink
+    where a one-device server polls the Router. Clients see one server: the front relays each request
+    to the worker holding its session and each reply back as it came, without re-encoding (tensors
+    stay in their frames). Control (requests, replies, load reports) travels over ZeroMQ; tensors
+    that move between workers (a model's weights, a migrated session's blocks) travel over the
+    workers' torch.distributed group (gloo on CPUs, NCCL on GPUs), which the front is not part of:
+    it holds no tensors. This is vLLM's split (a message-queue control plane, an NCCL data plane).
+    Each worker schedules its own device: sessions on different workers share nothing a step would
+    need, so no per-step plan crosses processes (a tensor-parallel model's workers will exchange its
+    plan among themselves).
+
+    Routing: `open_session` is placed (below) and the front names the new session's id, so it knows
+    the worker before the reply; a request naming a session goes to its worker; `stats` goes to
+    every worker and the front merges the answers (`workers` lists each one's); anything else (ping)
+    goes to the first live worker. A client that leaves is told to every worker.
+
+    Placement: a new session goes to the live worker with the most free KV bytes (free blocks of its
+    models' pools, and device memory no pool holds yet), as each worker last reported (every second);
+    ties go to the worker with fewer sessions in the front's table. A
+    session does not name its model when it opens, so "free for its model" is the worker's free KV
+    overall.
+
+    A worker that dies fails only its own sessions: the front answers every request it had relayed
+    there and not seen answered with SessionLost, and later requests for its sessions the same way;
+    the other workers keep serving. The worker is not replaced (a new process cannot join the
+    torch.distributed group of the old ones); the server goes on with fewer devices, and ends (for the
+    supervisor to restart it whole) when none is left.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import zmq
+
+from ...protocol import codec
+from ...protocol.errors import DjinnError, SessionLost, ServerUnavailable, wire_error
+from ...protocol.messages import MsgType
+from ..router import ClientGone, Request, Router
+from . import wire
+
+log = logging.getLogger("djinn.front")
+
+READY_TIMEOUT_S = 300.0  # a worker's start: torch, transformers and, on a GPU, its CUDA context
+
+
+@dataclass
+class Worker:
+    rank: int
+    device: str
+    proc: subprocess.Popen
+    identity: bytes
+    info: dict | None = None          # its HELLO info, once ready
+    alive: bool = True
+    load: dict = field(default_factory=dict)                 # its last report (Engine.load)
+    inflight: set = field(default_factory=set)               # (client id, rid) relayed, not yet answered
+
+    @property
+    def ready(self) -> bool:
+        return self.info is not None
+
+
+@dataclass
+class _Gather:
+    """A stats request the front answers once every live worker has."""
+
+    req: Request
+    parts: dict = field(default_factory=dict)  # rank -> that worker's stats
+    waiting: set = field(default_factory=set)  # ranks not yet answered
+
+
+class Front:
+    def __init__(self, cfg, devices: list[str], worker_argv: list[str], server_info: dict):
+        self.cfg, self.devices, self.info = cfg, devices, server_info
+        self.ctx = zmq.Context()
+        self._dir = tempfile.mkdtemp(prefix="djinn-front-")  # 0700: only this user reaches the workers
+        self.internal = self.ctx.socket(zmq.ROUTER)
+        self.internal.setsockopt(zmq.LINGER, 0)
+        self.internal.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.internal.setsockopt(zmq.SNDHWM, 0)
+        self.internal.setsockopt(zmq.RCVHWM, 0)
+        self.internal_address = f"ipc://{self._dir}/front"
+        self.internal.bind(self.internal_address)
+        self.workers: list[Worker] = []
+        self.sessions: dict[str, int] = {}   # sid -> rank
+        self.lost: set[str] = set()          # sessions of workers that died
+        self._gathers: dict[int, _Gather] = {}
+        self._next_gather = 0
+        self.router: Router | None = None
+        dist_port = _free_port()
+        for rank, dev in enumerate(devices):
+            cmd = [sys.executable, "-m", "djinn.server.server_main", "--worker", "--device", dev,
+                   "--front", self.internal_address, "--rank", str(rank), "--world", str(len(devices)),
+                   "--dist-port", str(dist_port), "--parent-pid", str(os.getpid()), *worker_argv]
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+            self.workers.append(Worker(rank, dev, proc, f"w{rank}".encode()))
+
+    # -- start and stop ------------------------------------------------------------------------------
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Every worker said ready, or SystemExit naming the one that did not."""
+        deadline = time.monotonic() + timeout_s
+        while not all(w.ready for w in self.workers):
+            for w in self.workers:
+                if w.proc.poll() is not None:
+                    raise SystemExit(f"djinn server: worker {w.rank} ({w.device}) exited with {w.proc.returncode} "
+                                     "before it was ready")
+            if time.monotonic() > deadline:
+                raise SystemExit(f"djinn server: workers not ready after {timeout_s:.0f} s")
+            if self.internal.poll(100, zmq.POLLIN):
+                self._drain_internal()
+
+    def listen(self) -> str:
+        self.router = Router(self.ctx, self.cfg, dict(self.info, workers=[w.info for w in self.workers]))
+        return self.router.address
+
+    def serve(self, stop) -> int:
+        """Relay until `stop` is set or no worker is left; the exit code."""
+        poller = zmq.Poller()
+        poller.register(self.router.sock, zmq.POLLIN)
+        poller.register(self.internal, zmq.POLLIN)
+        while not stop.is_set():
+            ready = dict(poller.poll(100))
+            for item in self.router.poll(0):
+                self._client(item)
+            if self.internal in ready:
+                self._drain_internal()
+            self._check_workers()
+            if not any(w.alive for w in self.workers):
+                log.error("every worker has died; stopping")
+                return 1
+        return 0
+
+    def close(self, drain_s: float) -> None:
+        for w in self.workers:
+            if w.proc.poll() is None:
+                w.proc.terminate()  # each drains (bounded) and stops
+        deadline = time.monotonic() + drain_s + 10
+        for w in self.workers:
+            try:
+                w.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                w.proc.kill()
+                w.proc.wait()
+        if self.router is not None:
+            self.router.bye_all()
+            self.router.close()
+        self.internal.close(linger=0)
+        self.ctx.term()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    # -- clients -------------------------------------------------------------------------------------
+    def _client(self, item) -> None:
+        if isinstance(item, ClientGone):
+            for w in self._live():
+                self._send(w, [wire.GONE, item.client_id.encode(), item.reason.encode()])
+            return
+        req: Request = item
+        op, args = req.header["op"], req.header.get("args")
+        args = args if isinstance(args, dict) else {}
+        meta = {"principal": self.router.principal(req.client_id) or ""}
+        if op == "stats":
+            self._gather_stats(req)
+            return
+        if op == "open_session":
+            w = self._place()
+            meta["sid"] = sid = secrets.token_hex(12)
+            self.sessions[sid] = w.rank
+        elif isinstance(args.get("sid"), str):
+            sid = args["sid"]
+            rank = self.sessions.get(sid)
+            if rank is None and sid in self.lost:
+                self._error(req, SessionLost(f"session {sid[:12]} was lost with the worker that held it"))
+                return
+            w = self.workers[rank] if rank is not None else self._first()  # unknown: its answer says so
+        else:
+            w = self._first()
+        if w is None:
+            self._error(req, ServerUnavailable("no worker is serving"))
+            return
+        w.inflight.add((req.client_id, req.msg.rid))
+        self._send(w, [wire.REQUEST, req.client_id.encode(), wire.pack(meta), *req.msg.frames])
+
+    def _place(self) -> Worker | None:
+        """Note [One server, several workers]: the most free KV bytes, then the fewest sessions."""
+        live = self._live()
+        if not live:
+            return None
+        count = {w.rank: 0 for w in live}
+        for rank in self.sessions.values():
+            if rank in count:
+                count[rank] += 1
+        return max(live, key=lambda w: (w.load.get("free_kv_bytes", 0), -count[w.rank], -w.rank))
+
+    def _gather_stats(self, req: Request) -> None:
+        live = self._live()
+        if not live:
+            self._error(req, ServerUnavailable("no worker is serving"))
+            return
+        gid = self._next_gather = self._next_gather + 1
+        self._gathers[gid] = _Gather(req, waiting={w.rank for w in live})
+        for w in live:
+            self._send(w, [wire.CONTROL, wire.pack({"op": "stats", "client": req.client_id, "gid": gid})])
+
+    def _finish_gathers(self) -> None:
+        for gid, g in list(self._gathers.items()):
+            if g.waiting:
+                continue
+            del self._gathers[gid]
+            self._reply(g.req, merge_stats(g.parts, self))
+
+    # -- workers -------------------------------------------------------------------------------------
+    def _drain_internal(self) -> None:
+        for _ in range(256):
+            try:
+                frames = self.internal.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            w = self._by_identity(frames[0].bytes)
+            if w is None:
+                continue
+            kind = frames[1].bytes
+            if kind == wire.REPLY:
+                client_id = frames[2].bytes.decode()
+                if frames[4].bytes == b"1":
+                    w.inflight.discard((client_id, wire.unpack(frames[3].bytes)))
+                if self.router is not None:
+                    self.router.send(client_id, frames[5:])
+            elif kind == wire.CONTROL:
+                self._control(w, wire.unpack(frames[2].bytes))
+
+    def _control(self, w: Worker, fields: dict) -> None:
+        op = fields.get("op")
+        if op == "ready":
+            w.info = fields.get("info") or {}
+            log.info("worker %d ready on %s", w.rank, w.device)
+        elif op == "load":
+            w.load = fields
+        elif op == "closed":
+            if self.sessions.get(fields.get("sid")) == w.rank:
+                del self.sessions[fields["sid"]]
+        elif op == "stats":
+            g = self._gathers.get(fields.get("gid"))
+            if g is not None and w.rank in g.waiting:
+                g.waiting.discard(w.rank)
+                g.parts[w.rank] = fields.get("result") or {}
+                self._finish_gathers()
+
+    def _check_workers(self) -> None:
+        for w in self.workers:
+            if w.alive and w.proc.poll() is not None:
+                self._lose(w, f"exit status {w.proc.returncode}")
+
+    def _lose(self, w: Worker, why: str) -> None:
+        w.alive = False
+        mine = [sid for sid, rank in self.sessions.items() if rank == w.rank]
+        log.error("worker %d (%s) died (%s): its %d sessions are lost; the other workers serve on",
+                  w.rank, w.device, why, len(mine))
+        for sid in mine:
+            del self.sessions[sid]
+            self.lost.add(sid)
+        err = SessionLost(f"the worker on {w.device} that held this session died ({why})")
+        for client_id, rid in w.inflight if self.router is not None else ():
+            self.router.send(client_id, codec.encode(MsgType.ERROR, wire_error(rid, err)))
+        w.inflight.clear()
+        for g in self._gathers.values():
+            g.waiting.discard(w.rank)
+        self._finish_gathers()
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def _live(self) -> list[Worker]:
+        return [w for w in self.workers if w.alive and w.ready]
+
+    def _first(self) -> Worker | None:
+        live = self._live()
+        return live[0] if live else None
+
+    def _by_identity(self, identity: bytes) -> Worker | None:
+        return next((w for w in self.workers if w.identity == identity), None)
+
+    def _send(self, w: Worker, frames: list) -> None:
+        self.internal.send_multipart([w.identity, *frames], copy=False)
+
+    def _reply(self, req: Request, result) -> None:
+        self.router.send(req.client_id, codec.encode(MsgType.REPLY, {"rid": req.msg.rid, "result": result}))
+
+    def _error(self, req: Request, e: DjinnError) -> None:
+        self.router.send(req.client_id, codec.encode(MsgType.ERROR, wire_error(req.msg.rid, e)))
+
+
+def merge_stats(parts: dict[int, dict], front: Front) -> dict:
+    """One `stats()` from every worker's: the first's shape, sessions and models of all of them (each
+    session says its worker), segments and counters summed, and `workers` with each one's own."""
+    ranks = sorted(parts)
+    first = dict(parts[ranks[0]]) if ranks else {}
+    sessions, models = {}, {}
+    for r in ranks:
+        for sid, s in (parts[r].get("sessions") or {}).items():
+            sessions[sid] = dict(s, worker=r)
+        for mid, m in (parts[r].get("models") or {}).items():
+            merged = models.setdefault(mid, dict(m, workers=[], sessions=[]))
+            merged["workers"].append(r)
+            merged["sessions"] = sorted({*merged["sessions"], *(m.get("sessions") or [])})
+    segments: dict = {}
+    for r in ranks:
+        for k, v in (parts[r].get("segments") or {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                segments[k] = segments.get(k, 0) + v
+    first.update(
+        sessions=sessions, models=models, segments=segments,
+        device=", ".join(front.workers[r].device for r in ranks),
+        requests_served=sum(parts[r].get("requests_served", 0) or 0 for r in ranks),
+        workers=[{"rank": r, "device": front.workers[r].device, "alive": front.workers[r].alive,
+                  "pid": (front.workers[r].info or {}).get("pid"),
+                  "sessions": len(parts[r].get("sessions") or {}), **{k: parts[r].get(k) for k in
+                  ("segments", "kv", "device_memory", "scheduler", "requests_served")}} for r in ranks]
+        + [{"rank": w.rank, "device": w.device, "alive": False} for w in front.workers if not w.alive])
+    return first
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

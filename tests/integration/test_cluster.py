@@ -1,0 +1,98 @@
+"""Tier 2: one server with two worker processes (`--workers 2`, gloo on the CPU): placement, routing,
+merged stats, a client leaving, and a killed worker failing only its own sessions
+(Note [One server, several workers] in djinn/server/cluster/front.py)."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from djinn.frontend.connection import Connection
+from djinn.frontend.remote import RemoteModel
+from djinn.protocol.errors import SessionLost, SessionNotFound
+
+from ..models import TINY_BUILDERS
+
+P = torch.tensor([[1, 17, 42, 99, 5, 250, 7, 64]])
+
+
+@pytest.fixture(scope="module")
+def model():
+    return TINY_BUILDERS["llama"](seed=0, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def want(model):
+    with torch.no_grad():
+        return model.generate(P, max_new_tokens=8, do_sample=False)
+
+
+def _workers_of(conn) -> dict[str, int]:
+    return {sid: s["worker"] for sid, s in conn.stats()["sessions"].items()}
+
+
+def test_sessions_are_spread_over_the_workers_and_generate_as_local(start_server, model, want):
+    srv = start_server("--workers", "2")
+    conn = Connection(srv.address, secret=None)
+    try:
+        # Opened before any model: both workers report no free KV yet, so the fewer sessions wins.
+        a, b = conn.session("a"), conn.session("b")
+        placed = _workers_of(conn)
+        assert {placed[a.sid], placed[b.sid]} == {0, 1}
+        for s in (a, b):
+            rm = RemoteModel.from_module(s, model)
+            assert torch.equal(s.generate(rm, P, max_new_tokens=8), want)
+            # KV continues on the session's own worker
+            more = s.generate(rm, torch.tensor([[3, 4]]), max_new_tokens=4)
+            assert more.shape[1] == want.shape[1] + 2 + 4
+        st = conn.stats()
+        assert [w["rank"] for w in st["workers"]] == [0, 1]
+        assert all(w["alive"] and w["sessions"] == 1 for w in st["workers"])
+        mid = next(iter(st["models"]))
+        assert st["models"][mid]["workers"] == [0, 1]
+        assert sorted(st["models"][mid]["sessions"]) == sorted([a.sid, b.sid])
+        assert st["segments"]["text"] == sum(w["segments"]["text"] for w in st["workers"]) > 0
+        # A session id is only good for its client, whichever worker holds it.
+        other = Connection(srv.address, secret=None)
+        with pytest.raises(SessionNotFound):
+            other.transport.call("reset_kv", {"sid": a.sid})
+        other.close()
+        # A client that leaves has its sessions closed on every worker.
+        conn.close()
+        conn = Connection(srv.address, secret=None)
+        deadline = time.monotonic() + 10
+        while conn.stats()["sessions"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert conn.stats()["sessions"] == {}
+    finally:
+        conn.close()
+
+
+def test_a_killed_worker_fails_only_its_sessions(start_server, model, want):
+    srv = start_server("--workers", "2")
+    conn = Connection(srv.address, secret=None)
+    try:
+        a, b = conn.session("a"), conn.session("b")
+        models = {s.sid: RemoteModel.from_module(s, model) for s in (a, b)}
+        placed = _workers_of(conn)
+        victim = next(w for w in conn.stats()["workers"] if w["rank"] == placed[b.sid])
+        os.kill(victim["pid"], signal.SIGKILL)
+        with pytest.raises(SessionLost):
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # until the front has seen the worker go
+                b.generate(models[b.sid], P, max_new_tokens=8)
+                time.sleep(0.1)
+        # the other worker's session goes on, bitwise as before
+        assert torch.equal(a.generate(models[a.sid], P, max_new_tokens=8), want)
+        st = conn.stats()
+        assert [w["alive"] for w in sorted(st["workers"], key=lambda w: w["rank"])] == \
+            [r != placed[b.sid] for r in (0, 1)]
+        assert set(st["sessions"]) == {a.sid}
+        # new sessions go to the worker left
+        c = conn.session("c")
+        assert _workers_of(conn)[c.sid] == placed[a.sid]
+    finally:
+        conn.close()
