@@ -137,6 +137,13 @@ class Session:
         child.fork_info = {"shared_blocks": reply["shared_blocks"], "fork_ms": reply["fork_ms"]}
         return child
 
+    def migrate(self, worker: int | None = None) -> dict:
+        """Move this session, between requests, to another worker of a server with several (`--gpus
+        0,1`): its KV, token ids, tensors and models go with it and it continues exactly as if it had
+        stayed. `worker`: its rank (`djinn.stats()["workers"]`); None lets the server pick the one
+        with the most free KV. Returns {"worker", "moved", "seconds", "bytes"}."""
+        return self.call("migrate", {"worker": worker})
+
     def checkpoint_on_shutdown(self, on: bool = True) -> str | None:
         """Ask the server to write this session (KV caches, token ids, tensors) to host memory if it
         shuts down; returns the token for `conn.restore_session(token)` after the restart."""

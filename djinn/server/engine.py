@@ -38,6 +38,7 @@ from ..vmu import device_memory
 from ..vmu.data import GIB, DataSegment
 from ..vmu.text import TextSegment
 from ..vmu.uploads import Uploads
+from .cluster import migrate
 from .dispatch import CONTROL_OPS, Answer, Dispatcher, Job, Quotas
 from .execution.runs import RunTable
 from .handlers import checkpoint, fork, graph_ops, init_ops, model_ops, ops, run_ops
@@ -186,6 +187,8 @@ class Engine(threading.Thread):
             except Exception as e:  # the front must still hear from this worker, or its stats call waits
                 result = {"error": f"{type(e).__name__}: {e}"}
             self.router.control("stats", gid=item.fields.get("gid"), result=result)
+        elif item.op in migrate.CONTROL_OPS:
+            migrate.control(self, item.op, item.fields)
         else:
             log.error("unknown control op %r from the front", item.op)
 

@@ -172,6 +172,10 @@ class SessionTable:
         self._sessions[s.sid] = s
         return s
 
+    def find(self, sid: str) -> Session | None:
+        """The session, whoever's it is: for the server's own bookkeeping, never for a client's request."""
+        return self._sessions.get(sid)
+
     def get(self, sid: object, client_id: str) -> Session:
         s = self._sessions.get(sid) if isinstance(sid, str) else None
         if s is None or s.client_id != client_id:

@@ -12,7 +12,7 @@ import torch
 
 from djinn.frontend.connection import Connection
 from djinn.frontend.remote import RemoteModel
-from djinn.protocol.errors import SessionLost, SessionNotFound
+from djinn.protocol.errors import InvalidRequest, SessionLost, SessionNotFound
 
 from ..models import TINY_BUILDERS
 
@@ -96,3 +96,54 @@ def test_a_killed_worker_fails_only_its_sessions(start_server, model, want):
         assert _workers_of(conn)[c.sid] == placed[a.sid]
     finally:
         conn.close()
+
+
+def test_a_migrated_session_continues_bitwise(start_server, model):
+    """Note [Migration]: a swapped session's KV, token ids and model move; generating after the move
+    equals a session that never moved, and weights are sent only to a worker that lacks them."""
+    srv = start_server("--workers", "2", "--swap-on-io-wait")
+    conn = Connection(srv.address, secret=None)
+    try:
+        a, ref = conn.session("moving"), conn.session("staying")
+        placed = _workers_of(conn)
+        assert placed[a.sid] != placed[ref.sid]
+        ra, rr = RemoteModel.from_module(a, model), RemoteModel.from_module(ref, model)
+        first = a.generate(ra, P, max_new_tokens=6)
+        assert torch.equal(first, ref.generate(rr, P, max_new_tokens=6))
+        weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        a.signal("IO_WAIT", eta_s=60)  # its KV goes to the host pool: it moves from there
+        deadline = time.monotonic() + 10
+        while conn.stats()["sessions"][a.sid]["state"] != "SWAPPED" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert conn.stats()["sessions"][a.sid]["state"] == "SWAPPED"
+        # the other worker holds these weights already (the reference uploaded them): only the state goes
+        moved = a.migrate()
+        assert moved["moved"] and moved["worker"] == placed[ref.sid] and 0 < moved["bytes"] < weight_bytes
+        st = conn.stats()
+        assert st["sessions"][a.sid]["worker"] == placed[ref.sid]
+        assert st["sessions"][a.sid]["kv_tokens"] == {ra.model_id: first.shape[1]}
+        a.signal("COMPUTE")
+        nxt = torch.tensor([[9, 8, 7]])
+        second = a.generate(ra, nxt, max_new_tokens=5)
+        assert torch.equal(second, ref.generate(rr, nxt, max_new_tokens=5))
+        # back to a worker that holds no session now, and no weights: they go too
+        ref.close()
+        back = a.migrate(placed[a.sid])
+        assert back["moved"] and back["worker"] == placed[a.sid] and back["bytes"] >= weight_bytes
+        more = torch.tensor([[5, 6]])
+        with torch.no_grad():
+            local = model.generate(torch.cat([second, more], 1), max_new_tokens=4, do_sample=False)
+        assert torch.equal(a.generate(ra, more, max_new_tokens=4), local)
+        # moving where it is, or to a worker that does not exist: nothing moves, the session goes on
+        assert a.migrate(placed[a.sid])["moved"] is False
+        with pytest.raises(InvalidRequest, match="not a live worker"):
+            a.migrate(7)
+        assert _workers_of(conn)[a.sid] == placed[a.sid]
+    finally:
+        conn.close()
+
+
+def test_migrate_on_a_one_worker_server_says_why(conn):
+    with conn.session("one") as s:
+        with pytest.raises(Exception, match="one worker"):
+            s.migrate()

@@ -15,8 +15,9 @@ Note [One server, several workers]
     need, so no per-step plan crosses processes (a tensor-parallel model's workers will exchange its
     plan among themselves).
 
-    Routing: `open_session` is placed (below) and the front names the new session's id, so it knows
-    the worker before the reply; a request naming a session goes to its worker; `stats` goes to
+    Routing: `open_session` and `restore_session` are placed (below) and the front names the new
+    session's id, so it knows the worker before the reply (a fork is named too, and stays on its
+    parent's worker, whose blocks it shares); a request naming a session goes to its worker; `stats` goes to
     every worker and the front merges the answers (`workers` lists each one's); anything else (ping)
     goes to the first live worker. A client that leaves is told to every worker.
 
@@ -48,7 +49,9 @@ from dataclasses import dataclass, field
 import zmq
 
 from ...protocol import codec
-from ...protocol.errors import DjinnError, SessionLost, ServerUnavailable, wire_error
+from ...protocol.errors import (
+    DjinnError, InvalidRequest, ServerBusy, ServerUnavailable, SessionLost, SessionNotFound, wire_error,
+)
 from ...protocol.messages import MsgType
 from ..router import ClientGone, Request, Router
 from . import wire
@@ -72,6 +75,19 @@ class Worker:
     @property
     def ready(self) -> bool:
         return self.info is not None
+
+
+@dataclass
+class _Migration:
+    """One session moving (Note [Migration] in migrate.py); its requests wait in `Front.held`."""
+
+    mig: int
+    req: Request
+    sid: str
+    src: int
+    dst: int
+    t0: float = field(default_factory=time.perf_counter)
+    bytes: int = 0
 
 
 @dataclass
@@ -99,7 +115,9 @@ class Front:
         self.sessions: dict[str, int] = {}   # sid -> rank
         self.lost: set[str] = set()          # sessions of workers that died
         self._gathers: dict[int, _Gather] = {}
-        self._next_gather = 0
+        self.held: dict[str, list[Request]] = {}  # sid -> its requests while it moves
+        self._migration: _Migration | None = None   # one at a time (Note [Migration])
+        self._ids = 0  # migration and stats-gather ids
         self.router: Router | None = None
         dist_port = _free_port()
         for rank, dev in enumerate(devices):
@@ -175,10 +193,17 @@ class Front:
         if op == "stats":
             self._gather_stats(req)
             return
-        if op == "open_session":
+        if isinstance(args.get("sid"), str) and args["sid"] in self.held:
+            self.held[args["sid"]].append(req)  # served where it lands
+            return
+        if op == "migrate":
+            self._migrate(req, args)
+            return
+        if op in ("open_session", "restore_session"):  # a new session: placed
             w = self._place()
-            meta["sid"] = sid = secrets.token_hex(12)
-            self.sessions[sid] = w.rank
+            if w is not None:
+                meta["new_sid"] = secrets.token_hex(12)
+                self.sessions[meta["new_sid"]] = w.rank
         elif isinstance(args.get("sid"), str):
             sid = args["sid"]
             rank = self.sessions.get(sid)
@@ -186,6 +211,9 @@ class Front:
                 self._error(req, SessionLost(f"session {sid[:12]} was lost with the worker that held it"))
                 return
             w = self.workers[rank] if rank is not None else self._first()  # unknown: its answer says so
+            if op == "fork_session" and rank is not None:  # the child lives beside its parent's blocks
+                meta["new_sid"] = secrets.token_hex(12)
+                self.sessions[meta["new_sid"]] = rank
         else:
             w = self._first()
         if w is None:
@@ -194,9 +222,9 @@ class Front:
         w.inflight.add((req.client_id, req.msg.rid))
         self._send(w, [wire.REQUEST, req.client_id.encode(), wire.pack(meta), *req.msg.frames])
 
-    def _place(self) -> Worker | None:
+    def _place(self, among: list[Worker] | None = None) -> Worker | None:
         """Note [One server, several workers]: the most free KV bytes, then the fewest sessions."""
-        live = self._live()
+        live = self._live() if among is None else among
         if not live:
             return None
         count = {w.rank: 0 for w in live}
@@ -205,12 +233,74 @@ class Front:
                 count[rank] += 1
         return max(live, key=lambda w: (w.load.get("free_kv_bytes", 0), -count[w.rank], -w.rank))
 
+    def _migrate(self, req: Request, args: dict) -> None:
+        """Note [Migration] in migrate.py: start moving a session; the reply comes when it has moved."""
+        sid, rank = args.get("sid"), self.sessions.get(args.get("sid"))
+        if rank is None:
+            self._error(req, SessionNotFound(f"session {sid!r} does not exist (closed, reclaimed, or never opened)"))
+            return
+        if self._migration is not None:
+            self._error(req, ServerBusy("another session is moving between workers; try again shortly"))
+            return
+        dst = args.get("worker")
+        others = [w for w in self._live() if w.rank != rank]
+        if dst is None:
+            best = self._place(others)
+            dst = best.rank if best is not None else None
+        if type(dst) is not int or not any(w.rank == dst for w in self._live()):
+            self._error(req, InvalidRequest(f"worker {dst!r} is not a live worker: live are "
+                                            f"{[w.rank for w in self._live()]}"))
+            return
+        if dst == rank:
+            self._reply(req, {"worker": rank, "moved": False, "seconds": 0.0, "bytes": 0})
+            return
+        self._ids += 1
+        m = self._migration = _Migration(self._ids, req, sid, rank, dst)
+        self.held[sid] = []
+        self._send(self.workers[rank], [wire.CONTROL, wire.pack(
+            {"op": "export", "mig": m.mig, "sid": sid, "client": req.client_id})])
+
+    def _migration_step(self, w: Worker, op: str, fields: dict) -> None:
+        m = self._migration
+        if m is None or fields.get("mig") != m.mig:
+            return
+        if op == "exported":
+            self._send(self.workers[m.dst], [wire.CONTROL, wire.pack(
+                {"op": "import", "mig": m.mig, "src": m.src, "manifest": fields["manifest"]})])
+        elif op == "want":
+            self._send(self.workers[m.src], [wire.CONTROL, wire.pack(
+                {"op": "send", "mig": m.mig, "dst": m.dst, "hashes": fields.get("hashes") or []})])
+        elif op == "sent":
+            m.bytes = int(fields.get("bytes") or 0)
+        elif op == "imported":
+            self.sessions[m.sid] = m.dst
+            self._send(self.workers[m.src], [wire.CONTROL, wire.pack({"op": "drop", "mig": m.mig})])
+            self._reply(m.req, {"worker": m.dst, "moved": True, "seconds": time.perf_counter() - m.t0,
+                                "bytes": m.bytes})
+            log.info("session %s moved from worker %d to %d (%.1f MB)", m.sid[:8], m.src, m.dst, m.bytes / 1e6)
+            self._end_migration()
+        elif op == "migrate_failed":
+            self._fail_migration(fields.get("message") or "failed", fields.get("code"), fields.get("step"))
+
+    def _fail_migration(self, message: str, code: str | None = None, step: str | None = None) -> None:
+        m = self._migration
+        if self.workers[m.src].alive:
+            self._send(self.workers[m.src], [wire.CONTROL, wire.pack({"op": "keep", "mig": m.mig})])
+        err = {"SessionNotFound": SessionNotFound}.get(code, InvalidRequest)
+        self._error(m.req, err(f"session {m.sid[:12]} did not move ({step or 'migrate'}): {message}"))
+        self._end_migration()
+
+    def _end_migration(self) -> None:
+        m, self._migration = self._migration, None
+        for req in self.held.pop(m.sid, []):  # each goes where the session now is
+            self._client(req)
+
     def _gather_stats(self, req: Request) -> None:
         live = self._live()
         if not live:
             self._error(req, ServerUnavailable("no worker is serving"))
             return
-        gid = self._next_gather = self._next_gather + 1
+        gid = self._ids = self._ids + 1
         self._gathers[gid] = _Gather(req, waiting={w.rank for w in live})
         for w in live:
             self._send(w, [wire.CONTROL, wire.pack({"op": "stats", "client": req.client_id, "gid": gid})])
@@ -252,6 +342,8 @@ class Front:
         elif op == "closed":
             if self.sessions.get(fields.get("sid")) == w.rank:
                 del self.sessions[fields["sid"]]
+        elif op in ("exported", "want", "sent", "imported", "migrate_failed"):
+            self._migration_step(w, op, fields)
         elif op == "stats":
             g = self._gathers.get(fields.get("gid"))
             if g is not None and w.rank in g.waiting:
@@ -279,6 +371,9 @@ class Front:
         for g in self._gathers.values():
             g.waiting.discard(w.rank)
         self._finish_gathers()
+        m = self._migration
+        if m is not None and w.rank in (m.src, m.dst):
+            self._fail_migration(f"worker {w.rank} died while it moved")
 
     # -- helpers -------------------------------------------------------------------------------------
     def _live(self) -> list[Worker]:

@@ -32,6 +32,7 @@ class WorkerLink:
         self.address = front
         self._principals: dict[str, str] = {}  # client id -> principal, as the front authenticated it
         self._events: list = []
+        self.exports: dict = {}  # migration id -> (sid, tensors) exported, until the front says drop or keep
         sock = self.sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IDENTITY, f"w{rank}".encode())

@@ -1,7 +1,7 @@
 """The frames between the front and its workers (Note [One server, several workers] in front.py).
 
 Front -> worker:
-  [REQUEST, client id, meta (msgpack), *the client's message frames]   meta: {"principal", "sid"?}
+  [REQUEST, client id, meta (msgpack), *the client's message frames]   meta: {"principal", "new_sid"?}
   [GONE, client id, reason]                                          the client's sessions close
   [CONTROL, msgpack {"op", ...}]                                     stats, and what later ops add
 Worker -> front:

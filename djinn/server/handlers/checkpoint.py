@@ -143,7 +143,7 @@ def restore_session(engine, client_id, rid, args):
     nbytes = sum(aligned(t.numel() * t.element_size()) for k, t in tensors.items() if k.startswith("t/"))
     # Note [Principal GPU quota]: its tensors go to the device now (its KV at its first generate, checked there).
     quotas.check_principal(engine, principal, nbytes, "restore_session", f"{nbytes} bytes of restored tensors")
-    s = engine.sessions.open(client_id, name, principal)
+    s = engine.sessions.open(client_id, name, principal, sid=engine.meta.get("new_sid"))
     try:
         _install(engine, s, tensors)
     except BaseException:

@@ -52,7 +52,7 @@ def _fork(engine, parent: Session, name: str | None) -> dict:
     nbytes = _fork_bytes(engine, parent)  # Note [Principal GPU quota]: checked before anything is shared or copied
     quotas.check_principal(engine, parent.principal, nbytes, "fork_session",
                            f"{nbytes} bytes of KV blocks and tensor copies for the fork")
-    child = engine.sessions.open(parent.client_id, name, parent.principal)
+    child = engine.sessions.open(parent.client_id, name, parent.principal, sid=engine.meta.get("new_sid"))
     try:
         child.max_kv_tokens = parent.max_kv_tokens
         for mid in parent.models:

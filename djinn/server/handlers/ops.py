@@ -65,7 +65,7 @@ def open_session(engine, client_id, rid, args):
     budget = args.get("max_kv_tokens")
     if budget is not None and (type(budget) is not int or not 1 <= budget <= 1 << 24):
         raise InvalidRequest(f"max_kv_tokens must be an int in [1, {1 << 24}] or null, got {budget!r}")
-    s = engine.sessions.open(client_id, name, engine.principal(client_id), sid=engine.meta.get("sid"))
+    s = engine.sessions.open(client_id, name, engine.principal(client_id), sid=engine.meta.get("new_sid"))
     s.max_kv_tokens = budget
     log.info("session %s opened by client %s%s", s.sid[:8], client_id[:8], f" name={name!r}" if name else "")
     if wants_checkpoint:  # Note [Checkpoint tokens] in checkpoint.py
@@ -361,6 +361,14 @@ def free(engine, client_id, rid, args):
         s.tensors.pop(h, None)
     engine.data.sync(s)
     return {}
+
+
+@op
+def migrate(engine, client_id, rid, args):
+    """Moving a session needs another worker: a front serves this op (djinn/server/cluster/front.py)."""
+    engine.session(client_id, args)
+    raise InvalidRequest("this server has one worker, so a session has nowhere to move; start it with "
+                         "--gpus 0,1 (or --device cpu --workers 2)")
 
 
 @op

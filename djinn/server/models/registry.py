@@ -88,6 +88,8 @@ class ModelEntry:
     streamed: streaming.StreamedModel | None = None  # set when it runs under a GPU weight budget
     fast: object = None  # its decode pool (fastpath.DecodePool), made at its first fast generate
     eager_why: str | None = None  # why its last generate that decoded eagerly did not take the fast path
+    # register()'s arguments but the tensors: what another worker registers it from (cluster/migrate.py)
+    recipe: dict | None = None
 
     @property
     def nbytes(self) -> int:
@@ -154,7 +156,9 @@ class ModelRegistry:
             streamed = streaming.stream_from_text(module, tensors, self.text, self.device, weight_budget)
         for h in tensors.values():
             self.text.acquire(h)
-        entry = ModelEntry(model_id, arch, module, dict(tensors), config, streamed=streamed)
+        entry = ModelEntry(model_id, arch, module, dict(tensors), config, streamed=streamed,
+                           recipe={"arch": arch, "config": config, "attn_impl": attn_impl,
+                                   "generation_config": generation_config, "weight_budget": weight_budget})
         self._models[model_id] = entry
         log.info("model %s built: %s, %d tensors, %.1f MB", model_id[:12], arch, len(tensors), entry.nbytes / 1e6)
         if streamed is not None:

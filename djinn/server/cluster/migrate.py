@@ -1,0 +1,211 @@
+"""Moving a session between workers (Note [Migration]); the worker's side of it.
+
+Note [Migration]
+    `s.migrate(worker=None)` moves a session that is between requests (idle, waiting on a tool, or
+    swapped to the host pool) to another worker; the front picks the one with the most free KV when
+    none is named. The front holds the session's requests while it moves and drives four steps:
+      1. export (source): the session's state is captured as a checkpoint captures it (token ids, KV
+         per layer wherever its blocks are, tensor handles: Note [What a checkpoint holds]), with its
+         fields and the recipe of every model it holds (register()'s arguments and the weight hashes);
+         the manifest (names, dtypes, shapes) goes back to the front, the tensors wait.
+      2. import (destination): says which weight hashes its Text segment lacks, then receives.
+      3. send (source): the state and the lacking weights go over the workers' torch.distributed
+         group as one flat buffer (one message however many tensors; each piece 64-byte aligned).
+      4. the destination opens the session under the same id, client and principal, registers its
+         models from their recipes (the same model ids: the ids hash the recipe and the weights),
+         installs the state as a restored checkpoint's (the KV goes into its blocks at the session's
+         next call with the model), and says imported; the front points the session at it, tells the
+         source to drop its copy and releases the held requests there. Any failure before that leaves
+         the session where it was (the source keeps it until told).
+    The bytes are the checkpoint's, so the session continues bitwise as if it had not moved. Not
+    moved: a session with a request running, a paused breakpoint run (it lives on a thread of the
+    source) or compiled graphs (the client sends them again); those are refused with the reason.
+    While the tensors move both workers' engine threads wait in the transfer (a stall of the other
+    sessions there proportional to the bytes); the front runs one migration at a time.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch.distributed as dist
+
+from ...protocol.errors import InvalidRequest
+from ...protocol.tensors import dtype_from_name, dtype_name
+from ...vmu.text import DEVICE, HOST
+from ..handlers import checkpoint
+from ..handlers.model_ops import adopt
+from ..sessions import SessionState
+
+log = logging.getLogger("djinn.migrate")
+
+ALIGN = 64
+
+
+def export(engine, sid: str, client_id: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(manifest, tensors by key) of a session that may move, or a DjinnError saying why not."""
+    s = engine.sessions.get(sid, client_id)
+    if engine.dispatch.job_state(sid) is not None:
+        raise InvalidRequest("a session moves between requests: this one has a request running or queued")
+    if s.state == SessionState.PAUSED or engine.runs.of_session(sid) or s.stack:
+        raise InvalidRequest("a session with a breakpoint run does not move (the run lives on this worker)")
+    if len(s.graphs):
+        raise InvalidRequest("a session holding compiled graphs does not move; send them again after moving")
+    models = []
+    for mid in sorted(s.models):
+        entry = engine.models.get(mid)
+        if entry.recipe is None:
+            raise InvalidRequest(f"model {mid[:12]} was not registered from a recipe (a graph-path model)")
+        models.append({"model_id": mid, **entry.recipe, "tensors": entry.hashes})
+    state = checkpoint.state(engine.data, s)
+    weights = {h: engine.text.get(h) for m in models for h in m["tensors"].values()}
+    manifest = {
+        "session": {"sid": s.sid, "client_id": s.client_id, "name": s.name, "principal": s.principal,
+                    "max_kv_tokens": s.max_kv_tokens, "checkpoint_token": s.checkpoint_token,
+                    "decode": dict(s.decode)},
+        "models": models, "state": specs(state), "weights": specs(weights),
+    }
+    return manifest, {**{f"s/{k}": t for k, t in state.items()}, **{f"w/{h}": t for h, t in weights.items()}}
+
+
+def specs(tensors: dict[str, torch.Tensor]) -> dict[str, list]:
+    return {k: [dtype_name(t.dtype), list(t.shape)] for k, t in tensors.items()}
+
+
+def lacking(engine, manifest: dict) -> list[str]:
+    """The weight hashes this worker's Text segment does not hold."""
+    return sorted(h for h in manifest["weights"] if h not in engine.text)
+
+
+def send(state: list[torch.Tensor], weights: list[torch.Tensor], dst: int, device: torch.device) -> int:
+    """To rank `dst`, in order: the state as one flat buffer (one message however many small tensors),
+    then each weight as it is (a flat copy of a model's weights would double them); the bytes sent."""
+    flat = torch.empty(_layout([(t.dtype, list(t.shape)) for t in state])[1], dtype=torch.uint8, device=device)
+    off = 0
+    for t in state:
+        n = t.numel() * t.element_size()
+        flat[off:off + n].copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
+        off = _aligned(off + n)
+    dist.send(flat, dst)
+    sent = flat.numel()
+    for w in weights:
+        w = w.detach().contiguous().to(device)
+        dist.send(w, dst)
+        sent += w.numel() * w.element_size()
+    return sent
+
+
+def receive(state: list, weights: list, src: int, device: torch.device) -> tuple[list, list]:
+    """What `send` sent from rank `src`: the state and weight tensors of the specs ([dtype name,
+    shape] each, in order)."""
+    parsed = [(dtype_from_name(d), shape) for d, shape in state]
+    offsets, total = _layout(parsed)
+    flat = torch.empty(total, dtype=torch.uint8, device=device)
+    dist.recv(flat, src)
+    out = []
+    for (dt, shape), off in zip(parsed, offsets):
+        n = _numel(shape) * torch.empty((), dtype=dt).element_size()
+        out.append(flat[off:off + n].view(dt).reshape(shape).clone())
+    ws = []
+    for d, shape in weights:
+        w = torch.empty(shape, dtype=dtype_from_name(d), device=device)
+        dist.recv(w, src)
+        ws.append(w)
+    return out, ws
+
+
+def install(engine, manifest: dict, got: dict[str, torch.Tensor]) -> None:
+    """Open the moved session here (Note [Migration], step 4); a DjinnError leaves nothing behind."""
+    info = manifest["session"]
+    s = engine.sessions.open(info["client_id"], info["name"], info["principal"], sid=info["sid"])
+    try:
+        s.max_kv_tokens, s.checkpoint_token = info["max_kv_tokens"], info["checkpoint_token"]
+        s.decode.update(info.get("decode") or {})
+        for m in manifest["models"]:
+            budget = m.get("weight_budget")
+            for h in set(m["tensors"].values()):
+                if h in engine.text:
+                    engine.text.acquire(h)
+                else:
+                    t = got[f"w/{h}"]
+                    engine.text.add(h, t.cpu() if budget is not None else t.to(engine.device),
+                                    HOST if budget is not None else DEVICE)
+                s.text_pins.add(h)
+            entry, _ = engine.models.register(m["arch"], m["config"], m["attn_impl"], m["tensors"],
+                                              m["generation_config"], budget)
+            if entry.model_id != m["model_id"]:
+                raise InvalidRequest(f"model {m['model_id'][:12]} registered here as {entry.model_id[:12]}")
+            adopt(engine, s, entry, m["tensors"])
+        checkpoint._install(engine, s, {k[2:]: t.cpu() for k, t in got.items() if k.startswith("s/")})
+        engine.data.sync(s)
+    except BaseException:
+        engine.close_session(s, "migration failed")
+        raise
+
+
+def transfer_device(engine) -> torch.device:
+    """Where the flat buffer lives: NCCL sends device memory, gloo host memory."""
+    return engine.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _layout(spec) -> tuple[list[int], int]:
+    offsets, off = [], 0
+    for dt, shape in spec:
+        offsets.append(off)
+        off = _aligned(off + _numel(shape) * torch.empty((), dtype=dt).element_size())
+    return offsets, max(off, 1)
+
+
+# -- the engine's side of the front's messages (engine thread) -----------------------------------------
+CONTROL_OPS = frozenset({"export", "import", "send", "drop", "keep"})
+
+
+def control(engine, op: str, f: dict) -> None:
+    """One step of Note [Migration] on this worker; every failure goes back to the front as
+    `migrate_failed`, typed, and leaves the session where it was."""
+    link, mig = engine.router, f.get("mig")
+    pending = link.exports  # mig -> (sid, tensors) until drop or keep
+    try:
+        if op == "export":
+            manifest, tensors = export(engine, f["sid"], f["client"])
+            pending[mig] = (f["sid"], tensors)
+            link.control("exported", mig=mig, manifest=manifest)
+        elif op == "import":
+            manifest = f["manifest"]
+            want = lacking(engine, manifest)
+            link.control("want", mig=mig, hashes=want)
+            t0 = time.perf_counter()
+            keys = list(manifest["state"])
+            state, weights = receive([manifest["state"][k] for k in keys], [manifest["weights"][h] for h in want],
+                                     int(f["src"]), transfer_device(engine))
+            got = {**{f"s/{k}": t for k, t in zip(keys, state)}, **{f"w/{h}": w for h, w in zip(want, weights)}}
+            install(engine, manifest, got)
+            link.control("imported", mig=mig, seconds=time.perf_counter() - t0)
+        elif op == "send":
+            sid, tensors = pending[mig]
+            state = [t for k, t in tensors.items() if k.startswith("s/")]
+            sent = send(state, [tensors[f"w/{h}"] for h in f["hashes"]], int(f["dst"]), transfer_device(engine))
+            link.control("sent", mig=mig, bytes=sent)
+        elif op == "drop":
+            sid, _ = pending.pop(mig, (None, None))
+            s = engine.sessions.find(sid) if sid else None
+            if s is not None:
+                engine.close_session(s, "moved to another worker")
+        elif op == "keep":
+            pending.pop(mig, None)
+    except Exception as e:
+        log.warning("migration %s: %s failed: %s", mig, op, e)
+        code = getattr(e, "code", "RemoteExecutionError")
+        link.control("migrate_failed", mig=mig, step=op, code=code, message=str(getattr(e, "message", e))[:500])
