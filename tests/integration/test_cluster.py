@@ -147,3 +147,28 @@ def test_migrate_on_a_one_worker_server_says_why(conn):
     with conn.session("one") as s:
         with pytest.raises(Exception, match="one worker"):
             s.migrate()
+
+
+def test_a_model_used_in_a_session_on_another_worker_is_copied_there(start_server, model, want):
+    """Note [Models between workers]: the second session's worker gets the model from the first's over
+    the group; the client uploads nothing again, and a client that holds no such model is refused."""
+    srv = start_server("--workers", "2")
+    conn = Connection(srv.address, secret=None)
+    other = Connection(srv.address, secret=None)
+    try:
+        a, b = conn.session("a"), conn.session("b")
+        placed = _workers_of(conn)
+        assert placed[a.sid] != placed[b.sid]
+        rm = RemoteModel.from_module(a, model)
+        before = conn.stats()["workers"][placed[b.sid]]["segments"]["text"]
+        assert torch.equal(b.generate(rm, P, max_new_tokens=8), want)  # attach_model, then generate
+        st = conn.stats()
+        assert st["models"][rm.model_id]["workers"] == [0, 1]
+        assert st["workers"][placed[b.sid]]["segments"]["text"] > before
+        # another client cannot attach it by its id, wherever its session lands
+        for s in (other.session("c"), other.session("d")):
+            with pytest.raises(InvalidRequest, match="not held by any session of this client"):
+                s.call("attach_model", {"model_id": rm.model_id})
+    finally:
+        other.close()
+        conn.close()

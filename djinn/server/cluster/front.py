@@ -86,6 +86,7 @@ class _Migration:
     sid: str
     src: int
     dst: int
+    model_id: str | None = None  # a model copied for attach_model (Note [Models between workers])
     t0: float = field(default_factory=time.perf_counter)
     bytes: int = 0
 
@@ -113,6 +114,7 @@ class Front:
         self.internal.bind(self.internal_address)
         self.workers: list[Worker] = []
         self.sessions: dict[str, int] = {}   # sid -> rank
+        self.owner: dict[str, str] = {}      # sid -> client id (attach_model looks for a client's models)
         self.lost: set[str] = set()          # sessions of workers that died
         self._gathers: dict[int, _Gather] = {}
         self.held: dict[str, list[Request]] = {}  # sid -> its requests while it moves
@@ -199,11 +201,14 @@ class Front:
         if op == "migrate":
             self._migrate(req, args)
             return
+        if op == "attach_model" and self._copy_model(req, args):
+            return
         if op in ("open_session", "restore_session"):  # a new session: placed
             w = self._place()
             if w is not None:
                 meta["new_sid"] = secrets.token_hex(12)
                 self.sessions[meta["new_sid"]] = w.rank
+                self.owner[meta["new_sid"]] = req.client_id
         elif isinstance(args.get("sid"), str):
             sid = args["sid"]
             rank = self.sessions.get(sid)
@@ -214,11 +219,15 @@ class Front:
             if op == "fork_session" and rank is not None:  # the child lives beside its parent's blocks
                 meta["new_sid"] = secrets.token_hex(12)
                 self.sessions[meta["new_sid"]] = rank
+                self.owner[meta["new_sid"]] = req.client_id
         else:
             w = self._first()
         if w is None:
             self._error(req, ServerUnavailable("no worker is serving"))
             return
+        self._relay(w, req, meta)
+
+    def _relay(self, w: Worker, req: Request, meta: dict) -> None:
         w.inflight.add((req.client_id, req.msg.rid))
         self._send(w, [wire.REQUEST, req.client_id.encode(), wire.pack(meta), *req.msg.frames])
 
@@ -260,6 +269,24 @@ class Front:
         self._send(self.workers[rank], [wire.CONTROL, wire.pack(
             {"op": "export", "mig": m.mig, "sid": sid, "client": req.client_id})])
 
+    def _copy_model(self, req: Request, args: dict) -> bool:
+        """Note [Models between workers]: start copying the model to the session's worker from one
+        where this client holds sessions; False when there is none to copy from (the worker answers)."""
+        sid, mid = args.get("sid"), args.get("model_id")
+        dst = self.sessions.get(sid)
+        if dst is None or not isinstance(mid, str) or self._migration is not None:
+            return False
+        srcs = sorted({r for s, r in self.sessions.items()
+                       if r != dst and self.owner.get(s) == req.client_id and self.workers[r].alive})
+        if not srcs:
+            return False
+        self._ids += 1
+        self._migration = _Migration(self._ids, req, sid, srcs[0], dst, model_id=mid)
+        self.held[sid] = []
+        self._send(self.workers[srcs[0]], [wire.CONTROL, wire.pack(
+            {"op": "export_model", "mig": self._ids, "model_id": mid, "client": req.client_id})])
+        return True
+
     def _migration_step(self, w: Worker, op: str, fields: dict) -> None:
         m = self._migration
         if m is None or fields.get("mig") != m.mig:
@@ -272,6 +299,11 @@ class Front:
                 {"op": "send", "mig": m.mig, "dst": m.dst, "hashes": fields.get("hashes") or []})])
         elif op == "sent":
             m.bytes = int(fields.get("bytes") or 0)
+        elif op == "imported" and m.model_id is not None:
+            self._send(self.workers[m.src], [wire.CONTROL, wire.pack({"op": "keep", "mig": m.mig})])
+            self._relay(self.workers[m.dst], m.req, {"principal": self.router.principal(m.req.client_id) or "",
+                                                     "held_elsewhere": m.model_id})
+            self._end_migration()
         elif op == "imported":
             self.sessions[m.sid] = m.dst
             self._send(self.workers[m.src], [wire.CONTROL, wire.pack({"op": "drop", "mig": m.mig})])
@@ -286,6 +318,11 @@ class Front:
         m = self._migration
         if self.workers[m.src].alive:
             self._send(self.workers[m.src], [wire.CONTROL, wire.pack({"op": "keep", "mig": m.mig})])
+        if m.model_id is not None:  # no copy: the session's own worker answers the attach_model
+            if self.workers[m.dst].alive:
+                self._relay(self.workers[m.dst], m.req, {"principal": self.router.principal(m.req.client_id) or ""})
+            self._end_migration()
+            return
         err = {"SessionNotFound": SessionNotFound}.get(code, InvalidRequest)
         self._error(m.req, err(f"session {m.sid[:12]} did not move ({step or 'migrate'}): {message}"))
         self._end_migration()
@@ -342,6 +379,7 @@ class Front:
         elif op == "closed":
             if self.sessions.get(fields.get("sid")) == w.rank:
                 del self.sessions[fields["sid"]]
+                self.owner.pop(fields["sid"], None)
         elif op in ("exported", "want", "sent", "imported", "migrate_failed"):
             self._migration_step(w, op, fields)
         elif op == "stats":
@@ -363,6 +401,7 @@ class Front:
                   w.rank, w.device, why, len(mine))
         for sid in mine:
             del self.sessions[sid]
+            self.owner.pop(sid, None)
             self.lost.add(sid)
         err = SessionLost(f"the worker on {w.device} that held this session died ({why})")
         for client_id, rid in w.inflight if self.router is not None else ():

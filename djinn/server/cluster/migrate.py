@@ -22,6 +22,15 @@ Note [Migration]
     source) or compiled graphs (the client sends them again); those are refused with the reason.
     While the tensors move both workers' engine threads wait in the transfer (a stall of the other
     sessions there proportional to the bytes); the front runs one migration at a time.
+
+Note [Models between workers]
+    A client that remotes a model in one session and uses it in another (`attach_model`: no upload,
+    no rebuild) may find the second session on another worker. The front then copies the model there
+    first, as a migration without a session: the worker holding it (one with a session of the same
+    client, which is what `attach_model` requires on one worker) exports the model's recipe, the
+    destination says which weights it lacks, they cross the group, the destination registers the
+    model under the same id, and the front hands it the `attach_model` vouched for ("held_elsewhere").
+    Weights never go back to the client or come from it again.
 """
 from __future__ import annotations
 
@@ -116,32 +125,65 @@ def receive(state: list, weights: list, src: int, device: torch.device) -> tuple
 
 
 def install(engine, manifest: dict, got: dict[str, torch.Tensor]) -> None:
-    """Open the moved session here (Note [Migration], step 4); a DjinnError leaves nothing behind."""
+    """Open the moved session here (Note [Migration], step 4), or only register the models of a
+    model-only manifest (Note [Models between workers]); a DjinnError leaves nothing behind."""
     info = manifest["session"]
+    if info is None:
+        for m in manifest["models"]:
+            pins = _pin(engine, m, got)
+            try:
+                _register(engine, m)
+            finally:
+                for h in pins:  # the model holds its own references now
+                    engine.text.release(h)
+        return
     s = engine.sessions.open(info["client_id"], info["name"], info["principal"], sid=info["sid"])
     try:
         s.max_kv_tokens, s.checkpoint_token = info["max_kv_tokens"], info["checkpoint_token"]
         s.decode.update(info.get("decode") or {})
         for m in manifest["models"]:
-            budget = m.get("weight_budget")
-            for h in set(m["tensors"].values()):
-                if h in engine.text:
-                    engine.text.acquire(h)
-                else:
-                    t = got[f"w/{h}"]
-                    engine.text.add(h, t.cpu() if budget is not None else t.to(engine.device),
-                                    HOST if budget is not None else DEVICE)
-                s.text_pins.add(h)
-            entry, _ = engine.models.register(m["arch"], m["config"], m["attn_impl"], m["tensors"],
-                                              m["generation_config"], budget)
-            if entry.model_id != m["model_id"]:
-                raise InvalidRequest(f"model {m['model_id'][:12]} registered here as {entry.model_id[:12]}")
-            adopt(engine, s, entry, m["tensors"])
+            s.text_pins.update(_pin(engine, m, got))
+            adopt(engine, s, _register(engine, m), m["tensors"])
         checkpoint._install(engine, s, {k[2:]: t.cpu() for k, t in got.items() if k.startswith("s/")})
         engine.data.sync(s)
     except BaseException:
         engine.close_session(s, "migration failed")
         raise
+
+
+def _pin(engine, m: dict, got: dict) -> list[str]:
+    """One reference on each of the model's weights, received ones stored first (as an upload would)."""
+    budget, pins = m.get("weight_budget"), []
+    for h in set(m["tensors"].values()):
+        if h in engine.text:
+            engine.text.acquire(h)
+        else:
+            t = got[f"w/{h}"]
+            engine.text.add(h, t.cpu() if budget is not None else t.to(engine.device), HOST if budget is not None else DEVICE)
+        pins.append(h)
+    return pins
+
+
+def _register(engine, m: dict):
+    entry, _ = engine.models.register(m["arch"], m["config"], m["attn_impl"], m["tensors"],
+                                      m["generation_config"], m.get("weight_budget"))
+    if entry.model_id != m["model_id"]:
+        raise InvalidRequest(f"model {m['model_id'][:12]} registered here as {entry.model_id[:12]}")
+    return entry
+
+
+def export_model(engine, mid: str, client_id: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A model-only manifest (Note [Models between workers]): the model must be held by a session of
+    the client that asks, here, as `attach_model` requires on one worker."""
+    if not any(mid in s.models for s in engine.sessions.of_client(client_id)):
+        raise InvalidRequest(f"model {str(mid)[:12]} is not held by any session of this client here")
+    entry = engine.models.get(mid)
+    if entry.recipe is None:
+        raise InvalidRequest(f"model {mid[:12]} was not registered from a recipe (a graph-path model)")
+    weights = {h: engine.text.get(h) for h in entry.hashes.values()}
+    manifest = {"session": None, "models": [{"model_id": mid, **entry.recipe, "tensors": entry.hashes}],
+                "state": {}, "weights": specs(weights)}
+    return manifest, {f"w/{h}": t for h, t in weights.items()}
 
 
 def transfer_device(engine) -> torch.device:
@@ -169,7 +211,7 @@ def _layout(spec) -> tuple[list[int], int]:
 
 
 # -- the engine's side of the front's messages (engine thread) -----------------------------------------
-CONTROL_OPS = frozenset({"export", "import", "send", "drop", "keep"})
+CONTROL_OPS = frozenset({"export", "export_model", "import", "send", "drop", "keep"})
 
 
 def control(engine, op: str, f: dict) -> None:
@@ -181,6 +223,10 @@ def control(engine, op: str, f: dict) -> None:
         if op == "export":
             manifest, tensors = export(engine, f["sid"], f["client"])
             pending[mig] = (f["sid"], tensors)
+            link.control("exported", mig=mig, manifest=manifest)
+        elif op == "export_model":
+            manifest, tensors = export_model(engine, f["model_id"], f["client"])
+            pending[mig] = (None, tensors)
             link.control("exported", mig=mig, manifest=manifest)
         elif op == "import":
             manifest = f["manifest"]

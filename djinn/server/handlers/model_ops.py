@@ -77,7 +77,10 @@ def attach_model(engine, client_id, rid, args):
     """Use a model this client already holds in another of its sessions (no upload, no rebuild)."""
     s = engine.session(client_id, args)
     mid = model_id_of(args)
-    if not any(mid in other.models for other in engine.sessions.of_client(client_id)):
+    # A front vouches for a model this client holds on another worker, which it copied here first
+    # (Note [Models between workers] in djinn/server/cluster/migrate.py).
+    vouched = engine.meta.get("held_elsewhere") == mid and mid in {m.model_id for m in engine.models}
+    if not vouched and not any(mid in other.models for other in engine.sessions.of_client(client_id)):
         raise InvalidRequest(f"model {mid!r} is not held by any session of this client; remote it again")
     attach(engine, s, engine.models.get(mid))
     return {}
