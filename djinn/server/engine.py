@@ -40,6 +40,7 @@ from ..vmu.text import TextSegment
 from ..vmu.uploads import Uploads
 from .cluster import migrate
 from .dispatch import CONTROL_OPS, Answer, Dispatcher, Job, Quotas
+from .execution.kv_pools import CPU_POOL_BYTES
 from .execution.runs import RunTable
 from .handlers import checkpoint, fork, graph_ops, init_ops, model_ops, ops, run_ops
 from .handlers.registry import OPS
@@ -194,10 +195,13 @@ class Engine(threading.Thread):
 
     def load(self) -> dict:
         """What a front places new sessions by (Note [One server, several workers]): free KV bytes
-        (free blocks of every pool, and device memory no pool holds), and the sessions held."""
+        (free blocks of every pool, and device memory no pool holds; on the CPU, a first pool's
+        budget while there is none), and the sessions held."""
         free = sum(p.alloc.free * p.block_bytes for p in self.data.pools.values())
         if self.device.type == "cuda":
             free += torch.cuda.mem_get_info(self.device)[0]
+        elif not self.data.pools:  # on the CPU a model's first pool gets a fixed budget (kv_pools.pool_for)
+            free += int(self.cfg.data_budget_gb * GIB) if self.cfg.data_budget_gb is not None else CPU_POOL_BYTES
         return {"free_kv_bytes": int(free), "sessions": len(self.sessions)}
 
     def _send(self, answers: list[Answer]) -> None:
