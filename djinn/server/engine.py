@@ -202,7 +202,13 @@ class Engine(threading.Thread):
             free += torch.cuda.mem_get_info(self.device)[0]
         elif not self.data.pools:  # on the CPU a model's first pool gets a fixed budget (kv_pools.pool_for)
             free += int(self.cfg.data_budget_gb * GIB) if self.cfg.data_budget_gb is not None else CPU_POOL_BYTES
-        return {"free_kv_bytes": int(free), "sessions": len(self.sessions)}
+        # Sessions between requests whose KV is on this device, largest first: what a front may move
+        # to make room when requests here wait for memory (Note [Balancing] in cluster/front.py).
+        movable = sorted(([s.sid, self.data.gpu_bytes(s.sid)] for s in self.sessions
+                          if self.dispatch.job_state(s.sid) is None and not self.runs.of_session(s.sid)
+                          and not len(s.graphs) and self.data.gpu_bytes(s.sid) > 0), key=lambda m: -m[1])
+        return {"free_kv_bytes": int(free), "sessions": len(self.sessions),
+                "queued": self.dispatch.queue_length(), "movable": movable[:16]}
 
     def _send(self, answers: list[Answer]) -> None:
         """Send the dispatcher's replies, then serve the requests that waited behind the jobs that ended

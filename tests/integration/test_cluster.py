@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -171,4 +172,37 @@ def test_a_model_used_in_a_session_on_another_worker_is_copied_there(start_serve
                 s.call("attach_model", {"model_id": rm.model_id})
     finally:
         other.close()
+        conn.close()
+
+
+def test_requests_waiting_for_memory_move_an_idle_session_to_another_worker(start_server, model):
+    """Note [Balancing]: with one worker's KV pool held by an idle session and a generate there waiting
+    for blocks (the resident policy never swaps), the front moves the idle session to the other worker;
+    the waiting generate then runs, and the moved session continues exactly."""
+    # 16 blocks of 16 tokens per worker's pool; each generate below holds 10 (8 + 150 tokens)
+    srv = start_server("--workers", "2", "--policy", "resident", "--data-budget-gb", "0.000123",
+                       "--kv-block-tokens", "16")
+    conn = Connection(srv.address, secret=None)
+    try:
+        a, b = conn.session("idle"), conn.session("waiting")
+        placed = _workers_of(conn)
+        b.migrate(placed[a.sid])  # both on one worker
+        ra, rb = RemoteModel.from_module(a, model), RemoteModel.from_module(b, model)
+        first = a.generate(ra, P, max_new_tokens=150)
+        with ThreadPoolExecutor(1) as pool:  # without the move it would wait as long as `a` idles
+            waiting = pool.submit(b.generate, rb, P, max_new_tokens=150)
+            try:
+                got = waiting.result(timeout=30)
+            finally:
+                if not waiting.done():
+                    conn.close()  # unblocks the call, so the test fails instead of hanging
+        assert torch.equal(got, first)
+        st = conn.stats()
+        assert st["cluster"]["balance_moves"] >= 1
+        assert st["sessions"][a.sid]["worker"] != placed[a.sid] == st["sessions"][b.sid]["worker"]
+        more = torch.tensor([[3, 4]])
+        with torch.no_grad():
+            want = model.generate(torch.cat([first, more], 1), max_new_tokens=4, do_sample=False)
+        assert torch.equal(a.generate(ra, more, max_new_tokens=4), want)
+    finally:
         conn.close()

@@ -27,6 +27,12 @@ Note [One server, several workers]
     session does not name its model when it opens, so "free for its model" is the worker's free KV
     overall.
 
+    Note [Balancing]: when requests on a worker wait for memory (its dispatcher's queue) and another
+    worker has none waiting, the front moves one of the first worker's sessions that sit between
+    requests with KV on its device (the largest that fits the other's free KV) there, by the same
+    migration a client asks for; the room it leaves admits the waiting requests. One at a time, from
+    the workers' load reports (each second), and never the session twice within BALANCE_COOLDOWN_S.
+
     A worker that dies fails only its own sessions: the front answers every request it had relayed
     there and not seen answered with SessionLost, and later requests for its sessions the same way;
     the other workers keep serving. The worker is not replaced (a new process cannot join the
@@ -58,6 +64,7 @@ from . import wire
 
 log = logging.getLogger("djinn.front")
 
+BALANCE_COOLDOWN_S = 30.0  # a session the balancer moved stays where it went at least this long
 READY_TIMEOUT_S = 300.0  # a worker's start: torch, transformers and, on a GPU, its CUDA context
 
 
@@ -82,7 +89,7 @@ class _Migration:
     """One session moving (Note [Migration] in migrate.py); its requests wait in `Front.held`."""
 
     mig: int
-    req: Request
+    req: Request | None  # None: the balancer's own (Note [Balancing]); nobody waits for a reply
     sid: str
     src: int
     dst: int
@@ -119,6 +126,8 @@ class Front:
         self._gathers: dict[int, _Gather] = {}
         self.held: dict[str, list[Request]] = {}  # sid -> its requests while it moves
         self._migration: _Migration | None = None   # one at a time (Note [Migration])
+        self._balanced: dict[str, float] = {}       # sid -> when the balancer last moved it
+        self.balance_moves = 0
         self._ids = 0  # migration and stats-gather ids
         self.router: Router | None = None
         dist_port = _free_port()
@@ -263,11 +272,39 @@ class Front:
         if dst == rank:
             self._reply(req, {"worker": rank, "moved": False, "seconds": 0.0, "bytes": 0})
             return
+        self._start_move(req, sid, rank, dst)
+
+    def _balance(self) -> None:
+        """Note [Balancing]: move a session away from a worker whose requests wait for memory."""
+        if self._migration is not None:
+            return
+        live = self._live()
+        now = time.monotonic()
+        for hot in sorted(live, key=lambda w: -w.load.get("queued", 0)):
+            if not hot.load.get("queued"):
+                return
+            cold = [w for w in live if w is not hot and not w.load.get("queued")]
+            if not cold:
+                return
+            dst = max(cold, key=lambda w: w.load.get("free_kv_bytes", 0))
+            room = dst.load.get("free_kv_bytes", 0)
+            for sid, nbytes in hot.load.get("movable") or []:
+                if (nbytes <= room and self.sessions.get(sid) == hot.rank and sid not in self.held
+                        and now - self._balanced.get(sid, -BALANCE_COOLDOWN_S) >= BALANCE_COOLDOWN_S):
+                    self._balanced[sid] = now
+                    self.balance_moves += 1
+                    log.info("balancing: %d requests wait on worker %d; moving session %s (%.1f MB) to worker %d",
+                             hot.load["queued"], hot.rank, sid[:8], nbytes / 1e6, dst.rank)
+                    self._start_move(None, sid, hot.rank, dst.rank)
+                    return
+
+    def _start_move(self, req: Request | None, sid: str, src: int, dst: int) -> None:
         self._ids += 1
-        m = self._migration = _Migration(self._ids, req, sid, rank, dst)
+        m = self._migration = _Migration(self._ids, req, sid, src, dst)
         self.held[sid] = []
-        self._send(self.workers[rank], [wire.CONTROL, wire.pack(
-            {"op": "export", "mig": m.mig, "sid": sid, "client": req.client_id})])
+        self._send(self.workers[src], [wire.CONTROL, wire.pack(
+            {"op": "export", "mig": m.mig, "sid": sid, "client": self.owner.get(sid, "") if req is None
+             else req.client_id})])
 
     def _copy_model(self, req: Request, args: dict) -> bool:
         """Note [Models between workers]: start copying the model to the session's worker from one
@@ -307,8 +344,9 @@ class Front:
         elif op == "imported":
             self.sessions[m.sid] = m.dst
             self._send(self.workers[m.src], [wire.CONTROL, wire.pack({"op": "drop", "mig": m.mig})])
-            self._reply(m.req, {"worker": m.dst, "moved": True, "seconds": time.perf_counter() - m.t0,
-                                "bytes": m.bytes})
+            if m.req is not None:
+                self._reply(m.req, {"worker": m.dst, "moved": True, "seconds": time.perf_counter() - m.t0,
+                                    "bytes": m.bytes})
             log.info("session %s moved from worker %d to %d (%.1f MB)", m.sid[:8], m.src, m.dst, m.bytes / 1e6)
             self._end_migration()
         elif op == "migrate_failed":
@@ -324,7 +362,10 @@ class Front:
             self._end_migration()
             return
         err = {"SessionNotFound": SessionNotFound}.get(code, InvalidRequest)
-        self._error(m.req, err(f"session {m.sid[:12]} did not move ({step or 'migrate'}): {message}"))
+        if m.req is not None:
+            self._error(m.req, err(f"session {m.sid[:12]} did not move ({step or 'migrate'}): {message}"))
+        else:
+            log.info("balancing: session %s did not move (%s): %s", m.sid[:8], step, message)
         self._end_migration()
 
     def _end_migration(self) -> None:
@@ -376,6 +417,7 @@ class Front:
             log.info("worker %d ready on %s", w.rank, w.device)
         elif op == "load":
             w.load = fields
+            self._balance()
         elif op == "closed":
             if self.sessions.get(fields.get("sid")) == w.rank:
                 del self.sessions[fields["sid"]]
@@ -454,6 +496,8 @@ def merge_stats(parts: dict[int, dict], front: Front) -> dict:
                                              for k in ("segments", "kv", "scheduler")},
         device=", ".join(front.workers[r].device for r in ranks),
         requests_served=sum(parts[r].get("requests_served", 0) or 0 for r in ranks),
+        cluster={"workers": len(front.workers), "live": sum(w.alive for w in front.workers),
+                 "balance_moves": getattr(front, "balance_moves", 0)},
         workers=[{"rank": r, "device": front.workers[r].device, "alive": front.workers[r].alive,
                   "pid": (front.workers[r].info or {}).get("pid"),
                   "sessions": len(parts[r].get("sessions") or {}), **{k: parts[r].get(k) for k in
