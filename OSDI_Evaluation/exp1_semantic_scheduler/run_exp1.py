@@ -227,6 +227,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="RemoteModel.from_config (server-side random init), from_module (upload a local copy), "
                         "or auto: from_config when this client has it")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gpus", help="serve on several GPUs, a worker each (server --gpus, e.g. 0,1); with --tiny, "
+                                  "a number of CPU workers (server --workers)")
     p.add_argument("--server-arg", action="append", default=[], dest="server_args",
                    help="extra server flag (repeatable), e.g. --server-arg=--fast-decode-max-batch=32")
     p.add_argument("--out", help="output directory (default $OUT, else results/ next to this script)")
@@ -257,6 +259,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("need 0 <= --shared-prefix-tokens <= --context")
     if args.prestart and (args.server_per != "policy" or not args.device.startswith("cpu")):
         p.error("--prestart needs --server-per policy and a CPU server")
+    if args.gpus:  # Note [One server, several workers] in djinn/server/cluster/front.py
+        args.server_args = [*args.server_args, *(["--workers", args.gpus] if args.device.startswith("cpu")
+                                                else ["--gpus", args.gpus])]
     return args
 
 
