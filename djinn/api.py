@@ -82,7 +82,7 @@ def connection() -> Connection:
 
 
 def remote(model, *, session: Session | None = None, weight_budget_gb: float | None = None,
-           seed: int | None = None, dtype=None, path: str | None = None) -> RemoteModel:
+           seed: int | None = None, dtype=None, path: str | None = None, tp: int | None = None) -> RemoteModel:
     """Make `model` run remotely: an nn.Module (its weights go up), a path to a Hugging Face directory
     on the server, or a transformers config, which the server builds with random weights drawn after
     `torch.manual_seed(seed)` (default 0) on its device, in `dtype` (RemoteModel.from_config).
@@ -93,14 +93,20 @@ def remote(model, *, session: Session | None = None, weight_budget_gb: float | N
     `path`: "module" (the server builds the architecture itself), "graph" (any nn.Module: its forward is
     captured as an SRG per input signature and interpreted on the server), or None: the module path when
     the server can build the module, else the graph path (DESIGN.md section 4).
+
+    `tp`: shard the model over that many workers of a server with several (tensor parallelism); it
+    lives in a session spanning them (`session`, opened with the same tp, or a new one).
     """
     if path not in (None, "module", "graph"):
         raise InvalidRequest(f"path must be 'module', 'graph' or None, got {path!r}")
     _check_model_arg(model)  # before connecting: a wrong argument must not start a server first
-    s = session or connection().default_session()
+    tp = None if tp in (None, 1) else tp
+    if tp is not None and (path == "graph" or isinstance(model, str)):
+        raise InvalidRequest("tp applies to a module or a config on the module path")
+    s = session or (connection().session(f"tp{tp}", tp=tp) if tp else connection().default_session())
     if is_config(model):
         return RemoteModel.from_config(s, model, seed=0 if seed is None else seed, dtype=dtype,
-                                       weight_budget_gb=weight_budget_gb)
+                                       weight_budget_gb=weight_budget_gb, tp=tp)
     if seed is not None or dtype is not None:  # a module's or checkpoint's weights are what they are
         raise InvalidRequest("seed and dtype apply only when remoting a config (random weights)")
     if isinstance(model, str):
@@ -110,9 +116,9 @@ def remote(model, *, session: Session | None = None, weight_budget_gb: float | N
             raise InvalidRequest("weight streaming (weight_budget_gb) is for the module path only")
         return GraphModel.from_module(s, model)
     try:
-        return RemoteModel.from_module(s, model, weight_budget_gb=weight_budget_gb)
+        return RemoteModel.from_module(s, model, weight_budget_gb=weight_budget_gb, tp=tp)
     except ModelNotSupported:
-        if path == "module" or weight_budget_gb is not None:
+        if path == "module" or weight_budget_gb is not None or tp:
             raise
     hf, arch = is_hf_model(model), type(model).__name__
     why = f"the server does not build {arch}" if hf else f"{arch} is not a Hugging Face model"

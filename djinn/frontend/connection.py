@@ -66,12 +66,14 @@ class Connection:
         return self._default
 
     def session(self, name: str | None = None, *, checkpoint: bool = False,
-                max_kv_tokens: int | None = None) -> Session:
+                max_kv_tokens: int | None = None, tp: int | None = None) -> Session:
         """A new server-side session. checkpoint=True: saved to the server's host memory if it shuts
         down; `session.checkpoint_token` restores it (restore_session) after the restart.
         max_kv_tokens: the most tokens this session's KV will hold (an agent's whole context); the
-        server reserves them at its first generate, so later turns never wait for memory."""
-        return Session(self, name, checkpoint=checkpoint, max_kv_tokens=max_kv_tokens)
+        server reserves them at its first generate, so later turns never wait for memory.
+        tp: a session spanning that many workers of a server with several (`--gpus 0,1`), whose models
+        remoted with the same tp are sharded over them (tensor parallelism)."""
+        return Session(self, name, checkpoint=checkpoint, max_kv_tokens=max_kv_tokens, tp=tp)
 
     def restore_session(self, token: str, name: str | None = None) -> Session:
         """A new session holding a checkpointed session's KV caches, token ids and tensors (its

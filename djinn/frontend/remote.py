@@ -46,10 +46,11 @@ class RemoteModel:
 
     @classmethod
     def from_module(cls, session: "Session", module: nn.Module, *,
-                    weight_budget_gb: float | None = None) -> "RemoteModel":
+                    weight_budget_gb: float | None = None, tp: int | None = None) -> "RemoteModel":
         """Upload what the server lacks and have it build the model. `weight_budget_gb` (GiB, CUDA
         servers): the decoder layers beyond it stay in the server's pinned host memory and stream
-        through a ring of GPU slots on every forward (DESIGN.md section 6)."""
+        through a ring of GPU slots on every forward (DESIGN.md section 6). `tp`: shard it over the
+        workers `session` spans (a session opened with that tp)."""
         arch = type(module).__name__
         config = getattr(module, "config", None)
         if not is_hf_model(module):
@@ -68,6 +69,8 @@ class RemoteModel:
                                         stage="host" if weight_budget_gb is not None else None)
         gen = getattr(module, "generation_config", None)
         budget = {"weight_budget_gb": weight_budget_gb} if weight_budget_gb is not None else {}
+        if tp not in (None, 1):
+            budget["tp"] = tp
         info = session.call("register_model", {
             **budget,
             "arch": arch,
@@ -81,7 +84,7 @@ class RemoteModel:
 
     @classmethod
     def from_config(cls, session: "Session", config, *, seed: int = 0, dtype: torch.dtype | None = None,
-                    weight_budget_gb: float | None = None) -> "RemoteModel":
+                    weight_budget_gb: float | None = None, tp: int | None = None) -> "RemoteModel":
         """Have the server build the model of this transformers config with random weights drawn after
         `torch.manual_seed(seed)` on its device, in `dtype` (None: `config.dtype`, else float32). Only the
         config crosses the wire. Locally the same bits come from (on the server's device and stack):
@@ -101,6 +104,8 @@ class RemoteModel:
         arch = _config_arch(config)
         _check_allowed(session, arch)
         budget = {"weight_budget_gb": weight_budget_gb} if weight_budget_gb is not None else {}
+        if tp not in (None, 1):
+            budget["tp"] = tp
         info = session.call("init_model", {
             **budget,
             "arch": arch,

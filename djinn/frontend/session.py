@@ -28,14 +28,17 @@ _CARRY_EDITS = frozenset({"resume", "fork", "fetch", "run_graph"})
 
 class Session:
     def __init__(self, conn: "Connection", name: str | None = None, *, checkpoint: bool = False,
-                 max_kv_tokens: int | None = None, _restored: dict | None = None):
+                 max_kv_tokens: int | None = None, tp: int | None = None, _restored: dict | None = None):
         self.conn = conn
         self.name = name
+        self.tp = tp if tp not in (None, 1) else None
         self._generation = conn.transport.generation  # the server boot it lives in (transport.py)
         if _restored is None:
             args = {"name": name, "checkpoint": True} if checkpoint else {"name": name}
             if max_kv_tokens is not None:
                 args["max_kv_tokens"] = max_kv_tokens
+            if self.tp is not None:
+                args["tp"] = self.tp
             reply = conn.transport.call("open_session", args)
         else:
             reply = _restored

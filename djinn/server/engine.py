@@ -205,7 +205,7 @@ class Engine(threading.Thread):
         # Sessions between requests whose KV is on this device, largest first: what a front may move
         # to make room when requests here wait for memory (Note [Balancing] in cluster/front.py).
         movable = sorted(([s.sid, self.data.gpu_bytes(s.sid)] for s in self.sessions
-                          if self.dispatch.job_state(s.sid) is None and not self.runs.of_session(s.sid)
+                          if not s.tp and self.dispatch.job_state(s.sid) is None and not self.runs.of_session(s.sid)
                           and not len(s.graphs) and self.data.gpu_bytes(s.sid) > 0), key=lambda m: -m[1])
         return {"free_kv_bytes": int(free), "sessions": len(self.sessions),
                 "queued": self.dispatch.queue_length(), "movable": movable[:16]}

@@ -116,6 +116,9 @@ class Session:
     checkpoint_token: str | None = None  # written to host memory at shutdown (djinn/server/handlers/checkpoint.py)
     readonly: ReadOnlyMemory = field(default_factory=ReadOnlyMemory)  # the weights' memory (the Text segment's)
     graphs: GraphCache = field(default_factory=GraphCache)  # compiled graphs it sent (Note [Graph cache])
+    tp: int | None = None    # spans this many workers (Note [Tensor-parallel sessions] in cluster/tensor_parallel.py)
+    tp_kv: dict = field(default_factory=dict)  # model id -> TPCache: a tensor-parallel model's KV
+    _handles: int = 0        # handle ids of a spanning session come from this counter, alike on every worker
 
     @property
     def kv(self) -> Mapping[str, KVState]:
@@ -124,7 +127,11 @@ class Session:
         return MappingProxyType(self._kv)
 
     def add_tensor(self, t: torch.Tensor) -> str:
-        hid = secrets.token_hex(8)
+        if self.tp:  # every worker of a spanning session must name its tensors alike
+            self._handles += 1
+            hid = f"{self._handles:016x}"
+        else:
+            hid = secrets.token_hex(8)
         self.tensors[hid] = self.private(t)
         return hid
 
@@ -144,7 +151,8 @@ class Session:
     @property
     def data_bytes(self) -> int:
         unique = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self.tensors.values()}
-        return sum(unique.values()) + sum(kv.nbytes for kv in self.kv.values()) + self.graphs.nbytes
+        return (sum(unique.values()) + sum(kv.nbytes for kv in self.kv.values()) + self.graphs.nbytes
+                + sum(c.nbytes for c in self.tp_kv.values()))
 
 
 class SessionTable:

@@ -206,3 +206,42 @@ def test_requests_waiting_for_memory_move_an_idle_session_to_another_worker(star
         assert torch.equal(a.generate(ra, more, max_new_tokens=4), want)
     finally:
         conn.close()
+
+
+def test_a_tensor_parallel_model_gives_the_tokens_of_one_device(start_server, model, want):
+    """Note [Tensor-parallel sessions]: a tiny Llama sharded over two gloo workers (each half the heads
+    and half the MLP) gives TP=1's greedy tokens, continuing its KV call after call; its logits are
+    within a TP sum's rounding; a sampled call leaves both workers' KV alike (one seed for both)."""
+    srv = start_server("--workers", "2")
+    conn = Connection(srv.address, secret=None)
+    try:
+        s = conn.session("tp", tp=2)
+        rm = RemoteModel.from_module(s, model, tp=2)
+        assert torch.equal(s.generate(rm, P, max_new_tokens=8), want)
+        with torch.no_grad():
+            ref = model(P).logits
+        torch.testing.assert_close(rm(P).logits.cpu(), ref, rtol=1e-5, atol=1e-5)
+        sampled = s.generate(rm, torch.tensor([[3, 4]]), max_new_tokens=6, do_sample=True)  # no seed given
+        more = torch.tensor([[5, 6, 7]])
+        with torch.no_grad():
+            local = model.generate(torch.cat([sampled, more], 1), max_new_tokens=5, do_sample=False)
+        assert torch.equal(s.generate(rm, more, max_new_tokens=5), local)
+        st = conn.stats()
+        assert st["sessions"][s.sid]["worker"] == 0 and st["sessions"][s.sid]["workers"] == [0, 1]
+        assert st["models"][rm.model_id]["workers"] == [0, 1]
+        # what it does not do (yet), each refused saying so
+        with pytest.raises(InvalidRequest, match="spans every worker"):
+            s.migrate()
+        with pytest.raises(InvalidRequest, match="breakpoint runs on a tensor-parallel model"):
+            s.call("start", {"model_id": rm.model_id, "args": [], "kwargs": {}, "breakpoints": []})
+        with pytest.raises(InvalidRequest, match="needs a server with 3"):
+            conn.session("three", tp=3)
+        plain = conn.session("plain")
+        with pytest.raises(InvalidRequest, match="needs a session spanning"):
+            RemoteModel.from_module(plain, model, tp=2)
+        # TP=1 in a plain session of the same server: the same greedy tokens
+        rm1 = RemoteModel.from_module(plain, model)
+        assert rm1.model_id != rm.model_id
+        assert torch.equal(plain.generate(rm1, P, max_new_tokens=8), want)
+    finally:
+        conn.close()

@@ -78,6 +78,7 @@ class Worker:
     alive: bool = True
     load: dict = field(default_factory=dict)                 # its last report (Engine.load)
     inflight: set = field(default_factory=set)               # (client id, rid) relayed, not yet answered
+    muted: set = field(default_factory=set)                  # (client id, rid) whose replies are dropped
 
     @property
     def ready(self) -> bool:
@@ -122,6 +123,7 @@ class Front:
         self.workers: list[Worker] = []
         self.sessions: dict[str, int] = {}   # sid -> rank
         self.owner: dict[str, str] = {}      # sid -> client id (attach_model looks for a client's models)
+        self.span: dict[str, list[int]] = {}  # sid -> its workers, first the one that answers (tensor-parallel)
         self.lost: set[str] = set()          # sessions of workers that died
         self._gathers: dict[int, _Gather] = {}
         self.held: dict[str, list[Request]] = {}  # sid -> its requests while it moves
@@ -212,6 +214,12 @@ class Front:
             return
         if op == "attach_model" and self._copy_model(req, args):
             return
+        if op == "open_session" and args.get("tp") not in (None, 1):
+            self._open_spanning(req, args, meta)
+            return
+        if isinstance(args.get("sid"), str) and args["sid"] in self.span:
+            self._relay_spanning(req, args["sid"], meta)
+            return
         if op in ("open_session", "restore_session"):  # a new session: placed
             w = self._place()
             if w is not None:
@@ -240,6 +248,29 @@ class Front:
         w.inflight.add((req.client_id, req.msg.rid))
         self._send(w, [wire.REQUEST, req.client_id.encode(), wire.pack(meta), *req.msg.frames])
 
+    def _open_spanning(self, req: Request, args: dict, meta: dict) -> None:
+        """Note [Tensor-parallel sessions]: one session on every worker, under one id."""
+        tp, live = args.get("tp"), self._live()
+        if type(tp) is not int or tp < 1 or tp != len(self.workers) or len(live) != tp:
+            self._error(req, InvalidRequest(
+                f"tp={tp!r} needs a server with {tp!r} live workers sharding together; this one has "
+                f"{len(live)} of {len(self.workers)} (start it with --gpus listing that many GPUs)"))
+            return
+        sid = secrets.token_hex(12)
+        self.span[sid] = [w.rank for w in live]
+        self.sessions[sid], self.owner[sid] = live[0].rank, req.client_id
+        self._relay_spanning(req, sid, dict(meta, new_sid=sid, tp=tp))
+
+    def _relay_spanning(self, req: Request, sid: str, meta: dict) -> None:
+        """Every worker of the span gets the request, in the same order as every other; one seed for
+        all of them (used where the call names none); only the first one's reply goes back."""
+        meta = dict(meta, seed=secrets.randbits(63))
+        for i, rank in enumerate(self.span[sid]):
+            w = self.workers[rank]
+            if i:
+                w.muted.add((req.client_id, req.msg.rid))
+            self._relay(w, req, meta)
+
     def _place(self, among: list[Worker] | None = None) -> Worker | None:
         """Note [One server, several workers]: the most free KV bytes, then the fewest sessions."""
         live = self._live() if among is None else among
@@ -254,6 +285,9 @@ class Front:
     def _migrate(self, req: Request, args: dict) -> None:
         """Note [Migration] in migrate.py: start moving a session; the reply comes when it has moved."""
         sid, rank = args.get("sid"), self.sessions.get(args.get("sid"))
+        if sid in self.span:
+            self._error(req, InvalidRequest("a tensor-parallel session spans every worker: there is nowhere to move it"))
+            return
         if rank is None:
             self._error(req, SessionNotFound(f"session {sid!r} does not exist (closed, reclaimed, or never opened)"))
             return
@@ -311,7 +345,7 @@ class Front:
         where this client holds sessions; False when there is none to copy from (the worker answers)."""
         sid, mid = args.get("sid"), args.get("model_id")
         dst = self.sessions.get(sid)
-        if dst is None or not isinstance(mid, str) or self._migration is not None:
+        if dst is None or not isinstance(mid, str) or self._migration is not None or sid in self.span:
             return False
         srcs = sorted({r for s, r in self.sessions.items()
                        if r != dst and self.owner.get(s) == req.client_id and self.workers[r].alive})
@@ -403,8 +437,13 @@ class Front:
             kind = frames[1].bytes
             if kind == wire.REPLY:
                 client_id = frames[2].bytes.decode()
+                key = (client_id, wire.unpack(frames[3].bytes))
                 if frames[4].bytes == b"1":
-                    w.inflight.discard((client_id, wire.unpack(frames[3].bytes)))
+                    w.inflight.discard(key)
+                if key in w.muted:  # a spanning session's other worker: its first worker answers
+                    if frames[4].bytes == b"1":
+                        w.muted.discard(key)
+                    continue
                 if self.router is not None:
                     self.router.send(client_id, frames[5:])
             elif kind == wire.CONTROL:
@@ -422,6 +461,7 @@ class Front:
             if self.sessions.get(fields.get("sid")) == w.rank:
                 del self.sessions[fields["sid"]]
                 self.owner.pop(fields["sid"], None)
+                self.span.pop(fields["sid"], None)
         elif op in ("exported", "want", "sent", "imported", "migrate_failed"):
             self._migration_step(w, op, fields)
         elif op == "stats":
@@ -438,17 +478,20 @@ class Front:
 
     def _lose(self, w: Worker, why: str) -> None:
         w.alive = False
-        mine = [sid for sid, rank in self.sessions.items() if rank == w.rank]
+        mine = [sid for sid, rank in self.sessions.items() if rank == w.rank or w.rank in self.span.get(sid, ())]
         log.error("worker %d (%s) died (%s): its %d sessions are lost; the other workers serve on",
                   w.rank, w.device, why, len(mine))
         for sid in mine:
             del self.sessions[sid]
             self.owner.pop(sid, None)
+            self.span.pop(sid, None)
             self.lost.add(sid)
         err = SessionLost(f"the worker on {w.device} that held this session died ({why})")
         for client_id, rid in w.inflight if self.router is not None else ():
-            self.router.send(client_id, codec.encode(MsgType.ERROR, wire_error(rid, err)))
+            if (client_id, rid) not in w.muted:
+                self.router.send(client_id, codec.encode(MsgType.ERROR, wire_error(rid, err)))
         w.inflight.clear()
+        w.muted.clear()
         for g in self._gathers.values():
             g.waiting.discard(w.rank)
         self._finish_gathers()
@@ -486,6 +529,9 @@ def merge_stats(parts: dict[int, dict], front: Front) -> dict:
     sessions, models = {}, {}
     for r in ranks:
         for sid, s in (parts[r].get("sessions") or {}).items():
+            if sid in sessions:  # a tensor-parallel session: its first worker's entry, every worker named
+                sessions[sid].setdefault("workers", [sessions[sid]["worker"]]).append(r)
+                continue
             sessions[sid] = dict(s, worker=r)
         for mid, m in (parts[r].get("models") or {}).items():
             merged = models.setdefault(mid, dict(m, workers=[], sessions=[]))

@@ -59,6 +59,8 @@ def export(engine, sid: str, client_id: str) -> tuple[dict, dict[str, torch.Tens
         raise InvalidRequest("a session moves between requests: this one has a request running or queued")
     if s.state == SessionState.PAUSED or engine.runs.of_session(sid) or s.stack:
         raise InvalidRequest("a session with a breakpoint run does not move (the run lives on this worker)")
+    if s.tp:
+        raise InvalidRequest("a tensor-parallel session spans every worker: there is nowhere to move it")
     if len(s.graphs):
         raise InvalidRequest("a session holding compiled graphs does not move; send them again after moving")
     models = []

@@ -37,6 +37,8 @@ log = logging.getLogger("djinn.fork")
 def fork_session(engine, client_id, rid, args):
     """{sid, name?}: a new session sharing the parent's KV blocks (Note [Session fork])."""
     parent = engine.session(client_id, args)
+    if parent.tp:
+        raise InvalidRequest("a session spanning workers (tensor-parallel) cannot be forked yet")
     name = args.get("name")
     if name is not None and (not isinstance(name, str) or len(name) > 200):
         raise InvalidRequest("session name must be a string of at most 200 characters")

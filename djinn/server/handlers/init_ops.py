@@ -41,7 +41,7 @@ from ...vmu.text import DEVICE, HOST, TextSegment
 from ..models import streaming
 from ..models.registry import check_attn_impl, checked_config
 from ..models.tensors import named_tensors
-from .model_ops import attach, model_info
+from .model_ops import attach, model_info, tp_of
 from .registry import op
 
 log = logging.getLogger("djinn.init_ops")
@@ -76,7 +76,7 @@ def init_model(engine, client_id, rid, args):
             # With a budget the weights wait on the host until the plan says which layers stay (like load_dir).
             tensors = _store(engine.text, module, key, HOST if budget is not None else DEVICE, pins)
             del module
-        entry, created = engine.models.register(arch, config, attn_impl, tensors, None, budget)
+        entry, created = engine.models.register(arch, config, attn_impl, tensors, None, budget, tp_of(s, args))
     finally:
         for h in pins:  # the model holds its own references now (or failed and holds none)
             engine.text.release(h)

@@ -55,7 +55,7 @@ def register_model(engine, client_id, rid, args):
     tensors = pinned_tensors(s, args, "register_model")
     budget = streaming.budget_bytes(args.get("weight_budget_gb"), engine.cfg.weight_budget_gb)
     entry, created = engine.models.register(args.get("arch"), args.get("config"), args.get("attn_impl"),
-                                            tensors, args.get("generation_config"), budget)
+                                            tensors, args.get("generation_config"), budget, tp_of(s, args))
     adopt(engine, s, entry, tensors)
     return model_info(entry, created)
 
@@ -96,6 +96,18 @@ def release_model(engine, client_id, rid, args):
         s.models.discard(mid)
         engine.release_model(mid, s.sid)
     return {}
+
+
+def tp_of(s, args: dict) -> int | None:
+    """A register op's `tp`: only a session spanning that many workers shards a model
+    (Note [Tensor-parallel sessions] in djinn/server/cluster/tensor_parallel.py)."""
+    tp = args.get("tp")
+    if tp is None or tp == 1:
+        return None
+    if type(tp) is not int or tp != s.tp:
+        raise InvalidRequest(f"tp={tp!r} needs a session spanning that many workers: open it with "
+                             f"conn.session(tp={tp}) (or djinn.remote(model, tp={tp}))")
+    return tp
 
 
 def attach(engine, s, entry) -> None:

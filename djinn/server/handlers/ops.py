@@ -33,6 +33,7 @@ import torch
 from ...protocol.errors import InvalidRequest, OutOfMemory, short
 from ...protocol.messages import MsgType
 from .. import quotas
+from ..cluster import tensor_parallel
 from ..dispatch import Job
 from ..execution import executor, steering, validate
 from ..execution.fast_task import FastTask, pool_for
@@ -67,6 +68,7 @@ def open_session(engine, client_id, rid, args):
         raise InvalidRequest(f"max_kv_tokens must be an int in [1, {1 << 24}] or null, got {budget!r}")
     s = engine.sessions.open(client_id, name, engine.principal(client_id), sid=engine.meta.get("new_sid"))
     s.max_kv_tokens = budget
+    s.tp = engine.meta.get("tp")  # a front opened it on every worker (Note [Tensor-parallel sessions])
     log.info("session %s opened by client %s%s", s.sid[:8], client_id[:8], f" name={name!r}" if name else "")
     if wants_checkpoint:  # Note [Checkpoint tokens] in checkpoint.py
         try:
@@ -124,6 +126,16 @@ def generate(engine, client_id, rid, args):
     seed = seed_of(args)
     if not isinstance(kwargs, dict):
         raise InvalidRequest("generate needs kwargs as a map")
+    if entry.tp:  # run to its end now, on every worker alike (Note [Tensor-parallel sessions])
+        if args.get("steer") or args.get("record") or args.get("stream"):
+            raise InvalidRequest("a tensor-parallel model's generate takes no steer, record or stream yet")
+        executor.check_generate(input_ids, kwargs, entry.module)
+        validate.check_generate(entry.module, input_ids, kwargs, 0)
+        result = tensor_parallel.generate(engine, s, entry, input_ids, kwargs,
+                                          seed if seed is not None else engine.meta.get("seed"),
+                                          bool(args.get("use_session_kv")))
+        engine.data.sync(s)
+        return result
     executor.check_generate(input_ids, kwargs, entry.module)  # Note [Effective generate arguments]
     steer = steering.parse(entry.module, unpack_inputs(engine, s, args.get("steer")))  # Note [Steering]
     record = steering.parse_record(entry.module, args.get("record"))  # Note [Recorded activations]

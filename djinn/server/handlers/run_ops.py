@@ -82,6 +82,9 @@ def start(engine, client_id, rid, args):
     if "sig" in args:
         return _start_graph(engine, client_id, s, args, t0)
     entry = model_of(engine, s, args)
+    if getattr(entry, "tp", None):
+        raise InvalidRequest("breakpoint runs on a tensor-parallel model are not supported yet; remote it "
+                             "with tp=1 to debug it")
     if getattr(entry, "streamed", None) is not None and args.get("breakpoints"):
         # The ring's slots are shared by every forward through the model: while one run is parked,
         # another session's forward would overwrite the slots the parked run resumes into.

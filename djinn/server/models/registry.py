@@ -90,6 +90,7 @@ class ModelEntry:
     eager_why: str | None = None  # why its last generate that decoded eagerly did not take the fast path
     # register()'s arguments but the tensors: what another worker registers it from (cluster/migrate.py)
     recipe: dict | None = None
+    tp: int | None = None  # sharded over this many workers (Note [Tensor-parallel sessions])
 
     @property
     def nbytes(self) -> int:
@@ -129,7 +130,8 @@ class ModelRegistry:
         return cls
 
     def register(self, arch: object, config: object, attn_impl: object, tensors: object,
-                 generation_config: object = None, weight_budget: int | None = None) -> tuple[ModelEntry, bool]:
+                 generation_config: object = None, weight_budget: int | None = None,
+                 tp: int | None = None) -> tuple[ModelEntry, bool]:
         """Build (or find) the model whose weights are the Text entries named in `tensors`.
 
         The caller must hold a reference on every hash (a session pin); the model takes its own.
@@ -144,7 +146,9 @@ class ModelRegistry:
         missing = [h for h in tensors.values() if h not in self.text]
         if missing:
             raise InvalidRequest(f"{len(missing)} weights are not uploaded (first: {str(missing[0])[:12]})")
-        model_id = _model_id(arch, config, attn_impl, tensors, generation_config, weight_budget)
+        if tp is not None and weight_budget is not None:
+            raise InvalidRequest("a tensor-parallel model does not stream its weights (drop weight_budget_gb)")
+        model_id = _model_id(arch, config, attn_impl, tensors, generation_config, weight_budget, tp)
         entry = self._models.get(model_id)
         if entry is not None:
             return entry, False
@@ -154,9 +158,13 @@ class ModelRegistry:
             bind_tensors(module, {name: self.text.to_device(h, self.device) for name, h in tensors.items()})
         else:
             streamed = streaming.stream_from_text(module, tensors, self.text, self.device, weight_budget)
+        if tp is not None:  # its own shard of each sharded weight; the Text segment keeps the whole
+            from ..cluster import tensor_parallel
+
+            tensor_parallel.shard(module, tp, self.device)
         for h in tensors.values():
             self.text.acquire(h)
-        entry = ModelEntry(model_id, arch, module, dict(tensors), config, streamed=streamed,
+        entry = ModelEntry(model_id, arch, module, dict(tensors), config, streamed=streamed, tp=tp,
                            recipe={"arch": arch, "config": config, "attn_impl": attn_impl,
                                    "generation_config": generation_config, "weight_budget": weight_budget})
         self._models[model_id] = entry
@@ -316,13 +324,15 @@ class WeightTable(nn.Module):
         raise ModelNotSupported("this model runs on the graph path only (its module code stays on the client)")
 
 
-def _model_id(arch, config, attn_impl, tensors, generation_config=None, weight_budget=None) -> str:
+def _model_id(arch, config, attn_impl, tensors, generation_config=None, weight_budget=None, tp=None) -> str:
     # generation_config is part of the identity: it sets generate()'s defaults, so two clients whose
     # models differ only there must not share one module (the first one's defaults would win).
     # So is a weight budget: a streamed module and a resident one are different modules.
     parts = [arch, config, attn_impl, sorted(tensors.items()), generation_config]
     if weight_budget is not None:
         parts.append({"weight_budget": weight_budget})
+    if tp is not None:  # a sharded module is another module
+        parts.append({"tp": tp})
     blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 

@@ -18,8 +18,13 @@ def named_tensors(module: nn.Module):
 
 
 def unique_tensors(module: nn.Module):
+    """Each distinct storage once; a tensor-parallel module's sharded weights as this worker's shard."""
+    from torch.distributed.tensor import DTensor
+
     seen = {}
     for _, t in named_tensors(module):
+        if isinstance(t, DTensor):
+            t = t.to_local()
         if t.device.type != "meta":
             seen.setdefault(t.untyped_storage().data_ptr() or id(t), t)
     return seen.values()

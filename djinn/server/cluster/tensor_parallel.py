@@ -1,0 +1,124 @@
+"""Tensor parallelism: one model's layers sharded over the workers (Note [Tensor-parallel sessions]).
+
+Note [Tensor-parallel sessions]
+    `conn.session(tp=2)` (or `djinn.remote(model, tp=2)`, which opens one) is a session that spans the
+    workers: the front opens it on every worker under one id and relays each of its requests to all
+    of them in the same order; the first worker's replies go to the client, the others' are dropped.
+    A model registered in it with `tp=2` is built whole on each worker from the same uploaded weights,
+    then sharded with PyTorch's own tensor parallelism (`torch.distributed.tensor.parallel`, over a
+    DeviceMesh of the workers' group) by the architecture's transformers plan (`base_model_tp_plan`:
+    the attention's q/k/v and the MLP's gate/up column-wise, o and down row-wise; embeddings, norms
+    and the LM head replicated). Each worker then holds its share of the heads, and its KV is split
+    by heads too. A row-wise layer ends in an all-reduce, after which every worker holds the same
+    hidden state, so every worker computes the same logits and picks the same tokens: each runs the
+    same Hugging Face generate over its own shard and KV, and the collectives pair up call by call.
+    That pairing needs every worker to run a session's model calls in the same order, so a
+    tensor-parallel call runs to its end when its request is served (the engine's thread waits in it;
+    other sessions on those workers wait for it), and whatever is random is seeded alike: the front
+    gives each relayed request one seed, used when the call names none, and handle ids come from a
+    counter instead of the OS's randomness.
+    Its KV is a transformers DynamicCache per session and model, continued call after call like the
+    eager path's; it is not in the block pool, and the batched decode step, breakpoints and steering
+    do not take tensor-parallel models yet (they are refused, saying so). A TP sum is not bitwise the
+    single-device sum: greedy tokens are compared with TP=1, logits within tolerance.
+    This build shards over every worker (tp equals the number of workers): a mesh over a subset needs
+    a sub-group that every rank creates together.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from ...protocol.errors import InvalidRequest, ModelNotSupported
+
+
+def check(tp: object, world: int) -> int | None:
+    """The tp a request asks for: None for 1 (not sharded), or InvalidRequest."""
+    if tp is None or tp == 1:
+        return None
+    if type(tp) is not int or tp < 1:
+        raise InvalidRequest(f"tp must be a positive int, got {tp!r}")
+    if tp != world:
+        raise InvalidRequest(f"tp={tp} needs a server with {tp} workers sharding together; this one has {world} "
+                             "(start it with --gpus listing that many GPUs)")
+    return tp
+
+
+def plan(module: nn.Module, tp: int) -> dict[str, object]:
+    """The architecture's transformers TP plan as PyTorch parallel styles, one entry per layer."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    cfg = module.config
+    base = getattr(cfg, "base_model_tp_plan", None)
+    if not base:
+        raise ModelNotSupported(f"{type(module).__name__} has no tensor-parallel plan in transformers")
+    for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        n = getattr(cfg, name, None)
+        if isinstance(n, int) and n % tp:
+            raise ModelNotSupported(f"{type(module).__name__}: {name}={n} does not split over tp={tp}")
+    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+    prefix = module.base_model_prefix
+    names = {n for n, _ in module.named_modules()}
+    out = {}
+    for pattern, style in base.items():
+        if style not in styles:
+            raise ModelNotSupported(f"{type(module).__name__}: tensor-parallel style {style!r} is not supported")
+        rx = re.compile("^" + re.escape(f"{prefix}.{pattern}").replace(r"\*", r"\d+") + "$")
+        hits = [n for n in names if rx.match(n)]
+        if not hits:
+            raise ModelNotSupported(f"{type(module).__name__}: its TP plan names {pattern!r}, which it lacks")
+        for n in hits:
+            out[n] = styles[style]()
+    return out
+
+
+def shard(module: nn.Module, tp: int, device: torch.device) -> None:
+    """Shard the module in place over the workers' group (every worker calls this with the same module)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    mesh = init_device_mesh(device.type, (tp,))
+    # Every worker holds the whole weights: each keeps its own shard, no scatter (src_data_rank=None).
+    parallelize_module(module, mesh, plan(module, tp), src_data_rank=None)
+
+
+class TPCache:
+    """A session's KV for one tensor-parallel model: its token ids and a DynamicCache of its heads."""
+
+    def __init__(self, module: nn.Module):
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=module.config)
+        self.ids: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        total = 0
+        for layer in getattr(self.cache, "layers", []):
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+        return total
+
+
+def generate(engine, s, entry, input_ids: torch.Tensor, kwargs: dict, seed: int | None, use_kv: bool) -> dict:
+    """A generate on a tensor-parallel model, run to its end now (Note [Tensor-parallel sessions])."""
+    from ..execution.rng import Stream
+
+    if int(input_ids.shape[0]) != 1 and use_kv:
+        raise InvalidRequest("a tensor-parallel session's KV continues a batch of 1")
+    dev = engine.device
+    held = s.tp_kv.get(entry.model_id) if use_kv else None
+    if held is None:
+        held = TPCache(entry.module)
+    ids = input_ids.to(dev)
+    if held.ids is not None:
+        ids = torch.cat([held.ids, ids], dim=1)
+    with torch.no_grad(), Stream.new(seed, dev).active():
+        out = entry.module.generate(ids, past_key_values=held.cache, **kwargs)
+    if use_kv:
+        held.ids = out
+        s.tp_kv[entry.model_id] = held
+    return {"sequences": out.cpu()}
