@@ -36,10 +36,12 @@ from ...protocol.errors import InvalidRequest, ModelNotSupported
 
 def check(tp: object, world: int) -> int | None:
     """The tp a request asks for: None for 1 (not sharded), or InvalidRequest."""
-    if tp is None or tp == 1:
+    if tp is None:
         return None
     if type(tp) is not int or tp < 1:
         raise InvalidRequest(f"tp must be a positive int, got {tp!r}")
+    if tp == 1:
+        return None
     if tp != world:
         raise InvalidRequest(f"tp={tp} needs a server with {tp} workers sharding together; this one has {world} "
                              "(start it with --gpus listing that many GPUs)")

@@ -19,6 +19,7 @@ Note [Attention adapters]
 """
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import types
@@ -30,11 +31,9 @@ _ORIGINAL = "_djinn_original"  # the instance's own method, kept in its __dict__
 
 
 def _falcon_forward(self, hidden_states, alibi, attention_mask, position_ids=None, layer_past=None,
-                    use_cache=False, output_attentions=False, position_embeddings=None, **kwargs):
+                    use_cache=False, output_attentions=False, position_embeddings=None, *, impl, attend, **kwargs):
     """transformers 5.17's FalconAttention without ALiBi, its attention through the paged step."""
-    from . import paged_step
-
-    if self.config._attn_implementation_internal != paged_step.IMPL or alibi is not None:
+    if self.config._attn_implementation_internal != impl or alibi is not None:
         return getattr(self, _ORIGINAL)(hidden_states, alibi, attention_mask, position_ids=position_ids,
                                         layer_past=layer_past, use_cache=use_cache,
                                         output_attentions=output_attentions,
@@ -50,17 +49,15 @@ def _falcon_forward(self, hidden_states, alibi, attention_mask, position_ids=Non
     q, k = rotary(q, k, cos, sin)
     if layer_past is not None:
         k, v = layer_past.update(k, v, self.layer_idx)
-    out, _ = paged_step.attend(self, q, k, v, attention_mask, scaling=1 / math.sqrt(self.head_dim))
+    out, _ = attend(self, q, k, v, attention_mask, scaling=1 / math.sqrt(self.head_dim))
     return self.dense(out.reshape(batch, n, self.num_heads * self.head_dim)), None
 
 
-def _gptj_attn(self, query, key, value, attention_mask=None):
+def _gptj_attn(self, query, key, value, attention_mask=None, *, impl, attend):
     """transformers 5.17's GPTJAttention._attn (called after the cache update), through the paged step."""
-    from . import paged_step
-
-    if self.config._attn_implementation_internal != paged_step.IMPL:
+    if self.config._attn_implementation_internal != impl:
         return getattr(self, _ORIGINAL)(query, key, value, attention_mask)
-    out, _ = paged_step.attend(self, query, key, value, attention_mask, scaling=self.head_dim ** -0.5)
+    out, _ = attend(self, query, key, value, attention_mask, scaling=self.head_dim ** -0.5)
     return out.transpose(1, 2), None  # _attn's layout, [B, heads, n, dim], which _merge_heads expects
 
 
@@ -72,14 +69,16 @@ ADAPTERS: dict[str, tuple[str, Callable]] = {
 }
 
 
-def install(module: torch.nn.Module) -> int:
-    """Bind the adapter to every submodule of an adapted class not yet adapted; how many were."""
+def install(module: torch.nn.Module, impl: str, attend: Callable) -> int:
+    """Bind the adapter to every submodule of an adapted class not yet adapted, routing to `attend`
+    while the config names `impl` (paged_step's, passed in: this module does not import it); how many
+    were adapted."""
     n = 0
     for sub in module.modules():
         name, fn = ADAPTERS.get(type(sub).__name__, (None, None))
         if fn is not None and _ORIGINAL not in sub.__dict__:
             sub.__dict__[_ORIGINAL] = getattr(sub, name)
-            setattr(sub, name, types.MethodType(fn, sub))
+            setattr(sub, name, types.MethodType(functools.partial(fn, impl=impl, attend=attend), sub))
             n += 1
     return n
 

@@ -178,7 +178,7 @@ def check(module: torch.nn.Module) -> str | None:
     architecture]); probed once per module."""
     if module not in _checked:
         why = _probe(module)
-        if why == _NOT_DISPATCHED and attention_adapters.install(module):  # Note [Attention adapters]
+        if why == _NOT_DISPATCHED and attention_adapters.install(module, IMPL, attend):  # Note [Attention adapters]
             why = _probe(module)
             if why is not None:
                 attention_adapters.uninstall(module)

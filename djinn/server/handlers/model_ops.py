@@ -4,6 +4,7 @@ and releasing it. The helpers here attach a model to a session; init_ops, graph_
 from __future__ import annotations
 
 from ...protocol.errors import InvalidRequest
+from ..cluster import tensor_parallel
 from ..models import streaming
 from .args import model_id_of, str_list
 from .registry import op
@@ -101,8 +102,8 @@ def release_model(engine, client_id, rid, args):
 def tp_of(s, args: dict) -> int | None:
     """A register op's `tp`: only a session spanning that many workers shards a model
     (Note [Tensor-parallel sessions] in djinn/server/cluster/tensor_parallel.py)."""
-    tp = args.get("tp")
-    if tp is None or tp == 1:
+    tp = tensor_parallel.check(args.get("tp"), s.tp or 1) if s.tp else args.get("tp")
+    if tp is None or (type(tp) is int and tp == 1):
         return None
     if type(tp) is not int or tp != s.tp:
         raise InvalidRequest(f"tp={tp!r} needs a session spanning that many workers: open it with "
