@@ -245,3 +245,41 @@ def test_a_tensor_parallel_model_gives_the_tokens_of_one_device(start_server, mo
         assert torch.equal(plain.generate(rm1, P, max_new_tokens=8), want)
     finally:
         conn.close()
+
+
+def test_a_session_paused_at_a_breakpoint_moves_with_its_run(start_server, model):
+    """Note [Migration]: a generate run paused at its second stop, edited at both, moves with its
+    session; on the other worker its stop reads as before (same handles), takes more edits, and resumes
+    to the output of a twin run that never moved."""
+    from djinn.frontend.run import Breakpoint
+
+    srv = start_server("--workers", "2")
+    conn = Connection(srv.address, secret=None)
+    v1, v0, va = (torch.randn(64, generator=torch.Generator().manual_seed(k)) for k in (5, 6, 7))
+    try:
+        moving, twin = conn.session("moving"), conn.session("twin")
+        placed = _workers_of(conn)
+        stops = []
+        for s in (moving, twin):
+            rm = RemoteModel.from_module(s, model)
+            run = s.start(rm, P, method="generate", max_new_tokens=6,
+                          breakpoints=[Breakpoint("model.layers.0", step=1), Breakpoint("model.layers.1", step=3)])
+            run.wait().activation.add_(v1)
+            stop = run.resume()
+            stop.activation.add_(v0)
+            stops.append((run, stop))
+        before = stops[0][1].activation.cpu()
+        moved = moving.migrate()
+        assert moved["moved"] and moved["worker"] == placed[twin.sid]
+        (run, stop), (trun, tstop) = stops
+        assert torch.equal(stop.activation.cpu(), before) and torch.equal(before, tstop.activation.cpu())
+        assert conn.stats()["sessions"][moving.sid]["paused"]
+        for st in (stop, tstop):
+            st.activation[:, -1] += va
+        assert run.resume() is None and trun.resume() is None
+        assert torch.equal(run.output, trun.output)
+        with torch.no_grad():
+            plain = model.generate(P, max_new_tokens=6, do_sample=False)
+        assert not torch.equal(run.output, plain)  # the edits did something
+    finally:
+        conn.close()

@@ -17,9 +17,13 @@ Note [Migration]
          next call with the model), and says imported; the front points the session at it, tells the
          source to drop its copy and releases the held requests there. Any failure before that leaves
          the session where it was (the source keeps it until told).
-    The bytes are the checkpoint's, so the session continues bitwise as if it had not moved. Not
-    moved: a session with a request running, a paused breakpoint run (it lives on a thread of the
-    source) or compiled graphs (the client sends them again); those are refused with the reason.
+    The bytes are the checkpoint's, so the session continues bitwise as if it had not moved. A paused
+    breakpoint run moves as a fork of it would be made (Note [Fork replays the prefix]): its call,
+    breakpoints, edit log, random stream at its start and a copy of its stop (its handles kept, so the
+    client's Stop still reads and edits it); resumed there, it executes its call again, applying the
+    logged edits at each stop up to this one, and goes on, bitwise on one kind of device. Not moved:
+    a session with a request running or compiled graphs (the client sends them again); those are
+    refused with the reason.
     While the tensors move both workers' engine threads wait in the transfer (a stall of the other
     sessions there proportional to the bytes); the front runs one migration at a time.
 
@@ -45,7 +49,8 @@ from ...protocol.tensors import dtype_from_name, dtype_name
 from ...vmu.text import DEVICE, HOST
 from ..handlers import checkpoint
 from ..handlers.model_ops import adopt
-from ..sessions import SessionState
+from ...protocol import structure
+from ..execution.breakpoints import RunState
 
 log = logging.getLogger("djinn.migrate")
 
@@ -57,8 +62,9 @@ def export(engine, sid: str, client_id: str) -> tuple[dict, dict[str, torch.Tens
     s = engine.sessions.get(sid, client_id)
     if engine.dispatch.job_state(sid) is not None:
         raise InvalidRequest("a session moves between requests: this one has a request running or queued")
-    if s.state == SessionState.PAUSED or engine.runs.of_session(sid) or s.stack:
-        raise InvalidRequest("a session with a breakpoint run does not move (the run lives on this worker)")
+    runs = engine.runs.of_session(sid)
+    if any(r.state != RunState.PAUSED for r in runs):
+        raise InvalidRequest("a session moves between requests: one of its breakpoint runs is running")
     if s.tp:
         raise InvalidRequest("a tensor-parallel session spans every worker: there is nowhere to move it")
     if len(s.graphs):
@@ -70,12 +76,13 @@ def export(engine, sid: str, client_id: str) -> tuple[dict, dict[str, torch.Tens
             raise InvalidRequest(f"model {mid[:12]} was not registered from a recipe (a graph-path model)")
         models.append({"model_id": mid, **entry.recipe, "tensors": entry.hashes})
     state = checkpoint.state(engine.data, s)
+    packed_runs = [_pack_run(r, state) for r in runs]
     weights = {h: engine.text.get(h) for m in models for h in m["tensors"].values()}
     manifest = {
         "session": {"sid": s.sid, "client_id": s.client_id, "name": s.name, "principal": s.principal,
                     "max_kv_tokens": s.max_kv_tokens, "checkpoint_token": s.checkpoint_token,
                     "decode": dict(s.decode)},
-        "models": models, "state": specs(state), "weights": specs(weights),
+        "models": models, "state": specs(state), "weights": specs(weights), "runs": packed_runs,
     }
     return manifest, {**{f"s/{k}": t for k, t in state.items()}, **{f"w/{h}": t for h, t in weights.items()}}
 
@@ -146,11 +153,102 @@ def install(engine, manifest: dict, got: dict[str, torch.Tensor]) -> None:
         for m in manifest["models"]:
             s.text_pins.update(_pin(engine, m, got))
             adopt(engine, s, _register(engine, m), m["tensors"])
-        checkpoint._install(engine, s, {k[2:]: t.cpu() for k, t in got.items() if k.startswith("s/")})
+        checkpoint._install(engine, s, {k[2:]: t.cpu() for k, t in got.items()
+                                        if k.startswith("s/") and not k.startswith("s/run/")})
+        for r in manifest.get("runs") or []:
+            _install_run(engine, s, r, {k[2:]: t for k, t in got.items() if k.startswith("s/run/")})
         engine.data.sync(s)
     except BaseException:
         engine.close_session(s, "migration failed")
         raise
+
+
+def _pack_run(run, tensors: dict[str, torch.Tensor]) -> dict:
+    """A paused run as its fork would be made (Note [Fork replays the prefix]): its call, breakpoints,
+    edit log and random stream at its start, and a copy of its stop; tensors go into `tensors` (the
+    state sent as one buffer) under run/<id>/<n>, named in the values as handle tags."""
+    prefix = f"run/{run.run_id}"
+
+    def put(t: torch.Tensor) -> dict:
+        key = f"{prefix}/{sum(1 for k in tensors if k.startswith(prefix))}"
+        tensors[key] = t.detach().cpu().contiguous()
+        return {"$h": key}
+
+    def leaf(obj):
+        if isinstance(obj, torch.Tensor):
+            return put(obj)
+        if any(c.__name__ == "Cache" for c in type(obj).__mro__):
+            return None
+        return NotImplemented
+
+    c, st = run.call, run.stop
+    exposed = {i: put(t) for i, t in enumerate(st.tensors)}
+    by_id = dict(zip(st.origin, range(len(st.tensors))))
+
+    def out_leaf(obj):  # the module's output, pointing at the stop's exposed tensors
+        if isinstance(obj, torch.Tensor):
+            return exposed[by_id[id(obj)]] if id(obj) in by_id else None
+        return leaf(obj)
+
+    return {
+        "run_id": run.run_id, "model_id": run.model_id, "method": c.method, "seed": c.seed,
+        "args": structure.pack(c.args, leaf), "kwargs": structure.pack(c.kwargs, leaf),
+        "full_kwargs": None if c.full_kwargs is None else structure.pack(c.full_kwargs, leaf),
+        "kv_pool": c.kv_pool is not None,
+        "specs": [[b.path, b.where, b.step] for b in run.specs],
+        "log": [[hit, [[e.position, structure.pack(e.chain, leaf), e.op, structure.pack(e.value, leaf)] for e in es]]
+                for hit, es in run.log.items()],
+        "rng0": [put(run.rng0.cpu), None if run.rng0.cuda is None else put(run.rng0.cuda)],
+        "stop": {"spec": [st.spec.path, st.spec.where, st.spec.step], "step": st.step, "hit": st.hit,
+                 "tensors": [exposed[i] for i in range(len(st.tensors))], "readonly": sorted(st.readonly),
+                 "outputs": None if st.outputs is None else structure.pack(st.outputs, out_leaf),
+                 "hids": list(run.stop_hids)},
+    }
+
+
+def _install_run(engine, s, r: dict, got: dict[str, torch.Tensor]) -> None:
+    """The moved run, paused at its stop as a lazy fork is: resumed, it executes its call again,
+    applying its logged edits at each stop up to this one (Note [Fork replays the prefix])."""
+    from transformers import modeling_outputs
+
+    from ..execution.breakpoints import BreakpointSpec, Call, LoggedEdit, Replay, Run, StopPoint
+    from ..execution.kv_pools import pool_for as kv_pool_for
+    from ..execution.rng import Stream
+
+    dev = engine.device
+
+    cache: dict[str, torch.Tensor] = {}
+
+    def tag(name, key):  # one tensor per key: the stop's outputs alias its exposed tensors, as they did
+        if key not in cache:
+            cache[key] = got[key].to(dev)
+        return cache[key]
+
+    def model_output(name, d):
+        cls = getattr(modeling_outputs, name, None)
+        if cls is None:
+            raise InvalidRequest(f"a moved run's output type {name!r} is not a transformers model output")
+        return cls(**d)
+
+    def value(v):
+        return structure.unpack(v, tag, model_output)
+
+    entry = engine.models.get(r["model_id"])
+    call = Call(entry.module, r["method"], value(r["args"]), value(r["kwargs"]), r["seed"], dev,
+                kv_pool_for(engine, entry) if r["kv_pool"] else None,
+                None if r["full_kwargs"] is None else value(r["full_kwargs"]))
+    log = {int(hit): [LoggedEdit(pos, value(chain), op, value(v)) for pos, chain, op, v in es] for hit, es in r["log"]}
+    cpu, cuda = (None if x is None else got[x["$h"]] for x in r["rng0"])
+    stream = Stream(dev, cpu, None if cuda is None else cuda.to(dev))
+    st = r["stop"]
+    spec = BreakpointSpec(*st["spec"])
+    tensors = [value(t) for t in st["tensors"]]
+    outputs = None if st["outputs"] is None else value(st["outputs"])
+    snapshot = StopPoint(spec, st["step"], st["hit"], tensors, outputs, tuple(id(t) for t in tensors),
+                         frozenset(st["readonly"]))
+    run = Run(r["run_id"], s, r["model_id"], call, [BreakpointSpec(*b) for b in r["specs"]],
+              Replay(log, st["hit"], stream, spec, st["step"]), resume_from=None, snapshot=snapshot)
+    engine.runs.adopt(run, st["hids"])
 
 
 def _pin(engine, m: dict, got: dict) -> list[str]:

@@ -51,6 +51,15 @@ class RunTable:
         self._settle(run)
         return run
 
+    def adopt(self, run: Run, stop_hids: list[str]) -> None:
+        """A paused run that moved here from another worker (Note [Migration] in cluster/migrate.py):
+        its stop's tensors keep the handles its client holds."""
+        self._add(run)
+        run.stop_hids = list(stop_hids)
+        s = run.session
+        s.stack.update(zip(run.stop_hids, run.stop.tensors))
+        s.state = SessionState.PAUSED
+
     def resume(self, run: Run) -> None:
         self._leave_stop(run)
         run.resume()
