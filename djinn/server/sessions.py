@@ -126,12 +126,17 @@ class Session:
         (Note [One KV writer] in djinn/vmu/data.py); an assignment here raises TypeError."""
         return MappingProxyType(self._kv)
 
-    def add_tensor(self, t: torch.Tensor) -> str:
-        if self.tp:  # every worker of a spanning session must name its tensors alike
+    def new_id(self, nbytes: int = 8) -> str:
+        """A new id for something of this session (a tensor handle, a run, a stop's tensor): random,
+        but from a counter in a spanning session, whose every worker must name it alike (Note
+        [Tensor-parallel sessions] in djinn/server/cluster/tensor_parallel.py)."""
+        if self.tp:
             self._handles += 1
-            hid = f"{self._handles:016x}"
-        else:
-            hid = secrets.token_hex(8)
+            return f"{self._handles:0{2 * nbytes}x}"
+        return secrets.token_hex(nbytes)
+
+    def add_tensor(self, t: torch.Tensor) -> str:
+        hid = self.new_id()
         self.tensors[hid] = self.private(t)
         return hid
 

@@ -232,8 +232,6 @@ def test_a_tensor_parallel_model_gives_the_tokens_of_one_device(start_server, mo
         # what it does not do (yet), each refused saying so
         with pytest.raises(InvalidRequest, match="spans every worker"):
             s.migrate()
-        with pytest.raises(InvalidRequest, match="breakpoint runs on a tensor-parallel model"):
-            s.call("start", {"model_id": rm.model_id, "args": [], "kwargs": {}, "breakpoints": []})
         with pytest.raises(InvalidRequest, match="needs a server with 3"):
             conn.session("three", tp=3)
         plain = conn.session("plain")
@@ -281,5 +279,39 @@ def test_a_session_paused_at_a_breakpoint_moves_with_its_run(start_server, model
         with torch.no_grad():
             plain = model.generate(P, max_new_tokens=6, do_sample=False)
         assert not torch.equal(run.output, plain)  # the edits did something
+    finally:
+        conn.close()
+
+
+def test_a_tensor_parallel_run_stops_reads_and_steers_as_one_device(start_server, model):
+    """Note [Tensor-parallel sessions]: a breakpoint at a decoder layer's output reads the replicated
+    hidden state (TP=1's to rounding); an edit there, applied on both workers alike, gives TP=1's
+    tokens with the same edit."""
+    from djinn.frontend.run import Breakpoint
+
+    srv = start_server("--workers", "2")
+    conn = Connection(srv.address, secret=None)
+    v = torch.randn(64, generator=torch.Generator().manual_seed(3)) * 4
+    try:
+        tp, one = conn.session("tp", tp=2), conn.session("one")
+        got = {}
+        for s, k in ((tp, 2), (one, None)):
+            rm = RemoteModel.from_module(s, model, tp=k)
+            run = s.start(rm, P, method="generate", max_new_tokens=6,
+                          breakpoints=[Breakpoint("model.layers.0", step=1), Breakpoint("model.layers.1", step=2)])
+            stop = run.wait()
+            act = stop.activation.cpu()
+            stop.activation.add_(v)
+            stop = run.resume()
+            assert (stop.path, stop.step) == ("model.layers.1", 2)
+            assert run.resume() is None
+            got[k] = (act, run.output)
+        torch.testing.assert_close(got[2][0], got[None][0], rtol=1e-5, atol=1e-5)
+        assert torch.equal(got[2][1], got[None][1])
+        with torch.no_grad():
+            assert not torch.equal(got[2][1], model.generate(P, max_new_tokens=6, do_sample=False))
+        with pytest.raises(InvalidRequest, match="can never stop"):
+            tp.start(RemoteModel.from_module(tp, model, tp=2), P, method="generate", max_new_tokens=2,
+                     breakpoints=[Breakpoint("model.layers.0", step=5)]).wait()
     finally:
         conn.close()

@@ -15,11 +15,15 @@ Note [Tensor-parallel sessions]
     That pairing needs every worker to run a session's model calls in the same order, so a
     tensor-parallel call runs to its end when its request is served (the engine's thread waits in it;
     other sessions on those workers wait for it), and whatever is random is seeded alike: the front
-    gives each relayed request one seed, used when the call names none, and handle ids come from a
-    counter instead of the OS's randomness.
+    gives each relayed request one seed, used when the call names none, and handle, run and stop ids
+    come from a counter instead of the OS's randomness (`Session.new_id`).
+    Breakpoint runs work as on one device: at a decoder layer's boundary every worker holds the same
+    hidden state (after the row-wise all-reduce), each worker's run parks at the same stop, the stop
+    the client reads is the first worker's, and an edit, relayed to every worker like any request, is
+    applied alike on each; a generate run uses HF's own cache (no blocks) and has no tail job.
     Its KV is a transformers DynamicCache per session and model, continued call after call like the
-    eager path's; it is not in the block pool, and the batched decode step, breakpoints and steering
-    do not take tensor-parallel models yet (they are refused, saying so). A TP sum is not bitwise the
+    eager path's; it is not in the block pool (so not swapped), and the batched decode step and
+    `generate(steer=...)` do not take tensor-parallel models yet (refused, saying so). A TP sum is not bitwise the
     single-device sum: greedy tokens are compared with TP=1, logits within tolerance.
     This build shards over every worker (tp equals the number of workers): a mesh over a subset needs
     a sub-group that every rank creates together.

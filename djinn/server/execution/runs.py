@@ -10,7 +10,6 @@ djinn/server/principals.py): the caps are per principal and server-wide, not per
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 from collections import OrderedDict
 from typing import Any
@@ -41,7 +40,7 @@ class RunTable:
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self, s: Session, model_id: str, call: Call, specs: list[BreakpointSpec]) -> Run:
-        run = Run(secrets.token_hex(12), s, model_id, call, specs)
+        run = Run(s.new_id(12), s, model_id, call, specs)
         self._add(run)
         try:
             run.start()
@@ -71,7 +70,7 @@ class RunTable:
         block here."""
         stop = parent.stop
         log_copy = {hit: list(es) for hit, es in parent.log.items()}
-        child = Run(secrets.token_hex(12), parent.session, parent.model_id, parent.call, parent.specs,
+        child = Run(parent.session.new_id(12), parent.session, parent.model_id, parent.call, parent.specs,
                     Replay(log_copy, stop.hit, parent.rng0, stop.spec, stop.step),
                     resume_from=parent.resume_point() if from_kv else None, snapshot=parent.snapshot())
         try:
@@ -228,7 +227,7 @@ class RunTable:
         """After the run thread handed the baton back: expose a new stop, or retire an ended run."""
         s = run.session
         if run.state == RunState.PAUSED:
-            run.stop_hids = [secrets.token_hex(8) for _ in run.stop.tensors]
+            run.stop_hids = [s.new_id() for _ in run.stop.tensors]
             s.stack.update(zip(run.stop_hids, run.stop.tensors))
         else:
             self._remove(run)

@@ -54,7 +54,6 @@ Note [The tail of a run]
 """
 from __future__ import annotations
 
-import secrets
 import time
 
 import torch
@@ -82,9 +81,6 @@ def start(engine, client_id, rid, args):
     if "sig" in args:
         return _start_graph(engine, client_id, s, args, t0)
     entry = model_of(engine, s, args)
-    if getattr(entry, "tp", None):
-        raise InvalidRequest("breakpoint runs on a tensor-parallel model are not supported yet; remote it "
-                             "with tp=1 to debug it")
     if getattr(entry, "streamed", None) is not None and args.get("breakpoints"):
         # The ring's slots are shared by every forward through the model: while one run is parked,
         # another session's forward would overwrite the slots the parked run resumes into.
@@ -108,6 +104,8 @@ def start(engine, client_id, rid, args):
         executor.check_generate(call_args[0], call_kwargs, entry.module)
         check_generate(entry.module, call_args[0], call_kwargs, 0)  # a generate run is stateless
     seed = seed_of(args)
+    if seed is None and s.tp:  # every worker of a spanning session draws alike (Note [Tensor-parallel sessions])
+        seed = engine.meta.get("seed")
     specs = parse_breakpoints(entry.module, args.get("breakpoints", []), method)
     kv_pool = None
     if method == "generate":
@@ -118,8 +116,14 @@ def start(engine, client_id, rid, args):
         deterministic = args.get("deterministic", False)  # a run that can stop is eager (so bitwise) anyway
         if not isinstance(deterministic, bool):
             raise InvalidRequest(f"deterministic must be true or false, got {deterministic!r}")
-        if not specs:  # Note [A run that cannot stop is a generate]
+        if entry.tp:  # Note [Tensor-parallel sessions]: run whole on each worker, its KV HF's own
+            if not specs:
+                raise InvalidRequest("this generate run can never stop: on a tensor-parallel model call "
+                                     "generate instead")
+            deterministic = True  # no tail job (Note [The tail of a run]): the run ends the call itself
+        elif not specs:  # Note [A run that cannot stop is a generate]
             return _generate_job(engine, client_id, rid, s, entry, ids, call_kwargs, seed, deterministic, t0)
+    if method == "generate" and not entry.tp:
         kv_pool = kv_pool_for(engine, entry)
         # Its KV blocks are reserved when it starts and held while it is paused (Note [Session quotas]).
         tokens = prompt + executor.new_tokens(entry.module, prompt, call_kwargs)
@@ -215,7 +219,7 @@ def _generator(state: torch.Tensor) -> torch.Generator:
 def _generate_job(engine, client_id, rid, s, entry, ids, kwargs: dict, seed: int | None, deterministic: bool,
                   t0: float):
     """Note [A run that cannot stop is a generate]: the job, answered as a run that ended without a stop."""
-    run_id = secrets.token_hex(12)  # as RunTable.start's
+    run_id = s.new_id(12)  # as RunTable.start's
     job = None
 
     def reply(result: dict) -> dict:
