@@ -210,9 +210,10 @@ class DataSegment:
     def host_blocks(self, s) -> int:
         return sum(len(kv.table.rows) * a.per_row for kv in s.kv.values() if (a := self._away.get(id(kv.table))))
 
-    def kv_layers(self, s, mid: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The session's KV for one model as CPU tensors, per layer (keys, values) [batch, kv_heads,
-        tokens, head_dim], wherever its blocks are (checkpoints). Waits for a swap in flight."""
+    def kv_layers(self, s, mid: str, host: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The session's KV for one model, per layer (keys, values) [batch, kv_heads, tokens, head_dim],
+        wherever its blocks are: as CPU tensors (checkpoints), or with `host=False` left on the device
+        when its blocks are there (a migration over NCCL). Waits for a swap in flight."""
         kv, pool = s.kv[mid], self.pools.get(mid)
         t = kv.table
         for x, h in self.mem(s.sid).inflight:
@@ -224,13 +225,15 @@ class DataSegment:
         if away is not None and not t.blocks:  # only in the host pool
             blocks = pool.host_blocks(self._host_region(away.host), t.batch * away.per_row)  # [layers, k|v, blocks, ...]
         else:
-            blocks = pool.kv[:, :, pool.device_rows(t)].cpu()       # [layers, k|v, batch, nb, bt, heads, dim]
+            blocks = pool.kv[:, :, pool.device_rows(t)]             # [layers, k|v, batch, nb, bt, heads, dim]
+            blocks = blocks.cpu() if host else blocks
         out = []
         for layer in range(pool.shape.layers):
             kv2 = []
             for j in (0, 1):
                 x = blocks[layer, j].reshape(t.batch, -1, pool.shape.kv_heads, pool.shape.head_dim)
-                kv2.append(x[:, :t.length].transpose(1, 2).contiguous().cpu())
+                x = x[:, :t.length].transpose(1, 2).contiguous()
+                kv2.append(x.cpu() if host else x)
             out.append((kv2[0], kv2[1]))
         return out
 

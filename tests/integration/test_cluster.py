@@ -131,6 +131,8 @@ def test_a_migrated_session_continues_bitwise(start_server, model):
         ref.close()
         back = a.migrate(placed[a.sid])
         assert back["moved"] and back["worker"] == placed[a.sid] and back["bytes"] >= weight_bytes
+        # it was resident, so its KV is in this worker's blocks already, not waiting for its next call
+        assert conn.stats()["sessions"][a.sid]["kv_blocks"] == -(-second.shape[1] // 16)
         more = torch.tensor([[5, 6]])
         with torch.no_grad():
             local = model.generate(torch.cat([second, more], 1), max_new_tokens=4, do_sample=False)

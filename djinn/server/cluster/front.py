@@ -368,14 +368,15 @@ class Front:
         elif op == "want":
             self._send(self.workers[m.src], [wire.CONTROL, wire.pack(
                 {"op": "send", "mig": m.mig, "dst": m.dst, "hashes": fields.get("hashes") or []})])
-        elif op == "sent":
-            m.bytes = int(fields.get("bytes") or 0)
+        elif op == "sent":  # the source's count; the destination's, in "imported", is the one kept
+            m.bytes = m.bytes or int(fields.get("bytes") or 0)
         elif op == "imported" and m.model_id is not None:
             self._send(self.workers[m.src], [wire.CONTROL, wire.pack({"op": "keep", "mig": m.mig})])
             self._relay(self.workers[m.dst], m.req, {"principal": self.router.principal(m.req.client_id) or "",
                                                      "held_elsewhere": m.model_id})
             self._end_migration()
         elif op == "imported":
+            m.bytes = int(fields.get("bytes") or m.bytes)
             self.sessions[m.sid] = m.dst
             self._send(self.workers[m.src], [wire.CONTROL, wire.pack({"op": "drop", "mig": m.mig})])
             if m.req is not None:

@@ -10,11 +10,15 @@ Note [Migration]
          the manifest (names, dtypes, shapes) goes back to the front, the tensors wait.
       2. import (destination): says which weight hashes its Text segment lacks, then receives.
       3. send (source): the state and the lacking weights go over the workers' torch.distributed
-         group as one flat buffer (one message however many tensors; each piece 64-byte aligned).
+         group, the state as one flat buffer (one message however many tensors; each piece 64-byte
+         aligned), each weight as it is. Over NCCL the state is read from device memory and sent
+         from there (GPU to GPU); over gloo it goes through the host.
       4. the destination opens the session under the same id, client and principal, registers its
          models from their recipes (the same model ids: the ids hash the recipe and the weights),
-         installs the state as a restored checkpoint's (the KV goes into its blocks at the session's
-         next call with the model), and says imported; the front points the session at it, tells the
+         installs the state as a restored checkpoint's, and says imported. KV that was on the
+         source's device goes into this device's blocks at once (if they are short, the import
+         fails and the session stays); KV the source had swapped out waits on the host for the
+         session's next call, as a restored checkpoint's does; the front points the session at it, tells the
          source to drop its copy and releases the held requests there. Any failure before that leaves
          the session where it was (the source keeps it until told).
     The bytes are the checkpoint's, so the session continues bitwise as if it had not moved. A paused
@@ -48,7 +52,9 @@ from ...protocol.errors import InvalidRequest
 from ...protocol.tensors import dtype_from_name, dtype_name
 from ...vmu.text import DEVICE, HOST
 from ..handlers import checkpoint
+from ..execution.kv_pools import pool_for as kv_pool_for
 from ..handlers.model_ops import adopt
+from ..sessions import install_restored
 from ...protocol import structure
 from ..execution.breakpoints import RunState
 
@@ -75,13 +81,14 @@ def export(engine, sid: str, client_id: str) -> tuple[dict, dict[str, torch.Tens
         if entry.recipe is None:
             raise InvalidRequest(f"model {mid[:12]} was not registered from a recipe (a graph-path model)")
         models.append({"model_id": mid, **entry.recipe, "tensors": entry.hashes})
-    state = checkpoint.state(engine.data, s)
+    # Over NCCL the KV and tensors go from device memory as they are; over gloo through the host.
+    state = checkpoint.state(engine.data, s, host=transfer_device(engine).type == "cpu")
     packed_runs = [_pack_run(r, state) for r in runs]
     weights = {h: engine.text.get(h) for m in models for h in m["tensors"].values()}
     manifest = {
         "session": {"sid": s.sid, "client_id": s.client_id, "name": s.name, "principal": s.principal,
                     "max_kv_tokens": s.max_kv_tokens, "checkpoint_token": s.checkpoint_token,
-                    "decode": dict(s.decode)},
+                    "decode": dict(s.decode), "resident": not engine.data.away(s)},
         "models": models, "state": specs(state), "weights": specs(weights), "runs": packed_runs,
     }
     return manifest, {**{f"s/{k}": t for k, t in state.items()}, **{f"w/{h}": t for h, t in weights.items()}}
@@ -153,8 +160,12 @@ def install(engine, manifest: dict, got: dict[str, torch.Tensor]) -> None:
         for m in manifest["models"]:
             s.text_pins.update(_pin(engine, m, got))
             adopt(engine, s, _register(engine, m), m["tensors"])
-        checkpoint._install(engine, s, {k[2:]: t.cpu() for k, t in got.items()
+        checkpoint._install(engine, s, {k[2:]: t for k, t in got.items()
                                         if k.startswith("s/") and not k.startswith("s/run/")})
+        if info.get("resident"):  # its KV was on the source's device: into this one's blocks now, not
+            for mid in list(s.restored_kv):  # at its next call (OutOfMemory here: it stays where it was)
+                entry = engine.models.get(mid)
+                install_restored(engine, s, entry, kv_pool_for(engine, entry))
         for r in manifest.get("runs") or []:
             _install_run(engine, s, r, {k[2:]: t for k, t in got.items() if k.startswith("s/run/")})
         engine.data.sync(s)
@@ -212,7 +223,6 @@ def _install_run(engine, s, r: dict, got: dict[str, torch.Tensor]) -> None:
     from transformers import modeling_outputs
 
     from ..execution.breakpoints import BreakpointSpec, Call, LoggedEdit, Replay, Run, StopPoint
-    from ..execution.kv_pools import pool_for as kv_pool_for
     from ..execution.rng import Stream
 
     dev = engine.device
@@ -338,7 +348,8 @@ def control(engine, op: str, f: dict) -> None:
                                      int(f["src"]), transfer_device(engine))
             got = {**{f"s/{k}": t for k, t in zip(keys, state)}, **{f"w/{h}": w for h, w in zip(want, weights)}}
             install(engine, manifest, got)
-            link.control("imported", mig=mig, seconds=time.perf_counter() - t0)
+            nbytes = sum(t.numel() * t.element_size() for t in got.values())
+            link.control("imported", mig=mig, seconds=time.perf_counter() - t0, bytes=nbytes)
         elif op == "send":
             sid, tensors = pending[mig]
             state = [t for k, t in tensors.items() if k.startswith("s/")]

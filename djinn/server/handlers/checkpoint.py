@@ -212,12 +212,18 @@ def _own_file(path: Path) -> bool:
     return True
 
 
-def state(data, s) -> dict[str, torch.Tensor]:
-    """The session's token ids, KV tensors and tensor handles as contiguous CPU tensors."""
+def state(data, s, host: bool = True) -> dict[str, torch.Tensor]:
+    """The session's token ids, KV tensors and tensor handles as contiguous CPU tensors; `host=False`
+    leaves on the device what is there (a migration over NCCL sends it from there)."""
     out: dict[str, torch.Tensor] = {}
+
+    def place(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().contiguous()
+        return t.cpu() if host else t
+
     for mid, kv in s.kv.items():
-        out[f"ids/{mid}"] = kv.ids.detach().cpu().contiguous()
-        for layer, (k, v) in enumerate(data.kv_layers(s, mid)):
+        out[f"ids/{mid}"] = place(kv.ids)
+        for layer, (k, v) in enumerate(data.kv_layers(s, mid, host)):
             out[f"kv/{mid}/{layer}/keys"] = k
             out[f"kv/{mid}/{layer}/values"] = v
     for mid, (ids, layers) in s.restored_kv.items():  # restored, never used since: saved as it came
@@ -225,7 +231,7 @@ def state(data, s) -> dict[str, torch.Tensor]:
         for layer, kv in layers.items():
             out[f"kv/{mid}/{layer}/keys"], out[f"kv/{mid}/{layer}/values"] = kv["keys"], kv["values"]
     for hid, t in s.tensors.items():
-        out[f"t/{hid}"] = t.detach().cpu().contiguous()
+        out[f"t/{hid}"] = place(t)
     return out
 
 
