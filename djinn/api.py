@@ -101,8 +101,8 @@ def remote(model, *, session: Session | None = None, weight_budget_gb: float | N
         raise InvalidRequest(f"path must be 'module', 'graph' or None, got {path!r}")
     _check_model_arg(model)  # before connecting: a wrong argument must not start a server first
     tp = None if tp in (None, 1) else tp
-    if tp is not None and (path == "graph" or isinstance(model, str)):
-        raise InvalidRequest("tp applies to a module or a config on the module path")
+    if tp is not None and path == "graph":
+        raise InvalidRequest("tp applies to the module path")
     s = session or (connection().session(f"tp{tp}", tp=tp) if tp else connection().default_session())
     if is_config(model):
         return RemoteModel.from_config(s, model, seed=0 if seed is None else seed, dtype=dtype,
@@ -110,7 +110,7 @@ def remote(model, *, session: Session | None = None, weight_budget_gb: float | N
     if seed is not None or dtype is not None:  # a module's or checkpoint's weights are what they are
         raise InvalidRequest("seed and dtype apply only when remoting a config (random weights)")
     if isinstance(model, str):
-        return RemoteModel.from_path(s, model, weight_budget_gb=weight_budget_gb)
+        return RemoteModel.from_path(s, model, weight_budget_gb=weight_budget_gb, tp=tp)
     if path == "graph":
         if weight_budget_gb is not None:
             raise InvalidRequest("weight streaming (weight_budget_gb) is for the module path only")

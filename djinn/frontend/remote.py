@@ -66,7 +66,7 @@ class RemoteModel:
         if isinstance(limit, int) and limit > 0:
             chunk = min(chunk, limit)
         hashes, report = upload_tensors(session, named_tensors(module), conn.hashes, chunk, conn.cfg.upload_window,
-                                        stage="host" if weight_budget_gb is not None else None)
+                                        stage="host" if weight_budget_gb is not None or tp not in (None, 1) else None)
         gen = getattr(module, "generation_config", None)
         budget = {"weight_budget_gb": weight_budget_gb} if weight_budget_gb is not None else {}
         if tp not in (None, 1):
@@ -118,12 +118,13 @@ class RemoteModel:
                    source=f"random init, seed {seed}")
 
     @classmethod
-    def from_path(cls, session: "Session", path: str, *, weight_budget_gb: float | None = None) -> "RemoteModel":
+    def from_path(cls, session: "Session", path: str, *, weight_budget_gb: float | None = None,
+                  tp: int | None = None) -> "RemoteModel":
         """Load a Hugging Face directory that lives on the server (absolute, or "./"-relative to the
         server's working directory). Hub ids are refused here: the server never downloads."""
         _check_not_hub_id(path)
         budget = {"weight_budget_gb": weight_budget_gb} if weight_budget_gb is not None else {}
-        info = session.call("load_model", {"path": path, **budget})
+        info = session.call("load_model", {"path": path, **budget, **({"tp": tp} if tp not in (None, 1) else {})})
         return cls(session, info["model_id"], info["arch"], info["bytes"], info.get("config"), source=path)
 
     # -- execution -------------------------------------------------------------------------------

@@ -243,6 +243,10 @@ def test_a_tensor_parallel_model_gives_the_tokens_of_one_device(start_server, mo
         rm1 = RemoteModel.from_module(plain, model)
         assert rm1.model_id != rm.model_id
         assert torch.equal(plain.generate(rm1, P, max_new_tokens=8), want)
+        # a config drawn by the server: sharded, the tokens of the same config unsharded
+        cfg = model.config
+        tpc, onec = RemoteModel.from_config(s, cfg, seed=3, tp=2), RemoteModel.from_config(plain, cfg, seed=3)
+        assert torch.equal(s.generate(tpc, P, max_new_tokens=8), plain.generate(onec, P, max_new_tokens=8))
     finally:
         conn.close()
 

@@ -4,8 +4,10 @@ Note [Tensor-parallel sessions]
     `conn.session(tp=2)` (or `djinn.remote(model, tp=2)`, which opens one) is a session that spans the
     workers: the front opens it on every worker under one id and relays each of its requests to all
     of them in the same order; the first worker's replies go to the client, the others' are dropped.
-    A model registered in it with `tp=2` is built whole on each worker from the same uploaded weights,
-    then sharded with PyTorch's own tensor parallelism (`torch.distributed.tensor.parallel`, over a
+    A model registered in it with `tp=2` is built on each worker from the same weights, kept whole in
+    host memory (uploaded to the host, loaded from the server's disk there, or, for a config, drawn
+    on the CPU, so no device ever holds the model whole), then sharded with PyTorch's own tensor
+    parallelism (`torch.distributed.tensor.parallel`, over a
     DeviceMesh of the workers' group) by the architecture's transformers plan (`base_model_tp_plan`:
     the attention's q/k/v and the MLP's gate/up column-wise, o and down row-wise; embeddings, norms
     and the LM head replicated). Each worker then holds its share of the heads, and its KV is split

@@ -64,19 +64,24 @@ def init_model(engine, client_id, rid, args):
     seed = _seed(args.get("seed", 0))
     budget = streaming.budget_bytes(args.get("weight_budget_gb"), engine.cfg.weight_budget_gb)
     streaming.check_device(engine.device, budget)  # a CPU server refuses a budget before it builds
-    key = identity_key(arch, config, args.get("dtype"), seed)
+    tp = tp_of(s, args)
+    # A sharded model is drawn on the host, so no device ever holds it whole (Note [Tensor-parallel
+    # sessions]); its weights are then another recipe's than the same config drawn on a GPU.
+    draw_on = torch.device("cpu") if tp is not None else engine.device
+    key = identity_key(arch, config, args.get("dtype"), seed) + ("" if draw_on == engine.device else "/host")
     held = _held_by(engine.models, arch, key)
     pins: list[str] = []
     try:
         if held is not None:  # the weights exist: register finds the module, or binds a new one to them
             config, tensors = held.config, dict(held.hashes)
         else:
-            module = _init_module(cls, checked_config(cls, config), dtype, attn_impl, seed, engine.device)
+            module = _init_module(cls, checked_config(cls, config), dtype, attn_impl, seed, draw_on)
             config = json.loads(module.config.to_json_string(use_diff=False))
-            # With a budget the weights wait on the host until the plan says which layers stay (like load_dir).
-            tensors = _store(engine.text, module, key, HOST if budget is not None else DEVICE, pins)
+            # With a budget the weights wait on the host until the plan says which layers stay (like
+            # load_dir); sharded ones stay there whole, each worker's device holding its shards.
+            tensors = _store(engine.text, module, key, HOST if budget is not None or tp else DEVICE, pins)
             del module
-        entry, created = engine.models.register(arch, config, attn_impl, tensors, None, budget, tp_of(s, args))
+        entry, created = engine.models.register(arch, config, attn_impl, tensors, None, budget, tp)
     finally:
         for h in pins:  # the model holds its own references now (or failed and holds none)
             engine.text.release(h)

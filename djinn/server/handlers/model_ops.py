@@ -68,7 +68,7 @@ def load_model(engine, client_id, rid, args):
     if not isinstance(path, str):
         raise InvalidRequest("load_model needs a path string")
     budget = streaming.budget_bytes(args.get("weight_budget_gb"), engine.cfg.weight_budget_gb)
-    entry, created = engine.models.load_dir(path, engine.cfg.model_roots, engine.loopback, budget)
+    entry, created = engine.models.load_dir(path, engine.cfg.model_roots, engine.loopback, budget, tp_of(s, args))
     attach(engine, s, entry)
     return dict(model_info(entry, created), config=entry.config)
 

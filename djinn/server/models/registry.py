@@ -154,14 +154,16 @@ class ModelRegistry:
             return entry, False
         module = self._build(cls, config, attn_impl, generation_config)
         streamed = None
-        if weight_budget is None:
+        if tp is not None:  # Note [Tensor-parallel sessions]: from the Text entries wherever they are
+            from ..cluster import tensor_parallel
+
+            bind_tensors(module, {name: self.text.get(h) for name, h in tensors.items()})
+            tensor_parallel.shard(module, tp, self.device)  # each sharded weight: its shard, on the device
+            module.to(self.device)                           # the replicated rest
+        elif weight_budget is None:
             bind_tensors(module, {name: self.text.to_device(h, self.device) for name, h in tensors.items()})
         else:
             streamed = streaming.stream_from_text(module, tensors, self.text, self.device, weight_budget)
-        if tp is not None:  # its own shard of each sharded weight; the Text segment keeps the whole
-            from ..cluster import tensor_parallel
-
-            tensor_parallel.shard(module, tp, self.device)
         for h in tensors.values():
             self.text.acquire(h)
         entry = ModelEntry(model_id, arch, module, dict(tensors), config, streamed=streamed, tp=tp,
@@ -177,7 +179,7 @@ class ModelRegistry:
         return entry, True
 
     def load_dir(self, path: str, roots: list[str], loopback: bool,
-                 weight_budget: int | None = None) -> tuple[ModelEntry, bool]:
+                 weight_budget: int | None = None, tp: int | None = None) -> tuple[ModelEntry, bool]:
         """Load a Hugging Face directory (config.json + safetensors) that lives on the server."""
         from safetensors.torch import load_file
         from transformers import AutoConfig
@@ -217,7 +219,8 @@ class ModelRegistry:
                 tensors[h] = src
         pinned = [h for h in tensors]
         # With a budget, weights stay on the host until the plan says which layers are resident.
-        residency = HOST if weight_budget is not None else DEVICE
+        # Sharded weights too: each worker's device gets only its shards (Note [Tensor-parallel sessions]).
+        residency = HOST if weight_budget is not None or tp is not None else DEVICE
         for h, t in tensors.items():
             self.text.add(h, t if residency == HOST else t.to(self.device), residency)
         gen = None
@@ -227,7 +230,7 @@ class ModelRegistry:
             with open(within(p / "generation_config.json", path)) as f:
                 gen = GenerationConfig.from_dict(json.load(f)).to_dict()
         try:
-            return self.register(arch, config, None, hashes, gen, weight_budget)
+            return self.register(arch, config, None, hashes, gen, weight_budget, tp)
         finally:
             for h in pinned:
                 self.text.release(h)
