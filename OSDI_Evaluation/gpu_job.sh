@@ -7,7 +7,8 @@
 # 32 rows at 128 and 2k tokens, 32 remote sessions, steered and recorded generates, swap by blocks),
 # exp3 (white-box debugging on the 7B shape: breakpoints, steering, hooks that never fire), exp1m (the mixed
 # step: $EXP1_POLICIES, default signal, at $EXP1_AGENTS, default 48,80, flex and 512-token chunks), streamed
-# (16 sessions on a streamed 13B shape vs one), gpu-tests (tier 3 alone). Each writes its JSON and log under OUTDIR.
+# (16 sessions on a streamed 13B shape vs one), cluster (two GPUs: migration, tensor parallelism),
+# gpu-tests (tier 3 alone). Each writes its JSON and log under OUTDIR.
 set -u
 out=${1:?usage: gpu_job.sh OUTDIR PART...}; shift
 mkdir -p "$out"
@@ -56,6 +57,9 @@ for part in "$@"; do
     exp3)
       timeout 300 python "$here/exp3_whitebox_debugging/run_exp3.py" --models llama7b --out "$out" > "$out/exp3.log" 2>&1
       tail -15 "$out/exp3.log" ;;
+    cluster)  # two GPUs (nvidia-h100-x2): migration GPU to GPU, 13B TP=2 vs one GPU, a 34B shape at TP=2
+      timeout 560 python "$here/exp_cluster/bench_cluster.py" --gpus 0,1 --out "$out/cluster.json" > "$out/cluster.log" 2>&1
+      grep -E "^\[|wrote" "$out/cluster.log" | tail -8 ;;
     gpu-tests)  # about 280 s on an H100 (e6e6b3a): a call of its own
       timeout 420 python -m pytest -v -rfE --durations=12 tests/gpu -p no:cacheprovider > "$out/gpu_tests.log" 2>&1
       grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed" "$out/gpu_tests.log" | tail -70 ;;
