@@ -6,7 +6,7 @@ import torch
 
 from djinn.protocol import codec
 from djinn.protocol.messages import MsgType
-from djinn.server.cluster import front, wire
+from djinn.server.cluster import front, merge, wire
 
 
 class _W:
@@ -19,6 +19,7 @@ class _W:
 class _F:
     def __init__(self, workers):
         self.workers = workers
+        self.moves = type("Moves", (), {"balance_moves": 2})()
 
 
 def test_stats_of_two_workers_merge_into_one():
@@ -34,7 +35,7 @@ def test_stats_of_two_workers_merge_into_one():
             "kv": {"block_tokens": 16, "models": {"m": {"block_tokens": 16, "blocks_total": 8, "blocks_free": 2}}},
             "scheduler": {"policy": "signal", "swaps_out": 2, "queued": 4}},
     }
-    got = front.merge_stats(parts, _F([_W(0), _W(1, alive=True), _W(2, alive=False)]))
+    got = merge.merge_stats(parts, _F([_W(0), _W(1, alive=True), _W(2, alive=False)]))
     assert got["sessions"] == {"a": {"mine": True, "worker": 0}, "b": {"mine": False, "worker": 1}}
     assert got["models"]["m"] == {"sessions": ["a", "b"], "bytes": 10, "workers": [0, 1]}
     assert got["models"]["n"]["workers"] == [1]
@@ -42,6 +43,7 @@ def test_stats_of_two_workers_merge_into_one():
     assert got["kv"] == {"block_tokens": 16, "models": {"m": {"block_tokens": 16, "blocks_total": 16, "blocks_free": 7}}}
     assert got["scheduler"] == {"policy": "signal", "swaps_out": 3, "queued": 4}
     assert got["requests_served"] == 12 and got["device"] == "cpu, cpu"
+    assert got["cluster"] == {"workers": 3, "live": 2, "balance_moves": 2}
     assert [(w["rank"], w["alive"]) for w in got["workers"]] == [(0, True), (1, True), (2, False)]
     assert got["workers"][1]["pid"] == 101 and got["workers"][1]["sessions"] == 1
 
@@ -60,7 +62,7 @@ def test_placement_takes_the_most_free_kv_then_the_fewest_sessions():
     f = front.Front.__new__(front.Front)
     f.workers = [_W(0, free=100), _W(1, free=300), _W(2, free=300)]
     f.sessions = {"s1": 1}
-    assert f._place().rank == 2           # 1 and 2 tie on free KV; 2 holds fewer sessions
+    assert f.place().rank == 2           # 1 and 2 tie on free KV; 2 holds fewer sessions
     f.workers[2].alive = False
-    assert f._place().rank == 1
-    assert f._place([f.workers[0]]).rank == 0
+    assert f.place().rank == 1
+    assert f.place([f.workers[0]]).rank == 0

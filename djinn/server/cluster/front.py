@@ -56,15 +56,16 @@ import zmq
 
 from ...protocol import codec
 from ...protocol.errors import (
-    DjinnError, InvalidRequest, ServerBusy, ServerUnavailable, SessionLost, SessionNotFound, wire_error,
+    DjinnError, InvalidRequest, ServerUnavailable, SessionLost, wire_error,
 )
 from ...protocol.messages import MsgType
 from ..router import ClientGone, Request, Router
 from . import wire
+from .merge import merge_stats
+from .moves import Moves
 
 log = logging.getLogger("djinn.front")
 
-BALANCE_COOLDOWN_S = 30.0  # a session the balancer moved stays where it went at least this long
 READY_TIMEOUT_S = 300.0  # a worker's start: torch, transformers and, on a GPU, its CUDA context
 
 
@@ -83,20 +84,6 @@ class Worker:
     @property
     def ready(self) -> bool:
         return self.info is not None
-
-
-@dataclass
-class _Migration:
-    """One session moving (Note [Migration] in migrate.py); its requests wait in `Front.held`."""
-
-    mig: int
-    req: Request | None  # None: the balancer's own (Note [Balancing]); nobody waits for a reply
-    sid: str
-    src: int
-    dst: int
-    model_id: str | None = None  # a model copied for attach_model (Note [Models between workers])
-    t0: float = field(default_factory=time.perf_counter)
-    bytes: int = 0
 
 
 @dataclass
@@ -126,10 +113,7 @@ class Front:
         self.span: dict[str, list[int]] = {}  # sid -> its workers, first the one that answers (tensor-parallel)
         self.lost: set[str] = set()          # sessions of workers that died
         self._gathers: dict[int, _Gather] = {}
-        self.held: dict[str, list[Request]] = {}  # sid -> its requests while it moves
-        self._migration: _Migration | None = None   # one at a time (Note [Migration])
-        self._balanced: dict[str, float] = {}       # sid -> when the balancer last moved it
-        self.balance_moves = 0
+        self.moves = Moves(self)             # sessions and models moving between workers
         self._ids = 0  # migration and stats-gather ids
         self.router: Router | None = None
         dist_port = _free_port()
@@ -166,7 +150,7 @@ class Front:
         while not stop.is_set():
             ready = dict(poller.poll(100))
             for item in self.router.poll(0):
-                self._client(item)
+                self.take(item)
             if self.internal in ready:
                 self._drain_internal()
             self._check_workers()
@@ -194,10 +178,10 @@ class Front:
         shutil.rmtree(self._dir, ignore_errors=True)
 
     # -- clients -------------------------------------------------------------------------------------
-    def _client(self, item) -> None:
+    def take(self, item) -> None:
         if isinstance(item, ClientGone):
-            for w in self._live():
-                self._send(w, [wire.GONE, item.client_id.encode(), item.reason.encode()])
+            for w in self.live():
+                self.send_to(w, [wire.GONE, item.client_id.encode(), item.reason.encode()])
             return
         req: Request = item
         op, args = req.header["op"], req.header.get("args")
@@ -206,13 +190,12 @@ class Front:
         if op == "stats":
             self._gather_stats(req)
             return
-        if isinstance(args.get("sid"), str) and args["sid"] in self.held:
-            self.held[args["sid"]].append(req)  # served where it lands
-            return
+        if isinstance(args.get("sid"), str) and self.moves.hold(req, args["sid"]):
+            return  # served where the session lands
         if op == "migrate":
-            self._migrate(req, args)
+            self.moves.migrate(req, args)
             return
-        if op == "attach_model" and self._copy_model(req, args):
+        if op == "attach_model" and self.moves.copy_model(req, args):
             return
         if op == "open_session" and args.get("tp") not in (None, 1):
             self._open_spanning(req, args, meta)
@@ -221,7 +204,7 @@ class Front:
             self._relay_spanning(req, args["sid"], meta)
             return
         if op in ("open_session", "restore_session"):  # a new session: placed
-            w = self._place()
+            w = self.place()
             if w is not None:
                 meta["new_sid"] = secrets.token_hex(12)
                 self.sessions[meta["new_sid"]] = w.rank
@@ -230,7 +213,7 @@ class Front:
             sid = args["sid"]
             rank = self.sessions.get(sid)
             if rank is None and sid in self.lost:
-                self._error(req, SessionLost(f"session {sid[:12]} was lost with the worker that held it"))
+                self.error(req, SessionLost(f"session {sid[:12]} was lost with the worker that held it"))
                 return
             w = self.workers[rank] if rank is not None else self._first()  # unknown: its answer says so
             if op == "fork_session" and rank is not None:  # the child lives beside its parent's blocks
@@ -240,19 +223,19 @@ class Front:
         else:
             w = self._first()
         if w is None:
-            self._error(req, ServerUnavailable("no worker is serving"))
+            self.error(req, ServerUnavailable("no worker is serving"))
             return
-        self._relay(w, req, meta)
+        self.relay(w, req, meta)
 
-    def _relay(self, w: Worker, req: Request, meta: dict) -> None:
+    def relay(self, w: Worker, req: Request, meta: dict) -> None:
         w.inflight.add((req.client_id, req.msg.rid))
-        self._send(w, [wire.REQUEST, req.client_id.encode(), wire.pack(meta), *req.msg.frames])
+        self.send_to(w, [wire.REQUEST, req.client_id.encode(), wire.pack(meta), *req.msg.frames])
 
     def _open_spanning(self, req: Request, args: dict, meta: dict) -> None:
         """Note [Tensor-parallel sessions]: one session on every worker, under one id."""
-        tp, live = args.get("tp"), self._live()
+        tp, live = args.get("tp"), self.live()
         if type(tp) is not int or tp < 1 or tp != len(self.workers) or len(live) != tp:
-            self._error(req, InvalidRequest(
+            self.error(req, InvalidRequest(
                 f"tp={tp!r} needs a server with {tp!r} live workers sharding together; this one has "
                 f"{len(live)} of {len(self.workers)} (start it with --gpus listing that many GPUs)"))
             return
@@ -269,11 +252,11 @@ class Front:
             w = self.workers[rank]
             if i:
                 w.muted.add((req.client_id, req.msg.rid))
-            self._relay(w, req, meta)
+            self.relay(w, req, meta)
 
-    def _place(self, among: list[Worker] | None = None) -> Worker | None:
+    def place(self, among: list[Worker] | None = None) -> Worker | None:
         """Note [One server, several workers]: the most free KV bytes, then the fewest sessions."""
-        live = self._live() if among is None else among
+        live = self.live() if among is None else among
         if not live:
             return None
         count = {w.rank: 0 for w in live}
@@ -282,148 +265,22 @@ class Front:
                 count[rank] += 1
         return max(live, key=lambda w: (w.load.get("free_kv_bytes", 0), -count[w.rank], -w.rank))
 
-    def _migrate(self, req: Request, args: dict) -> None:
-        """Note [Migration] in migrate.py: start moving a session; the reply comes when it has moved."""
-        sid, rank = args.get("sid"), self.sessions.get(args.get("sid"))
-        if sid in self.span:
-            self._error(req, InvalidRequest("a tensor-parallel session spans every worker: there is nowhere to move it"))
-            return
-        if rank is None:
-            self._error(req, SessionNotFound(f"session {sid!r} does not exist (closed, reclaimed, or never opened)"))
-            return
-        if self._migration is not None:
-            self._error(req, ServerBusy("another session is moving between workers; try again shortly"))
-            return
-        dst = args.get("worker")
-        others = [w for w in self._live() if w.rank != rank]
-        if dst is None:
-            best = self._place(others)
-            dst = best.rank if best is not None else None
-        if type(dst) is not int or not any(w.rank == dst for w in self._live()):
-            self._error(req, InvalidRequest(f"worker {dst!r} is not a live worker: live are "
-                                            f"{[w.rank for w in self._live()]}"))
-            return
-        if dst == rank:
-            self._reply(req, {"worker": rank, "moved": False, "seconds": 0.0, "bytes": 0})
-            return
-        self._start_move(req, sid, rank, dst)
-
-    def _balance(self) -> None:
-        """Note [Balancing]: move a session away from a worker whose requests wait for memory."""
-        if self._migration is not None:
-            return
-        live = self._live()
-        now = time.monotonic()
-        for hot in sorted(live, key=lambda w: -w.load.get("queued", 0)):
-            if not hot.load.get("queued"):
-                return
-            cold = [w for w in live if w is not hot and not w.load.get("queued")]
-            if not cold:
-                return
-            dst = max(cold, key=lambda w: w.load.get("free_kv_bytes", 0))
-            room = dst.load.get("free_kv_bytes", 0)
-            for sid, nbytes in hot.load.get("movable") or []:
-                if (nbytes <= room and self.sessions.get(sid) == hot.rank and sid not in self.held
-                        and now - self._balanced.get(sid, -BALANCE_COOLDOWN_S) >= BALANCE_COOLDOWN_S):
-                    self._balanced[sid] = now
-                    self.balance_moves += 1
-                    log.info("balancing: %d requests wait on worker %d; moving session %s (%.1f MB) to worker %d",
-                             hot.load["queued"], hot.rank, sid[:8], nbytes / 1e6, dst.rank)
-                    self._start_move(None, sid, hot.rank, dst.rank)
-                    return
-
-    def _start_move(self, req: Request | None, sid: str, src: int, dst: int) -> None:
-        self._ids += 1
-        m = self._migration = _Migration(self._ids, req, sid, src, dst)
-        self.held[sid] = []
-        self._send(self.workers[src], [wire.CONTROL, wire.pack(
-            {"op": "export", "mig": m.mig, "sid": sid, "client": self.owner.get(sid, "") if req is None
-             else req.client_id})])
-
-    def _copy_model(self, req: Request, args: dict) -> bool:
-        """Note [Models between workers]: start copying the model to the session's worker from one
-        where this client holds sessions; False when there is none to copy from (the worker answers)."""
-        sid, mid = args.get("sid"), args.get("model_id")
-        dst = self.sessions.get(sid)
-        if dst is None or not isinstance(mid, str) or self._migration is not None or sid in self.span:
-            return False
-        srcs = sorted({r for s, r in self.sessions.items()
-                       if r != dst and self.owner.get(s) == req.client_id and self.workers[r].alive})
-        if not srcs:
-            return False
-        self._ids += 1
-        self._migration = _Migration(self._ids, req, sid, srcs[0], dst, model_id=mid)
-        self.held[sid] = []
-        self._send(self.workers[srcs[0]], [wire.CONTROL, wire.pack(
-            {"op": "export_model", "mig": self._ids, "model_id": mid, "client": req.client_id})])
-        return True
-
-    def _migration_step(self, w: Worker, op: str, fields: dict) -> None:
-        m = self._migration
-        if m is None or fields.get("mig") != m.mig:
-            return
-        if op == "exported":
-            self._send(self.workers[m.dst], [wire.CONTROL, wire.pack(
-                {"op": "import", "mig": m.mig, "src": m.src, "manifest": fields["manifest"]})])
-        elif op == "want":
-            self._send(self.workers[m.src], [wire.CONTROL, wire.pack(
-                {"op": "send", "mig": m.mig, "dst": m.dst, "hashes": fields.get("hashes") or []})])
-        elif op == "sent":  # the source's count; the destination's, in "imported", is the one kept
-            m.bytes = m.bytes or int(fields.get("bytes") or 0)
-        elif op == "imported" and m.model_id is not None:
-            self._send(self.workers[m.src], [wire.CONTROL, wire.pack({"op": "keep", "mig": m.mig})])
-            self._relay(self.workers[m.dst], m.req, {"principal": self.router.principal(m.req.client_id) or "",
-                                                     "held_elsewhere": m.model_id})
-            self._end_migration()
-        elif op == "imported":
-            m.bytes = int(fields.get("bytes") or m.bytes)
-            self.sessions[m.sid] = m.dst
-            self._send(self.workers[m.src], [wire.CONTROL, wire.pack({"op": "drop", "mig": m.mig})])
-            if m.req is not None:
-                self._reply(m.req, {"worker": m.dst, "moved": True, "seconds": time.perf_counter() - m.t0,
-                                    "bytes": m.bytes})
-            log.info("session %s moved from worker %d to %d (%.1f MB)", m.sid[:8], m.src, m.dst, m.bytes / 1e6)
-            self._end_migration()
-        elif op == "migrate_failed":
-            self._fail_migration(fields.get("message") or "failed", fields.get("code"), fields.get("step"))
-
-    def _fail_migration(self, message: str, code: str | None = None, step: str | None = None) -> None:
-        m = self._migration
-        if self.workers[m.src].alive:
-            self._send(self.workers[m.src], [wire.CONTROL, wire.pack({"op": "keep", "mig": m.mig})])
-        if m.model_id is not None:  # no copy: the session's own worker answers the attach_model
-            if self.workers[m.dst].alive:
-                self._relay(self.workers[m.dst], m.req, {"principal": self.router.principal(m.req.client_id) or ""})
-            self._end_migration()
-            return
-        err = {"SessionNotFound": SessionNotFound}.get(code, InvalidRequest)
-        if m.req is not None:
-            self._error(m.req, err(f"session {m.sid[:12]} did not move ({step or 'migrate'}): {message}"))
-        else:
-            log.info("balancing: session %s did not move (%s): %s", m.sid[:8], step, message)
-        self._end_migration()
-
-    def _end_migration(self) -> None:
-        m, self._migration = self._migration, None
-        for req in self.held.pop(m.sid, []):  # each goes where the session now is
-            self._client(req)
-
     def _gather_stats(self, req: Request) -> None:
-        live = self._live()
+        live = self.live()
         if not live:
-            self._error(req, ServerUnavailable("no worker is serving"))
+            self.error(req, ServerUnavailable("no worker is serving"))
             return
         gid = self._ids = self._ids + 1
         self._gathers[gid] = _Gather(req, waiting={w.rank for w in live})
         for w in live:
-            self._send(w, [wire.CONTROL, wire.pack({"op": "stats", "client": req.client_id, "gid": gid})])
+            self.send_to(w, [wire.CONTROL, wire.pack({"op": "stats", "client": req.client_id, "gid": gid})])
 
     def _finish_gathers(self) -> None:
         for gid, g in list(self._gathers.items()):
             if g.waiting:
                 continue
             del self._gathers[gid]
-            self._reply(g.req, merge_stats(g.parts, self))
+            self.reply(g.req, merge_stats(g.parts, self))
 
     # -- workers -------------------------------------------------------------------------------------
     def _drain_internal(self) -> None:
@@ -457,14 +314,14 @@ class Front:
             log.info("worker %d ready on %s", w.rank, w.device)
         elif op == "load":
             w.load = fields
-            self._balance()
+            self.moves.balance()
         elif op == "closed":
             if self.sessions.get(fields.get("sid")) == w.rank:
                 del self.sessions[fields["sid"]]
                 self.owner.pop(fields["sid"], None)
                 self.span.pop(fields["sid"], None)
         elif op in ("exported", "want", "sent", "imported", "migrate_failed"):
-            self._migration_step(w, op, fields)
+            self.moves.step(op, fields)
         elif op == "stats":
             g = self._gathers.get(fields.get("gid"))
             if g is not None and w.rank in g.waiting:
@@ -496,80 +353,27 @@ class Front:
         for g in self._gathers.values():
             g.waiting.discard(w.rank)
         self._finish_gathers()
-        m = self._migration
-        if m is not None and w.rank in (m.src, m.dst):
-            self._fail_migration(f"worker {w.rank} died while it moved")
+        self.moves.lost(w.rank)
 
     # -- helpers -------------------------------------------------------------------------------------
-    def _live(self) -> list[Worker]:
+    def live(self) -> list[Worker]:
         return [w for w in self.workers if w.alive and w.ready]
 
     def _first(self) -> Worker | None:
-        live = self._live()
+        live = self.live()
         return live[0] if live else None
 
     def _by_identity(self, identity: bytes) -> Worker | None:
         return next((w for w in self.workers if w.identity == identity), None)
 
-    def _send(self, w: Worker, frames: list) -> None:
+    def send_to(self, w: Worker, frames: list) -> None:
         self.internal.send_multipart([w.identity, *frames], copy=False)
 
-    def _reply(self, req: Request, result) -> None:
+    def reply(self, req: Request, result) -> None:
         self.router.send(req.client_id, codec.encode(MsgType.REPLY, {"rid": req.msg.rid, "result": result}))
 
-    def _error(self, req: Request, e: DjinnError) -> None:
+    def error(self, req: Request, e: DjinnError) -> None:
         self.router.send(req.client_id, codec.encode(MsgType.ERROR, wire_error(req.msg.rid, e)))
-
-
-def merge_stats(parts: dict[int, dict], front: Front) -> dict:
-    """One `stats()` from every worker's: the first's shape, sessions and models of all of them (each
-    session says its worker), segments, KV blocks and scheduler counters summed (a model's pool on
-    two workers counts both pools' blocks), and `workers` with each one's own."""
-    ranks = sorted(parts)
-    first = dict(parts[ranks[0]]) if ranks else {}
-    sessions, models = {}, {}
-    for r in ranks:
-        for sid, s in (parts[r].get("sessions") or {}).items():
-            if sid in sessions:  # a tensor-parallel session: its first worker's entry, every worker named
-                sessions[sid].setdefault("workers", [sessions[sid]["worker"]]).append(r)
-                continue
-            sessions[sid] = dict(s, worker=r)
-        for mid, m in (parts[r].get("models") or {}).items():
-            merged = models.setdefault(mid, dict(m, workers=[], sessions=[]))
-            merged["workers"].append(r)
-            merged["sessions"] = sorted({*merged["sessions"], *(m.get("sessions") or [])})
-    first.update(
-        sessions=sessions, models=models, **{k: _summed([parts[r].get(k) for r in ranks])
-                                             for k in ("segments", "kv", "scheduler")},
-        device=", ".join(front.workers[r].device for r in ranks),
-        requests_served=sum(parts[r].get("requests_served", 0) or 0 for r in ranks),
-        cluster={"workers": len(front.workers), "live": sum(w.alive for w in front.workers),
-                 "balance_moves": getattr(front, "balance_moves", 0)},
-        workers=[{"rank": r, "device": front.workers[r].device, "alive": front.workers[r].alive,
-                  "pid": (front.workers[r].info or {}).get("pid"),
-                  "sessions": len(parts[r].get("sessions") or {}), **{k: parts[r].get(k) for k in
-                  ("segments", "kv", "device_memory", "scheduler", "requests_served")}} for r in ranks]
-        + [{"rank": w.rank, "device": w.device, "alive": False} for w in front.workers if not w.alive])
-    return first
-
-
-_KEPT = frozenset({"block_tokens", "block_bytes", "policy", "step_tokens", "swap_bw"})  # alike on every worker
-
-
-def _summed(values: list):
-    """Numbers summed over the workers, maps merged key by key; anything else (and the sizes and names
-    every worker has alike) as the first worker has it."""
-    present = [v for v in values if v is not None]
-    if not present:
-        return None
-    head = present[0]
-    if isinstance(head, dict):
-        keys = list(dict.fromkeys(k for v in present if isinstance(v, dict) for k in v))
-        return {k: (head.get(k) if k in _KEPT and k in head else
-                    _summed([v.get(k) for v in present if isinstance(v, dict)])) for k in keys}
-    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
-        return sum(present)
-    return head
 
 
 def _free_port() -> int:
