@@ -7,7 +7,8 @@
 # 32 rows at 128 and 2k tokens, 32 remote sessions, steered and recorded generates, swap by blocks),
 # exp3 (white-box debugging on the 7B shape: breakpoints, steering, hooks that never fire), exp1m (the mixed
 # step: $EXP1_POLICIES, default signal, at $EXP1_AGENTS, default 48,80, flex and 512-token chunks), streamed
-# (16 sessions on a streamed 13B shape vs one), cluster (two GPUs: migration, tensor parallelism),
+# (16 sessions on a streamed 13B shape vs one), check (what was built without a GPU: tier-3 tests, decode
+# with flex and the compiled step, the flood reference), cluster (two GPUs: migration, tensor parallelism),
 # gpu-tests (tier 3 alone). Each writes its JSON and log under OUTDIR.
 set -u
 out=${1:?usage: gpu_job.sh OUTDIR PART...}; shift
@@ -57,6 +58,17 @@ for part in "$@"; do
     exp3)
       timeout 300 python "$here/exp3_whitebox_debugging/run_exp3.py" --models llama7b --out "$out" > "$out/exp3.log" 2>&1
       tail -15 "$out/exp3.log" ;;
+    check)  # what was built without a GPU: its tier-3 tests, 7B decode at 1/32/64 with flex and the compiled
+      # step, the flood reference in process (about 560 s: a call of its own)
+      timeout 150 python -m pytest -v -rfE -p no:cacheprovider tests/gpu/test_mixed_step_gpu.py \
+        tests/gpu/test_compiled_step_gpu.py tests/gpu/test_streaming.py tests/unit/test_paged_step.py \
+        > "$out/check_tests.log" 2>&1
+      grep -E "FAILED|ERROR|passed|failed" "$out/check_tests.log" | tail -12
+      timeout 300 python "$here/exp_decode/bench_decode.py" --shapes 7b --concurrency 1,32,64 --max-sessions 64 \
+        --server-attention flex --compile-rows 1,32 --out "$out/decode_7b_flex_compile.json" > "$out/decode.log" 2>&1
+      grep -v -i warn "$out/decode.log" | grep -E "^\[|Error|error" | tail -20
+      timeout 100 python "$here/micro/flood_reference_check.py" > "$out/flood.log" 2>&1
+      tail -3 "$out/flood.log" ;;
     cluster)  # two GPUs (nvidia-h100-x2): migration GPU to GPU, 13B TP=2 vs one GPU, a 34B shape at TP=2
       timeout 560 python "$here/exp_cluster/bench_cluster.py" --gpus 0,1 --out "$out/cluster.json" > "$out/cluster.log" 2>&1
       grep -E "^\[|wrote" "$out/cluster.log" | tail -8 ;;
