@@ -248,8 +248,10 @@ def _install_run(engine, s, r: dict, got: dict[str, torch.Tensor]) -> None:
                 kv_pool_for(engine, entry) if r["kv_pool"] else None,
                 None if r["full_kwargs"] is None else value(r["full_kwargs"]))
     log = {int(hit): [LoggedEdit(pos, value(chain), op, value(v)) for pos, chain, op, v in es] for hit, es in r["log"]}
-    cpu, cuda = (None if x is None else got[x["$h"]] for x in r["rng0"])
-    stream = Stream(dev, cpu, None if cuda is None else cuda.to(dev))
+    # torch keeps generator states as CPU byte tensors, the CUDA generator's too; over NCCL they came in
+    # device memory
+    cpu, cuda = (None if x is None else got[x["$h"]].cpu() for x in r["rng0"])
+    stream = Stream(dev, cpu, cuda)
     st = r["stop"]
     spec = BreakpointSpec(*st["spec"])
     tensors = [value(t) for t in st["tensors"]]
