@@ -57,11 +57,25 @@ def _summary(st: dict) -> list[tuple[str, str]]:
                                   f"{sc.get('swaps_out', 0)} out / {sc.get('swaps_in', 0)} in "
                                   f"({fmt_bytes(sc.get('bytes_moved', 0))} moved), prefetch hits "
                                   f"{sc.get('prefetch_hits', 0)} / misses {sc.get('prefetch_misses', 0)}"))
+    rows += worker_rows(st)
     pools = ((st.get("kv") or {}).get("models") or {})
     for mid, p in pools.items():
         rows.append(("kv blocks", f"{mid[:12]}: {p.get('blocks_free', 0):,} of {p.get('blocks_total', 0):,} free, "
                                   f"{p.get('blocks_cached', 0):,} cached, {p.get('block_tokens', '?')} tokens each"))
     return rows
+
+
+def worker_rows(st: dict) -> list[tuple[str, str]]:
+    """A server with several workers (`--gpus`): a line each, what it holds."""
+    out = []
+    for w in st.get("workers") or []:
+        if not w.get("alive", True):
+            out.append((f"worker {w.get('rank')}", f"{w.get('device')}: dead (its sessions were lost)"))
+            continue
+        seg = w.get("segments") or {}
+        out.append((f"worker {w.get('rank')}", f"{w.get('device')}: {w.get('sessions', 0)} sessions, text "
+                                               f"{fmt_bytes(seg.get('text'))}, data {fmt_bytes(seg.get('data'))}"))
+    return out
 
 
 def _now(job, s: dict) -> str:

@@ -13,7 +13,7 @@ import sys
 import time
 from typing import TextIO
 
-from .stats_view import _SESSION_COLUMNS, _session_rows, _table, _title, fmt_bytes
+from .stats_view import _SESSION_COLUMNS, _session_rows, _table, _title, fmt_bytes, worker_rows
 
 #: Cursor home, then erase the screen (ECMA-48 CUP and ED): every VT100-like terminal has them.
 CLEAR = "\x1b[H\x1b[2J"
@@ -51,6 +51,7 @@ def render_frame(st: dict, address: str | None, width: int = 100) -> str:
     if sc:
         lines.append(f"scheduler: policy {sc.get('policy')}, {sc.get('queued', 0)} queued, swaps "
                      f"{sc.get('swaps_out', 0)} out / {sc.get('swaps_in', 0)} in")
+    lines += [f"{label}: {text}" for label, text in worker_rows(st)]
     lines.append("")
     bar_w = 30 if width <= 0 else max(10, min(50, width - 45))
     for name, used, total, what in segment_rows(st):

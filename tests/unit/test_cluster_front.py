@@ -66,3 +66,17 @@ def test_placement_takes_the_most_free_kv_then_the_fewest_sessions():
     f.workers[2].alive = False
     assert f.place().rank == 1
     assert f.place([f.workers[0]]).rank == 0
+
+
+def test_a_servers_workers_show_a_line_each():
+    from djinn.frontend.stats_view import render_text
+    from djinn.frontend.top import render_frame
+
+    st = {"device": "cuda:0, cuda:1", "segments": {"text": 2 << 30},
+          "workers": [{"rank": 0, "device": "cuda:0", "alive": True, "sessions": 3,
+                       "segments": {"text": 1 << 30, "data": 5 << 20}},
+                      {"rank": 1, "device": "cuda:1", "alive": False}]}
+    text = render_text(st)
+    assert "worker 0   cuda:0: 3 sessions, text 1.0 GiB, data 5.0 MiB" in text
+    assert "worker 1   cuda:1: dead (its sessions were lost)" in text
+    assert "worker 0: cuda:0: 3 sessions" in render_frame(st, None, width=0)
