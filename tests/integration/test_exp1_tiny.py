@@ -190,3 +190,18 @@ def test_exp1_shared_base_runs_one_single_agent_row(exp1, tiny, tmp_path):
             break
         want = n
     assert hl["max_agents_within_slo"]["signal"] == want
+
+
+def test_exp1_tiny_on_two_workers(tmp_path):
+    """`--gpus 2` with --tiny: the same workload through a front and two CPU workers (sessions placed on
+    both, stats merged); every turn succeeds and the record names the workers."""
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--policies", "signal", "--agents", "4",
+                           "--gpus", "2", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=150)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    res = json.loads((tmp_path / "exp1_tiny.json").read_text())
+    assert res["server_flags"][-2:] == ["--workers", "2"]
+    rows = {r["agents"]: r for r in res["rows"]}
+    assert sorted(rows) == [1, 4]
+    for r in rows.values():
+        assert "error" not in r and r["failures"] == 0 and r["server_alive"] and r["leftover_sessions"] == 0
