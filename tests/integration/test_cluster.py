@@ -321,3 +321,28 @@ def test_a_tensor_parallel_run_stops_reads_and_steers_as_one_device(start_server
                      breakpoints=[Breakpoint("model.layers.0", step=5)]).wait()
     finally:
         conn.close()
+
+
+def test_a_move_the_destination_has_no_room_for_leaves_the_session_where_it_was(start_server, model):
+    """Note [Migration]: KV that was on the source's device must fit the destination's free blocks at
+    import; when it does not, the move fails saying why, nothing is left behind there, and the session
+    goes on where it was, exactly."""
+    srv = start_server("--workers", "2", "--policy", "resident", "--data-budget-gb", "0.000123",
+                       "--kv-block-tokens", "16")  # 16 blocks a worker; each session below holds 10
+    conn = Connection(srv.address, secret=None)
+    try:
+        a, b = conn.session("a"), conn.session("b")
+        placed = _workers_of(conn)
+        ra, rb = RemoteModel.from_module(a, model), RemoteModel.from_module(b, model)
+        first = a.generate(ra, P, max_new_tokens=150)
+        b.generate(rb, P, max_new_tokens=150)
+        with pytest.raises(InvalidRequest, match="did not move"):
+            a.migrate(placed[b.sid])
+        st = conn.stats()
+        assert st["sessions"][a.sid]["worker"] == placed[a.sid] and set(st["sessions"]) == {a.sid, b.sid}
+        more = torch.tensor([[3, 4]])
+        with torch.no_grad():
+            want = model.generate(torch.cat([first, more], 1), max_new_tokens=4, do_sample=False)
+        assert torch.equal(a.generate(ra, more, max_new_tokens=4), want)
+    finally:
+        conn.close()
