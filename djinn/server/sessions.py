@@ -117,7 +117,6 @@ class Session:
     readonly: ReadOnlyMemory = field(default_factory=ReadOnlyMemory)  # the weights' memory (the Text segment's)
     graphs: GraphCache = field(default_factory=GraphCache)  # compiled graphs it sent (Note [Graph cache])
     tp: int | None = None    # spans this many workers (Note [Tensor-parallel sessions] in cluster/tensor_parallel.py)
-    tp_kv: dict = field(default_factory=dict)  # model id -> TPCache: a tensor-parallel model's KV
     _handles: int = 0        # handle ids of a spanning session come from this counter, alike on every worker
 
     @property
@@ -156,8 +155,7 @@ class Session:
     @property
     def data_bytes(self) -> int:
         unique = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self.tensors.values()}
-        return (sum(unique.values()) + sum(kv.nbytes for kv in self.kv.values()) + self.graphs.nbytes
-                + sum(c.nbytes for c in self.tp_kv.values()))
+        return sum(unique.values()) + sum(kv.nbytes for kv in self.kv.values()) + self.graphs.nbytes
 
 
 class SessionTable:

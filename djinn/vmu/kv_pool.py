@@ -87,6 +87,8 @@ class KVShape:
         dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
         if not (layers and kv_heads and head_dim):
             raise ValueError(f"{type(module).__name__}: cannot read layers/heads/head_dim from its config")
+        # A module sharded over tp workers holds its share of the heads (Note [Tensor-parallel sessions]).
+        kv_heads //= int(getattr(module, "_djinn_tp", None) or 1)
         return cls(layers, kv_heads, head_dim, dtype)
 
     @property

@@ -214,12 +214,27 @@ def test_a_tensor_parallel_model_gives_the_tokens_of_one_device(start_server, mo
     """Note [Tensor-parallel sessions]: a tiny Llama sharded over two gloo workers (each half the heads
     and half the MLP) gives TP=1's greedy tokens, continuing its KV call after call; its logits are
     within a TP sum's rounding; a sampled call leaves both workers' KV alike (one seed for both)."""
-    srv = start_server("--workers", "2")
+    srv = start_server("--workers", "2", "--swap-on-io-wait")
     conn = Connection(srv.address, secret=None)
     try:
         s = conn.session("tp", tp=2)
         rm = RemoteModel.from_module(s, model, tp=2)
         assert torch.equal(s.generate(rm, P, max_new_tokens=8), want)
+        # its KV is blocks of each worker's pool, half the heads each
+        st = conn.stats()
+        assert st["sessions"][s.sid]["kv_blocks"] == 1 and st["sessions"][s.sid]["kv_tokens"] == {rm.model_id: 16}
+        half = [w["kv"]["models"][rm.model_id]["block_bytes"] for w in st["workers"]]
+        assert half[0] == half[1] == 16 * 2 * 2 * 1 * 16 * 4  # tokens x layers x k|v x 1 of 2 kv heads x dim x fp32
+        # swapped out while it waits on a tool (on both workers), it continues exactly when called again
+        s.signal("IO_WAIT", eta_s=60)
+        deadline = time.monotonic() + 10
+        while conn.stats()["sessions"][s.sid]["state"] != "SWAPPED" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert conn.stats()["sessions"][s.sid]["state"] == "SWAPPED"
+        again = torch.tensor([[11, 12]])
+        with torch.no_grad():
+            after = model.generate(torch.cat([want, again], 1), max_new_tokens=4, do_sample=False)
+        assert torch.equal(s.generate(rm, again, max_new_tokens=4), after)
         with torch.no_grad():
             ref = model(P).logits
         torch.testing.assert_close(rm(P).logits.cpu(), ref, rtol=1e-5, atol=1e-5)

@@ -23,9 +23,10 @@ Note [Tensor-parallel sessions]
     hidden state (after the row-wise all-reduce), each worker's run parks at the same stop, the stop
     the client reads is the first worker's, and an edit, relayed to every worker like any request, is
     applied alike on each; a generate run uses HF's own cache (no blocks) and has no tail job.
-    Its KV is a transformers DynamicCache per session and model, continued call after call like the
-    eager path's; it is not in the block pool (so not swapped), and the batched decode step and
-    `generate(steer=...)` do not take tensor-parallel models yet (refused, saying so). A TP sum is not bitwise the
+    Its KV is each worker's share of the heads in the model's block pool on that worker (the pool's
+    shape says kv_heads / tp), a session's blocks continued call after call as the eager path's, and
+    swapped by each worker's scheduler like any other (a call brings them back first). The batched
+    decode step and `generate(steer=...)` do not take tensor-parallel models yet (refused, saying so). A TP sum is not bitwise the
     single-device sum: greedy tokens are compared with TP=1, logits within tolerance.
     This build shards over every worker (tp equals the number of workers): a mesh over a subset needs
     a sub-group that every rank creates together.
@@ -92,43 +93,62 @@ def shard(module: nn.Module, tp: int, device: torch.device) -> None:
     # The scatter from rank 0 gave wrong, run-to-run different weights over gloo for weights bound
     # from the Text segment (tests/integration/test_cluster.py compares against one device).
     parallelize_module(module, mesh, plan(module, tp), src_data_rank=None)
-
-
-class TPCache:
-    """A session's KV for one tensor-parallel model: its token ids and a DynamicCache of its heads."""
-
-    def __init__(self, module: nn.Module):
-        from transformers import DynamicCache
-
-        self.cache = DynamicCache(config=module.config)
-        self.ids: torch.Tensor | None = None
-
-    @property
-    def nbytes(self) -> int:
-        total = 0
-        for layer in getattr(self.cache, "layers", []):
-            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-                if isinstance(t, torch.Tensor):
-                    total += t.numel() * t.element_size()
-        return total
+    module._djinn_tp = tp  # KVShape.of_module: this worker's KV is its share of the heads
 
 
 def generate(engine, s, entry, input_ids: torch.Tensor, kwargs: dict, seed: int | None, use_kv: bool) -> dict:
-    """A generate on a tensor-parallel model, run to its end now (Note [Tensor-parallel sessions])."""
+    """A generate on a tensor-parallel model, run to its end now (Note [Tensor-parallel sessions]),
+    over this worker's share of the KV in the model's block pool (its heads)."""
+    from ...protocol.errors import OutOfMemory
+    from ..execution import executor
+    from ..execution.kv_pools import pool_for
     from ..execution.rng import Stream
+    from ..sessions import KVState
 
-    if int(input_ids.shape[0]) != 1 and use_kv:
-        raise InvalidRequest("a tensor-parallel session's KV continues a batch of 1")
-    dev = engine.device
-    held = s.tp_kv.get(entry.model_id) if use_kv else None
-    if held is None:
-        held = TPCache(entry.module)
-    ids = input_ids.to(dev)
-    if held.ids is not None:
-        ids = torch.cat([held.ids, ids], dim=1)
-    with torch.no_grad(), Stream.new(seed, dev).active():
-        out = entry.module.generate(ids, past_key_values=held.cache, **kwargs)
+    pool, mid, dev = pool_for(engine, entry), entry.model_id, engine.device
     if use_kv:
-        held.ids = out
-        s.tp_kv[entry.model_id] = held
+        _home(engine, s)
+    state = s.kv.get(mid) if use_kv else None
+    if state is None:
+        state = KVState.empty(pool, executor.empty_ids(input_ids))
+        if use_kv:
+            engine.data.attach_kv(s, mid, state)
+    prompt = int(state.ids.shape[1]) + int(input_ids.shape[1])
+    tokens = prompt + executor.new_tokens(entry.module, prompt, kwargs)
+    if use_kv and s.max_kv_tokens is not None:  # Note [Declared KV budgets] in handlers/ops.py
+        if tokens > s.max_kv_tokens:
+            raise InvalidRequest(f"this generate would hold {tokens} tokens of KV, over the session's "
+                                 f"max_kv_tokens={s.max_kv_tokens}")
+        tokens = s.max_kv_tokens
+    if not pool.reserve(state.table, tokens):
+        raise OutOfMemory(f"a tensor-parallel generate needs {tokens} tokens of KV; the model's pool on "
+                          f"{dev} has too few free blocks now")
+    try:
+        with Stream.new(seed, dev).active():
+            out = executor.generate(entry.module, state, input_ids.to(dev), kwargs, None, continues=True)
+    finally:  # the blocks it reserved and did not write go back
+        if use_kv:
+            pool.trim(state.table, s.max_kv_tokens or 0)
+        else:
+            pool.release(state.table)
     return {"sequences": out.cpu()}
+
+
+def _home(engine, s, timeout_s: float = 60.0) -> None:
+    """The session's KV on the device before the call runs (the scheduler may have swapped it out
+    while it waited on a tool): a prefetch, waited for here, since the call cannot wait in a queue."""
+    import time
+
+    from ...protocol.errors import OutOfMemory
+
+    if not engine.data.away(s):
+        return
+    if not engine.data.prefetch(s):
+        raise OutOfMemory("this tensor-parallel session's KV is on the host and the device has no free "
+                          "blocks to bring it back now")
+    deadline = time.monotonic() + timeout_s
+    while engine.data.away(s):
+        engine.data.poll()
+        if time.monotonic() > deadline:
+            raise OutOfMemory("bringing this tensor-parallel session's KV back took too long")
+        time.sleep(0.0005)
