@@ -40,7 +40,7 @@ from ..vmu.text import TextSegment
 from ..vmu.uploads import Uploads
 from .cluster import migrate
 from .dispatch import CONTROL_OPS, Answer, Dispatcher, Job, Quotas
-from .execution.kv_pools import CPU_POOL_BYTES
+from .execution.kv_pools import cpu_pool_bytes
 from .execution.runs import RunTable
 from .handlers import checkpoint, fork, graph_ops, init_ops, model_ops, ops, run_ops
 from .handlers.registry import OPS
@@ -200,13 +200,14 @@ class Engine(threading.Thread):
         free = sum(p.alloc.free * p.block_bytes for p in self.data.pools.values())
         if self.device.type == "cuda":
             free += torch.cuda.mem_get_info(self.device)[0]
-        elif not self.data.pools:  # on the CPU a model's first pool gets a fixed budget (kv_pools.pool_for)
-            free += int(self.cfg.data_budget_gb * GIB) if self.cfg.data_budget_gb is not None else CPU_POOL_BYTES
+        elif not self.data.pools:  # on the CPU a model's first pool gets a fixed budget
+            free += cpu_pool_bytes(self.cfg)
         # Sessions between requests whose KV is on this device, largest first: what a front may move
         # to make room when requests here wait for memory (Note [Balancing] in cluster/front.py).
-        movable = sorted(([s.sid, self.data.gpu_bytes(s.sid)] for s in self.sessions
-                          if not s.tp and self.dispatch.job_state(s.sid) is None and not self.runs.of_session(s.sid)
-                          and not len(s.graphs) and self.data.gpu_bytes(s.sid) > 0), key=lambda m: -m[1])
+        idle = (s for s in self.sessions if not s.tp and self.dispatch.job_state(s.sid) is None
+                and not self.runs.of_session(s.sid) and not len(s.graphs))
+        movable = sorted((m for m in ([s.sid, self.data.gpu_bytes(s.sid)] for s in idle) if m[1] > 0),
+                         key=lambda m: -m[1])
         return {"free_kv_bytes": int(free), "sessions": len(self.sessions),
                 "queued": self.dispatch.queue_length(), "movable": movable[:16]}
 

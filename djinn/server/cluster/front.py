@@ -60,7 +60,7 @@ from ...protocol.errors import (
 )
 from ...protocol.messages import MsgType
 from ..router import ClientGone, Request, Router
-from . import wire
+from . import tensor_parallel, wire
 from .merge import merge_stats
 from .moves import Moves
 
@@ -233,11 +233,13 @@ class Front:
 
     def _open_spanning(self, req: Request, args: dict, meta: dict) -> None:
         """Note [Tensor-parallel sessions]: one session on every worker, under one id."""
-        tp, live = args.get("tp"), self.live()
-        if type(tp) is not int or tp < 1 or tp != len(self.workers) or len(live) != tp:
-            self.error(req, InvalidRequest(
-                f"tp={tp!r} needs a server with {tp!r} live workers sharding together; this one has "
-                f"{len(live)} of {len(self.workers)} (start it with --gpus listing that many GPUs)"))
+        live = self.live()
+        try:
+            tp = tensor_parallel.check(args.get("tp"), len(self.workers))
+            if len(live) != tp:
+                raise InvalidRequest(f"tp={tp} needs all {tp} workers; {len(live)} are live")
+        except InvalidRequest as e:
+            self.error(req, e)
             return
         sid = secrets.token_hex(12)
         self.span[sid] = [w.rank for w in live]

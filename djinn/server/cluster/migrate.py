@@ -42,6 +42,7 @@ Note [Models between workers]
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 
@@ -178,10 +179,10 @@ def _pack_run(run, tensors: dict[str, torch.Tensor]) -> dict:
     """A paused run as its fork would be made (Note [Fork replays the prefix]): its call, breakpoints,
     edit log and random stream at its start, and a copy of its stop; tensors go into `tensors` (the
     state sent as one buffer) under run/<id>/<n>, named in the values as handle tags."""
-    prefix = f"run/{run.run_id}"
+    prefix, n = f"run/{run.run_id}", itertools.count()
 
     def put(t: torch.Tensor) -> dict:
-        key = f"{prefix}/{sum(1 for k in tensors if k.startswith(prefix))}"
+        key = f"{prefix}/{next(n)}"
         tensors[key] = t.detach().cpu().contiguous()
         return {"$h": key}
 

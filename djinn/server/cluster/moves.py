@@ -48,6 +48,10 @@ class Moves:
         self.held[sid].append(req)
         return True
 
+    def _tell(self, rank: int, fields: dict) -> None:
+        """A control message to one worker (cluster/wire.py)."""
+        self.front.send_to(self.front.workers[rank], [wire.CONTROL, wire.pack(fields)])
+
     def lost(self, rank: int) -> None:
         """A worker died: a move from or to it has failed."""
         m = self.current
@@ -104,13 +108,16 @@ class Moves:
                     self._start_move(None, sid, hot.rank, dst.rank)
                     return
 
-    def _start_move(self, req: Request | None, sid: str, src: int, dst: int) -> None:
+    def _start_move(self, req: Request | None, sid: str, src: int, dst: int, model_id: str | None = None) -> None:
+        """Hold the session's requests and ask `src` to export it (or only `model_id`, for `dst`)."""
         self._ids += 1
-        m = self.current = Move(self._ids, req, sid, src, dst)
+        m = self.current = Move(self._ids, req, sid, src, dst, model_id=model_id)
         self.held[sid] = []
-        self.front.send_to(self.front.workers[src], [wire.CONTROL, wire.pack(
-            {"op": "export", "mig": m.mig, "sid": sid, "client": self.front.owner.get(sid, "") if req is None
-             else req.client_id})])
+        client = req.client_id if req is not None else self.front.owner.get(sid, "")
+        if model_id is None:
+            self._tell(src, {"op": "export", "mig": m.mig, "sid": sid, "client": client})
+        else:
+            self._tell(src, {"op": "export_model", "mig": m.mig, "model_id": model_id, "client": client})
 
     def copy_model(self, req: Request, args: dict) -> bool:
         """Note [Models between workers]: start copying the model to the session's worker from one
@@ -123,11 +130,7 @@ class Moves:
                        if r != dst and self.front.owner.get(s) == req.client_id and self.front.workers[r].alive})
         if not srcs:
             return False
-        self._ids += 1
-        self.current = Move(self._ids, req, sid, srcs[0], dst, model_id=mid)
-        self.held[sid] = []
-        self.front.send_to(self.front.workers[srcs[0]], [wire.CONTROL, wire.pack(
-            {"op": "export_model", "mig": self._ids, "model_id": mid, "client": req.client_id})])
+        self._start_move(req, sid, srcs[0], dst, model_id=mid)
         return True
 
     def step(self, op: str, fields: dict) -> None:
@@ -136,22 +139,20 @@ class Moves:
         if m is None or fields.get("mig") != m.mig:
             return
         if op == "exported":
-            self.front.send_to(self.front.workers[m.dst], [wire.CONTROL, wire.pack(
-                {"op": "import", "mig": m.mig, "src": m.src, "manifest": fields["manifest"]})])
+            self._tell(m.dst, {"op": "import", "mig": m.mig, "src": m.src, "manifest": fields["manifest"]})
         elif op == "want":
-            self.front.send_to(self.front.workers[m.src], [wire.CONTROL, wire.pack(
-                {"op": "send", "mig": m.mig, "dst": m.dst, "hashes": fields.get("hashes") or []})])
+            self._tell(m.src, {"op": "send", "mig": m.mig, "dst": m.dst, "hashes": fields.get("hashes") or []})
         elif op == "sent":  # the source's count; the destination's, in "imported", is the one kept
             m.bytes = m.bytes or int(fields.get("bytes") or 0)
         elif op == "imported" and m.model_id is not None:
-            self.front.send_to(self.front.workers[m.src], [wire.CONTROL, wire.pack({"op": "keep", "mig": m.mig})])
+            self._tell(m.src, {"op": "keep", "mig": m.mig})
             self.front.relay(self.front.workers[m.dst], m.req, {"principal": self.front.router.principal(m.req.client_id) or "",
                                                      "held_elsewhere": m.model_id})
             self._end()
         elif op == "imported":
             m.bytes = int(fields.get("bytes") or m.bytes)
             self.front.sessions[m.sid] = m.dst
-            self.front.send_to(self.front.workers[m.src], [wire.CONTROL, wire.pack({"op": "drop", "mig": m.mig})])
+            self._tell(m.src, {"op": "drop", "mig": m.mig})
             if m.req is not None:
                 self.front.reply(m.req, {"worker": m.dst, "moved": True, "seconds": time.perf_counter() - m.t0,
                                     "bytes": m.bytes})
@@ -163,7 +164,7 @@ class Moves:
     def _fail(self, message: str, code: str | None = None, step: str | None = None) -> None:
         m = self.current
         if self.front.workers[m.src].alive:
-            self.front.send_to(self.front.workers[m.src], [wire.CONTROL, wire.pack({"op": "keep", "mig": m.mig})])
+            self._tell(m.src, {"op": "keep", "mig": m.mig})
         if m.model_id is not None:  # no copy: the session's own worker answers the attach_model
             if self.front.workers[m.dst].alive:
                 self.front.relay(self.front.workers[m.dst], m.req, {"principal": self.front.router.principal(m.req.client_id) or ""})

@@ -41,15 +41,16 @@ from torch import nn
 from ...protocol.errors import InvalidRequest, ModelNotSupported
 
 
-def check(tp: object, world: int) -> int | None:
-    """The tp a request asks for: None for 1 (not sharded), or InvalidRequest."""
+def check(tp: object, world: int | None = None) -> int | None:
+    """The tp a request asks for: None for 1 (not sharded), or InvalidRequest; with `world`, it must
+    be the number of workers (this build shards over all of them)."""
     if tp is None:
         return None
     if type(tp) is not int or tp < 1:
         raise InvalidRequest(f"tp must be a positive int, got {tp!r}")
     if tp == 1:
         return None
-    if tp != world:
+    if world is not None and tp != world:
         raise InvalidRequest(f"tp={tp} needs a server with {tp} workers sharding together; this one has {world} "
                              "(start it with --gpus listing that many GPUs)")
     return tp

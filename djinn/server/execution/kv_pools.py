@@ -44,6 +44,11 @@ log = logging.getLogger("djinn.kv_pools")
 
 GIB = 1 << 30
 CPU_POOL_BYTES = 2 * GIB
+
+
+def cpu_pool_bytes(cfg) -> int:
+    """A model's KV pool on the CPU: the data budget, else a fixed 2 GiB (nothing is measured there)."""
+    return int(cfg.data_budget_gb * GIB) if cfg.data_budget_gb is not None else CPU_POOL_BYTES
 #: Rows a batched decode step holds at most, whatever its workspace allows.
 MAX_DECODE_ROWS = 64
 #: The batched decode step's workspace budget when fast_decode_max_batch is not set.
@@ -119,7 +124,7 @@ def pool_for(engine, entry) -> KVPool:
     cap = cfg.kv_pool_max_tokens * shape.token_bytes
     stack = peak = free = 0  # nothing is measured on the CPU (Note [Stack reserve])
     if device.type != "cuda":
-        budget = int(cfg.data_budget_gb * GIB) if cfg.data_budget_gb is not None else CPU_POOL_BYTES
+        budget = cpu_pool_bytes(cfg)
     else:
         peak = _profile(module, device, cfg.max_prefill_tokens)
         gather = 4 * cfg.max_prefill_tokens * shape.kv_heads * shape.head_dim * shape.dtype.itemsize

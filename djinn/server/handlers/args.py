@@ -45,12 +45,13 @@ def require_module(entry, what: str) -> None:
                                 "the server")
 
 
-def seed_of(args: dict) -> int | None:
-    """A request's optional `seed`: None or an int (not a bool)."""
+def seed_of(args: dict, meta: dict | None = None) -> int | None:
+    """A request's optional `seed`: None or an int (not a bool). Where it names none, the seed a front
+    gave every worker of a spanning session in `meta` (Note [Tensor-parallel sessions]), if any."""
     seed = args.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise InvalidRequest(f"seed must be an int, got {seed!r}")
-    return seed
+    return seed if seed is not None or meta is None else meta.get("seed")
 
 
 def str_list(v: Any, what: str) -> list[str]:

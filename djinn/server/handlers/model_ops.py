@@ -102,10 +102,8 @@ def release_model(engine, client_id, rid, args):
 def tp_of(s, args: dict) -> int | None:
     """A register op's `tp`: only a session spanning that many workers shards a model
     (Note [Tensor-parallel sessions] in djinn/server/cluster/tensor_parallel.py)."""
-    tp = tensor_parallel.check(args.get("tp"), s.tp or 1) if s.tp else args.get("tp")
-    if tp is None or (type(tp) is int and tp == 1):
-        return None
-    if type(tp) is not int or tp != s.tp:
+    tp = tensor_parallel.check(args.get("tp"))
+    if tp is not None and tp != s.tp:
         raise InvalidRequest(f"tp={tp!r} needs a session spanning that many workers: open it with "
                              f"conn.session(tp={tp}) (or djinn.remote(model, tp={tp}))")
     return tp

@@ -123,7 +123,7 @@ def generate(engine, client_id, rid, args):
     require_module(entry, "generate")
     input_ids = unpack_inputs(engine, s, args.get("input_ids"))
     kwargs = unpack_inputs(engine, s, args.get("kwargs", {}))
-    seed = seed_of(args)
+    seed = seed_of(args, engine.meta)
     if not isinstance(kwargs, dict):
         raise InvalidRequest("generate needs kwargs as a map")
     if entry.tp:  # run to its end now, on every worker alike (Note [Tensor-parallel sessions])
@@ -131,8 +131,7 @@ def generate(engine, client_id, rid, args):
             raise InvalidRequest("a tensor-parallel model's generate takes no steer, record or stream yet")
         executor.check_generate(input_ids, kwargs, entry.module)
         validate.check_generate(entry.module, input_ids, kwargs, 0)
-        result = tensor_parallel.generate(engine, s, entry, input_ids, kwargs,
-                                          seed if seed is not None else engine.meta.get("seed"),
+        result = tensor_parallel.generate(engine, s, entry, input_ids, kwargs, seed,
                                           bool(args.get("use_session_kv")))
         engine.data.sync(s)
         return result

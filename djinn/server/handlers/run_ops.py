@@ -103,9 +103,7 @@ def start(engine, client_id, rid, args):
     else:  # Note [Effective generate arguments]: the arguments first, then the indices they imply
         executor.check_generate(call_args[0], call_kwargs, entry.module)
         check_generate(entry.module, call_args[0], call_kwargs, 0)  # a generate run is stateless
-    seed = seed_of(args)
-    if seed is None and s.tp:  # every worker of a spanning session draws alike (Note [Tensor-parallel sessions])
-        seed = engine.meta.get("seed")
+    seed = seed_of(args, engine.meta)
     specs = parse_breakpoints(entry.module, args.get("breakpoints", []), method)
     kv_pool = None
     if method == "generate":
