@@ -31,6 +31,12 @@ def want(model):
         return model.generate(P, max_new_tokens=8, do_sample=False)
 
 
+def _local_continuation(model, seq: torch.Tensor, more: torch.Tensor, n: int) -> torch.Tensor:
+    """What a session that holds `seq` gives for `more` and n greedy tokens: one local generate."""
+    with torch.no_grad():
+        return model.generate(torch.cat([seq, more], 1), max_new_tokens=n, do_sample=False)
+
+
 def _workers_of(conn) -> dict[str, int]:
     return {sid: s["worker"] for sid, s in conn.stats()["sessions"].items()}
 
@@ -134,8 +140,7 @@ def test_a_migrated_session_continues_bitwise(start_server, model):
         # it was resident, so its KV is in this worker's blocks already, not waiting for its next call
         assert conn.stats()["sessions"][a.sid]["kv_blocks"] == -(-second.shape[1] // 16)
         more = torch.tensor([[5, 6]])
-        with torch.no_grad():
-            local = model.generate(torch.cat([second, more], 1), max_new_tokens=4, do_sample=False)
+        local = _local_continuation(model, second, more, 4)
         assert torch.equal(a.generate(ra, more, max_new_tokens=4), local)
         # moving where it is, or to a worker that does not exist: nothing moves, the session goes on
         assert a.migrate(placed[a.sid])["moved"] is False
@@ -203,8 +208,7 @@ def test_requests_waiting_for_memory_move_an_idle_session_to_another_worker(star
         assert st["cluster"]["balance_moves"] >= 1
         assert st["sessions"][a.sid]["worker"] != placed[a.sid] == st["sessions"][b.sid]["worker"]
         more = torch.tensor([[3, 4]])
-        with torch.no_grad():
-            want = model.generate(torch.cat([first, more], 1), max_new_tokens=4, do_sample=False)
+        want = _local_continuation(model, first, more, 4)
         assert torch.equal(a.generate(ra, more, max_new_tokens=4), want)
     finally:
         conn.close()
@@ -232,16 +236,14 @@ def test_a_tensor_parallel_model_gives_the_tokens_of_one_device(start_server, mo
             time.sleep(0.05)
         assert conn.stats()["sessions"][s.sid]["state"] == "SWAPPED"
         again = torch.tensor([[11, 12]])
-        with torch.no_grad():
-            after = model.generate(torch.cat([want, again], 1), max_new_tokens=4, do_sample=False)
+        after = _local_continuation(model, want, again, 4)
         assert torch.equal(s.generate(rm, again, max_new_tokens=4), after)
         with torch.no_grad():
             ref = model(P).logits
         torch.testing.assert_close(rm(P).logits.cpu(), ref, rtol=1e-5, atol=1e-5)
         sampled = s.generate(rm, torch.tensor([[3, 4]]), max_new_tokens=6, do_sample=True)  # no seed given
         more = torch.tensor([[5, 6, 7]])
-        with torch.no_grad():
-            local = model.generate(torch.cat([sampled, more], 1), max_new_tokens=5, do_sample=False)
+        local = _local_continuation(model, sampled, more, 5)
         assert torch.equal(s.generate(rm, more, max_new_tokens=5), local)
         st = conn.stats()
         assert st["sessions"][s.sid]["worker"] == 0 and st["sessions"][s.sid]["workers"] == [0, 1]
@@ -356,8 +358,7 @@ def test_a_move_the_destination_has_no_room_for_leaves_the_session_where_it_was(
         st = conn.stats()
         assert st["sessions"][a.sid]["worker"] == placed[a.sid] and set(st["sessions"]) == {a.sid, b.sid}
         more = torch.tensor([[3, 4]])
-        with torch.no_grad():
-            want = model.generate(torch.cat([first, more], 1), max_new_tokens=4, do_sample=False)
+        want = _local_continuation(model, first, more, 4)
         assert torch.equal(a.generate(ra, more, max_new_tokens=4), want)
     finally:
         conn.close()
