@@ -241,9 +241,10 @@ def test_sessions_of_a_streamed_model_decode_in_one_batch_per_pass(gpu_server, g
     through the ring (the fast path's batched step, eager: no graphs), and each gets HF's fp32 greedy
     tokens. Passes grow with the steps, not with sessions x steps."""
     model = deep("llama", seed=14)
-    conns = [Connection(gpu_server.address, None) for _ in range(4)]
+    # One client: a model id attaches only to sessions of the client that holds it (tenant integrity).
+    client = Connection(gpu_server.address, None)
     try:
-        sessions = [c.session(f"streamed{i}") for i, c in enumerate(conns)]
+        sessions = [client.session(f"streamed{i}") for i in range(4)]
         rm = RemoteModel.from_module(sessions[0], model, weight_budget_gb=hash_budget_gb(model))
         for s in sessions[1:]:
             rm.attach(s)
@@ -270,8 +271,7 @@ def test_sessions_of_a_streamed_model_decode_in_one_batch_per_pass(gpu_server, g
         passes = st["models"][rm.model_id]["streaming"]["forwards"] - before
         assert fast["rows_stepped"] > fast["steps"] and passes < 4 * 24, (passes, fast)
     finally:
-        for c in conns:
-            c.close()
+        client.close()
 
 
 def test_server_shares_weights_between_a_streamed_and_a_resident_model(gconn):

@@ -10,7 +10,7 @@ from djinn.server.execution.fastpath import DecodePool
 from djinn.server.execution.paged_cache import PagedCache
 from djinn.vmu.kv_pool import KVPool, KVShape
 
-from ..models import tiny_llama
+from ..models import tiny_causal_lm, tiny_llama
 from .test_fastpath import _local_greedy, decode_with_eager_reference
 
 
@@ -130,3 +130,23 @@ def test_batched_prefill_of_three_sessions_gives_the_eager_tokens():
         assert t.error is None
         assert t.result["sequences"][0, f.shape[1]:].tolist() == _local_greedy(model, f, 5)
 
+
+
+def test_flex_serves_many_model_shapes_in_one_process():
+    """Every model shape (heads, KV heads, head size, scale) and batch 1 vs more compile graphs of
+    their own of the one shared flex_attention; at dynamo's default limit of 8 the third or fourth
+    model failed its steps (H100, 16f090e). Five shapes, batches of 1 and 2, each HF's greedy tokens."""
+    # grouped-query shapes only: the CPU's inductor (torch 2.13) fails to build flex without GQA, which
+    # the server's flex check catches (the pool then takes the gather)
+    shapes = [("llama", {}), ("qwen3", {}), ("llama", dict(num_attention_heads=8)),
+              ("llama", dict(num_key_value_heads=1)), ("llama", dict(num_attention_heads=2, num_key_value_heads=1))]
+    prompts = [torch.tensor([[5, 9, 33, 42, 17]]), torch.tensor([[8, 61, 3, 44, 12, 90, 7, 71, 6]])]
+    for arch, overrides in shapes:
+        model = tiny_causal_lm(arch, seed=3, **overrides).eval()
+        kv = KVPool(KVShape.of_module(model), 64, 16, "cpu")
+        for some in (prompts[:1], prompts):
+            pool = DecodePool(model, kv, 2, 64, graphs=False, attention="flex")
+            rows, tables, want = decode_with_eager_reference(model, kv, pool, some, 4)
+            assert [r.new for r in rows] == want, (arch, overrides)
+            for t in tables:
+                kv.release(t)

@@ -65,7 +65,18 @@ Note [Compiled step]
     (torch 2.13: "Cannot set version_counter for inference tensor"). A compile that fails (a compiler
     missing or failing on the machine) leaves the pool stepping uncompiled, with `stats()` saying why;
     the step it failed in runs eagerly, writing the same positions. A streamed model's step is never
-    compiled (Note [Batched streaming]: its ring's hooks wait on the host). Off by default until measured.
+    compiled (Note [Batched streaming]: its ring's hooks wait on the host). Off by default: on an H100
+    (16f090e) it ran a 7B row at 0.81x the uncompiled graphs after 127 s of compiling, and its graphs
+    gave other greedy tokens than eager decode on a tiny Llama (the CPU compile, no graphs, gives the
+    same tokens), hence the check below.
+
+Note [Compiled step is checked]
+    The first compiled step of each (batch, length) bucket is followed by the eager step of the same
+    inputs (it writes the same KV, so nothing changes); if their logits differ by more than rounding
+    (1e-4 relative in fp32, 3e-2 in half precision, as paged_step's probe), the pool drops the compile
+    and every graph captured from it and steps uncompiled, `stats()["compile_error"]` saying by how
+    much. The warm-ups before a capture run this check, so a graph is only captured from a compiled
+    step that matched. A compiled step is thus never the reason a token differs.
 
 Note [One read per step]
     The host waits for the device twice a step, whatever the batch: once for whether each sampled row's
@@ -321,6 +332,7 @@ class DecodePool:
         # Note [Compiled step]: batch and length symbolic, so one compile serves every bucket
         self._compiled = torch.compile(self._step_body, dynamic=True) if compile else None
         self.compile_error: str | None = None  # why a compiled step fell back (it then stays uncompiled)
+        self._compile_checked: set[tuple[int, int]] = set()  # buckets whose compiled step matched eager
         self.steps = 0
         self.rows_stepped = 0
         self.capture_s = 0.0   # seconds spent capturing step graphs, all buckets together
@@ -544,15 +556,34 @@ class DecodePool:
         """One decode step for slots 0..B-1 over positions 0..L-1; logits [B, vocab] (Note [Compiled
         step]: compiled where asked, for the plain step)."""
         if self._compiled is not None and not layers and not recorded:
+            capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
             try:
                 with torch.no_grad():  # inference mode and a compiled in-place write of the pool do not mix
-                    return self._compiled(B, L)
+                    out = self._compiled(B, L)
             except Exception as e:  # a compiler failing on this machine: step uncompiled from now on
-                if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                if capturing:
                     raise  # not a compile (that happens in the warm-ups before a capture)
-                self._compiled, self.compile_error = None, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
-                log.warning("the compiled decode step failed, stepping uncompiled: %s", self.compile_error)
+                self._uncompile(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}")
+                return self._eager(B, L, layers, recorded)
+            if capturing or (B, L) in self._compile_checked:
+                return out
+            # Note [Compiled step is checked]: the eager step of the same inputs (it writes the same KV)
+            want = self._eager(B, L, layers, recorded)
+            err = (out.float() - want.float()).abs().max().item() / (want.float().abs().max().item() + 1)
+            if err <= (1e-4 if self.dtype == torch.float32 else 3e-2):
+                self._compile_checked.add((B, L))
+                return out
+            self._uncompile(f"the compiled step differs from the eager step by {err:.3g} (relative) "
+                            f"at batch {B}, length {L}")
+            return want
         return self._eager(B, L, layers, recorded)
+
+    def _uncompile(self, why: str) -> None:
+        """Step uncompiled from now on; `stats()` says why. Graphs captured from the compiled step go too."""
+        self._compiled, self.compile_error = None, why
+        for key in [k for k in self._graphs if not k[2] and not k[3]]:
+            del self._graphs[key]
+        log.warning("the compiled decode step is off, stepping uncompiled: %s", why)
 
     @torch.inference_mode()
     def _eager(self, B: int, L: int, layers: frozenset = frozenset(), recorded: frozenset = frozenset()) -> torch.Tensor:

@@ -266,6 +266,9 @@ class FlexAttention:
                           enable_gqa=q.shape[1] != self.kv_heads, kernel_options=self.options)
 
 
+FLEX_COMPILE_ENTRIES = 256  # compiled graphs of flex_attention a process may hold (`_compiled`)
+
+
 @functools.cache
 def _compiled():
     """flex_attention compiled, shared by every pool of the process; never run eagerly (Note [Flex over
@@ -274,7 +277,17 @@ def _compiled():
     import torch._dynamo
     from torch.nn.attention.flex_attention import flex_attention
 
-    # Batch sizes and pool sizes vary between steps and models: one graph with symbolic sizes.
-    if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
-        torch._dynamo.config.fail_on_recompile_limit_hit = True
+    # Batch sizes and pool sizes vary between steps and models: one graph with symbolic sizes. Still,
+    # each model shape (heads, KV heads, head size, scale) gets entries of its own, batch 1 and query
+    # length 1 specialize too: about three per model, so dynamo's default limit of 8 (per function, and
+    # this one function serves every pool) failed the third model a server loaded (H100, 16f090e). Every
+    # entry is a real graph, compiled once; the limit only has to outlast the models of a server's life.
+    cfg = torch._dynamo.config
+    if hasattr(cfg, "fail_on_recompile_limit_hit"):
+        cfg.fail_on_recompile_limit_hit = True
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), FLEX_COMPILE_ENTRIES))
+    if hasattr(cfg, "accumulated_recompile_limit"):
+        cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4 * FLEX_COMPILE_ENTRIES)
     return torch.compile(flex_attention, dynamic=True, fullgraph=True)
