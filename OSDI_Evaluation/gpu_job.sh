@@ -8,7 +8,8 @@
 # exp3 (white-box debugging on the 7B shape: breakpoints, steering, hooks that never fire), exp1m (the mixed
 # step: $EXP1_POLICIES, default signal, at $EXP1_AGENTS, default 48,80, flex and 512-token chunks), streamed
 # (16 sessions on a streamed 13B shape vs one), check (what was built without a GPU: tier-3 tests, decode
-# with flex and the compiled step, the flood reference), cluster (two GPUs: migration, tensor parallelism),
+# with flex and the compiled step, the flood reference), remote (7B decode at 1/32/64 rows, in process
+# and remote, flex), cluster (two GPUs: migration, tensor parallelism),
 # gpu-tests (tier 3 alone). Each writes its JSON and log under OUTDIR.
 set -u
 out=${1:?usage: gpu_job.sh OUTDIR PART...}; shift
@@ -69,6 +70,10 @@ for part in "$@"; do
       grep -v -i warn "$out/decode.log" | grep -E "^\[|Error|error" | tail -20
       timeout 100 python "$here/micro/flood_reference_check.py" > "$out/flood.log" 2>&1
       tail -3 "$out/flood.log" ;;
+    remote)  # 7B decode at 1/32/64 rows with flex, in process and from as many remote sessions (about 300 s)
+      timeout 330 python "$here/exp_decode/bench_decode.py" --shapes 7b --concurrency 1,32,64 --max-sessions 64 \
+        --attentions flex --server-attention flex --out "$out/decode_7b_remote.json" > "$out/decode_remote.log" 2>&1
+      grep -v -i warn "$out/decode_remote.log" | grep -E "^\[|Error|error" | tail -20 ;;
     cluster)  # two GPUs (nvidia-h100-x2): migration GPU to GPU, 13B TP=2 vs one GPU, a 34B shape at TP=2
       timeout 560 python "$here/exp_cluster/bench_cluster.py" --gpus 0,1 --out "$out/cluster.json" > "$out/cluster.log" 2>&1
       grep -E "^\[|wrote" "$out/cluster.log" | tail -8 ;;

@@ -76,16 +76,37 @@ def local_model(cfg) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(cfg, dtype=torch.float16).eval()
 
 
-def local_turns(model, i: int) -> list[torch.Tensor]:
-    """What one flood session's turns give locally: a DynamicCache kept across generate calls."""
+def local_turns(model, i: int) -> list[tuple[torch.Tensor, dict[int, torch.Tensor]]]:
+    """What one flood session's turns give locally: a DynamicCache kept across generate calls. Each
+    turn's sequence, and the scores each generated position was chosen from (position -> [vocab])."""
     cache = DynamicCache(config=model.config)
     ids = torch.zeros(1, 0, dtype=torch.long, device=DEV)
     out = []
     for turn in range(TURNS):
+        start = ids.shape[1] + PROMPT
         with torch.no_grad():
-            ids = model.generate(torch.cat([ids, prompt(i, turn).to(DEV)], 1), past_key_values=cache, **GEN)
-        out.append(ids.cpu())
+            res = model.generate(torch.cat([ids, prompt(i, turn).to(DEV)], 1), past_key_values=cache,
+                                 output_scores=True, return_dict_in_generate=True, **GEN)
+        ids = res.sequences
+        out.append((ids.cpu(), {start + k: sc[0].float().cpu() for k, sc in enumerate(res.scores)}))
     return out
+
+
+def equal_or_tied(got: torch.Tensor, want: torch.Tensor, scores: dict[int, torch.Tensor]) -> tuple[bool, bool]:
+    """(agrees, tied): got equals want, or first differs at a generated position where the local run's
+    best two scores were exactly equal (fp16 greedy on random weights ties now and then; on an H100,
+    16f090e, session 29 tied at token 562, and another kernel order picks the other token) and got took
+    one of the tied tokens. After a tie the sequences part, so nothing later can be compared."""
+    if torch.equal(got, want):
+        return True, False
+    if got.shape != want.shape:
+        return False, False
+    at = int((got[0] != want[0]).nonzero()[0])
+    sc = scores.get(at)
+    if sc is None:
+        return False, False
+    best = sc.max()
+    return bool(sc[want[0, at]] == best and sc[got[0, at]] == best), True
 
 
 @pytest.mark.parametrize("policy", ["signal", "resident"])
@@ -201,8 +222,11 @@ def test_flood_of_sessions_over_a_small_kv_pool_has_no_failures(start_server, po
     model = local_model(cfg)
     try:
         for i in REFERENCE:
-            for turn, (got, want) in enumerate(zip(seqs[i], local_turns(model, i))):
-                assert torch.equal(got, want), f"{policy}: session {i} turn {turn} differs from a local greedy generate"
+            for turn, (got, (want, scores)) in enumerate(zip(seqs[i], local_turns(model, i))):
+                agrees, tied = equal_or_tied(got, want, scores)
+                assert agrees, f"{policy}: session {i} turn {turn} differs from a local greedy generate"
+                if tied:
+                    break
     finally:
         del model
         torch.cuda.empty_cache()
