@@ -276,6 +276,9 @@ def _join_group(args, device) -> None:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                             init_method=f"tcp://127.0.0.1:{args.dist_port}", rank=args.rank,
                             world_size=args.world, timeout=timedelta(seconds=120))
+    from .cluster import tensor_parallel
+
+    tensor_parallel.make_groups(args.world, args.rank)  # Note [Tensor-parallel sessions]: blocks of workers
 
 
 def exit_process(code: int) -> None:

@@ -249,9 +249,9 @@ def test_a_tensor_parallel_model_gives_the_tokens_of_one_device(start_server, mo
         assert st["sessions"][s.sid]["worker"] == 0 and st["sessions"][s.sid]["workers"] == [0, 1]
         assert st["models"][rm.model_id]["workers"] == [0, 1]
         # what it does not do (yet), each refused saying so
-        with pytest.raises(InvalidRequest, match="spans every worker"):
+        with pytest.raises(InvalidRequest, match="sharded over its block of workers"):
             s.migrate()
-        with pytest.raises(InvalidRequest, match="needs a server with 3"):
+        with pytest.raises(InvalidRequest, match="needs a block of 3 workers"):
             conn.session("three", tp=3)
         plain = conn.session("plain")
         with pytest.raises(InvalidRequest, match="needs a session spanning"):
@@ -360,5 +360,32 @@ def test_a_move_the_destination_has_no_room_for_leaves_the_session_where_it_was(
         more = torch.tensor([[3, 4]])
         want = _local_continuation(model, first, more, 4)
         assert torch.equal(a.generate(ra, more, max_new_tokens=4), want)
+    finally:
+        conn.close()
+
+
+def test_tensor_parallel_models_take_a_block_of_workers_each(start_server, model, want):
+    """Note [Tensor-parallel sessions]: on four workers a tp=2 session takes an aligned pair (its
+    sub-group made when the workers joined); a second one takes the other pair, a plain session
+    meanwhile serves beside them; each gives one device's greedy tokens. tp=3 does not divide 4."""
+    srv = start_server("--workers", "4")
+    conn = Connection(srv.address, secret=None)
+    try:
+        a, b = conn.session("a", tp=2), conn.session("b", tp=2)
+        ra, rb = RemoteModel.from_module(a, model, tp=2), RemoteModel.from_module(b, model, tp=2)
+        plain = conn.session("plain")
+        r1 = RemoteModel.from_module(plain, model)
+        with ThreadPoolExecutor(3) as pool:
+            outs = [f.result(timeout=120) for f in [pool.submit(s.generate, rm, P, max_new_tokens=8)
+                                                     for s, rm in ((a, ra), (b, rb), (plain, r1))]]
+        assert all(torch.equal(o, want) for o in outs)
+        st = conn.stats()
+        spans = sorted(st["sessions"][s.sid]["workers"] for s in (a, b))
+        assert spans == [[0, 1], [2, 3]]
+        assert st["sessions"][plain.sid]["worker"] in range(4)
+        more = torch.tensor([[3, 4]])
+        assert torch.equal(b.generate(rb, more, max_new_tokens=4), _local_continuation(model, want, more, 4))
+        with pytest.raises(InvalidRequest, match="needs a block of 3 workers"):
+            conn.session("three", tp=3)
     finally:
         conn.close()

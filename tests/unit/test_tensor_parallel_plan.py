@@ -36,5 +36,13 @@ def test_tp_is_checked_against_the_workers():
     for bad in (0, -1, True, 2.0, "2"):
         with pytest.raises(InvalidRequest):
             tensor_parallel.check(bad, 2)
-    with pytest.raises(InvalidRequest, match="needs a server with 3 workers"):
-        tensor_parallel.check(3, 2)
+    assert tensor_parallel.check(2, 4) == 2 and tensor_parallel.check(4, 4) == 4
+    for tp, world in ((3, 2), (3, 4), (4, 6)):
+        with pytest.raises(InvalidRequest, match=f"needs a block of {tp} workers"):
+            tensor_parallel.check(tp, world)
+
+
+def test_tp_blocks_are_aligned():
+    assert tensor_parallel.blocks(4, 2) == [[0, 1], [2, 3]]
+    assert tensor_parallel.blocks(6, 3) == [[0, 1, 2], [3, 4, 5]]
+    assert tensor_parallel.blocks(2, 2) == [[0, 1]]

@@ -233,18 +233,32 @@ class Front:
 
     def _open_spanning(self, req: Request, args: dict, meta: dict) -> None:
         """Note [Tensor-parallel sessions]: one session on every worker, under one id."""
-        live = self.live()
         try:
             tp = tensor_parallel.check(args.get("tp"), len(self.workers))
-            if len(live) != tp:
-                raise InvalidRequest(f"tp={tp} needs all {tp} workers; {len(live)} are live")
+            block = self._block(tp)
         except InvalidRequest as e:
             self.error(req, e)
             return
         sid = secrets.token_hex(12)
-        self.span[sid] = [w.rank for w in live]
-        self.sessions[sid], self.owner[sid] = live[0].rank, req.client_id
+        self.span[sid] = block
+        self.sessions[sid], self.owner[sid] = block[0], req.client_id
         self._relay_spanning(req, sid, dict(meta, new_sid=sid, tp=tp))
+
+    def _block(self, tp: int) -> list[int]:
+        """The aligned block of tp live workers a tensor-parallel session goes to: the most free KV
+        bytes, then the fewest sessions (Note [Tensor-parallel sessions])."""
+        live = {w.rank: w for w in self.live()}
+        whole = [b for b in tensor_parallel.blocks(len(self.workers), tp) if all(r in live for r in b)]
+        if not whole:
+            raise InvalidRequest(f"tp={tp} needs a block of {tp} live workers; {len(live)} of "
+                                 f"{len(self.workers)} are live")
+        count = {r: 0 for r in live}
+        for sid, rank in self.sessions.items():
+            for r in self.span.get(sid, (rank,)):
+                if r in count:
+                    count[r] += 1
+        return max(whole, key=lambda b: (sum(live[r].load.get("free_kv_bytes", 0) for r in b),
+                                         -sum(count[r] for r in b), -b[0]))
 
     def _relay_spanning(self, req: Request, sid: str, meta: dict) -> None:
         """Every worker of the span gets the request, in the same order as every other; one seed for

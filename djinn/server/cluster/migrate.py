@@ -73,7 +73,7 @@ def export(engine, sid: str, client_id: str) -> tuple[dict, dict[str, torch.Tens
     if any(r.state != RunState.PAUSED for r in runs):
         raise InvalidRequest("a session moves between requests: one of its breakpoint runs is running")
     if s.tp:
-        raise InvalidRequest("a tensor-parallel session spans every worker: there is nowhere to move it")
+        raise InvalidRequest("a tensor-parallel session is sharded over its block of workers: it does not move")
     if len(s.graphs):
         raise InvalidRequest("a session holding compiled graphs does not move; send them again after moving")
     models = []

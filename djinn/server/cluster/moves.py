@@ -62,7 +62,7 @@ class Moves:
         """Note [Migration] in migrate.py: start moving a session; the reply comes when it has moved."""
         sid, rank = args.get("sid"), self.front.sessions.get(args.get("sid"))
         if sid in self.front.span:
-            self.front.error(req, InvalidRequest("a tensor-parallel session spans every worker: there is nowhere to move it"))
+            self.front.error(req, InvalidRequest("a tensor-parallel session is sharded over its block of workers: it does not move"))
             return
         if rank is None:
             self.front.error(req, SessionNotFound(f"session {sid!r} does not exist (closed, reclaimed, or never opened)"))

@@ -28,8 +28,11 @@ Note [Tensor-parallel sessions]
     swapped by each worker's scheduler like any other (a call brings them back first). The batched
     decode step and `generate(steer=...)` do not take tensor-parallel models yet (refused, saying so). A TP sum is not bitwise the
     single-device sum: greedy tokens are compared with TP=1, logits within tolerance.
-    This build shards over every worker (tp equals the number of workers): a mesh over a subset needs
-    a sub-group that every rank creates together.
+    A model shards over a block of tp workers aligned on tp (workers 0-1 or 2-3 of four at tp=2;
+    tp must divide the number of workers): creating a process group is collective over the whole
+    group, so every worker creates each block's sub-group when it joins (`make_groups`), and a block
+    is then only a lookup. The front opens a tensor-parallel session on the live block with the most
+    free KV (then the fewest sessions); the other workers serve other sessions meanwhile.
 """
 from __future__ import annotations
 
@@ -43,17 +46,39 @@ from ...protocol.errors import InvalidRequest, ModelNotSupported
 
 def check(tp: object, world: int | None = None) -> int | None:
     """The tp a request asks for: None for 1 (not sharded), or InvalidRequest; with `world`, it must
-    be the number of workers (this build shards over all of them)."""
+    divide the number of workers (a model shards over an aligned block of tp workers)."""
     if tp is None:
         return None
     if type(tp) is not int or tp < 1:
         raise InvalidRequest(f"tp must be a positive int, got {tp!r}")
     if tp == 1:
         return None
-    if world is not None and tp != world:
-        raise InvalidRequest(f"tp={tp} needs a server with {tp} workers sharding together; this one has {world} "
-                             "(start it with --gpus listing that many GPUs)")
+    if world is not None and (tp > world or world % tp):
+        raise InvalidRequest(f"tp={tp} needs a block of {tp} workers out of a number of workers it divides; this "
+                             f"server has {world} (start it with --gpus listing a multiple of {tp} GPUs)")
     return tp
+
+
+def blocks(world: int, tp: int) -> list[list[int]]:
+    """The aligned blocks of tp workers a model may shard over: [[0, 1], [2, 3]] for 4 workers at tp=2."""
+    return [list(range(start, start + tp)) for start in range(0, world, tp)]
+
+
+_GROUPS: dict[int, object] = {}  # tp -> the sub-group of this worker's block (tp below the world's size)
+
+
+def make_groups(world: int, rank: int) -> None:
+    """Every worker, right after joining the group, in the same order: each block's sub-group for every
+    tp that divides the world (creating a group is collective over the whole group)."""
+    import torch.distributed as dist
+
+    for tp in range(2, world):
+        if world % tp:
+            continue
+        for block in blocks(world, tp):
+            group = dist.new_group(block)
+            if rank in block:
+                _GROUPS[tp] = group
 
 
 def plan(module: nn.Module, tp: int) -> dict[str, object]:
@@ -85,11 +110,18 @@ def plan(module: nn.Module, tp: int) -> dict[str, object]:
 
 
 def shard(module: nn.Module, tp: int, device: torch.device) -> None:
-    """Shard the module in place over the workers' group (every worker calls this with the same module)."""
-    from torch.distributed.device_mesh import init_device_mesh
+    """Shard the module in place over this worker's block of tp workers (every worker of the block
+    calls this with the same module)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
     from torch.distributed.tensor.parallel import parallelize_module
 
-    mesh = init_device_mesh(device.type, (tp,))
+    if tp == dist.get_world_size():
+        mesh = init_device_mesh(device.type, (tp,))
+    elif tp in _GROUPS:
+        mesh = DeviceMesh.from_group(_GROUPS[tp], device.type)
+    else:
+        raise InvalidRequest(f"tp={tp} does not divide this server's {dist.get_world_size()} workers")
     # Every worker holds the whole weights: each keeps its own shard, no scatter (src_data_rank=None).
     # The scatter from rank 0 gave wrong, run-to-run different weights over gloo for weights bound
     # from the Text segment (tests/integration/test_cluster.py compares against one device).
