@@ -93,7 +93,8 @@ def tensor_parallel(conn, shape: str, dtype, tokens: int, baseline: bool) -> dic
     tp = conn.session("tp", tp=2)
     rm2 = RemoteModel.from_config(tp, cfg, seed=0, dtype=dtype, tp=2)
     tok2, out2 = _decode(tp, rm2, cfg.vocab_size, tokens)
-    row = {"shape": shape, "tp2_tok_s": round(tok2, 2)}
+    # which path each generate took (Note [Tensor-parallel decode]): {"fast": n, "eager": n}
+    row = {"shape": shape, "tp2_tok_s": round(tok2, 2), "tp2_decode": conn.stats()["sessions"][tp.sid]["decode"]}
     if baseline:  # the same config on one GPU (the fast path), in the same server
         one = conn.session("one")
         rm1 = RemoteModel.from_config(one, cfg, seed=0, dtype=dtype)
@@ -123,7 +124,7 @@ def main() -> None:
 
     if args.tiny:
         args.shape, args.big, args.prefix, args.tokens = "tiny", "", 64, 8
-        device, server_args, dtype = "cpu", ["--workers", "2"], torch.float32
+        device, server_args, dtype = "cpu", ["--workers", "2", "--fast-decode", "on"], torch.float32
     else:
         device, server_args, dtype = "cuda:0", ["--gpus", args.gpus], torch.float16
     result = {"environment": environment(torch.device(device)), "args": vars(args), "rows": {}}

@@ -269,10 +269,13 @@ def _join_group(args, device) -> None:
 
     import torch.distributed as dist
 
-    if device.type == "cuda":
-        import torch
+    import torch
 
+    if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:  # CPU workers share the machine's cores: each its share, not every core (oversubscribed
+        # OpenMP threads spin against each other: a TP=2 step of two workers ran 2x slower)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.world))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                             init_method=f"tcp://127.0.0.1:{args.dist_port}", rank=args.rank,
                             world_size=args.world, timeout=timedelta(seconds=120))

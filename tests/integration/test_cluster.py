@@ -389,3 +389,26 @@ def test_tensor_parallel_models_take_a_block_of_workers_each(start_server, model
             conn.session("three", tp=3)
     finally:
         conn.close()
+
+
+def test_a_tensor_parallel_generate_takes_the_decode_step(start_server, model, want):
+    """Note [Tensor-parallel decode]: with the fast path on, a TP=2 generate runs in the decode pool's
+    batched step on both workers (prompt chunks, then a step a token), giving one device's greedy
+    tokens, continuing its KV, and a sampled call leaves both workers' KV alike."""
+    srv = start_server("--workers", "2", "--fast-decode", "on")
+    conn = Connection(srv.address, secret=None)
+    try:
+        s = conn.session("tp", tp=2)
+        rm = RemoteModel.from_module(s, model, tp=2)
+        assert torch.equal(s.generate(rm, P, max_new_tokens=8), want)
+        more = torch.tensor([[3, 4]])
+        got = s.generate(rm, more, max_new_tokens=4)
+        assert torch.equal(got, _local_continuation(model, want, more, 4))
+        sampled = s.generate(rm, torch.tensor([[9]]), max_new_tokens=5, do_sample=True)
+        again = torch.tensor([[5, 6]])
+        assert torch.equal(s.generate(rm, again, max_new_tokens=3), _local_continuation(model, sampled, again, 3))
+        st = conn.stats()
+        assert st["sessions"][s.sid]["decode"]["fast"] == 4 and st["sessions"][s.sid]["decode"]["eager"] == 0
+        assert all(w["kv"]["models"][rm.model_id]["blocks_total"] > 0 for w in st["workers"])
+    finally:
+        conn.close()

@@ -25,8 +25,9 @@ Note [Tensor-parallel sessions]
     applied alike on each; a generate run uses HF's own cache (no blocks) and has no tail job.
     Its KV is each worker's share of the heads in the model's block pool on that worker (the pool's
     shape says kv_heads / tp), a session's blocks continued call after call as the eager path's, and
-    swapped by each worker's scheduler like any other (a call brings them back first). The batched
-    decode step and `generate(steer=...)` do not take tensor-parallel models yet (refused, saying so). A TP sum is not bitwise the
+    swapped by each worker's scheduler like any other (a call brings them back first). A generate
+    decodes in the model's decode pool as one call at a time (Note [Tensor-parallel decode]);
+    `generate(steer=...)` does not take tensor-parallel models yet (refused, saying so). A TP sum is not bitwise the
     single-device sum: greedy tokens are compared with TP=1, logits within tolerance.
     A model shards over a block of tp workers aligned on tp (workers 0-1 or 2-3 of four at tp=2;
     tp must divide the number of workers): creating a process group is collective over the whole
@@ -117,16 +118,69 @@ def shard(module: nn.Module, tp: int, device: torch.device) -> None:
     from torch.distributed.tensor.parallel import parallelize_module
 
     if tp == dist.get_world_size():
-        mesh = init_device_mesh(device.type, (tp,))
+        mesh, group = init_device_mesh(device.type, (tp,)), None
     elif tp in _GROUPS:
-        mesh = DeviceMesh.from_group(_GROUPS[tp], device.type)
+        group = _GROUPS[tp]
+        mesh = DeviceMesh.from_group(group, device.type)
     else:
         raise InvalidRequest(f"tp={tp} does not divide this server's {dist.get_world_size()} workers")
     # Every worker holds the whole weights: each keeps its own shard, no scatter (src_data_rank=None).
     # The scatter from rank 0 gave wrong, run-to-run different weights over gloo for weights bound
     # from the Text segment (tests/integration/test_cluster.py compares against one device).
-    parallelize_module(module, mesh, plan(module, tp), src_data_rank=None)
+    styles = plan(module, tp)
+    parallelize_module(module, mesh, styles, src_data_rank=None)
+    _localize(module, styles, group)
     module._djinn_tp = tp  # KVShape.of_module: this worker's KV is its share of the heads
+
+
+def _localize(module: nn.Module, styles: dict, group) -> None:
+    """Note [Plain tensors in the step]
+        parallelize_module leaves DTensor weights and hooks that turn each layer's input and output
+        into DTensors; every op then goes through DTensor's sharding propagation, which took most of a
+        decode step (tiny Llama, two gloo workers: 11 tok/s, against 298 for one worker's step). Its
+        shards are kept as plain tensors instead, as gpt-fast does: a column-wise layer is a Linear
+        over its rows of the weight (its output is this worker's share of the heads or the MLP's
+        width), a row-wise one a Linear over its columns whose partial sums are all-reduced over the
+        block's group before the bias. The forward then runs plain ops and one all-reduce per
+        row-wise layer, which a CUDA graph can also hold."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import RowwiseParallel
+
+    def local(p):
+        if p is None:
+            return None
+        t = p.to_local() if isinstance(p, DTensor) else p
+        return nn.Parameter(t.detach(), requires_grad=False)
+
+    for name, style in styles.items():
+        lin = module.get_submodule(name)
+        for hooks in (lin._forward_pre_hooks, lin._forward_hooks, lin._forward_hooks_with_kwargs,
+                      lin._forward_pre_hooks_with_kwargs):
+            hooks.clear()
+        weight, bias = local(lin.weight), local(lin.bias)
+        if isinstance(style, RowwiseParallel):
+            parent, _, leaf = name.rpartition(".")
+            setattr(module.get_submodule(parent) if parent else module, leaf, _RowwiseLinear(weight, bias, group))
+        else:
+            lin.weight, lin.bias = weight, bias
+            lin.out_features = weight.shape[0]
+
+
+class _RowwiseLinear(nn.Module):
+    """A row-wise shard (Note [Plain tensors in the step]): this worker's columns of the weight, the
+    partial sums all-reduced over the block, then the whole bias."""
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, group):
+        super().__init__()
+        self.weight, self.bias, self.group = weight, bias, group
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        y = torch.nn.functional.linear(x, self.weight)
+        dist.all_reduce(y, group=self.group)
+        return y if self.bias is None else y + self.bias
 
 
 def generate(engine, s, entry, input_ids: torch.Tensor, kwargs: dict, seed: int | None, use_kv: bool) -> dict:
@@ -157,14 +211,58 @@ def generate(engine, s, entry, input_ids: torch.Tensor, kwargs: dict, seed: int 
         raise OutOfMemory(f"a tensor-parallel generate needs {tokens} tokens of KV; the model's pool on "
                           f"{dev} has too few free blocks now")
     try:
-        with Stream.new(seed, dev).active():
-            out = executor.generate(entry.module, state, input_ids.to(dev), kwargs, None, continues=True)
+        why = _why_eager(engine, entry, input_ids, kwargs, prompt)
+        if why is None:
+            out = _fast(engine, entry, state, input_ids.to(dev), kwargs, seed, tokens - prompt)
+        else:
+            with Stream.new(seed, dev).active():
+                out = executor.generate(entry.module, state, input_ids.to(dev), kwargs, None, continues=True)
+        s.decode["eager" if why else "fast"] += 1
+        s.eager_why = why or s.eager_why
     finally:  # the blocks it reserved and did not write go back
         if use_kv:
             pool.trim(state.table, s.max_kv_tokens or 0)
         else:
             pool.release(state.table)
     return {"sequences": out.cpu()}
+
+
+def _why_eager(engine, entry, input_ids: torch.Tensor, kwargs: dict, prompt: int) -> str | None:
+    """None when a tensor-parallel generate decodes in the batched step (Note [Tensor-parallel
+    decode]), else why it runs Hugging Face's generate: what the fast path does not do, or a device
+    where it is off."""
+    from ..execution import executor
+    from ..execution.fastpath import config_unsupported, unsupported
+
+    cfg = engine.cfg
+    if cfg.fast_decode == "off" or (cfg.fast_decode == "auto" and engine.device.type != "cuda"):
+        return f"fast_decode={cfg.fast_decode} on {engine.device.type}"
+    total = prompt + executor.new_tokens(entry.module, prompt, kwargs)
+    why = unsupported(entry.module, int(input_ids.shape[0]), kwargs, total, cfg.fast_decode_max_len)
+    return why or config_unsupported(executor.effective_kwargs(entry.module, kwargs), kwargs)
+
+
+def _fast(engine, entry, state, input_ids: torch.Tensor, kwargs: dict, seed: int | None, new: int) -> torch.Tensor:
+    """Note [Tensor-parallel decode]
+        A tensor-parallel generate decodes in the model's decode pool, the batched step every other
+        model uses (its forward over this worker's shard and KV heads, the row-wise layers' all-reduces
+        inside it), run to its end here: prompt chunks, then one step per token. Every worker of the
+        block runs the same call in the same order with the same seed, so each runs the same forwards
+        (the same chunks, the same one-row steps) and their collectives pair up; a step plan would be
+        needed only to batch several calls' rows, which this does not do (one call runs at a time). On
+        CUDA the step runs eagerly: the captured graphs would hold the collectives, not yet measured."""
+    from ..execution.fast_task import FastTask, PrefillBudget, fast_turn, pool_for
+
+    pool = pool_for(engine, entry)
+    budget = PrefillBudget(engine.cfg.max_prefill_tokens)
+    task = FastTask(pool, state, input_ids, kwargs, seed, None, new, budget, continues=True)
+    while not task.done:
+        budget.new_turn()
+        fast_turn([task], budget.per_turn)
+        task.advance()
+    if task.error is not None:
+        raise task.error
+    return task.result["sequences"]
 
 
 def _home(engine, s, timeout_s: float = 60.0) -> None:

@@ -65,10 +65,11 @@ def pool_for(engine, entry) -> DecodePool:
         kv = kv_pool_for(engine, entry)
         # Note [Batched streaming]: a streamed model's step waits on its ring's copies from the host, which
         # no CUDA graph can hold; its step runs eagerly, every row on each pass of the weights.
-        resident = getattr(entry, "streamed", None) is None
+        # A tensor-parallel model's step holds collectives: eager too (Note [Tensor-parallel decode]).
+        plain = getattr(entry, "streamed", None) is None and not getattr(entry, "tp", None)
         pool = DecodePool(entry.module, kv, kv.plan.decode_rows, cfg.fast_decode_max_len,
-                          graphs=None if cfg.fast_decode_graphs and resident else False, attention=kv.plan.attention,
-                          compile=cfg.fast_decode_compile and resident)
+                          graphs=None if cfg.fast_decode_graphs and plain else False, attention=kv.plan.attention,
+                          compile=cfg.fast_decode_compile and plain)
         if cfg.fast_decode_capture == "all":
             n = pool.capture_all()
             log.info("fast path for %s: captured %d step graphs in %.1f s", type(entry.module).__name__, n,
