@@ -410,5 +410,9 @@ def test_a_tensor_parallel_generate_takes_the_decode_step(start_server, model, w
         st = conn.stats()
         assert st["sessions"][s.sid]["decode"]["fast"] == 4 and st["sessions"][s.sid]["decode"]["eager"] == 0
         assert all(w["kv"]["models"][rm.model_id]["blocks_total"] > 0 for w in st["workers"])
+        # a declared KV budget reserves up to it; the call still makes its own number of tokens
+        capped = conn.session("capped", tp=2, max_kv_tokens=64)
+        rc = RemoteModel.from_module(capped, model, tp=2)
+        assert torch.equal(capped.generate(rc, P, max_new_tokens=8), want)
     finally:
         conn.close()

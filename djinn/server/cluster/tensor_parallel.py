@@ -201,7 +201,8 @@ def generate(engine, s, entry, input_ids: torch.Tensor, kwargs: dict, seed: int 
         if use_kv:
             engine.data.attach_kv(s, mid, state)
     prompt = int(state.ids.shape[1]) + int(input_ids.shape[1])
-    tokens = prompt + executor.new_tokens(entry.module, prompt, kwargs)
+    new = executor.new_tokens(entry.module, prompt, kwargs)
+    tokens = prompt + new
     if use_kv and s.max_kv_tokens is not None:  # Note [Declared KV budgets] in handlers/ops.py
         if tokens > s.max_kv_tokens:
             raise InvalidRequest(f"this generate would hold {tokens} tokens of KV, over the session's "
@@ -213,7 +214,7 @@ def generate(engine, s, entry, input_ids: torch.Tensor, kwargs: dict, seed: int 
     try:
         why = _why_eager(engine, entry, input_ids, kwargs, prompt)
         if why is None:
-            out = _fast(engine, entry, state, input_ids.to(dev), kwargs, seed, tokens - prompt)
+            out = _fast(engine, entry, state, input_ids.to(dev), kwargs, seed, new)
         else:
             with Stream.new(seed, dev).active():
                 out = executor.generate(entry.module, state, input_ids.to(dev), kwargs, None, continues=True)
