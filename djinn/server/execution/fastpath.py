@@ -76,7 +76,9 @@ Note [Compiled step is checked]
     (1e-4 relative in fp32, 3e-2 in half precision, as paged_step's probe), the pool drops the compile
     and every graph captured from it and steps uncompiled, `stats()["compile_error"]` saying by how
     much. The warm-ups before a capture run this check, so a graph is only captured from a compiled
-    step that matched. A compiled step is thus never the reason a token differs.
+    step that matched, and a differing step's tokens are the eager step's. What the check cannot undo
+    is a compiled step that wrote KV outside its rows' positions; that is why the compile stays off by
+    default until its graphs give eager's tokens on a GPU.
 
 Note [One read per step]
     The host waits for the device twice a step, whatever the batch: once for whether each sampled row's
