@@ -256,6 +256,7 @@ def test_a_tensor_parallel_model_gives_the_tokens_of_one_device(start_server, mo
         plain = conn.session("plain")
         with pytest.raises(InvalidRequest, match="needs a session spanning"):
             RemoteModel.from_module(plain, model, tp=2)
+        _steered_and_recorded(conn, model)  # the eager path (no fast decode on this server)
         # TP=1 in a plain session of the same server: the same greedy tokens
         rm1 = RemoteModel.from_module(plain, model)
         assert rm1.model_id != rm.model_id
@@ -414,5 +415,24 @@ def test_a_tensor_parallel_generate_takes_the_decode_step(start_server, model, w
         capped = conn.session("capped", tp=2, max_kv_tokens=64)
         rc = RemoteModel.from_module(capped, model, tp=2)
         assert torch.equal(capped.generate(rc, P, max_new_tokens=8), want)
+        steered = _steered_and_recorded(conn, model)
+        assert conn.stats()["sessions"][steered.sid]["decode"]["fast"] == 1
     finally:
         conn.close()
+
+
+def _steered_and_recorded(conn, model):
+    """A steered, recording TP=2 generate (Note [Tensor-parallel sessions]): the local hook's greedy
+    tokens, its recorded outputs within a TP sum's rounding."""
+    from .test_steering import _hooked_generate, _vector
+
+    s = conn.session("steered", tp=2)
+    rm = RemoteModel.from_module(s, model, tp=2)
+    v, got = _vector(model, 1), []
+    kw = dict(max_new_tokens=6, do_sample=False)
+    want = _hooked_generate(model, P, {1: v}, {1: got}, **kw)
+    assert not torch.equal(want, _hooked_generate(model, P, {}, **kw)), "the vector changes nothing: no test"
+    seq, acts = s.generate(rm, P, steer={1: v}, record=[1], **kw)
+    assert torch.equal(seq, want)
+    torch.testing.assert_close(acts[1].cpu(), torch.cat(got).cpu(), rtol=1e-4, atol=1e-4)
+    return s

@@ -26,8 +26,8 @@ Note [Tensor-parallel sessions]
     Its KV is each worker's share of the heads in the model's block pool on that worker (the pool's
     shape says kv_heads / tp), a session's blocks continued call after call as the eager path's, and
     swapped by each worker's scheduler like any other (a call brings them back first). A generate
-    decodes in the model's decode pool as one call at a time (Note [Tensor-parallel decode]);
-    `generate(steer=...)` does not take tensor-parallel models yet (refused, saying so). A TP sum is not bitwise the
+    decodes in the model's decode pool as one call at a time (Note [Tensor-parallel decode]), steered
+    and recording as on one device (`generate(steer=..., record=...)`); it does not stream yet. A TP sum is not bitwise the
     single-device sum: greedy tokens are compared with TP=1, logits within tolerance.
     A model shards over a block of tp workers aligned on tp (workers 0-1 or 2-3 of four at tp=2;
     tp must divide the number of workers): creating a process group is collective over the whole
@@ -183,9 +183,13 @@ class _RowwiseLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def generate(engine, s, entry, input_ids: torch.Tensor, kwargs: dict, seed: int | None, use_kv: bool) -> dict:
+def generate(engine, s, entry, input_ids: torch.Tensor, kwargs: dict, seed: int | None, use_kv: bool,
+             steer: dict | None = None, record: list | None = None) -> tuple[torch.Tensor, dict | None]:
     """A generate on a tensor-parallel model, run to its end now (Note [Tensor-parallel sessions]),
-    over this worker's share of the KV in the model's block pool (its heads)."""
+    over this worker's share of the KV in the model's block pool (its heads): its sequences (on the
+    CPU) and, with `record`, each recorded layer's outputs. Steering vectors and recordings act at
+    decoder layer boundaries, where every worker holds the same whole hidden state (after the
+    row-wise all-reduce), so each worker adds the same vector and records the same values."""
     from ...protocol.errors import OutOfMemory
     from ..execution import executor
     from ..execution.kv_pools import pool_for
@@ -211,13 +215,15 @@ def generate(engine, s, entry, input_ids: torch.Tensor, kwargs: dict, seed: int 
     if not pool.reserve(state.table, tokens):
         raise OutOfMemory(f"a tensor-parallel generate needs {tokens} tokens of KV; the model's pool on "
                           f"{dev} has too few free blocks now")
+    records: dict[int, list] | None = {k: [] for k in record} if record else None
     try:
         why = _why_eager(engine, entry, input_ids, kwargs, prompt)
         if why is None:
-            out = _fast(engine, entry, state, input_ids.to(dev), kwargs, seed, new)
+            out = _fast(engine, entry, state, input_ids.to(dev), kwargs, seed, new, steer, records)
         else:
             with Stream.new(seed, dev).active():
-                out = executor.generate(entry.module, state, input_ids.to(dev), kwargs, None, continues=True)
+                out = executor.generate(entry.module, state, input_ids.to(dev), kwargs, None, continues=True,
+                                        steer=steer or None, record=records)
         s.decode["eager" if why else "fast"] += 1
         s.eager_why = why or s.eager_why
     finally:  # the blocks it reserved and did not write go back
@@ -225,7 +231,7 @@ def generate(engine, s, entry, input_ids: torch.Tensor, kwargs: dict, seed: int 
             pool.trim(state.table, s.max_kv_tokens or 0)
         else:
             pool.release(state.table)
-    return {"sequences": out.cpu()}
+    return out.cpu(), records
 
 
 def _why_eager(engine, entry, input_ids: torch.Tensor, kwargs: dict, prompt: int) -> str | None:
@@ -243,7 +249,8 @@ def _why_eager(engine, entry, input_ids: torch.Tensor, kwargs: dict, prompt: int
     return why or config_unsupported(executor.effective_kwargs(entry.module, kwargs), kwargs)
 
 
-def _fast(engine, entry, state, input_ids: torch.Tensor, kwargs: dict, seed: int | None, new: int) -> torch.Tensor:
+def _fast(engine, entry, state, input_ids: torch.Tensor, kwargs: dict, seed: int | None, new: int,
+          steer: dict | None, records: dict | None) -> torch.Tensor:
     """Note [Tensor-parallel decode]
         A tensor-parallel generate decodes in the model's decode pool, the batched step every other
         model uses (its forward over this worker's shard and KV heads, the row-wise layers' all-reduces
@@ -256,7 +263,8 @@ def _fast(engine, entry, state, input_ids: torch.Tensor, kwargs: dict, seed: int
 
     pool = pool_for(engine, entry)
     budget = PrefillBudget(engine.cfg.max_prefill_tokens)
-    task = FastTask(pool, state, input_ids, kwargs, seed, None, new, budget, continues=True)
+    task = FastTask(pool, state, input_ids, kwargs, seed, None, new, budget, continues=True, steer=steer,
+                    record=records)
     while not task.done:
         budget.new_turn()
         fast_turn([task], budget.per_turn)

@@ -126,20 +126,22 @@ def generate(engine, client_id, rid, args):
     seed = seed_of(args, engine.meta)
     if not isinstance(kwargs, dict):
         raise InvalidRequest("generate needs kwargs as a map")
-    if entry.tp:  # run to its end now, on every worker alike (Note [Tensor-parallel sessions])
-        if args.get("steer") or args.get("record") or args.get("stream"):
-            raise InvalidRequest("a tensor-parallel model's generate takes no steer, record or stream yet")
-        executor.check_generate(input_ids, kwargs, entry.module)
-        validate.check_generate(entry.module, input_ids, kwargs, 0)
-        result = tensor_parallel.generate(engine, s, entry, input_ids, kwargs, seed,
-                                          bool(args.get("use_session_kv")))
-        engine.data.sync(s)
-        return result
     executor.check_generate(input_ids, kwargs, entry.module)  # Note [Effective generate arguments]
     steer = steering.parse(entry.module, unpack_inputs(engine, s, args.get("steer")))  # Note [Steering]
     record = steering.parse_record(entry.module, args.get("record"))  # Note [Recorded activations]
     if record and (int(input_ids.shape[0]) != 1 or args.get("stream")):
         raise InvalidRequest("record needs an input batch of 1 and stream=False")
+    if entry.tp:  # run to its end now, on every worker alike (Note [Tensor-parallel sessions])
+        if args.get("stream"):
+            raise InvalidRequest("a tensor-parallel model's generate does not stream yet (stream=False)")
+        validate.check_generate(entry.module, input_ids, kwargs, 0)
+        out, records = tensor_parallel.generate(engine, s, entry, input_ids, kwargs, seed,
+                                                bool(args.get("use_session_kv")), steer, record)
+        result = {"sequences": out}
+        if records is not None:  # every worker keeps its copy under the same handles (counter ids)
+            result["records"] = pack_outputs(s, [torch.cat(records[k]) for k in record])
+        engine.data.sync(s)
+        return result
     check_prefill(engine, input_ids, "generate", entry.module)
     encdec = executor.is_encoder_decoder(entry.module)
     use_kv = bool(args.get("use_session_kv")) and not encdec  # Note [Encoder-decoder generate]
