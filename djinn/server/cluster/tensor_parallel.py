@@ -258,7 +258,10 @@ def _fast(engine, entry, state, input_ids: torch.Tensor, kwargs: dict, seed: int
         block runs the same call in the same order with the same seed, so each runs the same forwards
         (the same chunks, the same one-row steps) and their collectives pair up; a step plan would be
         needed only to batch several calls' rows, which this does not do (one call runs at a time). On
-        CUDA the step runs eagerly: the captured graphs would hold the collectives, not yet measured."""
+        CUDA the step runs eagerly: the captured graphs would hold the collectives, not yet measured.
+        A call that fails on one worker of the block before its first forward and not on another (one
+        worker short of free KV blocks, its scheduler having placed other KV there) leaves the other
+        waiting in its first all-reduce until the group's timeout (120 s), then failing too."""
     from ..execution.fast_task import FastTask, PrefillBudget, fast_turn, pool_for
 
     pool = pool_for(engine, entry)
