@@ -196,25 +196,43 @@ def generate(engine, s, entry, input_ids: torch.Tensor, kwargs: dict, seed: int 
     from ..execution.rng import Stream
     from ..sessions import KVState
 
-    pool, mid, dev = pool_for(engine, entry), entry.model_id, engine.device
-    if use_kv:
-        _home(engine, s)
-    state = s.kv.get(mid) if use_kv else None
-    if state is None:
-        state = KVState.empty(pool, executor.empty_ids(input_ids))
+    mid, dev = entry.model_id, engine.device
+    err: Exception | None = None
+    try:
+        pool = pool_for(engine, entry)
         if use_kv:
-            engine.data.attach_kv(s, mid, state)
-    prompt = int(state.ids.shape[1]) + int(input_ids.shape[1])
-    new = executor.new_tokens(entry.module, prompt, kwargs)
-    tokens = prompt + new
-    if use_kv and s.max_kv_tokens is not None:  # Note [Declared KV budgets] in handlers/ops.py
-        if tokens > s.max_kv_tokens:
-            raise InvalidRequest(f"this generate would hold {tokens} tokens of KV, over the session's "
-                                 f"max_kv_tokens={s.max_kv_tokens}")
-        tokens = s.max_kv_tokens
-    if not pool.reserve(state.table, tokens):
-        raise OutOfMemory(f"a tensor-parallel generate needs {tokens} tokens of KV; the model's pool on "
-                          f"{dev} has too few free blocks now")
+            _home(engine, s)
+        state = s.kv.get(mid) if use_kv else None
+        if state is None:
+            state = KVState.empty(pool, executor.empty_ids(input_ids))
+            if use_kv:
+                engine.data.attach_kv(s, mid, state)
+        prompt = int(state.ids.shape[1]) + int(input_ids.shape[1])
+        new = executor.new_tokens(entry.module, prompt, kwargs)
+        tokens = prompt + new
+        if use_kv and s.max_kv_tokens is not None:  # Note [Declared KV budgets] in handlers/ops.py
+            if tokens > s.max_kv_tokens:
+                raise InvalidRequest(f"this generate would hold {tokens} tokens of KV, over the session's "
+                                     f"max_kv_tokens={s.max_kv_tokens}")
+            tokens = s.max_kv_tokens
+        if not pool.reserve(state.table, tokens):
+            raise OutOfMemory(f"a tensor-parallel generate needs {tokens} tokens of KV; the model's pool on "
+                              f"{dev} has too few free blocks now")
+    except (OutOfMemory, InvalidRequest) as e:
+        err = e
+
+    def give_back() -> None:  # the blocks it reserved and did not write
+        if use_kv:
+            pool.trim(state.table, s.max_kv_tokens or 0)
+        else:
+            pool.release(state.table)
+
+    if not agree(err is None, entry.tp, dev):  # Note [Tensor-parallel decode]: all of the block or none
+        if err is None:
+            give_back()
+            err = OutOfMemory("another worker of this tensor-parallel block has no room for this call now "
+                              "(its pool is short of free KV blocks)")
+        raise err
     records: dict[int, list] | None = {k: [] for k in record} if record else None
     try:
         why = _why_eager(engine, entry, input_ids, kwargs, prompt)
@@ -226,12 +244,19 @@ def generate(engine, s, entry, input_ids: torch.Tensor, kwargs: dict, seed: int 
                                         steer=steer or None, record=records)
         s.decode["eager" if why else "fast"] += 1
         s.eager_why = why or s.eager_why
-    finally:  # the blocks it reserved and did not write go back
-        if use_kv:
-            pool.trim(state.table, s.max_kv_tokens or 0)
-        else:
-            pool.release(state.table)
+    finally:
+        give_back()
     return out.cpu(), records
+
+
+def agree(ok: bool, tp: int, device: torch.device) -> bool:
+    """Whether every worker of this worker's block of tp workers has `ok`: a MIN all-reduce of one flag
+    over the block, which each reaches at the same point of the same request."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=None if tp == dist.get_world_size() else _GROUPS[tp])
+    return bool(flag.item())
 
 
 def _why_eager(engine, entry, input_ids: torch.Tensor, kwargs: dict, prompt: int) -> str | None:
@@ -259,9 +284,11 @@ def _fast(engine, entry, state, input_ids: torch.Tensor, kwargs: dict, seed: int
         (the same chunks, the same one-row steps) and their collectives pair up; a step plan would be
         needed only to batch several calls' rows, which this does not do (one call runs at a time). On
         CUDA the step runs eagerly: the captured graphs would hold the collectives, not yet measured.
-        A call that fails on one worker of the block before its first forward and not on another (one
-        worker short of free KV blocks, its scheduler having placed other KV there) leaves the other
-        waiting in its first all-reduce until the group's timeout (120 s), then failing too."""
+        Whether a call can start is agreed before its first forward (`agree`): each worker's pool is
+        sized from what its own device has free, so one worker of the block may be short of free KV
+        blocks where another is not; then every worker fails the call with OutOfMemory and gives its
+        blocks back, instead of the others waiting in their first all-reduce for a forward that never
+        comes."""
     from ..execution.fast_task import FastTask, PrefillBudget, fast_turn, pool_for
 
     pool = pool_for(engine, entry)
