@@ -7,8 +7,6 @@ import multiprocessing as mp
 import socket
 
 
-
-
 def _agree_in(rank: int, port: int, oks: list[bool], out) -> None:
     import torch
     import torch.distributed as dist
