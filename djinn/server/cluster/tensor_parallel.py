@@ -288,7 +288,9 @@ def _fast(engine, entry, state, input_ids: torch.Tensor, kwargs: dict, seed: int
         sized from what its own device has free, so one worker of the block may be short of free KV
         blocks where another is not; then every worker fails the call with OutOfMemory and gives its
         blocks back, instead of the others waiting in their first all-reduce for a forward that never
-        comes."""
+        comes. A worker of the block that dies in the middle of a call still leaves the others in
+        their next collective until the group's timeout (120 s): torch.distributed has no way to
+        abort it sooner; the front has by then failed the session (SessionLost)."""
     from ..execution.fast_task import FastTask, PrefillBudget, fast_turn, pool_for
 
     pool = pool_for(engine, entry)
