@@ -417,6 +417,14 @@ def test_a_tensor_parallel_generate_takes_the_decode_step(start_server, model, w
         assert torch.equal(capped.generate(rc, P, max_new_tokens=8), want)
         steered = _steered_and_recorded(conn, model)
         assert conn.stats()["sessions"][steered.sid]["decode"]["fast"] == 1
+        # a fork spans the same pair, sharing each worker's share of the blocks; both go on alone
+        child = s.fork("child")
+        st = conn.stats()
+        assert st["sessions"][child.sid]["workers"] == st["sessions"][s.sid]["workers"] == [0, 1]
+        base = _local_continuation(model, sampled, again, 3)
+        x, y = torch.tensor([[21, 22]]), torch.tensor([[31]])
+        assert torch.equal(child.generate(rm, x, max_new_tokens=4), _local_continuation(model, base, x, 4))
+        assert torch.equal(s.generate(rm, y, max_new_tokens=4), _local_continuation(model, base, y, 4))
     finally:
         conn.close()
 

@@ -201,7 +201,12 @@ class Front:
             self._open_spanning(req, args, meta)
             return
         if isinstance(args.get("sid"), str) and args["sid"] in self.span:
-            self._relay_spanning(req, args["sid"], meta)
+            sid = args["sid"]
+            if op == "fork_session":  # the child spans the parent's block (its share of the KV on each)
+                meta["new_sid"] = child = secrets.token_hex(12)
+                self.span[child], self.sessions[child] = list(self.span[sid]), self.sessions[sid]
+                self.owner[child] = req.client_id
+            self._relay_spanning(req, sid, meta)
             return
         if op in ("open_session", "restore_session"):  # a new session: placed
             w = self.place()

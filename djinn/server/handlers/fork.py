@@ -12,7 +12,8 @@ Note [Session fork]
     over-admits). A parent whose KV is away (swapped to host or moving) is brought back first: the
     fork is then a job of the parent's session, scheduled like a generate that needs its KV on the
     device, which takes no step. Paused breakpoint runs are not part of a session fork (`stop.fork()`
-    forks a run).
+    forks a run). A tensor-parallel session forks on every worker of its block (the front names the
+    child and relays the fork to each): each worker's child shares that worker's share of the heads.
 """
 from __future__ import annotations
 
@@ -37,8 +38,6 @@ log = logging.getLogger("djinn.fork")
 def fork_session(engine, client_id, rid, args):
     """{sid, name?}: a new session sharing the parent's KV blocks (Note [Session fork])."""
     parent = engine.session(client_id, args)
-    if parent.tp:
-        raise InvalidRequest("a session spanning workers (tensor-parallel) cannot be forked yet")
     name = args.get("name")
     if name is not None and (not isinstance(name, str) or len(name) > 200):
         raise InvalidRequest("session name must be a string of at most 200 characters")
@@ -57,6 +56,7 @@ def _fork(engine, parent: Session, name: str | None) -> dict:
     child = engine.sessions.open(parent.client_id, name, parent.principal, sid=engine.meta.get("new_sid"))
     try:
         child.max_kv_tokens = parent.max_kv_tokens
+        child.tp = parent.tp  # a tensor-parallel parent's child spans the same workers, each its share
         for mid in parent.models:
             attach(engine, child, engine.models.get(mid))
         for hid, t in parent.tensors.items():
