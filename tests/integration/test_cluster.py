@@ -257,6 +257,9 @@ def test_a_tensor_parallel_model_gives_the_tokens_of_one_device(start_server, mo
         with pytest.raises(InvalidRequest, match="needs a session spanning"):
             RemoteModel.from_module(plain, model, tp=2)
         _steered_and_recorded(conn, model)  # the eager path (no fast decode on this server)
+        stream = s.generate(rm, torch.tensor([[8]]), max_new_tokens=4, stream=True)  # streams there too
+        toks = list(stream)
+        assert len(toks) == 4 and stream.sequences[0, -4:].tolist() == toks
         # TP=1 in a plain session of the same server: the same greedy tokens
         rm1 = RemoteModel.from_module(plain, model)
         assert rm1.model_id != rm.model_id
@@ -425,6 +428,17 @@ def test_a_tensor_parallel_generate_takes_the_decode_step(start_server, model, w
         x, y = torch.tensor([[21, 22]]), torch.tensor([[31]])
         assert torch.equal(child.generate(rm, x, max_new_tokens=4), _local_continuation(model, base, x, 4))
         assert torch.equal(s.generate(rm, y, max_new_tokens=4), _local_continuation(model, base, y, 4))
+        # a stream left after two tokens: the session keeps exactly those (Note [Tensor-parallel decode])
+        now, z = _local_continuation(model, base, y, 4), torch.tensor([[41, 42]])
+        full = _local_continuation(model, now, z, 6)[0, now.shape[1] + 2:].tolist()
+        got = []
+        for tok in s.generate(rm, z, max_new_tokens=6, stream=True):
+            got.append(tok)
+            if len(got) == 2:
+                break
+        assert got == full[:2]
+        kept, w = torch.cat([now, z, torch.tensor([got])], 1), torch.tensor([[51]])
+        assert torch.equal(s.generate(rm, w, max_new_tokens=3), _local_continuation(model, kept, w, 3))
     finally:
         conn.close()
 

@@ -27,7 +27,9 @@ Note [Tensor-parallel sessions]
     shape says kv_heads / tp), a session's blocks continued call after call as the eager path's, and
     swapped by each worker's scheduler like any other (a call brings them back first). A generate
     decodes in the model's decode pool as one call at a time (Note [Tensor-parallel decode]), steered
-    and recording as on one device (`generate(steer=..., record=...)`); it does not stream yet. A TP sum is not bitwise the
+    and recording as on one device (`generate(steer=..., record=...)`), and streaming: the first
+    worker's tokens go to the client; since the call has ended by the time a client's cancel is served,
+    the cancel rolls the session's KV back to the tokens the client consumed (`cancel`). A TP sum is not bitwise the
     single-device sum: greedy tokens are compared with TP=1, logits within tolerance.
     A model shards over a block of tp workers aligned on tp (workers 0-1 or 2-3 of four at tp=2;
     tp must divide the number of workers): creating a process group is collective over the whole
@@ -38,6 +40,7 @@ Note [Tensor-parallel sessions]
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -183,8 +186,23 @@ class _RowwiseLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+@dataclass
+class Streamed:
+    """A streamed TP generate that ended, kept until the session's next call: what a cancel rolls the
+    session's KV back to (Note [Tensor-parallel decode])."""
+
+    rid: int
+    model_id: str
+    before: torch.Tensor    # the session's token ids before the call
+    fed: int                # the positions its KV held then
+    inputs: torch.Tensor    # the call's input ids
+    new: list[int]          # its generated tokens
+    after: torch.Tensor     # the token ids it left (the KV's, unless another call ran since)
+
+
 def generate(engine, s, entry, input_ids: torch.Tensor, kwargs: dict, seed: int | None, use_kv: bool,
-             steer: dict | None = None, record: list | None = None) -> tuple[torch.Tensor, dict | None]:
+             steer: dict | None = None, record: list | None = None, on_tokens=None,
+             rid: int | None = None) -> tuple[torch.Tensor, dict | None]:
     """A generate on a tensor-parallel model, run to its end now (Note [Tensor-parallel sessions]),
     over this worker's share of the KV in the model's block pool (its heads): its sequences (on the
     CPU) and, with `record`, each recorded layer's outputs. Steering vectors and recordings act at
@@ -197,6 +215,7 @@ def generate(engine, s, entry, input_ids: torch.Tensor, kwargs: dict, seed: int 
     from ..sessions import KVState
 
     mid, dev = entry.model_id, engine.device
+    s.tp_streamed = None  # a later call ends what a cancel could roll back
     err: Exception | None = None
     try:
         pool = pool_for(engine, entry)
@@ -234,19 +253,44 @@ def generate(engine, s, entry, input_ids: torch.Tensor, kwargs: dict, seed: int 
                               "(its pool is short of free KV blocks)")
         raise err
     records: dict[int, list] | None = {k: [] for k in record} if record else None
+    before, fed = state.ids, state.table.length
     try:
         why = _why_eager(engine, entry, input_ids, kwargs, prompt)
         if why is None:
-            out = _fast(engine, entry, state, input_ids.to(dev), kwargs, seed, new, steer, records)
+            out = _fast(engine, entry, state, input_ids.to(dev), kwargs, seed, new, steer, records, on_tokens)
         else:
             with Stream.new(seed, dev).active():
-                out = executor.generate(entry.module, state, input_ids.to(dev), kwargs, None, continues=True,
+                out = executor.generate(entry.module, state, input_ids.to(dev), kwargs, on_tokens, continues=True,
                                         steer=steer or None, record=records)
+        if on_tokens is not None and use_kv:
+            n = int(before.shape[1]) + int(input_ids.shape[1])
+            s.tp_streamed = Streamed(rid, mid, before, fed, input_ids.to(before.device), out[0, n:].tolist(),
+                                     state.ids)
         s.decode["eager" if why else "fast"] += 1
         s.eager_why = why or s.eager_why
     finally:
         give_back()
     return out.cpu(), records
+
+
+def cancel(engine, s, rid: object, keep: int) -> dict:
+    """A client left the stream of TP generate `rid` after `keep` tokens: the call has ended (it ran to
+    its end when served), so the session's KV is rolled back to those tokens, on every worker alike (the
+    cancel is relayed to each), as a cancelled generate leaves it (Note [Cancel] in dispatch.py)."""
+    last, s.tp_streamed = s.tp_streamed, None
+    state = s.kv.get(last.model_id) if last is not None and last.rid == rid else None
+    if state is None or state.ids is not last.after:
+        return {"cancelled": False, "kept": 0}
+    kept = min(keep, len(last.new))
+    if kept:
+        tail = torch.tensor([last.new[:kept]], dtype=torch.long, device=last.before.device)
+        state.ids = torch.cat([last.before, last.inputs, tail], dim=1)
+        state.table.length = int(state.ids.shape[1]) - 1  # the call fed all but its last token
+    else:
+        state.ids, state.table.length = last.before, last.fed
+    engine.data.pools[last.model_id].trim(state.table, s.max_kv_tokens or 0)
+    engine.data.sync(s)
+    return {"cancelled": True, "kept": kept}
 
 
 def agree(ok: bool, tp: int, device: torch.device) -> bool:
@@ -275,7 +319,7 @@ def _why_eager(engine, entry, input_ids: torch.Tensor, kwargs: dict, prompt: int
 
 
 def _fast(engine, entry, state, input_ids: torch.Tensor, kwargs: dict, seed: int | None, new: int,
-          steer: dict | None, records: dict | None) -> torch.Tensor:
+          steer: dict | None, records: dict | None, on_tokens=None) -> torch.Tensor:
     """Note [Tensor-parallel decode]
         A tensor-parallel generate decodes in the model's decode pool, the batched step every other
         model uses (its forward over this worker's shard and KV heads, the row-wise layers' all-reduces
@@ -295,7 +339,7 @@ def _fast(engine, entry, state, input_ids: torch.Tensor, kwargs: dict, seed: int
 
     pool = pool_for(engine, entry)
     budget = PrefillBudget(engine.cfg.max_prefill_tokens)
-    task = FastTask(pool, state, input_ids, kwargs, seed, None, new, budget, continues=True, steer=steer,
+    task = FastTask(pool, state, input_ids, kwargs, seed, on_tokens, new, budget, continues=True, steer=steer,
                     record=records)
     while not task.done:
         budget.new_turn()

@@ -132,11 +132,14 @@ def generate(engine, client_id, rid, args):
     if record and (int(input_ids.shape[0]) != 1 or args.get("stream")):
         raise InvalidRequest("record needs an input batch of 1 and stream=False")
     if entry.tp:  # run to its end now, on every worker alike (Note [Tensor-parallel sessions])
-        if args.get("stream"):
-            raise InvalidRequest("a tensor-parallel model's generate does not stream yet (stream=False)")
         validate.check_generate(entry.module, input_ids, kwargs, 0)
+
+        def send_tokens(tokens: torch.Tensor) -> None:  # the front passes on the first worker's only
+            engine.send(client_id, MsgType.STREAM, {"rid": rid, "tokens": tokens.tolist()})
+
         out, records = tensor_parallel.generate(engine, s, entry, input_ids, kwargs, seed,
-                                                bool(args.get("use_session_kv")), steer, record)
+                                                bool(args.get("use_session_kv")), steer, record,
+                                                send_tokens if args.get("stream") else None, rid)
         result = {"sequences": out}
         if records is not None:  # every worker keeps its copy under the same handles (counter ids)
             result["records"] = pack_outputs(s, [torch.cat(records[k]) for k in record])
@@ -302,6 +305,8 @@ def cancel_generate(engine, client_id, rid, args):
     target, keep = args.get("rid"), args.get("keep", 0)
     if type(target) is not int or type(keep) is not int or keep < 0:
         raise InvalidRequest("cancel_generate needs rid (the generate's request id) and keep (an int >= 0)")
+    if s.tp:  # its generates ran to their end when served (Note [Tensor-parallel decode])
+        return tensor_parallel.cancel(engine, s, target, keep)
     return engine.cancel_generate(s.sid, target, keep)
 
 
