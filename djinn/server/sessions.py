@@ -117,7 +117,7 @@ class Session:
     readonly: ReadOnlyMemory = field(default_factory=ReadOnlyMemory)  # the weights' memory (the Text segment's)
     graphs: GraphCache = field(default_factory=GraphCache)  # compiled graphs it sent (Note [Graph cache])
     tp: int | None = None    # spans this many workers (Note [Tensor-parallel sessions] in cluster/tensor_parallel.py)
-    tp_streamed: object = None  # its last streamed TP generate, until a cancel or another call (tensor_parallel.Streamed)
+    tp_streamed: object = None  # its last TP generate of its KV, until a cancel or another call (tensor_parallel.Streamed)
     _handles: int = 0        # handle ids of a spanning session come from this counter, alike on every worker
 
     @property

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+from djinn.frontend import wire
 from djinn.frontend.connection import Connection
 from djinn.frontend.remote import RemoteModel
 from djinn.protocol.errors import InvalidRequest, SessionLost, SessionNotFound
@@ -438,7 +439,16 @@ def test_a_tensor_parallel_generate_takes_the_decode_step(start_server, model, w
                 break
         assert got == full[:2]
         kept, w = torch.cat([now, z, torch.tensor([got])], 1), torch.tensor([[51]])
-        assert torch.equal(s.generate(rm, w, max_new_tokens=3), _local_continuation(model, kept, w, 3))
+        held = _local_continuation(model, kept, w, 3)
+        assert torch.equal(s.generate(rm, w, max_new_tokens=3), held)
+        # interrupted while waiting (Ctrl-C cancels with keep=0): the call has ended; the session keeps none of it
+        fut = s.submit("generate", {"model_id": rm.model_id, "input_ids": torch.tensor([[61]]), "seed": None,
+                                    "kwargs": wire.pack(s, {"max_new_tokens": 3, "do_sample": False}),
+                                    "use_session_kv": True, "stream": False})
+        fut.result(60)
+        assert s.call("cancel_generate", {"rid": fut.rid, "keep": 0}) == {"cancelled": True, "kept": 0}
+        v = torch.tensor([[71]])
+        assert torch.equal(s.generate(rm, v, max_new_tokens=3), _local_continuation(model, held, v, 3))
     finally:
         conn.close()
 

@@ -188,8 +188,8 @@ class _RowwiseLinear(nn.Module):
 
 @dataclass
 class Streamed:
-    """A streamed TP generate that ended, kept until the session's next call: what a cancel rolls the
-    session's KV back to (Note [Tensor-parallel decode])."""
+    """A TP generate of the session's KV that ended, kept until the session's next call: what a cancel
+    (a client leaving its stream, or interrupted while waiting) rolls the session's KV back to."""
 
     rid: int
     model_id: str
@@ -262,7 +262,7 @@ def generate(engine, s, entry, input_ids: torch.Tensor, kwargs: dict, seed: int 
             with Stream.new(seed, dev).active():
                 out = executor.generate(entry.module, state, input_ids.to(dev), kwargs, on_tokens, continues=True,
                                         steer=steer or None, record=records)
-        if on_tokens is not None and use_kv:
+        if use_kv:  # an interrupted call (Ctrl-C) is cancelled with keep=0 after it ended: see `cancel`
             n = int(before.shape[1]) + int(input_ids.shape[1])
             s.tp_streamed = Streamed(rid, mid, before, fed, input_ids.to(before.device), out[0, n:].tolist(),
                                      state.ids)
@@ -274,9 +274,10 @@ def generate(engine, s, entry, input_ids: torch.Tensor, kwargs: dict, seed: int 
 
 
 def cancel(engine, s, rid: object, keep: int) -> dict:
-    """A client left the stream of TP generate `rid` after `keep` tokens: the call has ended (it ran to
-    its end when served), so the session's KV is rolled back to those tokens, on every worker alike (the
-    cancel is relayed to each), as a cancelled generate leaves it (Note [Cancel] in dispatch.py)."""
+    """A client left the stream of TP generate `rid` after `keep` tokens (0: interrupted while waiting
+    for it): the call has ended (it ran to its end when served), so the session's KV is rolled back to
+    those tokens, on every worker alike (the cancel is relayed to each), as a cancelled generate leaves
+    it (Note [Cancel] in dispatch.py)."""
     last, s.tp_streamed = s.tp_streamed, None
     state = s.kv.get(last.model_id) if last is not None and last.rid == rid else None
     if state is None or state.ids is not last.after:
