@@ -267,9 +267,8 @@ def _join_group(args, device) -> None:
     NCCL on GPUs); the front is not in it."""
     from datetime import timedelta
 
-    import torch.distributed as dist
-
     import torch
+    import torch.distributed as dist
 
     if device.type == "cuda":
         torch.cuda.set_device(device)

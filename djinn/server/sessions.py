@@ -51,6 +51,14 @@ class KVState:
     def nbytes(self) -> int:
         return self.cache.table.blocks * self.cache.pool.block_bytes
 
+    def keep(self, inputs: torch.Tensor, tokens: list[int]) -> None:
+        """After a call was rolled back to before it: its inputs and the first `tokens` it made, as if it
+        had made only those (Note [Cancel] in dispatch.py); the table holds all but the last token, which
+        the next call feeds, as after any generate."""
+        tail = torch.tensor([tokens], dtype=torch.long, device=self.ids.device)
+        self.ids = torch.cat([self.ids, inputs.to(self.ids.device), tail], dim=1)
+        self.table.length = int(self.ids.shape[1]) - 1
+
     @classmethod
     def empty(cls, pool, ids: torch.Tensor) -> "KVState":
         """No KV yet: a table of `ids`' batch rows and no blocks; `ids` [batch, 0] on the device."""

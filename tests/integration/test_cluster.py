@@ -38,6 +38,12 @@ def _local_continuation(model, seq: torch.Tensor, more: torch.Tensor, n: int) ->
         return model.generate(torch.cat([seq, more], 1), max_new_tokens=n, do_sample=False)
 
 
+def _continues(model, s, rm, seq: torch.Tensor) -> bool:
+    """Whether session `s`, holding `seq`, continues [[3, 4]] with 4 greedy tokens as a local generate."""
+    more = torch.tensor([[3, 4]])
+    return torch.equal(s.generate(rm, more, max_new_tokens=4), _local_continuation(model, seq, more, 4))
+
+
 def _workers_of(conn) -> dict[str, int]:
     return {sid: s["worker"] for sid, s in conn.stats()["sessions"].items()}
 
@@ -208,9 +214,7 @@ def test_requests_waiting_for_memory_move_an_idle_session_to_another_worker(star
         st = conn.stats()
         assert st["cluster"]["balance_moves"] >= 1
         assert st["sessions"][a.sid]["worker"] != placed[a.sid] == st["sessions"][b.sid]["worker"]
-        more = torch.tensor([[3, 4]])
-        want = _local_continuation(model, first, more, 4)
-        assert torch.equal(a.generate(ra, more, max_new_tokens=4), want)
+        assert _continues(model, a, ra, first)
     finally:
         conn.close()
 
@@ -362,9 +366,7 @@ def test_a_move_the_destination_has_no_room_for_leaves_the_session_where_it_was(
             a.migrate(placed[b.sid])
         st = conn.stats()
         assert st["sessions"][a.sid]["worker"] == placed[a.sid] and set(st["sessions"]) == {a.sid, b.sid}
-        more = torch.tensor([[3, 4]])
-        want = _local_continuation(model, first, more, 4)
-        assert torch.equal(a.generate(ra, more, max_new_tokens=4), want)
+        assert _continues(model, a, ra, first)
     finally:
         conn.close()
 
@@ -388,8 +390,7 @@ def test_tensor_parallel_models_take_a_block_of_workers_each(start_server, model
         spans = sorted(st["sessions"][s.sid]["workers"] for s in (a, b))
         assert spans == [[0, 1], [2, 3]]
         assert st["sessions"][plain.sid]["worker"] in range(4)
-        more = torch.tensor([[3, 4]])
-        assert torch.equal(b.generate(rb, more, max_new_tokens=4), _local_continuation(model, want, more, 4))
+        assert _continues(model, b, rb, want)
         with pytest.raises(InvalidRequest, match="needs a block of 3 workers"):
             conn.session("three", tp=3)
     finally:
@@ -406,9 +407,7 @@ def test_a_tensor_parallel_generate_takes_the_decode_step(start_server, model, w
         s = conn.session("tp", tp=2)
         rm = RemoteModel.from_module(s, model, tp=2)
         assert torch.equal(s.generate(rm, P, max_new_tokens=8), want)
-        more = torch.tensor([[3, 4]])
-        got = s.generate(rm, more, max_new_tokens=4)
-        assert torch.equal(got, _local_continuation(model, want, more, 4))
+        assert _continues(model, s, rm, want)
         sampled = s.generate(rm, torch.tensor([[9]]), max_new_tokens=5, do_sample=True)
         again = torch.tensor([[5, 6]])
         assert torch.equal(s.generate(rm, again, max_new_tokens=3), _local_continuation(model, sampled, again, 3))

@@ -29,19 +29,28 @@ def test_compiled_step_keeps_greedy_tokens_across_batch_sizes():
         assert t.result["sequences"][0, p.shape[1]:].tolist() == _local_greedy(model, p, n)
 
 
-def test_a_compiled_step_that_fails_falls_back_to_the_eager_step_and_says_why():
+def _compiled_pool():
     model = tiny_llama(seed=7).eval()
     kv = KVPool(KVShape.of_module(model), 64, 4, "cpu")
-    pool = DecodePool(model, kv, 4, 64, graphs=False, compile=True)
+    return model, kv, DecodePool(model, kv, 4, 64, graphs=False, compile=True)
+
+
+def _greedy_as_local(model, kv, pool) -> bool:
+    """A 5-token prompt and 7 greedy tokens through the pool: no error, and local generate's tokens."""
+    budget = PrefillBudget(64)
+    p = torch.tensor([[3, 14, 15, 92, 65]])
+    (t,) = _run([_task(pool, kv, p, 7, budget)], budget)
+    return t.error is None and t.result["sequences"][0, 5:].tolist() == _local_greedy(model, p, 7)
+
+
+def test_a_compiled_step_that_fails_falls_back_to_the_eager_step_and_says_why():
+    model, kv, pool = _compiled_pool()
 
     def broken(B, L):
         raise RuntimeError("CppCompileError: no compiler here")
 
     pool._compiled = broken
-    budget = PrefillBudget(64)
-    p = torch.tensor([[3, 14, 15, 92, 65]])
-    (t,) = _run([_task(pool, kv, p, 7, budget)], budget)
-    assert t.error is None and t.result["sequences"][0, 5:].tolist() == _local_greedy(model, p, 7)
+    assert _greedy_as_local(model, kv, pool)
     st = pool.stats()
     assert not st["compiled"] and st["compile_error"] == "RuntimeError: CppCompileError: no compiler here"
 
@@ -49,9 +58,7 @@ def test_a_compiled_step_that_fails_falls_back_to_the_eager_step_and_says_why():
 def test_a_compiled_step_that_differs_from_eager_is_dropped():
     """Note [Compiled step is checked]: a compiled step whose logits are not the eager step's (its graphs
     gave other tokens on an H100, 16f090e) is dropped at its first step; the tokens are eager decode's."""
-    model = tiny_llama(seed=7).eval()
-    kv = KVPool(KVShape.of_module(model), 64, 4, "cpu")
-    pool = DecodePool(model, kv, 4, 64, graphs=False, compile=True)
+    model, kv, pool = _compiled_pool()
     calls = []
 
     def wrong(B, L):  # the real step body, with its top logit moved to another token
@@ -60,24 +67,16 @@ def test_a_compiled_step_that_differs_from_eager_is_dropped():
         return out.roll(1, dims=-1)
 
     pool._compiled = wrong
-    budget = PrefillBudget(64)
-    p = torch.tensor([[3, 14, 15, 92, 65]])
-    (t,) = _run([_task(pool, kv, p, 7, budget)], budget)
-    assert t.error is None and t.result["sequences"][0, 5:].tolist() == _local_greedy(model, p, 7)
+    assert _greedy_as_local(model, kv, pool)
     st = pool.stats()
     assert calls == [1] and not st["compiled"]
     assert st["compile_error"].startswith("the compiled step differs from the eager step by ")
 
 
 def test_a_matching_compiled_step_is_checked_once_per_bucket():
-    model = tiny_llama(seed=7).eval()
-    kv = KVPool(KVShape.of_module(model), 64, 4, "cpu")
-    pool = DecodePool(model, kv, 4, 64, graphs=False, compile=True)
+    model, kv, pool = _compiled_pool()
     eager, calls = pool._eager, []
     pool._compiled = lambda B, L: pool._step_body(B, L)
     pool._eager = lambda *a: calls.append(a[:2]) or eager(*a)
-    budget = PrefillBudget(64)
-    p = torch.tensor([[3, 14, 15, 92, 65]])
-    (t,) = _run([_task(pool, kv, p, 7, budget)], budget)
-    assert t.error is None and t.result["sequences"][0, 5:].tolist() == _local_greedy(model, p, 7)
+    assert _greedy_as_local(model, kv, pool)
     assert pool.stats()["compiled"] and calls == [(1, 64)]  # one bucket, checked at its first step

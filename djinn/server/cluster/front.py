@@ -114,7 +114,7 @@ class Front:
         self.lost: set[str] = set()          # sessions of workers that died
         self._gathers: dict[int, _Gather] = {}
         self.moves = Moves(self)             # sessions and models moving between workers
-        self._ids = 0  # migration and stats-gather ids
+        self._ids = 0  # stats-gather ids
         self.router: Router | None = None
         dist_port = _free_port()
         for rank, dev in enumerate(devices):
@@ -186,7 +186,7 @@ class Front:
         req: Request = item
         op, args = req.header["op"], req.header.get("args")
         args = args if isinstance(args, dict) else {}
-        meta = {"principal": self.router.principal(req.client_id) or ""}
+        meta = self.meta_of(req)
         if op == "stats":
             self._gather_stats(req)
             return
@@ -203,17 +203,13 @@ class Front:
         if isinstance(args.get("sid"), str) and args["sid"] in self.span:
             sid = args["sid"]
             if op == "fork_session":  # the child spans the parent's block (its share of the KV on each)
-                meta["new_sid"] = child = secrets.token_hex(12)
-                self.span[child], self.sessions[child] = list(self.span[sid]), self.sessions[sid]
-                self.owner[child] = req.client_id
+                meta["new_sid"] = self._name(req, self.span[sid])
             self._relay_spanning(req, sid, meta)
             return
         if op in ("open_session", "restore_session"):  # a new session: placed
             w = self.place()
             if w is not None:
-                meta["new_sid"] = secrets.token_hex(12)
-                self.sessions[meta["new_sid"]] = w.rank
-                self.owner[meta["new_sid"]] = req.client_id
+                meta["new_sid"] = self._name(req, [w.rank])
         elif isinstance(args.get("sid"), str):
             sid = args["sid"]
             rank = self.sessions.get(sid)
@@ -222,9 +218,7 @@ class Front:
                 return
             w = self.workers[rank] if rank is not None else self._first()  # unknown: its answer says so
             if op == "fork_session" and rank is not None:  # the child lives beside its parent's blocks
-                meta["new_sid"] = secrets.token_hex(12)
-                self.sessions[meta["new_sid"]] = rank
-                self.owner[meta["new_sid"]] = req.client_id
+                meta["new_sid"] = self._name(req, [rank])
         else:
             w = self._first()
         if w is None:
@@ -244,10 +238,17 @@ class Front:
         except InvalidRequest as e:
             self.error(req, e)
             return
-        sid = secrets.token_hex(12)
-        self.span[sid] = block
-        self.sessions[sid], self.owner[sid] = block[0], req.client_id
+        sid = self._name(req, block)
         self._relay_spanning(req, sid, dict(meta, new_sid=sid, tp=tp))
+
+    def _name(self, req: Request, ranks: list[int]) -> str:
+        """A new session's id, for the client of `req`, on `ranks` (the first answers; more than one:
+        a tensor-parallel session spanning them)."""
+        sid = secrets.token_hex(12)
+        self.sessions[sid], self.owner[sid] = ranks[0], req.client_id
+        if len(ranks) > 1:
+            self.span[sid] = list(ranks)
+        return sid
 
     def _block(self, tp: int) -> list[int]:
         """The aligned block of tp live workers a tensor-parallel session goes to: the most free KV
@@ -392,6 +393,10 @@ class Front:
 
     def reply(self, req: Request, result) -> None:
         self.router.send(req.client_id, codec.encode(MsgType.REPLY, {"rid": req.msg.rid, "result": result}))
+
+    def meta_of(self, req: Request) -> dict:
+        """What a relayed request carries besides the client's frames (cluster/wire.py)."""
+        return {"principal": self.router.principal(req.client_id) or ""}
 
     def error(self, req: Request, e: DjinnError) -> None:
         self.router.send(req.client_id, codec.encode(MsgType.ERROR, wire_error(req.msg.rid, e)))

@@ -77,7 +77,7 @@ class Moves:
             dst = best.rank if best is not None else None
         if type(dst) is not int or not any(w.rank == dst for w in self.front.live()):
             self.front.error(req, InvalidRequest(f"worker {dst!r} is not a live worker: live are "
-                                            f"{[w.rank for w in self.front.live()]}"))
+                                                 f"{[w.rank for w in self.front.live()]}"))
             return
         if dst == rank:
             self.front.reply(req, {"worker": rank, "moved": False, "seconds": 0.0, "bytes": 0})
@@ -146,8 +146,7 @@ class Moves:
             m.bytes = m.bytes or int(fields.get("bytes") or 0)
         elif op == "imported" and m.model_id is not None:
             self._tell(m.src, {"op": "keep", "mig": m.mig})
-            self.front.relay(self.front.workers[m.dst], m.req, {"principal": self.front.router.principal(m.req.client_id) or "",
-                                                     "held_elsewhere": m.model_id})
+            self.front.relay(self.front.workers[m.dst], m.req, dict(self.front.meta_of(m.req), held_elsewhere=m.model_id))
             self._end()
         elif op == "imported":
             m.bytes = int(fields.get("bytes") or m.bytes)
@@ -155,7 +154,7 @@ class Moves:
             self._tell(m.src, {"op": "drop", "mig": m.mig})
             if m.req is not None:
                 self.front.reply(m.req, {"worker": m.dst, "moved": True, "seconds": time.perf_counter() - m.t0,
-                                    "bytes": m.bytes})
+                                         "bytes": m.bytes})
             log.info("session %s moved from worker %d to %d (%.1f MB)", m.sid[:8], m.src, m.dst, m.bytes / 1e6)
             self._end()
         elif op == "migrate_failed":
@@ -167,7 +166,7 @@ class Moves:
             self._tell(m.src, {"op": "keep", "mig": m.mig})
         if m.model_id is not None:  # no copy: the session's own worker answers the attach_model
             if self.front.workers[m.dst].alive:
-                self.front.relay(self.front.workers[m.dst], m.req, {"principal": self.front.router.principal(m.req.client_id) or ""})
+                self.front.relay(self.front.workers[m.dst], m.req, self.front.meta_of(m.req))
             self._end()
             return
         err = {"SessionNotFound": SessionNotFound}.get(code, InvalidRequest)

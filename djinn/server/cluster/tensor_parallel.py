@@ -210,6 +210,7 @@ def generate(engine, s, entry, input_ids: torch.Tensor, kwargs: dict, seed: int 
     row-wise all-reduce), so each worker adds the same vector and records the same values."""
     from ...protocol.errors import OutOfMemory
     from ..execution import executor
+    from ..execution.fastpath import why_eager
     from ..execution.kv_pools import pool_for
     from ..execution.rng import Stream
     from ..sessions import KVState
@@ -255,7 +256,7 @@ def generate(engine, s, entry, input_ids: torch.Tensor, kwargs: dict, seed: int 
     records: dict[int, list] | None = {k: [] for k in record} if record else None
     before, fed = state.ids, state.table.length
     try:
-        why = _why_eager(engine, entry, input_ids, kwargs, prompt)
+        why = why_eager(engine.cfg, dev, entry.module, input_ids, kwargs, prompt)
         if why is None:
             out = _fast(engine, entry, state, input_ids.to(dev), kwargs, seed, new, steer, records, on_tokens)
         else:
@@ -283,12 +284,9 @@ def cancel(engine, s, rid: object, keep: int) -> dict:
     if state is None or state.ids is not last.after:
         return {"cancelled": False, "kept": 0}
     kept = min(keep, len(last.new))
+    state.ids, state.table.length = last.before, last.fed
     if kept:
-        tail = torch.tensor([last.new[:kept]], dtype=torch.long, device=last.before.device)
-        state.ids = torch.cat([last.before, last.inputs, tail], dim=1)
-        state.table.length = int(state.ids.shape[1]) - 1  # the call fed all but its last token
-    else:
-        state.ids, state.table.length = last.before, last.fed
+        state.keep(last.inputs, last.new[:kept])
     engine.data.pools[last.model_id].trim(state.table, s.max_kv_tokens or 0)
     engine.data.sync(s)
     return {"cancelled": True, "kept": kept}
@@ -302,21 +300,6 @@ def agree(ok: bool, tp: int, device: torch.device) -> bool:
     flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=None if tp == dist.get_world_size() else _GROUPS[tp])
     return bool(flag.item())
-
-
-def _why_eager(engine, entry, input_ids: torch.Tensor, kwargs: dict, prompt: int) -> str | None:
-    """None when a tensor-parallel generate decodes in the batched step (Note [Tensor-parallel
-    decode]), else why it runs Hugging Face's generate: what the fast path does not do, or a device
-    where it is off."""
-    from ..execution import executor
-    from ..execution.fastpath import config_unsupported, unsupported
-
-    cfg = engine.cfg
-    if cfg.fast_decode == "off" or (cfg.fast_decode == "auto" and engine.device.type != "cuda"):
-        return f"fast_decode={cfg.fast_decode} on {engine.device.type}"
-    total = prompt + executor.new_tokens(entry.module, prompt, kwargs)
-    why = unsupported(entry.module, int(input_ids.shape[0]), kwargs, total, cfg.fast_decode_max_len)
-    return why or config_unsupported(executor.effective_kwargs(entry.module, kwargs), kwargs)
 
 
 def _fast(engine, entry, state, input_ids: torch.Tensor, kwargs: dict, seed: int | None, new: int,

@@ -175,6 +175,23 @@ def config_unsupported(effective: dict, kwargs: dict) -> str | None:
     return None
 
 
+def why_eager(cfg, device: torch.device, module: torch.nn.Module, input_ids: torch.Tensor, kwargs: dict,
+              prompt: int, deterministic: bool = False) -> str | None:
+    """None if a generate of `input_ids` over a `prompt`-token context takes the fast path on this
+    server, else why not: the server's fast_decode setting, deterministic=True, what the step does
+    not do for this model and these arguments, or the model's generation_config."""
+    from . import executor
+
+    mode = cfg.fast_decode
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return f"fast_decode={mode} on {device.type}"
+    if deterministic:
+        return "deterministic=True"
+    total = prompt + executor.new_tokens(module, prompt, kwargs)
+    why = unsupported(module, int(input_ids.shape[0]), kwargs, total, cfg.fast_decode_max_len)
+    return why or config_unsupported(executor.effective_kwargs(module, kwargs), kwargs)
+
+
 _model_why: "weakref.WeakKeyDictionary[torch.nn.Module, str | None]" = weakref.WeakKeyDictionary()
 
 

@@ -49,6 +49,8 @@ CPU_POOL_BYTES = 2 * GIB
 def cpu_pool_bytes(cfg) -> int:
     """A model's KV pool on the CPU: the data budget, else a fixed 2 GiB (nothing is measured there)."""
     return int(cfg.data_budget_gb * GIB) if cfg.data_budget_gb is not None else CPU_POOL_BYTES
+
+
 #: Rows a batched decode step holds at most, whatever its workspace allows.
 MAX_DECODE_ROWS = 64
 #: The batched decode step's workspace budget when fast_decode_max_batch is not set.

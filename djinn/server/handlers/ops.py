@@ -37,7 +37,7 @@ from ..cluster import tensor_parallel
 from ..dispatch import Job
 from ..execution import executor, steering, validate
 from ..execution.fast_task import FastTask, pool_for
-from ..execution.fastpath import STEP, config_unsupported, unsupported
+from ..execution.fastpath import STEP, why_eager
 from ..execution.kv_pools import pool_for as kv_pool_for
 from ..execution.rng import Stream
 from ..models import streaming
@@ -257,9 +257,7 @@ def generate_job(engine, client_id, rid, s, entry, input_ids, kwargs: dict, seed
         got = emitted[:keep]
         if state is None or not use_kv or batch != 1 or not got:
             return 0
-        tail = torch.tensor([got], dtype=torch.long, device=state.ids.device)
-        state.ids = torch.cat([state.ids, input_ids.to(state.ids.device), tail], dim=1)
-        state.table.length = int(state.ids.shape[1]) - 1  # the call fed all but its last token
+        state.keep(input_ids, got)
         return len(got)
 
     def finish(out: torch.Tensor) -> dict:
@@ -321,18 +319,11 @@ def _why_eager(engine, entry, s, input_ids, kwargs: dict, deterministic, use_kv:
     """None if this generate takes the decode fast path (fastpath.py), else why it does not."""
     if not isinstance(deterministic, bool):
         raise InvalidRequest(f"deterministic must be true or false, got {deterministic!r}")
-    mode = engine.cfg.fast_decode
-    if mode == "off" or (mode == "auto" and engine.device.type != "cuda"):
-        return f"fast_decode={mode} on {engine.device.type}"
-    if deterministic:
-        return "deterministic=True"
     if use_kv:
         held = s.kv.get(entry.model_id)
         seen = int(held.ids.shape[1]) if held is not None else 0
-    prompt = seen + int(input_ids.shape[1])
-    total = prompt + executor.new_tokens(entry.module, prompt, kwargs)
-    why = unsupported(entry.module, int(input_ids.shape[0]), kwargs, total, engine.cfg.fast_decode_max_len)
-    return why or config_unsupported(executor.effective_kwargs(entry.module, kwargs), kwargs)
+    return why_eager(engine.cfg, engine.device, entry.module, input_ids, kwargs, seen + int(input_ids.shape[1]),
+                     deterministic)
 
 
 @op
