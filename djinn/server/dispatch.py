@@ -113,6 +113,16 @@ class Job:
 
 
 @dataclass(frozen=True)
+class Then:
+    """A job's reply that is one more piece of work on the engine thread, done once the job has ended
+    (its blocks released or handed back, its session free of it): `fn()` returns the reply, or a Job
+    that answers the same request (Note [The head of a run] in handlers/run_ops.py). The engine runs it
+    as it runs an op, so its errors reach the client as the request's."""
+
+    fn: Callable[[], Any]
+
+
+@dataclass(frozen=True)
 class Answer:
     """A reply the engine sends for the dispatcher: `result`, or `error` (a DjinnError as it is, any other
     exception as the engine types it, with its traceback). `served`: answered without reaching the

@@ -39,7 +39,7 @@ from ..vmu.data import GIB, DataSegment
 from ..vmu.text import TextSegment
 from ..vmu.uploads import Uploads
 from .cluster import migrate
-from .dispatch import CONTROL_OPS, Answer, Dispatcher, Job, Quotas
+from .dispatch import CONTROL_OPS, Answer, Dispatcher, Job, Quotas, Then
 from .execution.kv_pools import cpu_pool_bytes
 from .execution.runs import RunTable
 from .handlers import checkpoint, fork, graph_ops, init_ops, model_ops, ops, run_ops
@@ -217,12 +217,26 @@ class Engine(threading.Thread):
         for a in answers:
             if a.served:
                 self.requests_served += 1
-            if a.error is None:
+            if a.error is None and isinstance(a.result, Then):
+                self._then(a.req, a.result)
+            elif a.error is None:
                 self.reply(a.req, a.result)
             else:
                 self.reply_exception(a.req, a.error, a.traceback)
         while (req := self.dispatch.next_deferred()) is not None:
             self.serve(req, in_order=True)
+
+    def _then(self, req: Request, then: Then) -> None:
+        """A job's continuation (dispatch.Then): run like an op, its Job submitted, its reply sent."""
+        try:
+            result = then.fn()
+        except Exception as e:
+            self.reply_exception(req, e, traceback.format_exc())
+            return
+        if isinstance(result, Job):
+            self.dispatch.submit(result, req)
+        else:
+            self.reply(req, result)
 
     def _publish_metrics(self) -> None:
         seg = self.data.acct.segments()

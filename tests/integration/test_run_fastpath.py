@@ -172,7 +172,7 @@ def test_the_steps_after_the_last_stop_take_the_fast_path(fast_server):
         assert run.resume() is None and run.state == "finished"
         assert torch.equal(run.output, plain) and run.output.shape[1] == ids.shape[1] + T
         d = _decode(conn, s)
-        assert (d["fast"], d["eager"]) == (2, 0), d  # the plain generate's and the run's tail
+        assert (d["fast"], d["eager"]) == (3, 0), d  # the plain generate's, the run's head and tail
         assert set(run.timing) >= {"server_us", "compute_us", "handoff_us", "edits_us"}
         with pytest.raises(djinn.InvalidRequest, match="has ended: finished"):
             s.call("resume", {"run": run.run_id})
@@ -199,15 +199,15 @@ def test_a_fork_of_a_paused_run_with_a_tail_and_cancel_release_every_block(fast_
         assert stop.step == 2
         child = stop.fork()
         assert child.resume() is None and torch.equal(child.output, ref)
-        assert _decode(conn, s)["fast"] == 1  # the fork's tail
+        assert _decode(conn, s)["fast"] == 2  # the run's head (Note [The head of a run]) and the fork's tail
         assert run.resume() is None and torch.equal(run.output, ref)
-        assert _decode(conn, s)["fast"] == 2
+        assert _decode(conn, s)["fast"] == 3
         assert _blocks_held(conn) == 0
         run = s.start(rm, ids, method="generate", max_new_tokens=T, do_sample=False, breakpoints=[Breakpoint(layer=0, step=1)])
         assert run.wait(60).step == 1
         assert _blocks_held(conn) > 0
         run.cancel()
-        assert _blocks_held(conn) == 0 and _decode(conn, s)["fast"] == 2
+        assert _blocks_held(conn) == 0 and _decode(conn, s)["fast"] == 4
     finally:
         conn.close()
 
@@ -225,14 +225,14 @@ def test_a_run_whose_eos_comes_before_its_stop_finishes(fast_server):
                       breakpoints=[Breakpoint(layer=0, step=4)])
         assert run.wait(60) is None and run.state == "finished"
         assert torch.equal(run.output, ref[:, :ids.shape[1] + 2])
-        assert _decode(conn, s) == {**_decode(conn, s), "fast": 0}
+        assert _decode(conn, s)["fast"] == 1  # its head ended it
         assert _blocks_held(conn) == 0
         # eos exactly at the last stop's token: the run ends there, no tail
         eos = int(ref[0, ids.shape[1] + 2])
         run = s.start(rm, ids, method="generate", max_new_tokens=T, do_sample=False, eos_token_id=eos, pad_token_id=0,
                       breakpoints=[Breakpoint(layer=0, step=2)])
         assert run.wait(60).step == 2 and run.resume() is None
-        assert torch.equal(run.output, ref[:, :ids.shape[1] + 3]) and _decode(conn, s)["fast"] == 0
+        assert torch.equal(run.output, ref[:, :ids.shape[1] + 3]) and _decode(conn, s)["fast"] == 2  # a head
         assert _blocks_held(conn) == 0
         # eos in the tail: the tail job ends there, as the whole generate would
         eos = int(ref[0, ids.shape[1] + 6])
@@ -240,7 +240,7 @@ def test_a_run_whose_eos_comes_before_its_stop_finishes(fast_server):
                       breakpoints=[Breakpoint(layer=0, step=1)])
         assert run.wait(60).step == 1 and run.resume() is None
         end = ids.shape[1] + 1 + next(k for k in range(T) if int(ref[0, ids.shape[1] + k]) == eos)
-        assert torch.equal(run.output, ref[:, :end]) and _decode(conn, s)["fast"] == 1
+        assert torch.equal(run.output, ref[:, :end]) and _decode(conn, s)["fast"] == 4  # a head and a tail
         assert _blocks_held(conn) == 0
     finally:
         conn.close()
@@ -277,9 +277,9 @@ def test_a_tail_after_the_prefill_and_after_several_stops(fast_server):
         assert _decode(conn, s)["fast"] == 1
         run = s.start(rm, ids, method="generate", max_new_tokens=T, do_sample=False,
                       breakpoints=[Breakpoint(layer=0, step=1), Breakpoint(layer=1, step=3)])
-        assert run.wait(60).step == 1 and _decode(conn, s)["fast"] == 1
-        assert run.resume().step == 3 and _decode(conn, s)["fast"] == 1
-        assert run.resume() is None and torch.equal(run.output, ref) and _decode(conn, s)["fast"] == 2
+        assert run.wait(60).step == 1 and _decode(conn, s)["fast"] == 2  # its head: the prefill
+        assert run.resume().step == 3 and _decode(conn, s)["fast"] == 2
+        assert run.resume() is None and torch.equal(run.output, ref) and _decode(conn, s)["fast"] == 3
         eos = int(ref[0, ids.shape[1] + 2])  # banned by min_new_tokens: the generate goes on past it
         want = rm.generate(ids, max_new_tokens=T, min_new_tokens=T, do_sample=False, eos_token_id=eos, pad_token_id=0)
         run = s.start(rm, ids, method="generate", max_new_tokens=T, min_new_tokens=T, do_sample=False, eos_token_id=eos,
@@ -308,3 +308,84 @@ def test_closing_the_session_during_a_runs_tail_fails_it_and_frees_its_blocks(co
         with pytest.raises(djinn.SessionNotFound):
             resumed.result(60)
     assert wait_for(lambda: _blocks_held(conn) == held, 10)
+
+
+# -- Note [The head of a run]: the steps before a run's first possible stop are a generate job -----------
+def test_the_steps_before_the_first_stop_take_the_fast_path_and_an_edit_there_acts_as_eagerly(fast_server):
+    """A stop at step 4: steps 0-3 are one fast generate (counted before the stop is answered), the
+    stop sees the activation the all-eager run sees (within the fast path's rounding on the CPU), and
+    an edit there gives the all-eager run's tokens with the same edit."""
+    model = tiny_llama(seed=31).eval()
+    conn = Connection(fast_server.address, secret=None)
+    try:
+        s = conn.session()
+        rm = RemoteModel.from_module(s, model)
+        ids = _prompt(13)
+        steer = torch.randn(64, generator=torch.Generator().manual_seed(3)) * 8
+        outs, acts = [], []
+        for deterministic in (True, False):
+            run = s.start(rm, ids, method="generate", max_new_tokens=T, do_sample=False, deterministic=deterministic,
+                          breakpoints=[Breakpoint(layer=1, step=4)])
+            stop = run.wait(60)
+            assert (stop.step, stop.hit, stop.path) == (4, 0, "model.layers.1")
+            acts.append(stop.activation.cpu())
+            if not deterministic:
+                d = _decode(conn, s)
+                assert (d["fast"], d["eager"]) == (1, 0), d  # the head, before the stop was answered
+            stop.activation[:, -1] += steer
+            assert run.resume() is None and run.state == "finished"
+            outs.append(run.output)
+        assert acts[1].shape == acts[0].shape == (1, 1, 64)
+        torch.testing.assert_close(acts[1], acts[0], rtol=1e-4, atol=1e-5)
+        assert torch.equal(outs[1], outs[0]) and outs[0].shape[1] == ids.shape[1] + T
+        assert not torch.equal(outs[0], _local(model, ids, T))  # the edit did something
+        assert torch.equal(outs[0][:, :ids.shape[1] + 4], _local(model, ids, T)[:, :ids.shape[1] + 4])  # steps 0-3 made these
+        assert _decode(conn, s)["fast"] == 2 and _blocks_held(conn) == 0  # and the tail
+    finally:
+        conn.close()
+
+
+def test_a_fork_of_a_stop_after_a_head_forks_from_its_kv(tmp_path):
+    """Forks re-executed from the prompt (run_fork_from_kv: false, the CUDA default) would redo the
+    head's steps eagerly, with another random stream than the fast head's: a fork of a run that
+    started after a head forks from the KV, so a seeded sampled fork continues as its parent does."""
+    from ..conftest import ServerProcess
+
+    cfg = tmp_path / "server.yaml"
+    cfg.write_text("run_fork_from_kv: false\nfast_decode: 'on'\nfast_decode_max_batch: 8\nfast_decode_max_len: 256\n")
+    srv = ServerProcess("--config", str(cfg))
+    conn = Connection(srv.address, secret=None)
+    try:
+        s = conn.session()
+        rm = RemoteModel.from_module(s, tiny_llama(seed=32).eval())
+        ids = _prompt(14)
+        kw = dict(max_new_tokens=T, do_sample=True, temperature=0.9, top_k=20)
+        run = s.start(rm, ids, method="generate", seed=11, breakpoints=[Breakpoint(layer=0, step=3)], **kw)
+        stop = run.wait(60)
+        assert stop.step == 3 and _decode(conn, s)["fast"] == 1
+        child = stop.fork()
+        assert child.resume() is None and run.resume() is None
+        assert torch.equal(child.output, run.output)
+        again = s.start(rm, ids, method="generate", seed=11, breakpoints=[Breakpoint(layer=0, step=3)], **kw)
+        assert again.wait(60).step == 3 and again.resume() is None
+        assert torch.equal(again.output, run.output)  # seeded: reproducible on one server
+        assert _blocks_held(conn) == 0
+    finally:
+        conn.close()
+        srv.stop()
+
+
+def test_closing_the_session_during_a_runs_head_fails_it_and_frees_its_blocks(fast_server):
+    conn = Connection(fast_server.address, secret=None)
+    try:
+        s = conn.session()
+        rm = RemoteModel.from_module(s, tiny_llama(seed=33).eval())
+        run = s.start(rm, _prompt(15), method="generate", max_new_tokens=240, do_sample=False,
+                      breakpoints=[Breakpoint(layer=0, step=230)])
+        wait_for(lambda: ((conn.stats()["sessions"][s.sid]["job"] or {}).get("steps", 0) > 3), 30)
+        s.close()
+        with pytest.raises(djinn.SessionNotFound):
+            run.wait(60)
+        assert _blocks_held(conn) == 0
+    finally:
+        conn.close()

@@ -239,7 +239,10 @@ class Run:
         marks = self.marks[:k - first + 1]
         if any(m.fed is None for m in marks):
             return None
-        before = [self.resume_from.ids] if self.resume_from is not None else []
+        # A run that started at a step (a fork, a head's run) fed the tail of its ResumePoint's ids first:
+        # those ids up to that tail came before its first call.
+        r = self.resume_from
+        before = [r.ids[:, :r.ids.shape[1] - marks[0].fed.shape[1]]] if r is not None else []
         ids = torch.cat(before + [m.fed for m in marks], dim=1)
         if table.length < ids.shape[1] - 1:
             return None

@@ -22,7 +22,7 @@ from ...protocol.tensors import dtype_name
 from ..principals import Ledger, Resource
 from ..sessions import Session, SessionState
 from . import edits
-from .breakpoints import BreakpointSpec, Call, LoggedEdit, Replay, Run, RunState
+from .breakpoints import BreakpointSpec, Call, LoggedEdit, Replay, ResumePoint, Run, RunState
 
 log = logging.getLogger("djinn.runs")
 
@@ -39,13 +39,18 @@ class RunTable:
         return iter(list(self._runs.values()))
 
     # -- lifecycle ---------------------------------------------------------------------------------
-    def start(self, s: Session, model_id: str, call: Call, specs: list[BreakpointSpec]) -> Run:
-        run = Run(s.new_id(12), s, model_id, call, specs)
-        self._add(run)
+    def start(self, s: Session, model_id: str, call: Call, specs: list[BreakpointSpec],
+              resume_from: ResumePoint | None = None) -> Run:
+        """`resume_from`: the run starts at that step over that table, which it owns from here on
+        (Note [The head of a run] in server/handlers/run_ops.py)."""
+        run = Run(s.new_id(12), s, model_id, call, specs, resume_from=resume_from)
         try:
+            self._add(run)
             run.start()
-        except BaseException:  # its hooks did not register or no thread could start: it never ran
+        except BaseException:  # refused, or its hooks did not register or no thread could start: it never ran
             self._remove(run)
+            if resume_from is not None and "wake" not in run.timing:
+                resume_from.pool.release(resume_from.table)
             raise
         self._settle(run)
         return run
@@ -70,6 +75,9 @@ class RunTable:
         block here."""
         stop = parent.stop
         log_copy = {hit: list(es) for hit, es in parent.log.items()}
+        # A run that started from a head's KV (Note [The head of a run]) forks from its KV: re-executed
+        # from the prompt, its first steps would be eager ones, not the head's.
+        from_kv = from_kv or parent.resume_from is not None
         child = Run(parent.session.new_id(12), parent.session, parent.model_id, parent.call, parent.specs,
                     Replay(log_copy, stop.hit, parent.rng0, stop.spec, stop.step),
                     resume_from=parent.resume_point() if from_kv else None, snapshot=parent.snapshot())

@@ -157,15 +157,17 @@ def generate_job(engine, client_id, rid, s, entry, input_ids, kwargs: dict, seed
                  stream: bool = False, steer: dict | None = None, record: list | None = None,
                  deterministic: Any = False, prefix: bool = True, what: str = "generate",
                  reply: Callable[[dict], dict] | None = None, kv: KVState | None = None,
-                 rng: Stream | None = None) -> Job:
+                 rng: Stream | None = None, hand_back: bool = False) -> Job:
     """The dispatcher job of a generate whose arguments were checked (executor.check_generate, steering,
     check_prefill): its quota check, its KV admission, and its path (the decode fast path where
-    `_why_eager` allows). A plain generate's, and a generate run's that can never stop (Note [A run
+    `why_eager_of` allows). A plain generate's, and a generate run's that can never stop (Note [A run
     that cannot stop is a generate] in run_ops.py): `prefix=False` takes and publishes no cached prompt
     blocks; `reply` turns the generate's result ({sequences, records?}) into the request's reply.
     `kv`: a table this job continues and owns (the tail of a run, Note [The tail of a run] in
     run_ops.py): `input_ids` follow its ids, and its blocks go back exactly once, when the job ends or
-    is dropped (its caller, if this raises). `rng`: the eager path's stream, instead of `seed`'s."""
+    is dropped (its caller, if this raises); with `hand_back`, a job that ended well leaves it to the
+    caller instead, its length the positions it wrote (the head of a run, Note [The head of a run]).
+    `rng`: the eager path's stream, instead of `seed`'s."""
     record = record or []
     records: dict[int, list] | None = {k: [] for k in record} if record else None
     emitted: list[int] = []  # tokens streamed to the client so far (Note [Cancel] in dispatch.py)
@@ -243,7 +245,7 @@ def generate_job(engine, client_id, rid, s, entry, input_ids, kwargs: dict, seed
         state = box.pop("state", None)
         if state is None:
             state = owned.pop("kv", None)
-        if state is None:
+        if state is None or (hand_back and box.get("ended")):
             return
         if prefix and batch == 1:  # the prompt's full blocks, for later prompts to share
             kv_pool.publish(state.table, _prompt_ids(state, input_ids, False), prompt)
@@ -263,6 +265,7 @@ def generate_job(engine, client_id, rid, s, entry, input_ids, kwargs: dict, seed
     def finish(out: torch.Tensor) -> dict:
         """The reply: the sequences, and each recorded layer's outputs as session tensors, in the order asked."""
         result = {"sequences": out.cpu()}
+        box["ended"] = True
         if records is not None:
             result["records"] = pack_outputs(s, [torch.cat(records[k]) for k in record])
         return result if reply is None else reply(result)
@@ -274,7 +277,7 @@ def generate_job(engine, client_id, rid, s, entry, input_ids, kwargs: dict, seed
                                 continues=use_kv or kv is not None, steer=steer, record=records)
         return finish(out)
 
-    why = _why_eager(engine, entry, s, input_ids, kwargs, deterministic, use_kv, seen)
+    why = why_eager_of(engine, entry, s, input_ids, kwargs, deterministic, use_kv, seen)
     if why is None:
         try:
             pool = pool_for(engine, entry)
@@ -315,7 +318,7 @@ def _prompt_ids(state, input_ids: torch.Tensor, continues: bool) -> list[int]:
     return ids[0].tolist()
 
 
-def _why_eager(engine, entry, s, input_ids, kwargs: dict, deterministic, use_kv: bool, seen: int = 0) -> str | None:
+def why_eager_of(engine, entry, s, input_ids, kwargs: dict, deterministic, use_kv: bool, seen: int = 0) -> str | None:
     """None if this generate takes the decode fast path (fastpath.py), else why it does not."""
     if not isinstance(deterministic, bool):
         raise InvalidRequest(f"deterministic must be true or false, got {deterministic!r}")

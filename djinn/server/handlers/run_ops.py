@@ -10,7 +10,7 @@ Note [A run that cannot stop is a generate]
     module gets no hook. A generate run left with no spec that can fire (none given, or all dropped;
     a spec with step=None fires in every call) is not a Run at all: `start` makes it the dispatcher
     job a plain stateless generate would be (`ops.generate_job`): the decode fast path where
-    `_why_eager` allows, batched with other sessions' rows, else eager HF generate stepped one decode
+    `why_eager_of` allows, batched with other sessions' rows, else eager HF generate stepped one decode
     step per engine turn among the other jobs. So the engine never blocks on it (an inline run ran
     its whole generate on the engine thread) and it costs what the generate costs. The start is
     answered when the job ends, with the reply a run that never paused gets: `{run, state:
@@ -34,7 +34,7 @@ Note [The tail of a run]
     keeps its scratch KV (`Run.kept`) instead of releasing it, and the start or resume that ended the
     eager part becomes the job of the tail (`_tail_job`, `ops.generate_job(kv=...)`): the remaining
     tokens over the same block table and token ids, as a session's generate continues its KV, on the
-    path a plain generate takes (the fast path where `_why_eager` allows, batched with other
+    path a plain generate takes (the fast path where `why_eager_of` allows, batched with other
     sessions), answered when it ends with the run's reply (state finished, the whole sequence). The
     run itself is finished and tombstoned when its eager part ends: a resume or cancel_run waits
     behind the job (Note [Per-session order]) and is then told it ended; stats count the tail in the
@@ -51,6 +51,25 @@ Note [The tail of a run]
     bitwise the eager run on a CPU server, tested); on the fast path from a generator seeded from that
     stream, reproducible for a seed on one server but not the eager tokens (deterministic=True keeps
     those).
+
+Note [The head of a run]
+    Symmetrically, the steps before a generate run's first possible stop (the smallest `step` of its
+    specs, when it is 1 or more and the run could be cut for a tail: `_in_steps`) cannot stop either.
+    Where the fast path takes the run's generate, `start` makes them a generate job (`_head_job`):
+    max_new_tokens = first step, over a scratch table the job hands back when it ends well
+    (`generate_job(hand_back=True)`), batched with the other sessions' rows. The job's reply is a
+    `dispatch.Then`: once the job has ended, the engine starts the run from that table at its first
+    stop's step (`RunTable.start(resume_from=ResumePoint(...))`, the way a fork starts from its
+    parent's KV) and answers the start with the run's reply (or its tail's job). A head that ends
+    the generate (eos) answers as a run that never stopped. So a stop at step 200 costs 200 batched
+    steps, not 200 eager ones. Forks of such a run fork from its KV even where forks re-execute
+    (`run_fork_from_kv: false`): re-executed from the prompt, their first steps would be eager ones.
+    The head's blocks go back once: by its job if it fails or is dropped (a closed session), by the
+    run thread or the tail after. Tokens: greedy, the eager run's (on a GPU the step at the stop is
+    the first forward of a new generate call, as for a tail); sampled, the head draws from a
+    generator seeded from the call's seed (reproducible on one server, not the eager stream; a
+    deterministic=True run is eager throughout). Not taken: a spec with step=None (it can stop in
+    every step) and what `_in_steps` excludes.
 """
 from __future__ import annotations
 
@@ -61,13 +80,14 @@ import torch
 from ...protocol.errors import InvalidRequest
 from .. import quotas
 from ..execution import executor
-from ..execution.breakpoints import Call, generate_calls, parse_breakpoints, reachable
+from ..dispatch import Then
+from ..execution.breakpoints import Call, ResumePoint, eos_ids, generate_calls, parse_breakpoints, reachable
 from ..execution.graph_runs import GraphModule
 from ..execution.kv_pools import pool_for as kv_pool_for
 from ..execution.validate import check_forward, check_generate
 from .args import check_prefill, model_of, require_module, seed_of
 from .graph_ops import graph_call
-from .ops import generate_job
+from .ops import generate_job, why_eager_of
 from .registry import op
 from .values import unpack_inputs
 
@@ -131,22 +151,64 @@ def start(engine, client_id, rid, args):
                          f"{grown} bytes of KV for {tokens} tokens x batch {int(ids.shape[0])}"
                          + (f", {cross} bytes of cross-attention KV" if cross else ""))
     full = None
-    if method == "generate" and not deterministic:  # Note [The tail of a run]
-        call_kwargs, full = _cut_at_last_stop(entry.module, ids, prompt, call_kwargs, specs)
+    steps = method == "generate" and not deterministic and _in_steps(entry.module, ids, call_kwargs, specs)
+    if steps:  # Note [The tail of a run]
+        call_kwargs, full = _cut_at_last_stop(entry.module, prompt, call_kwargs, specs)
     call = Call(entry.module, method, call_args, call_kwargs, seed, engine.device, kv_pool, full)
     held = set(s.tensors)
+    first = min(b.step for b in specs) if steps else 0
+    if first >= 1 and why_eager_of(engine, entry, s, ids, call_kwargs, False, False) is None:
+        return _head_job(engine, client_id, rid, s, entry, call, specs, first, held, t0)
     run = engine.runs.start(s, entry.model_id, call, specs)
     return _answer(engine, client_id, rid, s, run, held, t0, None, "start")
 
 
-def _cut_at_last_stop(module, ids, prompt: int, kwargs: dict, specs) -> tuple[dict, dict | None]:
+def _in_steps(module, ids, kwargs: dict, specs) -> bool:
+    """Whether a generate run can be cut into steps where no stop can fire (a head before its first
+    possible stop, a tail after its last): every spec names its step, one sequence, no beams, no
+    mask (a continued generate takes none), a decoder-only model."""
+    if any(b.step is None for b in specs) or int(ids.shape[0]) != 1 or executor.is_encoder_decoder(module):
+        return False
+    eff = executor.effective_kwargs(module, kwargs)
+    return "attention_mask" not in kwargs and (eff.get("num_beams") or 1) == 1 \
+        and (eff.get("num_return_sequences") or 1) == 1
+
+
+def _head_job(engine, client_id, rid, s, entry, call: Call, specs, first: int, held: set, t0: float):
+    """Note [The head of a run]: steps 0 .. first - 1 as a generate job over a scratch table, and then
+    (dispatch.Then) the run, from that table at step `first`."""
+    from ..sessions import KVState
+
+    ids = call.args[0]
+    kwargs = {k: v for k, v in call.kwargs.items() if k != "max_length"}
+    kwargs["max_new_tokens"] = first  # step k makes the (k+1)-th token: the head's steps make `first`
+    if kwargs.get("min_new_tokens"):
+        kwargs["min_new_tokens"] = min(int(kwargs["min_new_tokens"]), first)
+    state = KVState.empty(call.kv_pool, executor.empty_ids(ids))
+    prompt = int(ids.shape[1])
+
+    def then(result: dict):
+        seq = result["sequences"].to(ids.device)
+        table = state.table
+        done = int(seq.shape[1]) - prompt
+        if done < first or int(seq[0, -1]) in eos_ids(call.module, call.kwargs):  # it ended before any stop
+            call.kv_pool.release(table)
+            return _finished_without_stop(engine, s, s.new_id(12), seq.cpu(), t0, job)
+        assert table.length >= seq.shape[1] - 1, (table.length, seq.shape)
+        table.length = int(seq.shape[1]) - 1  # step `first`'s input is fed by the run
+        run = engine.runs.start(s, entry.model_id, call, specs, ResumePoint(call.kv_pool, table, seq, first, 0, None))
+        return _answer(engine, client_id, rid, s, run, held, t0, None, "start")
+
+    job = generate_job(engine, client_id, rid, s, entry, ids, kwargs, call.seed, use_kv=False, prefix=False,
+                       what="a generate run", reply=lambda result: Then(lambda: then(result)), kv=state,
+                       hand_back=True)
+    job.op = "start"
+    return job
+
+
+def _cut_at_last_stop(module, prompt: int, kwargs: dict, specs) -> tuple[dict, dict | None]:
     """Note [The tail of a run]: the kwargs that end the run's generate right after its last possible
     stop, and its own (None, kwargs unchanged: no tail, the run is eager to its end)."""
-    if any(b.step is None for b in specs) or int(ids.shape[0]) != 1 or executor.is_encoder_decoder(module):
-        return kwargs, None
-    eff = executor.effective_kwargs(module, kwargs)
-    if "attention_mask" in kwargs or (eff.get("num_beams") or 1) > 1 or (eff.get("num_return_sequences") or 1) > 1:
-        return kwargs, None
     last = max(b.step for b in specs)
     if last + 1 >= executor.new_tokens(module, prompt, kwargs):
         return kwargs, None
@@ -214,6 +276,16 @@ def _generator(state: torch.Tensor) -> torch.Generator:
     return g
 
 
+def _finished_without_stop(engine, s, run_id: str, sequences: torch.Tensor, t0: float, job) -> dict:
+    """The reply of a run whose generate ended as a job, without a stop: finished, tombstoned."""
+    engine.runs.tombstone(s, run_id, "finished")
+    now = time.perf_counter()
+    compute = time.monotonic() - job.t_start if job is not None and job.t_start is not None else 0.0
+    return {"run": run_id, "state": "finished", "output": sequences,
+            "timing": {"server_us": round((now - t0) * 1e6, 1), "edits_us": 0.0, "handoff_us": 0.0,
+                       "compute_us": round(compute * 1e6, 1)}}
+
+
 def _generate_job(engine, client_id, rid, s, entry, ids, kwargs: dict, seed: int | None, deterministic: bool,
                   t0: float):
     """Note [A run that cannot stop is a generate]: the job, answered as a run that ended without a stop."""
@@ -221,12 +293,7 @@ def _generate_job(engine, client_id, rid, s, entry, ids, kwargs: dict, seed: int
     job = None
 
     def reply(result: dict) -> dict:
-        engine.runs.tombstone(s, run_id, "finished")
-        now = time.perf_counter()
-        compute = time.monotonic() - job.t_start if job is not None and job.t_start is not None else 0.0
-        return {"run": run_id, "state": "finished", "output": result["sequences"],
-                "timing": {"server_us": round((now - t0) * 1e6, 1), "edits_us": 0.0, "handoff_us": 0.0,
-                           "compute_us": round(compute * 1e6, 1)}}
+        return _finished_without_stop(engine, s, run_id, result["sequences"], t0, job)
 
     job = generate_job(engine, client_id, rid, s, entry, ids, kwargs, seed, use_kv=False, prefix=False,
                        deterministic=deterministic, what="a generate run", reply=reply)
