@@ -259,6 +259,33 @@ def exp_recompute(s, rm, ids, layer: int, hidden: int, rounds: int, new_tokens: 
     }
 
 
+def exp_late_stop(s, rm, ids, layer: int, new_tokens: int, reps: int) -> dict:
+    """A stop late in a generate (step new_tokens - 2): the steps before it as one batched fast generate
+    (Note [The head of a run]) against the same run kept eager (deterministic=True), in the same job:
+    the time to the stop, whether the two stops see the same activation, and their tokens after. On a
+    server without the fast path (a CPU one) both are eager."""
+    step = new_tokens - 2
+    bps = [Breakpoint(layer=layer, step=step)]
+    out: dict = {"step": step}
+    for label, det in (("eager", True), ("head", False)):
+        ms, act, tokens = [], None, None
+        for _ in range(reps + 1):  # the first is a warm-up
+            t = time.perf_counter()
+            run = s.start(rm, ids, method="generate", max_new_tokens=new_tokens, deterministic=det, breakpoints=bps)
+            stop = run.wait()
+            ms.append((time.perf_counter() - t) * 1e3)
+            act = stop.activation[0, -1].cpu().float()
+            assert run.resume() is None
+            tokens = run.output
+        out[f"{label}_to_stop_ms"] = summary(ms[1:])
+        out[f"{label}_activation"], out[f"{label}_tokens"] = act, tokens
+    a, b = out.pop("eager_activation"), out.pop("head_activation")
+    out["activation_max_rel_diff"] = float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
+    out["same_tokens"] = torch.equal(out.pop("eager_tokens"), out.pop("head_tokens"))
+    out["speedup_to_stop"] = out["eager_to_stop_ms"]["p50"] / out["head_to_stop_ms"]["p50"]
+    return out
+
+
 def exp_hooks(s, other, rm, ids, reps: int, new_tokens: int) -> dict:
     def forward_ms(sess):
         t = time.perf_counter()
@@ -355,6 +382,7 @@ def run_model(name: str, args, device, server, tmp: str) -> dict:
             ("latency", lambda: exp_latency(s, rm, ids, n_layers, args.reps)),
             ("steering", lambda: exp_steering(s, rm, model, ids, LAYERS[1], path, hidden)),
             ("recompute", lambda: exp_recompute(s, rm, ids, LAYERS[1], hidden, args.rounds, args.new_tokens)),
+            ("late_stop", lambda: exp_late_stop(s, rm, ids, LAYERS[1], args.new_tokens, max(2, args.reps // 3))),
             ("hooks", lambda: exp_hooks(s, other, rm, ids, args.hook_reps, args.new_tokens // 2)),
             ("neighbour", lambda: exp_neighbour(conn, s, rm, model, ids, args.new_tokens, max(1, args.reps // 5))),
         ]:
@@ -397,6 +425,10 @@ def print_summary(res: dict) -> None:
     print(f"  steering bitwise: forward {st['forward_bitwise']}, generate {st['generate_bitwise']}")
     print(f"  {rc['rounds']} edit rounds: paused run {rc['paused_run_s']:.3f}s vs recompute {rc['recompute_per_edit_s']:.3f}s "
           f"({rc['speedup']:.1f}x, same output {rc['same_output']}); fork {rc['fork_ms']:.1f} ms")
+    ls = res["late_stop"]
+    print(f"  stop at step {ls['step']}: {ls['head_to_stop_ms']['p50']:.1f} ms (head on the server's decode path) vs "
+          f"{ls['eager_to_stop_ms']['p50']:.1f} ms eager ({ls['speedup_to_stop']:.1f}x), same tokens {ls['same_tokens']}, "
+          f"activation max rel diff {ls['activation_max_rel_diff']:.2e}")
     print(f"  hook overhead %: " + ", ".join(f"{k} {v:+.2f}" for k, v in hk["overhead_pct"].items()))
     print(f"  neighbour decode p50 {nb['decode_ms_alone']['p50']:.2f} ms alone, "
           f"{nb['decode_ms_while_other_paused']['p50']:.2f} ms beside a paused run")
