@@ -607,10 +607,15 @@ def run_agent(plan: AgentPlan, conn: Connection, s, rm, args, t0_box: list, go: 
         res.done_s = time.perf_counter() - t0_box[0] if t0_box else None
 
 
-def _fast_steps(conn: Connection) -> int:
-    """Session-steps the server's decode fast path has run so far (all models)."""
+FAST_KEYS = ("rows_stepped", "steps", "step_s", "mixed_steps", "mixed_s", "mixed_tokens", "prefill_s", "prefill_tokens")
+
+
+def _fast_steps(conn: Connection) -> dict:
+    """The server's decode fast path so far, all models: session-steps, steps, and where its time went
+    (host seconds of decode steps, the mixed forwards among them, and batched prefills, each up to its
+    tokens' read)."""
     models = conn.stats()["models"].values()
-    return sum(m.get("fast_decode", {}).get("rows_stepped", 0) for m in models)
+    return {k: sum(m.get("fast_decode", {}).get(k, 0) for m in models) for k in FAST_KEYS}
 
 
 def _session_counters(conn: Connection, sid: str) -> dict | None:
@@ -878,7 +883,17 @@ def run_row(srv: ServerRun, n: int, args, cfg, provision: Provisioner, cut_s: fl
         mon.join(5)
         after = srv.ctrl.stats()
         row.update(_row_numbers(results, _deltas(before, after, srv.rm.model_id), mon, wall, args))
-        row["fast_decode_rows_stepped"] = _fast_steps(srv.ctrl) - fast_before  # 0: every turn decoded eagerly
+        fast_after = _fast_steps(srv.ctrl)
+        fast = {k: round(fast_after[k] - fast_before[k], 4) for k in FAST_KEYS}
+        row["fast_decode_rows_stepped"] = fast["rows_stepped"]  # 0: every turn decoded eagerly
+        busy = fast["step_s"] + fast["prefill_s"]  # step_s holds the mixed forwards' mixed_s
+        plain = fast["steps"] - fast["mixed_steps"]
+        row["fast_decode"] = {**fast, "busy_s": round(busy, 3), "busy_fraction": round(busy / wall, 4) if wall else None,
+                              "ms_per_step": round(1e3 * (fast["step_s"] - fast["mixed_s"]) / plain, 3) if plain else None,
+                              "ms_per_mixed": round(1e3 * fast["mixed_s"] / fast["mixed_steps"], 3)
+                              if fast["mixed_steps"] else None,
+                              "prefill_tokens_per_s": round(fast["prefill_tokens"] / fast["prefill_s"])
+                              if fast["prefill_s"] else None}
         row["server_alive"] = srv.server.alive()
         if row["failed"]:
             row["server_log_tail"] = srv.server.log_tail(20)
@@ -1102,6 +1117,13 @@ def print_table(rows: list[dict]) -> None:
     print("gpu/host: most sessions at once with KV on the GPU / in the host tier; blk held: most KV blocks "
           "held / the pool's blocks; KV/agent: MiB of held blocks per session holding some (mean over samples)",
           flush=True)
+    for r in rows:
+        fd = r.get("fast_decode")
+        if fd and fd.get("busy_s"):
+            print(f"  {r['policy']} N={r['agents']}: fast path busy {100 * (fd['busy_fraction'] or 0):.0f}% of the row; "
+                  f"{fd['steps'] - fd['mixed_steps']} decode steps at {fd['ms_per_step']} ms, {fd['mixed_steps']} mixed "
+                  f"at {fd['ms_per_mixed']} ms ({fd['mixed_tokens']} prompt tokens), batched prefills "
+                  f"{fd['prefill_tokens']} tokens in {fd['prefill_s']:.2f} s", flush=True)
 
 
 def print_row(row: dict) -> None:

@@ -31,6 +31,7 @@ Note [Chunked prefill]
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from typing import Any, Callable
 
@@ -264,6 +265,7 @@ def fast_turn(tasks: list, max_tokens: int) -> None:
         owner = {id(c): t for t, c in items}
         for group in groups([c for _, c in items], pool.bt, _gather(pool, max_tokens), max_tokens):
             ts = [owner[id(c)] for c in group]
+            t0 = time.perf_counter()
             try:
                 logits = prefill(pool, group)
             except BaseException as e:  # e.g. a NaN-free check or a device error: every row of this forward
@@ -272,6 +274,8 @@ def fast_turn(tasks: list, max_tokens: int) -> None:
                     t.fail(e, tb)
                 continue
             _prefilled(ts, logits)
+            pool.prefill_s += time.perf_counter() - t0
+            pool.prefill_tokens += sum(int(c.ids.shape[0]) for c in group)
 
 
 def _take_chunks(tasks: list) -> dict[int, tuple[DecodePool, list]]:

@@ -357,6 +357,10 @@ class DecodePool:
         self.capture_s = 0.0   # seconds spent capturing step graphs, all buckets together
         self.step_s = 0.0      # host seconds inside step(), its reads of the tokens included
         self.mixed_steps = 0   # steps taken in a forward with prompt chunks (Note [Mixed step])
+        # Where a turn's time goes: host seconds of the mixed forwards (part of step_s) and of the batched
+        # prefills (fast_task.fast_turn, up to their first tokens' read), and the prompt tokens each fed.
+        self.mixed_s, self.mixed_tokens = 0.0, 0
+        self.prefill_s, self.prefill_tokens = 0.0, 0
 
     def buffers(self) -> list[torch.Tensor]:
         """The step's own device tensors: row tables, ids, positions, steering and recording rows, the
@@ -627,4 +631,6 @@ class DecodePool:
                 "graphs": sorted((B, L) for B, L, ls, rs in self._graphs if not ls and not rs),
                 # graphs with steering or recording hooks: (batch, length, steered layers, recorded layers)
                 "hooked_graphs": sorted((B, L, sorted(ls), sorted(rs)) for B, L, ls, rs in self._graphs if ls or rs),
-                "capture_s": round(self.capture_s, 3), "step_s": round(self.step_s, 6), "steps": self.steps, "mixed_steps": self.mixed_steps, "rows_stepped": self.rows_stepped}
+                "capture_s": round(self.capture_s, 3), "step_s": round(self.step_s, 6), "steps": self.steps, "mixed_steps": self.mixed_steps, "rows_stepped": self.rows_stepped,
+                "mixed_s": round(self.mixed_s, 6), "mixed_tokens": self.mixed_tokens,
+                "prefill_s": round(self.prefill_s, 6), "prefill_tokens": self.prefill_tokens}

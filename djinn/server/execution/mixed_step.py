@@ -104,5 +104,8 @@ def mixed(pool, chunks: list[Chunk]) -> torch.Tensor:
         c.table.length += c.ids.numel()
     pool.mixed_steps += 1
     pool.advance([r for r in pool.rows if not r.done], logits[:D])
-    pool.step_s += time.perf_counter() - t0
+    dt = time.perf_counter() - t0
+    pool.step_s += dt
+    pool.mixed_s += dt
+    pool.mixed_tokens += sum(int(c.ids.numel()) for c in chunks)
     return logits[D:]
