@@ -37,13 +37,14 @@ for part in "$@"; do
       timeout 200 python "$here/exp_decode/bench_decode.py" --shapes 7b --concurrency 1,32 --max-sessions 32 \
         --out "$out/decode_7b.json" 2>&1 | tail -12
       timeout 60 python "$here/micro/bench_swap.py" --quick --out "$out/swap.json" 2>&1 | tail -8 ;;
-    exp1m)  # the mixed step (decode rows and 512-token prompt chunks in one forward) with flex attention
+    exp1m)  # the mixed step (decode rows and $EXP1_CHUNK-token prompt chunks, default 512, in one forward), flex
       budget=${EXP1_BUDGET_S:-320}
       pol=${EXP1_POLICIES:-signal}
+      chunk=${EXP1_CHUNK:-512}
       timeout $((budget + 25)) python "$here/exp1_semantic_scheduler/run_exp1.py" --policies "$pol" \
         --agents "${EXP1_AGENTS:-48,80}" --time-budget-s "$budget" --server-arg=--fast-decode-attention \
-        --server-arg=flex --server-arg=--prefill-step-tokens --server-arg=512 --out "$out" \
-        --name "exp1_mixed512_${pol//,/_}" 2>&1 | tee "$out/exp1_mixed512_${pol//,/_}.log" | tail -25 ;;
+        --server-arg=flex --server-arg=--prefill-step-tokens --server-arg="$chunk" --out "$out" \
+        --name "exp1_mixed${chunk}_${pol//,/_}" 2>&1 | tee "$out/exp1_mixed${chunk}_${pol//,/_}.log" | tail -30 ;;
     streamed)  # N sessions decoding a 13B shape streamed at a 12 GiB budget, against one session
       timeout 300 python "$here/exp2_virtual_memory/bench_streamed_batch.py" --out "$out" 2>&1 | tail -8 ;;
     exp1s)
