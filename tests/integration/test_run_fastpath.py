@@ -389,3 +389,32 @@ def test_closing_the_session_during_a_runs_head_fails_it_and_frees_its_blocks(fa
         assert _blocks_held(conn) == 0
     finally:
         conn.close()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "gemma2", "falcon_mqa", "gptj"])
+def test_a_runs_head_on_other_architectures_sees_the_eager_runs_stop(fast_server, arch):
+    """Learned positions, a projected embedding, softcapping and a sliding window, an adapted
+    attention: the stop after a batched head sees the all-eager run's activation, and an edit there
+    gives the all-eager run's tokens."""
+    from ..models import tiny_causal_lm
+
+    conn = Connection(fast_server.address, secret=None)
+    try:
+        s = conn.session()
+        rm = RemoteModel.from_module(s, tiny_causal_lm(arch, seed=5).eval())
+        ids = _prompt(16, 9)
+        got = []
+        for deterministic in (True, False):
+            run = s.start(rm, ids, method="generate", max_new_tokens=T, do_sample=False, deterministic=deterministic,
+                          breakpoints=[Breakpoint(layer=1, step=5)])
+            stop = run.wait(60)
+            got.append(stop.activation.cpu())
+            stop.activation[:, -1] += 3.0
+            assert run.resume() is None
+            got.append(run.output)
+        torch.testing.assert_close(got[2], got[0], rtol=1e-4, atol=1e-5)
+        assert torch.equal(got[3], got[1])
+        d = _decode(conn, s)
+        assert (d["fast"], d["eager"]) == (2, 0), d  # the head and the tail
+    finally:
+        conn.close()
