@@ -278,8 +278,8 @@ def test_a_tail_after_the_prefill_and_after_several_stops(fast_server):
         run = s.start(rm, ids, method="generate", max_new_tokens=T, do_sample=False,
                       breakpoints=[Breakpoint(layer=0, step=1), Breakpoint(layer=1, step=3)])
         assert run.wait(60).step == 1 and _decode(conn, s)["fast"] == 2  # its head: the prefill
-        assert run.resume().step == 3 and _decode(conn, s)["fast"] == 2
-        assert run.resume() is None and torch.equal(run.output, ref) and _decode(conn, s)["fast"] == 3
+        assert run.resume().step == 3 and _decode(conn, s)["fast"] == 3  # step 2 (Note [Between stops])
+        assert run.resume() is None and torch.equal(run.output, ref) and _decode(conn, s)["fast"] == 4
         eos = int(ref[0, ids.shape[1] + 2])  # banned by min_new_tokens: the generate goes on past it
         want = rm.generate(ids, max_new_tokens=T, min_new_tokens=T, do_sample=False, eos_token_id=eos, pad_token_id=0)
         run = s.start(rm, ids, method="generate", max_new_tokens=T, min_new_tokens=T, do_sample=False, eos_token_id=eos,

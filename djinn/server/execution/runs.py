@@ -40,10 +40,13 @@ class RunTable:
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self, s: Session, model_id: str, call: Call, specs: list[BreakpointSpec],
-              resume_from: ResumePoint | None = None) -> Run:
-        """`resume_from`: the run starts at that step over that table, which it owns from here on
-        (Note [The head of a run] in server/handlers/run_ops.py)."""
-        run = Run(s.new_id(12), s, model_id, call, specs, resume_from=resume_from)
+              resume_from: ResumePoint | None = None, run_id: str | None = None) -> Run:
+        """`resume_from`: the run starts at that step over that table, which it owns from here on;
+        `run_id`: the id of the run whose next stop this is (Notes [The head of a run] and [Between
+        stops] in server/handlers/run_ops.py), no longer ended."""
+        if run_id is not None:
+            self._ended.pop(run_id, None)
+        run = Run(run_id or s.new_id(12), s, model_id, call, specs, resume_from=resume_from)
         try:
             self._add(run)
             run.start()

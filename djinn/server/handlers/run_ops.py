@@ -73,6 +73,7 @@ Note [The head of a run]
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -82,6 +83,7 @@ from .. import quotas
 from ..execution import executor
 from ..dispatch import Then
 from ..execution.breakpoints import Call, ResumePoint, eos_ids, generate_calls, parse_breakpoints, reachable
+from ..execution.rng import Stream
 from ..execution.graph_runs import GraphModule
 from ..execution.kv_pools import pool_for as kv_pool_for
 from ..execution.validate import check_forward, check_generate
@@ -152,21 +154,27 @@ def start(engine, client_id, rid, args):
                          + (f", {cross} bytes of cross-attention KV" if cross else ""))
     full = None
     steps = method == "generate" and not deterministic and _in_steps(entry.module, ids, call_kwargs, specs)
-    if steps:  # Note [The tail of a run]
-        call_kwargs, full = _cut_at_last_stop(entry.module, prompt, call_kwargs, specs)
+    fast = steps and why_eager_of(engine, entry, s, ids, call_kwargs, False, False) is None
+    first = min(b.step for b in specs) if steps else 0
+    if steps:  # Notes [The tail of a run] and [Between stops]: eager up to its last stop, or its first's segment
+        upto = _segment_end(specs, first) if fast else max(b.step for b in specs)
+        call_kwargs, full = _cut_after(entry.module, prompt, call_kwargs, upto)
     call = Call(entry.module, method, call_args, call_kwargs, seed, engine.device, kv_pool, full)
     held = set(s.tensors)
-    first = min(b.step for b in specs) if steps else 0
-    if first >= 1 and why_eager_of(engine, entry, s, ids, call_kwargs, False, False) is None:
-        return _head_job(engine, client_id, rid, s, entry, call, specs, first, held, t0)
+    if fast and first >= 1:  # Note [The head of a run]
+        from ..sessions import KVState
+
+        return _between_stops(engine, client_id, rid, s, entry, call, specs, KVState.empty(kv_pool, executor.empty_ids(ids)),
+                              ids, first, run_id=None, hits=0, rng=None, seed=seed, held=held, t0=t0, t_edits=None,
+                              op_name="start")
     run = engine.runs.start(s, entry.model_id, call, specs)
     return _answer(engine, client_id, rid, s, run, held, t0, None, "start")
 
 
 def _in_steps(module, ids, kwargs: dict, specs) -> bool:
     """Whether a generate run can be cut into steps where no stop can fire (a head before its first
-    possible stop, a tail after its last): every spec names its step, one sequence, no beams, no
-    mask (a continued generate takes none), a decoder-only model."""
+    possible stop, the steps between two stops, a tail after its last): every spec names its step, one
+    sequence, no beams, no mask (a continued generate takes none), a decoder-only model."""
     if any(b.step is None for b in specs) or int(ids.shape[0]) != 1 or executor.is_encoder_decoder(module):
         return False
     eff = executor.effective_kwargs(module, kwargs)
@@ -174,59 +182,87 @@ def _in_steps(module, ids, kwargs: dict, specs) -> bool:
         and (eff.get("num_return_sequences") or 1) == 1
 
 
-def _head_job(engine, client_id, rid, s, entry, call: Call, specs, first: int, held: set, t0: float):
-    """Note [The head of a run]: steps 0 .. first - 1 as a generate job over a scratch table, and then
-    (dispatch.Then) the run, from that table at step `first`."""
-    from ..sessions import KVState
-
-    ids = call.args[0]
-    kwargs = {k: v for k, v in call.kwargs.items() if k != "max_length"}
-    kwargs["max_new_tokens"] = first  # step k makes the (k+1)-th token: the head's steps make `first`
-    if kwargs.get("min_new_tokens"):
-        kwargs["min_new_tokens"] = min(int(kwargs["min_new_tokens"]), first)
-    state = KVState.empty(call.kv_pool, executor.empty_ids(ids))
-    prompt = int(ids.shape[1])
-
-    def then(result: dict):
-        seq = result["sequences"].to(ids.device)
-        table = state.table
-        done = int(seq.shape[1]) - prompt
-        if done < first or int(seq[0, -1]) in eos_ids(call.module, call.kwargs):  # it ended before any stop
-            call.kv_pool.release(table)
-            return _finished_without_stop(engine, s, s.new_id(12), seq.cpu(), t0, job)
-        assert table.length >= seq.shape[1] - 1, (table.length, seq.shape)
-        table.length = int(seq.shape[1]) - 1  # step `first`'s input is fed by the run
-        run = engine.runs.start(s, entry.model_id, call, specs, ResumePoint(call.kv_pool, table, seq, first, 0, None))
-        return _answer(engine, client_id, rid, s, run, held, t0, None, "start")
-
-    job = generate_job(engine, client_id, rid, s, entry, ids, kwargs, call.seed, use_kv=False, prefix=False,
-                       what="a generate run", reply=lambda result: Then(lambda: then(result)), kv=state,
-                       hand_back=True)
-    job.op = "start"
-    return job
+def _segment_end(specs, step: int) -> int:
+    """The last of the consecutive stop steps from `step` on (stops at steps 4, 5 and 9: 5 for 4)."""
+    steps = {b.step for b in specs}
+    while step + 1 in steps:
+        step += 1
+    return step
 
 
-def _cut_at_last_stop(module, prompt: int, kwargs: dict, specs) -> tuple[dict, dict | None]:
-    """Note [The tail of a run]: the kwargs that end the run's generate right after its last possible
-    stop, and its own (None, kwargs unchanged: no tail, the run is eager to its end)."""
-    last = max(b.step for b in specs)
-    if last + 1 >= executor.new_tokens(module, prompt, kwargs):
+def _cut_after(module, prompt: int, kwargs: dict, step: int) -> tuple[dict, dict | None]:
+    """The kwargs that end the run's generate right after step `step`, and its own (None, kwargs
+    unchanged: the generate ends there anyway, the run is eager to its end)."""
+    if step + 1 >= executor.new_tokens(module, prompt, kwargs):
         return kwargs, None
     cut = {k: v for k, v in kwargs.items() if k != "max_length"}
-    cut["max_new_tokens"] = last + 1  # step k makes the (k+1)-th token
+    cut["max_new_tokens"] = step + 1  # step k makes the (k+1)-th token
     if kwargs.get("min_new_tokens"):
-        cut["min_new_tokens"] = min(int(kwargs["min_new_tokens"]), last + 1)
+        cut["min_new_tokens"] = min(int(kwargs["min_new_tokens"]), step + 1)
     return cut, kwargs
 
 
+def _between_stops(engine, client_id, rid, s, entry, call: Call, specs, state, new_ids: torch.Tensor, upto: int, *,
+                   run_id: str | None, hits: int, rng, seed: int | None, held: set, t0: float,
+                   t_edits: float | None, op_name: str):
+    """Notes [The head of a run] and [Between stops]: the generate's steps from where `state` and
+    `new_ids` stand up to step `upto` - 1 as a generate job over the run's table (handed back when it
+    ends), and then (dispatch.Then) the run, `run_id` or a new one, from that table at step `upto`,
+    its generate cut after that stop's segment. The job owns the table from here on."""
+    full = call.full_kwargs if call.full_kwargs is not None else call.kwargs
+    prompt = int(call.args[0].shape[1])
+    done = int(state.ids.shape[1]) + int(new_ids.shape[1]) - prompt  # tokens generated before this job
+    kwargs = {k: v for k, v in full.items() if k != "max_length"}
+    kwargs["max_new_tokens"] = upto - done  # step k makes the (k+1)-th token: up to step upto - 1
+    if kwargs.get("min_new_tokens"):
+        kwargs["min_new_tokens"] = min(max(0, int(kwargs["min_new_tokens"]) - done), upto - done)
+    dev = call.args[0].device
+    job = None
+
+    def then(result: dict):
+        seq = result["sequences"].to(dev)
+        table = state.table
+        if int(seq.shape[1]) - prompt < upto or int(seq[0, -1]) in eos_ids(call.module, full):  # the generate ended
+            call.kv_pool.release(table)
+            return _finished_without_stop(engine, s, run_id or s.new_id(12), seq.cpu(), t0, job)
+        assert table.length >= seq.shape[1] - 1, (table.length, seq.shape)
+        table.length = int(seq.shape[1]) - 1  # step `upto`'s input is fed by the run
+        cut, _ = _cut_after(call.module, prompt, full, _segment_end(specs, upto))
+        seg = dataclasses.replace(call, kwargs=cut, full_kwargs=None if cut is full else full)
+        run = engine.runs.start(s, entry.model_id, seg, specs, ResumePoint(call.kv_pool, table, seq, upto, hits, rng),
+                                run_id=run_id)
+        return _answer(engine, client_id, rid, s, run, held, t0, t_edits, op_name)
+
+    job = generate_job(engine, client_id, rid, s, entry, new_ids, kwargs, seed, use_kv=False, prefix=False,
+                       what="a generate run", reply=lambda result: Then(lambda: then(result)), kv=state,
+                       hand_back=True, rng=rng.copy() if rng is not None else None)
+    job.op = op_name
+    return job
+
+
 def _answer(engine, client_id, rid, s, run, held: set, t0: float, t_edits: float | None, op_name: str):
-    """The reply of start or resume: the run's, or, where its cut generate did not end at its last stop,
-    the job of its tail (Note [The tail of a run])."""
+    """The reply of start or resume: the run's; or, where its cut generate did not end where it was cut,
+    the job of the steps to its next stop (Note [Between stops]) or of its tail (Note [The tail of a run])."""
     if run.kept is None:
         return _reply(engine, s, run, held, t0, t_edits)
     kept, run.kept, run.output = run.kept, None, None
     try:
-        return _tail_job(engine, client_id, rid, s, run, kept, t0, t_edits, op_name)
+        prompt = int(run.call.args[0].shape[1])
+        done = int(kept.ids.shape[1]) - prompt  # the next model call is step `done`
+        nxt = min((b.step for b in run.specs if b.step is not None and b.step >= done), default=None)
+        if nxt is None:
+            return _tail_job(engine, client_id, rid, s, run, kept, t0, t_edits, op_name)
+        from ..sessions import KVState
+
+        fed = kept.table.length
+        # The job samples from a generator seeded from the run's stream, which goes on past that draw
+        g = _generator(run.rng.cpu)
+        seed = int(torch.randint(0, 2**62, (1,), generator=g))
+        rng = Stream(run.rng.device, g.get_state(), run.rng.cuda)
+        entry = engine.models.get(run.model_id)
+        return _between_stops(engine, client_id, rid, s, entry, run.call, run.specs,
+                              KVState(kept.cache, kept.ids[:, :fed]), kept.ids[:, fed:], nxt, run_id=run.run_id,
+                              hits=run.hits, rng=rng, seed=seed, held=held, t0=t0, t_edits=t_edits, op_name=op_name)
     except BaseException:
         kept.cache.pool.release(kept.table)  # the job never took it
         raise
