@@ -418,3 +418,88 @@ def test_a_runs_head_on_other_architectures_sees_the_eager_runs_stop(fast_server
         assert (d["fast"], d["eager"]) == (2, 0), d  # the head and the tail
     finally:
         conn.close()
+
+
+# -- Note [Between stops]: the steps between two stops are a generate job too ----------------------------
+def test_the_steps_between_stops_are_batched_and_each_stop_sees_the_eager_runs_activation(fast_server):
+    """Stops at steps 2, 5, 6 and 9 with an edit at each: steps 0-1, 3-4 and 7-8 and the tail are fast
+    jobs (four), steps 5 and 6 one eager stretch; every stop, hit count and run id as the all-eager
+    run's, and its tokens with the same edits."""
+    model = tiny_llama(seed=34).eval()
+    conn = Connection(fast_server.address, secret=None)
+    try:
+        s = conn.session()
+        rm = RemoteModel.from_module(s, model)
+        ids = _prompt(17)
+        bps = [Breakpoint(layer=1, step=k) for k in (2, 5, 6, 9)]
+        runs = []
+        for deterministic in (True, False):
+            run = s.start(rm, ids, method="generate", max_new_tokens=T + 4, do_sample=False,
+                          deterministic=deterministic, breakpoints=bps)
+            stops, stop = [], run.wait(60)
+            while stop is not None:
+                assert stop.run.run_id == run.run_id
+                stops.append((stop.step, stop.hit, stop.activation.cpu()))
+                stop.activation[:, -1] += 2.0 * (len(stops) % 2 * 2 - 1)
+                stop = run.resume()
+            runs.append((stops, run.output))
+        (eager, out_e), (fast, out_f) = runs
+        assert [(k, h) for k, h, _ in fast] == [(k, h) for k, h, _ in eager] == [(2, 0), (5, 1), (6, 2), (9, 3)]
+        for (_, _, a), (_, _, b) in zip(eager, fast):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+        assert torch.equal(out_f, out_e) and not torch.equal(out_e, _local(model, ids, T + 4))
+        assert _decode(conn, s)["fast"] == 4 and _blocks_held(conn) == 0
+    finally:
+        conn.close()
+
+
+def test_a_fork_at_a_stop_after_the_steps_between_stops_continues_as_its_parent(fast_server):
+    model = tiny_llama(seed=35).eval()
+    conn = Connection(fast_server.address, secret=None)
+    try:
+        s = conn.session()
+        rm = RemoteModel.from_module(s, model)
+        ids = _prompt(18)
+        kw = dict(max_new_tokens=T, do_sample=True, temperature=0.9, top_k=20)
+        bps = [Breakpoint(layer=0, step=1), Breakpoint(layer=1, step=4)]
+        run = s.start(rm, ids, method="generate", seed=3, breakpoints=bps, **kw)
+        assert run.wait(60).step == 1
+        stop = run.resume()
+        assert (stop.step, stop.hit) == (4, 1)
+        child = stop.fork()
+        assert child.resume() is None and run.resume() is None
+        assert torch.equal(child.output, run.output)
+        again = s.start(rm, ids, method="generate", seed=3, breakpoints=bps, **kw)
+        assert again.wait(60).step == 1 and again.resume().step == 4 and again.resume() is None
+        assert torch.equal(again.output, run.output)  # seeded: reproducible on one server
+        # cancelled at its second stop: every block back
+        run = s.start(rm, ids, method="generate", seed=3, breakpoints=bps, **kw)
+        assert run.wait(60).step == 1 and run.resume().step == 4
+        run.cancel()
+        assert _blocks_held(conn) == 0
+    finally:
+        conn.close()
+
+
+def test_eos_between_two_stops_finishes_the_run(fast_server):
+    model = tiny_llama(seed=36).eval()
+    conn = Connection(fast_server.address, secret=None)
+    try:
+        s = conn.session()
+        rm = RemoteModel.from_module(s, model)
+        ids = _prompt(19)
+        ref = _local(model, ids, T)
+        eos = int(ref[0, ids.shape[1] + 3])  # the fourth new token ends it: step 3, between steps 1 and 6
+        first = next(k for k in range(T) if int(ref[0, ids.shape[1] + k]) == eos)
+        run = s.start(rm, ids, method="generate", max_new_tokens=T, do_sample=False, eos_token_id=eos, pad_token_id=0,
+                      breakpoints=[Breakpoint(layer=0, step=1), Breakpoint(layer=0, step=6)])
+        stop = run.wait(60)
+        if first <= 1:
+            pytest.skip("the eos token comes before the first stop for this seed")
+        assert stop.step == 1 and run.resume() is None and run.state == "finished"
+        assert torch.equal(run.output, ref[:, :ids.shape[1] + first + 1])
+        with pytest.raises(djinn.InvalidRequest, match="has ended: finished"):
+            s.call("resume", {"run": run.run_id})
+        assert _blocks_held(conn) == 0
+    finally:
+        conn.close()

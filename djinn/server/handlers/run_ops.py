@@ -27,7 +27,7 @@ Note [A run that cannot stop is a generate]
 
 Note [The tail of a run]
     A generate run that can stop gains nothing from running eagerly after its last possible stop (the
-    largest `step` of its specs): `start` cuts its generate there (`_cut_at_last_stop`:
+    largest `step` of its specs): `start` cuts its generate there (`_cut_after`:
     max_new_tokens = step + 1, min_new_tokens no more than that; the call's own kwargs stay in
     `Call.full_kwargs`, so a fork, which executes the same Call, is cut alike). When that generate
     ends without having ended the whole one (not eos, not short: `Run._keep_for_tail`), the run thread
@@ -55,21 +55,35 @@ Note [The tail of a run]
 Note [The head of a run]
     Symmetrically, the steps before a generate run's first possible stop (the smallest `step` of its
     specs, when it is 1 or more and the run could be cut for a tail: `_in_steps`) cannot stop either.
-    Where the fast path takes the run's generate, `start` makes them a generate job (`_head_job`):
+    Where the fast path takes the run's generate, `start` makes them a generate job (`_between_stops`):
     max_new_tokens = first step, over a scratch table the job hands back when it ends well
     (`generate_job(hand_back=True)`), batched with the other sessions' rows. The job's reply is a
     `dispatch.Then`: once the job has ended, the engine starts the run from that table at its first
     stop's step (`RunTable.start(resume_from=ResumePoint(...))`, the way a fork starts from its
-    parent's KV) and answers the start with the run's reply (or its tail's job). A head that ends
-    the generate (eos) answers as a run that never stopped. So a stop at step 200 costs 200 batched
-    steps, not 200 eager ones. Forks of such a run fork from its KV even where forks re-execute
+    parent's KV) and answers the start with the run's reply. A head that ends the generate (eos)
+    answers as a run that never stopped. So a stop at step 200 costs 200 batched steps, not 200
+    eager ones. Forks of such a run fork from its KV even where forks re-execute
     (`run_fork_from_kv: false`): re-executed from the prompt, their first steps would be eager ones.
-    The head's blocks go back once: by its job if it fails or is dropped (a closed session), by the
-    run thread or the tail after. Tokens: greedy, the eager run's (on a GPU the step at the stop is
-    the first forward of a new generate call, as for a tail); sampled, the head draws from a
-    generator seeded from the call's seed (reproducible on one server, not the eager stream; a
-    deterministic=True run is eager throughout). Not taken: a spec with step=None (it can stop in
-    every step) and what `_in_steps` excludes.
+    Tokens: greedy, the eager run's (on a GPU the step at the stop is the first forward of a new
+    generate call, as for a tail); sampled, the head draws from a generator seeded from the call's
+    seed (reproducible on one server, not the eager stream; a deterministic=True run is eager
+    throughout). Not taken: a spec with step=None (it can stop in every step) and what `_in_steps`
+    excludes.
+
+Note [Between stops]
+    And so for the steps between two stops: where the fast path takes the generate, a run's eager
+    generate is cut after the segment of consecutive stop steps it is in (`_segment_end`: stops at
+    steps 4, 5 and 9 make segments 4-5 and 9), not after its last stop. When the segment's generate
+    ends without ending the whole one, `_answer` finds the next stop's step: the steps up to it are a
+    job like the head's (`_between_stops`, over the run's table, handed back), whose Then starts the
+    run again from that table at that step, with the same run id (its tombstone dropped), its hit
+    count, and a random stream drawn on past the job's seed, its generate cut after that stop's
+    segment; the resume is answered with its next stop (or, past the last, the tail as above). So
+    the eager part of a run is its stop steps and nothing else, and each stop sees what the all-eager
+    run sees (tested with edits at four stops). Between two segments the run is not in the table
+    (stats show the session's job, op "resume"); a cancel_run waits behind the job and cancels the
+    run it started. The table goes back once: by the job if it fails or is dropped (a closed
+    session), by the run thread, or by the tail's job.
 """
 from __future__ import annotations
 
