@@ -277,13 +277,16 @@ def test_a_tensor_parallel_model_gives_the_tokens_of_one_device(start_server, mo
         conn.close()
 
 
-def test_a_session_paused_at_a_breakpoint_moves_with_its_run(start_server, model):
+@pytest.mark.parametrize("fast", [False, True], ids=["eager", "batched"])
+def test_a_session_paused_at_a_breakpoint_moves_with_its_run(start_server, model, fast):
     """Note [Migration]: a generate run paused at its second stop, edited at both, moves with its
     session; on the other worker its stop reads as before (same handles), takes more edits, and resumes
-    to the output of a twin run that never moved."""
+    to the output of a twin run that never moved. With the fast path, the run's steps before, between
+    and after its stops ran batched (Note [Between stops]): the moved run replays them eagerly, with
+    the first stop's edit its earlier run logged."""
     from djinn.frontend.run import Breakpoint
 
-    srv = start_server("--workers", "2")
+    srv = start_server("--workers", "2", *(("--fast-decode", "on") if fast else ()))
     conn = Connection(srv.address, secret=None)
     v1, v0, va = (torch.randn(64, generator=torch.Generator().manual_seed(k)) for k in (5, 6, 7))
     try:
@@ -311,6 +314,13 @@ def test_a_session_paused_at_a_breakpoint_moves_with_its_run(start_server, model
         with torch.no_grad():
             plain = model.generate(P, max_new_tokens=6, do_sample=False)
         assert not torch.equal(run.output, plain)  # the edits did something
+        if fast:  # sampled, its batched steps could not be replayed: it stays, saying why
+            run = moving.start(RemoteModel.from_module(moving, model), P, method="generate", max_new_tokens=6,
+                               do_sample=True, seed=1, breakpoints=[Breakpoint("model.layers.0", step=2)])
+            assert run.wait().step == 2
+            with pytest.raises(InvalidRequest, match="samples and took batched steps"):
+                moving.migrate()
+            assert run.resume() is None
     finally:
         conn.close()
 

@@ -25,7 +25,10 @@ Note [Migration]
     breakpoint run moves as a fork of it would be made (Note [Fork replays the prefix]): its call,
     breakpoints, edit log, random stream at its start and a copy of its stop (its handles kept, so the
     client's Stop still reads and edits it); resumed there, it executes its call again, applying the
-    logged edits at each stop up to this one, and goes on, bitwise on one kind of device. Not moved:
+    logged edits at each stop up to this one, and goes on, bitwise on one kind of device. A run whose
+    steps before or between its stops ran batched (Note [Between stops] in handlers/run_ops.py) replays
+    them eagerly (its runs' logs carry every stop's edits): greedy, the same tokens; one that samples
+    would draw others there and stays, saying so. Not moved:
     a session with a request running or compiled graphs (the client sends them again); those are
     refused with the reason.
     While the tensors move both workers' engine threads wait in the transfer (a stall of the other
@@ -57,6 +60,7 @@ from ..execution.kv_pools import pool_for as kv_pool_for
 from ..handlers.model_ops import adopt
 from ..sessions import install_restored
 from ...protocol import structure
+from ..execution import executor
 from ..execution.breakpoints import RunState
 
 log = logging.getLogger("djinn.migrate")
@@ -72,6 +76,11 @@ def export(engine, sid: str, client_id: str) -> tuple[dict, dict[str, torch.Tens
     runs = engine.runs.of_session(sid)
     if any(r.state != RunState.PAUSED for r in runs):
         raise InvalidRequest("a session moves between requests: one of its breakpoint runs is running")
+    if any(r.batched and executor.effective_kwargs(r.call.module, r.call.kwargs).get("do_sample") for r in runs):
+        # A moved run executes its call again (below); steps that ran batched would be eager steps there,
+        # drawing other samples (Note [Between stops] in handlers/run_ops.py).
+        raise InvalidRequest("a session whose paused breakpoint run samples and took batched steps does not move; "
+                             "cancel the run, or start it with deterministic=True, to move the session")
     if s.tp:
         raise InvalidRequest("a tensor-parallel session is sharded over its block of workers: it does not move")
     if len(s.graphs):

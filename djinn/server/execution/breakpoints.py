@@ -178,6 +178,9 @@ class Run:
         if resume_from is not None:
             self.calls, self.hits = resume_from.step, resume_from.hits
         self.lazy = snapshot is not None  # a fork that has not executed yet (Note [Fork replays the prefix])
+        # Steps of this run (or of the run it was forked from) ran as fast generate jobs (Notes [The head
+        # of a run] and [Between stops]): re-executed from the prompt they would be eager steps.
+        self.batched = False
         if self.lazy:  # paused at the snapshot; edits on it add to the parent's log (the fork's own copy)
             self.state, self.stop, self.paused_since = RunState.PAUSED, snapshot, time.monotonic()
             now = time.perf_counter()

@@ -40,13 +40,17 @@ class RunTable:
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self, s: Session, model_id: str, call: Call, specs: list[BreakpointSpec],
-              resume_from: ResumePoint | None = None, run_id: str | None = None) -> Run:
-        """`resume_from`: the run starts at that step over that table, which it owns from here on;
-        `run_id`: the id of the run whose next stop this is (Notes [The head of a run] and [Between
-        stops] in server/handlers/run_ops.py), no longer ended."""
+              resume_from: ResumePoint | None = None, run_id: str | None = None,
+              log: dict | None = None) -> Run:
+        """`resume_from`: the run starts at that step over that table, which it owns from here on, after
+        steps that ran as generate jobs; `run_id` and `log`: the id and the logged edits of the run
+        whose next stop this is (Notes [The head of a run] and [Between stops] in
+        server/handlers/run_ops.py), its id no longer ended."""
         if run_id is not None:
             self._ended.pop(run_id, None)
         run = Run(run_id or s.new_id(12), s, model_id, call, specs, resume_from=resume_from)
+        run.batched = resume_from is not None
+        run.log.update(log or {})
         try:
             self._add(run)
             run.start()
@@ -84,6 +88,7 @@ class RunTable:
         child = Run(parent.session.new_id(12), parent.session, parent.model_id, parent.call, parent.specs,
                     Replay(log_copy, stop.hit, parent.rng0, stop.spec, stop.step),
                     resume_from=parent.resume_point() if from_kv else None, snapshot=parent.snapshot())
+        child.batched = parent.batched
         try:
             self._add(child)
         except BaseException:
@@ -243,7 +248,8 @@ class RunTable:
         else:
             self._remove(run)
             self.tombstone(s, run.run_id, why or run.state.name.lower())
-            run.log.clear()
+            if run.kept is None:  # else its next stop's run takes the log (Note [Between stops])
+                run.log.clear()
         if s.state != SessionState.CLOSED:
             paused = any(r.state == RunState.PAUSED for r in self.of_session(s.sid))
             s.state = SessionState.PAUSED if paused else SessionState.ACTIVE

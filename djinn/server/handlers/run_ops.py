@@ -218,7 +218,7 @@ def _cut_after(module, prompt: int, kwargs: dict, step: int) -> tuple[dict, dict
 
 def _between_stops(engine, client_id, rid, s, entry, call: Call, specs, state, new_ids: torch.Tensor, upto: int, *,
                    run_id: str | None, hits: int, rng, seed: int | None, held: set, t0: float,
-                   t_edits: float | None, op_name: str):
+                   t_edits: float | None, op_name: str, log: dict | None = None):
     """Notes [The head of a run] and [Between stops]: the generate's steps from where `state` and
     `new_ids` stand up to step `upto` - 1 as a generate job over the run's table (handed back when it
     ends), and then (dispatch.Then) the run, `run_id` or a new one, from that table at step `upto`,
@@ -244,7 +244,7 @@ def _between_stops(engine, client_id, rid, s, entry, call: Call, specs, state, n
         cut, _ = _cut_after(call.module, prompt, full, _segment_end(specs, upto))
         seg = dataclasses.replace(call, kwargs=cut, full_kwargs=None if cut is full else full)
         run = engine.runs.start(s, entry.model_id, seg, specs, ResumePoint(call.kv_pool, table, seq, upto, hits, rng),
-                                run_id=run_id)
+                                run_id=run_id, log=log)
         return _answer(engine, client_id, rid, s, run, held, t0, t_edits, op_name)
 
     job = generate_job(engine, client_id, rid, s, entry, new_ids, kwargs, seed, use_kv=False, prefix=False,
@@ -276,7 +276,8 @@ def _answer(engine, client_id, rid, s, run, held: set, t0: float, t_edits: float
         entry = engine.models.get(run.model_id)
         return _between_stops(engine, client_id, rid, s, entry, run.call, run.specs,
                               KVState(kept.cache, kept.ids[:, :fed]), kept.ids[:, fed:], nxt, run_id=run.run_id,
-                              hits=run.hits, rng=rng, seed=seed, held=held, t0=t0, t_edits=t_edits, op_name=op_name)
+                              hits=run.hits, rng=rng, seed=seed, held=held, t0=t0, t_edits=t_edits, op_name=op_name,
+                              log=run.log)
     except BaseException:
         kept.cache.pool.release(kept.table)  # the job never took it
         raise
