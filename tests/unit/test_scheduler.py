@@ -323,6 +323,28 @@ def test_a_full_host_pool_means_no_swap():
     assert d.swap_out == ()
 
 
+def test_signal_drops_when_the_host_pool_cannot_take_its_victims():
+    """Note [Drop when the host is full]: the victims it would swap, in the same order (the one
+    returning last first), are dropped, and the request runs now; with room on the host it swaps."""
+    near = SessionView("near", S.IO_WAIT, gpu_bytes=K, last_active=0.0, io_wait_since=0.0, io_eta_s=30.0)
+    far = SessionView("far", S.IO_WAIT, gpu_bytes=K, last_active=1.0, io_wait_since=0.0, io_eta_s=60.0)
+    idle = SessionView("idle", S.ACTIVE, gpu_bytes=K, last_active=2.0)
+    new = SessionView("new", S.NEW, pending=True, arrival=1, need_bytes=2 * K)
+    sessions = (near, far, idle, new)
+    full = mem(3 * K, 3 * K, host=K, host_used=K // 2)  # the host takes none of them
+    d = schedule(signal(headroom=0.0), View(5.0, sessions, full, BW))
+    assert d.drop == (Action("far", K, Reason.MAKE_ROOM, "new"), Action("near", K, Reason.MAKE_ROOM, "new"))
+    assert d.swap_out == () and d.admit == (Action("new", 2 * K, Reason.FITS),) and d.queue == ()
+    roomy = mem(3 * K, 3 * K, host=4 * K)
+    d = schedule(signal(headroom=0.0), View(5.0, sessions, roomy, BW))
+    assert d.drop == () and [a.sid for a in d.swap_out] == ["far", "near"]
+    assert d.queue == (Action("new", 0, Reason.WAITING_FOR_ROOM),)
+    # dropping every victim would not be enough: none is dropped, the request queues
+    huge = replace(new, need_bytes=5 * K)
+    d = schedule(signal(headroom=0.0), View(5.0, (near, far, idle, huge), full, BW))
+    assert d.drop == () and d.queue == (Action("new", 0, Reason.NO_MEMORY),)
+
+
 def test_planned_prefetches_account_for_each_other():
     x = SessionView("x", S.SWAPPED, host_bytes=K, io_wait_since=0.0, io_eta_s=10.0)
     y = SessionView("y", S.SWAPPED, host_bytes=K, io_wait_since=0.0, io_eta_s=12.0)
@@ -395,12 +417,14 @@ def test_random_views_always_give_valid_deterministic_decisions(name):
             kinds |= {k for k in ("swap_out", "drop", "prefetch", "admit", "run", "queue") if getattr(d, k)}
             if name in ("resident", "recompute"):
                 assert d.swap_out == () and d.planned == ()
-            if name in ("resident", "lru", "signal"):
+            if name in ("resident", "lru"):
                 assert d.drop == ()
+            if d.drop and name == "signal":  # Note [Drop when the host is full]: only for a request
+                assert all(a.reason == Reason.MAKE_ROOM and a.cause is not None for a in d.drop)
             if name == "resident":
                 assert {a.reason for a in d.prefetch} <= {Reason.MISS}
     common = {"prefetch", "admit", "run", "queue"}  # prefetch: a miss on a swapped session in the view
-    moves = {"signal": {"swap_out"}, "lru": {"swap_out"}, "recompute": {"drop"}, "resident": set()}[name]
+    moves = {"signal": {"swap_out", "drop"}, "lru": {"swap_out"}, "recompute": {"drop"}, "resident": set()}[name]
     assert kinds == common | moves  # the random views exercise every kind of action the policy has
 
 

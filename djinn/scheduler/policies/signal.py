@@ -11,7 +11,18 @@
 - A request that finds its session swapped swaps it in at once (a miss).
 - A request that does not fit swaps out idle sessions in signal order: waiting sessions that return
   last first, then idle sessions with no signal (least recently used first), then waiting sessions about
-  to return.
+  to return. When the host pool cannot take them, it drops them in that order instead (Note [Drop when
+  the host is full]).
+
+Note [Drop when the host is full]
+    The host pool is finite (64 GiB holds ~36 13B agents at 2k tokens): with more agents than the GPU
+    and the host hold together, a request that swapping cannot make room for would wait, first come
+    first served, until some agent ends, which at tens of agents is longer than any turn may wait. A
+    dropped session keeps its token ids and re-prefills them at its next request (as under
+    `recompute`): one prefill of its context, about what its first turn cost. So when the victims'
+    bytes cannot go to the host, the same victims, in the same order (the one returning last first),
+    are dropped, and the request runs now. Only when dropping every victim would not be enough does it
+    queue (NO_MEMORY). Reason: MAKE_ROOM with the request as its cause, as for a swap-out.
 
 Note [Prefetch start]
     start = returns_at - kv/bw - margin - short/bw, with short = the bytes of room missing for the KV
@@ -25,7 +36,7 @@ from __future__ import annotations
 import math
 
 from ..types import Reason, SessionState, SessionView
-from .base import Plan, PolicyBase, lru_order, swap_out_for
+from .base import Plan, PolicyBase, lru_order, pick, swap_out_for
 
 
 class SignalPolicy(PolicyBase):
@@ -48,7 +59,14 @@ class SignalPolicy(PolicyBase):
     # -- requests ----------------------------------------------------------------------------------------
     def make_room(self, plan: Plan, s: SessionView, need: int) -> None:
         far, idle, near = self._victim_groups(plan)
-        swap_out_for(plan, s, need, far + idle + near)
+        victims = far + idle + near
+        swap_out_for(plan, s, need, victims)
+        if need <= plan.gpu_free + plan.freeing:
+            return
+        # Note [Drop when the host is full]: swapping could not make room
+        chosen = pick([v for v in victims if v.sid not in plan.taken], need - plan.gpu_free - plan.freeing)
+        for v in chosen or ():  # None: dropping every victim would not be enough either
+            plan.drop(v, Reason.MAKE_ROOM, s.sid)
 
     # -- ahead of requests -------------------------------------------------------------------------------
     def ahead(self, plan: Plan) -> None:
