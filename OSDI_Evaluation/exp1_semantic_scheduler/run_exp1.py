@@ -143,7 +143,7 @@ FIRST_ERRORS = 5  # error messages kept per failed row (all of them stay in fail
 # Mode defaults; an explicit flag always wins.
 FULL = dict(device="cuda:0", model="llama2-13b", dtype="float16", context=2048, new_tokens=32, tool_tokens=64,
             wait_min=10.0, wait_max=20.0, turns=3, agents="16,32,48,64,80,96", arrival_rate=4.0,
-            budget_agents=None, host_pool_gb=64.0, turn_timeout=60.0, sample_s=0.25, server_per="policy",
+            budget_agents=None, host_pool_gb=64.0, turn_timeout=300.0, sample_s=0.25, server_per="policy",
             prestart=False)
 TINY = dict(device="cpu", model="tiny", dtype="float32", context=64, new_tokens=8, tool_tokens=16,
             wait_min=0.3, wait_max=0.6, turns=2, agents="1,2,4", arrival_rate=8.0, budget_agents=2.7,
@@ -199,7 +199,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"server --kv-block-tokens, passed only when given (the server's default: {BLOCK_TOKENS})")
     p.add_argument("--host-pool-gb", type=float, dest="host_pool_gb", help="server --host-pool-gb (full: 64)")
     p.add_argument("--turn-timeout", type=float, dest="turn_timeout",
-                   help="seconds a generate may take before it counts as a failure (full: 60; tiny: 10)")
+                   help="seconds a generate may take before it counts as a failure (full: 300, so that overload "
+                        "shows as queue time, not as failed turns; tiny: 10)")
     p.add_argument("--sample-s", type=float, dest="sample_s", help="stats() sampling period during a run")
     p.add_argument("--slo-factor", type=float, default=2.0, dest="slo_factor",
                    help="SLO: P99 turn latency <= this x the single-agent P99")
