@@ -503,3 +503,42 @@ def test_eos_between_two_stops_finishes_the_run(fast_server):
         assert _blocks_held(conn) == 0
     finally:
         conn.close()
+
+
+def test_many_sessions_running_breakpoint_runs_at_once_each_match_their_eager_run(fast_server):
+    """Eight clients at once, each a run with stops at its own steps (batched heads, steps between and
+    tails interleaving with the others' jobs and Thens), an edit at every stop: each gives the tokens
+    of the same run kept eager, and no block is left held."""
+    import concurrent.futures
+
+    model = tiny_llama(seed=37).eval()
+    conn = Connection(fast_server.address, secret=None)
+    rng = torch.Generator().manual_seed(9)
+    plans = [sorted({int(k) for k in torch.randint(0, T, (3,), generator=rng)}) for _ in range(8)]
+
+    def one(i: int, deterministic: bool) -> tuple:
+        c = Connection(fast_server.address, secret=None)
+        try:
+            s = c.session()
+            rm = RemoteModel.from_module(s, model)
+            run = s.start(rm, _prompt(20 + i), method="generate", max_new_tokens=T, do_sample=False,
+                          deterministic=deterministic, breakpoints=[Breakpoint(layer=i % 2, step=k) for k in plans[i]])
+            seen, stop = [], run.wait(60)
+            while stop is not None:
+                seen.append(stop.step)
+                stop.activation[:, -1] += 1.5
+                stop = run.resume()
+            return seen, run.output
+        finally:
+            c.close()
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(8) as ex:
+            fast = list(ex.map(lambda i: one(i, False), range(8)))
+        eager = [one(i, True) for i in range(8)]
+        for i, ((sf, of), (se, oe)) in enumerate(zip(fast, eager)):
+            assert sf == se == plans[i], (i, sf, se)
+            assert torch.equal(of, oe), i
+        assert _blocks_held(conn) == 0
+    finally:
+        conn.close()
