@@ -10,7 +10,8 @@
 # (16 sessions on a streamed 13B shape vs one), check (what was built without a GPU: tier-3 tests, decode
 # with flex and the compiled step, the flood reference), remote (7B decode at 1/32/64 rows, in process
 # and remote, flex), cluster (two GPUs: migration, tensor parallelism),
-# gpu-tests (tier 3 alone). Each writes its JSON and log under OUTDIR.
+# gpu-tests (tier 3 alone), next (the open measurements in the order they matter, one call). Each writes its
+# JSON and log under OUTDIR.
 set -u
 out=${1:?usage: gpu_job.sh OUTDIR PART...}; shift
 mkdir -p "$out"
@@ -81,6 +82,15 @@ for part in "$@"; do
     gpu-tests)  # about 280 s on an H100 (e6e6b3a): a call of its own
       timeout 420 python -m pytest -v -rfE --durations=12 tests/gpu -p no:cacheprovider > "$out/gpu_tests.log" 2>&1
       grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed" "$out/gpu_tests.log" | tail -70 ;;
+    next)  # the open measurements in the order they matter, in one call of about 590 s: the retests of the
+      # fixes not yet run on a GPU (mixed and compiled step, batched streaming), then exp1 at real scale
+      # (signal and resident at N=16/48/80, flex, 2048-token chunks) with where the fast path's time went
+      timeout 130 python -m pytest -q -rfE -p no:cacheprovider tests/gpu/test_mixed_step_gpu.py \
+        tests/gpu/test_compiled_step_gpu.py "tests/gpu/test_streaming.py::test_sessions_of_a_streamed_model_decode_in_one_batch_per_pass" \
+        > "$out/retest.log" 2>&1
+      grep -E "FAILED|ERROR|passed|failed" "$out/retest.log" | tail -8
+      EXP1_CHUNK=${EXP1_CHUNK:-2048} EXP1_POLICIES=${EXP1_POLICIES:-signal,resident} EXP1_AGENTS=${EXP1_AGENTS:-16,48,80} \
+        EXP1_BUDGET_S=${EXP1_BUDGET_S:-420} "$0" "$out" exp1m ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac
 done
