@@ -9,7 +9,7 @@
 # step: $EXP1_POLICIES, default signal, at $EXP1_AGENTS, default 48,80, flex and 512-token chunks), streamed
 # (16 sessions on a streamed 13B shape vs one), check (what was built without a GPU: tier-3 tests, decode
 # with flex and the compiled step, the flood reference), remote (7B decode at 1/32/64 rows, in process
-# and remote, flex), cluster (two GPUs: migration, tensor parallelism),
+# and remote, flex), overlap (the same with overlapped steps), cluster (two GPUs: migration, tensor parallelism),
 # gpu-tests (tier 3 alone), next (the open measurements in the order they matter, one call). Each writes its
 # JSON and log under OUTDIR.
 set -u
@@ -76,6 +76,10 @@ for part in "$@"; do
       timeout 330 python "$here/exp_decode/bench_decode.py" --shapes 7b --concurrency 1,32,64 --max-sessions 64 \
         --attentions flex --server-attention flex --out "$out/decode_7b_remote.json" > "$out/decode_remote.log" 2>&1
       grep -v -i warn "$out/decode_remote.log" | grep -E "^\[|Error|error" | tail -20 ;;
+    overlap)  # as remote, with overlapped steps (Note [Overlapped steps]): in process both ways, the server overlapped
+      timeout 330 python "$here/exp_decode/bench_decode.py" --shapes 7b --concurrency 1,32,64 --max-sessions 64 \
+        --attentions flex --server-attention flex --overlap --out "$out/decode_7b_overlap.json" > "$out/decode_overlap.log" 2>&1
+      grep -v -i warn "$out/decode_overlap.log" | grep -E "^\[|Error|error" | tail -20 ;;
     cluster)  # two GPUs (nvidia-h100-x2): migration GPU to GPU, 13B TP=2 vs one GPU, a 34B shape at TP=2
       timeout 560 python "$here/exp_cluster/bench_cluster.py" --gpus 0,1 --out "$out/cluster.json" > "$out/cluster.log" 2>&1
       grep -E "^\[|wrote" "$out/cluster.log" | tail -8 ;;

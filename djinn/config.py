@@ -186,6 +186,10 @@ class ServerConfig:
     fast_decode_compile: bool = False
     """Compile the decode step with torch.compile before capturing it (Note [Compiled step] in
     djinn/server/execution/fastpath.py): fewer, fused kernels; the first generate of a model waits for the compile."""
+    fast_decode_overlap: bool = False
+    """Launch each decode step of greedy rows before the previous step's tokens are read, so the host's
+    work overlaps the device's (Note [Overlapped steps] in djinn/server/execution/fastpath.py); the
+    same tokens. Off until measured on a GPU."""
     fast_decode_graphs: bool = True
     """Replay decode steps as CUDA graphs (CUDA only); false: run them eagerly (debugging)."""
     run_fork_from_kv: bool | None = None

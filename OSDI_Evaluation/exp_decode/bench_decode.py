@@ -100,7 +100,7 @@ def eager(model, prompt: torch.Tensor, new: int, device) -> dict:
 
 
 def inproc(model, prompts: list[torch.Tensor], steps: int, device, max_len: int, attention: str = "auto",
-           compile: bool = False) -> dict:
+           compile: bool = False, overlap: bool = False) -> dict:
     """DecodePool in this process over a KV block pool of its own: prefill each prompt into its blocks,
     join all rows, time `steps` batched steps with the given decode attention (gather or flex)."""
     from djinn.server.execution.fastpath import DecodePool, Row, Sampler
@@ -109,7 +109,7 @@ def inproc(model, prompts: list[torch.Tensor], steps: int, device, max_len: int,
 
     bt = 16
     kv = KVPool(KVShape.of_module(model), len(prompts) * -(-max_len // bt) + 1, bt, device)
-    pool = DecodePool(model, kv, len(prompts), max_len, attention=attention, compile=compile)
+    pool = DecodePool(model, kv, len(prompts), max_len, attention=attention, compile=compile, overlap=overlap)
     rows, firsts = [], []
     sync(device)
     t_pre = time.perf_counter()
@@ -134,10 +134,11 @@ def inproc(model, prompts: list[torch.Tensor], steps: int, device, max_len: int,
     t0 = time.perf_counter()
     for _ in range(steps):
         pool.step()
+    pool.drain()  # Note [Overlapped steps]: the last step's tokens
     sync(device)
     dt = (time.perf_counter() - t0) / steps
     res = {"rows": len(rows), "context": prompts[0].shape[1], "attention": pool.attention_kind,
-           "compiled": compile, "warm_s": warm_s,
+           "compiled": compile, "overlap": overlap, "warm_s": warm_s,
            "ms_per_step": dt * 1e3, "aggregate_tok_s": len(rows) / dt, "prefill_s": prefill_s,
            "tokens_row0": [firsts[0], *rows[0].new]}
     # The last prefill's output holds a PagedCache over `kv` too (an H100 ran out of memory at 32 rows x
@@ -244,6 +245,19 @@ def bench_shape(shape: str, args, device, dtype) -> dict:
             res["inproc"].append(r)
             print(f"[{shape}] in-process fast path ({r['attention']}), {n} rows: {r['ms_per_step']:.2f} ms/step, "
                   f"{r['aggregate_tok_s']:.0f} tok/s", flush=True)
+    if args.overlap:  # Note [Overlapped steps]: the same steps, each launched before the last one's tokens are read
+        for n in conc:
+            attention = args.attentions[-1]
+            r = inproc(model, prompts[:n], args.steps, device, args.max_len, attention, overlap=True)
+            plain = [x for x in res["inproc"] if x["rows"] == n and x["attention"] == r["attention"]]
+            if plain:
+                r["x_plain_steps"] = plain[-1]["ms_per_step"] / r["ms_per_step"]
+                k = min(len(r["tokens_row0"]), len(plain[-1]["tokens_row0"]))
+                r["greedy_match_vs_plain_steps"] = _prefix(r["tokens_row0"][:k], plain[-1]["tokens_row0"][:k])
+            res.setdefault("inproc_overlap", []).append(r)
+            print(f"[{shape}] in-process overlapped ({r['attention']}), {n} rows: {r['ms_per_step']:.2f} ms/step, "
+                  f"{r['aggregate_tok_s']:.0f} tok/s ({r.get('x_plain_steps', float('nan')):.3f}x plain steps)",
+                  flush=True)
     for n in args.compile_rows:  # Note [Compiled step]: the same step compiled, the server's attention
         attention = args.attentions[-1]
         r = inproc(model, prompts[:n], args.steps, device, args.max_len, attention, compile=True)
@@ -291,7 +305,8 @@ def bench_shape(shape: str, args, device, dtype) -> dict:
     srv = start_server(str(device), "--fast-decode", "on", "--fast-decode-max-batch", str(max(conc)),
                        "--fast-decode-max-len", str(args.max_len), "--log-level", "WARNING",
                        "--fast-decode-attention", args.server_attention,
-                       *(["--fast-decode-compile"] if args.server_compile else []))
+                       *(["--fast-decode-compile"] if args.server_compile else []),
+                       *(["--fast-decode-overlap"] if args.overlap else []))
     from djinn.frontend.connection import Connection
 
     holder = Connection(srv.address, secret=None)  # keeps the model (and its decode pool) between rounds
@@ -418,6 +433,8 @@ def main() -> int:
     p.add_argument("--server-attention", default="auto", help="the server's --fast-decode-attention")
     p.add_argument("--compile-rows", default="", dest="compile_rows",
                    help="row counts to time again with the step compiled (Note [Compiled step]), e.g. 1,32")
+    p.add_argument("--overlap", action="store_true",
+                   help="also time the in-process steps overlapped, and serve with --fast-decode-overlap")
     p.add_argument("--server-compile", action="store_true", dest="server_compile",
                    help="the server compiles its decode step (--fast-decode-compile, Note [Compiled step])")
     p.add_argument("--in-process-only", action="store_true", dest="in_process_only",

@@ -88,6 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="capture every decode graph when a model's pool is made (all, default) or each at first use (lazy)")
     p.add_argument("--fast-decode-compile", dest="fast_decode_compile", action="store_const", const=True,
                    help="compile the decode step with torch.compile before capturing its graphs")
+    p.add_argument("--fast-decode-overlap", dest="fast_decode_overlap", action="store_const", const=True,
+                   help="launch each greedy decode step before reading the previous step's tokens")
     p.add_argument("--memory-history", dest="memory_history", action="store_const", const=True,
                    help="record each device allocation's frames, shown for memory no segment owns (debugging)")
     p.add_argument("--checkpoint-dir", dest="checkpoint_dir",
@@ -139,7 +141,7 @@ def main(argv=None) -> int:
                         prefix_caching=args.prefix_caching,
                         fast_decode_max_len=args.fast_decode_max_len,
                         fast_decode_capture=args.fast_decode_capture, memory_history=args.memory_history,
-                        fast_decode_compile=args.fast_decode_compile,
+                        fast_decode_compile=args.fast_decode_compile, fast_decode_overlap=args.fast_decode_overlap,
                         fast_decode_attention=args.fast_decode_attention, checkpoint_dir=args.checkpoint_dir,
                         log_format=args.log_format, log_level=args.log_level).validate()
     except (ValueError, TypeError) as e:

@@ -16,14 +16,17 @@ from ..models import VOCAB, tiny_causal_lm, tiny_llama, tiny_mistral, tiny_qwen2
 from .test_scheduling import submit_generate, wait_for
 
 
-@pytest.fixture(scope="module")
-def fast_server():
+@pytest.fixture(scope="module", params=[False, True], ids=["steps", "overlapped"])
+def fast_server(request):
+    """Every test of this file against a server whose greedy steps overlap (Note [Overlapped steps]) too:
+    the same tokens, streams, cancels and sessions."""
     from ..conftest import ServerProcess
 
     # capture=all: on a GPU server every bucket is captured before the first row joins (no-op on the CPU)
     # prefill-step-tokens 16: prompts longer than that prefill in chunks, between decode steps
     s = ServerProcess("--fast-decode", "on", "--fast-decode-max-batch", "8", "--fast-decode-max-len", "256",
-                      "--fast-decode-capture", "all", "--prefill-step-tokens", "16")
+                      "--fast-decode-capture", "all", "--prefill-step-tokens", "16",
+                      *(("--fast-decode-overlap",) if request.param else ()))
     yield s
     s.stop()
 
@@ -63,6 +66,7 @@ def test_concurrent_sessions_share_steps_and_match_local_greedy(fast_server, bui
         assert fast["rows"] == 0 and fast["steps"] > 0
         assert fast["rows_stepped"] > fast["steps"], "no step ever batched two sessions"
         assert all(st["sessions"][s.sid]["decode"]["fast"] == 1 for s in sessions)
+        assert (fast["overlapped_steps"] > 0) == fast["overlap"]  # Note [Overlapped steps]: they did
     finally:
         conn.close()
 

@@ -254,3 +254,59 @@ def test_a_free_slots_non_finite_writes_reach_no_row():
         return [r.new for r in rows[:3]]
 
     assert decode(True) == decode(False)
+
+
+def _decode_rows(model, overlap: bool, eos: dict[int, int], n: int):
+    """Three rows (one ends at an eos the others do not know, one joins late) decoded to the end in a
+    pool with or without overlapped steps; their tokens, the KV their blocks hold up to each table's
+    length, and the pool."""
+    kv = KVPool(KVShape.of_module(model), 64, 4, "cpu")
+    pool = DecodePool(model, kv, 4, 64, graphs=False, overlap=overlap)
+    prompts = [torch.tensor([[5, 9, 33, 42, 17]]), torch.tensor([[8, 61, 3, 44, 12, 90, 7]]), torch.tensor([[4, 4, 9]])]
+    rows, tables = [], []
+
+    def join(i):
+        ids = prompts[i]
+        t = kv.new_table(1)
+        assert kv.reserve(t, ids.shape[1] + n)
+        with torch.no_grad():
+            first = int(model(ids, past_key_values=PagedCache(kv, t), use_cache=True).logits[:, -1].argmax(-1))
+        r = Row(first, ids.shape[1], ids.shape[1], n - 1, Sampler(False), frozenset({eos[i]}) if i in eos else frozenset())
+        r.new.append(first)
+        pool.join(r, t)
+        rows.append(r)
+        tables.append(t)
+
+    join(0)
+    join(1)
+    steps = 0
+    while not all(r.done for r in rows) or len(rows) < 3 or pool._flight is not None:
+        pool.step()
+        steps += 1
+        if steps == 2:
+            join(2)  # joins while a step is in flight
+        for r, t in zip(rows, tables):
+            if r.done and r.slot >= 0:
+                pool.leave(r, t)
+    kept = [torch.cat([kv.kv[:, :, b] for b in t.rows[0]], dim=2)[:, :, :t.length].clone() for t in tables]
+    return [r.new for r in rows], [t.length for t in tables], kept, pool
+
+
+def test_overlapped_steps_give_the_same_tokens_and_kv_as_plain_steps():
+    """Note [Overlapped steps]: each step is launched before the last one's tokens are read; a row's
+    eos is learned a step late and its extra step writes no position its KV holds; a row that joins
+    while a step is in flight feeds its own token. Tokens and table lengths are the plain steps', the
+    KV below them too but for rounding: the eos row's extra step makes that batch one row larger, and
+    a batch's size changes its GEMMs' rounding (as any row joining or leaving does)."""
+    model = tiny_llama(seed=6).eval()
+    plain_tokens, _, _, _ = _decode_rows(model, False, {}, 12)
+    eos = {0: plain_tokens[0][4], 1: plain_tokens[1][9]}  # row 0 ends early, row 1 later, row 2 by count
+    a = _decode_rows(model, False, eos, 12)
+    b = _decode_rows(model, True, eos, 12)
+    assert a[0] == b[0] and a[1] == b[1]
+    assert len(a[0][0]) < 12 and len(a[0][2]) == 12
+    for x, y in zip(a[2], b[2]):
+        torch.testing.assert_close(y, x, rtol=0, atol=1e-6)
+    assert torch.equal(a[2][0], b[2][0])  # row 0 ended before the batches differed
+    assert a[3].overlapped == 0 and b[3].overlapped > 0
+    assert b[3]._flight is None and not b[3].rows

@@ -70,7 +70,7 @@ def pool_for(engine, entry) -> DecodePool:
         plain = getattr(entry, "streamed", None) is None and not getattr(entry, "tp", None)
         pool = DecodePool(entry.module, kv, kv.plan.decode_rows, cfg.fast_decode_max_len,
                           graphs=None if cfg.fast_decode_graphs and plain else False, attention=kv.plan.attention,
-                          compile=cfg.fast_decode_compile and plain)
+                          compile=cfg.fast_decode_compile and plain, overlap=cfg.fast_decode_overlap and plain)
         if cfg.fast_decode_capture == "all":
             n = pool.capture_all()
             log.info("fast path for %s: captured %d step graphs in %.1f s", type(entry.module).__name__, n,
@@ -242,6 +242,8 @@ def fast_turn(tasks: list, max_tokens: int) -> None:
     chunks = _take_chunks(fast)
     for key, pool in stepping.items():
         items = chunks.get(key, (pool, []))[1]
+        if items:
+            pool.drain()  # a mixed step feeds its decode rows' tokens from the host (Note [Overlapped steps])
         mine = [t for t in fast if t.pool is pool and t.row is not None]
         group = [c for _, c in items]
         if can_mix(pool, group, max_tokens, _gather(pool, max_tokens)):

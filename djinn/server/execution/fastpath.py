@@ -60,7 +60,28 @@ Note [Compiled step]
     a few microseconds on the device whatever its size, some 3 of its 8.4 ms on an H100. Dynamo traces
     the whole paged forward with no graph break (the thread-local step, the attention interface, the
     pool writes), batch and length symbolic, so one compile serves every bucket. Compiled numerics are
-    the fast path's (Note [Fast path numerics]): equal to eager decode to rounding. It runs under
+    the fast path's (Note [Overlapped steps]
+    With `fast_decode_overlap` (off by default until measured on a GPU), a step of greedy rows does not
+    wait for its tokens before the next step is launched (vLLM V1's async scheduling): each step's
+    argmax stays on the device (`_next`, per slot) and feeds the next step's ids there, while the
+    host reads it into a pinned buffer (two, alternating) behind an event. `step` launches step n,
+    then applies step n-1's tokens (by then done on the device, or nearly), so the host's work for
+    n-1 and the engine's turn around it (replies, requests, scheduling) overlap step n on the device.
+    What the host must know before a launch it knows without the tokens: positions (`Row.ahead`:
+    steps launched whose token is not applied yet) and counts (a row whose in-flight step makes its
+    last token is not launched again). Only eos is learned a step late: a row that sampled eos in
+    step n-1 has taken step n too, at the unfed position after its eos, harmless as a done row's
+    token is. A row that is not launched but holds a slot feeds the last position of its reserved
+    blocks, which no token of its generate reaches (its tokens end one short: Note [Fast path and the
+    session cache]), so a stale step never writes a position the row's KV holds. Rows leave only after
+    the step in flight was applied (`drop` drains first): the blocks it writes then belong to no
+    one else yet. A step with a sampled row, a recording row or a row under min_new_tokens, and the
+    mixed step (its decode rows' tokens come from the host), drain first and run as before. Tokens
+    are those of plain steps (tested, with eos, a late join, streams and cancels): the same argmax,
+    over logits that differ at most by rounding, since an eos row stays in the batch one step longer
+    and a batch's size changes its GEMMs' rounding, as any row joining or leaving does.
+
+Note [Fast path numerics]): equal to eager decode to rounding. It runs under
     no_grad, not inference mode: a compiled in-place write into the pool under inference mode fails
     (torch 2.13: "Cannot set version_counter for inference tensor"). A compile that fails (a compiler
     missing or failing on the machine) leaves the pool stepping uncompiled, with `stats()` saying why;
@@ -315,13 +336,24 @@ class Row:
     error: InvalidRequest | None = None  # its scores could not be sampled: it ends, the other rows go on
     steer: dict | None = None    # {layer: vector [hidden]} added to that layer's output (Note [Steering])
     record: dict | None = None   # {layer: list}: each fed position's output appended (Note [Recorded activations])
+    ahead: int = 0               # steps launched whose token is not applied yet (Note [Overlapped steps])
+    cap: int = 0                 # positions its blocks hold (set when it joins)
+
+
+@dataclass
+class _Flight:
+    """A launched step whose tokens the host has not applied (Note [Overlapped steps])."""
+
+    rows: list                   # (row, its slot at launch)
+    host: torch.Tensor           # the step's tokens, landing in pinned memory
+    event: object                # recorded after the copy (None on the CPU: the copy is done)
 
 
 class DecodePool:
     """The batched decode step of one model (Note [Decode pool]): its rows and captured step graphs."""
 
     def __init__(self, module: torch.nn.Module, kv_pool, rows: int, max_len: int, graphs: bool | None = None,
-                 attention: str = "auto", compile: bool = False):
+                 attention: str = "auto", compile: bool = False, overlap: bool = False):
         self.module, self.kv_pool = module, kv_pool
         self.device = kv_pool.device
         self.head_dim, self.kv_heads = kv_pool.shape.head_dim, kv_pool.shape.kv_heads
@@ -361,6 +393,13 @@ class DecodePool:
         # prefills (fast_task.fast_turn, up to their first tokens' read), and the prompt tokens each fed.
         self.mixed_s, self.mixed_tokens = 0.0, 0
         self.prefill_s, self.prefill_tokens = 0.0, 0
+        # Note [Overlapped steps]
+        self.overlap = overlap
+        self.overlapped = 0    # steps launched before the previous step's tokens were read
+        self._next = torch.zeros(self.slots, dtype=torch.long, device=self.device)
+        pin = self.device.type == "cuda"
+        self._landing = [torch.zeros(self.slots, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        self._flight: _Flight | None = None
 
     def buffers(self) -> list[torch.Tensor]:
         """The step's own device tensors: row tables, ids, positions, steering and recording rows, the
@@ -380,6 +419,7 @@ class DecodePool:
             raise RuntimeError("a fast-path row joined with fewer blocks than its tokens need")
         row.slot = len(self.rows)
         ids = table.rows[0]
+        row.cap = len(ids) * self.bt
         self.tables[row.slot].fill_(ids[-1])  # never the scratch block (Note [Decode pool])
         self.tables[row.slot, :len(ids)].copy_(torch.tensor(ids, dtype=torch.long))
         if row.steer:
@@ -405,11 +445,13 @@ class DecodePool:
         """Give the slot up; the last row moves into it, and the freed slot points at scratch again."""
         if row not in self.rows:
             return
+        self.drain()  # Note [Overlapped steps]: the step in flight may still write into its blocks
         last = self.rows[-1]
         if last is not row:
             self.tables[row.slot].copy_(self.tables[last.slot])
             for buf in self.steer.values():
                 buf[row.slot].copy_(buf[last.slot])
+            self._next[row.slot].copy_(self._next[last.slot])
             last.slot, self.rows[row.slot] = row.slot, last
         self.rows.pop()
         self.tables[len(self.rows)].zero_()
@@ -420,15 +462,83 @@ class DecodePool:
 
     # -- one step for every row ----------------------------------------------------------------------
     def step(self) -> None:
-        """Feed every row its token, sample its next one; rows that are finished are marked done."""
+        """Feed every row its token, sample its next one; rows that are finished are marked done. With
+        overlap, a greedy batch's tokens are applied a step later (Note [Overlapped steps])."""
         rows = [r for r in self.rows if not r.done]
-        if not rows:
+        if not rows and self._flight is None:
             return
         t0 = time.perf_counter()
         try:
-            self._step(rows)
+            if self.overlap and rows and all(self._overlappable(r) for r in rows):
+                self._step_ahead(rows)
+            else:
+                self.drain()
+                rows = [r for r in self.rows if not r.done]
+                if rows:
+                    self._step(rows)
         finally:
             self.step_s += time.perf_counter() - t0
+
+    @staticmethod
+    def _overlappable(r: Row) -> bool:
+        return not r.sampler.do_sample and not r.record and not r.ban_eos
+
+    def _step_ahead(self, rows: list[Row]) -> None:
+        """Note [Overlapped steps]: launch the next step from the device's tokens, then apply the last."""
+        go = [r for r in rows if r.remaining - r.ahead > 0]
+        if not go:
+            self.drain()
+            return
+        going = {id(r) for r in go}
+        n = len(self.rows)
+        pos = [r.pos + r.ahead if id(r) in going else r.cap - 1 for r in self.rows]
+        B = _bucket(n, self.slots)
+        L = length_bucket(max(pos) + 1, self.max_len) if self.attention.length_buckets else self.max_len
+        self.ids[:n].copy_(torch.tensor([r.token for r in self.rows], dtype=torch.long))
+        self.pos[:n].copy_(torch.tensor(pos, dtype=torch.long))
+        ahead = torch.tensor([r.ahead > 0 for r in self.rows], device=self.device)
+        if self._flight is not None:
+            self.ids[:n] = torch.where(ahead, self._next[:n], self.ids[:n])
+        layers = frozenset(k for r in self.rows if r.steer for k in r.steer)
+        logits = self._run(B, L, layers, frozenset())[:n]
+        self._next[:n].copy_(logits.argmax(-1))
+        host = self._landing[self.steps % 2]
+        host[:n].copy_(self._next[:n], non_blocking=True)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        if self._flight is not None:
+            self.overlapped += 1
+        self.drain()  # the previous step's tokens: done on the device by now, or nearly
+        for r in go:
+            r.ahead += 1
+        self.steps += 1
+        self.rows_stepped += len(go)
+        self._flight = _Flight([(r, r.slot) for r in go], host, event)
+
+    def drain(self) -> None:
+        """Apply the step in flight's tokens (Note [Overlapped steps]); nothing when none is."""
+        f, self._flight = self._flight, None
+        if f is None:
+            return
+        if f.event is not None:
+            f.event.synchronize()
+        toks = f.host.tolist()
+        for r, slot in f.rows:
+            r.ahead -= 1
+            if not r.done:
+                self._apply(r, toks[slot])
+
+    def _apply(self, r: Row, tok: int) -> None:
+        r.pos += 1
+        r.token = tok
+        r.new.append(tok)
+        r.remaining -= 1
+        if r.on_token is not None:
+            r.on_token(tok)
+        if r.remaining <= 0 or tok in r.eos:
+            r.done = True
 
     def length(self) -> int:
         """The positions this step's attention spans: the longest row's length bucket with the gather,
@@ -483,14 +593,7 @@ class DecodePool:
             if tok is None:  # its scores could not be sampled: its request only (Note [Scores are checked
                 r.error, r.done = refused([0]), True            # before sampling]): its one row
                 continue
-            r.pos += 1
-            r.token = tok
-            r.new.append(tok)
-            r.remaining -= 1
-            if r.on_token is not None:
-                r.on_token(tok)
-            if r.remaining <= 0 or tok in r.eos:
-                r.done = True
+            self._apply(r, tok)
 
     def _next_tokens(self, logits: torch.Tensor, rows: list[Row]) -> dict[int, int]:
         """slot -> next token of every row; a sampled row whose scores are not finite is left out. Two
@@ -633,4 +736,5 @@ class DecodePool:
                 "hooked_graphs": sorted((B, L, sorted(ls), sorted(rs)) for B, L, ls, rs in self._graphs if ls or rs),
                 "capture_s": round(self.capture_s, 3), "step_s": round(self.step_s, 6), "steps": self.steps, "mixed_steps": self.mixed_steps, "rows_stepped": self.rows_stepped,
                 "mixed_s": round(self.mixed_s, 6), "mixed_tokens": self.mixed_tokens,
-                "prefill_s": round(self.prefill_s, 6), "prefill_tokens": self.prefill_tokens}
+                "prefill_s": round(self.prefill_s, 6), "prefill_tokens": self.prefill_tokens,
+                "overlap": self.overlap, "overlapped_steps": self.overlapped}
