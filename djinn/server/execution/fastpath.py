@@ -399,6 +399,11 @@ class DecodePool:
         self._next = torch.zeros(self.slots, dtype=torch.long, device=self.device)
         pin = self.device.type == "cuda"
         self._landing = [torch.zeros(self.slots, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        # A copy from pageable memory waits for the stream, the step in flight included: each launch's
+        # ids, positions and ahead flags go through pinned memory, one of two by the step's parity (the
+        # one a launch writes was last read two steps ago, before the event the host then waited on).
+        self._staging = [torch.zeros(3, self.slots, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        self._ahead = torch.zeros(self.slots, dtype=torch.bool, device=self.device)
         self._flight: _Flight | None = None
 
     def buffers(self) -> list[torch.Tensor]:
@@ -494,11 +499,14 @@ class DecodePool:
         pos = [r.pos + r.ahead if id(r) in going else r.cap - 1 for r in self.rows]
         B = _bucket(n, self.slots)
         L = length_bucket(max(pos) + 1, self.max_len) if self.attention.length_buckets else self.max_len
-        self.ids[:n].copy_(torch.tensor([r.token for r in self.rows], dtype=torch.long))
-        self.pos[:n].copy_(torch.tensor(pos, dtype=torch.long))
-        ahead = torch.tensor([r.ahead > 0 for r in self.rows], device=self.device)
+        stage = self._staging[self.steps % 2]
+        stage[:, :n] = torch.tensor([[r.token for r in self.rows], pos, [int(r.ahead > 0) for r in self.rows]],
+                                    dtype=torch.long)
+        self.ids[:n].copy_(stage[0, :n], non_blocking=True)
+        self.pos[:n].copy_(stage[1, :n], non_blocking=True)
         if self._flight is not None:
-            self.ids[:n] = torch.where(ahead, self._next[:n], self.ids[:n])
+            self._ahead[:n].copy_(stage[2, :n], non_blocking=True)
+            self.ids[:n] = torch.where(self._ahead[:n], self._next[:n], self.ids[:n])
         layers = frozenset(k for r in self.rows if r.steer for k in r.steer)
         logits = self._run(B, L, layers, frozenset())[:n]
         self._next[:n].copy_(logits.argmax(-1))
