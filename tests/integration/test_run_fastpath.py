@@ -461,17 +461,19 @@ def test_a_fork_at_a_stop_after_the_steps_between_stops_continues_as_its_parent(
         rm = RemoteModel.from_module(s, model)
         ids = _prompt(18)
         kw = dict(max_new_tokens=T, do_sample=True, temperature=0.9, top_k=20)
-        bps = [Breakpoint(layer=0, step=1), Breakpoint(layer=1, step=4)]
+        bps = [Breakpoint(layer=0, step=1), Breakpoint(layer=1, step=4), Breakpoint(layer=1, step=8)]
         run = s.start(rm, ids, method="generate", seed=3, breakpoints=bps, **kw)
         assert run.wait(60).step == 1
         stop = run.resume()
         assert (stop.step, stop.hit) == (4, 1)
-        child = stop.fork()
-        assert child.resume() is None and run.resume() is None
+        child = stop.fork()  # the fork's steps to its next stop are a job of its own, its run id kept
+        nxt = child.resume()
+        assert (nxt.step, nxt.hit, nxt.run.run_id) == (8, 2, child.run_id) and child.resume() is None
+        assert run.resume().step == 8 and run.resume() is None
         assert torch.equal(child.output, run.output)
         again = s.start(rm, ids, method="generate", seed=3, breakpoints=bps, **kw)
-        assert again.wait(60).step == 1 and again.resume().step == 4 and again.resume() is None
-        assert torch.equal(again.output, run.output)  # seeded: reproducible on one server
+        assert again.wait(60).step == 1 and again.resume().step == 4 and again.resume().step == 8
+        assert again.resume() is None and torch.equal(again.output, run.output)  # seeded: reproducible
         # cancelled at its second stop: every block back
         run = s.start(rm, ids, method="generate", seed=3, breakpoints=bps, **kw)
         assert run.wait(60).step == 1 and run.resume().step == 4
