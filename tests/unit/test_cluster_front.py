@@ -61,8 +61,11 @@ def test_a_replys_request_id_is_read_from_its_frames():
 def test_placement_takes_the_most_free_kv_then_the_fewest_sessions():
     f = front.Front.__new__(front.Front)
     f.workers = [_W(0, free=100), _W(1, free=300), _W(2, free=300)]
-    f.sessions = {"s1": 1}
+    f.sessions, f.span = {"s1": 1}, {}
     assert f.place().rank == 2           # 1 and 2 tie on free KV; 2 holds fewer sessions
+    # a tensor-parallel session counts on every worker of its span: 1 and 2 hold two sessions each
+    f.sessions, f.span = {"s1": 1, "tp": 1, "s2": 2}, {"tp": (1, 2)}
+    assert f.place().rank == 1
     f.workers[2].alive = False
     assert f.place().rank == 1
     assert f.place([f.workers[0]]).rank == 0

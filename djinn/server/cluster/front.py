@@ -258,11 +258,7 @@ class Front:
         if not whole:
             raise InvalidRequest(f"tp={tp} needs a block of {tp} live workers; {len(live)} of "
                                  f"{len(self.workers)} are live")
-        count = {r: 0 for r in live}
-        for sid, rank in self.sessions.items():
-            for r in self.span.get(sid, (rank,)):
-                if r in count:
-                    count[r] += 1
+        count = self._sessions_on(live)
         return max(whole, key=lambda b: (sum(live[r].load.get("free_kv_bytes", 0) for r in b),
                                          -sum(count[r] for r in b), -b[0]))
 
@@ -281,11 +277,17 @@ class Front:
         live = self.live() if among is None else among
         if not live:
             return None
-        count = {w.rank: 0 for w in live}
-        for rank in self.sessions.values():
-            if rank in count:
-                count[rank] += 1
+        count = self._sessions_on(live)
         return max(live, key=lambda w: (w.load.get("free_kv_bytes", 0), -count[w.rank], -w.rank))
+
+    def _sessions_on(self, workers) -> dict[int, int]:
+        """Sessions per worker rank, a tensor-parallel session counted on every worker of its span."""
+        count = {w if isinstance(w, int) else w.rank: 0 for w in workers}
+        for sid, rank in self.sessions.items():
+            for r in self.span.get(sid, (rank,)):
+                if r in count:
+                    count[r] += 1
+        return count
 
     def _gather_stats(self, req: Request) -> None:
         live = self.live()
