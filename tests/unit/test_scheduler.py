@@ -345,6 +345,21 @@ def test_signal_drops_when_the_host_pool_cannot_take_its_victims():
     assert d.drop == () and d.queue == (Action("new", 0, Reason.NO_MEMORY),)
 
 
+def test_a_due_prefetch_drops_for_room_when_the_host_pool_is_full():
+    """Note [Drop when the host is full]: a session due back whose room swapping cannot make drops a
+    session that returns after it (not one that returns before it) and is copied back now."""
+    due = SessionView("due", S.SWAPPED, host_bytes=K, io_wait_since=0.0, io_eta_s=10.0)
+    before = SessionView("before", S.IO_WAIT, gpu_bytes=K, last_active=0.0, io_wait_since=0.0, io_eta_s=9.8)
+    after = SessionView("after", S.IO_WAIT, gpu_bytes=K, last_active=1.0, io_wait_since=0.0, io_eta_s=60.0)
+    full = mem(2 * K, 2 * K, host=K, host_used=K)  # the host holds `due` and nothing more
+    d = schedule(signal(headroom=0.0), View(9.5, (due, before, after), full, BW))
+    assert d.drop == (Action("after", K, Reason.MAKE_ROOM, "due"),) and d.swap_out == ()
+    assert d.prefetch == (Action("due", K, Reason.ETA),)
+    # with room on the host it swaps instead, and the prefetch waits for the copy
+    d = schedule(signal(headroom=0.0), View(9.5, (due, before, after), mem(2 * K, 2 * K, host=4 * K, host_used=K), BW))
+    assert d.drop == () and d.swap_out == (Action("after", K, Reason.MAKE_ROOM, "due"),) and d.prefetch == ()
+
+
 def test_planned_prefetches_account_for_each_other():
     x = SessionView("x", S.SWAPPED, host_bytes=K, io_wait_since=0.0, io_eta_s=10.0)
     y = SessionView("y", S.SWAPPED, host_bytes=K, io_wait_since=0.0, io_eta_s=12.0)

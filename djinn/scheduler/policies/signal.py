@@ -22,7 +22,9 @@ Note [Drop when the host is full]
     `recompute`): one prefill of its context, about what its first turn cost. So when the victims'
     bytes cannot go to the host, the same victims, in the same order (the one returning last first),
     are dropped, and the request runs now. Only when dropping every victim would not be enough does it
-    queue (NO_MEMORY). Reason: MAKE_ROOM with the request as its cause, as for a swap-out.
+    queue (NO_MEMORY). Reason: MAKE_ROOM with the request as its cause, as for a swap-out. A due
+    prefetch that swapping cannot make room for drops the same way, among the sessions that return
+    after it or sent no signal, and is copied back now rather than missed at its request.
 
 Note [Prefetch start]
     start = returns_at - kv/bw - margin - short/bw, with short = the bytes of room missing for the KV
@@ -100,6 +102,13 @@ class SignalPolicy(PolicyBase):
                     later = [v for v in far if v.returns_at is None or v.returns_at > s.returns_at]
                     swap_out_for(plan, s, kv, later + idle)
                     promised += kv
+                    if kv > plan.gpu_free + plan.freeing:  # Note [Drop when the host is full]
+                        chosen = pick([v for v in later + idle if v.sid not in plan.taken],
+                                      kv - plan.gpu_free - plan.freeing)
+                        for v in chosen or ():
+                            plan.drop(v, Reason.MAKE_ROOM, s.sid)
+                        if chosen and kv <= plan.gpu_free:
+                            plan.take("prefetch", s, kv, Reason.ETA)
             # else: still leaving; the completed swap-out calls schedule again
 
     def _victim_groups(self, plan: Plan) -> tuple[list[SessionView], list[SessionView], list[SessionView]]:
