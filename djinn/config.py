@@ -187,7 +187,7 @@ class ServerConfig:
     """Compile the decode step with torch.compile before capturing it (Note [Compiled step] in
     djinn/server/execution/fastpath.py): fewer, fused kernels; the first generate of a model waits for the compile."""
     fast_decode_overlap: bool = False
-    """Launch each decode step of greedy rows before the previous step's tokens are read, so the host's
+    """Launch each decode step before the previous step's tokens are read, so the host's
     work overlaps the device's (Note [Overlapped steps] in djinn/server/execution/fastpath.py); the
     same tokens. Off until measured on a GPU."""
     fast_decode_graphs: bool = True

@@ -89,7 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fast-decode-compile", dest="fast_decode_compile", action="store_const", const=True,
                    help="compile the decode step with torch.compile before capturing its graphs")
     p.add_argument("--fast-decode-overlap", dest="fast_decode_overlap", action="store_const", const=True,
-                   help="launch each greedy decode step before reading the previous step's tokens")
+                   help="launch each decode step before reading the previous step's tokens (not yet measured on a GPU)")
     p.add_argument("--memory-history", dest="memory_history", action="store_const", const=True,
                    help="record each device allocation's frames, shown for memory no segment owns (debugging)")
     p.add_argument("--checkpoint-dir", dest="checkpoint_dir",

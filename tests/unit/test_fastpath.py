@@ -199,16 +199,19 @@ def test_prefill_budget_counts_turns_and_chunks():
         PrefillBudget(0)
 
 
-def test_a_row_whose_scores_are_not_finite_fails_alone():
+@pytest.mark.parametrize("overlap", [False, True], ids=["steps", "overlapped"])
+def test_a_row_whose_scores_are_not_finite_fails_alone(overlap):
     """Note [Scores are checked before sampling]: a sampled row fed a token whose embedding is NaN gets NaN
-    logits; the batched step marks that row failed (InvalidRequest) and the other rows of the step go on."""
+    logits; the batched step marks that row failed (InvalidRequest) and the other rows of the step go on.
+    Overlapped (Note [Overlapped steps]), it draws from a uniform distribution instead and fails when its
+    token is applied, a step later."""
     from djinn.protocol.errors import InvalidRequest
 
     model = tiny_llama(seed=6).eval()
     with torch.no_grad():
         model.model.embed_tokens.weight[77] = float("nan")
     kv = KVPool(KVShape.of_module(model), 32, 4, "cpu")
-    pool = DecodePool(model, kv, 4, 64, graphs=False)
+    pool = DecodePool(model, kv, 4, 64, graphs=False, overlap=overlap)
     rows = []
     for token, seed in ((77, 1), (5, 2), (9, None)):
         t = kv.new_table(1)
@@ -218,11 +221,13 @@ def test_a_row_whose_scores_are_not_finite_fails_alone():
         pool.join(r, t)
         rows.append(r)
     pool.step()
+    pool.drain()
     bad, sampled, greedy = rows
     assert bad.done and isinstance(bad.error, InvalidRequest) and bad.new == [] and bad.pos == 4
     assert sampled.error is None and len(sampled.new) == 1 and sampled.pos == 5 and not sampled.done
     assert greedy.error is None and len(greedy.new) == 1
     pool.step()
+    pool.drain()
     assert len(sampled.new) == 2 and len(greedy.new) == 2 and bad.new == []
 
 
@@ -256,7 +261,7 @@ def test_a_free_slots_non_finite_writes_reach_no_row():
     assert decode(True) == decode(False)
 
 
-def _decode_rows(model, overlap: bool, eos: dict[int, int], n: int):
+def _decode_rows(model, overlap: bool, eos: dict[int, int], n: int, sampled: bool = False):
     """Three rows (one ends at an eos the others do not know, one joins late) decoded to the end in a
     pool with or without overlapped steps; their tokens, the KV their blocks hold up to each table's
     length, and the pool."""
@@ -271,7 +276,10 @@ def _decode_rows(model, overlap: bool, eos: dict[int, int], n: int):
         assert kv.reserve(t, ids.shape[1] + n)
         with torch.no_grad():
             first = int(model(ids, past_key_values=PagedCache(kv, t), use_cache=True).logits[:, -1].argmax(-1))
-        r = Row(first, ids.shape[1], ids.shape[1], n - 1, Sampler(False), frozenset({eos[i]}) if i in eos else frozenset())
+        sampler = Sampler(True, temperature=0.8, top_k=50, generator=torch.Generator().manual_seed(i)) if sampled \
+            else Sampler(False)
+        r = Row(first, ids.shape[1], ids.shape[1], n - 1, sampler, frozenset({eos[i]}) if i in eos else frozenset(),
+                ban_eos=3 if i == 1 else 0)
         r.new.append(first)
         pool.join(r, t)
         rows.append(r)
@@ -310,3 +318,7 @@ def test_overlapped_steps_give_the_same_tokens_and_kv_as_plain_steps():
     assert torch.equal(a[2][0], b[2][0])  # row 0 ended before the batches differed
     assert a[3].overlapped == 0 and b[3].overlapped > 0
     assert b[3]._flight is None and not b[3].rows
+    # seeded sampling draws the same tokens from each row's own generator
+    s_plain = _decode_rows(model, False, {}, 12, sampled=True)
+    s_over = _decode_rows(model, True, {}, 12, sampled=True)
+    assert s_plain[0] == s_over[0] and s_plain[0] != plain_tokens and s_over[3].overlapped > 0

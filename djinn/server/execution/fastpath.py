@@ -61,52 +61,29 @@ Note [Compiled step]
     the whole paged forward with no graph break (the thread-local step, the attention interface, the
     pool writes), batch and length symbolic, so one compile serves every bucket. Compiled numerics are
     the fast path's (Note [Overlapped steps]
-    With `fast_decode_overlap` (off by default until measured on a GPU), a step of greedy rows does not
-    wait for its tokens before the next step is launched (vLLM V1's async scheduling): each step's
-    argmax stays on the device (`_next`, per slot) and feeds the next step's ids there, while the
-    host reads it into a pinned buffer (two, alternating) behind an event. `step` launches step n,
-    then applies step n-1's tokens (by then done on the device, or nearly), so the host's work for
-    n-1 and the engine's turn around it (replies, requests, scheduling) overlap step n on the device.
-    What the host must know before a launch it knows without the tokens: positions (`Row.ahead`:
-    steps launched whose token is not applied yet) and counts (a row whose in-flight step makes its
-    last token is not launched again). Only eos is learned a step late: a row that sampled eos in
-    step n-1 has taken step n too, at the unfed position after its eos, harmless as a done row's
-    token is. A row that is not launched but holds a slot feeds the last position of its reserved
-    blocks, which no token of its generate reaches (its tokens end one short: Note [Fast path and the
-    session cache]), so a stale step never writes a position the row's KV holds. Rows leave only after
-    the step in flight was applied (`drop` drains first): the blocks it writes then belong to no
-    one else yet. A step with a sampled row, a recording row or a row under min_new_tokens, and the
-    mixed step (its decode rows' tokens come from the host), drain first and run as before. Tokens
-    are those of plain steps (tested, with eos, a late join, streams and cancels): the same argmax,
-    over logits that differ at most by rounding, since an eos row stays in the batch one step longer
-    and a batch's size changes its GEMMs' rounding, as any row joining or leaving does.
-
-Note [Fast path numerics]): equal to eager decode to rounding. It runs under
-    no_grad, not inference mode: a compiled in-place write into the pool under inference mode fails
-    (torch 2.13: "Cannot set version_counter for inference tensor"). A compile that fails (a compiler
-    missing or failing on the machine) leaves the pool stepping uncompiled, with `stats()` saying why;
-    the step it failed in runs eagerly, writing the same positions. A streamed model's step is never
-    compiled (Note [Batched streaming]: its ring's hooks wait on the host). Off by default: on an H100
-    (16f090e) it ran a 7B row at 0.81x the uncompiled graphs after 127 s of compiling, and its graphs
-    gave other greedy tokens than eager decode on a tiny Llama (the CPU compile, no graphs, gives the
-    same tokens), hence the check below.
-
-Note [Compiled step is checked]
-    The first compiled step of each (batch, length) bucket is followed by the eager step of the same
-    inputs (it writes the same KV, so nothing changes); if their logits differ by more than rounding
-    (1e-4 relative in fp32, 3e-2 in half precision, as paged_step's probe), the pool drops the compile
-    and every graph captured from it and steps uncompiled, `stats()["compile_error"]` saying by how
-    much. The warm-ups before a capture run this check, so a graph is only captured from a compiled
-    step that matched, and a differing step's tokens are the eager step's. What the check cannot undo
-    is a compiled step that wrote KV outside its rows' positions; that is why the compile stays off by
-    default until its graphs give eager's tokens on a GPU.
-
-Note [One read per step]
-    The host waits for the device twice a step, whatever the batch: once for whether each sampled row's
-    scores are finite (Note [Scores are checked before sampling]), once for every row's next token. Each
-    sampled row's scores and multinomial draw are computed on the device from its own generator
-    (Note [Random streams]), so its tokens are the ones sampling it alone would give; reading each
-    row's check and token as it was made cost two synchronizations per sampled row.
+    With `fast_decode_overlap` (off by default until measured on a GPU), a decode step does not wait
+    for its tokens before the next step is launched (vLLM V1's async scheduling). Each row's token
+    (the argmax, or a sampled row's draw from its own generator) stays on the device (`_next`, per
+    slot) and feeds the next step's ids there; the host reads the tokens into pinned memory (two
+    buffers, alternating) behind an event, with whether each sampled row's scores held a
+    distribution (one that did not draws from a uniform one instead, never multinomial over NaN,
+    and its request fails when the token is applied: Note [Scores are checked before sampling]).
+    `step` launches step n, then applies step n-1's tokens (done on the device by then, or nearly),
+    so the host's work for n-1 and the engine's turn around it (replies, requests, scheduling)
+    overlap step n on the device. What the host must know before a launch it knows without the
+    tokens: positions (`Row.ahead`: steps launched whose token is not applied yet), counts (a row
+    whose in-flight step makes its last token is not launched again) and min_new_tokens (eos held
+    back by count, at launch). Only eos is learned a step late: a row that sampled eos in step n-1
+    has taken step n too, at the unfed position after its eos, harmless as a done row's token is. A
+    row that is not launched but holds a slot feeds the last position of its reserved blocks, which
+    no token of its generate reaches (its tokens end one short: Note [Fast path and the session
+    cache]), so a stale step never writes a position the row's KV holds. Rows leave only after the
+    step in flight was applied (`drop` drains first): the blocks it writes then belong to no one
+    else yet. A step with a recording row and the mixed step (its decode rows' tokens come from the
+    host) drain first and run as before. Tokens are those of plain steps (tested, greedy and seeded
+    sampling, with eos, min_new_tokens, a late join, streams and cancels): the same ops over logits
+    that differ at most by rounding, since an eos row stays in the batch one step longer and a
+    batch's size changes its GEMMs' rounding, as any row joining or leaving does.
 
 Note [Fast path numerics]
     The step is the model's own forward (paged_step.py), so only attention differs from HF's:
@@ -398,7 +375,8 @@ class DecodePool:
         self.overlapped = 0    # steps launched before the previous step's tokens were read
         self._next = torch.zeros(self.slots, dtype=torch.long, device=self.device)
         pin = self.device.type == "cuda"
-        self._landing = [torch.zeros(self.slots, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        # each step's tokens and whether each row's scores could be sampled (Note [Scores are checked before sampling])
+        self._landing = [torch.zeros(2, self.slots, dtype=torch.long, pin_memory=pin) for _ in range(2)]
         # A copy from pageable memory waits for the stream, the step in flight included: each launch's
         # ids, positions and ahead flags go through pinned memory, one of two by the step's parity (the
         # one a launch writes was last read two steps ago, before the event the host then waited on).
@@ -486,7 +464,7 @@ class DecodePool:
 
     @staticmethod
     def _overlappable(r: Row) -> bool:
-        return not r.sampler.do_sample and not r.record and not r.ban_eos
+        return not r.record  # a recording row appends its activations as its tokens are applied
 
     def _step_ahead(self, rows: list[Row]) -> None:
         """Note [Overlapped steps]: launch the next step from the device's tokens, then apply the last."""
@@ -509,9 +487,11 @@ class DecodePool:
             self.ids[:n] = torch.where(self._ahead[:n], self._next[:n], self.ids[:n])
         layers = frozenset(k for r in self.rows if r.steer for k in r.steer)
         logits = self._run(B, L, layers, frozenset())[:n]
-        self._next[:n].copy_(logits.argmax(-1))
+        toks, ok = self._draw(logits, go)
+        self._next[:n].copy_(toks)
         host = self._landing[self.steps % 2]
-        host[:n].copy_(self._next[:n], non_blocking=True)
+        host[0, :n].copy_(toks, non_blocking=True)
+        host[1, :n].copy_(ok, non_blocking=True)
         event = None
         if self.device.type == "cuda":
             event = torch.cuda.Event()
@@ -525,6 +505,29 @@ class DecodePool:
         self.rows_stepped += len(go)
         self._flight = _Flight([(r, r.slot) for r in go], host, event)
 
+    def _draw(self, logits: torch.Tensor, go: list[Row]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens [n], sampleable [n]) of a launched step, on the device, nothing read back: the ops of
+        `advance` and `_next_tokens`, with eos held back by count (min_new_tokens) at launch, and a
+        sampled row whose scores hold no distribution drawing from a uniform one instead (its row fails
+        when its token is applied: Note [Scores are checked before sampling])."""
+        banned = [r for r in go if r.ban_eos > 0 and r.eos]
+        if banned:
+            logits = logits.clone()
+            for r in banned:
+                logits[r.slot, list(r.eos)] = float("-inf")
+                r.ban_eos -= 1
+        toks = logits.argmax(-1)
+        ok = torch.ones(logits.shape[0], dtype=torch.long, device=logits.device)
+        sampled = [r for r in go if r.sampler.do_sample]
+        if sampled:
+            scores = torch.cat([r.sampler.scores(logits[r.slot:r.slot + 1]) for r in sampled])
+            good = finite_rows(scores)
+            scores = torch.where(good[:, None], scores, torch.zeros_like(scores))
+            for i, r in enumerate(sampled):
+                toks[r.slot] = r.sampler.draw(scores[i:i + 1])[0]
+                ok[r.slot] = good[i]
+        return toks, ok
+
     def drain(self) -> None:
         """Apply the step in flight's tokens (Note [Overlapped steps]); nothing when none is."""
         f, self._flight = self._flight, None
@@ -532,11 +535,15 @@ class DecodePool:
             return
         if f.event is not None:
             f.event.synchronize()
-        toks = f.host.tolist()
+        toks, oks = f.host.tolist()
         for r, slot in f.rows:
             r.ahead -= 1
-            if not r.done:
-                self._apply(r, toks[slot])
+            if r.done:
+                continue
+            if not oks[slot]:  # its scores could not be sampled: its request only
+                r.error, r.done = refused([0]), True
+                continue
+            self._apply(r, toks[slot])
 
     def _apply(self, r: Row, tok: int) -> None:
         r.pos += 1
