@@ -1,6 +1,6 @@
-"""Tier 3 (GPU): Note [Overlapped steps] with CUDA graphs, pinned staging and events: the same greedy
-tokens as plain steps, with eos learned a step late, a late join and mixed steps (prompt chunks) in
-between; and every step after the first overlapped."""
+"""Tier 3 (GPU): Note [Overlapped steps] with CUDA graphs, pinned staging and events: the same tokens
+as plain steps (greedy, and seeded sampling with min_new_tokens), with a late join and mixed steps
+(prompt chunks) in between; and steps did overlap."""
 from __future__ import annotations
 
 import pytest
@@ -17,8 +17,19 @@ pytestmark = pytest.mark.gpu
 DEV = torch.device("cuda:0")
 
 
+def _sampled_task(pool, kv, prompt, new, budget, seed):
+    from djinn.server.execution.fast_task import FastTask
+    from djinn.server.sessions import KVState
+
+    st = KVState.empty(kv, torch.zeros(1, 0, dtype=torch.long))
+    assert kv.reserve(st.table, prompt.shape[1] + new)
+    kwargs = {"max_new_tokens": new, "do_sample": True, "temperature": 0.9, "top_k": 20, "min_new_tokens": 4}
+    return FastTask(pool, st, prompt, kwargs, seed, None, new, budget, continues=False)
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "seeded"])
 @pytest.mark.parametrize("attention", ["gather", "flex"])
-def test_overlapped_steps_keep_the_plain_steps_tokens(attention):
+def test_overlapped_steps_keep_the_plain_steps_tokens(attention, sampled):
     model = tiny_llama(seed=12).to(DEV).eval()
     g = torch.Generator().manual_seed(12)
     prompts = [torch.randint(3, 250, (1, n), generator=g).to(DEV) for n in (7, 19, 40, 23)]
@@ -29,8 +40,10 @@ def test_overlapped_steps_keep_the_plain_steps_tokens(attention):
         pool = DecodePool(model, kv, 8, 256, attention=attention, overlap=overlap)
         pool.capture_all()
         budget = PrefillBudget(16)  # the 40-token prompt prefills in chunks, beside decoding rows (mixed steps)
-        first = [_task(pool, kv, p, n, budget) for p, n in zip(prompts[:3], news[:3])]
-        late = _task(pool, kv, prompts[3], news[3], budget)
+        make = (lambda p, n, i: _sampled_task(pool, kv, p, n, budget, 100 + i)) if sampled else \
+            (lambda p, n, i: _task(pool, kv, p, n, budget))
+        first = [make(p, n, i) for i, (p, n) in enumerate(zip(prompts[:3], news[:3]))]
+        late = make(prompts[3], news[3], 3)
         done = _run(first, budget, arrive={5: late})
         for t in done:
             assert t.error is None, t.error_traceback
