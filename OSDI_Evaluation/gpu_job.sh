@@ -88,13 +88,13 @@ for part in "$@"; do
       grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed" "$out/gpu_tests.log" | tail -70 ;;
     next)  # the open measurements in the order they matter, in one call of about 590 s: the tier-3 tests of
       # what has not run on a GPU (mixed and compiled step, batched streaming, overlapped steps, a run's
-      # batched steps), then exp1 at real scale
-      # (signal and resident at N=16/48/80, flex, 2048-token chunks) with where the fast path's time went
+      # batched steps), then exp1 at real scale (signal at N=1/16/48/80, flex, 2048-token chunks; about 310 s
+      # by the script's estimate) with where the fast path's time went; resident in a call of its own
       timeout 150 python -m pytest -q -rfE -p no:cacheprovider tests/gpu/test_mixed_step_gpu.py \
         tests/gpu/test_compiled_step_gpu.py "tests/gpu/test_streaming.py::test_sessions_of_a_streamed_model_decode_in_one_batch_per_pass" \
         tests/gpu/test_overlap_gpu.py tests/gpu/test_runs_gpu.py > "$out/retest.log" 2>&1
       grep -E "FAILED|ERROR|passed|failed" "$out/retest.log" | tail -8
-      EXP1_CHUNK=${EXP1_CHUNK:-2048} EXP1_POLICIES=${EXP1_POLICIES:-signal,resident} EXP1_AGENTS=${EXP1_AGENTS:-16,48,80} \
+      EXP1_CHUNK=${EXP1_CHUNK:-2048} EXP1_POLICIES=${EXP1_POLICIES:-signal} EXP1_AGENTS=${EXP1_AGENTS:-16,48,80} \
         EXP1_BUDGET_S=${EXP1_BUDGET_S:-400} "$0" "$out" exp1m ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac
