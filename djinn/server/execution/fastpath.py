@@ -314,6 +314,7 @@ class Row:
     steer: dict | None = None    # {layer: vector [hidden]} added to that layer's output (Note [Steering])
     record: dict | None = None   # {layer: list}: each fed position's output appended (Note [Recorded activations])
     ahead: int = 0               # steps launched whose token is not applied yet (Note [Overlapped steps])
+    eos_index: torch.Tensor | None = None  # its eos ids on the device, for min_new_tokens (made when it joins)
     cap: int = 0                 # positions its blocks hold (set when it joins)
 
 
@@ -403,6 +404,8 @@ class DecodePool:
         row.slot = len(self.rows)
         ids = table.rows[0]
         row.cap = len(ids) * self.bt
+        if row.ban_eos and row.eos:
+            self._eos_index(row)  # now, with the join's own copies, not inside a step
         self.tables[row.slot].fill_(ids[-1])  # never the scratch block (Note [Decode pool])
         self.tables[row.slot, :len(ids)].copy_(torch.tensor(ids, dtype=torch.long))
         if row.steer:
@@ -462,6 +465,13 @@ class DecodePool:
         finally:
             self.step_s += time.perf_counter() - t0
 
+    def _eos_index(self, r: Row) -> torch.Tensor:
+        """The row's eos ids on the device, made once: an index built from a list each step is a copy
+        from pageable memory, which waits for the step in flight (Note [Overlapped steps])."""
+        if r.eos_index is None:
+            r.eos_index = torch.tensor(sorted(r.eos), dtype=torch.long, device=self.device)
+        return r.eos_index
+
     @staticmethod
     def _overlappable(r: Row) -> bool:
         return not r.record  # a recording row appends its activations as its tokens are applied
@@ -514,7 +524,7 @@ class DecodePool:
         if banned:
             logits = logits.clone()
             for r in banned:
-                logits[r.slot, list(r.eos)] = float("-inf")
+                logits[r.slot, self._eos_index(r)] = float("-inf")
                 r.ban_eos -= 1
         toks = logits.argmax(-1)
         ok = torch.ones(logits.shape[0], dtype=torch.long, device=logits.device)
@@ -598,7 +608,7 @@ class DecodePool:
         if banned:
             logits = logits.clone()
             for r in banned:
-                logits[r.slot, list(r.eos)] = float("-inf")
+                logits[r.slot, self._eos_index(r)] = float("-inf")
                 r.ban_eos -= 1
         toks = self._next_tokens(logits, rows)
         self.steps += 1
