@@ -383,6 +383,7 @@ class DecodePool:
         # one a launch writes was last read two steps ago, before the event the host then waited on).
         self._staging = [torch.zeros(3, self.slots, dtype=torch.long, pin_memory=pin) for _ in range(2)]
         self._ahead = torch.zeros(self.slots, dtype=torch.bool, device=self.device)
+        self._tables_host = torch.zeros(self.slots, width, dtype=torch.long, pin_memory=pin)
         self._flight: _Flight | None = None
 
     def buffers(self) -> list[torch.Tensor]:
@@ -406,8 +407,13 @@ class DecodePool:
         row.cap = len(ids) * self.bt
         if row.ban_eos and row.eos:
             self._eos_index(row)  # now, with the join's own copies, not inside a step
-        self.tables[row.slot].fill_(ids[-1])  # never the scratch block (Note [Decode pool])
-        self.tables[row.slot, :len(ids)].copy_(torch.tensor(ids, dtype=torch.long))
+        # never the scratch block (Note [Decode pool]); through the slot's pinned row, so a join while a
+        # step is in flight does not wait for it (Note [Overlapped steps]): the slot's last copy from
+        # there preceded the step its last row was applied in
+        staged = self._tables_host[row.slot]
+        staged.fill_(ids[-1])
+        staged[:len(ids)] = torch.tensor(ids, dtype=torch.long)
+        self.tables[row.slot].copy_(staged, non_blocking=True)
         if row.steer:
             for k, v in row.steer.items():
                 if k not in self.steer:
