@@ -99,6 +99,16 @@ def eager(model, prompt: torch.Tensor, new: int, device) -> dict:
     return {"ms_per_token": ms, "tok_s": 1e3 / ms, "prefill_s": t1 - t0, "tokens": out[0, prompt.shape[1]:].tolist()}
 
 
+def _against_plain(plain_runs: list[dict], r: dict, name: str) -> None:
+    """r's speed (`x_<name>`) and greedy tokens (`greedy_match_vs_<name>`) against the plain in-process
+    run of the same rows and attention, where there is one."""
+    plain = [x for x in plain_runs if x["rows"] == r["rows"] and x["attention"] == r["attention"]]
+    if plain:
+        r[f"x_{name}"] = plain[-1]["ms_per_step"] / r["ms_per_step"]
+        k = min(len(r["tokens_row0"]), len(plain[-1]["tokens_row0"]))
+        r[f"greedy_match_vs_{name}"] = _prefix(r["tokens_row0"][:k], plain[-1]["tokens_row0"][:k])
+
+
 def inproc(model, prompts: list[torch.Tensor], steps: int, device, max_len: int, attention: str = "auto",
            compile: bool = False, overlap: bool = False) -> dict:
     """DecodePool in this process over a KV block pool of its own: prefill each prompt into its blocks,
@@ -249,11 +259,7 @@ def bench_shape(shape: str, args, device, dtype) -> dict:
         for n in conc:
             attention = args.attentions[-1]
             r = inproc(model, prompts[:n], args.steps, device, args.max_len, attention, overlap=True)
-            plain = [x for x in res["inproc"] if x["rows"] == n and x["attention"] == r["attention"]]
-            if plain:
-                r["x_plain_steps"] = plain[-1]["ms_per_step"] / r["ms_per_step"]
-                k = min(len(r["tokens_row0"]), len(plain[-1]["tokens_row0"]))
-                r["greedy_match_vs_plain_steps"] = _prefix(r["tokens_row0"][:k], plain[-1]["tokens_row0"][:k])
+            _against_plain(res["inproc"], r, "plain_steps")
             res.setdefault("inproc_overlap", []).append(r)
             print(f"[{shape}] in-process overlapped ({r['attention']}), {n} rows: {r['ms_per_step']:.2f} ms/step, "
                   f"{r['aggregate_tok_s']:.0f} tok/s ({r.get('x_plain_steps', float('nan')):.3f}x plain steps)",
@@ -261,11 +267,7 @@ def bench_shape(shape: str, args, device, dtype) -> dict:
     for n in args.compile_rows:  # Note [Compiled step]: the same step compiled, the server's attention
         attention = args.attentions[-1]
         r = inproc(model, prompts[:n], args.steps, device, args.max_len, attention, compile=True)
-        plain = [x for x in res["inproc"] if x["rows"] == n and x["attention"] == r["attention"]]
-        if plain:
-            r["x_uncompiled"] = plain[-1]["ms_per_step"] / r["ms_per_step"]
-            k = min(len(r["tokens_row0"]), len(plain[-1]["tokens_row0"]))
-            r["greedy_match_vs_uncompiled"] = _prefix(r["tokens_row0"][:k], plain[-1]["tokens_row0"][:k])
+        _against_plain(res["inproc"], r, "uncompiled")
         res.setdefault("inproc_compiled", []).append(r)
         print(f"[{shape}] in-process compiled ({r['attention']}), {n} rows: {r['ms_per_step']:.2f} ms/step, "
               f"{r['aggregate_tok_s']:.0f} tok/s ({r.get('x_uncompiled', float('nan')):.3f}x uncompiled; "

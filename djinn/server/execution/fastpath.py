@@ -471,6 +471,17 @@ class DecodePool:
         finally:
             self.step_s += time.perf_counter() - t0
 
+    def _hold_eos(self, logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+        """The logits with eos out of reach of the rows still under min_new_tokens (HF's
+        MinNewTokensLengthLogitsProcessor), each of which spends one step of its count."""
+        banned = [r for r in rows if r.ban_eos > 0 and r.eos]
+        if banned:
+            logits = logits.clone()
+            for r in banned:
+                logits[r.slot, self._eos_index(r)] = float("-inf")
+                r.ban_eos -= 1
+        return logits
+
     def _eos_index(self, r: Row) -> torch.Tensor:
         """The row's eos ids on the device, made once: an index built from a list each step is a copy
         from pageable memory, which waits for the step in flight (Note [Overlapped steps])."""
@@ -492,7 +503,7 @@ class DecodePool:
         n = len(self.rows)
         pos = [r.pos + r.ahead if id(r) in going else r.cap - 1 for r in self.rows]
         B = _bucket(n, self.slots)
-        L = length_bucket(max(pos) + 1, self.max_len) if self.attention.length_buckets else self.max_len
+        L = self.length(pos)
         stage = self._staging[self.steps % 2]
         stage[:, :n] = torch.tensor([[r.token for r in self.rows], pos, [int(r.ahead > 0) for r in self.rows]],
                                     dtype=torch.long)
@@ -526,12 +537,7 @@ class DecodePool:
         `advance` and `_next_tokens`, with eos held back by count (min_new_tokens) at launch, and a
         sampled row whose scores hold no distribution drawing from a uniform one instead (its row fails
         when its token is applied: Note [Scores are checked before sampling])."""
-        banned = [r for r in go if r.ban_eos > 0 and r.eos]
-        if banned:
-            logits = logits.clone()
-            for r in banned:
-                logits[r.slot, self._eos_index(r)] = float("-inf")
-                r.ban_eos -= 1
+        logits = self._hold_eos(logits, go)
         toks = logits.argmax(-1)
         ok = torch.ones(logits.shape[0], dtype=torch.long, device=logits.device)
         sampled = [r for r in go if r.sampler.do_sample]
@@ -571,10 +577,11 @@ class DecodePool:
         if r.remaining <= 0 or tok in r.eos:
             r.done = True
 
-    def length(self) -> int:
+    def length(self, pos: list[int] | None = None) -> int:
         """The positions this step's attention spans: the longest row's length bucket with the gather,
-        the pool's max_len with flex (Note [Length buckets])."""
-        longest = max(r.pos for r in self.rows) + 1
+        the pool's max_len with flex (Note [Length buckets]). `pos`: the rows' fed positions, where they
+        are not their own (Note [Overlapped steps])."""
+        longest = max(pos if pos is not None else [r.pos for r in self.rows]) + 1
         return length_bucket(longest, self.max_len) if self.attention.length_buckets else self.max_len
 
     def _step(self, rows: list[Row]) -> None:
@@ -610,13 +617,7 @@ class DecodePool:
 
     def advance(self, rows: list[Row], logits: torch.Tensor) -> None:
         """Each live row samples its next token from its slot's logits [slots in use, vocab]."""
-        banned = [r for r in rows if r.ban_eos > 0 and r.eos]
-        if banned:
-            logits = logits.clone()
-            for r in banned:
-                logits[r.slot, self._eos_index(r)] = float("-inf")
-                r.ban_eos -= 1
-        toks = self._next_tokens(logits, rows)
+        toks = self._next_tokens(self._hold_eos(logits, rows), rows)
         self.steps += 1
         self.rows_stepped += len(rows)
         for r in rows:

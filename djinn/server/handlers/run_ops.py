@@ -209,11 +209,17 @@ def _cut_after(module, prompt: int, kwargs: dict, step: int) -> tuple[dict, dict
     unchanged: the generate ends there anyway, the run is eager to its end)."""
     if step + 1 >= executor.new_tokens(module, prompt, kwargs):
         return kwargs, None
-    cut = {k: v for k, v in kwargs.items() if k != "max_length"}
-    cut["max_new_tokens"] = step + 1  # step k makes the (k+1)-th token
+    return _tokens(kwargs, 0, step + 1), kwargs  # step k makes the (k+1)-th token
+
+
+def _tokens(kwargs: dict, done: int, upto: int) -> dict:
+    """The generate's kwargs for its new tokens done + 1 .. upto, `done` of them made before: what is
+    left of min_new_tokens, no more than those."""
+    out = {k: v for k, v in kwargs.items() if k != "max_length"}
+    out["max_new_tokens"] = upto - done
     if kwargs.get("min_new_tokens"):
-        cut["min_new_tokens"] = min(int(kwargs["min_new_tokens"]), step + 1)
-    return cut, kwargs
+        out["min_new_tokens"] = min(max(0, int(kwargs["min_new_tokens"]) - done), upto - done)
+    return out
 
 
 def _between_stops(engine, client_id, rid, s, entry, call: Call, specs, state, new_ids: torch.Tensor, upto: int, *,
@@ -226,10 +232,7 @@ def _between_stops(engine, client_id, rid, s, entry, call: Call, specs, state, n
     full = call.full_kwargs if call.full_kwargs is not None else call.kwargs
     prompt = int(call.args[0].shape[1])
     done = int(state.ids.shape[1]) + int(new_ids.shape[1]) - prompt  # tokens generated before this job
-    kwargs = {k: v for k, v in full.items() if k != "max_length"}
-    kwargs["max_new_tokens"] = upto - done  # step k makes the (k+1)-th token: up to step upto - 1
-    if kwargs.get("min_new_tokens"):
-        kwargs["min_new_tokens"] = min(max(0, int(kwargs["min_new_tokens"]) - done), upto - done)
+    kwargs = _tokens(full, done, upto)  # step k makes the (k+1)-th token: up to step upto - 1
     dev = call.args[0].device
     job = None
 
@@ -293,10 +296,7 @@ def _tail_job(engine, client_id, rid, s, run, kept, t0: float, t_edits: float | 
     total = executor.new_tokens(c.module, prompt, full)
     ids, fed = kept.ids, kept.table.length
     done = int(ids.shape[1]) - prompt
-    kwargs = {k: v for k, v in full.items() if k != "max_length"}
-    kwargs["max_new_tokens"] = total - done
-    if kwargs.get("min_new_tokens"):
-        kwargs["min_new_tokens"] = max(0, int(kwargs["min_new_tokens"]) - done)
+    kwargs = _tokens(full, done, total)
     state = KVState(kept.cache, ids[:, :fed])
     # The fast path samples from a generator of its own: seeded from the run's stream, so a seeded run's
     # tail is reproducible on one server, though not the eager tokens (deterministic=True keeps those).
