@@ -190,7 +190,8 @@ def test_resident_queues_until_memory_frees(module_server, model):
 
         t = threading.Thread(target=second)
         t.start()
-        job = wait_for(lambda: sstats(conn, b).get("job"))
+        # the job shows as soon as it is queued, its reason once the scheduler ran (the next engine turn)
+        job = wait_for(lambda: (j := sstats(conn, b).get("job")) and j.get("why") and j)
         assert job["why"] == "no_memory" and sstats(conn, b)["state"] == "QUEUED"
         fut = submit_generate(c, rm, Q2, **GEN)
         wait_for(lambda: (sstats(conn, c).get("job") or {}).get("why") == "behind")
